@@ -1,0 +1,29 @@
+# Two commands on a fresh machine:  `make demo`  and  `make test`.
+# Both create .venv/ and install the project into it first (pip caches make later runs fast).
+# TORCH picks the PyTorch build: the default pins the release this project is tested with;
+# use e.g. `make demo TORCH=torch` for the newest, or a CUDA-specific wheel.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+
+.PHONY: demo test install clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/minimind demo
+
+test: install
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) checkpoints mlruns ray_results bench/results

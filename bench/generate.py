@@ -1,0 +1,135 @@
+"""Decode and prefill throughput: ours (with and without KV cache) vs transformers' `generate` on the
+same weights exported to LlamaForCausalLM.
+
+    python bench/generate.py                       # minimind2-small, batch 1 and 16, all precisions
+    python bench/generate.py --new-tokens 128 --batch-sizes 1 4 16 --precisions bf16
+
+Precisions: fp32 (fp32 weights), bf16-autocast (fp32 weights under bf16 autocast), bf16 (weights cast
+to bf16). Both implementations run each precision the same way. Every run decodes exactly --new-tokens
+greedy tokens per sequence (no stop token), so rates compare like with like; rounds alternate.
+At batch 1 decoding reads every weight once per token, so it is bound by memory bandwidth: bytes per
+weight matter more than anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import resource
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import autocast, device_name, median, print_table, time_calls, write_results  # noqa: E402
+from minimind.checkpoint import export_hf, save_model  # noqa: E402
+from minimind.config import ModelConfig  # noqa: E402
+from minimind.generate import SamplingParams, generate  # noqa: E402
+from minimind.model import MiniMindForCausalLM  # noqa: E402
+
+PRECISIONS = {"fp32": (torch.float32, "fp32"), "bf16-autocast": (torch.float32, "bf16"), "bf16": (torch.bfloat16, "fp32")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="minimind2-small")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16])
+    parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prefill-len", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-cache-max-batch", type=int, default=1, help="largest batch timed without KV cache (slow)")
+    parser.add_argument("--compile", action="store_true", help="also time ours with torch.compile (inductor, frozen weights)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    if args.compile:
+        import torch._inductor.config
+
+        torch._inductor.config.freezing = True  # inference only: constant-fold and pre-pack the weights
+    device = args.device
+
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = ModelConfig.from_name(args.preset)
+    model_fp32 = MiniMindForCausalLM(config).to(device).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(model_fp32, Path(tmp) / "ours")
+        export_hf(Path(tmp) / "ours", Path(tmp) / "hf")
+        hf_fp32 = AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf").to(device).eval()
+    print(f"device: {device_name(device)}; {args.preset}: {model_fp32.num_parameters() / 1e6:.2f}M parameters")
+
+    rows = []
+    for precision in args.precisions:
+        weights_dtype, dtype = PRECISIONS[precision]
+        model, hf = (copy.deepcopy(m).to(weights_dtype) for m in (model_fp32, hf_fp32))
+        compiled = None
+        if args.compile:
+            compiled = copy.deepcopy(model)
+            compiled.forward = torch.compile(compiled.forward, dynamic=True)
+        for batch in args.batch_sizes:
+            prompts = torch.randint(3, config.vocab_size, (batch, args.prompt_len)).tolist()
+            no_stop = SamplingParams(max_new_tokens=args.new_tokens, stop_token_ids=[])
+            runs = {
+                "ours (kv cache)": lambda: generate(model, prompts, no_stop),
+                "hf generate": lambda: hf_generate(hf, prompts, args.new_tokens, device),
+            }
+            if compiled is not None:
+                runs["ours (kv cache, compiled)"] = lambda: generate(compiled, prompts, no_stop)
+            if batch <= args.no_cache_max_batch:
+                no_cache = SamplingParams(max_new_tokens=args.new_tokens, stop_token_ids=[], use_cache=False)
+                runs["ours (no cache)"] = lambda: generate(model, prompts, no_cache)
+            seconds = {name: [] for name in runs}
+            for round_index in range(args.rounds):
+                for name, run in runs.items():
+                    with autocast(device, dtype):
+                        seconds[name] += time_calls(run, device, warmup=1 if round_index == 0 else 0, repeats=1)
+            hf_rate = batch * args.new_tokens / median(seconds["hf generate"])
+            for name, values in seconds.items():
+                rate = batch * args.new_tokens / median(values)
+                rows.append({
+                    "precision": precision, "batch": batch, "decoder": name, "new tokens/s": f"{rate:.0f}",
+                    "ms/token step": f"{median(values) / args.new_tokens * 1000:.1f}", "vs hf": f"{rate / hf_rate:.2f}x",
+                })
+            print_table(rows[-len(runs):], list(rows[-1]))
+
+    prefill_rows = []
+    for precision in args.precisions:
+        weights_dtype, dtype = PRECISIONS[precision]
+        model, hf = (copy.deepcopy(m).to(weights_dtype) for m in (model_fp32, hf_fp32))
+        prompt = torch.randint(3, config.vocab_size, (1, args.prefill_len), device=device)
+        runs = {"ours": lambda: model(prompt, logits_to_keep=1), "hf": lambda: hf(prompt, logits_to_keep=1)}
+        for name, run in runs.items():
+            with torch.inference_mode(), autocast(device, dtype):
+                rate = args.prefill_len / median(time_calls(run, device, warmup=1, repeats=args.rounds))
+            prefill_rows.append({"precision": precision, "model": name, "prefill tokens": args.prefill_len, "prefill tokens/s": f"{rate:.0f}"})
+    print()
+    print_table(rows, list(rows[0]))
+    print()
+    print_table(prefill_rows, list(prefill_rows[0]))
+    weights_mb = sum(p.numel() * p.element_size() for p in model_fp32.parameters()) / 2**20
+    largest = max(args.batch_sizes)
+    kv_mb = 2 * config.num_hidden_layers * largest * config.num_key_value_heads * config.head_dim * (args.prompt_len + args.new_tokens) * 4 / 2**20
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"\nmemory: weights {weights_mb:.0f} MB fp32; KV cache at batch {largest} fp32 {kv_mb:.1f} MB; peak process RSS {peak_rss_mb:.0f} MB")
+    path = write_results("generate", {
+        "device": device_name(device), "args": vars(args), "rows": rows, "prefill": prefill_rows,
+        "memory_mb": {"weights": weights_mb, "kv_cache": kv_mb, "peak_rss": peak_rss_mb},
+    })
+    print(f"wrote {path}")
+
+
+@torch.inference_mode()
+def hf_generate(hf, prompts, new_tokens: int, device: str):
+    input_ids = torch.tensor(prompts, device=device)
+    return hf.generate(
+        input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        do_sample=False, pad_token_id=0,
+    )
+
+
+if __name__ == "__main__":
+    main()

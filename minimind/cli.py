@@ -1,0 +1,152 @@
+"""The `minimind` command: try a model directory, export it, or run the demo.
+
+    minimind generate --model DIR --prompt "从前有座山"
+    minimind chat --model DIR                       # interactive, with the tokenizer's chat template
+    minimind export-hf SRC_DIR OUT_DIR              # Hugging Face LlamaForCausalLM directory
+    minimind demo                                   # a tour of the model on synthetic data
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+
+def _sampling_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="a model directory written by save_model (with tokenizer files)")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 autocasts the matmuls")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minimind", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="continue a prompt (raw text, or a chat turn with --chat)")
+    _sampling_flags(generate)
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+
+    chat = commands.add_parser("chat", help="chat with a model (one turn with --prompt, else interactive)")
+    _sampling_flags(chat)
+    chat.add_argument("--prompt", default=None)
+    chat.add_argument("--system", default=None, help="system prompt (default: the template's own)")
+
+    export = commands.add_parser("export-hf", help="write a Hugging Face LlamaForCausalLM directory")
+    export.add_argument("source", help="MiniMind model directory")
+    export.add_argument("destination", help="output directory")
+
+    demo = commands.add_parser("demo", help="build, train briefly, save, reload, generate and export a tiny model")
+    demo.add_argument("--preset", default="tiny")
+    demo.add_argument("--steps", type=int, default=150)
+    demo.add_argument("--output", default="checkpoints/demo-model")
+    return parser
+
+
+class _Session:
+    """A loaded model + tokenizer that prints streamed replies."""
+
+    def __init__(self, args):
+        from minimind.checkpoint import load_model, load_tokenizer
+        from minimind.generate import SamplingParams
+
+        self.model = load_model(args.model, device=args.device)
+        self.tokenizer = load_tokenizer(args.model)
+        stop_ids = {self.model.config.eos_token_id}
+        if self.tokenizer.eos_token_id is not None:
+            stop_ids.add(self.tokenizer.eos_token_id)
+        self.params = SamplingParams(
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+            repetition_penalty=args.repetition_penalty, seed=args.seed, stop_token_ids=sorted(stop_ids),
+        )
+        self.autocast = torch.autocast(args.device, dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
+
+    def reply(self, prompt_ids: list[int]) -> str:
+        from minimind.generate import stream_generate
+
+        out = sys.stdout
+        tokens, printed = [], ""
+        with self.autocast:
+            for token in stream_generate(self.model, prompt_ids, self.params):
+                tokens.append(token)
+                text = self.tokenizer.decode(tokens, skip_special_tokens=False)
+                if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                    out.write(text[len(printed):])
+                    out.flush()
+                    printed = text
+        text = self.tokenizer.decode(tokens, skip_special_tokens=False)
+        out.write(text[len(printed):] + "\n")
+        return text
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise SystemExit("this model's tokenizer has no chat template; use `minimind generate` for raw text")
+        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
+def run_generate(args) -> None:
+    session = _Session(args)
+    if args.chat:
+        prompt_ids = session.chat_ids([{"role": "user", "content": args.prompt}])
+    else:
+        prompt_ids = session.tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
+    if not prompt_ids:
+        raise SystemExit("the prompt is empty")
+    session.reply(prompt_ids)
+
+
+def run_chat(args) -> None:
+    session = _Session(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    turns = [args.prompt] if args.prompt is not None else _read_turns()
+    for user_text in turns:
+        messages.append({"role": "user", "content": user_text})
+        reply = session.reply(session.chat_ids(messages))
+        messages.append({"role": "assistant", "content": reply})
+
+
+def _read_turns():
+    while True:
+        try:
+            text = input("you> ").strip()
+        except EOFError:
+            return
+        if text in {"exit", "quit"}:
+            return
+        if text:
+            yield text
+
+
+def run_export(args) -> None:
+    from minimind.checkpoint import export_hf
+
+    destination = export_hf(args.source, args.destination)
+    print(f"wrote {destination}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(destination)!r})")
+
+
+def run_demo(args) -> None:
+    from minimind.demo.model_tour import run
+
+    run(preset=args.preset, steps=args.steps, output=Path(args.output))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        {"generate": run_generate, "chat": run_chat, "export-hf": run_export, "demo": run_demo}[args.command](args)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"minimind {args.command}: {error}") from error
+
+
+if __name__ == "__main__":
+    main()

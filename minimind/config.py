@@ -1,0 +1,100 @@
+"""Model configuration: one dataclass and the named presets of MiniMind2.
+
+`ModelConfig.from_name("minimind2-small")` gives the 25.8M model; any field can be overridden:
+`ModelConfig.from_name("tiny", vocab_size=512)`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+
+def minimind_ffn_size(hidden_size: int) -> int:
+    """MiniMind's SwiGLU width: 8/3 of the hidden size rounded up to a multiple of 64."""
+    return 64 * math.ceil(int(hidden_size * 8 / 3) / 64)
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 6400
+    hidden_size: int = 512
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 2
+    intermediate_size: int = 0  # 0: derived from hidden_size with minimind_ffn_size()
+    max_position_embeddings: int = 32768
+    rope_theta: float = 1e6
+    rms_norm_eps: float = 1e-5
+    dropout: float = 0.0
+    # YaRN context extension (None = plain RoPE). Keys follow Hugging Face's `rope_parameters`:
+    # {"factor": 4.0, "original_max_position_embeddings": 2048, "beta_fast": 32, "beta_slow": 1}.
+    rope_scaling: dict | None = None
+    # Mixture of experts: num_experts == 0 means a dense SwiGLU FFN in every block.
+    num_experts: int = 0
+    num_experts_per_tok: int = 2
+    num_shared_experts: int = 0
+    aux_loss_alpha: float = 0.01
+    # Special token ids the model and generation need (the tokenizer is the source of truth).
+    pad_token_id: int = 0
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    extra: dict = field(default_factory=dict)  # free-form metadata carried into config.json
+
+    def __post_init__(self):
+        if self.intermediate_size == 0:
+            self.intermediate_size = minimind_ffn_size(self.hidden_size)
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of num_key_value_heads {self.num_key_value_heads}"
+            )
+        if self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok must be in [1, {self.num_experts}], got {self.num_experts_per_tok}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "ModelConfig":
+        if name not in PRESETS:
+            raise KeyError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return replace(PRESETS[name], **overrides)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in values.items() if key in known})
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps({"model_type": "minimind", **self.to_dict()}, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # For tests and the CPU demo: trains in minutes on two cores.
+    "tiny": ModelConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
+    "tiny-moe": ModelConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        num_experts=4, num_experts_per_tok=2, num_shared_experts=1,
+    ),
+    "minimind2-small": ModelConfig(hidden_size=512, num_hidden_layers=8),  # 25.83M parameters
+    "minimind2": ModelConfig(hidden_size=768, num_hidden_layers=16),  # 104.0M
+    "minimind2-moe": ModelConfig(  # 145.0M total, 4 routed experts (top-2) + 1 shared
+        hidden_size=640, num_hidden_layers=8, num_experts=4, num_experts_per_tok=2, num_shared_experts=1,
+    ),
+}

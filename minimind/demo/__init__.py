@@ -1,0 +1,1 @@
+"""The embedded demo: deterministic synthetic data that a tiny model visibly learns on a CPU."""

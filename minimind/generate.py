@@ -1,0 +1,138 @@
+"""Decoding: greedy or sampled (temperature, top-k, top-p, repetition penalty), batched with left
+padding, streaming, over a preallocated KV cache.
+
+    generate(model, [[1, 5, 9], [1, 7]], max_new_tokens=32)        -> [[...], [...]]
+    for token in stream_generate(model, [1, 5, 9], temperature=0.7): ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from minimind.model import KVCache, MiniMindForCausalLM
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 means greedy
+    top_k: int = 0  # 0 disables
+    top_p: float = 1.0  # 1.0 disables
+    repetition_penalty: float = 1.0  # 1.0 disables; > 1 discourages tokens already present
+    stop_token_ids: Sequence[int] | None = None  # None: the model's end-of-sequence id
+    seed: int | None = None
+    use_cache: bool = True
+
+    def __post_init__(self):
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+def next_tokens(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None, generator=None) -> torch.Tensor:
+    """Pick one token per row from fp32 logits (batch, vocab)."""
+    if seen is not None and params.repetition_penalty != 1.0:
+        # CTRL's penalty (Keskar et al. 2019), as in Hugging Face: shrink positive logits, grow negative ones.
+        penalised = torch.where(logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if params.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / params.temperature
+    if params.top_k:
+        kth_best = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, sorted_index = logits.sort(dim=-1, descending=True)
+        probs_before = sorted_logits.softmax(dim=-1).cumsum(dim=-1) - sorted_logits.softmax(dim=-1)
+        drop_sorted = probs_before >= params.top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.masked_fill(drop_sorted.scatter(-1, sorted_index, drop_sorted), float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(batch, longest) ids and attention mask; the mask is None when no row needs padding."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), longest), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        if prompt:
+            ids[row, longest - len(prompt) :] = torch.as_tensor(prompt)
+            mask[row, longest - len(prompt) :] = 1
+    return ids.to(device), (None if bool(mask.all()) else mask.to(device))
+
+
+@torch.inference_mode()
+def stream_batch(model: MiniMindForCausalLM, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Iterator[list[int | None]]:
+    """Yield, each step, one new token per prompt, or None for a prompt that has finished.
+
+    A prompt finishes when it samples a stop token (which is not yielded); the stream ends when all
+    have finished or after `max_new_tokens` steps.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    config = model.config
+    longest = max(len(p) for p in prompts)
+    if longest >= config.max_position_embeddings:
+        raise ValueError(f"prompt of {longest} tokens leaves no room in the {config.max_position_embeddings}-position context")
+    max_new_tokens = min(params.max_new_tokens, config.max_position_embeddings - longest)
+    stop_ids = list(params.stop_token_ids if params.stop_token_ids is not None else [config.eos_token_id])
+    device = next(model.parameters()).device
+
+    was_training = model.training
+    model.eval()
+    ids, mask = left_pad(prompts, config.pad_token_id, device)
+    stop_ids_tensor = torch.tensor(stop_ids, device=device)
+    generator = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
+    seen = None
+    if params.repetition_penalty != 1.0:
+        seen = torch.zeros(len(prompts), config.vocab_size, dtype=torch.bool, device=device)
+        seen.scatter_(1, ids, mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool))
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    kv_cache = KVCache(longest + max_new_tokens) if params.use_cache else None
+
+    step_input, sequence = ids, ids
+    try:
+        for _ in range(max_new_tokens):
+            logits = model(step_input, mask, kv_cache=kv_cache, logits_to_keep=1).logits[:, -1].float()
+            token = next_tokens(logits, params, seen, generator)
+            finished |= torch.isin(token, stop_ids_tensor)
+            yield [None if done else t for t, done in zip(token.tolist(), finished.tolist())]
+            if bool(finished.all()):
+                return
+            token = token.masked_fill(finished, config.pad_token_id)[:, None]
+            if seen is not None:
+                seen.scatter_(1, token, ~finished[:, None])
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+            sequence = torch.cat([sequence, token], dim=1)
+            step_input = token if kv_cache is not None else sequence
+    finally:
+        model.train(was_training)
+
+
+def generate(model: MiniMindForCausalLM, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None, **sampling) -> list[list[int]]:
+    """New token ids for each prompt (stop token excluded). Keyword arguments are SamplingParams fields."""
+    outputs: list[list[int]] = [[] for _ in prompts]
+    for step in stream_batch(model, prompts, params or SamplingParams(**sampling)):
+        for row, token in enumerate(step):
+            if token is not None:
+                outputs[row].append(token)
+    return outputs
+
+
+def stream_generate(model: MiniMindForCausalLM, prompt: Sequence[int], params: SamplingParams | None = None, **sampling) -> Iterator[int]:
+    """Yield the new tokens of one prompt as they are produced."""
+    for (token,) in stream_batch(model, [prompt], params or SamplingParams(**sampling)):
+        if token is None:
+            return
+        yield token

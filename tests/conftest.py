@@ -1,0 +1,54 @@
+import pytest
+import torch
+
+from minimind.config import ModelConfig
+from minimind.model import MiniMindForCausalLM
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # "No tests collected" (exit 5) must fail CI, not pass it silently.
+    if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def random_model(preset: str = "tiny", seed: int = 0, std: float = 0.2, **overrides) -> MiniMindForCausalLM:
+    """A tiny model with weights large enough that its logits and greedy choices are far from ties
+    (the default 0.02 init makes every position predict its own input)."""
+    torch.manual_seed(seed)
+    model = MiniMindForCausalLM(ModelConfig.from_name(preset, **overrides))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                param.normal_(0, std)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_model():
+    return random_model()
+
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<s>{{ message['role'] }}\n{{ message['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer():
+    """A small byte-level BPE tokenizer (ids 0/1/2 = <unk>/<s>/</s>, as in MiniMind) with a ChatML-style template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(["从前有座山，山里有座庙。", "hello world, hello minimind"] * 20, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>",
+        chat_template=CHAT_TEMPLATE,
+    )

@@ -1,0 +1,109 @@
+import pytest
+import torch
+
+from conftest import random_model
+from minimind.generate import SamplingParams, generate, next_tokens, stream_batch, stream_generate
+
+PROMPTS = [[5, 17, 99, 1024, 7, 300], [42, 8], [6000, 12, 13, 14]]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+def test_batched_generation_equals_one_prompt_at_a_time(preset):
+    model = random_model(preset)
+    batched = generate(model, PROMPTS, max_new_tokens=12, stop_token_ids=[])
+    single = [generate(model, [prompt], max_new_tokens=12, stop_token_ids=[])[0] for prompt in PROMPTS]
+    assert batched == single
+    assert len({tuple(tokens) for tokens in batched}) == len(PROMPTS)  # not a degenerate constant output
+
+
+def test_greedy_tokens_are_identical_with_and_without_cache(tiny_model):
+    cached = generate(tiny_model, PROMPTS, max_new_tokens=10, stop_token_ids=[])
+    recomputed = generate(tiny_model, PROMPTS, max_new_tokens=10, stop_token_ids=[], use_cache=False)
+    assert cached == recomputed
+
+
+def test_greedy_follows_the_argmax_of_the_full_forward(tiny_model):
+    tokens = generate(tiny_model, [PROMPTS[0]], max_new_tokens=5, stop_token_ids=[])[0]
+    sequence = list(PROMPTS[0])
+    for token in tokens:
+        with torch.no_grad():
+            assert tiny_model(torch.tensor([sequence])).logits[0, -1].argmax().item() == token
+        sequence.append(token)
+
+
+def test_generation_stops_at_a_stop_token_and_excludes_it(tiny_model):
+    free = generate(tiny_model, [PROMPTS[0]], max_new_tokens=10, stop_token_ids=[])[0]
+    stop = free[3]
+    first_stop = free.index(stop)
+    stopped = generate(tiny_model, [PROMPTS[0]], max_new_tokens=10, stop_token_ids=[stop])[0]
+    assert stopped == free[:first_stop]
+
+
+def test_a_finished_row_stops_while_others_continue(tiny_model):
+    free = generate(tiny_model, PROMPTS, max_new_tokens=8, stop_token_ids=[])
+    stop = free[1][2]
+    outputs = generate(tiny_model, PROMPTS, max_new_tokens=8, stop_token_ids=[stop])
+    for row, tokens in enumerate(free):
+        expected = tokens[: tokens.index(stop)] if stop in tokens else tokens
+        assert outputs[row] == expected
+
+
+def test_default_stop_is_the_models_eos(tiny_model):
+    steps = list(stream_batch(tiny_model, [PROMPTS[0]], SamplingParams(max_new_tokens=6)))
+    assert all(token != tiny_model.config.eos_token_id for (token,) in steps)
+
+
+def test_stream_yields_the_same_tokens_as_generate(tiny_model):
+    params = SamplingParams(max_new_tokens=9, temperature=0.9, top_p=0.95, seed=3, stop_token_ids=[])
+    assert list(stream_generate(tiny_model, PROMPTS[2], params)) == generate(tiny_model, [PROMPTS[2]], params)[0]
+
+
+def test_sampling_is_reproducible_with_a_seed_and_varies_without(tiny_model):
+    kwargs = dict(max_new_tokens=12, temperature=1.5, stop_token_ids=[])
+    assert generate(tiny_model, PROMPTS, seed=7, **kwargs) == generate(tiny_model, PROMPTS, seed=7, **kwargs)
+    assert generate(tiny_model, PROMPTS, seed=7, **kwargs) != generate(tiny_model, PROMPTS, seed=8, **kwargs)
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(tiny_model):
+    greedy = generate(tiny_model, PROMPTS, max_new_tokens=6, stop_token_ids=[])
+    assert generate(tiny_model, PROMPTS, max_new_tokens=6, stop_token_ids=[], temperature=2.0, top_k=1, seed=0) == greedy
+    assert generate(tiny_model, PROMPTS, max_new_tokens=6, stop_token_ids=[], temperature=2.0, top_p=1e-6, seed=0) == greedy
+
+
+def test_top_k_and_top_p_only_sample_from_the_kept_tokens():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).repeat(2000, 1)
+    generator = torch.Generator().manual_seed(0)
+    top2 = next_tokens(logits, SamplingParams(temperature=1.0, top_k=2), None, generator)
+    assert set(top2.tolist()) == {0, 1}
+    # softmax mass: 0.64, 0.24, 0.09, ... -> top_p 0.8 keeps the first two tokens, 0.9 the first three
+    assert set(next_tokens(logits, SamplingParams(temperature=1.0, top_p=0.8), None, generator).tolist()) == {0, 1}
+    assert set(next_tokens(logits, SamplingParams(temperature=1.0, top_p=0.9), None, generator).tolist()) == {0, 1, 2}
+
+
+def test_repetition_penalty_discourages_seen_tokens():
+    logits = torch.tensor([[2.0, 1.9, -1.0]])
+    seen = torch.tensor([[True, False, False]])
+    assert next_tokens(logits, SamplingParams(), seen).item() == 0
+    assert next_tokens(logits, SamplingParams(repetition_penalty=1.3), seen).item() == 1
+
+
+def test_invalid_sampling_values_are_refused(tiny_model):
+    for bad in (dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-2), dict(max_new_tokens=-1), dict(repetition_penalty=0)):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(tiny_model, [[]])
+
+
+def test_generation_never_runs_past_the_context_window():
+    model = random_model(max_position_embeddings=32)
+    tokens = generate(model, [list(range(3, 23))], max_new_tokens=100, stop_token_ids=[])[0]
+    assert len(tokens) == 12
+    with pytest.raises(ValueError, match="no room"):
+        generate(model, [list(range(3, 35))])
+
+
+def test_generate_restores_training_mode(tiny_model):
+    tiny_model.train()
+    tiny_model.generate([PROMPTS[1]], max_new_tokens=2)
+    assert tiny_model.training
