@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from conftest import random_model
 from minimind.config import PRESETS, ModelConfig, minimind_ffn_size
 from minimind.model import (
-    KVCache, MiniMindForCausalLM, MoEFeedForward, FeedForward, attention_mask_for, grouped_query_attention, precompute_rope,
+    FeedForward, KVCache, MiniMindForCausalLM, MoEFeedForward, attention_mask_for, grouped_query_attention, position_ids_for,
+    precompute_rope,
 )
 
 
@@ -61,6 +62,14 @@ def test_left_padding_does_not_change_real_token_logits(preset):
         alone = model(ids).logits
         in_batch = model(padded, mask).logits[:, 5:]
     torch.testing.assert_close(in_batch, alone, rtol=0, atol=1e-5)
+
+
+def test_left_padded_rows_count_positions_from_their_first_real_token():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert position_ids_for(mask, query_len=5, past_len=0, device="cpu").tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+    decoding = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+    assert position_ids_for(decoding, query_len=1, past_len=5, device="cpu").tolist() == [[3], [5]]
+    assert position_ids_for(None, query_len=2, past_len=5, device="cpu").tolist() == [[5, 6]]
 
 
 def test_attention_equals_sdpa_reference():
