@@ -55,20 +55,6 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
     return model.to(device=device, dtype=dtype).eval()
 
 
-def has_tokenizer(directory: str | Path) -> bool:
-    return (Path(directory) / "tokenizer.json").is_file() or (Path(directory) / "tokenizer_config.json").is_file()
-
-
-def load_tokenizer(directory: str | Path):
-    # The fast-tokenizer class directly: AutoTokenizer would also parse our config.json as a transformers
-    # config. Any tokenizer.json works, ours or a user's own.
-    from transformers import PreTrainedTokenizerFast
-
-    if not has_tokenizer(directory):
-        raise FileNotFoundError(f"{directory} has no tokenizer files (tokenizer.json / tokenizer_config.json)")
-    return PreTrainedTokenizerFast.from_pretrained(str(directory))
-
-
 # --------------------------------------------------------------------------- Hugging Face export
 
 

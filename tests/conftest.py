@@ -1,5 +1,11 @@
+import os
+import tempfile
+
 import pytest
 import torch
+
+# Keep `datasets`' Arrow cache out of the user's home and fresh for every run.
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="minimind-test-datasets-"))
 
 from minimind.config import ModelConfig
 from minimind.model import MiniMindForCausalLM

@@ -1,0 +1,320 @@
+"""Datasets of every stage, from MiniMind's JSONL formats, through Hugging Face `datasets`.
+
+    pretrain   {"text": ...}                                   -> packed rows of seq_len tokens
+    sft        {"conversations": [{"role", "content"}, ...]}   -> ids + labels on every assistant reply
+    reason     SFT whose replies are <think>…</think><answer>…</answer> -> + loss weights on the tags
+    dpo        {"chosen": [messages], "rejected": [messages]}  -> both sides, labels on the final reply
+    vlm        SFT + "image": "a.png[,b.png]", <image> in the text -> + image paths, expanded placeholders
+
+Files are read line by line and validated: a malformed line raises `DataFormatError` naming the file
+and line, or with `skip_bad=True` is skipped and counted. Records land in `datasets`' memory-mapped
+Arrow cache, never in one Python list, so files larger than memory work.
+
+Labels are aligned with the input ids (-100 where no loss is wanted); the model shifts them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from minimind.losses import IGNORE_INDEX
+from minimind.tokenizer import Markers
+
+KINDS = ("pretrain", "sft", "reason", "dpo", "vlm")
+ROLES = ("system", "user", "assistant")
+IMAGE_MARKER = "<image>"  # how MiniMind-V's JSONL marks an image's place in the text
+
+
+class DataFormatError(ValueError):
+    pass
+
+
+# --------------------------------------------------------------------------- reading and validation
+
+
+def _check_messages(messages, name: str) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f'"{name}" must be a non-empty list of messages')
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise ValueError(f'"{name}"[{index}] needs a string "content"')
+        if message.get("role") not in ROLES:
+            raise ValueError(f'"{name}"[{index}] has role {message.get("role")!r}; expected one of {", ".join(ROLES)}')
+    if not any(message["role"] == "assistant" for message in messages):
+        raise ValueError(f'"{name}" has no assistant reply to learn from')
+    return [{"role": message["role"], "content": message["content"]} for message in messages]
+
+
+def validate_record(record, kind: str) -> dict:
+    """The fields a stage uses, checked; raises ValueError saying what is wrong."""
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    if kind == "pretrain":
+        if not isinstance(record.get("text"), str) or not record["text"].strip():
+            raise ValueError('needs a non-empty string "text"')
+        return {"text": record["text"]}
+    if kind == "dpo":
+        chosen, rejected = _check_messages(record.get("chosen"), "chosen"), _check_messages(record.get("rejected"), "rejected")
+        if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+            raise ValueError('"chosen" and "rejected" must each end with an assistant reply')
+        return {"chosen": chosen, "rejected": rejected}
+    if kind in ("sft", "reason", "vlm"):  # reason: the SFT format, replies in <think>/<answer> form
+        validated = {"conversations": _check_messages(record.get("conversations"), "conversations")}
+        if kind == "vlm":
+            images = record.get("image") or ""
+            if not isinstance(images, str):
+                raise ValueError('"image" must be a string of comma-separated file names')
+            validated["images"] = [name.strip() for name in images.split(",") if name.strip()]
+            markers = sum(m["content"].count(IMAGE_MARKER) for m in validated["conversations"])
+            if markers != len(validated["images"]):
+                raise ValueError(f"{markers} {IMAGE_MARKER} marker(s) in the text but {len(validated['images'])} image(s)")
+        return validated
+    raise ValueError(f"unknown dataset kind {kind!r}; expected one of {KINDS}")
+
+
+def iter_jsonl(path: str | Path, kind: str, skip_bad: bool = False) -> Iterator[tuple[int, dict]]:
+    """(line number, validated record) for each non-blank line of `path`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such data file: {path}")
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, validate_record(json.loads(line), kind)
+            except (json.JSONDecodeError, ValueError) as error:
+                if not skip_bad:
+                    raise DataFormatError(f"{path}:{number}: {error}") from None
+
+
+def count_records(path: str | Path) -> int:
+    with Path(path).open("rb") as lines:
+        return sum(1 for line in lines if line.strip())
+
+
+def _records(path: str, kind: str, skip_bad: bool, file_stamp: tuple):  # file_stamp: only for the cache key
+    for _, record in iter_jsonl(path, kind, skip_bad):
+        yield record
+
+
+def read_jsonl_dataset(path: str | Path, kind: str, skip_bad: bool = False, cache_dir: str | None = None):
+    """A memory-mapped `datasets.Dataset` of validated records. With `skip_bad`, the number of skipped
+    lines is `count_records(path) - len(dataset)`."""
+    from datasets import Dataset
+    from datasets.exceptions import DatasetGenerationError
+
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"no such data file: {path}")
+    stat = path.stat()
+    try:
+        return Dataset.from_generator(
+            _records,
+            gen_kwargs={"path": str(path), "kind": kind, "skip_bad": skip_bad, "file_stamp": (stat.st_size, stat.st_mtime_ns)},
+            cache_dir=cache_dir,
+        )
+    except DatasetGenerationError as error:
+        if isinstance(error.__cause__, DataFormatError):
+            raise error.__cause__ from None  # the file:line message, not datasets' generic wrapper
+        raise
+
+
+# --------------------------------------------------------------------------- conversations -> tokens
+
+
+def assistant_spans(tokenizer, messages: list[dict], only_last: bool = False) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of assistant replies, each covering the reply
+    and its end-of-turn token. Found by rendering prefixes with the tokenizer's own chat template, so no
+    template or marker is spelled out here."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant" or (only_last and index != len(messages) - 1):
+            continue
+        prompt = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True)
+        through_reply = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
+        if not (text.startswith(through_reply) and through_reply.startswith(prompt)):
+            raise ValueError("the chat template does not render conversations prefix by prefix")
+        end_of_turn = through_reply.rfind(tokenizer.eos_token, len(prompt)) if tokenizer.eos_token else -1
+        end = end_of_turn + len(tokenizer.eos_token) if end_of_turn >= 0 else len(through_reply)
+        spans.append((len(prompt), end))
+    return text, spans
+
+
+def tokenize_conversation(tokenizer, messages: list[dict], only_last: bool = False) -> tuple[list[int], list[int]]:
+    """input_ids and labels: labels copy the ids inside assistant replies and are -100 elsewhere."""
+    text, spans = assistant_spans(tokenizer, messages, only_last)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    labels = [
+        token if any(start <= first and last <= end for start, end in spans) and last > first else IGNORE_INDEX
+        for token, (first, last) in zip(encoded["input_ids"], encoded["offset_mapping"])
+    ]
+    return encoded["input_ids"], labels
+
+
+def tag_weights(labels: list[int], tag_ids: set[int], tag_weight: float) -> list[float]:
+    """Loss weight per token: `tag_weight` on supervised tag tokens, 1 on other supervised tokens."""
+    return [0.0 if label == IGNORE_INDEX else (tag_weight if label in tag_ids else 1.0) for label in labels]
+
+
+def expand_image_placeholders(input_ids: list[int], labels: list[int], image_id: int, tokens_per_image: int):
+    """Each image placeholder becomes `tokens_per_image` copies (never supervised)."""
+    ids, new_labels = [], []
+    for token, label in zip(input_ids, labels):
+        copies = tokens_per_image if token == image_id else 1
+        ids += [token] * copies
+        new_labels += [IGNORE_INDEX if token == image_id else label] * copies
+    return ids, new_labels
+
+
+@dataclass
+class StageData:
+    """How one stage turns records into training rows."""
+
+    kind: str
+    seq_len: int = 512
+    tag_weight: float = 10.0  # reason: loss weight of <think>/</think>/<answer>/</answer>
+    image_tokens: int = 1  # vlm: placeholder tokens per image (196 for CLIP ViT-B/16 at 224 px)
+
+    def tokenize(self, tokenizer, record: dict) -> dict:
+        markers = Markers.of(tokenizer)
+        if self.kind == "dpo":
+            row = {}
+            for side in ("chosen", "rejected"):
+                ids, labels = tokenize_conversation(tokenizer, record[side], only_last=True)
+                row[f"{side}_input_ids"], row[f"{side}_labels"] = ids[: self.seq_len], labels[: self.seq_len]
+            return row
+        messages = record["conversations"]
+        if self.kind == "vlm" and markers.image != IMAGE_MARKER:
+            messages = [{**m, "content": m["content"].replace(IMAGE_MARKER, markers.image)} for m in messages]
+        ids, labels = tokenize_conversation(tokenizer, messages)
+        row = {}
+        if self.kind == "vlm":
+            ids, labels = expand_image_placeholders(ids, labels, markers.ids(tokenizer)["image"], self.image_tokens)
+            row["images"] = record["images"]
+        row["input_ids"], row["labels"] = ids[: self.seq_len], labels[: self.seq_len]
+        if self.kind == "reason":
+            row["loss_weights"] = tag_weights(row["labels"], set(markers.tag_ids(tokenizer)), self.tag_weight)
+        return row
+
+
+def _has_labels(row: dict) -> bool:
+    keys = [key for key in row if key.endswith("labels")]
+    return all(any(label != IGNORE_INDEX for label in row[key]) for key in keys)
+
+
+def pack_documents(documents, seq_len: int, pad_id: int) -> Iterator[dict]:
+    """Concatenate token lists into rows of exactly `seq_len`; a document may continue on the next row.
+    Only the very last row can be short: it is padded and its `length` says how much is real."""
+    buffer: list[int] = []
+    for document in documents:
+        buffer.extend(document)
+        while len(buffer) >= seq_len:
+            yield {"input_ids": buffer[:seq_len], "length": seq_len}
+            buffer = buffer[seq_len:]
+    if buffer:
+        yield {"input_ids": buffer + [pad_id] * (seq_len - len(buffer)), "length": len(buffer)}
+
+
+def _packed_rows(tokenized, seq_len: int, pad_id: int):
+    yield from pack_documents((row["input_ids"] for row in tokenized), seq_len, pad_id)
+
+
+def load_stage_dataset(path: str | Path, tokenizer, stage: StageData, skip_bad: bool = False, num_proc: int | None = None):
+    """Read, validate, tokenize (and for pretraining, pack) a JSONL file into a `datasets.Dataset`."""
+    from datasets import Dataset
+
+    records = read_jsonl_dataset(path, stage.kind, skip_bad)
+    if stage.kind == "pretrain":
+        bos, eos = tokenizer.bos_token or "", tokenizer.eos_token or ""
+
+        def encode(batch):
+            return {"input_ids": tokenizer([bos + text + eos for text in batch["text"]], add_special_tokens=False)["input_ids"]}
+
+        tokenized = records.map(encode, batched=True, remove_columns=records.column_names, num_proc=num_proc)
+        return Dataset.from_generator(
+            _packed_rows, gen_kwargs={"tokenized": tokenized, "seq_len": stage.seq_len, "pad_id": tokenizer.pad_token_id}
+        )
+    rows = records.map(lambda record: stage.tokenize(tokenizer, record), remove_columns=records.column_names, num_proc=num_proc)
+    return rows.filter(_has_labels, num_proc=num_proc)  # truncation can cut every supervised token
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def row_lengths(dataset) -> list[int]:
+    column = "chosen_input_ids" if "chosen_input_ids" in dataset.column_names else "input_ids"
+    if "length" in dataset.column_names:
+        return list(dataset["length"])
+    return [len(ids) for ids in dataset[column]]
+
+
+class LengthGroupedBatches:
+    """Batches of similar length, in random order: shuffle, cut into mega-batches of
+    `batch_size * group` rows, sort each by length, split into batches, shuffle the batches. Padding
+    shrinks to the spread within a batch. Rank r of `num_replicas` takes every num_replicas-th batch;
+    call `set_epoch` for a new order each epoch."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, group: int = 50, num_replicas: int = 1, rank: int = 0, drop_last: bool = False):
+        self.lengths, self.batch_size, self.seed, self.group = lengths, batch_size, seed, group
+        self.num_replicas, self.rank, self.drop_last, self.epoch = num_replicas, rank, drop_last, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        mega = self.batch_size * self.group
+        batches = []
+        for start in range(0, len(order), mega):
+            chunk = sorted(order[start : start + mega], key=self.lengths.__getitem__)
+            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        if self.drop_last:
+            batches = [batch for batch in batches if len(batch) == self.batch_size]
+        rng.shuffle(batches)
+        usable = len(batches) - len(batches) % self.num_replicas  # every rank runs the same number of steps
+        return batches[self.rank : usable : self.num_replicas]
+
+    def __iter__(self):
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+
+def _pad(rows: list[list], value, length: int) -> torch.Tensor:
+    return torch.tensor([row + [value] * (length - len(row)) for row in rows])
+
+
+def collate(rows: list[dict], pad_id: int, pad_to_multiple_of: int = 8) -> dict:
+    """Right-pad a list of dataset rows into tensors with attention masks. Packed pretraining rows
+    (which have `length`) get labels equal to their ids, -100 on the padding of a short last row."""
+    batch: dict = {}
+    prefixes = ("chosen_", "rejected_") if "chosen_input_ids" in rows[0] else ("",)
+    for prefix in prefixes:
+        ids = [row[prefix + "input_ids"] for row in rows]
+        longest = max(len(x) for x in ids)
+        longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+        if "length" in rows[0]:
+            real = [row["length"] for row in rows]
+            labels = [x[:n] + [IGNORE_INDEX] * (len(x) - n) for x, n in zip(ids, real)]
+        else:
+            real = [len(x) for x in ids]
+            labels = [row[prefix + "labels"] for row in rows]
+        batch[prefix + "input_ids"] = _pad(ids, pad_id, longest)
+        batch[prefix + "labels"] = _pad(labels, IGNORE_INDEX, longest)
+        batch[prefix + "attention_mask"] = (torch.arange(longest)[None, :] < torch.tensor(real)[:, None]).long()
+        if "loss_weights" in rows[0]:
+            batch[prefix + "loss_weights"] = _pad([row["loss_weights"] for row in rows], 0.0, longest)
+    if "images" in rows[0]:
+        batch["images"] = [row["images"] for row in rows]
+    return batch

@@ -1,0 +1,35 @@
+"""Command-line flags generated from a config dataclass: one `--kebab-case` flag per field, with the
+field's `metadata["help"]` and its default shown in `--help`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+
+
+def _flag_type(annotation):
+    """int, float, str, bool or `X | None` -> the argparse type (None for bool)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        (annotation,) = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+    return None if annotation is bool else annotation
+
+
+def add_flags(parser: argparse.ArgumentParser, config_class) -> None:
+    hints = typing.get_type_hints(config_class)
+    for field in dataclasses.fields(config_class):
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        flag_type = _flag_type(hints[field.name])
+        options = dict(default=default, help=field.metadata.get("help", "") + " (default: %(default)s)", dest=field.name)
+        flag = "--" + field.name.replace("_", "-")
+        if flag_type is None:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
+        else:
+            parser.add_argument(flag, type=flag_type, **options)
+
+
+def parse_config(config_class, argv: list[str] | None = None, description: str | None = None):
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_flags(parser, config_class)
+    return config_class(**vars(parser.parse_args(argv)))

@@ -1,0 +1,162 @@
+import json
+
+import pytest
+import torch
+
+from minimind.data import (
+    DataFormatError, LengthGroupedBatches, StageData, collate, count_records, iter_jsonl, load_stage_dataset, pack_documents,
+    read_jsonl_dataset, row_lengths, tokenize_conversation,
+)
+from minimind.losses import IGNORE_INDEX
+from minimind.tokenizer import Markers, train_tokenizer
+
+CORPUS = ["小明喜欢红色。小红住在北京。", "What is 12 + 30? It is 42.", "<think> 先想一想 </think> <answer> 答案 </answer>"] * 20
+CONVERSATION = [
+    {"role": "system", "content": "你是助手。"},
+    {"role": "user", "content": "小明喜欢什么颜色？"},
+    {"role": "assistant", "content": "小明喜欢红色。"},
+    {"role": "user", "content": "小红住在哪里？"},
+    {"role": "assistant", "content": "小红住在北京。"},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(CORPUS, vocab_size=500)
+
+
+def write_jsonl(path, records):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def supervised_text(tokenizer, ids, labels):
+    return tokenizer.decode([token for token, label in zip(ids, labels) if label != IGNORE_INDEX])
+
+
+def test_sft_labels_cover_exactly_every_assistant_reply_and_its_end_of_turn(tokenizer):
+    ids, labels = tokenize_conversation(tokenizer, CONVERSATION)
+    assert supervised_text(tokenizer, ids, labels) == "小明喜欢红色。</s>小红住在北京。</s>"
+    assert all(label in (token, IGNORE_INDEX) for token, label in zip(ids, labels))
+    runs = sum(1 for i, label in enumerate(labels) if label != IGNORE_INDEX and (i == 0 or labels[i - 1] == IGNORE_INDEX))
+    assert runs == 2  # one contiguous span per assistant turn
+    assert tokenizer.decode(ids) == tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
+
+
+def test_dpo_rows_supervise_only_the_final_reply(tokenizer, tmp_path):
+    prompt = CONVERSATION[:4]
+    record = {"chosen": prompt + [{"role": "assistant", "content": "北京。"}], "rejected": prompt + [{"role": "assistant", "content": "上海吧，大概。"}]}
+    rows = load_stage_dataset(write_jsonl(tmp_path / "dpo.jsonl", [record]), tokenizer, StageData("dpo", seq_len=256))
+    row = rows[0]
+    assert supervised_text(tokenizer, row["chosen_input_ids"], row["chosen_labels"]) == "北京。</s>"
+    assert supervised_text(tokenizer, row["rejected_input_ids"], row["rejected_labels"]) == "上海吧，大概。</s>"
+
+
+def test_reasoning_tag_weights_land_on_the_tag_tokens_only(tokenizer, tmp_path):
+    reply = "<think>\n12 加 30 等于 42\n</think>\n<answer>\n42\n</answer>"
+    record = {"conversations": [{"role": "user", "content": "<think> 12+30？"}, {"role": "assistant", "content": reply}]}
+    row = load_stage_dataset(write_jsonl(tmp_path / "r.jsonl", [record]), tokenizer, StageData("reason", seq_len=256, tag_weight=10))[0]
+    tag_ids = set(Markers.of(tokenizer).tag_ids(tokenizer))
+    for token, label, weight in zip(row["input_ids"], row["labels"], row["loss_weights"]):
+        if label == IGNORE_INDEX:
+            assert weight == 0.0  # includes the <think> the user typed: not supervised, not weighted
+        else:
+            assert weight == (10.0 if token in tag_ids else 1.0)
+    assert sum(w == 10.0 for w in row["loss_weights"]) == 4
+
+
+def test_vlm_rows_expand_each_image_placeholder(tokenizer, tmp_path):
+    record = {"conversations": [{"role": "user", "content": "<image>\n<image>\n两张图一样吗？"}, {"role": "assistant", "content": "一样。"}],
+              "image": "a.png, b.png"}
+    row = load_stage_dataset(write_jsonl(tmp_path / "v.jsonl", [record]), tokenizer, StageData("vlm", seq_len=256, image_tokens=5))[0]
+    image_id = Markers.of(tokenizer).ids(tokenizer)["image"]
+    positions = [i for i, token in enumerate(row["input_ids"]) if token == image_id]
+    assert len(positions) == 10 and all(row["labels"][i] == IGNORE_INDEX for i in positions)
+    assert row["images"] == ["a.png", "b.png"]
+
+
+def test_packing_loses_and_duplicates_nothing():
+    documents = [[1] + list(range(10 * d, 10 * d + length)) + [2] for d, length in enumerate([3, 17, 1, 8, 30, 5])]
+    rows = list(pack_documents(documents, seq_len=16, pad_id=0))
+    assert all(len(row["input_ids"]) == 16 for row in rows)
+    assert all(row["length"] == 16 for row in rows[:-1])
+    flat = [token for row in rows for token in row["input_ids"][: row["length"]]]
+    assert flat == [token for document in documents for token in document]
+
+
+def test_pretrain_dataset_is_packed_with_documents_separated(tokenizer, tmp_path):
+    texts = [{"text": t} for t in ["小明喜欢红色。", "小红住在北京。", "What is 12 + 30?"] * 7]
+    rows = load_stage_dataset(write_jsonl(tmp_path / "p.jsonl", texts), tokenizer, StageData("pretrain", seq_len=32))
+    flat = [token for row in rows for token in row["input_ids"][: row["length"]]]
+    expected = [token for t in texts for token in tokenizer("<s>" + t["text"] + "</s>", add_special_tokens=False)["input_ids"]]
+    assert flat == expected
+    assert flat.count(tokenizer.eos_token_id) == len(texts)
+    batch = collate([rows[i] for i in range(len(rows))], pad_id=0)
+    assert batch["input_ids"].shape == (len(rows), 32)
+    assert (batch["labels"] == IGNORE_INDEX).sum() == 32 - rows[len(rows) - 1]["length"]
+
+
+@pytest.mark.parametrize("line, complaint", [
+    ('{"conversations": [{"role": "user", "content": "hi"}', "Expecting"),
+    ('{"messages": []}', '"conversations" must be a non-empty list'),
+    ('{"conversations": []}', '"conversations" must be a non-empty list'),
+    ('{"conversations": [{"role": "robot", "content": "hi"}]}', "role 'robot'"),
+    ('{"conversations": [{"role": "user", "content": "hi"}]}', "no assistant reply"),
+    ('{"conversations": [{"role": "user"}]}', 'needs a string "content"'),
+    ('[1, 2]', "expected a JSON object"),
+])
+def test_malformed_lines_name_the_file_and_line(tmp_path, line, complaint):
+    good = {"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    path = write_jsonl(tmp_path / "sft.jsonl", [good, good, line, good])
+    with pytest.raises(DataFormatError, match=rf"sft.jsonl:3: .*{complaint}"):
+        list(iter_jsonl(path, "sft"))
+    with pytest.raises(DataFormatError, match="sft.jsonl:3"):
+        read_jsonl_dataset(path, "sft")
+    dataset = read_jsonl_dataset(path, "sft", skip_bad=True)
+    assert len(dataset) == 3 and count_records(path) - len(dataset) == 1
+
+
+@pytest.mark.parametrize("kind, record, complaint", [
+    ("pretrain", {"text": ""}, "non-empty string"),
+    ("dpo", {"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, '"rejected"'),
+    ("dpo", {"chosen": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}],
+             "rejected": [{"role": "assistant", "content": "b"}]}, "end with an assistant"),
+    ("vlm", {"conversations": [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "a"}]}, "1 <image> marker"),
+])
+def test_each_format_is_validated(tmp_path, kind, record, complaint):
+    with pytest.raises(DataFormatError, match=f"{kind}.jsonl:1: .*{complaint}"):
+        list(iter_jsonl(write_jsonl(tmp_path / f"{kind}.jsonl", [record]), kind))
+
+
+def test_datasets_are_memory_mapped_arrow(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"text": f"第{i}行"} for i in range(50)])
+    dataset = read_jsonl_dataset(path, "pretrain")
+    assert dataset.cache_files and dataset.cache_files[0]["filename"].endswith(".arrow")
+
+
+def test_length_grouped_batches_cover_every_row_once_with_less_padding():
+    lengths = [(i * 37) % 100 + 1 for i in range(1000)]
+    sampler = LengthGroupedBatches(lengths, batch_size=10, seed=1, group=10)
+    batches = list(sampler)
+    assert sorted(i for batch in batches for i in batch) == list(range(1000))
+    padded = sum(max(lengths[i] for i in batch) * len(batch) for batch in batches)
+    shuffled = torch.randperm(1000, generator=torch.Generator().manual_seed(0)).tolist()
+    naive = sum(max(lengths[i] for i in shuffled[s : s + 10]) * 10 for s in range(0, 1000, 10))
+    assert padded < 0.7 * naive
+    sampler.set_epoch(1)
+    assert list(sampler) != batches
+    ranks = [list(LengthGroupedBatches(lengths, 10, seed=1, num_replicas=3, rank=r)) for r in range(3)]
+    assert len({len(r) for r in ranks}) == 1
+    seen = [i for r in ranks for batch in r for i in batch]
+    assert len(seen) == len(set(seen))
+
+
+def test_collate_pads_right_and_masks(tokenizer):
+    rows = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [5], "labels": [5]}]
+    batch = collate(rows, pad_id=0, pad_to_multiple_of=4)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 0], [5, 0, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100], [5, -100, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
+    from datasets import Dataset
+
+    assert row_lengths(Dataset.from_list(rows)) == [3, 1]
