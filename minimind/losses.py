@@ -36,3 +36,11 @@ def causal_lm_loss(hidden_states: torch.Tensor, head_weight: torch.Tensor, label
     if weights is not None:
         counted = counted * weights[:, 1:].float()
     return (losses * counted).sum() / counted.sum().clamp(min=1.0)
+
+
+def sequence_logprobs(hidden_states: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor, average: bool = True) -> torch.Tensor:
+    """Log-probability of each row's labelled tokens (batch,): their mean (MiniMind's DPO) or sum."""
+    targets = labels[:, 1:]
+    counted = (targets != IGNORE_INDEX).float()
+    total = -(token_cross_entropy(hidden_states[:, :-1], head_weight, targets) * counted).sum(dim=-1)
+    return total / counted.sum(dim=-1).clamp(min=1.0) if average else total

@@ -321,10 +321,12 @@ class MiniMindForCausalLM(nn.Module):
         kv_cache: KVCache | None = None,
         logits_to_keep: int = 0,
         labels: torch.Tensor | None = None,
+        return_logits: bool = True,
     ) -> CausalLMOutput:
         """`attention_mask` (batch, past + new) marks real tokens with 1; with a `kv_cache` it covers the
         cached positions too. `logits_to_keep` > 0 computes logits for the last positions only.
-        `labels` (aligned with input_ids, -100 to skip) gives `.loss` without materialising the logits."""
+        `labels` (aligned with input_ids, -100 to skip) gives `.loss` without materialising the logits;
+        `return_logits=False` skips the head for callers that only need the hidden states."""
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         length = x.shape[1]
         past_len = kv_cache.length if kv_cache is not None else 0
@@ -346,7 +348,9 @@ class MiniMindForCausalLM(nn.Module):
         if labels is not None:
             loss = causal_lm_loss(hidden_states, self.lm_head.weight, labels) + aux_loss
             return CausalLMOutput(logits=None, aux_loss=aux_loss, hidden_states=hidden_states, loss=loss)
-        logits = self.lm_head(hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states)
+        logits = None
+        if return_logits:
+            logits = self.lm_head(hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states)
         return CausalLMOutput(logits=logits, aux_loss=aux_loss, hidden_states=hidden_states)
 
     def num_parameters(self, active: bool = False) -> int:

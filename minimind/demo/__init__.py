@@ -1,1 +1,48 @@
-"""The embedded demo: deterministic synthetic data that a tiny model visibly learns on a CPU."""
+"""The embedded demo: a deterministic synthetic world that a tiny model visibly learns on a CPU.
+
+`demo_data()` writes it once (seconds) and returns the file paths by name; later calls reuse the files.
+They live under $MINIMIND_DEMO_DIR (default ~/.cache/minimind/demo), in a folder named after the seed
+and a hash of the generator's source, so a changed generator never serves stale files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+GENERATORS = ("world.py", "images.py")
+
+
+def _generator_hash() -> str:
+    digest = hashlib.sha256()
+    for name in GENERATORS:
+        digest.update((Path(__file__).parent / name).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def demo_data(seed: int = 0, root: str | Path | None = None) -> dict[str, Path]:
+    """Absolute paths of the demo files: pretrain, sft, dpo, reason, vlm_pretrain, vlm_sft (each with
+    an `_eval` twin) and `images`."""
+    from minimind.demo.images import write_image_world
+    from minimind.demo.world import write_text_world
+
+    root = Path(root or os.environ.get("MINIMIND_DEMO_DIR", Path.home() / ".cache" / "minimind" / "demo"))
+    folder = (root / f"seed{seed}-{_generator_hash()}").resolve()
+    done = folder / ".complete"
+    if not done.exists():
+        partial = folder.with_name(folder.name + f".partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        write_text_world(partial, seed=seed)
+        write_image_world(partial, seed=seed)
+        (partial / ".complete").touch()
+        try:
+            partial.rename(folder)  # atomic: concurrent writers of the same seed produce the same bytes
+        except OSError:
+            shutil.rmtree(partial, ignore_errors=True)
+    names = ["pretrain", "sft", "dpo", "reason", "vlm_pretrain", "vlm_sft"]
+    paths = {name: folder / f"{name}.jsonl" for name in names}
+    paths.update({f"{name}_eval": folder / f"{name}_eval.jsonl" for name in names})
+    paths["images"] = folder / "images"
+    return paths

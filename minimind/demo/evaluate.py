@@ -1,0 +1,129 @@
+"""Held-out evaluation of each stage, measuring what the stage exists for. Works on the demo world's
+`*_eval.jsonl` files or any file in the same format; the jobs log these numbers to MLflow.
+
+    pretrain  heldout_loss          mean next-token cross-entropy on unseen text
+    sft       answer_exact_match    greedy reply == reference reply
+    dpo       preference_accuracy   chosen reply more likely than rejected (reward = policy - reference)
+    reason    reasoning_scores      reply has the <think>/<answer> form; answer == reference answer
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from minimind.data import StageData, collate, iter_jsonl, load_stage_dataset
+from minimind.generate import generate
+from minimind.losses import causal_lm_loss, sequence_logprobs
+from minimind.tokenizer import Markers
+
+Replier = Callable[[Sequence[list[dict]]], list[str]]
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _batches(rows, batch_size: int):
+    for start in range(0, len(rows), batch_size):
+        yield [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
+
+
+@torch.no_grad()
+def heldout_loss(model, tokenizer, path: str | Path, seq_len: int = 256, batch_size: int = 16) -> float:
+    rows = load_stage_dataset(path, tokenizer, StageData("pretrain", seq_len=seq_len))
+    total, tokens = 0.0, 0
+    model.eval()
+    for rows_batch in _batches(rows, batch_size):
+        batch = collate(rows_batch, tokenizer.pad_token_id)
+        labels = batch["labels"].to(_device(model))
+        hidden = model(batch["input_ids"].to(_device(model)), return_logits=False).hidden_states
+        loss = causal_lm_loss(hidden, model.lm_head.weight, labels)  # without the MoE aux term
+        counted = int((labels[:, 1:] != -100).sum())
+        total, tokens = total + float(loss) * counted, tokens + counted
+    return total / max(tokens, 1)
+
+
+def text_replier(model, tokenizer, max_new_tokens: int = 64, batch_size: int = 32) -> Replier:
+    """Greedy replies of a text model to conversations (each ending with a user turn)."""
+
+    def reply(conversations: Sequence[list[dict]]) -> list[str]:
+        replies = []
+        for start in range(0, len(conversations), batch_size):
+            prompts = [
+                list(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False))
+                for c in conversations[start : start + batch_size]
+            ]
+            outputs = generate(model, prompts, max_new_tokens=max_new_tokens, stop_token_ids=[tokenizer.eos_token_id])
+            replies += [tokenizer.decode(tokens, skip_special_tokens=False) for tokens in outputs]
+        return replies
+
+    return reply
+
+
+def _prompts_and_references(path: str | Path, kind: str, limit: int | None):
+    records = [record for _, record in iter_jsonl(path, kind)][:limit]
+    return [r["conversations"][:-1] for r in records], [r["conversations"][-1]["content"] for r in records]
+
+
+def answer_exact_match(replier: Replier, path: str | Path, limit: int | None = None, kind: str = "sft") -> dict:
+    """Share of held-out conversations whose reply equals the reference (final assistant turn)."""
+    prompts, references = _prompts_and_references(path, kind, limit)
+    replies = replier(prompts)
+    hits = [reply.strip() == reference.strip() for reply, reference in zip(replies, references)]
+    return {"accuracy": sum(hits) / max(len(hits), 1), "samples": list(zip(prompts[:5], replies[:5], references[:5]))}
+
+
+REASONING_FORM = re.compile(r"<think>\n(.*?)\n</think>\n<answer>\n(.*?)\n</answer>", re.DOTALL)
+
+
+def reasoning_scores(replier: Replier, path: str | Path, tokenizer, limit: int | None = None) -> dict:
+    """Format adherence (the whole reply is <think>…</think><answer>…</answer>) and answer accuracy."""
+    markers = Markers.of(tokenizer)
+    form = re.compile(
+        rf"{re.escape(markers.think_start)}\n(.*?)\n{re.escape(markers.think_end)}\n"
+        rf"{re.escape(markers.answer_start)}\n(.*?)\n{re.escape(markers.answer_end)}",
+        re.DOTALL,
+    )
+    prompts, references = _prompts_and_references(path, "reason", limit)
+    replies = replier(prompts)
+    well_formed = [form.fullmatch(reply.strip()) for reply in replies]
+    expected = [form.fullmatch(reference.strip()) for reference in references]
+    correct = [bool(got and want and got.group(2).strip() == want.group(2).strip()) for got, want in zip(well_formed, expected)]
+    count = max(len(replies), 1)
+    return {"format": sum(bool(m) for m in well_formed) / count, "accuracy": sum(correct) / count,
+            "samples": list(zip(prompts[:5], replies[:5]))}
+
+
+@torch.no_grad()
+def preference_accuracy(model, tokenizer, path: str | Path, reference_model=None, seq_len: int = 512, batch_size: int = 16) -> dict:
+    """How often the chosen reply wins: by implicit DPO reward (policy minus reference mean log-prob)
+    when a reference is given, else by the policy's own mean log-prob."""
+    rows = load_stage_dataset(path, tokenizer, StageData("dpo", seq_len=seq_len))
+    wins, margins = [], []
+    for rows_batch in _batches(rows, batch_size):
+        batch = collate(rows_batch, tokenizer.pad_token_id)
+        scores = {}
+        for side in ("chosen", "rejected"):
+            ids, mask, labels = (batch[f"{side}_{key}"].to(_device(model)) for key in ("input_ids", "attention_mask", "labels"))
+            logps = _mean_logps(model, ids, mask, labels)
+            if reference_model is not None:
+                logps = logps - _mean_logps(reference_model, ids, mask, labels)
+            scores[side] = logps
+        wins += (scores["chosen"] > scores["rejected"]).tolist()
+        margins += (scores["chosen"] - scores["rejected"]).tolist()
+    return {"accuracy": sum(wins) / max(len(wins), 1), "margin": sum(margins) / max(len(margins), 1)}
+
+
+def _mean_logps(model, ids, mask, labels):
+    model.eval()
+    hidden = model(ids, mask, return_logits=False).hidden_states
+    return sequence_logprobs(hidden, model.lm_head.weight, labels)
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))

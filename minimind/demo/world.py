@@ -1,0 +1,340 @@
+"""A small invented world, written as MiniMind's pretrain / SFT / DPO / reasoning JSONL, with held-out evals.
+
+A few hundred invented people (two-character names) each have a favourite colour, fruit and animal, a home
+city, an age and one best friend (friendship is mutual: people come in pairs). Pretraining states every fact
+many times, in several paraphrases, in shuffled short paragraphs; the later stages only teach the model to
+*use* what pretraining stored: SFT asks short questions with short, deterministic answers (the answer
+sentence is the canonical pretraining sentence, so exact match is meaningful), DPO prefers the correct,
+concise answer over a wrong value or a rambling one, and the reasoning data is written by a rule-based
+teacher (column addition with carries, and two-hop lookups through the friend relation).
+
+Held out, so the `_eval` files measure generalisation rather than recall of training rows:
+- pretrain_eval: paraphrases of known facts in sentence templates that training never uses;
+- sft_eval: (a) question phrasings reserved for eval, (b) people whose facts are never asked in SFT or DPO
+  (only pretraining states them), (c) two-hop questions "X的好朋友住在哪里？" for friend pairs never asked
+  two-hop in training; every row ends with the reference answer;
+- dpo_eval: the never-asked people, and persona phrasings reserved for eval;
+- reason_eval: addition problems whose number pair training never uses, and the held-out two-hop pairs.
+
+Everything comes from `random.Random` seeded from the seed and a label, so one seed gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+# --------------------------------------------------------------------------- vocabulary of the world
+
+FAMILY = "安白陈丁方高韩江柯林陆马宁欧潘秦苏唐万夏叶赵周舒温"
+GIVEN = "明华乐岚涛雪凯悦晨峰琪瑶霖哲萱轩然芸翔璐逸航婷博楠可诗煜晗珂"
+COLORS = ("红色", "橙色", "黄色", "绿色", "蓝色", "紫色", "白色", "黑色", "粉色", "灰色")
+CITIES = ("北京", "上海", "广州", "成都", "杭州", "西安", "南京", "武汉",
+          "青石镇", "云溪城", "月湖城", "星河镇", "松风村", "雾山城", "白沙湾", "金穗城")
+FRUITS = ("苹果", "香蕉", "橙子", "葡萄", "西瓜", "草莓", "桃子", "梨", "芒果", "樱桃")
+ANIMALS = ("猫", "狗", "兔子", "熊猫", "老虎", "狐狸", "海豚", "马", "羊", "猴子")
+AGES = range(6, 81)
+
+ATTRIBUTES = ("color", "city", "age", "fruit", "animal", "friend")
+
+# Pretraining sentences per attribute ({n} = name, {v} = value). The first is canonical: it is also the SFT
+# answer, so every answer sentence appears verbatim in pretraining.
+STATEMENTS = {
+    "color": ("{n}最喜欢的颜色是{v}。", "{n}喜欢{v}。", "在所有颜色里，{n}最爱{v}。", "{n}的衣服大多是{v}的。",
+              "要问{n}喜欢什么颜色，答案是{v}。"),
+    "city": ("{n}住在{v}。", "{n}的家在{v}。", "{n}是{v}人。", "{n}一直生活在{v}。", "如果想拜访{n}，要去{v}。"),
+    "age": ("{n}今年{v}岁。", "{n}已经{v}岁了。", "{n}的年龄是{v}岁。", "今年{n}刚好{v}岁。"),
+    "fruit": ("{n}最喜欢的水果是{v}。", "{n}爱吃{v}。", "{n}每天都要吃{v}。", "说到水果，{n}最喜欢{v}。"),
+    "animal": ("{n}最喜欢的动物是{v}。", "{n}从小就喜欢{v}。", "在所有动物里，{n}最爱{v}。", "{n}画画时总是画{v}。"),
+    "friend": ("{n}的好朋友是{v}。", "{n}和{v}是好朋友。", "{n}经常和{v}一起玩。", "{v}是{n}最好的朋友。"),
+}
+# Paraphrases only pretrain_eval uses: its loss measures the facts, not memorised sentences.
+HELD_OUT_STATEMENTS = {
+    "color": ("{n}觉得{v}是最好看的颜色。", "提到颜色，{n}总会选{v}。"),
+    "city": ("{n}每天在{v}的街上散步。", "{v}是{n}的家乡。"),
+    "age": ("算起来，{n}现在是{v}岁。", "{v}岁的{n}身体很好。"),
+    "fruit": ("{v}是{n}最爱的水果。", "{n}的冰箱里总是放着{v}。"),
+    "animal": ("{v}是{n}最爱的动物。", "{n}去动物园总是先去看{v}。"),
+    "friend": ("{n}周末常去找{v}聊天。", "{n}和{v}从小一起长大。"),
+}
+QUESTIONS = {
+    "color": ("{n}最喜欢什么颜色？", "{n}喜欢的颜色是什么？", "请问{n}最喜欢哪种颜色？"),
+    "city": ("{n}住在哪里？", "{n}的家在哪个城市？", "请问{n}住在什么地方？"),
+    "age": ("{n}今年多大？", "{n}几岁了？", "请问{n}的年龄是多少？"),
+    "fruit": ("{n}最喜欢什么水果？", "{n}爱吃什么水果？", "请问{n}最喜欢哪种水果？"),
+    "animal": ("{n}最喜欢什么动物？", "{n}喜欢的动物是什么？", "请问{n}最喜欢哪种动物？"),
+    "friend": ("{n}的好朋友是谁？", "谁是{n}的好朋友？", "请问{n}和谁是好朋友？"),
+}
+HELD_OUT_QUESTIONS = {
+    "color": ("你知道{n}偏爱什么颜色吗？", "{n}心里最好看的颜色是哪个？"),
+    "city": ("你知道{n}家住哪儿吗？", "{n}平时生活在哪座城市？"),
+    "age": ("你知道{n}多少岁吗？", "{n}现在的年纪是多少？"),
+    "fruit": ("你知道{n}偏爱哪种水果吗？", "{n}平时最爱吃的水果是哪个？"),
+    "animal": ("你知道{n}偏爱哪种动物吗？", "{n}心里最可爱的动物是哪个？"),
+    "friend": ("你知道{n}最要好的朋友叫什么吗？", "{n}平时和谁最要好？"),
+}
+FOLLOW_UPS = {  # later turns of a multi-turn chat refer back to the person as "TA"
+    "color": "那TA最喜欢什么颜色？", "city": "那TA住在哪里？", "age": "那TA今年多大？",
+    "fruit": "那TA最喜欢什么水果？", "animal": "那TA最喜欢什么动物？", "friend": "那TA的好朋友是谁？",
+}
+TWO_HOP = {
+    "color": "{n}的好朋友最喜欢什么颜色？", "city": "{n}的好朋友住在哪里？", "age": "{n}的好朋友今年多大？",
+    "fruit": "{n}的好朋友最喜欢什么水果？", "animal": "{n}的好朋友最喜欢什么动物？",
+}
+LABELS = {"color": "颜色", "city": "住处", "age": "年龄", "fruit": "水果", "animal": "动物"}
+
+PERSONA_REPLY = "我是 MiniMind，一个小型中文语言模型，可以回答关于这个小世界里的人的问题。"
+PERSONA_QUESTIONS = ("你是谁？", "你叫什么名字？", "介绍一下你自己。", "你是什么模型？", "请做个自我介绍。", "你好，你是谁？")
+HELD_OUT_PERSONA_QUESTIONS = ("请问你是哪位？", "能告诉我你的名字吗？")
+IMPOSTOR_REPLY = "我是 ChatGPT，由 OpenAI 开发的人工智能助手。"  # DPO's rejected answer to persona questions
+SYSTEM_PROMPT = "你是 MiniMind，一个简洁、准确的中文助手。"
+RAMBLE = "嗯，这是个好问题，让我想一想。关于这个问题其实可以说很多，我们慢慢来看。"  # DPO's rambling prefix
+
+ADDITION_QUESTIONS = ("{a}+{b}等于多少？", "请计算{a}加{b}。", "{a}加上{b}是多少？")
+PLACES = ("个位", "十位", "百位")
+
+
+# --------------------------------------------------------------------------- the world
+
+
+@dataclass(frozen=True)
+class Entity:
+    name: str
+    color: str
+    city: str
+    age: int
+    fruit: str
+    animal: str
+    friend: str  # another entity's name; friendship is mutual
+
+    def value(self, attribute: str) -> str:
+        return str(getattr(self, attribute))
+
+    def state(self, attribute: str, template: str | None = None) -> str:
+        """One sentence stating a fact; the canonical sentence (also the SFT answer) without a template."""
+        return (template or STATEMENTS[attribute][0]).format(n=self.name, v=self.value(attribute))
+
+
+@dataclass(frozen=True)
+class World:
+    seed: int
+    entities: tuple[Entity, ...]
+    never_asked: tuple[str, ...]  # people whose facts only pretraining states (whole friend pairs)
+    two_hop_held_out: tuple[str, ...]  # people asked about directly, but never two-hop (whole friend pairs)
+
+    @cached_property
+    def by_name(self) -> dict[str, Entity]:
+        return {entity.name: entity for entity in self.entities}
+
+    def __getitem__(self, name: str) -> Entity:
+        return self.by_name[name]
+
+    def group(self, split: str) -> list[Entity]:
+        """'never_asked', 'two_hop_held_out', or 'two_hop_train' (the rest), in entity order."""
+        held = {"never_asked": self.never_asked, "two_hop_held_out": self.two_hop_held_out}
+        if split in held:
+            return [e for e in self.entities if e.name in held[split]]
+        excluded = set(self.never_asked) | set(self.two_hop_held_out)
+        return [e for e in self.entities if e.name not in excluded]
+
+    def asked(self) -> list[Entity]:
+        """Everyone SFT and DPO ask about directly."""
+        return [e for e in self.entities if e.name not in self.never_asked]
+
+
+def build_world(seed: int = 0, num_entities: int = 300) -> World:
+    if num_entities % 2 or not 20 <= num_entities <= len(FAMILY) * len(GIVEN):
+        raise ValueError(f"num_entities must be even and in [20, {len(FAMILY) * len(GIVEN)}], got {num_entities}")
+    rng = random.Random(f"{seed}/world")
+    names = rng.sample([f + g for f in FAMILY for g in GIVEN if f != g], num_entities)
+    pairs = [(names[i], names[i + 1]) for i in range(0, num_entities, 2)]
+    friend = {a: b for a, b in pairs} | {b: a for a, b in pairs}
+    entities = tuple(
+        Entity(name, rng.choice(COLORS), rng.choice(CITIES), rng.choice(AGES), rng.choice(FRUITS), rng.choice(ANIMALS),
+               friend[name])
+        for name in names
+    )
+    # Hold out whole friend pairs, so a training answer about one person never states a held-out friend's facts.
+    held_pairs = max(2, len(pairs) // 5)
+    never_asked = tuple(name for pair in pairs[:held_pairs] for name in pair)
+    two_hop_held_out = tuple(name for pair in pairs[held_pairs:held_pairs + max(2, len(pairs) // 4)] for name in pair)
+    return World(seed, entities, never_asked, two_hop_held_out)
+
+
+# --------------------------------------------------------------------------- the files
+
+
+def chat(*turns: str, system: str | None = None) -> list[dict]:
+    """Alternating user / assistant messages (optionally after a system prompt)."""
+    messages = [{"role": "system", "content": system}] if system else []
+    return messages + [{"role": ("user", "assistant")[i % 2], "content": text} for i, text in enumerate(turns)]
+
+
+def paragraph(entity: Entity, attributes: list[str], rng: random.Random, templates: dict) -> str:
+    return "".join(entity.state(a, rng.choice(templates[a])) for a in attributes)
+
+
+def pretrain_rows(world: World, passes: int = 40) -> tuple[list[dict], list[dict]]:
+    """Short paragraphs about one person: a canonical profile each, then paraphrased, shuffled subsets of
+    facts; plus single-digit sums (the reasoning teacher's building blocks). Eval: held-out paraphrases."""
+    rng = random.Random(f"{world.seed}/pretrain")
+    texts = []
+    for entity in world.entities:
+        texts.append("".join(entity.state(a) for a in rng.sample(ATTRIBUTES, len(ATTRIBUTES))))
+        for _ in range(passes - 1):
+            attributes = rng.sample(ATTRIBUTES, rng.randint(3, len(ATTRIBUTES)))
+            texts.append(paragraph(entity, attributes, rng, STATEMENTS))
+    sums = [f"{a}+{b}={a + b}" for a in range(10) for b in range(10)]
+    sums += [f"{a}+{b}+1={a + b + 1}" for a in range(10) for b in range(10)]
+    for _ in range(5):
+        rng.shuffle(sums)
+        texts += ["，".join(sums[i:i + 10]) + "。" for i in range(0, len(sums), 10)]
+    rng.shuffle(texts)
+    held_out = [paragraph(e, rng.sample(ATTRIBUTES, len(ATTRIBUTES)), rng, HELD_OUT_STATEMENTS)
+                for e in rng.sample(world.entities, min(200, len(world.entities)))]
+    return [{"text": t} for t in texts], [{"text": t} for t in held_out]
+
+
+def sft_rows(world: World) -> tuple[list[dict], list[dict]]:
+    """Single-turn, multi-turn, two-hop and persona chats. Eval: held-out phrasings, never-asked people,
+    held-out two-hop pairs and persona phrasings."""
+    rng = random.Random(f"{world.seed}/sft")
+    asked = world.asked()
+    rows = []
+    for entity in asked:
+        for attribute in ATTRIBUTES:
+            for question in rng.sample(QUESTIONS[attribute], 2):
+                system = SYSTEM_PROMPT if rng.random() < 0.1 else None
+                rows.append(chat(question.format(n=entity.name), entity.state(attribute), system=system))
+    for entity in world.group("two_hop_train"):
+        friend = world[entity.friend]
+        for attribute in TWO_HOP:
+            rows.append(chat(TWO_HOP[attribute].format(n=entity.name), entity.state("friend") + friend.state(attribute)))
+    for _ in range(len(asked) * 2):
+        entity = rng.choice(asked)
+        attributes = sorted(rng.sample(ATTRIBUTES, rng.randint(2, 3)), key=lambda a: a == "friend")  # "TA" stays unambiguous
+        turns = [rng.choice(QUESTIONS[attributes[0]]).format(n=entity.name), entity.state(attributes[0])]
+        for attribute in attributes[1:]:
+            turns += [FOLLOW_UPS[attribute], entity.state(attribute)]
+        rows.append(chat(*turns))
+    for question in PERSONA_QUESTIONS * 20:
+        rows.append(chat(question, PERSONA_REPLY, system=SYSTEM_PROMPT if rng.random() < 0.1 else None))
+    for _ in range(60):
+        entity, attribute = rng.choice(asked), rng.choice(ATTRIBUTES)
+        question = rng.choice(QUESTIONS[attribute]).format(n=entity.name)
+        rows.append(chat(rng.choice(PERSONA_QUESTIONS), PERSONA_REPLY, question, entity.state(attribute)))
+    rng.shuffle(rows)
+
+    held_out = []
+    for entity in rng.sample(asked, min(100, len(asked))):
+        attribute = rng.choice(ATTRIBUTES)
+        held_out.append(chat(rng.choice(HELD_OUT_QUESTIONS[attribute]).format(n=entity.name), entity.state(attribute)))
+    never_asked = world.group("never_asked")
+    for entity, attribute in rng.sample([(e, a) for e in never_asked for a in ATTRIBUTES], min(100, 6 * len(never_asked))):
+        held_out.append(chat(rng.choice(QUESTIONS[attribute]).format(n=entity.name), entity.state(attribute)))
+    two_hop = world.group("two_hop_held_out")
+    for entity, attribute in rng.sample([(e, a) for e in two_hop for a in TWO_HOP], min(80, 5 * len(two_hop))):
+        answer = entity.state("friend") + world[entity.friend].state(attribute)
+        held_out.append(chat(TWO_HOP[attribute].format(n=entity.name), answer))
+    held_out += [chat(question, PERSONA_REPLY) for question in HELD_OUT_PERSONA_QUESTIONS]
+    return [{"conversations": c} for c in rows], [{"conversations": c} for c in held_out]
+
+
+def dpo_rows(world: World) -> tuple[list[dict], list[dict]]:
+    """chosen = the correct, concise answer; rejected = the same sentence with another value of the same
+    attribute (60%) or the correct answer after a fixed rambling preamble (40%); persona vs an impostor."""
+    rng = random.Random(f"{world.seed}/dpo")
+    names = [e.name for e in world.entities]
+    choices = {"color": COLORS, "city": CITIES, "age": [str(a) for a in AGES], "fruit": FRUITS, "animal": ANIMALS}
+
+    def pair(entity: Entity, attribute: str, question: str) -> dict:
+        prompt, chosen = question.format(n=entity.name), entity.state(attribute)
+        if rng.random() < 0.6:
+            wrong = rng.choice([v for v in choices.get(attribute, names) if v not in (entity.value(attribute), entity.name)])
+            rejected = STATEMENTS[attribute][0].format(n=entity.name, v=wrong)
+        else:
+            rejected = RAMBLE + chosen
+        return {"chosen": chat(prompt, chosen), "rejected": chat(prompt, rejected)}
+
+    rows = [pair(e, a, rng.choice(QUESTIONS[a])) for e in world.asked() for a in ATTRIBUTES]
+    rows += [{"chosen": chat(q, PERSONA_REPLY), "rejected": chat(q, IMPOSTOR_REPLY)} for q in PERSONA_QUESTIONS * 3]
+    rng.shuffle(rows)
+    candidates = [(e, a) for e in world.group("never_asked") for a in ATTRIBUTES]
+    held_out = [pair(e, a, rng.choice(QUESTIONS[a])) for e, a in rng.sample(candidates, min(200, len(candidates)))]
+    held_out += [{"chosen": chat(q, PERSONA_REPLY), "rejected": chat(q, IMPOSTOR_REPLY)} for q in HELD_OUT_PERSONA_QUESTIONS]
+    return rows, held_out
+
+
+def reasoned(think: str, answer: str) -> str:
+    return f"<think>\n{think}\n</think>\n<answer>\n{answer}\n</answer>"
+
+
+def addition_trace(a: int, b: int) -> str:
+    """Column addition, one line per place, as a teacher would write it out."""
+    lines, carry = [f"把{a}和{b}按位相加。"], 0
+    digits_a, digits_b = str(a)[::-1], str(b)[::-1]
+    for place in range(max(len(digits_a), len(digits_b))):
+        x = int(digits_a[place]) if place < len(digits_a) else 0
+        y = int(digits_b[place]) if place < len(digits_b) else 0
+        total = x + y + carry
+        expression = f"{x}+{y}+1" if carry else f"{x}+{y}"
+        lines.append(f"{PLACES[place]}：{expression}={total}，写{total % 10}" + ("进1。" if total >= 10 else "。"))
+        carry = total // 10
+    if carry:
+        lines.append("最高位还有进位1，写在最前面。")
+    lines.append(f"所以结果是{a + b}。")
+    return reasoned("\n".join(lines), f"{a}+{b}={a + b}")
+
+
+def two_hop_trace(world: World, entity: Entity, attribute: str) -> str:
+    friend = world[entity.friend]
+    think = f"要找{entity.name}的好朋友的{LABELS[attribute]}。\n先查好朋友：{entity.state('friend')}\n再查{friend.name}：{friend.state(attribute)}"
+    return reasoned(think, friend.state(attribute))
+
+
+def reason_rows(world: World, additions: int = 1200, held_out_additions: int = 150) -> tuple[list[dict], list[dict]]:
+    """Addition of 2-3 digit numbers and two-hop lookups, traced by a rule-based teacher. Eval: unseen
+    number pairs (either order) and the held-out two-hop pairs."""
+    rng = random.Random(f"{world.seed}/reason")
+    problems: dict[tuple[int, int], None] = {}  # insertion-ordered set of unordered pairs
+    while len(problems) < additions + held_out_additions:
+        a, b = rng.randint(10, 999), rng.randint(10, 999)
+        problems.setdefault((min(a, b), max(a, b)))
+    pairs = [(a, b) if rng.random() < 0.5 else (b, a) for a, b in problems]
+    rows = [chat(rng.choice(ADDITION_QUESTIONS).format(a=a, b=b), addition_trace(a, b)) for a, b in pairs[:additions]]
+    held_out = [chat(rng.choice(ADDITION_QUESTIONS).format(a=a, b=b), addition_trace(a, b)) for a, b in pairs[additions:]]
+    rows += [chat(TWO_HOP[a].format(n=e.name), two_hop_trace(world, e, a)) for e in world.group("two_hop_train") for a in TWO_HOP]
+    candidates = [(e, a) for e in world.group("two_hop_held_out") for a in TWO_HOP]
+    for entity, attribute in rng.sample(candidates, min(100, len(candidates))):
+        held_out.append(chat(TWO_HOP[attribute].format(n=entity.name), two_hop_trace(world, entity, attribute)))
+    rng.shuffle(rows)
+    return [{"conversations": c} for c in rows], [{"conversations": c} for c in held_out]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+def write_text_world(out_dir: Path, seed: int = 0, num_entities: int = 300) -> dict[str, Path]:
+    """Write pretrain, sft, dpo, reason and their `_eval` twins as JSONL under out_dir; returns name -> path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    world = build_world(seed, num_entities)
+    paths = {}
+    for name, builder in (("pretrain", pretrain_rows), ("sft", sft_rows), ("dpo", dpo_rows), ("reason", reason_rows)):
+        train, held_out = builder(world)
+        for split, rows in ((name, train), (f"{name}_eval", held_out)):
+            paths[split] = out_dir / f"{split}.jsonl"
+            write_jsonl(paths[split], rows)
+    return paths
+
+
+if __name__ == "__main__":
+    import sys
+
+    for name, path in write_text_world(Path(sys.argv[1] if len(sys.argv) > 1 else "demo_world")).items():
+        print(f"{name:14s} {sum(1 for _ in open(path, encoding='utf-8')):6d} rows {path.stat().st_size / 1e6:6.2f} MB  {path}")

@@ -1,0 +1,70 @@
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import random_model
+from minimind.demo.evaluate import answer_exact_match, heldout_loss, preference_accuracy, reasoning_scores, text_replier
+from minimind.tokenizer import train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(["小明喜欢红色。小红住在北京。12 加 30 等于 42。"] * 20, vocab_size=400)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return random_model(vocab_size=len(tokenizer))
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def qa(question, answer):
+    return {"conversations": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+def test_heldout_loss_is_the_mean_token_cross_entropy(tmp_path, tokenizer, model):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"text": "小明喜欢红色。"}, {"text": "小红住在北京。"}])
+    ids = tokenizer("<s>小明喜欢红色。</s><s>小红住在北京。</s>", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = model(ids).logits
+    expected = F.cross_entropy(logits[0, :-1], ids[0, 1:]).item()
+    assert heldout_loss(model, tokenizer, path, seq_len=64) == pytest.approx(expected, rel=1e-5)
+
+
+def test_exact_match_compares_replies_with_references(tmp_path):
+    path = write_jsonl(tmp_path / "sft_eval.jsonl", [qa("小明喜欢什么？", "红色。"), qa("小红住在哪？", "北京。")])
+    assert answer_exact_match(lambda prompts: ["红色。", "上海。"], path)["accuracy"] == 0.5
+    assert answer_exact_match(lambda prompts: [" 红色。\n", "北京。"], path)["accuracy"] == 1.0
+
+
+def test_text_replier_generates_from_the_chat_prompt(tmp_path, tokenizer, model):
+    path = write_jsonl(tmp_path / "sft_eval.jsonl", [qa("小明喜欢什么？", "红色。")] * 3)
+    result = answer_exact_match(text_replier(model, tokenizer, max_new_tokens=6), path)
+    assert result["accuracy"] == 0.0  # an untrained model does not know
+    (prompt, reply, reference), *_ = result["samples"]
+    assert prompt == [{"role": "user", "content": "小明喜欢什么？"}] and isinstance(reply, str) and reference == "红色。"
+
+
+def test_reasoning_scores_format_and_answer_separately(tmp_path, tokenizer):
+    reference = "<think>\n12 加 30 等于 42\n</think>\n<answer>\n42\n</answer>"
+    path = write_jsonl(tmp_path / "reason_eval.jsonl", [qa("12+30=?", reference)] * 3)
+    replies = [reference, "<think>\n想错了\n</think>\n<answer>\n41\n</answer>", "42"]
+    scores = reasoning_scores(lambda prompts: replies, path, tokenizer)
+    assert scores["format"] == pytest.approx(2 / 3) and scores["accuracy"] == pytest.approx(1 / 3)
+
+
+def test_preference_accuracy(tmp_path, tokenizer, model):
+    prompt = [{"role": "user", "content": "小明喜欢什么？"}]
+    pairs = [{"chosen": prompt + [{"role": "assistant", "content": c}], "rejected": prompt + [{"role": "assistant", "content": r}]}
+             for c, r in [("红色。", "北京北京北京。"), ("42", "小红")]]
+    path = write_jsonl(tmp_path / "dpo_eval.jsonl", pairs)
+    same = preference_accuracy(model, tokenizer, path, reference_model=model)
+    assert same == {"accuracy": 0.0, "margin": 0.0}  # policy == reference: every reward is zero
+    alone = preference_accuracy(model, tokenizer, path)
+    assert 0.0 <= alone["accuracy"] <= 1.0 and alone["margin"] != 0.0
