@@ -4,7 +4,7 @@ import re
 import pytest
 
 from minimind.demo.world import (
-    ATTRIBUTES, HELD_OUT_PERSONA_QUESTIONS, HELD_OUT_QUESTIONS, HELD_OUT_STATEMENTS, PERSONA_QUESTIONS, PERSONA_REPLY,
+    ATTRIBUTES, HELD_OUT_PERSONA_QUESTIONS, HELD_OUT_QUESTIONS, STATEMENTS, PERSONA_QUESTIONS, PERSONA_REPLY,
     TWO_HOP, addition_trace, build_world, write_text_world,
 )
 
@@ -146,11 +146,15 @@ def test_held_out_prompts_never_appear_in_training(data):
     assert eval_users & held_out_phrasings
     assert any(name in text for text in eval_users for name in world.never_asked)
 
-    # Pretraining eval: no sentence seen in training, every sentence a held-out paraphrase of a true fact.
-    eval_sentences = {s for row in data["pretrain_eval"] for s in sentences(row["text"])}
-    assert not eval_sentences & pretrain_sentences(data)
-    true_paraphrases = {e.state(a, t) for e in world.entities for a in ATTRIBUTES for t in HELD_OUT_STATEMENTS[a]}
-    assert eval_sentences <= true_paraphrases
+    # Pretraining eval: no paragraph seen in training, each one a full profile of true facts stated in
+    # training's own sentence forms (so its loss measures facts, not unseen words).
+    train_texts = {row["text"] for row in data["pretrain"]}
+    assert not {row["text"] for row in data["pretrain_eval"]} & train_texts
+    true_statements = {e.state(a, t) for e in world.entities for a in ATTRIBUTES for t in STATEMENTS[a]}
+    for row in data["pretrain_eval"]:
+        assert len(sentences(row["text"])) == len(ATTRIBUTES) and set(sentences(row["text"])) <= true_statements
+    train_characters = set("".join(train_texts))
+    assert set("".join(row["text"] for row in data["pretrain_eval"])) <= train_characters
 
 
 def test_every_fact_and_answer_is_stated_in_pretraining(data):

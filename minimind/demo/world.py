@@ -9,7 +9,7 @@ concise answer over a wrong value or a rambling one, and the reasoning data is w
 teacher (column addition with carries, and two-hop lookups through the friend relation).
 
 Held out, so the `_eval` files measure generalisation rather than recall of training rows:
-- pretrain_eval: paraphrases of known facts in sentence templates that training never uses;
+- pretrain_eval: full profiles of known people in sentence combinations training never uses (same words);
 - sft_eval: (a) question phrasings reserved for eval, (b) people whose facts are never asked in SFT or DPO
   (only pretraining states them), (c) two-hop questions "X的好朋友住在哪里？" for friend pairs never asked
   two-hop in training; every row ends with the reference answer;
@@ -50,15 +50,6 @@ STATEMENTS = {
     "fruit": ("{n}最喜欢的水果是{v}。", "{n}爱吃{v}。", "{n}每天都要吃{v}。", "说到水果，{n}最喜欢{v}。"),
     "animal": ("{n}最喜欢的动物是{v}。", "{n}从小就喜欢{v}。", "在所有动物里，{n}最爱{v}。", "{n}画画时总是画{v}。"),
     "friend": ("{n}的好朋友是{v}。", "{n}和{v}是好朋友。", "{n}经常和{v}一起玩。", "{v}是{n}最好的朋友。"),
-}
-# Paraphrases only pretrain_eval uses: its loss measures the facts, not memorised sentences.
-HELD_OUT_STATEMENTS = {
-    "color": ("{n}觉得{v}是最好看的颜色。", "提到颜色，{n}总会选{v}。"),
-    "city": ("{n}每天在{v}的街上散步。", "{v}是{n}的家乡。"),
-    "age": ("算起来，{n}现在是{v}岁。", "{v}岁的{n}身体很好。"),
-    "fruit": ("{v}是{n}最爱的水果。", "{n}的冰箱里总是放着{v}。"),
-    "animal": ("{v}是{n}最爱的动物。", "{n}去动物园总是先去看{v}。"),
-    "friend": ("{n}周末常去找{v}聊天。", "{n}和{v}从小一起长大。"),
 }
 QUESTIONS = {
     "color": ("{n}最喜欢什么颜色？", "{n}喜欢的颜色是什么？", "请问{n}最喜欢哪种颜色？"),
@@ -179,7 +170,10 @@ def paragraph(entity: Entity, attributes: list[str], rng: random.Random, templat
 
 def pretrain_rows(world: World, passes: int = 40) -> tuple[list[dict], list[dict]]:
     """Short paragraphs about one person: a canonical profile each, then paraphrased, shuffled subsets of
-    facts; plus single-digit sums (the reasoning teacher's building blocks). Eval: held-out paraphrases."""
+    facts; plus single-digit sums (the reasoning teacher's building blocks). Eval: full profiles in an
+    order and choice of sentences that training never uses. Held-out loss then measures whether the model
+    knows the facts in a new context; every word of the eval text is a word of training text (held-out
+    *vocabulary* would only measure untrained embeddings)."""
     rng = random.Random(f"{world.seed}/pretrain")
     texts = []
     for entity in world.entities:
@@ -193,8 +187,13 @@ def pretrain_rows(world: World, passes: int = 40) -> tuple[list[dict], list[dict
         rng.shuffle(sums)
         texts += ["，".join(sums[i:i + 10]) + "。" for i in range(0, len(sums), 10)]
     rng.shuffle(texts)
-    held_out = [paragraph(e, rng.sample(ATTRIBUTES, len(ATTRIBUTES)), rng, HELD_OUT_STATEMENTS)
-                for e in rng.sample(world.entities, min(200, len(world.entities)))]
+    seen = set(texts)
+    held_out = []
+    for entity in rng.sample(world.entities, min(200, len(world.entities))):
+        text = paragraph(entity, rng.sample(ATTRIBUTES, len(ATTRIBUTES)), rng, STATEMENTS)
+        while text in seen:
+            text = paragraph(entity, rng.sample(ATTRIBUTES, len(ATTRIBUTES)), rng, STATEMENTS)
+        held_out.append(text)
     return [{"text": t} for t in texts], [{"text": t} for t in held_out]
 
 
