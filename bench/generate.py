@@ -46,9 +46,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     if args.compile:
-        import torch._inductor.config
+        from torch._inductor import config as inductor_config
 
-        torch._inductor.config.freezing = True  # inference only: constant-fold and pre-pack the weights
+        inductor_config.freezing = True  # inference only: constant-fold and pre-pack the weights
     device = args.device
 
     from transformers import AutoModelForCausalLM

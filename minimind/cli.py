@@ -68,9 +68,9 @@ class _Session:
 
         self.model = load_model(args.model, device=args.device)
         if args.compile:
-            import torch._inductor.config
+            from torch._inductor import config as inductor_config
 
-            torch._inductor.config.freezing = True  # inference only: constant-fold and pre-pack the weights
+            inductor_config.freezing = True  # inference only: constant-fold and pre-pack the weights
             self.model.forward = torch.compile(self.model.forward, dynamic=True)
         self.tokenizer = load_tokenizer(args.model)
         stop_ids = {self.model.config.eos_token_id}

@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import random_model
-from minimind.demo.evaluate import answer_exact_match, heldout_loss, preference_accuracy, reasoning_scores, text_replier
+from minimind.demo.evaluate import (
+    answer_exact_match, heldout_loss, image_question_accuracy, preference_accuracy, reasoning_scores, text_replier,
+)
 from minimind.tokenizer import train_tokenizer
 
 
@@ -68,3 +70,17 @@ def test_preference_accuracy(tmp_path, tokenizer, model):
     assert same == {"accuracy": 0.0, "margin": 0.0}  # policy == reference: every reward is zero
     alone = preference_accuracy(model, tokenizer, path)
     assert 0.0 <= alone["accuracy"] <= 1.0 and alone["margin"] != 0.0
+
+
+def test_image_question_accuracy_hands_the_replier_each_image(tmp_path):
+    record = {"conversations": [{"role": "user", "content": "<image>\n图中有几个圆形？"}, {"role": "assistant", "content": "两个。"}],
+              "image": "eval_00001.png"}
+    path = write_jsonl(tmp_path / "vlm_sft_eval.jsonl", [record, {**record, "image": "eval_00002.png"}])
+    seen = []
+
+    def replier(queries):
+        seen.extend(images for _, images in queries)
+        return ["两个。" if images[0].name == "eval_00001.png" else "三个。" for _, images in queries]
+
+    assert image_question_accuracy(replier, path, tmp_path / "images")["accuracy"] == 0.5
+    assert seen == [[tmp_path / "images" / "eval_00001.png"], [tmp_path / "images" / "eval_00002.png"]]

@@ -5,6 +5,7 @@
     sft       answer_exact_match    greedy reply == reference reply
     dpo       preference_accuracy   chosen reply more likely than rejected (reward = policy - reference)
     reason    reasoning_scores      reply has the <think>/<answer> form; answer == reference answer
+    vlm       image_question_accuracy  reply about the image(s) == reference reply
 """
 
 from __future__ import annotations
@@ -78,9 +79,6 @@ def answer_exact_match(replier: Replier, path: str | Path, limit: int | None = N
     return {"accuracy": sum(hits) / max(len(hits), 1), "samples": list(zip(prompts[:5], replies[:5], references[:5]))}
 
 
-REASONING_FORM = re.compile(r"<think>\n(.*?)\n</think>\n<answer>\n(.*?)\n</answer>", re.DOTALL)
-
-
 def reasoning_scores(replier: Replier, path: str | Path, tokenizer, limit: int | None = None) -> dict:
     """Format adherence (the whole reply is <think>…</think><answer>…</answer>) and answer accuracy."""
     markers = Markers.of(tokenizer)
@@ -97,6 +95,17 @@ def reasoning_scores(replier: Replier, path: str | Path, tokenizer, limit: int |
     count = max(len(replies), 1)
     return {"format": sum(bool(m) for m in well_formed) / count, "accuracy": sum(correct) / count,
             "samples": list(zip(prompts[:5], replies[:5]))}
+
+
+def image_question_accuracy(replier: Callable[[Sequence[tuple[list[dict], list[Path]]]], list[str]], path: str | Path,
+                            images_dir: str | Path, limit: int | None = None) -> dict:
+    """Share of held-out image questions answered exactly; the replier gets (conversation, image paths)."""
+    records = [record for _, record in iter_jsonl(path, "vlm")][:limit]
+    queries = [(r["conversations"][:-1], [Path(images_dir) / name for name in r["images"]]) for r in records]
+    references = [r["conversations"][-1]["content"] for r in records]
+    replies = replier(queries)
+    hits = [reply.strip() == reference.strip() for reply, reference in zip(replies, references)]
+    return {"accuracy": sum(hits) / max(len(hits), 1), "samples": list(zip(queries[:5], replies[:5], references[:5]))}
 
 
 @torch.no_grad()
