@@ -183,26 +183,33 @@ class StageData:
     tag_weight: float = 10.0  # reason: loss weight of <think>/</think>/<answer>/</answer>
     image_tokens: int = 1  # vlm: placeholder tokens per image (196 for CLIP ViT-B/16 at 224 px)
 
-    def tokenize(self, tokenizer, record: dict) -> dict:
+    def row_builder(self, tokenizer):
+        """record -> training row for this tokenizer; marker ids are looked up once, not per record."""
         markers = Markers.of(tokenizer)
-        if self.kind == "dpo":
+        image_id = markers.ids(tokenizer)["image"] if self.kind == "vlm" else None
+        tag_ids = set(markers.tag_ids(tokenizer)) if self.kind == "reason" else set()
+
+        def build(record: dict) -> dict:
+            if self.kind == "dpo":
+                row = {}
+                for side in ("chosen", "rejected"):
+                    ids, labels = tokenize_conversation(tokenizer, record[side], only_last=True)
+                    row[f"{side}_input_ids"], row[f"{side}_labels"] = ids[: self.seq_len], labels[: self.seq_len]
+                return row
+            messages = record["conversations"]
+            if self.kind == "vlm" and markers.image != IMAGE_MARKER:
+                messages = [{**m, "content": m["content"].replace(IMAGE_MARKER, markers.image)} for m in messages]
+            ids, labels = tokenize_conversation(tokenizer, messages)
             row = {}
-            for side in ("chosen", "rejected"):
-                ids, labels = tokenize_conversation(tokenizer, record[side], only_last=True)
-                row[f"{side}_input_ids"], row[f"{side}_labels"] = ids[: self.seq_len], labels[: self.seq_len]
+            if self.kind == "vlm":
+                ids, labels = expand_image_placeholders(ids, labels, image_id, self.image_tokens)
+                row["images"] = record["images"]
+            row["input_ids"], row["labels"] = ids[: self.seq_len], labels[: self.seq_len]
+            if self.kind == "reason":
+                row["loss_weights"] = tag_weights(row["labels"], tag_ids, self.tag_weight)
             return row
-        messages = record["conversations"]
-        if self.kind == "vlm" and markers.image != IMAGE_MARKER:
-            messages = [{**m, "content": m["content"].replace(IMAGE_MARKER, markers.image)} for m in messages]
-        ids, labels = tokenize_conversation(tokenizer, messages)
-        row = {}
-        if self.kind == "vlm":
-            ids, labels = expand_image_placeholders(ids, labels, markers.ids(tokenizer)["image"], self.image_tokens)
-            row["images"] = record["images"]
-        row["input_ids"], row["labels"] = ids[: self.seq_len], labels[: self.seq_len]
-        if self.kind == "reason":
-            row["loss_weights"] = tag_weights(row["labels"], set(markers.tag_ids(tokenizer)), self.tag_weight)
-        return row
+
+        return build
 
 
 def _has_labels(row: dict) -> bool:
@@ -242,7 +249,7 @@ def load_stage_dataset(path: str | Path, tokenizer, stage: StageData, skip_bad: 
         return Dataset.from_generator(
             _packed_rows, gen_kwargs={"tokenized": tokenized, "seq_len": stage.seq_len, "pad_id": tokenizer.pad_token_id}
         )
-    rows = records.map(lambda record: stage.tokenize(tokenizer, record), remove_columns=records.column_names, num_proc=num_proc)
+    rows = records.map(stage.row_builder(tokenizer), remove_columns=records.column_names, num_proc=num_proc)
     return rows.filter(_has_labels, num_proc=num_proc)  # truncation can cut every supervised token
 
 
