@@ -44,3 +44,46 @@ def sequence_logprobs(hidden_states: torch.Tensor, head_weight: torch.Tensor, la
     counted = (targets != IGNORE_INDEX).float()
     total = -(token_cross_entropy(hidden_states[:, :-1], head_weight, targets) * counted).sum(dim=-1)
     return total / counted.sum(dim=-1).clamp(min=1.0) if average else total
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor, reference_rejected: torch.Tensor,
+    beta: float = 0.1,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Direct Preference Optimization (Rafailov et al. 2023, arXiv:2305.18290), eq. 7:
+    -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), on per-sequence log-probs of the replies
+    (MiniMind averages them per token). Returns the mean loss and TRL's metric names."""
+    rewards_chosen = beta * (policy_chosen - reference_chosen)
+    rewards_rejected = beta * (policy_rejected - reference_rejected)
+    loss = -F.logsigmoid(rewards_chosen - rewards_rejected).mean()
+    metrics = {
+        "rewards/chosen": rewards_chosen.mean().detach(),
+        "rewards/rejected": rewards_rejected.mean().detach(),
+        "rewards/margins": (rewards_chosen - rewards_rejected).mean().detach(),
+        "rewards/accuracies": (rewards_chosen > rewards_rejected).float().mean(),
+        "logps/chosen": policy_chosen.mean().detach(),
+        "logps/rejected": policy_rejected.mean().detach(),
+    }
+    return loss, metrics
+
+
+def kd_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, alpha: float = 0.5, temperature: float = 1.5,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """White-box distillation (Hinton et al. 2015): alpha * CE(labels) + (1 - alpha) * T^2 * KL(teacher_T || student_T),
+    both on the supervised next-token positions. The teacher's logits are cut to the student's vocabulary;
+    T^2 keeps the soft term's gradient scale independent of T."""
+    if not 0.0 <= alpha <= 1.0 or temperature <= 0:
+        raise ValueError(f"need 0 <= alpha <= 1 and temperature > 0, got alpha={alpha}, temperature={temperature}")
+    targets = labels[:, 1:]
+    counted = targets != IGNORE_INDEX
+    student = student_logits[:, :-1][counted].float()
+    teacher = teacher_logits[:, :-1, : student.shape[-1]][counted].float()
+    if student.numel() == 0:
+        zero = student_logits.sum() * 0.0
+        return zero, {"loss/ce": zero.detach(), "loss/kd": zero.detach()}
+    ce = F.cross_entropy(student, targets[counted])
+    kl = F.kl_div(
+        F.log_softmax(student / temperature, dim=-1), F.log_softmax(teacher / temperature, dim=-1), log_target=True, reduction="batchmean"
+    ) * temperature**2
+    return alpha * ce + (1 - alpha) * kl, {"loss/ce": ce.detach(), "loss/kd": kl.detach()}

@@ -1,0 +1,113 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minimind.losses import IGNORE_INDEX, causal_lm_loss, dpo_loss, kd_loss, sequence_logprobs, token_cross_entropy
+
+
+def test_chunked_token_cross_entropy_equals_the_full_computation():
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(3, 700, 16), torch.randn(50, 16)
+    targets = torch.randint(0, 50, (3, 700))
+    targets[0, :5] = IGNORE_INDEX
+    expected = F.cross_entropy((hidden @ weight.T).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+    torch.testing.assert_close(token_cross_entropy(hidden, weight, targets, chunk_size=128), expected.view(3, 700))
+
+
+def test_weighted_lm_loss_is_the_weighted_mean_over_counted_tokens():
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(1, 4, 8), torch.randn(10, 8)
+    labels = torch.tensor([[1, 2, IGNORE_INDEX, 4]])
+    weights = torch.tensor([[1.0, 10.0, 1.0, 1.0]])
+    per_token = token_cross_entropy(hidden[:, :-1], weight, labels[:, 1:])[0]
+    expected = (10 * per_token[0] + per_token[2]) / 11  # the ignored target counts neither in sum nor weight
+    torch.testing.assert_close(causal_lm_loss(hidden, weight, labels, weights), expected)
+    assert causal_lm_loss(hidden, weight, torch.full_like(labels, IGNORE_INDEX)) == 0  # nothing supervised
+
+
+def test_sequence_logprobs_mean_and_sum():
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(2, 5, 8), torch.randn(10, 8)
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 3, 4, 5], [IGNORE_INDEX, 1, 2, 3, IGNORE_INDEX]])
+    logps = (hidden[:, :-1] @ weight.T).log_softmax(-1)
+    row0 = logps[0, 1, 3] + logps[0, 2, 4] + logps[0, 3, 5]
+    torch.testing.assert_close(sequence_logprobs(hidden, weight, labels, average=False)[0], row0)
+    torch.testing.assert_close(sequence_logprobs(hidden, weight, labels)[0], row0 / 3)
+
+
+def test_dpo_loss_is_log_two_when_policy_equals_reference():
+    logps = torch.tensor([-3.0, -1.5])
+    loss, metrics = dpo_loss(logps, logps - 1, logps, logps - 1)
+    assert loss.item() == pytest.approx(math.log(2))
+    assert metrics["rewards/margins"] == 0 and metrics["rewards/accuracies"] == 0
+
+
+def test_dpo_loss_rewards_preferring_the_chosen_reply():
+    reference = torch.tensor([-2.0])
+    better, _ = dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), reference, reference)
+    worse, metrics = dpo_loss(torch.tensor([-3.0]), torch.tensor([-1.0]), reference, reference)
+    assert better < math.log(2) < worse
+    assert metrics["rewards/accuracies"] == 0 and metrics["rewards/margins"].item() == pytest.approx(-0.2)
+    expected = -F.logsigmoid(torch.tensor(0.1 * ((-1.0 + 2.0) - (-3.0 + 2.0))))
+    torch.testing.assert_close(better, expected)
+
+
+def test_dpo_beta_edges():
+    chosen, rejected, reference = torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0])
+    assert dpo_loss(chosen, rejected, reference, reference, beta=0.0)[0].item() == pytest.approx(math.log(2))  # no signal
+    assert dpo_loss(chosen, rejected, reference, reference, beta=100.0)[0].item() < 1e-6  # saturates when right
+    assert dpo_loss(rejected, chosen, reference, reference, beta=100.0)[0].item() == pytest.approx(200.0, rel=1e-3)  # linear when wrong
+
+
+def test_dpo_gradient_pushes_chosen_up_and_rejected_down():
+    chosen, rejected = torch.tensor([-2.0], requires_grad=True), torch.tensor([-2.0], requires_grad=True)
+    loss, _ = dpo_loss(chosen, rejected, torch.tensor([-2.0]), torch.tensor([-2.0]))
+    loss.backward()
+    assert chosen.grad.item() < 0 < rejected.grad.item()
+
+
+def kd_inputs(seed=0, vocab=12):
+    torch.manual_seed(seed)
+    labels = torch.randint(0, vocab, (2, 6))
+    labels[:, :2] = IGNORE_INDEX
+    return torch.randn(2, 6, vocab), torch.randn(2, 6, vocab + 4), labels
+
+
+def test_kd_term_vanishes_when_student_equals_teacher():
+    student, _, labels = kd_inputs()
+    teacher = torch.cat([student, torch.randn(2, 6, 4)], dim=-1)  # extra teacher vocabulary is cut off
+    loss, metrics = kd_loss(student, teacher, labels, alpha=0.0)
+    assert metrics["loss/kd"].abs() < 1e-6 and loss.abs() < 1e-6
+
+
+def test_kd_alpha_one_is_plain_cross_entropy_and_mixes_linearly():
+    student, teacher, labels = kd_inputs()
+    ce = F.cross_entropy(student[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+    full_ce, metrics = kd_loss(student, teacher, labels, alpha=1.0)
+    torch.testing.assert_close(full_ce, ce)
+    mixed, _ = kd_loss(student, teacher, labels, alpha=0.3, temperature=2.0)
+    _, metrics = kd_loss(student, teacher, labels, alpha=0.3, temperature=2.0)
+    torch.testing.assert_close(mixed, 0.3 * metrics["loss/ce"] + 0.7 * metrics["loss/kd"])
+    assert metrics["loss/kd"] > 0
+
+
+def test_kd_only_counts_supervised_positions():
+    student, teacher, labels = kd_inputs()
+    changed = teacher.clone()
+    changed[:, 0] += 100.0  # position 0 predicts label 1, which is ignored
+    assert torch.equal(kd_loss(student, teacher, labels)[0], kd_loss(student, changed, labels)[0])
+    changed[:, 3] += 5 * torch.randn(changed.shape[-1])
+    assert not torch.equal(kd_loss(student, teacher, labels)[0], kd_loss(student, changed, labels)[0])
+
+
+def test_kd_temperature_edges():
+    student, teacher, labels = kd_inputs()
+    with pytest.raises(ValueError):
+        kd_loss(student, teacher, labels, temperature=0.0)
+    # Softmax sees logits / T only, so scaling logits and T by c leaves the KL alone: the T^2 factor then
+    # scales the term by c^2, which is what keeps gradient magnitudes comparable across temperatures.
+    base = kd_loss(student, teacher, labels, alpha=0.0, temperature=1.5)[1]["loss/kd"]
+    scaled = kd_loss(3 * student, 3 * teacher, labels, alpha=0.0, temperature=4.5)[1]["loss/kd"]
+    torch.testing.assert_close(scaled, 9 * base)
