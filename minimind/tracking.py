@@ -1,0 +1,363 @@
+"""MLflow for MiniMind: where the store lives, registering model directories, resolving `models:/` URIs,
+and the plots and tables a training run logs. The project's only MLflow module; jobs call it from rank 0.
+
+A model is a plain directory (`model.safetensors + config.json + tokenizer files`). It is registered as
+an MLflow 3 LoggedModel whose artifacts are that directory, so `models:/minimind-sft/latest` downloads
+back to the same directory that was saved, with no MLflow flavour or pickling in between.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import mlflow
+from filelock import FileLock
+from mlflow import MlflowClient
+from mlflow.entities import LoggedModelStatus
+from mlflow.exceptions import MlflowException
+
+if TYPE_CHECKING:
+    from mlflow.entities.model_registry import ModelVersion
+
+CONFIG_NAME = "config.json"  # the file that marks a model directory (see minimind.checkpoint)
+_PACKAGE_DIR = Path(__file__).resolve().parent
+_ALIAS_PATTERN = re.compile(r"^[\w-]+$")  # what MLflow accepts as an alias name
+_RESERVED_ALIAS = re.compile(r"^(latest|v\d+)$", re.IGNORECASE)  # MLflow reserves these for versions
+_REGISTERED_BY = {  # for "not registered yet" errors
+    "minimind-pretrain": "jobs/pretrain.py",
+    "minimind-sft": "jobs/sft.py",
+    "minimind-dpo": "jobs/dpo.py",
+    "minimind-reason": "jobs/distill.py",
+}
+_LOGGED_MODEL_ID = re.compile(r"^m-[0-9a-f]{32}$")  # `models:/m-...`: a LoggedModel, not a registered name
+
+
+# --------------------------------------------------------------------------- where things live
+
+
+def project_root() -> Path:
+    """The checkout when running from one (so the store sits next to the code, git-ignored), else
+    `~/.minimind`; `$MINIMIND_HOME` overrides both. Read on every call so tests and jobs can set it late."""
+    if os.environ.get("MINIMIND_HOME"):
+        return Path(os.environ["MINIMIND_HOME"]).expanduser().resolve()
+    checkout = _PACKAGE_DIR.parent
+    if (checkout / "pyproject.toml").is_file():
+        return checkout
+    return Path.home() / ".minimind"
+
+
+def __getattr__(name: str):
+    # `tracking.PROJECT_ROOT` is computed on access, so a `$MINIMIND_HOME` set after import still counts.
+    if name == "PROJECT_ROOT":
+        return project_root()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI (relative paths count from the cwd, as in SQLAlchemy)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///") :].split("?", 1)[0]
+    return Path(path).absolute() if path and path != ":memory:" else None
+
+
+def default_tracking_uri() -> str:
+    """`$MLFLOW_TRACKING_URI`, else the project's SQLite store. Always absolute: Ray workers run in temporary
+    directories, and a relative `sqlite:///mlflow.db` would give each of them a store of its own."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        database = _sqlite_path(uri)
+        if database is None:
+            return uri
+        query = uri.partition("?")[2]
+        return f"sqlite:///{database}" + (f"?{query}" if query else "")
+    store = project_root() / "mlflow" / "store"
+    store.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{store / 'mlflow.db'}"  # the path is absolute, so this reads sqlite:////...
+
+
+def _artifact_location(uri: str) -> str | None:
+    """Artifacts of a local SQLite store go next to its database file, by absolute path; otherwise (the
+    default) they would land relative to whichever process created the experiment. A tracking server
+    decides for itself (None)."""
+    database = _sqlite_path(uri)
+    return str(database.parent / "artifacts") if database else None
+
+
+def configure(experiment: str = "minimind") -> str:
+    """Point MLflow at the project's store, make `experiment` active (creating it if missing) and return
+    its id. `MLFLOW_TRACKING_URI` is exported so subprocesses and Ray workers use the same store."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    uri = default_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    client = _open_store(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        try:
+            experiment_id = client.create_experiment(experiment, artifact_location=_artifact_location(uri))
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            experiment_id = client.get_experiment_by_name(experiment).experiment_id  # another process won the race
+    else:
+        experiment_id = found.experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def _open_store(uri: str) -> MlflowClient:
+    """A client whose store exists. MLflow creates a new SQLite store's tables on first use, and two
+    processes doing that at once fail or half-migrate the file ("table ... already exists"), so the
+    first use happens under a lock file next to the database."""
+    database = _sqlite_path(uri)
+    if database is None:
+        return MlflowClient(tracking_uri=uri)
+    with FileLock(f"{database}.lock"):
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)  # creates or migrates the tables if needed
+    return client
+
+
+def _client() -> MlflowClient:
+    """A client on the project's store; without this, an unconfigured process would silently create
+    `./mlflow.db` in its cwd (MLflow's default) and find no models there."""
+    if not mlflow.is_tracking_uri_set():
+        mlflow.set_tracking_uri(default_tracking_uri())
+    return _open_store(mlflow.get_tracking_uri())
+
+
+# --------------------------------------------------------------------------- models:/ and runs:/ references
+
+
+def _job_hint(name: str) -> str:
+    job = _REGISTERED_BY.get(name)
+    return f"{name} is registered by {job} when it finishes" if job else "models are registered by the training jobs in jobs/"
+
+
+def _registered_names(client: MlflowClient) -> list[str]:
+    names, token = [], None
+    while True:
+        page = client.search_registered_models(page_token=token)
+        names += [model.name for model in page]
+        token = page.token
+        if not token:
+            return sorted(names)
+
+
+def _versions(client: MlflowClient, name: str) -> list[int]:
+    return sorted(int(version.version) for version in client.search_model_versions(f"name='{name}'"))
+
+
+def _model_version(client: MlflowClient, reference: str) -> "ModelVersion":
+    """The registered version a `models:/NAME/latest`, `models:/NAME/VERSION` or `models:/NAME@ALIAS` URI
+    means now, with errors that say what does exist."""
+    body = reference[len("models:/") :]
+    name, alias, version = body, None, None
+    if "@" in body:
+        name, alias = body.rsplit("@", 1)
+    elif "/" in body:
+        name, version = body.split("/", 1)
+    if alias is not None:
+        readable = bool(alias)
+    else:  # stages (models:/NAME/Production) are deprecated in MLflow 3 and not used here
+        readable = version is not None and (version.isdigit() or version.lower() == "latest")
+    if not name or "/" in name or not readable:
+        raise ValueError(f"cannot read {reference!r}: expected models:/NAME/latest, models:/NAME/VERSION or models:/NAME@ALIAS")
+    try:
+        registered = client.get_registered_model(name)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        existing = _registered_names(client)
+        listing = f"registered models: {', '.join(existing)}" if existing else "no models are registered yet"
+        raise ValueError(f"no registered model named {name!r} ({listing}); {_job_hint(name)}") from None
+    if alias is not None:
+        if alias not in registered.aliases:
+            known = ", ".join(f"@{key} -> v{value}" for key, value in sorted(registered.aliases.items())) or "none"
+            raise ValueError(f"model {name!r} has no alias {alias!r}; its aliases: {known}")
+        return client.get_model_version(name, str(registered.aliases[alias]))
+    versions = _versions(client, name)
+    if not versions:
+        raise ValueError(f"model {name!r} has no versions; {_job_hint(name)}")
+    if version.lower() == "latest":
+        version = str(versions[-1])
+    if int(version) not in versions:
+        raise ValueError(f"model {name!r} has no version {version}; its versions: {', '.join(map(str, versions))}")
+    return client.get_model_version(name, version)
+
+
+def _is_uri(reference: str) -> bool:
+    scheme = reference.partition(":")[0]
+    return ":" in reference and len(scheme) > 1 and scheme.replace("-", "").replace("+", "").isalnum()  # C:\ is a path
+
+
+def _model_folder(root: Path, reference: str) -> Path:
+    """The downloaded folder that holds config.json: the root itself, or the one subfolder that does
+    (a `runs:/ID/dir` reference may hold the model further down). A download without any config.json
+    (a tokenizer directory) is returned as it is."""
+    if (root / CONFIG_NAME).is_file():
+        return root
+    found = sorted(root.rglob(CONFIG_NAME), key=lambda path: (len(path.parts), str(path)))
+    if not found:
+        return root
+    shallowest = [path for path in found if len(path.parts) == len(found[0].parts)]
+    if len(shallowest) > 1:
+        folders = ", ".join(str(path.parent.relative_to(root)) for path in shallowest)
+        raise ValueError(f"{reference} holds several model directories ({folders}); name one in the URI")
+    return found[0].parent
+
+
+def resolve_model(reference: str, destination: str | Path | None = None) -> Path:
+    """A local model directory for a path, `models:/...` or `runs:/RUN_ID/path` reference.
+
+    URIs are downloaded to `destination` (default: a fresh temporary directory). `dst_path` is always
+    passed: without it MLflow may hand back the store's own folder, which a caller must never write to.
+    """
+    path = Path(reference).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    if not _is_uri(reference):
+        raise FileNotFoundError(f"{reference} is neither a directory nor a models:/ or runs:/ URI")
+    client = _client()
+    uri = reference
+    if reference.startswith("models:/") and not _LOGGED_MODEL_ID.match(reference[len("models:/") :]):
+        found = _model_version(client, reference)
+        uri = f"models:/{found.name}/{found.version}"  # download exactly the version that was resolved
+    destination = Path(destination) if destination is not None else Path(tempfile.mkdtemp(prefix="minimind-model-"))
+    destination.mkdir(parents=True, exist_ok=True)
+    downloaded = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(destination))
+    return _model_folder(Path(downloaded).resolve(), reference)
+
+
+def model_source(reference: str) -> dict[str, str]:
+    """Tags that record which model a run started from, with `latest` and aliases resolved to a number,
+    so the run still names the right version after newer ones are registered."""
+    tags = {"source.uri": reference}
+    if reference.startswith("models:/"):
+        body = reference[len("models:/") :]
+        if _LOGGED_MODEL_ID.match(body):
+            tags["source.model_id"] = body
+        else:
+            found = _model_version(_client(), reference)
+            tags |= {"source.name": found.name, "source.version": str(found.version)}
+    elif reference.startswith("runs:/"):
+        tags["source.run_id"] = reference[len("runs:/") :].split("/", 1)[0]
+    return tags
+
+
+# --------------------------------------------------------------------------- registering
+
+
+def _check_alias(alias: str) -> None:
+    if not _ALIAS_PATTERN.match(alias):
+        raise ValueError(f"alias {alias!r} is not allowed: MLflow aliases use only letters, digits, '_' and '-'")
+    if _RESERVED_ALIAS.match(alias):
+        raise ValueError(
+            f"alias {alias!r} is reserved by MLflow ('latest' always means the newest version and 'v<N>' version N); "
+            "pick another name such as 'best' or 'candidate'"
+        )
+
+
+def register_model_dir(
+    directory: str | Path,
+    name: str,
+    run_id: str | None = None,
+    alias: str | None = None,
+    tags: dict | None = None,
+) -> "ModelVersion":
+    """Register a model directory as the next version of `name`: a LoggedModel (linked to `run_id`, default
+    the active run) whose artifacts are the directory's files, then a registry version pointing at it.
+
+    MLflow 3 cannot register `runs:/ID/dir` of plain files; the LoggedModel flow is the way that works.
+    Arguments are checked before anything is logged, and a failure midway marks the LoggedModel FAILED
+    and removes a version already created, so a registered version is always complete.
+    """
+    directory = Path(directory)
+    if not (directory / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}; register a directory written by minimind.checkpoint.save_model")
+    if alias is not None:
+        _check_alias(alias)
+    client = _client()
+    if run_id is None and mlflow.active_run() is not None:
+        run_id = mlflow.active_run().info.run_id
+    experiment_id = client.get_run(run_id).info.experiment_id if run_id else None  # the model lives beside its run
+    logged = mlflow.initialize_logged_model(name=name, source_run_id=run_id, experiment_id=experiment_id)
+    version = None
+    try:
+        client.log_model_artifacts(logged.model_id, str(directory))
+        mlflow.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+        version = mlflow.register_model(
+            f"models:/{logged.model_id}", name, tags={key: str(value) for key, value in (tags or {}).items()}
+        )
+        if alias is not None:
+            client.set_registered_model_alias(name, alias, version.version)
+        return client.get_model_version(name, str(version.version))  # re-read: this one carries the aliases
+    except BaseException:
+        try:
+            if version is not None:
+                client.delete_model_version(name, str(version.version))
+            mlflow.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+        except Exception as cleanup_error:  # report, but re-raise the error that caused the cleanup
+            warnings.warn(f"could not undo the partial registration of {name} ({logged.model_id}): {cleanup_error}")
+        raise
+
+
+# --------------------------------------------------------------------------- plots, tables, provenance
+
+
+def log_loss_curve(history: dict[str, list[tuple[int, float]]], artifact_file: str = "loss_curve.png") -> None:
+    """One PNG with every metric's curve against the step, logged to the active run."""
+    from matplotlib.figure import Figure  # a bare Figure renders with Agg and leaves pyplot's global state alone
+
+    figure = Figure(figsize=(8, 4.5), dpi=100)
+    axes = figure.add_subplot()
+    for metric, points in history.items():
+        if points:
+            steps, values = zip(*points)
+            axes.plot(steps, values, label=metric, marker="o" if len(points) == 1 else None)
+    axes.set_xlabel("step")
+    axes.grid(alpha=0.3)
+    if axes.lines:
+        axes.legend()
+    figure.tight_layout()
+    mlflow.log_figure(figure, artifact_file)
+
+
+def log_samples(rows: list[dict], artifact_file: str = "samples.json") -> None:
+    """Rows (e.g. prompt / completion / score) as an MLflow table, viewable and comparable across runs."""
+    columns: dict[str, list] = {}
+    for row in rows:
+        for key in row:
+            columns.setdefault(key, [])
+    for key, values in columns.items():
+        values.extend(row.get(key) for row in rows)
+    mlflow.log_table(data=columns, artifact_file=artifact_file)
+
+
+def git_commit() -> str | None:
+    """HEAD of the checkout, or None outside one (installed package, no git binary)."""
+    root = project_root()
+    if not (root / ".git").exists():  # don't report an enclosing repository, such as a dotfiles repo in $HOME
+        return None
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file, read in 1 MiB chunks so multi-gigabyte datasets never sit in memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

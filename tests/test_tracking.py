@@ -1,0 +1,227 @@
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from minimind import tracking
+
+
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """An empty store made once: MLflow's table migrations take ~2 s per new SQLite file, a copy ~1 ms."""
+    database = tmp_path_factory.mktemp("template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{database}").search_experiments()
+    return database
+
+
+@pytest.fixture(autouse=True)
+def store(tmp_path, monkeypatch, empty_store):
+    """A fresh SQLite store per test; MLflow's process-wide state (URI, active experiment, env) is undone."""
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("MINIMIND_HOME", str(tmp_path))
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "")  # recorded so teardown removes what set_experiment exports
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID")
+    yield tmp_path
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+
+
+def model_dir(root: Path, marker: str) -> Path:
+    """A stand-in model directory whose weights file differs per version."""
+    root.mkdir(parents=True)
+    (root / "config.json").write_text(json.dumps({"hidden_size": 8}))
+    (root / "weights.txt").write_text(marker)
+    return root
+
+
+def test_configure_creates_experiment_with_absolute_artifacts_under_the_store(store):
+    experiment_id = tracking.configure("unit")
+    experiment = MlflowClient().get_experiment(experiment_id)
+    assert experiment.name == "unit"
+    location = experiment.artifact_location.removeprefix("file://")
+    assert Path(location).is_absolute()
+    assert Path(location).resolve().is_relative_to(store.resolve())
+    assert tracking.configure("unit") == experiment_id  # idempotent
+    assert mlflow.get_experiment_by_name("unit").experiment_id == experiment_id
+
+
+def test_configure_defaults_to_the_project_store_and_exports_it(store, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.delenv("MLFLOW_DISABLE_TELEMETRY")
+    mlflow.set_tracking_uri(None)
+    assert tracking.PROJECT_ROOT == store.resolve()
+    database = store.resolve() / "mlflow" / "store" / "mlflow.db"
+    assert tracking.default_tracking_uri() == f"sqlite:///{database}"  # and creates the folder
+    shutil.copy(store / "mlflow.db", database)
+    experiment_id = tracking.configure()
+    assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{database}" == tracking.default_tracking_uri()
+    assert os.environ["MLFLOW_TRACKING_URI"].startswith("sqlite:////")
+    assert database.is_file()
+    assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"
+    location = MlflowClient().get_experiment(experiment_id).artifact_location.removeprefix("file://")
+    assert Path(location) == database.parent / "artifacts"
+
+
+def test_relative_sqlite_uri_is_made_absolute(store, monkeypatch):
+    monkeypatch.chdir(store)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    tracking.configure()
+    assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{store / 'mlflow.db'}"
+
+
+def test_latest_version_and_alias_and_run_references_resolve(store, tmp_path):
+    tracking.configure("unit")
+    with mlflow.start_run() as run:
+        first = tracking.register_model_dir(model_dir(tmp_path / "v1", "one"), "minimind-unit", tags={"stage": "unit"})
+        mlflow.log_artifacts(str(tmp_path / "v1"), "model")
+        mlflow.log_artifacts(str(tmp_path / "v1"), "outer/inner")
+    second = tracking.register_model_dir(model_dir(tmp_path / "v2", "two"), "minimind-unit", run_id=run.info.run_id, alias="best")
+    assert (int(first.version), int(second.version)) == (1, 2)
+    assert first.run_id == second.run_id == run.info.run_id
+    assert first.tags == {"stage": "unit"}
+    assert second.aliases == ["best"]
+
+    def weights(reference):
+        folder = tracking.resolve_model(reference, tmp_path / "downloads" / reference.replace("/", "_").replace(":", ""))
+        assert (folder / "config.json").is_file()
+        return (folder / "weights.txt").read_text()
+
+    assert weights("models:/minimind-unit/latest") == "two"
+    assert weights("models:/minimind-unit/1") == "one"
+    assert weights("models:/minimind-unit@best") == "two"
+    assert weights(f"runs:/{run.info.run_id}/model") == "one"
+    assert weights(f"runs:/{run.info.run_id}/outer") == "one"  # the folder holding config.json is found
+    default = tracking.resolve_model("models:/minimind-unit/1")  # no destination: a fresh folder, not the store
+    assert (default / "weights.txt").read_text() == "one"
+    assert not default.resolve().is_relative_to(store.resolve())
+
+
+def test_plain_directory_resolves_to_itself_and_missing_path_raises(tmp_path, monkeypatch):
+    folder = model_dir(tmp_path / "local", "x")
+    monkeypatch.chdir(tmp_path)
+    assert tracking.resolve_model("local") == folder.resolve()
+    with pytest.raises(FileNotFoundError):
+        tracking.resolve_model(str(tmp_path / "nowhere"))
+
+
+def test_unknown_names_versions_and_aliases_say_what_exists(tmp_path):
+    tracking.configure("unit")
+    with pytest.raises(ValueError, match="no models are registered yet"):
+        tracking.resolve_model("models:/minimind-sft/latest")
+    tracking.register_model_dir(model_dir(tmp_path / "a", "a"), "minimind-pretrain", alias="best")
+    tracking.register_model_dir(model_dir(tmp_path / "b", "b"), "minimind-dpo")
+    with pytest.raises(ValueError, match="minimind-dpo, minimind-pretrain") as error:
+        tracking.resolve_model("models:/minimind-sft/latest")
+    assert "jobs/sft.py" in str(error.value)
+    with pytest.raises(ValueError, match="versions: 1"):
+        tracking.resolve_model("models:/minimind-pretrain/7")
+    with pytest.raises(ValueError, match="@best -> v1"):
+        tracking.resolve_model("models:/minimind-pretrain@champion")
+    with pytest.raises(ValueError, match="models:/NAME/latest"):
+        tracking.resolve_model("models:/minimind-pretrain")
+
+
+@pytest.mark.parametrize("alias", ["latest", "Latest", "v3", "V12", "has space"])
+def test_refused_alias_registers_nothing(tmp_path, alias):
+    tracking.configure("unit")
+    tracking.register_model_dir(model_dir(tmp_path / "a", "a"), "minimind-sft")
+    with pytest.raises(ValueError, match="alias"):
+        tracking.register_model_dir(model_dir(tmp_path / "b", "b"), "minimind-sft", alias=alias)
+    client = MlflowClient()
+    assert [v.version for v in client.search_model_versions("name='minimind-sft'")] == [1]
+    assert len(client.search_logged_models(experiment_ids=[mlflow.get_experiment_by_name("unit").experiment_id])) == 1
+
+
+def test_failure_after_initialize_leaves_no_ready_model(tmp_path, monkeypatch):
+    experiment_id = tracking.configure("unit")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("registry down")
+
+    monkeypatch.setattr(mlflow, "register_model", broken)
+    with pytest.raises(RuntimeError, match="registry down"):
+        tracking.register_model_dir(model_dir(tmp_path / "a", "a"), "minimind-sft")
+    models = MlflowClient().search_logged_models(experiment_ids=[experiment_id])
+    assert [str(model.status) for model in models] == ["FAILED"]
+
+
+def test_model_source_records_resolved_version(tmp_path):
+    tracking.configure("unit")
+    with mlflow.start_run() as run:
+        tracking.register_model_dir(model_dir(tmp_path / "a", "a"), "minimind-sft", alias="best")
+    tracking.register_model_dir(model_dir(tmp_path / "b", "b"), "minimind-sft")
+    assert tracking.model_source("models:/minimind-sft/latest") == {
+        "source.uri": "models:/minimind-sft/latest",
+        "source.name": "minimind-sft",
+        "source.version": "2",
+    }
+    assert tracking.model_source("models:/minimind-sft@best")["source.version"] == "1"
+    assert tracking.model_source(f"runs:/{run.info.run_id}/model") == {
+        "source.uri": f"runs:/{run.info.run_id}/model",
+        "source.run_id": run.info.run_id,
+    }
+    assert tracking.model_source("/some/dir") == {"source.uri": "/some/dir"}
+
+
+def test_loss_curve_and_samples_are_logged_to_the_run(tmp_path):
+    tracking.configure("unit")
+    history = {"train/loss": [(0, 4.0), (10, 3.0), (20, 2.5)], "val/loss": [(20, 2.8)]}
+    with mlflow.start_run() as run:
+        tracking.log_loss_curve(history)
+        tracking.log_samples([{"prompt": "hi", "completion": "hello"}, {"prompt": "2+2", "score": 1.0}])
+    downloaded = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path / "out")))
+    assert (downloaded / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = json.loads((downloaded / "samples.json").read_text())
+    assert table["columns"] == ["prompt", "completion", "score"]
+    assert len(table["data"]) == 2
+
+
+def test_file_digest_matches_hashlib(tmp_path):
+    path = tmp_path / "blob.bin"
+    data = os.urandom(3 * (1 << 20) + 17)  # spans several chunks and a partial one
+    path.write_bytes(data)
+    assert tracking.file_digest(path) == hashlib.sha256(data).hexdigest()
+
+
+def test_git_commit(tmp_path, monkeypatch):
+    monkeypatch.delenv("MINIMIND_HOME")
+    commit = tracking.git_commit()
+    if (tracking.PROJECT_ROOT / ".git").exists():
+        assert commit is not None and len(commit) == 40
+    monkeypatch.setenv("MINIMIND_HOME", str(tmp_path))
+    assert tracking.git_commit() is None
+
+
+
+
+
+def test_new_store_is_opened_under_the_lock(tmp_path, monkeypatch):
+    """MLflow builds a new SQLite store's tables on first use, and processes doing that at once fail with
+    "table ... already exists" (seen with 4 processes here). configure must open the store holding a lock
+    file that other processes wait on; a second lock on the same file, even in-process, must not be free."""
+    from filelock import FileLock, Timeout
+
+    database = tmp_path / "fresh.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{database}")
+    held = []
+
+    class Client(MlflowClient):
+        def __init__(self, *args, **kwargs):
+            try:
+                FileLock(f"{database}.lock", timeout=0).acquire()
+                held.append(False)
+            except Timeout:
+                held.append(True)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(tracking, "MlflowClient", Client)
+    assert tracking.configure("race") == "1"
+    assert held and held[0]
