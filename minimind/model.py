@@ -321,11 +321,13 @@ class MiniMindForCausalLM(nn.Module):
         kv_cache: KVCache | None = None,
         logits_to_keep: int = 0,
         labels: torch.Tensor | None = None,
+        loss_weights: torch.Tensor | None = None,
         return_logits: bool = True,
     ) -> CausalLMOutput:
         """`attention_mask` (batch, past + new) marks real tokens with 1; with a `kv_cache` it covers the
         cached positions too. `logits_to_keep` > 0 computes logits for the last positions only.
-        `labels` (aligned with input_ids, -100 to skip) gives `.loss` without materialising the logits;
+        `labels` (aligned with input_ids, -100 to skip) gives `.loss` without materialising the logits,
+        optionally weighted per target token by `loss_weights`;
         `return_logits=False` skips the head for callers that only need the hidden states."""
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         length = x.shape[1]
@@ -346,7 +348,7 @@ class MiniMindForCausalLM(nn.Module):
             kv_cache.length += length
         hidden_states = self.model.norm(x)
         if labels is not None:
-            loss = causal_lm_loss(hidden_states, self.lm_head.weight, labels) + aux_loss
+            loss = causal_lm_loss(hidden_states, self.lm_head.weight, labels, loss_weights) + aux_loss
             return CausalLMOutput(logits=None, aux_loss=aux_loss, hidden_states=hidden_states, loss=loss)
         logits = None
         if return_logits:

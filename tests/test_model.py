@@ -32,6 +32,7 @@ def test_preset_shapes_follow_minimind():
     assert small.intermediate_size == 1408 and small.vocab_size == 6400 and small.rope_theta == 1e6
     assert PRESETS["minimind2"].intermediate_size == 2048
     assert PRESETS["minimind2-moe"].intermediate_size == minimind_ffn_size(640) == 1728
+    assert ModelConfig.from_name("tiny", hidden_size=512).intermediate_size == 1408  # derived again, not kept
     with pytest.raises(KeyError, match="unknown preset"):
         ModelConfig.from_name("gpt-5")
     with pytest.raises(ValueError, match="num_key_value_heads"):
