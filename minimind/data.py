@@ -183,33 +183,43 @@ class StageData:
     tag_weight: float = 10.0  # reason: loss weight of <think>/</think>/<answer>/</answer>
     image_tokens: int = 1  # vlm: placeholder tokens per image (196 for CLIP ViT-B/16 at 224 px)
 
-    def row_builder(self, tokenizer):
-        """record -> training row for this tokenizer; marker ids are looked up once, not per record."""
+    def marker_ids(self, tokenizer) -> dict:
+        """The marker ids this stage needs, looked up once per tokenizer rather than once per record."""
         markers = Markers.of(tokenizer)
-        image_id = markers.ids(tokenizer)["image"] if self.kind == "vlm" else None
-        tag_ids = set(markers.tag_ids(tokenizer)) if self.kind == "reason" else set()
+        return {
+            "image_marker": markers.image,
+            "image_id": markers.ids(tokenizer)["image"] if self.kind == "vlm" else None,
+            "tag_ids": markers.tag_ids(tokenizer) if self.kind == "reason" else [],
+        }
 
-        def build(record: dict) -> dict:
-            if self.kind == "dpo":
-                row = {}
-                for side in ("chosen", "rejected"):
-                    ids, labels = tokenize_conversation(tokenizer, record[side], only_last=True)
-                    row[f"{side}_input_ids"], row[f"{side}_labels"] = ids[: self.seq_len], labels[: self.seq_len]
-                return row
-            messages = record["conversations"]
-            if self.kind == "vlm" and markers.image != IMAGE_MARKER:
-                messages = [{**m, "content": m["content"].replace(IMAGE_MARKER, markers.image)} for m in messages]
-            ids, labels = tokenize_conversation(tokenizer, messages)
-            row = {}
-            if self.kind == "vlm":
-                ids, labels = expand_image_placeholders(ids, labels, image_id, self.image_tokens)
-                row["images"] = record["images"]
-            row["input_ids"], row["labels"] = ids[: self.seq_len], labels[: self.seq_len]
-            if self.kind == "reason":
-                row["loss_weights"] = tag_weights(row["labels"], tag_ids, self.tag_weight)
-            return row
 
-        return build
+def stage_row(record: dict, stage: StageData, tokenizer, marker_ids: dict) -> dict:
+    """One validated record -> one training row of `stage` (a module-level function so `datasets` can
+    fingerprint and cache the map that applies it)."""
+    if stage.kind == "dpo":
+        row = {}
+        for side in ("chosen", "rejected"):
+            ids, labels = tokenize_conversation(tokenizer, record[side], only_last=True)
+            row[f"{side}_input_ids"], row[f"{side}_labels"] = ids[: stage.seq_len], labels[: stage.seq_len]
+        return row
+    messages = record["conversations"]
+    if stage.kind == "vlm" and marker_ids["image_marker"] != IMAGE_MARKER:
+        messages = [{**m, "content": m["content"].replace(IMAGE_MARKER, marker_ids["image_marker"])} for m in messages]
+    ids, labels = tokenize_conversation(tokenizer, messages)
+    row = {}
+    if stage.kind == "vlm":
+        ids, labels = expand_image_placeholders(ids, labels, marker_ids["image_id"], stage.image_tokens)
+        row["images"] = record["images"]
+    row["input_ids"], row["labels"] = ids[: stage.seq_len], labels[: stage.seq_len]
+    if stage.kind == "reason":
+        row["loss_weights"] = tag_weights(row["labels"], set(marker_ids["tag_ids"]), stage.tag_weight)
+    return row
+
+
+def encode_documents(batch: dict, tokenizer) -> dict:
+    """Pretraining text -> ids, each document wrapped in <s> ... </s>."""
+    bos, eos = tokenizer.bos_token or "", tokenizer.eos_token or ""
+    return {"input_ids": tokenizer([bos + text + eos for text in batch["text"]], add_special_tokens=False)["input_ids"]}
 
 
 def _has_labels(row: dict) -> bool:
@@ -240,16 +250,16 @@ def load_stage_dataset(path: str | Path, tokenizer, stage: StageData, skip_bad: 
 
     records = read_jsonl_dataset(path, stage.kind, skip_bad)
     if stage.kind == "pretrain":
-        bos, eos = tokenizer.bos_token or "", tokenizer.eos_token or ""
-
-        def encode(batch):
-            return {"input_ids": tokenizer([bos + text + eos for text in batch["text"]], add_special_tokens=False)["input_ids"]}
-
-        tokenized = records.map(encode, batched=True, remove_columns=records.column_names, num_proc=num_proc)
+        tokenized = records.map(
+            encode_documents, batched=True, fn_kwargs={"tokenizer": tokenizer}, remove_columns=records.column_names, num_proc=num_proc
+        )
         return Dataset.from_generator(
             _packed_rows, gen_kwargs={"tokenized": tokenized, "seq_len": stage.seq_len, "pad_id": tokenizer.pad_token_id}
         )
-    rows = records.map(stage.row_builder(tokenizer), remove_columns=records.column_names, num_proc=num_proc)
+    rows = records.map(
+        stage_row, fn_kwargs={"stage": stage, "tokenizer": tokenizer, "marker_ids": stage.marker_ids(tokenizer)},
+        remove_columns=records.column_names, num_proc=num_proc,
+    )
     return rows.filter(_has_labels, num_proc=num_proc)  # truncation can cut every supervised token
 
 
