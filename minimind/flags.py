@@ -16,12 +16,21 @@ def _flag_type(annotation):
     return None if annotation is bool else annotation
 
 
+def _help(config_class, name: str) -> str:
+    """A field's help text; a subclass that only changes a default inherits its parent's help."""
+    for klass in config_class.__mro__:
+        for field in dataclasses.fields(klass) if dataclasses.is_dataclass(klass) else ():
+            if field.name == name and field.metadata.get("help"):
+                return field.metadata["help"]
+    return ""
+
+
 def add_flags(parser: argparse.ArgumentParser, config_class) -> None:
     hints = typing.get_type_hints(config_class)
     for field in dataclasses.fields(config_class):
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
         flag_type = _flag_type(hints[field.name])
-        options = dict(default=default, help=field.metadata.get("help", "") + " (default: %(default)s)", dest=field.name)
+        options = dict(default=default, help=_help(config_class, field.name) + " (default: %(default)s)", dest=field.name)
         flag = "--" + field.name.replace("_", "-")
         if flag_type is None:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **options)

@@ -58,3 +58,21 @@ def byte_tokenizer():
         tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>",
         chat_template=CHAT_TEMPLATE,
     )
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray instance for every Ray-based test (starting Ray costs seconds)."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("MINIMIND_DEMO_DIR", tempfile.mkdtemp(prefix="minimind-test-demo-"))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch

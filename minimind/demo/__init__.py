@@ -46,3 +46,24 @@ def demo_data(seed: int = 0, root: str | Path | None = None) -> dict[str, Path]:
     paths.update({f"{name}_eval": folder / f"{name}_eval.jsonl" for name in names})
     paths["images"] = folder / "images"
     return paths
+
+
+DEMO_VOCAB_SIZE = 2048
+
+
+def demo_tokenizer(seed: int = 0, root: str | Path | None = None) -> Path:
+    """The demo's tokenizer directory, trained on the demo pretraining corpus on first use (seconds)."""
+    from minimind.data import iter_jsonl
+    from minimind.tokenizer import train_tokenizer
+
+    corpus = demo_data(seed, root)["pretrain"]
+    folder = corpus.parent / f"tokenizer-{DEMO_VOCAB_SIZE}"
+    if not (folder / "tokenizer.json").is_file():
+        tokenizer = train_tokenizer((record["text"] for _, record in iter_jsonl(corpus, "pretrain")), vocab_size=DEMO_VOCAB_SIZE)
+        partial = folder.with_name(folder.name + f".partial-{os.getpid()}")
+        tokenizer.save_pretrained(str(partial))
+        try:
+            partial.rename(folder)
+        except OSError:
+            shutil.rmtree(partial, ignore_errors=True)
+    return folder

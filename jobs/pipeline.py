@@ -1,0 +1,76 @@
+"""The whole text pipeline on the embedded demo world: tokenizer -> pretrain -> SFT -> DPO -> reasoning
+distillation, each stage its own Ray Train run that registers its model for the next one. Ends with a
+table of every stage's held-out metric before and after the stage, and a few answers of the final model.
+
+    python jobs/pipeline.py                     # about ten minutes on 2 CPU cores
+    python jobs/pipeline.py --scale 0.2         # a quick smoke run: a fifth of the steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from distill import DistillConfig  # noqa: E402
+from dpo import DPOConfig  # noqa: E402
+from pretrain import PretrainConfig  # noqa: E402
+from sft import SFTConfig  # noqa: E402
+
+from minimind.runner import run_stage  # noqa: E402
+
+STAGES = [("pretrain", PretrainConfig(epochs=5)), ("sft", SFTConfig(epochs=2)), ("dpo", DPOConfig(epochs=1)), ("reason", DistillConfig(epochs=2))]
+
+
+def main(argv: list[str] | None = None) -> list:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's number of steps (epochs) by this")
+    parser.add_argument("--experiment", default="minimind")
+    parser.add_argument("--eval-limit", type=int, default=200)
+    args = parser.parse_args(argv)
+
+    from minimind.demo import demo_tokenizer
+
+    started = time.perf_counter()
+    print(f"tokenizer: {demo_tokenizer()}")
+    results = []
+    for name, config in STAGES:
+        config = replace(config, experiment=args.experiment, eval_limit=args.eval_limit)
+        if args.scale != 1.0:
+            steps_per_epoch = {"pretrain": 60, "sft": 273, "dpo": 182, "reason": 127}[name]
+            config = replace(config, max_steps=max(2, int(config.epochs * steps_per_epoch * args.scale)))
+        results.append(run_stage(config, name))
+    total = time.perf_counter() - started
+
+    print("\nstage     model                         seconds  held-out metric: before -> after")
+    for result in results:
+        metrics = ", ".join(f"{key.split('/')[-1]} {result.before.get(key, float('nan')):.3f} -> {value:.3f}" for key, value in result.after.items())
+        print(f"{result.stage:9s} {result.model_uri:29s} {result.seconds:7.0f}  {metrics}")
+    print(f"whole pipeline: {total:.0f}s")
+    _show_answers(results[-1].model_dir)
+    return results
+
+
+def _show_answers(model_dir: Path) -> None:
+    from minimind.checkpoint import load_model
+    from minimind.demo import demo_data
+    from minimind.demo.evaluate import text_replier
+    from minimind.data import iter_jsonl
+    from minimind.tokenizer import load_tokenizer
+
+    model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
+    reply = text_replier(model, tokenizer, max_new_tokens=160)
+    paths = demo_data()
+    questions = [record["conversations"][:-1] for _, record in list(iter_jsonl(paths["sft_eval"], "sft"))[:2]]
+    questions += [record["conversations"][:-1] for _, record in list(iter_jsonl(paths["reason_eval"], "sft"))[:1]]
+    print("\nsample answers of the final model:")
+    for conversation, answer in zip(questions, reply(questions)):
+        print(f"  Q: {conversation[-1]['content']}\n  A: {answer}")
+
+
+if __name__ == "__main__":
+    main()

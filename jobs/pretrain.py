@@ -1,0 +1,28 @@
+"""Pretraining: next-token cross-entropy on documents packed into full rows.
+
+    python jobs/pretrain.py                                    # demo world, demo preset, demo tokenizer
+    python jobs/pretrain.py --data pretrain_hq.jsonl --preset minimind2-small --tokenizer checkpoints/tokenizer \\
+        --seq-len 512 --batch-size 32 --grad-accum 8 --lr 5e-4
+    ray job submit --working-dir . -- python jobs/pretrain.py
+
+Registers `minimind-pretrain`.
+"""
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from minimind.runner import main  # noqa: E402
+from minimind.train import TrainConfig  # noqa: E402
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    lr: float = 2e-3
+    epochs: int = 3
+    warmup_steps: int = 20
+
+
+if __name__ == "__main__":
+    main(PretrainConfig, "pretrain", description=__doc__)

@@ -1,0 +1,205 @@
+"""The driver side of a stage job: resolve the starting model, check the data before any worker starts,
+run the `TorchTrainer`, evaluate before and after on the held-out split, and register the result.
+
+    flags -> TrainConfig -> run_stage() -> TorchTrainer.fit() -> MLflow run + registered model version
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from minimind import tracking
+from minimind.checkpoint import CONFIG_NAME, load_model, save_model
+from minimind.config import ModelConfig
+from minimind.data import StageData, count_records, load_stage_dataset, read_jsonl_dataset
+from minimind.model import MiniMindForCausalLM
+from minimind.stages import STAGES
+from minimind.tokenizer import load_tokenizer
+from minimind.train import TRAINING_STATE, train_loop_per_worker
+
+DEMO_FILES = {"pretrain": "pretrain", "sft": "sft", "dpo": "dpo", "reason": "reason", "kd": "reason"}
+STAGE_DEFAULTS = {"tag_weight": 10.0, "beta": 0.1, "alpha": 0.5, "temperature": 1.5, "teacher": None}
+
+
+@dataclass
+class StageResult:
+    stage: str
+    model_uri: str
+    model_dir: Path
+    before: dict
+    after: dict
+    seconds: float
+
+
+def evaluate(stage_name: str, model, tokenizer, eval_path: Path | None, limit: int) -> dict:
+    """The held-out metric the stage exists for (see minimind.demo.evaluate)."""
+    from minimind.demo.evaluate import answer_exact_match, heldout_loss, preference_accuracy, reasoning_scores, text_replier
+
+    if eval_path is None:
+        return {}
+    model.eval()
+    if stage_name == "pretrain":
+        return {"eval/heldout_loss": heldout_loss(model, tokenizer, eval_path)}
+    if stage_name == "sft":
+        return {"eval/answer_exact_match": answer_exact_match(text_replier(model, tokenizer), eval_path, limit)["accuracy"]}
+    if stage_name == "dpo":
+        return {"eval/preference_accuracy": preference_accuracy(model, tokenizer, eval_path)["accuracy"]}
+    scores = reasoning_scores(text_replier(model, tokenizer, max_new_tokens=160), eval_path, tokenizer, limit)
+    return {"eval/reasoning_format": scores["format"], "eval/reasoning_accuracy": scores["accuracy"]}
+
+
+def _run_name(stage: str, storage: Path, resume: bool) -> str:
+    if resume:
+        previous = sorted(storage.glob(f"{stage}-*"), key=lambda p: p.stat().st_mtime)
+        if not previous:
+            raise SystemExit(f"--resume: no earlier {stage} run under {storage}")
+        return previous[-1].name
+    return f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+
+
+def _use_gpu(config) -> bool:
+    import ray
+
+    if not config.use_gpu:
+        return False
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if gpus < config.num_workers:
+        print(f"no GPU for each of {config.num_workers} worker(s) in the Ray cluster ({gpus:g} GPUs): training on CPU")
+        return False
+    return True
+
+
+def _starting_model(config, stage, work: Path) -> tuple[Path, dict]:
+    """The directory the stage starts from, and MLflow tags saying where it came from."""
+    if stage.name == "pretrain" and config.init is None:
+        from minimind.demo import demo_tokenizer
+
+        tokenizer_dir = tracking.resolve_model(config.tokenizer, work / "tokenizer") if config.tokenizer else demo_tokenizer()
+        tokenizer = load_tokenizer(tokenizer_dir)
+        model_config = ModelConfig.from_name(
+            config.preset, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+        torch.manual_seed(config.seed)
+        save_model(MiniMindForCausalLM(model_config), work / "init", tokenizer=tokenizer)
+        return work / "init", {"source.uri": f"scratch:{config.preset}", "tokenizer": str(config.tokenizer or tokenizer_dir)}
+    reference = config.init or f"models:/{stage.previous}/latest"
+    return tracking.resolve_model(reference, work / "init"), tracking.model_source(reference)
+
+
+def run_stage(config, stage_name: str) -> StageResult:
+    import mlflow
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    started = time.perf_counter()
+    stage = STAGES[stage_name]
+    tracking.configure(config.experiment)
+    storage = Path(config.storage_path or tracking.PROJECT_ROOT / "ray_results").resolve()
+    run_name = _run_name(stage.name, storage, config.resume)
+    work = (tracking.PROJECT_ROOT / "checkpoints" / "runs" / run_name).resolve()
+
+    demo = None
+    if config.data is None or config.eval_data is None:
+        from minimind.demo import demo_data
+
+        demo = demo_data()
+    data_path = Path(config.data).resolve() if config.data else demo[DEMO_FILES[stage.name]]
+    eval_path = Path(config.eval_data).resolve() if config.eval_data else (demo[DEMO_FILES[stage.name] + "_eval"] if config.data is None else None)
+
+    init_dir, source_tags = _starting_model(config, stage, work)
+    tokenizer = load_tokenizer(init_dir)
+    model_config = ModelConfig.load(init_dir / CONFIG_NAME)
+    if len(tokenizer) > model_config.vocab_size:
+        raise SystemExit(f"the tokenizer in {init_dir} has {len(tokenizer)} tokens but the model only {model_config.vocab_size}")
+    settings = {**STAGE_DEFAULTS, **asdict(config)}
+    teacher_dir = None
+    if stage.name == "kd":
+        if not settings["teacher"]:
+            raise SystemExit("--mode kd needs --teacher (a registered model URI or a model directory with the same vocabulary)")
+        teacher_dir = tracking.resolve_model(settings["teacher"], work / "teacher")
+
+    # Fail on bad data here, naming file and line, before any worker starts (this also warms the cache).
+    stage_data = StageData(stage.data_kind, seq_len=config.seq_len, tag_weight=settings["tag_weight"])
+    rows = load_stage_dataset(data_path, tokenizer, stage_data, skip_bad=config.skip_bad)
+    skipped = count_records(data_path) - len(read_jsonl_dataset(data_path, stage.data_kind, skip_bad=config.skip_bad))
+    print(f"[{stage.name}] {len(rows)} training rows from {data_path}" + (f" ({skipped} malformed lines skipped)" if skipped else ""))
+
+    initial = load_model(init_dir)
+    before = evaluate(stage.name, initial, tokenizer, eval_path, config.eval_limit)
+    del initial
+
+    if not ray.is_initialized():
+        ray.init()
+    if not config.cpus_per_worker:
+        config.cpus_per_worker = max(1, int(ray.cluster_resources().get("CPU", 1)) // config.num_workers)
+        settings["cpus_per_worker"] = config.cpus_per_worker
+    with mlflow.start_run(run_name=run_name) as run:
+        mlflow.log_params({key: value for key, value in settings.items() if value is not None})
+        mlflow.set_tags({
+            **source_tags, "stage": stage.name, "ray.run_name": run_name, "data.path": str(data_path),
+            "data.sha256": tracking.file_digest(data_path), "data.skipped_lines": str(skipped),
+            **({"git.commit": commit} if (commit := tracking.git_commit()) else {}),
+        })
+        mlflow.log_metrics({key.replace("eval/", "eval_before/"): value for key, value in before.items()})
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                **settings, "stage": stage.name, "init_dir": str(init_dir), "data_path": str(data_path),
+                "teacher_dir": str(teacher_dir) if teacher_dir else None,
+                "mlflow_run_id": run.info.run_id, "mlflow_tracking_uri": mlflow.get_tracking_uri(),
+            },
+            scaling_config=ScalingConfig(
+                num_workers=config.num_workers, use_gpu=_use_gpu(config), resources_per_worker={"CPU": config.cpus_per_worker}
+            ),
+            run_config=RunConfig(
+                name=run_name, storage_path=str(storage),
+                failure_config=FailureConfig(max_failures=config.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+            ),
+        )
+        result = trainer.fit()
+        if not result.metrics.get("finished"):
+            print(f"[{stage.name}] stopped at step {result.metrics.get('step')}; continue with --resume (Ray run {run_name})")
+            mlflow.set_tag("status", "stopped")
+            return StageResult(stage.name, "", Path(), before, {}, time.perf_counter() - started)
+        final_dir = work / "model"
+        shutil.rmtree(final_dir, ignore_errors=True)
+        with result.checkpoint.as_directory() as checkpoint_dir:
+            shutil.copytree(checkpoint_dir, final_dir, ignore=shutil.ignore_patterns(TRAINING_STATE))
+        trained = load_model(final_dir)
+        after = evaluate(stage.name, trained, tokenizer, eval_path, config.eval_limit)
+        mlflow.log_metrics(after)
+        _log_curve(run.info.run_id)
+        name = config.register_as or stage.registered_name
+        version = tracking.register_model_dir(final_dir, name, run_id=run.info.run_id, alias=config.alias, tags=source_tags)
+    seconds = time.perf_counter() - started
+    model_uri = f"models:/{name}/{version.version}"
+    print(f"[{stage.name}] registered {model_uri} in {seconds:.0f}s; held-out " + ", ".join(
+        f"{key.split('/')[-1]} {before.get(key, float('nan')):.3f} -> {value:.3f}" for key, value in after.items()
+    ))
+    return StageResult(stage.name, model_uri, final_dir, before, after, seconds)
+
+
+def _log_curve(run_id: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    history = {key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)] for key in ("train/loss",)}
+    if any(history.values()):
+        tracking.log_loss_curve(history)
+
+
+def main(config_class, stage_name: str, argv=None, description: str | None = None) -> StageResult:
+    from minimind.flags import parse_config
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    return run_stage(parse_config(config_class, argv, description), stage_name)
+

@@ -1,0 +1,86 @@
+"""What differs between training stages: the data kind, the loss, and any frozen companion model.
+Everything else (optimiser, schedule, precision, checkpoints, reporting) is the one loop in train.py.
+
+Right-padded batches need no attention mask in a causal model (real tokens never look ahead at the
+padding), so the losses below skip it and keep attention on its fast path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from minimind.checkpoint import load_model
+from minimind.losses import dpo_loss, kd_loss, sequence_logprobs
+
+
+def unwrap(model):
+    return getattr(model, "module", model)  # DDP keeps the model in .module
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # the job and the run name prefix
+    data_kind: str  # minimind.data kind
+    registered_name: str  # MLflow registered model of its result
+    previous: str | None  # registered model the stage starts from by default
+
+    def companions(self, config, device) -> dict:
+        """Frozen models the loss needs besides the one being trained."""
+        return {}
+
+    def loss(self, model, batch: dict, companions: dict, config) -> tuple[torch.Tensor, dict]:
+        output = model(batch["input_ids"], labels=batch["labels"], loss_weights=batch.get("loss_weights"))
+        metrics = {"loss/aux": output.aux_loss.detach()} if unwrap(model).config.is_moe else {}
+        return output.loss, metrics
+
+
+def _frozen(directory, device):
+    model = load_model(directory, device=device)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+class DPOStage(Stage):
+    def companions(self, config, device) -> dict:
+        return {"reference": _frozen(config.init_dir, device)}  # the initial policy, frozen
+
+    def loss(self, model, batch, companions, config):
+        # Chosen and rejected rows go through the model as one batch of 2B rows.
+        width = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
+        ids = torch.cat([_pad_to(batch["chosen_input_ids"], width, 0), _pad_to(batch["rejected_input_ids"], width, 0)])
+        labels = torch.cat([_pad_to(batch["chosen_labels"], width, -100), _pad_to(batch["rejected_labels"], width, -100)])
+        output = model(ids, return_logits=False)
+        policy = sequence_logprobs(output.hidden_states, unwrap(model).lm_head.weight, labels)
+        with torch.no_grad():
+            reference_model = companions["reference"]
+            reference = sequence_logprobs(reference_model(ids, return_logits=False).hidden_states, reference_model.lm_head.weight, labels)
+        half = ids.shape[0] // 2
+        loss, metrics = dpo_loss(policy[:half], policy[half:], reference[:half], reference[half:], beta=config.beta)
+        return loss + output.aux_loss, metrics
+
+
+class KDStage(Stage):
+    def companions(self, config, device) -> dict:
+        return {"teacher": _frozen(config.teacher_dir, device)}
+
+    def loss(self, model, batch, companions, config):
+        output = model(batch["input_ids"])
+        with torch.no_grad():
+            teacher_logits = companions["teacher"](batch["input_ids"]).logits
+        loss, metrics = kd_loss(output.logits, teacher_logits, batch["labels"], alpha=config.alpha, temperature=config.temperature)
+        return loss + output.aux_loss, metrics
+
+
+def _pad_to(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=value)
+
+
+STAGES = {
+    "pretrain": Stage("pretrain", "pretrain", "minimind-pretrain", None),
+    "sft": Stage("sft", "sft", "minimind-sft", "minimind-pretrain"),
+    "dpo": DPOStage("dpo", "dpo", "minimind-dpo", "minimind-sft"),
+    "reason": Stage("reason", "reason", "minimind-reason", "minimind-dpo"),  # black-box: SFT on teacher traces
+    "kd": KDStage("kd", "sft", "minimind-reason", "minimind-dpo"),  # white-box: the teacher's soft labels
+}

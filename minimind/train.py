@@ -1,0 +1,259 @@
+"""The one training loop, run by every Ray Train worker of every stage.
+
+bf16 autocast where the device supports it, gradient accumulation, AdamW, warmup + cosine schedule to
+`min_lr_ratio * lr` (MiniMind's floor is 0.1), gradient clipping, DDP through `prepare_model`, one
+compact line per logged step on rank 0, and a checkpoint every `checkpoint_every` steps holding the
+model (safetensors), optimiser, step and RNG state. The batch order depends only on (seed, epoch), so
+a resumed run skips exactly the micro-batches already consumed: no step is trained twice or skipped.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from minimind.checkpoint import save_model
+from minimind.data import LengthGroupedBatches, StageData, collate, load_stage_dataset, row_lengths
+from minimind.stages import STAGES, unwrap
+
+TRAINING_STATE = "training_state.pt"
+
+
+def _help(text: str, **kwargs):
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class TrainConfig:
+    """Flags shared by every stage job; each job subclasses it with its own defaults."""
+
+    data: str | None = _help("training JSONL (default: the demo world's file for this stage)", default=None)
+    eval_data: str | None = _help("held-out JSONL for the stage's evaluation (default: the demo's)", default=None)
+    init: str | None = _help("model to start from: models:/NAME/latest|VERSION, models:/NAME@ALIAS, runs:/..., or a directory", default=None)
+    preset: str = _help("model shape when training from scratch (pretrain)", default="demo")
+    tokenizer: str | None = _help("tokenizer directory or models:/ URI when training from scratch (default: the demo tokenizer)", default=None)
+    seq_len: int = _help("longest row in tokens", default=256)
+    batch_size: int = _help("rows per micro-batch per worker", default=16)
+    grad_accum: int = _help("micro-batches per optimiser step", default=1)
+    lr: float = _help("peak learning rate", default=1e-3)
+    min_lr_ratio: float = _help("the cosine schedule ends at this fraction of lr", default=0.1)
+    warmup_steps: int = _help("linear warmup steps", default=0)
+    weight_decay: float = _help("AdamW weight decay", default=0.01)
+    grad_clip: float = _help("clip the global gradient norm to this (0: off)", default=1.0)
+    epochs: int = _help("passes over the data (ignored when --max-steps is set)", default=1)
+    max_steps: int = _help("stop after this many optimiser steps (0: --epochs decide)", default=0)
+    dtype: str = _help("bf16 (autocast) or fp32", default="bf16")
+    num_workers: int = _help("Ray Train workers (DDP when > 1)", default=1)
+    use_gpu: bool = _help("one GPU per worker; falls back to CPU when the cluster has none", default=True)
+    cpus_per_worker: int = _help("CPUs (and torch threads) per worker; 0: the cluster's CPUs shared among the workers", default=0)
+    checkpoint_every: int = _help("report a checkpoint every N optimiser steps (and at the end)", default=50)
+    max_failures: int = _help("worker failures Ray recovers from by restarting from the last checkpoint", default=2)
+    resume: bool = _help("continue the newest run of this stage from its last checkpoint", default=False)
+    stop_after: int = _help("stop this invocation after N steps with a checkpoint, to continue later with --resume (0: run to the end)", default=0)
+    storage_path: str | None = _help("where Ray Train keeps checkpoints (shared storage for several nodes)", default=None)
+    experiment: str = _help("MLflow experiment", default="minimind")
+    register_as: str | None = _help("registered model name (default: the stage's own)", default=None)
+    alias: str | None = _help("also point this alias of the registered model at the new version", default=None)
+    skip_bad: bool = _help("skip malformed data lines (counted) instead of failing", default=False)
+    log_every: int = _help("log a line and MLflow metrics every N steps", default=10)
+    eval_limit: int = _help("evaluate on at most this many held-out records", default=200)
+    seed: int = _help("random seed", default=0)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int, min_ratio: float) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype, size: int = 1024) -> float:
+    """Best of a few square matmuls: the roof MFU is measured against on this worker."""
+    a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(4):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def autocast_dtype(config, device: torch.device) -> torch.dtype | None:
+    if config.dtype == "fp32":
+        return None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return None
+    return torch.bfloat16
+
+
+def batch_tokens(batch: dict) -> int:
+    return int(sum(value.sum() for key, value in batch.items() if key.endswith("attention_mask")))
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "torch": torch.get_rng_state()}
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    import ray.train
+    from ray.train.torch import get_device, prepare_model
+
+    from minimind.checkpoint import load_model
+    from minimind.tokenizer import load_tokenizer
+
+    config = SimpleNamespace(**loop_config)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = get_device()
+    stage = STAGES[config.stage]
+    torch.set_num_threads(config.cpus_per_worker)  # Ray pins workers to one thread unless told otherwise
+    random.seed(config.seed + rank)
+    torch.manual_seed(config.seed + rank)
+
+    tokenizer = load_tokenizer(config.init_dir)
+    model = load_model(config.init_dir, device=device).train()
+    dataset = load_stage_dataset(
+        config.data_path, tokenizer, StageData(stage.data_kind, seq_len=config.seq_len, tag_weight=config.tag_weight), config.skip_bad
+    )
+    batches = LengthGroupedBatches(row_lengths(dataset), config.batch_size, seed=config.seed, num_replicas=world, rank=rank)
+    steps_per_epoch = max(1, len(batches) // config.grad_accum)
+    total_steps = config.max_steps or config.epochs * steps_per_epoch
+    companions = stage.companions(config, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
+
+    step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            resumed = load_model(directory, device=device)
+            model.load_state_dict(resumed.state_dict())
+            state = torch.load(Path(directory) / TRAINING_STATE, weights_only=True)
+            optimizer.load_state_dict(state["optimizer"])
+            step = state["step"]
+            random.setstate(state["rng"]["python"])
+            torch.set_rng_state(state["rng"]["torch"])
+        if rank == 0:
+            print(f"[{config.stage}] resumed from step {step}", flush=True)
+
+    model = prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": unwrap(model).config.is_moe})
+    amp_dtype = autocast_dtype(config, device)
+    flops_per_token = 6 * unwrap(model).num_parameters(active=True)
+    peak = peak_flops(device, amp_dtype or torch.float32) if rank == 0 else 0.0
+    logger = _MetricLogger(config, total_steps) if rank == 0 else None
+
+    def micro_batches():
+        consumed = step * config.grad_accum  # micro-batches already trained on
+        epoch, skip = divmod(consumed, len(batches))
+        while True:
+            batches.set_epoch(epoch)
+            for index, rows in enumerate(batches):
+                if index >= skip:
+                    yield collate([dataset[i] for i in rows], tokenizer.pad_token_id)
+            epoch, skip = epoch + 1, 0
+
+    stream = micro_batches()
+    started, window_tokens, window_start = time.perf_counter(), 0, time.perf_counter()
+    while step < total_steps:
+        lr = cosine_lr(step, total_steps, config.lr, config.warmup_steps, config.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        sums: dict[str, float] = {}
+        for micro in range(config.grad_accum):
+            batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in next(stream).items()}
+            window_tokens += batch_tokens(batch)
+            sync = micro == config.grad_accum - 1 or world == 1
+            with (model.no_sync() if not sync and hasattr(model, "no_sync") else nullcontext()), torch.autocast(
+                device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+            ):
+                loss, metrics = stage.loss(model, batch, companions, config)
+                (loss / config.grad_accum).backward()
+            for key, value in {"train/loss": loss.detach(), **metrics}.items():
+                sums[key] = sums.get(key, 0.0) + float(value) / config.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        if logger and (step % config.log_every == 0 or step == total_steps or step == 1):
+            seconds = time.perf_counter() - window_start
+            tokens_per_s = window_tokens * world / max(seconds, 1e-9)
+            logger.log(step, {**sums, "train/lr": lr, "train/grad_norm": float(grad_norm), "train/tokens_per_s": tokens_per_s,
+                              "train/mfu": flops_per_token * tokens_per_s / world / peak}, time.perf_counter() - started)
+            window_tokens, window_start = 0, time.perf_counter()
+        stopping = bool(config.stop_after) and step >= config.stop_after and step < total_steps
+        if step % config.checkpoint_every == 0 or step == total_steps or stopping:
+            _report_checkpoint(model, tokenizer, optimizer, step, {**sums, "finished": float(step == total_steps)}, rank)
+        if stopping:
+            break
+    if logger:
+        logger.close()
+
+
+def _report_checkpoint(model, tokenizer, optimizer, step: int, metrics: dict, rank: int) -> None:
+    import ray.train
+
+    reported = {**metrics, "step": step}
+    if rank != 0:
+        ray.train.report(reported, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        save_model(unwrap(model), directory, tokenizer=tokenizer)
+        torch.save({"optimizer": optimizer.state_dict(), "step": step, "rng": _rng_state()}, Path(directory) / TRAINING_STATE)
+        ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+class _MetricLogger:
+    """Rank 0's compact step line, a progress bar on terminals, and metrics batched to the MLflow run."""
+
+    def __init__(self, config, total_steps: int):
+        self.config, self.total_steps = config, total_steps
+        self.client = None
+        if config.mlflow_run_id:
+            from mlflow.tracking import MlflowClient
+
+            os.environ["MLFLOW_TRACKING_URI"] = config.mlflow_tracking_uri
+            self.client = MlflowClient(config.mlflow_tracking_uri)
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, desc=config.stage, leave=False)
+
+    def log(self, step: int, metrics: dict, elapsed: float) -> None:
+        print(
+            f"[{self.config.stage}] step {step:5d}/{self.total_steps} | loss {metrics['train/loss']:.4f} | lr {metrics['train/lr']:.2e}"
+            f" | {metrics['train/tokens_per_s']:,.0f} tok/s | MFU {metrics['train/mfu']:.1%} | {elapsed:.0f}s",
+            flush=True,
+        )
+        if self.bar:
+            self.bar.update(step - self.bar.n)
+        if self.client:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            self.client.log_batch(self.config.mlflow_run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()

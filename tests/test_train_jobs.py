@@ -1,0 +1,101 @@
+"""Real Ray Train runs of every stage on tiny settings, chained through a real MLflow registry."""
+
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "jobs"))
+
+from distill import DistillConfig  # noqa: E402
+from dpo import DPOConfig  # noqa: E402
+from pretrain import PretrainConfig  # noqa: E402
+from sft import SFTConfig  # noqa: E402
+
+from minimind.checkpoint import load_model  # noqa: E402
+from minimind.data import DataFormatError  # noqa: E402
+from minimind.runner import run_stage  # noqa: E402
+
+QUICK = dict(max_steps=4, checkpoint_every=2, log_every=1, eval_limit=4, batch_size=4, seq_len=128, preset="tiny")
+
+
+@pytest.fixture(scope="module")
+def mlflow_store(ray_cluster, tmp_path_factory, monkeypatch_module):
+    home = tmp_path_factory.mktemp("minimind-home")
+    monkeypatch_module.setenv("MINIMIND_HOME", str(home))
+    monkeypatch_module.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home}/mlflow.db")
+    return home
+
+
+def client():
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient()
+
+
+def versions(name):
+    return sorted(int(v.version) for v in client().search_model_versions(f"name='{name}'"))
+
+
+def test_every_stage_trains_registers_and_hands_over(mlflow_store):
+    pretrain = run_stage(PretrainConfig(**QUICK), "pretrain")
+    assert pretrain.model_uri == "models:/minimind-pretrain/1"
+    assert pretrain.after["eval/heldout_loss"] < pretrain.before["eval/heldout_loss"]
+
+    sft = run_stage(SFTConfig(**QUICK), "sft")
+    run = client().get_run(client().get_model_version("minimind-sft", "1").run_id)
+    assert run.data.tags["source.name"] == "minimind-pretrain" and run.data.tags["source.version"] == "1"
+    assert run.data.params["lr"] == str(SFTConfig.lr)
+    assert [m.step for m in client().get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3, 4]
+    assert "eval/answer_exact_match" in run.data.metrics and "eval_before/answer_exact_match" in run.data.metrics
+    assert "loss_curve.png" in [a.path for a in client().list_artifacts(run.info.run_id)]
+    # the SFT result moved away from the pretrain model it started from
+    assert not torch.equal(load_model(sft.model_dir).lm_head.weight, load_model(pretrain.model_dir).lm_head.weight)
+
+    dpo = run_stage(DPOConfig(**QUICK), "dpo")
+    history = client().get_metric_history(client().get_model_version("minimind-dpo", "1").run_id, "rewards/accuracies")
+    assert len(history) == 4 and "eval/preference_accuracy" in dpo.after
+
+    reason = run_stage(DistillConfig(**QUICK), "reason")
+    assert reason.model_uri == "models:/minimind-reason/1" and "eval/reasoning_format" in reason.after
+    kd = run_stage(DistillConfig(**QUICK, mode="kd", teacher="models:/minimind-sft/latest"), "kd")
+    assert kd.model_uri == "models:/minimind-reason/2"
+    kd_run = client().get_model_version("minimind-reason", "2").run_id
+    assert client().get_metric_history(kd_run, "loss/kd") and client().get_metric_history(kd_run, "loss/ce")
+
+
+def test_resume_continues_exactly_where_it_stopped(mlflow_store, tmp_path):
+    storage = str(tmp_path / "ray")
+    straight = run_stage(PretrainConfig(**{**QUICK, "max_steps": 6, "checkpoint_every": 3}), "pretrain")
+    stopped = run_stage(PretrainConfig(**{**QUICK, "max_steps": 6, "checkpoint_every": 3, "stop_after": 3, "storage_path": storage}), "pretrain")
+    assert stopped.model_uri == ""  # nothing registered for an unfinished run
+    resumed = run_stage(PretrainConfig(**{**QUICK, "max_steps": 6, "checkpoint_every": 3, "resume": True, "storage_path": storage}), "pretrain")
+    resumed_run = client().get_model_version("minimind-pretrain", resumed.model_uri.rsplit("/", 1)[1]).run_id
+    assert [m.step for m in client().get_metric_history(resumed_run, "train/loss")] == [4, 5, 6]  # none twice, none skipped
+    a, b = load_model(straight.model_dir).state_dict(), load_model(resumed.model_dir).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # same weights as the uninterrupted run
+
+
+def test_bad_data_fails_before_training_and_registers_nothing(mlflow_store, tmp_path):
+    bad = tmp_path / "sft.jsonl"
+    good = {"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    bad.write_text(json.dumps(good) + "\n" + '{"conversations": [{"role": "robot", "content": "x"}]}\n')
+    before = versions("minimind-sft")
+    with pytest.raises(DataFormatError, match=r"sft.jsonl:2: .*role 'robot'"):
+        run_stage(SFTConfig(**{**QUICK, "data": str(bad)}), "sft")
+    assert versions("minimind-sft") == before
+
+
+def test_unknown_init_names_the_registered_models(mlflow_store):
+    with pytest.raises(ValueError, match="minimind-pretrain"):
+        run_stage(SFTConfig(**{**QUICK, "init": "models:/no-such-model/latest"}), "sft")
+
+
+def test_two_workers_train_with_ddp(mlflow_store):
+    result = run_stage(PretrainConfig(**{**QUICK, "num_workers": 2, "cpus_per_worker": 1, "max_steps": 2}), "pretrain")
+    run = client().get_run(client().get_model_version("minimind-pretrain", result.model_uri.rsplit("/", 1)[1]).run_id)
+    assert run.data.params["num_workers"] == "2"
