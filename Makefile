@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/minimind demo
+	$(PY) jobs/pipeline.py
 
 test: install
 	$(PY) -m pytest

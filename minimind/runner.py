@@ -37,21 +37,25 @@ class StageResult:
     seconds: float
 
 
-def evaluate(stage_name: str, model, tokenizer, eval_path: Path | None, limit: int) -> dict:
-    """The held-out metric the stage exists for (see minimind.demo.evaluate)."""
+def evaluate(stage_name: str, model, tokenizer, eval_path: Path | None, limit: int) -> tuple[dict, list[dict]]:
+    """The held-out metric the stage exists for (see minimind.demo.evaluate), and a few sample replies."""
     from minimind.demo.evaluate import answer_exact_match, heldout_loss, preference_accuracy, reasoning_scores, text_replier
 
     if eval_path is None:
-        return {}
+        return {}, []
     model.eval()
     if stage_name == "pretrain":
-        return {"eval/heldout_loss": heldout_loss(model, tokenizer, eval_path)}
-    if stage_name == "sft":
-        return {"eval/answer_exact_match": answer_exact_match(text_replier(model, tokenizer), eval_path, limit)["accuracy"]}
+        return {"eval/heldout_loss": heldout_loss(model, tokenizer, eval_path)}, []
     if stage_name == "dpo":
-        return {"eval/preference_accuracy": preference_accuracy(model, tokenizer, eval_path)["accuracy"]}
-    scores = reasoning_scores(text_replier(model, tokenizer, max_new_tokens=160), eval_path, tokenizer, limit)
-    return {"eval/reasoning_format": scores["format"], "eval/reasoning_accuracy": scores["accuracy"]}
+        return {"eval/preference_accuracy": preference_accuracy(model, tokenizer, eval_path)["accuracy"]}, []
+    if stage_name == "sft":
+        result = answer_exact_match(text_replier(model, tokenizer), eval_path, limit)
+        metrics = {"eval/answer_exact_match": result["accuracy"]}
+    else:
+        result = reasoning_scores(text_replier(model, tokenizer, max_new_tokens=160), eval_path, tokenizer, limit)
+        metrics = {"eval/reasoning_format": result["format"], "eval/reasoning_accuracy": result["accuracy"]}
+    samples = [{"prompt": conversation[-1]["content"], "reply": reply} for conversation, reply, *_ in result["samples"]]
+    return metrics, samples
 
 
 def _run_name(stage: str, storage: Path, resume: bool) -> str:
@@ -133,7 +137,7 @@ def run_stage(config, stage_name: str) -> StageResult:
     print(f"[{stage.name}] {len(rows)} training rows from {data_path}" + (f" ({skipped} malformed lines skipped)" if skipped else ""))
 
     initial = load_model(init_dir)
-    before = evaluate(stage.name, initial, tokenizer, eval_path, config.eval_limit)
+    before, _ = evaluate(stage.name, initial, tokenizer, eval_path, config.eval_limit)
     del initial
 
     if not ray.is_initialized():
@@ -175,8 +179,10 @@ def run_stage(config, stage_name: str) -> StageResult:
         with result.checkpoint.as_directory() as checkpoint_dir:
             shutil.copytree(checkpoint_dir, final_dir, ignore=shutil.ignore_patterns(TRAINING_STATE))
         trained = load_model(final_dir)
-        after = evaluate(stage.name, trained, tokenizer, eval_path, config.eval_limit)
+        after, samples = evaluate(stage.name, trained, tokenizer, eval_path, config.eval_limit)
         mlflow.log_metrics(after)
+        if samples:
+            tracking.log_samples(samples)
         _log_curve(run.info.run_id)
         name = config.register_as or stage.registered_name
         version = tracking.register_model_dir(final_dir, name, run_id=run.info.run_id, alias=config.alias, tags=source_tags)
