@@ -23,7 +23,12 @@ from sft import SFTConfig  # noqa: E402
 
 from minimind.runner import run_stage  # noqa: E402
 
-STAGES = [("pretrain", PretrainConfig(epochs=5)), ("sft", SFTConfig(epochs=2)), ("dpo", DPOConfig(epochs=1)), ("reason", DistillConfig(epochs=2))]
+STAGES = [
+    ("pretrain", PretrainConfig(epochs=10, lr=3e-3)),
+    ("sft", SFTConfig(epochs=3)),
+    ("dpo", DPOConfig(epochs=1)),
+    ("reason", DistillConfig(epochs=2)),
+]
 
 
 def main(argv: list[str] | None = None) -> list:
@@ -41,7 +46,7 @@ def main(argv: list[str] | None = None) -> list:
     for name, config in STAGES:
         config = replace(config, experiment=args.experiment, eval_limit=args.eval_limit)
         if args.scale != 1.0:
-            steps_per_epoch = {"pretrain": 60, "sft": 273, "dpo": 182, "reason": 127}[name]
+            steps_per_epoch = {"pretrain": 60, "sft": 273, "dpo": 182, "reason": 127}[name]  # the demo world's
             config = replace(config, max_steps=max(2, int(config.epochs * steps_per_epoch * args.scale)))
         results.append(run_stage(config, name))
     total = time.perf_counter() - started

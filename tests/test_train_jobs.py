@@ -99,3 +99,68 @@ def test_two_workers_train_with_ddp(mlflow_store):
     result = run_stage(PretrainConfig(**{**QUICK, "num_workers": 2, "cpus_per_worker": 1, "max_steps": 2}), "pretrain")
     run = client().get_run(client().get_model_version("minimind-pretrain", result.model_uri.rsplit("/", 1)[1]).run_id)
     assert run.data.params["num_workers"] == "2"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_ray_job_submit_trains_into_the_same_mlflow_store(mlflow_store, tmp_path):
+    """The way users run it: `ray start --head`, then `ray job submit -- python jobs/pretrain.py`."""
+    import os
+    import signal
+    import subprocess
+    import tempfile
+    import time
+    import urllib.request
+
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    dashboard = _free_port()
+    short_temp = tempfile.mkdtemp(prefix="rj-", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
+    head = subprocess.Popen(
+        [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={_free_port()}", f"--dashboard-port={dashboard}",
+         "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={short_temp}",
+         # every fixed default port of a second node on this machine, away from the tests' own Ray
+         f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+         f"--metrics-export-port={_free_port()}", f"--ray-client-server-port={_free_port()}"],
+        env=env, stdout=(tmp_path / "head.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        address = f"http://127.0.0.1:{dashboard}"
+        deadline = time.monotonic() + 120
+        while True:  # the job server answers a few seconds after the head starts
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2)
+                break
+            except OSError:
+                if time.monotonic() > deadline or head.poll() is not None:
+                    raise RuntimeError("the Ray head did not start:\n" + (tmp_path / "head.log").read_text()[-3000:]) from None
+                time.sleep(1)
+        before = versions("minimind-pretrain")
+        runtime_env = {"env_vars": {key: os.environ[key] for key in ("MLFLOW_TRACKING_URI", "MINIMIND_HOME", "MINIMIND_DEMO_DIR")}}
+        command = [
+            str(bin_dir / "ray"), "job", "submit", f"--address={address}", "--working-dir", str(ROOT),
+            "--runtime-env-json", json.dumps(runtime_env), "--",
+            "python", "jobs/pretrain.py", "--max-steps", "2", "--checkpoint-every", "2", "--preset", "tiny", "--batch-size", "4",
+            "--seq-len", "128", "--eval-limit", "4", "--experiment", "submitted",
+        ]
+        while True:  # the job agent comes up a little after the dashboard; it says so explicitly
+            submitted = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent" not in submitted.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+        assert "registered models:/minimind-pretrain/" in submitted.stdout
+        new = sorted(set(versions("minimind-pretrain")) - set(before))
+        assert len(new) == 1
+        run = client().get_run(client().get_model_version("minimind-pretrain", str(new[0])).run_id)
+        assert client().get_experiment(run.info.experiment_id).name == "submitted"
+    finally:
+        if head.poll() is None:
+            os.killpg(head.pid, signal.SIGKILL)  # the head's own process group: this cluster only
+        head.wait(timeout=60)
