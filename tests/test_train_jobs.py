@@ -164,3 +164,53 @@ def test_ray_job_submit_trains_into_the_same_mlflow_store(mlflow_store, tmp_path
         if head.poll() is None:
             os.killpg(head.pid, signal.SIGKILL)  # the head's own process group: this cluster only
         head.wait(timeout=60)
+
+
+def test_a_killed_worker_is_restarted_and_resumes_from_its_checkpoint(mlflow_store, tmp_path):
+    """SIGKILL the training worker after a checkpoint: Ray restarts it, it resumes from that checkpoint,
+    and the model ends where an uninterrupted run ends. (Killing it while the first checkpoint is still
+    being written makes Ray restart from scratch: a half-written checkpoint is never used.)"""
+    import os
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    settings = {**QUICK, "preset": "demo", "batch_size": 16, "seq_len": 256, "max_steps": 30, "checkpoint_every": 5, "log_every": 5}
+    storage = tmp_path / "ray"
+    killed = []
+
+    def kill_after_first_checkpoint():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not killed:
+            if len(list(storage.glob("*/checkpoint_*"))) >= 2:  # the first one is then complete and registered
+                for process in psutil.process_iter(["cmdline"]):
+                    if any("RayTrainWorker" in part for part in process.info["cmdline"] or []):
+                        os.kill(process.pid, signal.SIGKILL)  # Ray titles each worker process ray::RayTrainWorker...
+                        killed.append(process.pid)
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    watcher.start()
+    interrupted = run_stage(PretrainConfig(**settings, storage_path=str(storage), max_failures=2), "pretrain")
+    watcher.join()
+    assert killed, "the worker finished before it could be killed"
+    straight = run_stage(PretrainConfig(**settings, storage_path=str(tmp_path / "straight")), "pretrain")
+    a, b = load_model(straight.model_dir).state_dict(), load_model(interrupted.model_dir).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    name, version = interrupted.model_uri.removeprefix("models:/").split("/")
+    assert int(version) == max(versions(name)) - 1  # the interrupted run registered exactly one version
+    steps = [m.step for m in client().get_metric_history(client().get_model_version(name, version).run_id, "train/loss")]
+    assert steps.count(1) == 1 and steps[-1] == 30  # resumed from the checkpoint, not restarted from scratch
+
+
+def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(mlflow_store, tmp_path):
+    from conftest import random_model
+    from minimind.checkpoint import save_model
+    from minimind.demo import demo_tokenizer
+    from minimind.tokenizer import load_tokenizer
+
+    save_model(random_model(vocab_size=100), tmp_path / "small", tokenizer=load_tokenizer(demo_tokenizer()))
+    with pytest.raises(SystemExit, match="has 2048 tokens but the model only 100"):
+        run_stage(SFTConfig(**{**QUICK, "init": str(tmp_path / "small")}), "sft")
