@@ -144,6 +144,7 @@ def test_held_out_prompts_never_appear_in_training(data):
     held_out_phrasings = {t.format(n=e.name) for e in world.entities for a in ATTRIBUTES for t in HELD_OUT_QUESTIONS[a]}
     eval_users = user_texts(data["sft_eval"])
     assert eval_users & held_out_phrasings
+    assert set("".join(held_out_phrasings)) <= set("".join(sft_users))  # new sentences, known words
     assert any(name in text for text in eval_users for name in world.never_asked)
 
     # Pretraining eval: no paragraph seen in training, each one a full profile of true facts stated in

@@ -59,13 +59,15 @@ QUESTIONS = {
     "animal": ("{n}最喜欢什么动物？", "{n}喜欢的动物是什么？", "请问{n}最喜欢哪种动物？"),
     "friend": ("{n}的好朋友是谁？", "谁是{n}的好朋友？", "请问{n}和谁是好朋友？"),
 }
+# Eval-only phrasings: new sentences made of the training questions' own words, so a miss means the model
+# did not generalise the question, not that it never saw a word (unseen words only test untrained embeddings).
 HELD_OUT_QUESTIONS = {
-    "color": ("你知道{n}偏爱什么颜色吗？", "{n}心里最好看的颜色是哪个？"),
-    "city": ("你知道{n}家住哪儿吗？", "{n}平时生活在哪座城市？"),
-    "age": ("你知道{n}多少岁吗？", "{n}现在的年纪是多少？"),
-    "fruit": ("你知道{n}偏爱哪种水果吗？", "{n}平时最爱吃的水果是哪个？"),
-    "animal": ("你知道{n}偏爱哪种动物吗？", "{n}心里最可爱的动物是哪个？"),
-    "friend": ("你知道{n}最要好的朋友叫什么吗？", "{n}平时和谁最要好？"),
+    "color": ("请问{n}喜欢的颜色是什么？", "{n}最喜欢哪种颜色？"),
+    "city": ("请问{n}的家在哪个城市？", "{n}住在什么地方？"),
+    "age": ("请问{n}今年多大？", "{n}的年龄是多少？"),
+    "fruit": ("请问{n}爱吃什么水果？", "{n}最喜欢哪种水果？"),
+    "animal": ("请问{n}喜欢的动物是什么？", "{n}最喜欢哪种动物？"),
+    "friend": ("请问{n}的好朋友是谁？", "{n}和谁是好朋友？"),
 }
 FOLLOW_UPS = {  # later turns of a multi-turn chat refer back to the person as "TA"
     "color": "那TA最喜欢什么颜色？", "city": "那TA住在哪里？", "age": "那TA今年多大？",
