@@ -33,19 +33,10 @@ def autocast(device: str, dtype: str):
 
 
 def peak_matmul_flops(device: str, dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
-    """FLOP/s of a square matmul, the best of `repeats`: the roof MFU is measured against."""
-    a = torch.randn(size, size, dtype=dtype, device=device)
-    b = torch.randn(size, size, dtype=dtype, device=device)
-    for _ in range(3):
-        a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+    """The training loop's own roof measurement, with a larger matrix and more repeats."""
+    from minimind.train import peak_flops
+
+    return peak_flops(device, dtype, size=size, repeats=repeats)
 
 
 def time_calls(fn, device: str, warmup: int, repeats: int) -> list[float]:

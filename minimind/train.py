@@ -80,11 +80,13 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int, min_ratio: float)
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype, size: int = 1024) -> float:
-    """Best of a few square matmuls: the roof MFU is measured against on this worker."""
+def peak_flops(device: torch.device | str, dtype: torch.dtype, size: int = 1024, repeats: int = 4) -> float:
+    """FLOP/s of a square matmul, the best of `repeats` after a warm-up: the roof MFU is measured against."""
+    device = torch.device(device)
     a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
+    a @ b
     best = float("inf")
-    for _ in range(4):
+    for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()

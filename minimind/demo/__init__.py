@@ -15,6 +15,18 @@ from pathlib import Path
 GENERATORS = ("world.py", "images.py")
 
 
+def _publish(folder: Path, write) -> None:
+    """Build `folder` through `write(partial_folder)` and rename it into place: readers never see a
+    half-written folder, and of two concurrent writers (same bytes) the second simply discards its copy."""
+    partial = folder.with_name(folder.name + f".partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    write(partial)
+    try:
+        partial.rename(folder)
+    except OSError:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
 def _generator_hash() -> str:
     digest = hashlib.sha256()
     for name in GENERATORS:
@@ -30,17 +42,14 @@ def demo_data(seed: int = 0, root: str | Path | None = None) -> dict[str, Path]:
 
     root = Path(root or os.environ.get("MINIMIND_DEMO_DIR", Path.home() / ".cache" / "minimind" / "demo"))
     folder = (root / f"seed{seed}-{_generator_hash()}").resolve()
-    done = folder / ".complete"
-    if not done.exists():
-        partial = folder.with_name(folder.name + f".partial-{os.getpid()}")
-        shutil.rmtree(partial, ignore_errors=True)
-        write_text_world(partial, seed=seed)
-        write_image_world(partial, seed=seed)
-        (partial / ".complete").touch()
-        try:
-            partial.rename(folder)  # atomic: concurrent writers of the same seed produce the same bytes
-        except OSError:
-            shutil.rmtree(partial, ignore_errors=True)
+    if not (folder / ".complete").exists():
+
+        def write(partial: Path) -> None:
+            write_text_world(partial, seed=seed)
+            write_image_world(partial, seed=seed)
+            (partial / ".complete").touch()
+
+        _publish(folder, write)
     names = ["pretrain", "sft", "dpo", "reason", "vlm_pretrain", "vlm_sft"]
     paths = {name: folder / f"{name}.jsonl" for name in names}
     paths.update({f"{name}_eval": folder / f"{name}_eval.jsonl" for name in names})
@@ -60,10 +69,5 @@ def demo_tokenizer(seed: int = 0, root: str | Path | None = None) -> Path:
     folder = corpus.parent / f"tokenizer-{DEMO_VOCAB_SIZE}"
     if not (folder / "tokenizer.json").is_file():
         tokenizer = train_tokenizer((record["text"] for _, record in iter_jsonl(corpus, "pretrain")), vocab_size=DEMO_VOCAB_SIZE)
-        partial = folder.with_name(folder.name + f".partial-{os.getpid()}")
-        tokenizer.save_pretrained(str(partial))
-        try:
-            partial.rename(folder)
-        except OSError:
-            shutil.rmtree(partial, ignore_errors=True)
+        _publish(folder, lambda partial: tokenizer.save_pretrained(str(partial)))
     return folder
