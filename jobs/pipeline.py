@@ -1,6 +1,7 @@
-"""The whole text pipeline on the embedded demo world: tokenizer -> pretrain -> SFT -> DPO -> reasoning
-distillation, each stage its own Ray Train run that registers its model for the next one. Ends with a
-table of every stage's held-out metric before and after the stage, and a few answers of the final model.
+"""The whole pipeline on the embedded demo world: tokenizer -> pretrain -> SFT -> DPO -> reasoning
+distillation, then MiniMind-V's VLM pretrain -> VLM SFT (from the SFT model, as MiniMind-V does), each
+stage its own Ray Train run that registers its model for the next one. Ends with a table of every
+stage's held-out metrics before and after the stage, and a few answers of the final models.
 
     python jobs/pipeline.py                     # about ten minutes on 2 CPU cores
     python jobs/pipeline.py --scale 0.2         # a quick smoke run: a fifth of the steps
@@ -19,7 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from distill import DistillConfig  # noqa: E402
 from dpo import DPOConfig  # noqa: E402
 from pretrain import PretrainConfig  # noqa: E402
+from pretrain_vlm import VLMConfig  # noqa: E402
 from sft import SFTConfig  # noqa: E402
+from sft_vlm import VLMSFTConfig  # noqa: E402
 
 from minimind.runner import run_stage  # noqa: E402
 
@@ -28,6 +31,8 @@ STAGES = [
     ("sft", SFTConfig(epochs=3)),
     ("dpo", DPOConfig(epochs=1)),
     ("reason", DistillConfig(epochs=2)),
+    ("vlm_pretrain", VLMConfig(epochs=1)),
+    ("vlm_sft", VLMSFTConfig(epochs=2)),
 ]
 
 
@@ -36,6 +41,7 @@ def main(argv: list[str] | None = None) -> list:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's number of steps (epochs) by this")
     parser.add_argument("--experiment", default="minimind")
     parser.add_argument("--eval-limit", type=int, default=200)
+    parser.add_argument("--text-only", action="store_true", help="stop after the text stages")
     args = parser.parse_args(argv)
 
     from minimind.demo import demo_tokenizer
@@ -44,19 +50,24 @@ def main(argv: list[str] | None = None) -> list:
     print(f"tokenizer: {demo_tokenizer()}")
     results = []
     for name, config in STAGES:
+        if args.text_only and name.startswith("vlm"):
+            break
         config = replace(config, experiment=args.experiment, eval_limit=args.eval_limit)
         if args.scale != 1.0:
-            steps_per_epoch = {"pretrain": 60, "sft": 273, "dpo": 182, "reason": 127}[name]  # the demo world's
+            steps_per_epoch = {"pretrain": 60, "sft": 273, "dpo": 182, "reason": 127, "vlm_pretrain": 138, "vlm_sft": 138}[name]  # the demo world's
             config = replace(config, max_steps=max(2, int(config.epochs * steps_per_epoch * args.scale)))
         results.append(run_stage(config, name))
     total = time.perf_counter() - started
 
-    print("\nstage     model                         seconds  held-out metric: before -> after")
+    print("\nstage         model                             seconds  held-out metrics: before -> after")
     for result in results:
         metrics = ", ".join(f"{key.split('/')[-1]} {result.before.get(key, float('nan')):.3f} -> {value:.3f}" for key, value in result.after.items())
-        print(f"{result.stage:9s} {result.model_uri:29s} {result.seconds:7.0f}  {metrics}")
+        print(f"{result.stage:13s} {result.model_uri:33s} {result.seconds:7.0f}  {metrics}")
     print(f"whole pipeline: {total:.0f}s")
-    _show_answers(results[-1].model_dir)
+    by_stage = {result.stage: result for result in results}
+    _show_answers(by_stage["reason"].model_dir)
+    if "vlm_sft" in by_stage:
+        _show_image_answers(by_stage["vlm_sft"].model_dir)
     return results
 
 
@@ -75,6 +86,22 @@ def _show_answers(model_dir: Path) -> None:
     print("\nsample answers of the final model:")
     for conversation, answer in zip(questions, reply(questions)):
         print(f"  Q: {conversation[-1]['content']}\n  A: {answer}")
+
+
+
+def _show_image_answers(model_dir: Path) -> None:
+    from minimind.data import iter_jsonl
+    from minimind.demo import demo_data
+    from minimind.demo.evaluate import vlm_replier
+    from minimind.tokenizer import load_tokenizer
+    from minimind.vision import load_vlm
+
+    paths = demo_data()
+    records = [record for _, record in list(iter_jsonl(paths["vlm_sft_eval"], "vlm"))[:3]]
+    queries = [(record["conversations"][:-1], [paths["images"] / name for name in record["images"]]) for record in records]
+    print("\nsample answers of the final vision model:")
+    for (conversation, images), answer, record in zip(queries, vlm_replier(load_vlm(model_dir), load_tokenizer(model_dir))(queries), records):
+        print(f"  [{', '.join(image.name for image in images)}] Q: {conversation[-1]['content']!r}\n  A: {answer}  (reference: {record['conversations'][-1]['content']})")
 
 
 if __name__ == "__main__":

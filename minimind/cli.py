@@ -2,6 +2,7 @@
 
     minimind generate --model DIR --prompt "从前有座山"
     minimind chat --model DIR                       # interactive, with the tokenizer's chat template
+    minimind chat --model VLM_DIR --image cat.png --prompt "图中有什么？"   # MiniMind-V
     minimind export-hf SRC_DIR OUT_DIR              # Hugging Face LlamaForCausalLM directory
     minimind demo                                   # a tour of the model on synthetic data
 """
@@ -46,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_flags(chat)
     chat.add_argument("--prompt", default=None)
     chat.add_argument("--system", default=None, help="system prompt (default: the template's own)")
+    chat.add_argument("--image", action="append", default=[], help="an image for a MiniMind-V model (repeatable); "
+                      "placed where the first turn says <image>, else before it")
 
     export = commands.add_parser("export-hf", help="write a Hugging Face LlamaForCausalLM directory")
     export.add_argument("source", help="MiniMind model directory")
@@ -65,8 +68,15 @@ class _Session:
         from minimind.checkpoint import load_model
         from minimind.tokenizer import load_tokenizer
         from minimind.generate import SamplingParams
+        from minimind.vision import is_vlm_dir, load_image, load_vlm
 
-        self.model = load_model(args.model, device=args.device)
+        self.is_vlm = is_vlm_dir(args.model)
+        if getattr(args, "image", None) and not self.is_vlm:
+            raise SystemExit(f"--image needs a MiniMind-V model directory; {args.model} is a text-only model")
+        self.model = (load_vlm if self.is_vlm else load_model)(args.model, device=args.device)
+        images = [load_image(path) for path in getattr(args, "image", None) or []]
+        self.prompt_inputs = {"pixel_values": self.model.pixel_values(images)} if images else None
+        self.image_count = len(images)
         if args.compile:
             from torch._inductor import config as inductor_config
 
@@ -79,6 +89,7 @@ class _Session:
         self.params = SamplingParams(
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
             repetition_penalty=args.repetition_penalty, seed=args.seed, stop_token_ids=sorted(stop_ids),
+            suppress_token_ids=[self.model.image_token_id] if self.is_vlm else None,
         )
         self.autocast = torch.autocast(args.device, dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
 
@@ -88,7 +99,7 @@ class _Session:
         out = sys.stdout
         tokens, printed = [], ""
         with self.autocast:
-            for token in stream_generate(self.model, prompt_ids, self.params):
+            for token in stream_generate(self.model, prompt_ids, self.params, self.prompt_inputs):
                 tokens.append(token)
                 text = self.tokenizer.decode(tokens, skip_special_tokens=False)
                 if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
@@ -102,6 +113,16 @@ class _Session:
     def chat_ids(self, messages: list[dict]) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise SystemExit("this model's tokenizer has no chat template; use `minimind generate` for raw text")
+        if self.is_vlm:
+            from minimind.data import IMAGE_MARKER
+            from minimind.vision import prompt_ids
+
+            first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
+            missing = self.image_count - sum(m["content"].count(IMAGE_MARKER) for m in messages)
+            if missing > 0:  # images not placed by the user go before the first question
+                messages = [*messages]
+                messages[first_user] = {**messages[first_user], "content": IMAGE_MARKER * missing + "\n" + messages[first_user]["content"]}
+            return prompt_ids(self.model, self.tokenizer, messages)
         return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
 
 

@@ -207,10 +207,15 @@ def stage_row(record: dict, stage: StageData, tokenizer, marker_ids: dict) -> di
         messages = [{**m, "content": m["content"].replace(IMAGE_MARKER, marker_ids["image_marker"])} for m in messages]
     ids, labels = tokenize_conversation(tokenizer, messages)
     row = {}
+    length = stage.seq_len
     if stage.kind == "vlm":
         ids, labels = expand_image_placeholders(ids, labels, marker_ids["image_id"], stage.image_tokens)
-        row["images"] = record["images"]
-    row["input_ids"], row["labels"] = ids[: stage.seq_len], labels[: stage.seq_len]
+        placeholders = sum(token == marker_ids["image_id"] for token in ids[:length])
+        images, partial = divmod(placeholders, stage.image_tokens)
+        if partial:  # never cut through an image: end the row before the image the cut would split
+            length = [i for i, token in enumerate(ids) if token == marker_ids["image_id"]][images * stage.image_tokens]
+        row["images"] = record["images"][:images]
+    row["input_ids"], row["labels"] = ids[:length], labels[:length]
     if stage.kind == "reason":
         row["loss_weights"] = tag_weights(row["labels"], set(marker_ids["tag_ids"]), stage.tag_weight)
     return row

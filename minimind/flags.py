@@ -1,5 +1,6 @@
 """Command-line flags generated from a config dataclass: one `--kebab-case` flag per field, with the
-field's `metadata["help"]` and its default shown in `--help`."""
+field's `metadata["help"]` and its default shown in `--help`. Booleans get `--flag/--no-flag`, and
+a shorter way to say no when `metadata["off_flag"]` names one."""
 
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ def add_flags(parser: argparse.ArgumentParser, config_class) -> None:
         flag = "--" + field.name.replace("_", "-")
         if flag_type is None:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
+            if off := field.metadata.get("off_flag"):  # e.g. --cpu for --no-use-gpu
+                parser.add_argument(off, action="store_false", dest=field.name, help=f"same as --no-{flag[2:]}")
         else:
             parser.add_argument(flag, type=flag_type, **options)
 

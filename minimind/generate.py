@@ -23,6 +23,7 @@ class SamplingParams:
     top_p: float = 1.0  # 1.0 disables
     repetition_penalty: float = 1.0  # 1.0 disables; > 1 discourages tokens already present
     stop_token_ids: Sequence[int] | None = None  # None: the model's end-of-sequence id
+    suppress_token_ids: Sequence[int] | None = None  # never sampled (e.g. a VLM's image placeholder)
     seed: int | None = None
     use_cache: bool = True
 
@@ -41,6 +42,8 @@ class SamplingParams:
 
 def next_tokens(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None, generator=None) -> torch.Tensor:
     """Pick one token per row from fp32 logits (batch, vocab)."""
+    if params.suppress_token_ids:
+        logits = logits.index_fill(-1, torch.as_tensor(params.suppress_token_ids, device=logits.device), float("-inf"))
     if seen is not None and params.repetition_penalty != 1.0:
         # CTRL's penalty (Keskar et al. 2019), as in Hugging Face: shrink positive logits, grow negative ones.
         penalised = torch.where(logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty)
@@ -72,11 +75,14 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[tor
 
 
 @torch.inference_mode()
-def stream_batch(model: MiniMindForCausalLM, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Iterator[list[int | None]]:
+def stream_batch(model: MiniMindForCausalLM, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 prompt_inputs: dict | None = None) -> Iterator[list[int | None]]:
     """Yield, each step, one new token per prompt, or None for a prompt that has finished.
 
     A prompt finishes when it samples a stop token (which is not yielded); the stream ends when all
-    have finished or after `max_new_tokens` steps.
+    have finished or after `max_new_tokens` steps. `prompt_inputs` are extra forward arguments that
+    belong to the prompt tokens, such as a VLM's `pixel_values`: given at prefill (and at every step
+    without a KV cache, which recomputes the prompt).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -102,8 +108,9 @@ def stream_batch(model: MiniMindForCausalLM, prompts: Sequence[Sequence[int]], p
 
     step_input, sequence = ids, ids
     try:
-        for _ in range(max_new_tokens):
-            logits = model(step_input, mask, kv_cache=kv_cache, logits_to_keep=1).logits[:, -1].float()
+        for step in range(max_new_tokens):
+            extra = (prompt_inputs or {}) if step == 0 or kv_cache is None else {}
+            logits = model(step_input, mask, kv_cache=kv_cache, logits_to_keep=1, **extra).logits[:, -1].float()
             token = next_tokens(logits, params, seen, generator)
             finished |= torch.isin(token, stop_ids_tensor)
             yield [None if done else t for t, done in zip(token.tolist(), finished.tolist())]
@@ -120,19 +127,21 @@ def stream_batch(model: MiniMindForCausalLM, prompts: Sequence[Sequence[int]], p
         model.train(was_training)
 
 
-def generate(model: MiniMindForCausalLM, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None, **sampling) -> list[list[int]]:
+def generate(model: MiniMindForCausalLM, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None,
+             prompt_inputs: dict | None = None, **sampling) -> list[list[int]]:
     """New token ids for each prompt (stop token excluded). Keyword arguments are SamplingParams fields."""
     outputs: list[list[int]] = [[] for _ in prompts]
-    for step in stream_batch(model, prompts, params or SamplingParams(**sampling)):
+    for step in stream_batch(model, prompts, params or SamplingParams(**sampling), prompt_inputs):
         for row, token in enumerate(step):
             if token is not None:
                 outputs[row].append(token)
     return outputs
 
 
-def stream_generate(model: MiniMindForCausalLM, prompt: Sequence[int], params: SamplingParams | None = None, **sampling) -> Iterator[int]:
+def stream_generate(model: MiniMindForCausalLM, prompt: Sequence[int], params: SamplingParams | None = None,
+                    prompt_inputs: dict | None = None, **sampling) -> Iterator[int]:
     """Yield the new tokens of one prompt as they are produced."""
-    for (token,) in stream_batch(model, [prompt], params or SamplingParams(**sampling)):
+    for (token,) in stream_batch(model, [prompt], params or SamplingParams(**sampling), prompt_inputs):
         if token is None:
             return
         yield token

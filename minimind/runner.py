@@ -15,16 +15,19 @@ from pathlib import Path
 import torch
 
 from minimind import tracking
-from minimind.checkpoint import CONFIG_NAME, load_model, save_model
+from minimind.checkpoint import CONFIG_NAME, save_model
 from minimind.config import ModelConfig
 from minimind.data import StageData, count_records, load_stage_dataset, read_jsonl_dataset
 from minimind.model import MiniMindForCausalLM
 from minimind.stages import STAGES
 from minimind.tokenizer import load_tokenizer
 from minimind.train import TRAINING_STATE, train_loop_per_worker
+from minimind.vision import VISION_CONFIG_NAME, VisionConfig, build_vlm, is_vlm_dir, load_image, save_vlm
 
-DEMO_FILES = {"pretrain": "pretrain", "sft": "sft", "dpo": "dpo", "reason": "reason", "kd": "reason"}
-STAGE_DEFAULTS = {"tag_weight": 10.0, "beta": 0.1, "alpha": 0.5, "temperature": 1.5, "teacher": None}
+DEMO_FILES = {"pretrain": "pretrain", "sft": "sft", "dpo": "dpo", "reason": "reason", "kd": "reason",
+              "vlm_pretrain": "vlm_pretrain", "vlm_sft": "vlm_sft"}
+STAGE_DEFAULTS = {"tag_weight": 10.0, "beta": 0.1, "alpha": 0.5, "temperature": 1.5, "teacher": None,
+                  "images": None, "vision_model": None, "link_vision": False}
 
 
 @dataclass
@@ -37,25 +40,56 @@ class StageResult:
     seconds: float
 
 
-def evaluate(stage_name: str, model, tokenizer, eval_path: Path | None, limit: int) -> tuple[dict, list[dict]]:
-    """The held-out metric the stage exists for (see minimind.demo.evaluate), and a few sample replies."""
-    from minimind.demo.evaluate import answer_exact_match, heldout_loss, preference_accuracy, reasoning_scores, text_replier
+def evaluate(stage_name: str, model, tokenizer, eval_path: Path | None, limit: int, reference=None,
+             images_dir: Path | None = None) -> tuple[dict, list[dict]]:
+    """The held-out metrics of a stage (see minimind.demo.evaluate) and a few sample replies. Every stage
+    reports the cross-entropy of its held-out text; DPO the implicit reward against `reference` (its
+    starting model), the chat stages what the greedy replies get right."""
+    from minimind.demo.evaluate import (
+        answer_exact_match, heldout_loss, image_question_accuracy, preference_accuracy, reasoning_scores, text_replier, vlm_replier,
+    )
 
     if eval_path is None:
         return {}, []
     model.eval()
-    if stage_name == "pretrain":
-        return {"eval/heldout_loss": heldout_loss(model, tokenizer, eval_path)}, []
     if stage_name == "dpo":
-        return {"eval/preference_accuracy": preference_accuracy(model, tokenizer, eval_path)["accuracy"]}, []
+        own = preference_accuracy(model, tokenizer, eval_path, limit=limit)
+        implicit = preference_accuracy(model, tokenizer, eval_path, reference_model=reference, limit=limit) if reference is not model else {}
+        return {
+            "eval/preference_accuracy": own["accuracy"],
+            "eval/rewards_accuracy": implicit.get("accuracy", 0.0),  # 0 and 0 before training: policy == reference
+            "eval/rewards_margin": implicit.get("margin", 0.0),
+        }, []
+    kind = STAGES[stage_name].data_kind
+    metrics = {"eval/heldout_loss": heldout_loss(model, tokenizer, eval_path, kind=kind, limit=limit, images_dir=images_dir)}
+    if stage_name == "pretrain":
+        return metrics, []
+    if kind == "vlm":
+        result = image_question_accuracy(vlm_replier(model, tokenizer), eval_path, images_dir, limit)
+        metrics["eval/image_question_accuracy"] = result["accuracy"]
+        samples = [{"image": ", ".join(str(p) for p in images), "prompt": conversation[-1]["content"], "reply": reply, "reference": reference}
+                   for (conversation, images), reply, reference in result["samples"]]
+        return metrics, samples
     if stage_name == "sft":
         result = answer_exact_match(text_replier(model, tokenizer), eval_path, limit)
-        metrics = {"eval/answer_exact_match": result["accuracy"]}
+        metrics["eval/answer_exact_match"] = result["accuracy"]
     else:
         result = reasoning_scores(text_replier(model, tokenizer, max_new_tokens=160), eval_path, tokenizer, limit)
-        metrics = {"eval/reasoning_format": result["format"], "eval/reasoning_accuracy": result["accuracy"]}
+        metrics |= {"eval/reasoning_format": result["format"], "eval/reasoning_accuracy": result["accuracy"]}
     samples = [{"prompt": conversation[-1]["content"], "reply": reply} for conversation, reply, *_ in result["samples"]]
     return metrics, samples
+
+
+def _check_images(rows, images_dir: Path, data_path: Path, decode: int = 200) -> None:
+    """Every image the training rows name exists, and the first `decode` of them open as images: fail
+    now, naming the file, not in a worker later."""
+    names = sorted({name for row_images in rows["images"] for name in row_images})
+    missing = [name for name in names if not (images_dir / name).is_file()]
+    if missing:
+        raise SystemExit(f"{len(missing)} image(s) named in {data_path} are not under {images_dir}, e.g. {missing[0]}")
+    for name in names[:decode]:
+        load_image(images_dir / name)  # raises ImageError naming the file
+    print(f"[{data_path.name}] {len(names)} images found under {images_dir}")
 
 
 def _run_name(stage: str, storage: Path, resume: bool) -> str:
@@ -94,7 +128,15 @@ def _starting_model(config, stage, work: Path) -> tuple[Path, dict]:
         save_model(MiniMindForCausalLM(model_config), work / "init", tokenizer=tokenizer)
         return work / "init", {"source.uri": f"scratch:{config.preset}", "tokenizer": str(config.tokenizer or tokenizer_dir)}
     reference = config.init or f"models:/{stage.previous}/latest"
-    return tracking.resolve_model(reference, work / "init"), tracking.model_source(reference)
+    init_dir, tags = tracking.resolve_model(reference, work / "init"), tracking.model_source(reference)
+    if stage.data_kind == "vlm" and not is_vlm_dir(init_dir):  # a language model: give it eyes
+        from minimind.demo import demo_vision_tower
+
+        vision_model = config.vision_model or demo_vision_tower()
+        vlm, tokenizer = build_vlm(init_dir, vision_model, seed=config.seed)
+        save_vlm(vlm, work / "vlm-init", tokenizer, vision_model=vision_model if config.link_vision else None)
+        init_dir, tags = work / "vlm-init", {**tags, "vision_model": str(vision_model)}
+    return init_dir, tags
 
 
 def run_stage(config, stage_name: str) -> StageResult:
@@ -117,13 +159,16 @@ def run_stage(config, stage_name: str) -> StageResult:
         demo = demo_data()
     data_path = Path(config.data).resolve() if config.data else demo[DEMO_FILES[stage.name]]
     eval_path = Path(config.eval_data).resolve() if config.eval_data else (demo[DEMO_FILES[stage.name] + "_eval"] if config.data is None else None)
+    images_dir = None
+    if stage.data_kind == "vlm":
+        images_dir = Path(config.images).resolve() if config.images else (demo["images"] if config.data is None else data_path.parent)
 
     init_dir, source_tags = _starting_model(config, stage, work)
     tokenizer = load_tokenizer(init_dir)
     model_config = ModelConfig.load(init_dir / CONFIG_NAME)
     if len(tokenizer) > model_config.vocab_size:
         raise SystemExit(f"the tokenizer in {init_dir} has {len(tokenizer)} tokens but the model only {model_config.vocab_size}")
-    settings = {**STAGE_DEFAULTS, **asdict(config)}
+    settings = {**STAGE_DEFAULTS, **asdict(config), **({"images": str(images_dir)} if images_dir else {})}
     teacher_dir = None
     if stage.name == "kd":
         if not settings["teacher"]:
@@ -131,14 +176,16 @@ def run_stage(config, stage_name: str) -> StageResult:
         teacher_dir = tracking.resolve_model(settings["teacher"], work / "teacher")
 
     # Fail on bad data here, naming file and line, before any worker starts (this also warms the cache).
-    stage_data = StageData(stage.data_kind, seq_len=config.seq_len, tag_weight=settings["tag_weight"])
+    image_tokens = VisionConfig.load(init_dir / VISION_CONFIG_NAME).image_tokens if is_vlm_dir(init_dir) else 1
+    stage_data = StageData(stage.data_kind, seq_len=config.seq_len, tag_weight=settings["tag_weight"], image_tokens=image_tokens)
     rows = load_stage_dataset(data_path, tokenizer, stage_data, skip_bad=config.skip_bad)
+    if images_dir:
+        _check_images(rows, images_dir, data_path)
     skipped = count_records(data_path) - len(read_jsonl_dataset(data_path, stage.data_kind, skip_bad=config.skip_bad))
     print(f"[{stage.name}] {len(rows)} training rows from {data_path}" + (f" ({skipped} malformed lines skipped)" if skipped else ""))
 
-    initial = load_model(init_dir)
-    before, _ = evaluate(stage.name, initial, tokenizer, eval_path, config.eval_limit)
-    del initial
+    initial = stage.load(init_dir, "cpu")
+    before, _ = evaluate(stage.name, initial, tokenizer, eval_path, config.eval_limit, reference=initial, images_dir=images_dir)
 
     if not ray.is_initialized():
         ray.init()
@@ -178,8 +225,8 @@ def run_stage(config, stage_name: str) -> StageResult:
         shutil.rmtree(final_dir, ignore_errors=True)
         with result.checkpoint.as_directory() as checkpoint_dir:
             shutil.copytree(checkpoint_dir, final_dir, ignore=shutil.ignore_patterns(TRAINING_STATE))
-        trained = load_model(final_dir)
-        after, samples = evaluate(stage.name, trained, tokenizer, eval_path, config.eval_limit)
+        trained = stage.load(final_dir, "cpu")
+        after, samples = evaluate(stage.name, trained, tokenizer, eval_path, config.eval_limit, reference=initial, images_dir=images_dir)
         mlflow.log_metrics(after)
         if samples:
             tracking.log_samples(samples)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minimind.checkpoint import load_model
+from minimind.checkpoint import load_model, save_model
 from minimind.losses import dpo_loss, kd_loss, sequence_logprobs
 
 
@@ -25,6 +25,13 @@ class Stage:
     data_kind: str  # minimind.data kind
     registered_name: str  # MLflow registered model of its result
     previous: str | None  # registered model the stage starts from by default
+
+    def load(self, directory, device):
+        """The model to train, its trainable parameters marked with requires_grad."""
+        return load_model(directory, device=device)
+
+    def save(self, model, directory, tokenizer) -> None:
+        save_model(unwrap(model), directory, tokenizer=tokenizer)
 
     def companions(self, config, device) -> dict:
         """Frozen models the loss needs besides the one being trained."""
@@ -73,6 +80,35 @@ class KDStage(Stage):
         return loss + output.aux_loss, metrics
 
 
+@dataclass(frozen=True)
+class VLMStage(Stage):
+    """MiniMind-V: the same loss as SFT, over text whose image placeholders carry projected CLIP features.
+    The two VLM stages differ only in what trains: the projection alone, or the projection and the LLM."""
+
+    train_language_model: bool = False
+
+    def load(self, directory, device):
+        from minimind.vision import load_vlm
+
+        vlm = load_vlm(directory, device=device).requires_grad_(False)
+        vlm.projection.requires_grad_(True)
+        vlm.language_model.requires_grad_(self.train_language_model)
+        return vlm.train()
+
+    def save(self, model, directory, tokenizer) -> None:
+        from minimind.vision import save_vlm
+
+        save_vlm(unwrap(model), directory, tokenizer=tokenizer)
+
+    def loss(self, model, batch, companions, config):
+        from minimind.vision import batch_pixel_values
+
+        pixel_values = batch_pixel_values(unwrap(model), batch["images"], config.images)
+        output = model(batch["input_ids"], pixel_values=pixel_values, labels=batch["labels"])
+        metrics = {"loss/aux": output.aux_loss.detach()} if unwrap(model).config.is_moe else {}
+        return output.loss, metrics
+
+
 def _pad_to(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:
     return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=value)
 
@@ -83,4 +119,6 @@ STAGES = {
     "dpo": DPOStage("dpo", "dpo", "minimind-dpo", "minimind-sft"),
     "reason": Stage("reason", "reason", "minimind-reason", "minimind-dpo"),  # black-box: SFT on teacher traces
     "kd": KDStage("kd", "sft", "minimind-reason", "minimind-dpo"),  # white-box: the teacher's soft labels
+    "vlm_pretrain": VLMStage("vlm_pretrain", "vlm", "minimind-vlm-pretrain", "minimind-sft"),  # projection only
+    "vlm_sft": VLMStage("vlm_sft", "vlm", "minimind-vlm-sft", "minimind-vlm-pretrain", train_language_model=True),
 }

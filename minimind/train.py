@@ -22,15 +22,14 @@ from types import SimpleNamespace
 
 import torch
 
-from minimind.checkpoint import save_model
 from minimind.data import LengthGroupedBatches, StageData, collate, load_stage_dataset, row_lengths
 from minimind.stages import STAGES, unwrap
 
 TRAINING_STATE = "training_state.pt"
 
 
-def _help(text: str, **kwargs):
-    return field(metadata={"help": text}, **kwargs)
+def _help(text: str, off_flag: str | None = None, **kwargs):
+    return field(metadata={"help": text, **({"off_flag": off_flag} if off_flag else {})}, **kwargs)
 
 
 @dataclass
@@ -54,7 +53,7 @@ class TrainConfig:
     max_steps: int = _help("stop after this many optimiser steps (0: --epochs decide)", default=0)
     dtype: str = _help("bf16 (autocast) or fp32", default="bf16")
     num_workers: int = _help("Ray Train workers (DDP when > 1)", default=1)
-    use_gpu: bool = _help("one GPU per worker; falls back to CPU when the cluster has none", default=True)
+    use_gpu: bool = _help("one GPU per worker; falls back to CPU when the cluster has none", off_flag="--cpu", default=True)
     cpus_per_worker: int = _help("CPUs (and torch threads) per worker; 0: the cluster's CPUs shared among the workers", default=0)
     checkpoint_every: int = _help("report a checkpoint every N optimiser steps (and at the end)", default=50)
     max_failures: int = _help("worker failures Ray recovers from by restarting from the last checkpoint", default=2)
@@ -105,8 +104,21 @@ def autocast_dtype(config, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
+def stage_data(stage, config, model) -> StageData:
+    """How this stage's records become rows; a VLM expands each image to as many tokens as its tower yields."""
+    image_tokens = getattr(unwrap(model), "image_tokens", 1)
+    return StageData(stage.data_kind, seq_len=config.seq_len, tag_weight=config.tag_weight, image_tokens=image_tokens)
+
+
 def batch_tokens(batch: dict) -> int:
     return int(sum(value.sum() for key, value in batch.items() if key.endswith("attention_mask")))
+
+
+def _say(line: str) -> None:
+    """One line to the worker's stdout, which Ray forwards to the driver. Not print(): Train V2 patches
+    print in workers to also log each message, so every line reached the driver twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def _rng_state() -> dict:
@@ -120,7 +132,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     from ray.train.torch import get_device, prepare_model
 
-    from minimind.checkpoint import load_model
     from minimind.tokenizer import load_tokenizer
 
     config = SimpleNamespace(**loop_config)
@@ -133,10 +144,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(config.seed + rank)
 
     tokenizer = load_tokenizer(config.init_dir)
-    model = load_model(config.init_dir, device=device).train()
-    dataset = load_stage_dataset(
-        config.data_path, tokenizer, StageData(stage.data_kind, seq_len=config.seq_len, tag_weight=config.tag_weight), config.skip_bad
-    )
+    model = stage.load(config.init_dir, device).train()
+    dataset = load_stage_dataset(config.data_path, tokenizer, stage_data(stage, config, model), config.skip_bad)
     batches = LengthGroupedBatches(row_lengths(dataset), config.batch_size, seed=config.seed, num_replicas=world, rank=rank)
     steps_per_epoch = max(1, len(batches) // config.grad_accum)
     total_steps = config.max_steps or config.epochs * steps_per_epoch
@@ -148,15 +157,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
-            resumed = load_model(directory, device=device)
-            model.load_state_dict(resumed.state_dict())
+            model.load_state_dict(stage.load(directory, device).state_dict())
             state = torch.load(Path(directory) / TRAINING_STATE, weights_only=True)
             optimizer.load_state_dict(state["optimizer"])
             step = state["step"]
             random.setstate(state["rng"]["python"])
             torch.set_rng_state(state["rng"]["torch"])
         if rank == 0:
-            print(f"[{config.stage}] resumed from step {step}", flush=True)
+            _say(f"[{config.stage}] resumed from step {step}")
 
     model = prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": unwrap(model).config.is_moe})
     amp_dtype = autocast_dtype(config, device)
@@ -205,14 +213,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
             window_tokens, window_start = 0, time.perf_counter()
         stopping = bool(config.stop_after) and step >= config.stop_after and step < total_steps
         if step % config.checkpoint_every == 0 or step == total_steps or stopping:
-            _report_checkpoint(model, tokenizer, optimizer, step, {**sums, "finished": float(step == total_steps)}, rank)
+            _report_checkpoint(stage, model, tokenizer, optimizer, step, {**sums, "finished": float(step == total_steps)}, rank)
         if stopping:
             break
     if logger:
         logger.close()
 
 
-def _report_checkpoint(model, tokenizer, optimizer, step: int, metrics: dict, rank: int) -> None:
+def _report_checkpoint(stage, model, tokenizer, optimizer, step: int, metrics: dict, rank: int) -> None:
     import ray.train
 
     reported = {**metrics, "step": step}
@@ -220,7 +228,7 @@ def _report_checkpoint(model, tokenizer, optimizer, step: int, metrics: dict, ra
         ray.train.report(reported, checkpoint=None)
         return
     with tempfile.TemporaryDirectory() as directory:
-        save_model(unwrap(model), directory, tokenizer=tokenizer)
+        stage.save(model, directory, tokenizer)
         torch.save({"optimizer": optimizer.state_dict(), "step": step, "rng": _rng_state()}, Path(directory) / TRAINING_STATE)
         ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
@@ -243,10 +251,9 @@ class _MetricLogger:
             self.bar = tqdm(total=total_steps, desc=config.stage, leave=False)
 
     def log(self, step: int, metrics: dict, elapsed: float) -> None:
-        print(
+        _say(
             f"[{self.config.stage}] step {step:5d}/{self.total_steps} | loss {metrics['train/loss']:.4f} | lr {metrics['train/lr']:.2e}"
-            f" | {metrics['train/tokens_per_s']:,.0f} tok/s | MFU {metrics['train/mfu']:.1%} | {elapsed:.0f}s",
-            flush=True,
+            f" | {metrics['train/tokens_per_s']:,.0f} tok/s | MFU {metrics['train/mfu']:.1%} | {elapsed:.0f}s"
         )
         if self.bar:
             self.bar.update(step - self.bar.n)

@@ -59,3 +59,24 @@ def test_demo_learns_and_round_trips(tmp_path, capsys):
     assert "KV-cached decoding equals full recomputation: True" in printed
     losses = [float(line.split("loss")[1].split()[0]) for line in printed.splitlines() if line.strip().startswith("step")]
     assert losses[-1] < losses[0] / 2
+
+
+def test_chat_with_an_image_needs_a_vlm_and_answers_with_one(tmp_path, model_dir, capsys):
+    from PIL import Image
+
+    from test_vision import clip_tower
+    from minimind.tokenizer import train_tokenizer
+    from minimind.vision import MiniMindVLM, save_vlm
+
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "red.png")
+    with pytest.raises(SystemExit, match="--image needs a MiniMind-V model"):
+        main(["chat", "--model", str(model_dir), "--image", str(tmp_path / "red.png"), "--prompt", "hi"])
+
+    tokenizer = train_tokenizer(["图中有一个红色的圆形。"] * 20, vocab_size=300)
+    save_vlm(MiniMindVLM(random_model(vocab_size=len(tokenizer)), *clip_tower(), image_token_id=7), tmp_path / "vlm", tokenizer)
+    for prompt in ("图中有什么？", "<image>\n图中有什么？"):  # the image goes first unless the prompt places it
+        main(["chat", "--model", str(tmp_path / "vlm"), "--image", str(tmp_path / "red.png"), "--prompt", prompt, "--max-new-tokens", "4"])
+        assert capsys.readouterr().out.strip()
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(SystemExit, match="broken.png: not a readable image"):
+        main(["chat", "--model", str(tmp_path / "vlm"), "--image", str(tmp_path / "broken.png"), "--prompt", "hi"])

@@ -75,6 +75,20 @@ def test_vlm_rows_expand_each_image_placeholder(tokenizer, tmp_path):
     assert row["images"] == ["a.png", "b.png"]
 
 
+def test_vlm_rows_are_never_cut_through_an_image(tokenizer):
+    from minimind.data import stage_row
+
+    record = {"conversations": [{"role": "user", "content": "看<image><image>"}, {"role": "assistant", "content": "一样。"}],
+              "images": ["a.png", "b.png"]}
+    image_id = Markers.of(tokenizer).ids(tokenizer)["image"]
+    whole = StageData("vlm", seq_len=512, image_tokens=5)
+    first = stage_row(record, whole, tokenizer, whole.marker_ids(tokenizer))["input_ids"].index(image_id)
+    cut = StageData("vlm", seq_len=first + 7, image_tokens=5)  # the second image's run is cut after 2 tokens
+    row = stage_row(record, cut, tokenizer, cut.marker_ids(tokenizer))
+    assert row["images"] == ["a.png"] and len(row["input_ids"]) == first + 5  # it ends where the second image began
+    assert sum(token == image_id for token in row["input_ids"]) == 5
+
+
 def test_packing_loses_and_duplicates_nothing():
     documents = [[1] + list(range(10 * d, 10 * d + length)) + [2] for d, length in enumerate([3, 17, 1, 8, 30, 5])]
     rows = list(pack_documents(documents, seq_len=16, pad_id=0))

@@ -39,6 +39,19 @@ def test_heldout_loss_is_the_mean_token_cross_entropy(tmp_path, tokenizer, model
     assert heldout_loss(model, tokenizer, path, seq_len=64) == pytest.approx(expected, rel=1e-5)
 
 
+def test_heldout_loss_of_chat_data_counts_only_the_replies(tmp_path, tokenizer, model):
+    path = write_jsonl(tmp_path / "sft.jsonl", [qa("小明喜欢什么？", "红色。")])
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "小明喜欢什么？"}], add_generation_prompt=True, tokenize=True, return_dict=False)
+    full = tokenizer.apply_chat_template(qa("小明喜欢什么？", "红色。")["conversations"], tokenize=True, return_dict=False)
+    assert full[: len(prompt)] == prompt
+    ids = torch.tensor([full])
+    with torch.no_grad():
+        logits = model(ids).logits
+    start, end = len(prompt), full.index(tokenizer.eos_token_id, len(prompt)) + 1  # the reply and its end-of-turn token
+    expected = F.cross_entropy(logits[0, start - 1 : end - 1], ids[0, start:end]).item()
+    assert len(full) < 256 and heldout_loss(model, tokenizer, path, kind="sft", seq_len=256) == pytest.approx(expected, rel=1e-5)
+
+
 def test_exact_match_compares_replies_with_references(tmp_path):
     path = write_jsonl(tmp_path / "sft_eval.jsonl", [qa("小明喜欢什么？", "红色。"), qa("小红住在哪？", "北京。")])
     assert answer_exact_match(lambda prompts: ["红色。", "上海。"], path)["accuracy"] == 0.5

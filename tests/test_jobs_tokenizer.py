@@ -29,6 +29,15 @@ def test_flags_are_generated_from_the_dataclass():
         parse_config(Example, ["--steps", "many"])
 
 
+def test_training_jobs_take_cpu_as_the_short_no_use_gpu():
+    from minimind.train import TrainConfig
+
+    assert parse_config(TrainConfig, []).use_gpu is True
+    assert parse_config(TrainConfig, ["--cpu"]).use_gpu is False
+    assert parse_config(TrainConfig, ["--no-use-gpu"]).use_gpu is False
+    assert parse_config(TrainConfig, ["--cpu", "--use-gpu"]).use_gpu is True
+
+
 def test_tokenizer_job_trains_and_saves_a_loadable_tokenizer(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in ["从前有座山。", "hello world"] * 50))

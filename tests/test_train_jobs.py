@@ -214,3 +214,57 @@ def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(mlflow_store, t
     save_model(random_model(vocab_size=100), tmp_path / "small", tokenizer=load_tokenizer(demo_tokenizer()))
     with pytest.raises(SystemExit, match="has 2048 tokens but the model only 100"):
         run_stage(SFTConfig(**{**QUICK, "init": str(tmp_path / "small")}), "sft")
+
+
+def test_vlm_stages_train_what_each_should_and_never_the_vision_tower(mlflow_store, tmp_path):
+    from pretrain_vlm import VLMConfig
+    from sft_vlm import VLMSFTConfig
+
+    from conftest import random_model
+    from minimind.checkpoint import save_model
+    from minimind.demo import demo_tokenizer, demo_vision_tower
+    from minimind.tokenizer import load_tokenizer
+    from minimind.vision import build_vlm, load_vlm
+
+    tokenizer = load_tokenizer(demo_tokenizer())
+    save_model(random_model(vocab_size=len(tokenizer), std=0.02), tmp_path / "llm", tokenizer=tokenizer)
+    fresh, _ = build_vlm(tmp_path / "llm", demo_vision_tower(), seed=0)  # what the stage starts from
+
+    def same(a, b):
+        a, b = a.state_dict(), b.state_dict()
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    pretrain = run_stage(VLMConfig(**{**QUICK, "init": str(tmp_path / "llm")}), "vlm_pretrain")
+    assert pretrain.model_uri == "models:/minimind-vlm-pretrain/1"
+    aligned = load_vlm(pretrain.model_dir)
+    assert same(aligned.language_model, fresh.language_model)  # frozen: bit-identical
+    assert not same(aligned.projection, fresh.projection)
+    assert same(aligned.vision_tower, fresh.vision_tower)
+
+    sft = run_stage(VLMSFTConfig(**QUICK), "vlm_sft")  # default --init: the VLM registered just above
+    run = client().get_run(client().get_model_version("minimind-vlm-sft", "1").run_id)
+    assert run.data.tags["source.name"] == "minimind-vlm-pretrain"
+    tuned = load_vlm(sft.model_dir)
+    assert not same(tuned.language_model, aligned.language_model) and not same(tuned.projection, aligned.projection)
+    assert same(tuned.vision_tower, fresh.vision_tower)
+    assert sft.after["eval/heldout_loss"] < sft.before["eval/heldout_loss"]
+    assert "eval/image_question_accuracy" in sft.after and "eval_before/image_question_accuracy" in run.data.metrics
+    samples = json.loads(Path(client().download_artifacts(run.info.run_id, "samples.json", str(tmp_path))).read_text())
+    assert {"image", "prompt", "reply", "reference"} <= set(samples["columns"])
+
+
+def test_vlm_data_naming_a_missing_image_fails_before_training(mlflow_store, tmp_path):
+    from pretrain_vlm import VLMConfig
+
+    from conftest import random_model
+    from minimind.checkpoint import save_model
+    from minimind.demo import demo_tokenizer
+    from minimind.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(demo_tokenizer())
+    save_model(random_model(vocab_size=len(tokenizer)), tmp_path / "llm", tokenizer=tokenizer)
+    record = {"conversations": [{"role": "user", "content": "<image>\n这是什么？"}, {"role": "assistant", "content": "圆形。"}],
+              "image": "missing.png"}
+    (tmp_path / "vlm.jsonl").write_text(json.dumps(record, ensure_ascii=False) + "\n")
+    with pytest.raises(SystemExit, match=r"1 image\(s\) named in .*vlm.jsonl are not under .*missing.png"):
+        run_stage(VLMConfig(**{**QUICK, "data": str(tmp_path / "vlm.jsonl"), "init": str(tmp_path / "llm")}), "vlm_pretrain")

@@ -71,3 +71,28 @@ def demo_tokenizer(seed: int = 0, root: str | Path | None = None) -> Path:
         tokenizer = train_tokenizer((record["text"] for _, record in iter_jsonl(corpus, "pretrain")), vocab_size=DEMO_VOCAB_SIZE)
         _publish(folder, lambda partial: tokenizer.save_pretrained(str(partial)))
     return folder
+
+
+def demo_vision_tower(seed: int = 0, root: str | Path | None = None) -> Path:
+    """The demo's CLIP vision tower folder: no CLIP weights can be downloaded here, so it is a small
+    randomly initialised `CLIPVisionConfig` tower for the demo's 64-px images (4 x 4 patches of 16 px),
+    saved with `save_pretrained` and loaded back through `from_pretrained` like real weights. Its features
+    are fixed random functions of the patches: they tell colours and places apart, they know nothing."""
+    import torch
+    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
+
+    from minimind.demo.images import IMAGE_SIZE
+
+    folder = demo_data(seed, root)["images"].parent / "clip-vision-demo"
+    if not (folder / "config.json").is_file():
+        torch.manual_seed(seed)
+        config = CLIPVisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                  image_size=IMAGE_SIZE, patch_size=16)
+        processor = CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+
+        def write(partial: Path) -> None:
+            CLIPVisionModel(config).save_pretrained(str(partial))
+            processor.save_pretrained(str(partial))
+
+        _publish(folder, write)
+    return folder

@@ -1,7 +1,7 @@
 """Held-out evaluation of each stage, measuring what the stage exists for. Works on the demo world's
 `*_eval.jsonl` files or any file in the same format; the jobs log these numbers to MLflow.
 
-    pretrain  heldout_loss          mean next-token cross-entropy on unseen text
+    every     heldout_loss          mean next-token cross-entropy on unseen text (replies only for chat data)
     sft       answer_exact_match    greedy reply == reference reply
     dpo       preference_accuracy   chosen reply more likely than rejected (reward = policy - reference)
     reason    reasoning_scores      reply has the <think>/<answer> form; answer == reference answer
@@ -35,14 +35,21 @@ def _batches(rows, batch_size: int):
 
 
 @torch.no_grad()
-def heldout_loss(model, tokenizer, path: str | Path, seq_len: int = 256, batch_size: int = 16) -> float:
-    rows = load_stage_dataset(path, tokenizer, StageData("pretrain", seq_len=seq_len))
+def heldout_loss(model, tokenizer, path: str | Path, kind: str = "pretrain", seq_len: int = 256, batch_size: int = 16,
+                 limit: int | None = None, images_dir: str | Path | None = None) -> float:
+    """Mean cross-entropy per predicted token: every token of packed text for `pretrain`, the assistant
+    replies (unweighted) for the chat kinds `sft`, `reason` and `vlm` (a VLM with its images)."""
+    from minimind.vision import batch_pixel_values
+
+    rows = load_stage_dataset(path, tokenizer, StageData(kind, seq_len=seq_len, image_tokens=getattr(model, "image_tokens", 1)))
+    rows = rows.select(range(min(limit, len(rows)))) if limit else rows
     total, tokens = 0.0, 0
     model.eval()
     for rows_batch in _batches(rows, batch_size):
         batch = collate(rows_batch, tokenizer.pad_token_id)
         labels = batch["labels"].to(_device(model))
-        hidden = model(batch["input_ids"].to(_device(model)), return_logits=False).hidden_states
+        images = {"pixel_values": batch_pixel_values(model, batch["images"], images_dir)} if kind == "vlm" else {}
+        hidden = model(batch["input_ids"].to(_device(model)), return_logits=False, **images).hidden_states
         loss = causal_lm_loss(hidden, model.lm_head.weight, labels)  # without the MoE aux term
         counted = int((labels[:, 1:] != -100).sum())
         total, tokens = total + float(loss) * counted, tokens + counted
@@ -60,6 +67,23 @@ def text_replier(model, tokenizer, max_new_tokens: int = 64, batch_size: int = 3
                 for c in conversations[start : start + batch_size]
             ]
             outputs = generate(model, prompts, max_new_tokens=max_new_tokens, stop_token_ids=[tokenizer.eos_token_id])
+            replies += [tokenizer.decode(tokens, skip_special_tokens=False) for tokens in outputs]
+        return replies
+
+    return reply
+
+
+def vlm_replier(vlm, tokenizer, max_new_tokens: int = 64, batch_size: int = 16):
+    """Greedy replies of a VLM to (conversation, image paths) queries."""
+    from minimind.vision import generate_with_images, load_image, prompt_ids
+
+    def reply(queries: Sequence[tuple[list[dict], list[Path]]]) -> list[str]:
+        replies = []
+        for start in range(0, len(queries), batch_size):
+            chunk = queries[start : start + batch_size]
+            prompts = [prompt_ids(vlm, tokenizer, conversation) for conversation, _ in chunk]
+            images = [load_image(path) for _, paths in chunk for path in paths]
+            outputs = generate_with_images(vlm, prompts, images, max_new_tokens=max_new_tokens, stop_token_ids=[tokenizer.eos_token_id])
             replies += [tokenizer.decode(tokens, skip_special_tokens=False) for tokens in outputs]
         return replies
 
@@ -109,10 +133,12 @@ def image_question_accuracy(replier: Callable[[Sequence[tuple[list[dict], list[P
 
 
 @torch.no_grad()
-def preference_accuracy(model, tokenizer, path: str | Path, reference_model=None, seq_len: int = 512, batch_size: int = 16) -> dict:
+def preference_accuracy(model, tokenizer, path: str | Path, reference_model=None, seq_len: int = 512, batch_size: int = 16,
+                        limit: int | None = None) -> dict:
     """How often the chosen reply wins: by implicit DPO reward (policy minus reference mean log-prob)
-    when a reference is given, else by the policy's own mean log-prob."""
+    when a reference is given, else by the policy's own mean log-prob. Ties are not wins."""
     rows = load_stage_dataset(path, tokenizer, StageData("dpo", seq_len=seq_len))
+    rows = rows.select(range(min(limit, len(rows)))) if limit else rows
     wins, margins = [], []
     for rows_batch in _batches(rows, batch_size):
         batch = collate(rows_batch, tokenizer.pad_token_id)

@@ -41,6 +41,7 @@ POSITIONS = {  # name -> (Chinese, centre as fractions of the image side), in re
     "bottom_left": ("左下方", (0.22, 0.78)),
     "bottom_right": ("右下方", (0.78, 0.78)),
 }
+IMAGE_SIZE = 64  # pixels a side
 RADIUS = 0.13  # of the image side: corner shapes end at 0.35 and the middle one starts at 0.37, so none overlap
 NUMERALS = "零一两三四五六七八"  # up to two images of four shapes
 
@@ -89,7 +90,7 @@ def sample_scenes(seed: int, num_train: int, num_eval: int) -> tuple[list[Scene]
     return train, held_out
 
 
-def draw_scene(scene: Scene, image_size: int = 64) -> Image.Image:
+def draw_scene(scene: Scene, image_size: int = IMAGE_SIZE) -> Image.Image:
     """Flat colours without anti-aliasing, so the pixel at a shape's centre is exactly its colour."""
     image = Image.new("RGB", (image_size, image_size), BACKGROUND)
     draw = ImageDraw.Draw(image)
@@ -258,7 +259,7 @@ def build_records(stage: str, names: list[str], scenes: list[Scene], rng: random
 
 
 def write_image_world(
-    out_dir: Path, seed: int = 0, image_size: int = 64, num_train: int = 2000, num_eval: int = 200
+    out_dir: Path, seed: int = 0, image_size: int = IMAGE_SIZE, num_train: int = 2000, num_eval: int = 200
 ) -> dict[str, Path]:
     """Write images/ (train_*.png, eval_*.png) and the four JSONL files; returns name -> path."""
     out_dir, images = Path(out_dir), Path(out_dir) / "images"

@@ -1,0 +1,28 @@
+"""MiniMind-V stage 2, visual instruction tuning: the projection and the language model train; the
+vision tower stays frozen.
+
+    python jobs/sft_vlm.py                            # demo images; starts from models:/minimind-vlm-pretrain/latest
+    python jobs/sft_vlm.py --data sft_vlm_data.jsonl --images sft_images/ --seq-len 1536 --lr 2e-6
+
+Registers `minimind-vlm-sft`.
+"""
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pretrain_vlm import VLMConfig  # noqa: E402
+
+from minimind.runner import main  # noqa: E402
+
+
+@dataclass
+class VLMSFTConfig(VLMConfig):
+    lr: float = 5e-4
+    epochs: int = 2
+
+
+if __name__ == "__main__":
+    main(VLMSFTConfig, "vlm_sft", description=__doc__)

@@ -1,0 +1,224 @@
+"""MiniMind-V: the language model with eyes, LLaVA-1 style.
+
+    image --CLIPImageProcessor--> pixels --CLIP ViT (frozen)--> patch tokens (no CLS), e.g. 196 x 768
+          --projection (one bias-free Linear)--> 196 x hidden
+    text  "...<image>..." --tokenizer--> ids with 196 placeholder tokens per image --embed--> hidden
+    the projected image tokens overwrite the placeholder embeddings, in order; from there the forward
+    is exactly the language model's (so KV-cached generation works unchanged).
+
+A VLM directory is a language-model directory (`load_model` still reads its LLM) plus
+`vision.json`, `projection.safetensors` and the CLIP tower in `vision/` (or a path to it).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from minimind.checkpoint import load_model, save_model
+from minimind.model import CausalLMOutput, MiniMindForCausalLM
+
+VISION_CONFIG_NAME = "vision.json"
+PROJECTION_NAME = "projection.safetensors"
+VISION_DIR = "vision"
+MAX_IMAGE_PIXELS = 4096 * 4096  # larger images are refused (Pillow's decompression-bomb guard)
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; the message names the file."""
+
+
+def load_image(source, max_pixels: int = MAX_IMAGE_PIXELS, name: str | None = None) -> Image.Image:
+    """An RGB image from a path or a binary file object: EXIF orientation applied, any mode converted,
+    anything over `max_pixels` (a decompression bomb or just too big) refused."""
+    name = name or str(source)
+    previous = Image.MAX_IMAGE_PIXELS
+    try:
+        Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow warns above this and raises above twice this
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source) as image:
+                image = ImageOps.exif_transpose(image)
+                image.load()
+                return image.convert("RGB")
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
+        raise ImageError(f"{name}: image too large (more than {max_pixels:,} pixels): {error}") from None
+    except FileNotFoundError:
+        raise ImageError(f"{name}: no such image file") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise ImageError(f"{name}: not a readable image ({error})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+@dataclass
+class VisionConfig:
+    vision_model: str = VISION_DIR  # the CLIP tower: a folder relative to the VLM directory, or absolute
+    image_tokens: int = 196  # patch tokens per image = placeholders per <image>
+    vision_hidden_size: int = 768
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "VisionConfig":
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def load_vision_tower(path: str | Path):
+    """A frozen CLIP vision tower and its image processor, from a local folder or a hub id."""
+    import importlib.util
+
+    import transformers
+
+    tower = transformers.CLIPVisionModel.from_pretrained(str(path))
+    tower.requires_grad_(False)
+    # transformers' default CLIP processor needs torchvision; without it, ask for the Pillow one by name
+    # (same preprocessing) instead of having it warn and fall back.
+    processor_class = "CLIPImageProcessor" if importlib.util.find_spec("torchvision") else "CLIPImageProcessorPil"
+    return tower.eval(), getattr(transformers, processor_class).from_pretrained(str(path))
+
+
+def image_token_count(tower) -> int:
+    config = tower.config
+    return (config.image_size // config.patch_size) ** 2  # the CLS token is dropped
+
+
+class MiniMindVLM(nn.Module):
+    def __init__(self, language_model: MiniMindForCausalLM, vision_tower, image_processor, image_token_id: int):
+        super().__init__()
+        self.language_model = language_model
+        self.vision_tower = vision_tower
+        self.image_processor = image_processor
+        self.image_token_id = image_token_id
+        self.image_tokens = image_token_count(vision_tower)
+        self.projection = nn.Linear(vision_tower.config.hidden_size, language_model.config.hidden_size, bias=False)
+
+    @property
+    def config(self):  # generation and the training loop read the language model's config
+        return self.language_model.config
+
+    @property
+    def lm_head(self):
+        return self.language_model.lm_head
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vision_tower.eval()  # always frozen, always in eval mode
+        return self
+
+    def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
+        return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(images, 3, H, W) -> (images, image_tokens, hidden): frozen patch tokens, projected."""
+        with torch.no_grad():
+            tower_dtype = next(self.vision_tower.parameters()).dtype
+            patches = self.vision_tower(pixel_values=pixel_values.to(self.projection.weight.device, tower_dtype)).last_hidden_state[:, 1:]
+        return self.projection(patches.to(self.projection.weight.dtype))
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with the image features written over the placeholder positions: the k-th run
+        of `image_tokens` placeholders in the batch (row by row) receives the k-th image."""
+        embeddings = self.language_model.model.embed_tokens(input_ids)
+        is_placeholder = input_ids == self.image_token_id
+        count = int(is_placeholder.sum())
+        images = 0 if pixel_values is None else pixel_values.shape[0]
+        if count != images * self.image_tokens:
+            raise ValueError(f"{count} image placeholder tokens for {images} image(s) of {self.image_tokens} tokens each")
+        if images == 0:
+            return embeddings
+        features = self.image_features(pixel_values).reshape(-1, embeddings.shape[-1]).to(embeddings.dtype)
+        return embeddings.masked_scatter(is_placeholder[..., None], features)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, pixel_values=None,
+                kv_cache=None, **kwargs) -> CausalLMOutput:
+        """The language model's forward; `pixel_values` (one entry per image, in placeholder order) are
+        needed whenever `input_ids` contain placeholders, i.e. at prefill but not for cached decoding."""
+        return self.language_model(None, attention_mask, inputs_embeds=self.embed(input_ids, pixel_values), kv_cache=kv_cache, **kwargs)
+
+    def num_parameters(self, active: bool = False) -> int:
+        """Parameters the forward spends FLOPs on in the language model and projection (MFU's basis)."""
+        return self.language_model.num_parameters(active) + self.projection.weight.numel()
+
+
+def batch_pixel_values(vlm: MiniMindVLM, images: list[list[str]], images_dir: str | Path | None) -> torch.Tensor | None:
+    """Pixels for every image of a batch, row by row, in placeholder order (None for a text-only batch)."""
+    names = [name for row in images for name in row]
+    if not names:
+        return None
+    return vlm.pixel_values([load_image(Path(images_dir or ".") / name) for name in names])
+
+
+def prompt_ids(vlm: MiniMindVLM, tokenizer, messages: list[dict]) -> list[int]:
+    """A chat prompt (ending with the user's turn) as ids, each <image> expanded to the tower's token count."""
+    from minimind.data import IMAGE_MARKER, expand_image_placeholders
+    from minimind.tokenizer import Markers
+
+    marker = Markers.of(tokenizer).image
+    if marker != IMAGE_MARKER:
+        messages = [{**m, "content": m["content"].replace(IMAGE_MARKER, marker)} for m in messages]
+    ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+    return expand_image_placeholders(ids, ids, vlm.image_token_id, vlm.image_tokens)[0]
+
+
+def generate_with_images(vlm: MiniMindVLM, prompts: list[list[int]], images: list[Image.Image], **sampling) -> list[list[int]]:
+    """Batched, KV-cached generation; `images` are every prompt's images, prompt by prompt, in order."""
+    from minimind.generate import generate
+
+    pixel_values = vlm.pixel_values(images) if images else None
+    return generate(vlm, prompts, prompt_inputs={"pixel_values": pixel_values}, suppress_token_ids=[vlm.image_token_id], **sampling)
+
+
+def build_vlm(language_model_dir: str | Path, vision_model: str | Path, seed: int = 0) -> tuple[MiniMindVLM, object]:
+    """A fresh VLM: a trained language model, a CLIP tower, and a new projection. Returns (vlm, tokenizer)."""
+    from minimind.tokenizer import Markers, load_tokenizer
+
+    tokenizer = load_tokenizer(language_model_dir)
+    tower, processor = load_vision_tower(vision_model)
+    image_token_id = Markers.of(tokenizer).ids(tokenizer)["image"]
+    torch.manual_seed(seed)
+    return MiniMindVLM(load_model(language_model_dir), tower, processor, image_token_id), tokenizer
+
+
+def save_vlm(vlm: MiniMindVLM, directory: str | Path, tokenizer=None, vision_model: str | Path | None = None) -> Path:
+    """Write a self-contained VLM directory; with `vision_model` the tower is referenced by that path
+    instead of copied."""
+    directory = Path(directory)
+    vlm = getattr(vlm, "module", vlm)
+    save_model(vlm.language_model, directory, tokenizer=tokenizer)
+    save_file({"weight": vlm.projection.weight.detach().cpu().contiguous()}, str(directory / PROJECTION_NAME))
+    if vision_model is None:
+        vlm.vision_tower.save_pretrained(str(directory / VISION_DIR))
+        vlm.image_processor.save_pretrained(str(directory / VISION_DIR))
+    reference = str(Path(vision_model).resolve()) if vision_model is not None and Path(vision_model).exists() else vision_model
+    VisionConfig(str(reference or VISION_DIR), vlm.image_tokens, vlm.vision_tower.config.hidden_size).save(directory / VISION_CONFIG_NAME)
+    return directory
+
+
+def is_vlm_dir(directory: str | Path) -> bool:
+    return (Path(directory) / VISION_CONFIG_NAME).is_file()
+
+
+def load_vlm(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> MiniMindVLM:
+    from minimind.tokenizer import Markers, load_tokenizer
+
+    directory = Path(directory)
+    if not is_vlm_dir(directory):
+        raise FileNotFoundError(f"{directory} is not a MiniMind-V directory: {VISION_CONFIG_NAME} is missing")
+    config = VisionConfig.load(directory / VISION_CONFIG_NAME)
+    tower_path = directory / config.vision_model if not Path(config.vision_model).is_absolute() else Path(config.vision_model)
+    tower, processor = load_vision_tower(tower_path if tower_path.exists() else config.vision_model)
+    tokenizer = load_tokenizer(directory)
+    vlm = MiniMindVLM(load_model(directory), tower, processor, Markers.of(tokenizer).ids(tokenizer)["image"])
+    if vlm.image_tokens != config.image_tokens:
+        raise ValueError(f"{directory}: the vision tower yields {vlm.image_tokens} tokens per image, {VISION_CONFIG_NAME} says {config.image_tokens}")
+    vlm.projection.load_state_dict(load_file(str(directory / PROJECTION_NAME)))
+    return vlm.to(device=device, dtype=dtype).eval()

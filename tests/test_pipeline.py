@@ -1,0 +1,39 @@
+"""The README's first command, shortened: the whole text pipeline on the demo world, every stage a real
+Ray Train run registered in MLflow, and every stage's held-out metric better after it than before."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+
+import pipeline  # noqa: E402
+
+
+@pytest.fixture
+def home(ray_cluster, tmp_path, monkeypatch):
+    monkeypatch.setenv("MINIMIND_HOME", str(tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    return tmp_path
+
+
+def test_pipeline_runs_every_stage_and_each_improves_its_heldout_metric(home, capsys):
+    results = pipeline.main(["--scale", "0.03", "--eval-limit", "16"])
+    by_stage = {result.stage: result for result in results}
+    assert list(by_stage) == ["pretrain", "sft", "dpo", "reason", "vlm_pretrain", "vlm_sft"]
+    assert [result.model_uri for result in results] == [
+        "models:/minimind-pretrain/1", "models:/minimind-sft/1", "models:/minimind-dpo/1", "models:/minimind-reason/1",
+        "models:/minimind-vlm-pretrain/1", "models:/minimind-vlm-sft/1",
+    ]
+    for stage in ("pretrain", "sft", "reason", "vlm_pretrain", "vlm_sft"):
+        assert by_stage[stage].after["eval/heldout_loss"] < by_stage[stage].before["eval/heldout_loss"], stage
+    dpo = by_stage["dpo"]
+    assert dpo.before["eval/rewards_margin"] == 0.0  # the policy starts as its own reference
+    assert dpo.after["eval/rewards_margin"] > 0.0 and dpo.after["eval/rewards_accuracy"] > 0.5
+
+    printed = capsys.readouterr().out
+    assert "whole pipeline:" in printed and "sample answers of the final model:" in printed
+    assert "sample answers of the final vision model:" in printed
+    for stage in by_stage:
+        assert f"\n{stage} " in printed  # one row of the summary table per stage
