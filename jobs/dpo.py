@@ -18,6 +18,7 @@ from minimind.train import TrainConfig  # noqa: E402
 @dataclass
 class DPOConfig(TrainConfig):
     beta: float = field(default=0.1, metadata={"help": "DPO temperature: how far the policy may move from the reference"})
+    answer_eval: str | None = field(default=None, metadata={"help": "held-out SFT JSONL whose answer accuracy DPO should keep (default: the demo's, with the demo data)"})
     lr: float = 1e-4
     batch_size: int = 8
 

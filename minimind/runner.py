@@ -27,7 +27,7 @@ from minimind.vision import VISION_CONFIG_NAME, VisionConfig, build_vlm, is_vlm_
 DEMO_FILES = {"pretrain": "pretrain", "sft": "sft", "dpo": "dpo", "reason": "reason", "kd": "reason",
               "vlm_pretrain": "vlm_pretrain", "vlm_sft": "vlm_sft"}
 STAGE_DEFAULTS = {"tag_weight": 10.0, "beta": 0.1, "alpha": 0.5, "temperature": 1.5, "teacher": None,
-                  "images": None, "vision_model": None, "link_vision": False}
+                  "images": None, "vision_model": None, "link_vision": False, "answer_eval": None}
 
 
 @dataclass
@@ -38,10 +38,11 @@ class StageResult:
     before: dict
     after: dict
     seconds: float
+    run_id: str = ""  # the stage's MLflow run
 
 
 def evaluate(stage_name: str, model, tokenizer, eval_path: Path | None, limit: int, reference=None,
-             images_dir: Path | None = None) -> tuple[dict, list[dict]]:
+             images_dir: Path | None = None, answer_path: Path | None = None) -> tuple[dict, list[dict]]:
     """The held-out metrics of a stage (see minimind.demo.evaluate) and a few sample replies. Every stage
     reports the cross-entropy of its held-out text; DPO the implicit reward against `reference` (its
     starting model), the chat stages what the greedy replies get right."""
@@ -55,11 +56,15 @@ def evaluate(stage_name: str, model, tokenizer, eval_path: Path | None, limit: i
     if stage_name == "dpo":
         own = preference_accuracy(model, tokenizer, eval_path, limit=limit)
         implicit = preference_accuracy(model, tokenizer, eval_path, reference_model=reference, limit=limit) if reference is not model else {}
-        return {
+        metrics = {
             "eval/preference_accuracy": own["accuracy"],
-            "eval/rewards_accuracy": implicit.get("accuracy", 0.0),  # 0 and 0 before training: policy == reference
+            "eval/rewards_accuracy": implicit.get("accuracy", 0.0),  # all 0 before training: policy == reference
             "eval/rewards_margin": implicit.get("margin", 0.0),
-        }, []
+            "eval/drift": implicit.get("drift", 0.0),
+        }
+        if answer_path is not None:  # what DPO must not lose: the SFT answers
+            metrics["eval/answer_exact_match"] = answer_exact_match(text_replier(model, tokenizer), answer_path, limit)["accuracy"]
+        return metrics, []
     kind = STAGES[stage_name].data_kind
     metrics = {"eval/heldout_loss": heldout_loss(model, tokenizer, eval_path, kind=kind, limit=limit, images_dir=images_dir)}
     if stage_name == "pretrain":
@@ -78,6 +83,25 @@ def evaluate(stage_name: str, model, tokenizer, eval_path: Path | None, limit: i
         metrics |= {"eval/reasoning_format": result["format"], "eval/reasoning_accuracy": result["accuracy"]}
     samples = [{"prompt": conversation[-1]["content"], "reply": reply} for conversation, reply, *_ in result["samples"]]
     return metrics, samples
+
+
+def parse_overrides(text: str | None) -> dict:
+    """"num_experts=4,num_experts_per_tok=1" -> {"num_experts": 4, "num_experts_per_tok": 1}, typed by ModelConfig."""
+    import dataclasses
+    import typing
+
+    if not text:
+        return {}
+    types = typing.get_type_hints(ModelConfig)
+    known = {field.name for field in dataclasses.fields(ModelConfig)}
+    overrides = {}
+    for item in text.split(","):
+        key, _, value = (part.strip() for part in item.partition("="))
+        if key not in known or not value:
+            raise SystemExit(f"--config-overrides: {item!r} is not FIELD=VALUE with a field of ModelConfig ({', '.join(sorted(known))})")
+        kind = types[key]
+        overrides[key] = float(value) if kind is float else int(value) if kind is int else value
+    return overrides
 
 
 def _check_images(rows, images_dir: Path, data_path: Path, decode: int = 200) -> None:
@@ -107,7 +131,7 @@ def _use_gpu(config) -> bool:
     if not config.use_gpu:
         return False
     gpus = ray.cluster_resources().get("GPU", 0)
-    if gpus < config.num_workers:
+    if gpus < config.num_workers * config.gpus_per_worker:
         print(f"no GPU for each of {config.num_workers} worker(s) in the Ray cluster ({gpus:g} GPUs): training on CPU")
         return False
     return True
@@ -122,7 +146,7 @@ def _starting_model(config, stage, work: Path) -> tuple[Path, dict]:
         tokenizer = load_tokenizer(tokenizer_dir)
         model_config = ModelConfig.from_name(
             config.preset, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **parse_overrides(config.config_overrides),
         )
         torch.manual_seed(config.seed)
         save_model(MiniMindForCausalLM(model_config), work / "init", tokenizer=tokenizer)
@@ -139,7 +163,12 @@ def _starting_model(config, stage, work: Path) -> tuple[Path, dict]:
     return init_dir, tags
 
 
-def run_stage(config, stage_name: str) -> StageResult:
+def run_stage(config, stage_name: str, callbacks: list | None = None, register: bool = True, parent_run_id: str | None = None,
+              run_name: str | None = None, tags: dict | None = None) -> StageResult:
+    """One stage job. For a Tune trial: `callbacks` go to the Ray Train `RunConfig` (its
+    `TuneReportCallback`), `parent_run_id` nests the MLflow run under the sweep's, `register=False`
+    leaves registration to the sweep (it registers only the best trial), and a fixed `run_name` makes a
+    restored trial continue its Ray Train run from the last checkpoint."""
     import mlflow
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -149,7 +178,7 @@ def run_stage(config, stage_name: str) -> StageResult:
     stage = STAGES[stage_name]
     tracking.configure(config.experiment)
     storage = Path(config.storage_path or tracking.PROJECT_ROOT / "ray_results").resolve()
-    run_name = _run_name(stage.name, storage, config.resume)
+    run_name = run_name or _run_name(stage.name, storage, config.resume)
     work = (tracking.PROJECT_ROOT / "checkpoints" / "runs" / run_name).resolve()
 
     demo = None
@@ -159,6 +188,9 @@ def run_stage(config, stage_name: str) -> StageResult:
         demo = demo_data()
     data_path = Path(config.data).resolve() if config.data else demo[DEMO_FILES[stage.name]]
     eval_path = Path(config.eval_data).resolve() if config.eval_data else (demo[DEMO_FILES[stage.name] + "_eval"] if config.data is None else None)
+    answer_path = None
+    if stage.name == "dpo" and (getattr(config, "answer_eval", None) or config.data is None):
+        answer_path = Path(config.answer_eval).resolve() if getattr(config, "answer_eval", None) else demo["sft_eval"]
     images_dir = None
     if stage.data_kind == "vlm":
         images_dir = Path(config.images).resolve() if config.images else (demo["images"] if config.data is None else data_path.parent)
@@ -185,33 +217,38 @@ def run_stage(config, stage_name: str) -> StageResult:
     print(f"[{stage.name}] {len(rows)} training rows from {data_path}" + (f" ({skipped} malformed lines skipped)" if skipped else ""))
 
     initial = stage.load(init_dir, "cpu")
-    before, _ = evaluate(stage.name, initial, tokenizer, eval_path, config.eval_limit, reference=initial, images_dir=images_dir)
+    before, _ = evaluate(stage.name, initial, tokenizer, eval_path, config.eval_limit, reference=initial, images_dir=images_dir, answer_path=answer_path)
 
     if not ray.is_initialized():
         ray.init()
     if not config.cpus_per_worker:
-        config.cpus_per_worker = max(1, int(ray.cluster_resources().get("CPU", 1)) // config.num_workers)
+        config.cpus_per_worker = float(max(1, int(ray.cluster_resources().get("CPU", 1)) // config.num_workers))
         settings["cpus_per_worker"] = config.cpus_per_worker
-    with mlflow.start_run(run_name=run_name) as run:
+    use_gpu = _use_gpu(config)
+    with mlflow.start_run(run_name=run_name, parent_run_id=parent_run_id) as run:
         mlflow.log_params({key: value for key, value in settings.items() if value is not None})
         mlflow.set_tags({
-            **source_tags, "stage": stage.name, "ray.run_name": run_name, "data.path": str(data_path),
+            **source_tags, **(tags or {}), "stage": stage.name, "ray.run_name": run_name, "data.path": str(data_path),
             "data.sha256": tracking.file_digest(data_path), "data.skipped_lines": str(skipped),
             **({"git.commit": commit} if (commit := tracking.git_commit()) else {}),
         })
         mlflow.log_metrics({key.replace("eval/", "eval_before/"): value for key, value in before.items()})
+        language_model = getattr(initial, "language_model", initial)
+        mlflow.log_metrics({"model/parameters": language_model.num_parameters(), "model/active_parameters": language_model.num_parameters(active=True)})
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={
                 **settings, "stage": stage.name, "init_dir": str(init_dir), "data_path": str(data_path),
+                "eval_path": str(eval_path) if eval_path else None,
                 "teacher_dir": str(teacher_dir) if teacher_dir else None,
                 "mlflow_run_id": run.info.run_id, "mlflow_tracking_uri": mlflow.get_tracking_uri(),
             },
             scaling_config=ScalingConfig(
-                num_workers=config.num_workers, use_gpu=_use_gpu(config), resources_per_worker={"CPU": config.cpus_per_worker}
+                num_workers=config.num_workers, use_gpu=use_gpu,
+                resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if use_gpu else {})},
             ),
             run_config=RunConfig(
-                name=run_name, storage_path=str(storage),
+                name=run_name, storage_path=str(storage), callbacks=callbacks,
                 failure_config=FailureConfig(max_failures=config.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
             ),
@@ -220,25 +257,28 @@ def run_stage(config, stage_name: str) -> StageResult:
         if not result.metrics.get("finished"):
             print(f"[{stage.name}] stopped at step {result.metrics.get('step')}; continue with --resume (Ray run {run_name})")
             mlflow.set_tag("status", "stopped")
-            return StageResult(stage.name, "", Path(), before, {}, time.perf_counter() - started)
+            return StageResult(stage.name, "", Path(), before, {}, time.perf_counter() - started, run.info.run_id)
         final_dir = work / "model"
         shutil.rmtree(final_dir, ignore_errors=True)
         with result.checkpoint.as_directory() as checkpoint_dir:
             shutil.copytree(checkpoint_dir, final_dir, ignore=shutil.ignore_patterns(TRAINING_STATE))
         trained = stage.load(final_dir, "cpu")
-        after, samples = evaluate(stage.name, trained, tokenizer, eval_path, config.eval_limit, reference=initial, images_dir=images_dir)
+        after, samples = evaluate(stage.name, trained, tokenizer, eval_path, config.eval_limit, reference=initial, images_dir=images_dir, answer_path=answer_path)
         mlflow.log_metrics(after)
         if samples:
             tracking.log_samples(samples)
         _log_curve(run.info.run_id)
+        mlflow.set_tag("model_dir", str(final_dir))
         name = config.register_as or stage.registered_name
-        version = tracking.register_model_dir(final_dir, name, run_id=run.info.run_id, alias=config.alias, tags=source_tags)
+        model_uri = ""
+        if register:
+            version = tracking.register_model_dir(final_dir, name, run_id=run.info.run_id, alias=config.alias, tags=source_tags)
+            model_uri = f"models:/{name}/{version.version}"
     seconds = time.perf_counter() - started
-    model_uri = f"models:/{name}/{version.version}"
-    print(f"[{stage.name}] registered {model_uri} in {seconds:.0f}s; held-out " + ", ".join(
+    print(f"[{stage.name}] {'registered ' + model_uri if model_uri else 'finished'} in {seconds:.0f}s; held-out " + ", ".join(
         f"{key.split('/')[-1]} {before.get(key, float('nan')):.3f} -> {value:.3f}" for key, value in after.items()
     ))
-    return StageResult(stage.name, model_uri, final_dir, before, after, seconds)
+    return StageResult(stage.name, model_uri, final_dir, before, after, seconds, run.info.run_id)
 
 
 def _log_curve(run_id: str) -> None:

@@ -54,7 +54,8 @@ class TrainConfig:
     dtype: str = _help("bf16 (autocast) or fp32", default="bf16")
     num_workers: int = _help("Ray Train workers (DDP when > 1)", default=1)
     use_gpu: bool = _help("one GPU per worker; falls back to CPU when the cluster has none", off_flag="--cpu", default=True)
-    cpus_per_worker: int = _help("CPUs (and torch threads) per worker; 0: the cluster's CPUs shared among the workers", default=0)
+    gpus_per_worker: float = _help("GPUs per worker; a fraction lets Tune trials share one GPU", default=1.0)
+    cpus_per_worker: float = _help("CPUs per worker (torch threads: at least one); 0: the cluster's CPUs shared among the workers", default=0.0)
     checkpoint_every: int = _help("report a checkpoint every N optimiser steps (and at the end)", default=50)
     max_failures: int = _help("worker failures Ray recovers from by restarting from the last checkpoint", default=2)
     resume: bool = _help("continue the newest run of this stage from its last checkpoint", default=False)
@@ -66,6 +67,8 @@ class TrainConfig:
     skip_bad: bool = _help("skip malformed data lines (counted) instead of failing", default=False)
     log_every: int = _help("log a line and MLflow metrics every N steps", default=10)
     eval_limit: int = _help("evaluate on at most this many held-out records", default=200)
+    val_every: int = _help("also compute the held-out loss every N steps in training, logged as val/loss and reported to Ray (0: off)", default=0)
+    config_overrides: str | None = _help("model fields to override when training from scratch, e.g. num_experts=4,num_experts_per_tok=1", default=None)
     seed: int = _help("random seed", default=0)
 
 
@@ -139,7 +142,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = get_device()
     stage = STAGES[config.stage]
-    torch.set_num_threads(config.cpus_per_worker)  # Ray pins workers to one thread unless told otherwise
+    torch.set_num_threads(max(1, int(config.cpus_per_worker)))  # Ray pins workers to one thread unless told otherwise
     random.seed(config.seed + rank)
     torch.manual_seed(config.seed + rank)
 
@@ -212,12 +215,35 @@ def train_loop_per_worker(loop_config: dict) -> None:
                               "train/mfu": flops_per_token * tokens_per_s / world / peak}, time.perf_counter() - started)
             window_tokens, window_start = 0, time.perf_counter()
         stopping = bool(config.stop_after) and step >= config.stop_after and step < total_steps
+        validating = bool(getattr(config, "val_every", 0)) and (step % config.val_every == 0 or step == total_steps)
+        if validating:
+            sums["val/loss"] = _validation_loss(stage, model, tokenizer, config) if rank == 0 else 0.0  # only rank 0's report counts
+            if logger:
+                logger.log_metrics(step, {"val/loss": sums["val/loss"]})
         if step % config.checkpoint_every == 0 or step == total_steps or stopping:
             _report_checkpoint(stage, model, tokenizer, optimizer, step, {**sums, "finished": float(step == total_steps)}, rank)
+        elif validating:
+            import ray.train
+
+            ray.train.report({**sums, "step": step, "finished": 0.0})  # every rank reports, none with a checkpoint
         if stopping:
             break
     if logger:
         logger.close()
+
+
+def _validation_loss(stage, model, tokenizer, config) -> float:
+    """The held-out loss of the model being trained (the data kinds with labels per token; DPO has none)."""
+    from minimind.demo.evaluate import heldout_loss
+
+    if not config.eval_path or stage.data_kind == "dpo":
+        return float("nan")
+    inner = unwrap(model)
+    with torch.no_grad():
+        loss = heldout_loss(inner, tokenizer, config.eval_path, kind=stage.data_kind, seq_len=config.seq_len,
+                            limit=config.eval_limit, images_dir=getattr(config, "images", None))
+    inner.train()
+    return loss
 
 
 def _report_checkpoint(stage, model, tokenizer, optimizer, step: int, metrics: dict, rank: int) -> None:
@@ -250,6 +276,13 @@ class _MetricLogger:
 
             self.bar = tqdm(total=total_steps, desc=config.stage, leave=False)
 
+    def log_metrics(self, step: int, metrics: dict) -> None:
+        if self.client:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            self.client.log_batch(self.config.mlflow_run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
     def log(self, step: int, metrics: dict, elapsed: float) -> None:
         _say(
             f"[{self.config.stage}] step {step:5d}/{self.total_steps} | loss {metrics['train/loss']:.4f} | lr {metrics['train/lr']:.2e}"
@@ -257,11 +290,7 @@ class _MetricLogger:
         )
         if self.bar:
             self.bar.update(step - self.bar.n)
-        if self.client:
-            from mlflow.entities import Metric
-
-            now = int(time.time() * 1000)
-            self.client.log_batch(self.config.mlflow_run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        self.log_metrics(step, metrics)
 
     def close(self) -> None:
         if self.bar:

@@ -80,7 +80,7 @@ def test_preference_accuracy(tmp_path, tokenizer, model):
              for c, r in [("红色。", "北京北京北京。"), ("42", "小红")]]
     path = write_jsonl(tmp_path / "dpo_eval.jsonl", pairs)
     same = preference_accuracy(model, tokenizer, path, reference_model=model)
-    assert same == {"accuracy": 0.0, "margin": 0.0}  # policy == reference: every reward is zero
+    assert same == {"accuracy": 0.0, "margin": 0.0, "drift": 0.0}  # policy == reference: every reward is zero
     alone = preference_accuracy(model, tokenizer, path)
     assert 0.0 <= alone["accuracy"] <= 1.0 and alone["margin"] != 0.0
 

@@ -136,10 +136,12 @@ def image_question_accuracy(replier: Callable[[Sequence[tuple[list[dict], list[P
 def preference_accuracy(model, tokenizer, path: str | Path, reference_model=None, seq_len: int = 512, batch_size: int = 16,
                         limit: int | None = None) -> dict:
     """How often the chosen reply wins: by implicit DPO reward (policy minus reference mean log-prob)
-    when a reference is given, else by the policy's own mean log-prob. Ties are not wins."""
+    when a reference is given, else by the policy's own mean log-prob. Ties are not wins. With a
+    reference, `drift` is the mean |policy - reference| per-token log-prob over both replies: how far
+    the policy has moved."""
     rows = load_stage_dataset(path, tokenizer, StageData("dpo", seq_len=seq_len))
     rows = rows.select(range(min(limit, len(rows)))) if limit else rows
-    wins, margins = [], []
+    wins, margins, drifts = [], [], []
     for rows_batch in _batches(rows, batch_size):
         batch = collate(rows_batch, tokenizer.pad_token_id)
         scores = {}
@@ -148,10 +150,14 @@ def preference_accuracy(model, tokenizer, path: str | Path, reference_model=None
             logps = _mean_logps(model, ids, mask, labels)
             if reference_model is not None:
                 logps = logps - _mean_logps(reference_model, ids, mask, labels)
+                drifts += logps.abs().tolist()
             scores[side] = logps
         wins += (scores["chosen"] > scores["rejected"]).tolist()
         margins += (scores["chosen"] - scores["rejected"]).tolist()
-    return {"accuracy": sum(wins) / max(len(wins), 1), "margin": sum(margins) / max(len(margins), 1)}
+    result = {"accuracy": sum(wins) / max(len(wins), 1), "margin": sum(margins) / max(len(margins), 1)}
+    if reference_model is not None:
+        result["drift"] = sum(drifts) / max(len(drifts), 1)
+    return result
 
 
 def _mean_logps(model, ids, mask, labels):
