@@ -7,7 +7,7 @@ padding, streaming, over a preallocated KV cache.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -76,13 +76,14 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[tor
 
 @torch.inference_mode()
 def stream_batch(model: MiniMindForCausalLM, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                 prompt_inputs: dict | None = None) -> Iterator[list[int | None]]:
+                 prompt_inputs: dict | None = None, stop_rows: Callable[[], Iterable[int]] | None = None) -> Iterator[list[int | None]]:
     """Yield, each step, one new token per prompt, or None for a prompt that has finished.
 
     A prompt finishes when it samples a stop token (which is not yielded); the stream ends when all
     have finished or after `max_new_tokens` steps. `prompt_inputs` are extra forward arguments that
     belong to the prompt tokens, such as a VLM's `pixel_values`: given at prefill (and at every step
-    without a KV cache, which recomputes the prompt).
+    without a KV cache, which recomputes the prompt). `stop_rows()`, asked every step, names rows to
+    finish now (a server's cancelled or satisfied requests); the stream ends when every row is finished.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -113,6 +114,9 @@ def stream_batch(model: MiniMindForCausalLM, prompts: Sequence[Sequence[int]], p
             logits = model(step_input, mask, kv_cache=kv_cache, logits_to_keep=1, **extra).logits[:, -1].float()
             token = next_tokens(logits, params, seen, generator)
             finished |= torch.isin(token, stop_ids_tensor)
+            if stop_rows is not None:
+                for row in stop_rows():
+                    finished[row] = True
             yield [None if done else t for t, done in zip(token.tolist(), finished.tolist())]
             if bool(finished.all()):
                 return

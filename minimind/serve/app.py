@@ -1,0 +1,204 @@
+"""The Ray Serve application: one deployment per model (`ModelServer`, batching inside each replica)
+behind a FastAPI gateway that speaks OpenAI's chat-completions API and serves the chat page.
+
+    POST /v1/chat/completions   GET /v1/models   GET /healthz   GET /  (chat page)
+
+`build_app(args)` is the application builder `serve run` and `jobs/serve.py` use.
+"""
+
+
+import asyncio
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from ray import serve
+
+from minimind.serve.protocol import APIError, ChatRequest, Limits, completion_id, now, parse_chat_request
+
+PAGE = Path(__file__).with_name("chat.html")
+
+
+@dataclass
+class ModelSpec:
+    name: str  # the OpenAI model name clients ask for
+    uri: str  # models:/NAME/latest|VERSION, models:/NAME@ALIAS, runs:/... or a directory
+    num_replicas: int | str = 1  # or "auto" for autoscaling
+    max_replicas: int = 2
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    max_batch_size: int = 16
+    batch_wait_ms: float = 10.0
+    dtype: str = "bf16"
+
+
+@dataclass
+class ServeSettings:
+    models: list[ModelSpec] = field(default_factory=list)
+    limits: Limits = field(default_factory=Limits)
+    api_key: str | None = None
+    tracking_uri: str | None = None  # where models:/ URIs resolve (default: the project's store)
+
+
+@serve.deployment
+class ModelServer:
+    """One model in one replica; concurrent requests decode together (see minimind.serve.engine)."""
+
+    def __init__(self, spec: dict, limits: dict, tracking_uri: str | None):
+        import torch
+
+        from minimind import tracking
+        from minimind.serve.engine import ChatModel
+
+        spec = ModelSpec(**spec)
+        if tracking_uri:
+            os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+        torch.set_num_threads(max(1, int(spec.num_cpus)))
+        tracking.configure()
+        self.model_dir = tracking.resolve_model(spec.uri, Path(tempfile.mkdtemp(prefix=f"minimind-serve-{spec.name}-")))
+        self.chat_model = ChatModel(self.model_dir, Limits(**limits), spec.max_batch_size, spec.batch_wait_ms / 1000, spec.dtype)
+
+    def info(self) -> dict:
+        return {"takes_images": self.chat_model.takes_images, "context": self.chat_model.context, "model_dir": str(self.model_dir)}
+
+    def stats(self) -> dict:
+        engine = self.chat_model.engine
+        return {"batches": engine.batches_run, "batch_sizes": engine.batch_sizes[-50:], "waiting": len(engine.pending),
+                "last_batch": engine.last_batch, "running": engine.running}
+
+    async def chat(self, request: ChatRequest):
+        try:
+            async for event in self.chat_model.chat(request):
+                yield event
+        except APIError as error:
+            yield {"type": "error", "status": error.status, "body": error.body()}
+
+
+api = FastAPI(title="MiniMind", docs_url=None, redoc_url=None)
+# Note: serve.ingress captures the gateway class when it is defined, so what its methods use is defined above it.
+
+
+def _usage(start: dict, end: dict) -> dict:
+    prompt, completion = start.get("prompt_tokens", 0), end.get("completion_tokens", 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _error(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+@serve.deployment
+@serve.ingress(api)
+class Gateway:
+    def __init__(self, servers: dict, limits: dict, api_key: str | None):
+        self.servers, self.limits, self.api_key = servers, Limits(**limits), api_key
+        self.takes_images: dict[str, bool] | None = None
+        self.created = now()
+
+    async def _models(self) -> dict[str, bool]:
+        if self.takes_images is None:
+            infos = await asyncio.gather(*(handle.info.remote() for handle in self.servers.values()))
+            self.takes_images = {name: info["takes_images"] for name, info in zip(self.servers, infos)}
+        return self.takes_images
+
+    def _check_key(self, request: Request) -> None:
+        if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
+            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+
+    @api.get("/healthz")
+    async def healthz(self):
+        return {"status": "ok", "models": await self._models()}
+
+    @api.get("/", response_class=HTMLResponse)
+    async def page(self):
+        return PAGE.read_text(encoding="utf-8")
+
+    @api.get("/v1/models")
+    async def list_models(self, request: Request):
+        try:
+            self._check_key(request)
+        except APIError as error:
+            return _error(error)
+        models = await self._models()
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": self.created, "owned_by": "minimind", "takes_images": images}
+            for name, images in models.items()
+        ]}
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        try:
+            self._check_key(request)
+            try:
+                body = json.loads(await request.body())
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                raise APIError(400, f"the body is not valid JSON: {error}") from None
+            chat = parse_chat_request(body, await self._models(), self.limits)
+        except APIError as error:
+            return _error(error)
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if isinstance(body.get("stream_options"), dict) else False
+        events = self.servers[chat.model].options(stream=True).chat.remote(chat)
+        try:
+            first = await events.__anext__()
+        except Exception as error:  # noqa: BLE001 - the replica died or could not be reached
+            return _error(APIError(503, f"the model '{chat.model}' is unavailable: {type(error).__name__}", kind="server_error"))
+        if first["type"] == "error":
+            return JSONResponse(first["body"], status_code=first["status"])
+        if chat.stream:
+            return StreamingResponse(self._sse(chat, first, events, include_usage), media_type="text/event-stream")
+        reasoning, content, end = "", "", {}
+        async for event in events:
+            if event["type"] == "delta":
+                reasoning, content = reasoning + event["reasoning"], content + event["content"]
+            elif event["type"] == "end":
+                end = event
+        message = {"role": "assistant", "content": content, **({"reasoning_content": reasoning} if reasoning else {})}
+        return {
+            "id": completion_id(), "object": "chat.completion", "created": now(), "model": chat.model,
+            "choices": [{"index": 0, "message": message, "finish_reason": end.get("finish_reason", "stop")}],
+            "usage": _usage(first, end),
+        }
+
+    async def _sse(self, chat: ChatRequest, first: dict, events, include_usage: bool):
+        identity = {"id": completion_id(), "object": "chat.completion.chunk", "created": now(), "model": chat.model}
+
+        def chunk(delta: dict, finish=None, **extra) -> str:
+            return "data: " + json.dumps({**identity, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra},
+                                         ensure_ascii=False) + "\n\n"
+
+        yield chunk({"role": "assistant", "content": ""})
+        async for event in events:
+            if event["type"] == "delta":
+                delta = {key: value for key, value in (("reasoning_content", event["reasoning"]), ("content", event["content"])) if value}
+                yield chunk(delta)
+            elif event["type"] == "end":
+                yield chunk({}, event["finish_reason"])
+                if include_usage:
+                    yield "data: " + json.dumps({**identity, "choices": [], "usage": _usage(first, event)}) + "\n\n"
+        yield "data: [DONE]\n\n"
+
+
+def _server(spec: ModelSpec, settings: ServeSettings):
+    options = {"ray_actor_options": {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus}, "name": spec.name}
+    if spec.num_replicas == "auto":
+        options["autoscaling_config"] = {"min_replicas": 1, "max_replicas": spec.max_replicas, "target_ongoing_requests": spec.max_batch_size}
+    else:
+        options["num_replicas"] = int(spec.num_replicas)
+    return ModelServer.options(**options).bind(asdict(spec), asdict(settings.limits), settings.tracking_uri)
+
+
+def build(settings: ServeSettings):
+    servers = {spec.name: _server(spec, settings) for spec in settings.models}
+    return Gateway.options(ray_actor_options={"num_cpus": 0.1}).bind(servers, asdict(settings.limits), settings.api_key)
+
+
+def build_app(args: dict):
+    """`serve run` builder: args are ServeSettings fields, with `models` a list of ModelSpec dicts."""
+    args = dict(args)
+    models = [ModelSpec(**spec) for spec in args.pop("models", [])]
+    limits = Limits(**args.pop("limits", {}))
+    return build(ServeSettings(models=models, limits=limits, **args))
