@@ -68,11 +68,17 @@ def test_every_stage_trains_registers_and_hands_over(mlflow_store):
     assert client().get_metric_history(kd_run, "loss/kd") and client().get_metric_history(kd_run, "loss/ce")
 
 
-def test_resume_continues_exactly_where_it_stopped(mlflow_store, tmp_path):
+def test_resume_continues_exactly_where_it_stopped_never_from_a_torn_checkpoint(mlflow_store, tmp_path):
     storage = str(tmp_path / "ray")
     straight = run_stage(PretrainConfig(**{**QUICK, "max_steps": 6, "checkpoint_every": 3}), "pretrain")
     stopped = run_stage(PretrainConfig(**{**QUICK, "max_steps": 6, "checkpoint_every": 3, "stop_after": 3, "storage_path": storage}), "pretrain")
     assert stopped.model_uri == ""  # nothing registered for an unfinished run
+    (run_dir,) = Path(storage).glob("pretrain-*")
+    complete = max(path for path in run_dir.glob("checkpoint_*") if path.is_dir())
+    torn = run_dir / "checkpoint_2099-01-01_00-00-00.000000"  # newer by name, and cut off mid-write
+    torn.mkdir()
+    for path in complete.iterdir():
+        (torn / path.name).write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     resumed = run_stage(PretrainConfig(**{**QUICK, "max_steps": 6, "checkpoint_every": 3, "resume": True, "storage_path": storage}), "pretrain")
     resumed_run = client().get_model_version("minimind-pretrain", resumed.model_uri.rsplit("/", 1)[1]).run_id
     assert [m.step for m in client().get_metric_history(resumed_run, "train/loss")] == [4, 5, 6]  # none twice, none skipped
