@@ -183,7 +183,9 @@ class Gateway:
 
 
 def _server(spec: ModelSpec, settings: ServeSettings):
-    options = {"ray_actor_options": {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus}, "name": spec.name}
+    # Serve admits 5 requests per replica by default: too few to fill a batch; the rest wait in the replica.
+    options = {"ray_actor_options": {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus}, "name": spec.name,
+               "max_ongoing_requests": 4 * spec.max_batch_size}
     if spec.num_replicas == "auto":
         options["autoscaling_config"] = {"min_replicas": 1, "max_replicas": spec.max_replicas, "target_ongoing_requests": spec.max_batch_size}
     else:
@@ -193,7 +195,8 @@ def _server(spec: ModelSpec, settings: ServeSettings):
 
 def build(settings: ServeSettings):
     servers = {spec.name: _server(spec, settings) for spec in settings.models}
-    return Gateway.options(ray_actor_options={"num_cpus": 0.1}).bind(servers, asdict(settings.limits), settings.api_key)
+    gateway = Gateway.options(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=1000)
+    return gateway.bind(servers, asdict(settings.limits), settings.api_key)
 
 
 def build_app(args: dict):

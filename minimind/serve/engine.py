@@ -1,16 +1,20 @@
 """Serving a model to many clients at once, without Ray: a batching engine over the library's KV-cached
 batched decoder, and `ChatModel`, which turns an OpenAI-style request into a stream of events.
 
-Batching is static: requests that arrive within `batch_wait_s` of each other (and sample alike) decode
-together as one left-padded batch of up to `max_batch_size`; requests arriving meanwhile wait for the
-next batch. A request whose client goes away, or that has its tokens or hit a stop string, leaves the
-batch at the next step, and a batch ends as soon as none of its requests needs more tokens.
+Batching is continuous at step granularity: requests that sample alike decode together as one
+left-padded, KV-cached batch of up to `max_batch_size`. A request arriving while a batch decodes joins
+it at the next step: the batch is re-formed from each row's prompt plus the tokens it has so far and
+prefilled again (a prefill of the whole batch costs about as much as a few decode steps of it, and
+spares the newcomer a wait for the whole batch). A request whose client goes away, or that has its
+tokens or hit a stop string, leaves at the next step. Seeded requests decode only with requests of
+the same seed and admit no newcomers, so what they sample does not depend on timing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
+import threading
 from collections.abc import AsyncIterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -29,8 +33,17 @@ class _Request:
     sampling: tuple  # (temperature, top_p, seed): requests batch only with equal sampling
     max_new_tokens: int
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    sent: int = 0
+    generated: list[int] = field(default_factory=list)
     done: bool = False  # the consumer needs no more tokens
+    stopped: bool = False  # the model said its stop token
+
+    @property
+    def sent(self) -> int:
+        return len(self.generated)
+
+    @property
+    def over(self) -> bool:
+        return self.done or self.stopped or self.sent >= self.max_new_tokens
 
 
 class BatchingEngine:
@@ -41,10 +54,11 @@ class BatchingEngine:
         self.device = next(model.parameters()).device
         self.autocast = torch.autocast(self.device.type, dtype=dtype) if dtype is not None else nullcontext()
         self.pending: list[_Request] = []
+        self.lock = threading.Lock()  # pending is read by the decode thread too
         self.wakeup: asyncio.Event | None = None
         self.worker: asyncio.Task | None = None
-        self.batches_run = 0  # for tests and metrics: how many decode batches, their sizes, and the
-        self.batch_sizes: list[int] = []  # (tokens sent, tokens asked) of each row of the last batch
+        self.batches_run = 0  # for tests and metrics: decode sessions, the size of each (re-)formed batch,
+        self.batch_sizes: list[int] = []  # and (tokens sent, tokens asked) of each request of the last session
         self.last_batch: list[tuple[int, int]] = []
         self.running = False
 
@@ -55,7 +69,8 @@ class BatchingEngine:
         if self.worker is None or self.worker.done():
             self.wakeup = asyncio.Event()
             self.worker = asyncio.get_running_loop().create_task(self._run())
-        self.pending.append(request)
+        with self.lock:
+            self.pending.append(request)
         self.wakeup.set()
         try:
             while True:
@@ -72,46 +87,70 @@ class BatchingEngine:
         while True:
             await self.wakeup.wait()
             self.wakeup.clear()
-            while self.pending:
+            while self._waiting(None):
                 await asyncio.sleep(self.batch_wait_s)  # let requests sent together arrive together
-                key = self.pending[0].sampling
-                batch = [r for r in self.pending if r.sampling == key and not r.done][: self.max_batch_size]
-                self.pending = [r for r in self.pending if r not in batch and not r.done]
-                if batch:
-                    self.running = True
-                    try:
-                        await asyncio.to_thread(self._decode, batch, asyncio.get_running_loop())
-                    finally:
-                        self.running = False
+                self.running = True
+                try:
+                    await asyncio.to_thread(self._decode, asyncio.get_running_loop())
+                finally:
+                    self.running = False
 
-    def _decode(self, batch: list[_Request], loop: asyncio.AbstractEventLoop) -> None:
-        temperature, top_p, seed = batch[0].sampling
-        params = SamplingParams(
-            max_new_tokens=max(r.max_new_tokens for r in batch), temperature=temperature, top_p=top_p, seed=seed,
-            stop_token_ids=self.stop_token_ids, suppress_token_ids=self.suppress_token_ids,
-        )
+    def _waiting(self, key: tuple | None) -> bool:
+        with self.lock:
+            return any(not r.done and (key is None or r.sampling == key) for r in self.pending)
+
+    def _take(self, key: tuple | None, room: int) -> list[_Request]:
+        with self.lock:
+            live = [r for r in self.pending if not r.done]
+            key = key if key is not None else (live[0].sampling if live else None)
+            taken = [r for r in live if r.sampling == key][:room]
+            self.pending = [r for r in live if r not in taken]
+        return taken
+
+    def _decode(self, loop: asyncio.AbstractEventLoop) -> None:
+        """One decode session: a batch that new requests with the same sampling join until none is left."""
+        rows = self._take(None, self.max_batch_size)
+        if not rows:
+            return
+        key = rows[0].sampling
+        temperature, top_p, seed = key
         self.batches_run += 1
-        self.batch_sizes.append(len(batch))
-
-        def finished_rows():
-            return [row for row, r in enumerate(batch) if r.done or r.sent >= r.max_new_tokens]
-
-        try:
-            images = [image for r in batch for image in r.images]
-            prompt_inputs = {"pixel_values": self._pixels(images)} if images else None
-            with torch.inference_mode(), self.autocast:
-                for step in stream_batch(self.model, [r.prompt_ids for r in batch], params, prompt_inputs, stop_rows=finished_rows):
-                    for request, token in zip(batch, step):
-                        if token is not None and not request.done and request.sent < request.max_new_tokens:
-                            request.sent += 1
-                            loop.call_soon_threadsafe(request.queue.put_nowait, token)
-        except Exception as error:  # noqa: BLE001 - handed to every waiting client
-            for request in batch:
-                loop.call_soon_threadsafe(request.queue.put_nowait, error)
-        finally:
-            self.last_batch = [(r.sent, r.max_new_tokens) for r in batch]
-            for request in batch:
-                loop.call_soon_threadsafe(request.queue.put_nowait, None)
+        session = list(rows)
+        while rows:
+            self.batch_sizes.append(len(rows))
+            params = SamplingParams(
+                max_new_tokens=max(r.max_new_tokens - r.sent for r in rows), temperature=temperature, top_p=top_p, seed=seed,
+                stop_token_ids=self.stop_token_ids, suppress_token_ids=self.suppress_token_ids,
+            )
+            newcomers = False
+            try:
+                images = [image for r in rows for image in r.images]
+                prompt_inputs = {"pixel_values": self._pixels(images)} if images else None
+                prompts = [r.prompt_ids + r.generated for r in rows]
+                stop_rows = lambda: [i for i, r in enumerate(rows) if r.over]  # noqa: E731
+                with torch.inference_mode(), self.autocast:
+                    for step in stream_batch(self.model, prompts, params, prompt_inputs, stop_rows=stop_rows):
+                        for request, token in zip(rows, step):
+                            if token is None:
+                                request.stopped = request.stopped or not request.over
+                            elif not request.over:
+                                request.generated.append(token)
+                                loop.call_soon_threadsafe(request.queue.put_nowait, token)
+                        if seed is None and len([r for r in rows if not r.over]) < self.max_batch_size and self._waiting(key):
+                            newcomers = True
+                            break
+            except Exception as error:  # noqa: BLE001 - handed to every client of the batch
+                for request in rows:
+                    request.stopped = True
+                    loop.call_soon_threadsafe(request.queue.put_nowait, error)
+            for request in rows:
+                if request.over:
+                    loop.call_soon_threadsafe(request.queue.put_nowait, None)
+            rows = [r for r in rows if not r.over]
+            if newcomers:
+                joined = self._take(key, self.max_batch_size - len(rows))
+                rows, session = rows + joined, session + joined
+        self.last_batch = [(r.sent, r.max_new_tokens) for r in session]
 
     def _pixels(self, images: list[bytes]) -> torch.Tensor:
         from minimind.vision import load_image
