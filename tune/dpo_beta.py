@@ -2,7 +2,7 @@
 the trials in MLflow: preference accuracy against how far the policy drifted and whether it still
 answers the SFT questions.
 
-    python tune/dpo_beta.py                                     # 4 betas log-uniform in [0.01, 1], ~6 min on 2 CPU cores
+    python tune/dpo_beta.py                                     # 4 betas log-uniform in [0.01, 1], 2.5 minutes on 2 CPU cores
     python tune/dpo_beta.py --grid 0.03 0.1 0.3 1.0 --steps 200 --init models:/minimind-sft/3
     python tune/dpo_beta.py --resume                            # continue an interrupted sweep
 
