@@ -19,7 +19,7 @@ def home(ray_cluster, tmp_path, monkeypatch):
 
 
 def test_pipeline_runs_every_stage_and_each_improves_its_heldout_metric(home, capsys):
-    results = pipeline.main(["--scale", "0.03", "--eval-limit", "16"])
+    results = pipeline.main(["--scale", "0.03", "--eval-limit", "8"])
     by_stage = {result.stage: result for result in results}
     assert list(by_stage) == ["pretrain", "sft", "dpo", "reason", "vlm_pretrain", "vlm_sft"]
     assert [result.model_uri for result in results] == [

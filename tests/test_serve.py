@@ -212,6 +212,39 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(server):
     assert asked == 600 and sent < 600
 
 
+def test_the_chat_page_in_a_headless_browser(server, tmp_path):
+    """Skips cleanly without playwright or a Chromium (Debian: apt install chromium)."""
+    import shutil
+
+    sync_api = pytest.importorskip("playwright.sync_api")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        pytest.skip("no chromium on PATH")
+    Image.new("RGB", (64, 64), (30, 80, 220)).save(tmp_path / "blue.png")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(server + "/")
+            page.fill("#key", API_KEY)
+            page.dispatch_event("#key", "change")
+            page.wait_for_function("document.querySelectorAll('#model option').length === 2", timeout=30_000)
+            assert page.is_hidden("#image-label")  # the text model takes no images
+            page.fill("#prompt", "你好")
+            page.click("#send")
+            page.wait_for_function("document.querySelectorAll('.assistant span')[0]?.textContent.length > 0", timeout=60_000)
+            page.select_option("#model", "minimind-v")
+            assert page.is_visible("#image-label")
+            page.set_input_files("#image", str(tmp_path / "blue.png"))
+            page.wait_for_function("!document.querySelector('#preview').hidden")
+            page.fill("#prompt", "图中有什么颜色？")
+            page.click("#send")
+            page.wait_for_function("document.querySelectorAll('.assistant span')[0]?.textContent.length > 0", timeout=60_000)
+            assert page.locator(".error").count() == 0
+        finally:
+            browser.close()
+
+
 def test_a_replica_killed_under_load_is_replaced(server):
     """Requests in flight may fail; new ones succeed once Serve has started a new replica. Prints the gap."""
     import ray
@@ -250,3 +283,15 @@ def test_a_replica_killed_under_load_is_replaced(server):
 def test_the_server_still_answers_after_all_of_that(server):
     assert post(server, hello())[0] == 200
     assert b"<title>MiniMind</title>" in urllib.request.urlopen(server + "/", timeout=10).read()
+
+
+def test_the_serve_job_flags_become_settings(server):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+    from serve import parse, settings_from
+
+    settings = settings_from(parse(["--no-vision", "--api-key", "k", "--replicas", "auto", "--max-tokens", "64"]))
+    assert [(m.name, m.uri, m.num_replicas, m.num_gpus) for m in settings.models] == [("minimind", "models:/minimind-reason/latest", "auto", 0.0)]
+    assert settings.api_key == "k" and settings.limits.max_tokens == 64 and settings.tracking_uri.startswith("sqlite:")

@@ -96,3 +96,18 @@ def test_a_request_that_stops_listening_leaves_the_batch():
 
     first, last_batch = asyncio.run(run())
     assert isinstance(first, int) and last_batch[0][1] == 1000 and last_batch[0][0] < 1000
+
+
+def test_the_serve_config_file_builds_the_same_app():
+    from pathlib import Path
+
+    import yaml
+
+    from minimind.serve.app import build_app
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "serve_config.yaml").read_text())
+    (application,) = config["applications"]
+    assert application["import_path"] == "minimind.serve.app:build_app"
+    app = build_app(application["args"])  # binds the deployments; nothing starts until serve.run
+    assert type(app).__name__ == "Application"
+    assert [spec["name"] for spec in application["args"]["models"]] == ["minimind", "minimind-v"]
