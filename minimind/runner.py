@@ -267,6 +267,9 @@ def run_stage(config, stage_name: str, callbacks: list | None = None, register: 
         mlflow.log_metrics(after)
         if samples:
             tracking.log_samples(samples)
+        if images_dir and (pictured := [row for row in samples if row.get("image")]):
+            # the same samples with the pictures themselves, which the MLflow UI shows in the table
+            tracking.log_samples([{**row, "image": load_image(row["image"].split(", ")[0])} for row in pictured], "sample_images.json")
         _log_curve(run.info.run_id)
         mlflow.set_tag("model_dir", str(final_dir))
         name = config.register_as or stage.registered_name

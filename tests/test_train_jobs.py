@@ -257,6 +257,8 @@ def test_vlm_stages_train_what_each_should_and_never_the_vision_tower(mlflow_sto
     assert "eval/image_question_accuracy" in sft.after and "eval_before/image_question_accuracy" in run.data.metrics
     samples = json.loads(Path(client().download_artifacts(run.info.run_id, "samples.json", str(tmp_path))).read_text())
     assert {"image", "prompt", "reply", "reference"} <= set(samples["columns"])
+    artifacts = {a.path for a in client().list_artifacts(run.info.run_id)}
+    assert "sample_images.json" in artifacts and "table_images" in artifacts  # the pictures, as PNG files
 
 
 def test_vlm_data_naming_a_missing_image_fails_before_training(mlflow_store, tmp_path):
