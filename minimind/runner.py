@@ -116,13 +116,26 @@ def _check_images(rows, images_dir: Path, data_path: Path, decode: int = 200) ->
     print(f"[{data_path.name}] {len(names)} images found under {images_dir}")
 
 
-def _run_name(stage: str, storage: Path, resume: bool) -> str:
+def _run_name(stage: str, storage: str, resume: bool) -> str:
     if resume:
-        previous = sorted(storage.glob(f"{stage}-*"), key=lambda p: p.stat().st_mtime)
+        previous = _earlier_runs(stage, storage)
         if not previous:
             raise SystemExit(f"--resume: no earlier {stage} run under {storage}")
-        return previous[-1].name
+        return previous[-1]
     return f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+
+
+def _earlier_runs(stage: str, storage: str) -> list[str]:
+    """Run folder names of this stage under the storage path, oldest first; a local folder or any URI
+    Ray Train's storage takes (s3://, gs://, ...), listed through pyarrow like Ray lists it."""
+    if "://" not in storage:
+        return [p.name for p in sorted(Path(storage).glob(f"{stage}-*"), key=lambda p: (p.stat().st_mtime, p.name))]
+    import pyarrow.fs
+
+    filesystem, root = pyarrow.fs.FileSystem.from_uri(storage)
+    infos = filesystem.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+    names = [info.base_name for info in infos if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith(f"{stage}-")]
+    return sorted(names)  # the names carry their start time
 
 
 def _use_gpu(config) -> bool:
@@ -177,7 +190,8 @@ def run_stage(config, stage_name: str, callbacks: list | None = None, register: 
     started = time.perf_counter()
     stage = STAGES[stage_name]
     tracking.configure(config.experiment)
-    storage = Path(config.storage_path or tracking.PROJECT_ROOT / "ray_results").resolve()
+    storage = config.storage_path or str(tracking.PROJECT_ROOT / "ray_results")
+    storage = storage if "://" in storage else str(Path(storage).resolve())  # s3://... and the like stay URIs
     run_name = run_name or _run_name(stage.name, storage, config.resume)
     work = (tracking.PROJECT_ROOT / "checkpoints" / "runs" / run_name).resolve()
 
@@ -248,7 +262,7 @@ def run_stage(config, stage_name: str, callbacks: list | None = None, register: 
                 resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if use_gpu else {})},
             ),
             run_config=RunConfig(
-                name=run_name, storage_path=str(storage), callbacks=callbacks,
+                name=run_name, storage_path=storage, callbacks=callbacks,
                 failure_config=FailureConfig(max_failures=config.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
             ),

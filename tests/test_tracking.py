@@ -225,3 +225,13 @@ def test_new_store_is_opened_under_the_lock(tmp_path, monkeypatch):
     monkeypatch.setattr(tracking, "MlflowClient", Client)
     assert tracking.configure("race") == "1"
     assert held and held[0]
+
+
+def test_resume_finds_earlier_runs_in_local_folders_and_storage_uris(tmp_path):
+    from minimind.runner import _earlier_runs
+
+    for name in ["pretrain-20261128-010000-1", "pretrain-20261128-020000-2", "sft-20261128-030000-3"]:
+        (tmp_path / name).mkdir()
+    assert _earlier_runs("pretrain", str(tmp_path)) == ["pretrain-20261128-010000-1", "pretrain-20261128-020000-2"]
+    assert _earlier_runs("pretrain", f"file://{tmp_path}") == ["pretrain-20261128-010000-1", "pretrain-20261128-020000-2"]
+    assert _earlier_runs("dpo", f"file://{tmp_path}/missing") == []
