@@ -3,7 +3,7 @@ distillation, then MiniMind-V's VLM pretrain -> VLM SFT (from the SFT model, as 
 stage its own Ray Train run that registers its model for the next one. Ends with a table of every
 stage's held-out metrics before and after the stage, and a few answers of the final models.
 
-    python jobs/pipeline.py                     # about ten minutes on 2 CPU cores
+    python jobs/pipeline.py                     # about 11 minutes on 2 CPU cores (677 s measured)
     python jobs/pipeline.py --scale 0.2         # a quick smoke run: a fifth of the steps
 """
 
