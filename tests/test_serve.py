@@ -128,6 +128,15 @@ def test_openai_client_streaming_and_seeded_sampling(server):
     assert again.choices[0].message.content == text  # the same seed samples the same reply
 
 
+def test_a_stop_string_ends_the_reply_before_it(server):
+    ask = dict(model="minimind", messages=[{"role": "user", "content": "停在哪里"}], max_tokens=8, temperature=0)
+    client = openai_client(server)
+    full = client.chat.completions.create(**ask).choices[0].message.content
+    assert len(full) >= 4
+    stopped = client.chat.completions.create(**ask, stop=[full[2:4]]).choices[0]
+    assert stopped.message.content == full[: full.index(full[2:4])] and stopped.finish_reason == "stop"
+
+
 def test_image_request_to_the_vision_model(server):
     content = [{"type": "image_url", "image_url": {"url": png_data_url()}}, {"type": "text", "text": "图中有什么？"}]
     reply = openai_client(server).chat.completions.create(model="minimind-v", messages=[{"role": "user", "content": content}], max_tokens=4)
