@@ -13,7 +13,6 @@ A VLM directory is a language-model directory (`load_model` still reads its LLM)
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,25 +36,24 @@ class ImageError(ValueError):
 
 def load_image(source, max_pixels: int = MAX_IMAGE_PIXELS, name: str | None = None) -> Image.Image:
     """An RGB image from a path or a binary file object: EXIF orientation applied, any mode converted,
-    anything over `max_pixels` (a decompression bomb or just too big) refused."""
+    anything over `max_pixels` (a decompression bomb or just too big) refused before it is decoded."""
     name = name or str(source)
-    previous = Image.MAX_IMAGE_PIXELS
+    too_large = f"{name}: image too large (more than {max_pixels:,} pixels)"
     try:
-        Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow warns above this and raises above twice this
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(source) as image:
-                image = ImageOps.exif_transpose(image)
-                image.load()
-                return image.convert("RGB")
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
-        raise ImageError(f"{name}: image too large (more than {max_pixels:,} pixels): {error}") from None
+        with Image.open(source) as image:  # reads the header only: the size is known, nothing decoded yet
+            if image.width * image.height > max_pixels:
+                raise ImageError(f"{too_large}: {image.width}x{image.height}")
+            image = ImageOps.exif_transpose(image)
+            image.load()
+            return image.convert("RGB")
+    except Image.DecompressionBombError as error:  # Pillow's own, far larger limit
+        raise ImageError(f"{too_large}: {error}") from None
     except FileNotFoundError:
         raise ImageError(f"{name}: no such image file") from None
+    except ImageError:
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise ImageError(f"{name}: not a readable image ({error})") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous
 
 
 @dataclass
