@@ -37,8 +37,13 @@ class Stage:
         """Frozen models the loss needs besides the one being trained."""
         return {}
 
+    def model_inputs(self, model, batch: dict, config) -> dict:
+        """Forward arguments besides the tokens (a VLM's pixels)."""
+        return {}
+
     def loss(self, model, batch: dict, companions: dict, config) -> tuple[torch.Tensor, dict]:
-        output = model(batch["input_ids"], labels=batch["labels"], loss_weights=batch.get("loss_weights"))
+        output = model(batch["input_ids"], labels=batch["labels"], loss_weights=batch.get("loss_weights"),
+                       **self.model_inputs(model, batch, config))
         metrics = {"loss/aux": output.aux_loss.detach()} if unwrap(model).config.is_moe else {}
         return output.loss, metrics
 
@@ -82,7 +87,7 @@ class KDStage(Stage):
 
 @dataclass(frozen=True)
 class VLMStage(Stage):
-    """MiniMind-V: the same loss as SFT, over text whose image placeholders carry projected CLIP features.
+    """MiniMind-V: the SFT loss, over text whose image placeholders carry projected CLIP features.
     The two VLM stages differ only in what trains: the projection alone, or the projection and the LLM."""
 
     train_language_model: bool = False
@@ -100,13 +105,10 @@ class VLMStage(Stage):
 
         save_vlm(unwrap(model), directory, tokenizer=tokenizer)
 
-    def loss(self, model, batch, companions, config):
+    def model_inputs(self, model, batch, config):
         from minimind.vision import batch_pixel_values
 
-        pixel_values = batch_pixel_values(unwrap(model), batch["images"], config.images)
-        output = model(batch["input_ids"], pixel_values=pixel_values, labels=batch["labels"])
-        metrics = {"loss/aux": output.aux_loss.detach()} if unwrap(model).config.is_moe else {}
-        return output.loss, metrics
+        return {"pixel_values": batch_pixel_values(unwrap(model), batch["images"], config.images)}
 
 
 def _pad_to(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:
