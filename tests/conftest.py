@@ -76,3 +76,18 @@ def ray_cluster():
 def monkeypatch_module():
     with pytest.MonkeyPatch.context() as patch:
         yield patch
+
+
+@pytest.fixture(scope="module")
+def mlflow_store(ray_cluster, tmp_path_factory, monkeypatch_module):
+    """A project folder and MLflow store of the test module's own: its registered versions start at 1."""
+    home = tmp_path_factory.mktemp("minimind-home")
+    monkeypatch_module.setenv("MINIMIND_HOME", str(home))
+    monkeypatch_module.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home}/mlflow.db")
+    return home
+
+
+def mlflow_client():
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient()

@@ -16,25 +16,12 @@ from dpo import DPOConfig  # noqa: E402
 from pretrain import PretrainConfig  # noqa: E402
 from sft import SFTConfig  # noqa: E402
 
+from conftest import mlflow_client as client  # noqa: E402
 from minimind.checkpoint import load_model  # noqa: E402
 from minimind.data import DataFormatError  # noqa: E402
 from minimind.runner import run_stage  # noqa: E402
 
 QUICK = dict(max_steps=4, checkpoint_every=2, log_every=1, eval_limit=4, batch_size=4, seq_len=128, preset="tiny")
-
-
-@pytest.fixture(scope="module")
-def mlflow_store(ray_cluster, tmp_path_factory, monkeypatch_module):
-    home = tmp_path_factory.mktemp("minimind-home")
-    monkeypatch_module.setenv("MINIMIND_HOME", str(home))
-    monkeypatch_module.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home}/mlflow.db")
-    return home
-
-
-def client():
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient()
 
 
 def versions(name):

@@ -4,27 +4,12 @@ their swept settings, the pick is registered with alias `best`, and ASHA gets th
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tune"), str(ROOT / "jobs")]
 
 import dpo_beta  # noqa: E402
 import moe_experts  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def home(ray_cluster, tmp_path_factory, monkeypatch_module):
-    home = tmp_path_factory.mktemp("sweep-home")
-    monkeypatch_module.setenv("MINIMIND_HOME", str(home))
-    monkeypatch_module.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home}/mlflow.db")
-    return home
-
-
-def client():
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient()
+from conftest import mlflow_client as client  # noqa: E402
 
 
 def children(parent_run_id):
@@ -32,7 +17,7 @@ def children(parent_run_id):
     return client().search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")
 
 
-def test_moe_sweep_nests_trials_ranks_them_and_registers_the_best(home, capsys):
+def test_moe_sweep_nests_trials_ranks_them_and_registers_the_best(mlflow_store, capsys):
     model_uri, rows = moe_experts.main([
         "--experts", "1", "2", "--top-k", "1", "--shared", "0", "--preset", "tiny", "--steps", "4", "--reports", "2", "--name", "moe-test",
     ])
@@ -60,13 +45,13 @@ def test_moe_sweep_stops_trials_with_asha_on_the_heldout_loss():
     assert isinstance(scheduler, ASHAScheduler) and tune_config == {"metric": "val/loss", "mode": "min", "scheduler": scheduler}
 
 
-def test_dpo_beta_sweep_picks_by_the_stated_rule_and_registers_it(home):
+def test_dpo_beta_sweep_picks_by_the_stated_rule_and_registers_it(mlflow_store):
     from conftest import random_model
     from minimind.checkpoint import save_model
     from minimind.demo import demo_tokenizer
     from minimind.tokenizer import load_tokenizer
 
-    sft_dir = home / "sft-model"
+    sft_dir = mlflow_store / "sft-model"
     save_model(random_model(vocab_size=2048, std=0.02), sft_dir, tokenizer=load_tokenizer(demo_tokenizer()))
     model_uri, rows = dpo_beta.main(["--grid", "0.05", "0.5", "--init", str(sft_dir), "--steps", "4", "--eval-limit", "8", "--name", "dpo-test"])
     assert sorted(row["beta"] for row in rows) == [0.05, 0.5]
