@@ -47,15 +47,19 @@ def evaluate(stage_name: str, model, tokenizer, eval_path: Path | None, limit: i
     reports the cross-entropy of its held-out text; DPO the implicit reward against `reference` (its
     starting model), the chat stages what the greedy replies get right."""
     from minimind.demo.evaluate import (
-        answer_exact_match, heldout_loss, image_question_accuracy, preference_accuracy, reasoning_scores, text_replier, vlm_replier,
+        answer_exact_match, heldout_loss, image_question_accuracy, pair_logps, preference_wins, reasoning_scores, text_replier, vlm_replier,
     )
 
     if eval_path is None:
         return {}, []
     model.eval()
     if stage_name == "dpo":
-        own = preference_accuracy(model, tokenizer, eval_path, limit=limit)
-        implicit = preference_accuracy(model, tokenizer, eval_path, reference_model=reference, limit=limit) if reference is not model else {}
+        policy = pair_logps(model, tokenizer, eval_path, limit=limit)  # once, for both views below
+        own = preference_wins(*policy)
+        implicit = {}
+        if reference is not model:
+            reference_chosen, reference_rejected = pair_logps(reference, tokenizer, eval_path, limit=limit)
+            implicit = preference_wins(policy[0] - reference_chosen, policy[1] - reference_rejected, with_drift=True)
         metrics = {
             "eval/preference_accuracy": own["accuracy"],
             "eval/rewards_accuracy": implicit.get("accuracy", 0.0),  # all 0 before training: policy == reference

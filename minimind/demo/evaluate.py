@@ -139,24 +139,34 @@ def preference_accuracy(model, tokenizer, path: str | Path, reference_model=None
     when a reference is given, else by the policy's own mean log-prob. Ties are not wins. With a
     reference, `drift` is the mean |policy - reference| per-token log-prob over both replies: how far
     the policy has moved."""
+    chosen, rejected = pair_logps(model, tokenizer, path, seq_len, batch_size, limit)
+    if reference_model is None:
+        return preference_wins(chosen, rejected)
+    reference_chosen, reference_rejected = pair_logps(reference_model, tokenizer, path, seq_len, batch_size, limit)
+    return preference_wins(chosen - reference_chosen, rejected - reference_rejected, with_drift=True)
+
+
+@torch.no_grad()
+def pair_logps(model, tokenizer, path: str | Path, seq_len: int = 512, batch_size: int = 16,
+               limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean per-token log-prob of each held-out pair's chosen and rejected reply under `model`."""
     rows = load_stage_dataset(path, tokenizer, StageData("dpo", seq_len=seq_len))
     rows = rows.select(range(min(limit, len(rows)))) if limit else rows
-    wins, margins, drifts = [], [], []
+    sides: dict[str, list[torch.Tensor]] = {"chosen": [], "rejected": []}
     for rows_batch in _batches(rows, batch_size):
         batch = collate(rows_batch, tokenizer.pad_token_id)
-        scores = {}
-        for side in ("chosen", "rejected"):
+        for side, scores in sides.items():
             ids, mask, labels = (batch[f"{side}_{key}"].to(_device(model)) for key in ("input_ids", "attention_mask", "labels"))
-            logps = _mean_logps(model, ids, mask, labels)
-            if reference_model is not None:
-                logps = logps - _mean_logps(reference_model, ids, mask, labels)
-                drifts += logps.abs().tolist()
-            scores[side] = logps
-        wins += (scores["chosen"] > scores["rejected"]).tolist()
-        margins += (scores["chosen"] - scores["rejected"]).tolist()
-    result = {"accuracy": sum(wins) / max(len(wins), 1), "margin": sum(margins) / max(len(margins), 1)}
-    if reference_model is not None:
-        result["drift"] = sum(drifts) / max(len(drifts), 1)
+            scores.append(_mean_logps(model, ids, mask, labels).float().cpu())
+    return tuple(torch.cat(scores) if scores else torch.zeros(0) for scores in sides.values())
+
+
+def preference_wins(chosen: torch.Tensor, rejected: torch.Tensor, with_drift: bool = False) -> dict:
+    """Accuracy and mean margin of chosen over rejected scores; with_drift: they are log-ratios to a reference."""
+    count = max(len(chosen), 1)
+    result = {"accuracy": float((chosen > rejected).sum()) / count, "margin": float((chosen - rejected).sum()) / count}
+    if with_drift:
+        result["drift"] = float(torch.cat([chosen, rejected]).abs().sum()) / max(2 * len(chosen), 1)
     return result
 
 
