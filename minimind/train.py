@@ -215,7 +215,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                               "train/mfu": flops_per_token * tokens_per_s / world / peak}, time.perf_counter() - started)
             window_tokens, window_start = 0, time.perf_counter()
         stopping = bool(config.stop_after) and step >= config.stop_after and step < total_steps
-        validating = bool(getattr(config, "val_every", 0)) and (step % config.val_every == 0 or step == total_steps)
+        validating = bool(config.val_every) and (step % config.val_every == 0 or step == total_steps)
         if validating:
             sums["val/loss"] = _validation_loss(stage, model, tokenizer, config) if rank == 0 else 0.0  # only rank 0's report counts
             if logger:
@@ -239,9 +239,8 @@ def _validation_loss(stage, model, tokenizer, config) -> float:
     if not config.eval_path or stage.data_kind == "dpo":
         return float("nan")
     inner = unwrap(model)
-    with torch.no_grad():
-        loss = heldout_loss(inner, tokenizer, config.eval_path, kind=stage.data_kind, seq_len=config.seq_len,
-                            limit=config.eval_limit, images_dir=getattr(config, "images", None))
+    loss = heldout_loss(inner, tokenizer, config.eval_path, kind=stage.data_kind, seq_len=config.seq_len,
+                        limit=config.eval_limit, images_dir=config.images)  # no_grad and eval mode inside
     inner.train()
     return loss
 
