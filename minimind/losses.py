@@ -28,14 +28,19 @@ def token_cross_entropy(hidden_states: torch.Tensor, head_weight: torch.Tensor, 
 
 def causal_lm_loss(hidden_states: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy: position t predicts labels[t + 1] (labels aligned with the input ids,
-    IGNORE_INDEX where no loss is wanted). `weights` (same shape as labels) scales each target token;
-    the mean is taken over the weights of the counted tokens."""
+    IGNORE_INDEX where no loss is wanted).
+
+    `weights` (same shape as labels) scale each target token's loss, and the sum is divided by the number
+    of supervised tokens, not by the sum of the weights: MiniMind's reasoning loss
+    (`loss_mask[special_ids] = 10`, divided by the mask's sum taken before the x10). So a weight of 10
+    on a tag adds ten tokens' worth of loss on top, and the plain tokens keep their full 1/N share
+    however many tags a row holds; with all weights 1 this is the plain mean.
+    """
     targets = labels[:, 1:]
     losses = token_cross_entropy(hidden_states[:, :-1], head_weight, targets)
     counted = (targets != IGNORE_INDEX).float()
-    if weights is not None:
-        counted = counted * weights[:, 1:].float()
-    return (losses * counted).sum() / counted.sum().clamp(min=1.0)
+    scale = counted if weights is None else counted * weights[:, 1:].float()
+    return (losses * scale).sum() / counted.sum().clamp(min=1.0)
 
 
 def sequence_logprobs(hidden_states: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor, average: bool = True) -> torch.Tensor:

@@ -16,15 +16,39 @@ def test_chunked_token_cross_entropy_equals_the_full_computation():
     torch.testing.assert_close(token_cross_entropy(hidden, weight, targets, chunk_size=128), expected.view(3, 700))
 
 
-def test_weighted_lm_loss_is_the_weighted_mean_over_counted_tokens():
+def test_weighted_lm_loss_divides_by_the_supervised_token_count_as_minimind_does():
     torch.manual_seed(0)
     hidden, weight = torch.randn(1, 4, 8), torch.randn(10, 8)
     labels = torch.tensor([[1, 2, IGNORE_INDEX, 4]])
     weights = torch.tensor([[1.0, 10.0, 1.0, 1.0]])
     per_token = token_cross_entropy(hidden[:, :-1], weight, labels[:, 1:])[0]
-    expected = (10 * per_token[0] + per_token[2]) / 11  # the ignored target counts neither in sum nor weight
+    expected = (10 * per_token[0] + per_token[2]) / 2  # two supervised targets; the ignored one counts in neither
     torch.testing.assert_close(causal_lm_loss(hidden, weight, labels, weights), expected)
     assert causal_lm_loss(hidden, weight, torch.full_like(labels, IGNORE_INDEX)) == 0  # nothing supervised
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_tag_weight_never_dilutes_the_plain_tokens_share(seed):
+    """Property: each plain token's loss enters with weight 1/N (N supervised tokens), whatever the tag
+    weight and however many tags the row holds; all-ones weights give the unweighted mean; weight 0 on
+    the tags is the mean over N with the tags left out of the sum."""
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(2, 12, 8, generator=generator)
+    head = torch.randn(20, 8, generator=generator)
+    labels = torch.randint(0, 20, (2, 12), generator=generator)
+    labels[:, :3] = IGNORE_INDEX
+    is_tag = torch.rand(2, 12, generator=generator) < 0.5
+    supervised = int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+    unweighted = causal_lm_loss(hidden, head, labels)
+    torch.testing.assert_close(causal_lm_loss(hidden, head, labels, torch.ones_like(labels, dtype=torch.float)), unweighted)
+    losses = token_cross_entropy(hidden[:, :-1], head, labels[:, 1:])
+    plain = (~is_tag[:, 1:]) & (labels[:, 1:] != IGNORE_INDEX)
+    tags = is_tag[:, 1:] & (labels[:, 1:] != IGNORE_INDEX)
+    for tag_weight in (0.0, 1.0, 10.0, 100.0):
+        weights = torch.where(is_tag, tag_weight, 1.0)
+        expected = (losses[plain].sum() + tag_weight * losses[tags].sum()) / supervised
+        torch.testing.assert_close(causal_lm_loss(hidden, head, labels, weights), expected)
 
 
 def test_sequence_logprobs_mean_and_sum():
