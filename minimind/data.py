@@ -198,9 +198,12 @@ def stage_row(record: dict, stage: StageData, tokenizer, marker_ids: dict) -> di
     fingerprint and cache the map that applies it)."""
     if stage.kind == "dpo":
         row = {}
+        truncated = False
         for side in ("chosen", "rejected"):
             ids, labels = tokenize_conversation(tokenizer, record[side], only_last=True)
             row[f"{side}_input_ids"], row[f"{side}_labels"] = ids[: stage.seq_len], labels[: stage.seq_len]
+            truncated = truncated or len(ids) > stage.seq_len
+        row["truncated"] = truncated
         return row
     messages = record["conversations"]
     if stage.kind == "vlm" and marker_ids["image_marker"] != IMAGE_MARKER:
@@ -216,6 +219,7 @@ def stage_row(record: dict, stage: StageData, tokenizer, marker_ids: dict) -> di
             length = [i for i, token in enumerate(ids) if token == marker_ids["image_id"]][images * stage.image_tokens]
         row["images"] = record["images"][:images]
     row["input_ids"], row["labels"] = ids[:length], labels[:length]
+    row["truncated"] = len(ids) > length  # cut at seq_len: its tail was never seen
     if stage.kind == "reason":
         row["loss_weights"] = tag_weights(row["labels"], set(marker_ids["tag_ids"]), stage.tag_weight)
     return row
@@ -227,7 +231,7 @@ def encode_documents(batch: dict, tokenizer) -> dict:
     return {"input_ids": tokenizer([bos + text + eos for text in batch["text"]], add_special_tokens=False)["input_ids"]}
 
 
-def _has_labels(row: dict) -> bool:
+def has_labels(row: dict) -> bool:
     keys = [key for key in row if key.endswith("labels")]
     return all(any(label != IGNORE_INDEX for label in row[key]) for key in keys)
 
@@ -249,8 +253,11 @@ def _packed_rows(tokenized, seq_len: int, pad_id: int):
     yield from pack_documents((row["input_ids"] for row in tokenized), seq_len, pad_id)
 
 
-def load_stage_dataset(path: str | Path, tokenizer, stage: StageData, skip_bad: bool = False, num_proc: int | None = None):
-    """Read, validate, tokenize (and for pretraining, pack) a JSONL file into a `datasets.Dataset`."""
+def load_stage_dataset(path: str | Path, tokenizer, stage: StageData, skip_bad: bool = False, num_proc: int | None = None,
+                       drop_unlabelled: bool = True):
+    """Read, validate, tokenize (and for pretraining, pack) a JSONL file into a `datasets.Dataset`. Chat
+    rows say whether `seq_len` cut them (`truncated`); rows whose cut left nothing supervised are
+    dropped unless `drop_unlabelled=False`."""
     from datasets import Dataset
 
     records = read_jsonl_dataset(path, stage.kind, skip_bad)
@@ -265,7 +272,7 @@ def load_stage_dataset(path: str | Path, tokenizer, stage: StageData, skip_bad: 
         stage_row, fn_kwargs={"stage": stage, "tokenizer": tokenizer, "marker_ids": stage.marker_ids(tokenizer)},
         remove_columns=records.column_names, num_proc=num_proc,
     )
-    return rows.filter(_has_labels, num_proc=num_proc)  # truncation can cut every supervised token
+    return rows.filter(has_labels, num_proc=num_proc) if drop_unlabelled else rows  # a cut can remove every supervised token
 
 
 # --------------------------------------------------------------------------- batching

@@ -22,7 +22,7 @@ from minimind.model import MiniMindForCausalLM
 from minimind.stages import STAGES
 from minimind.tokenizer import load_tokenizer
 from minimind.train import TRAINING_STATE, train_loop_per_worker
-from minimind.vision import VISION_CONFIG_NAME, VisionConfig, build_vlm, is_vlm_dir, load_image, save_vlm
+from minimind.vision import VISION_CONFIG_NAME, VisionConfig, build_vlm, copy_vision_tower, is_vlm_dir, load_image, save_vlm
 
 DEMO_FILES = {"pretrain": "pretrain", "sft": "sft", "dpo": "dpo", "reason": "reason", "kd": "reason",
               "vlm_pretrain": "vlm_pretrain", "vlm_sft": "vlm_sft"}
@@ -41,11 +41,12 @@ class StageResult:
     run_id: str = ""  # the stage's MLflow run
 
 
-def evaluate(stage_name: str, model, tokenizer, eval_path: Path | None, limit: int, reference=None,
+def evaluate(stage_name: str, model, tokenizer, eval_path: Path | None, limit: int, seq_len: int, reference=None,
              images_dir: Path | None = None, answer_path: Path | None = None) -> tuple[dict, list[dict]]:
     """The held-out metrics of a stage (see minimind.demo.evaluate) and a few sample replies. Every stage
-    reports the cross-entropy of its held-out text; DPO the implicit reward against `reference` (its
-    starting model), the chat stages what the greedy replies get right."""
+    reports the cross-entropy of its held-out text, with rows cut at the stage's own `seq_len` as in
+    training; DPO the implicit reward against `reference` (its starting model), the chat stages what the
+    greedy replies get right."""
     from minimind.demo.evaluate import (
         answer_exact_match, heldout_loss, image_question_accuracy, pair_logps, preference_wins, reasoning_scores, text_replier, vlm_replier,
     )
@@ -54,11 +55,11 @@ def evaluate(stage_name: str, model, tokenizer, eval_path: Path | None, limit: i
         return {}, []
     model.eval()
     if stage_name == "dpo":
-        policy = pair_logps(model, tokenizer, eval_path, limit=limit)  # once, for both views below
+        policy = pair_logps(model, tokenizer, eval_path, seq_len=seq_len, limit=limit)  # once, for both views below
         own = preference_wins(*policy)
         implicit = {}
         if reference is not model:
-            reference_chosen, reference_rejected = pair_logps(reference, tokenizer, eval_path, limit=limit)
+            reference_chosen, reference_rejected = pair_logps(reference, tokenizer, eval_path, seq_len=seq_len, limit=limit)
             implicit = preference_wins(policy[0] - reference_chosen, policy[1] - reference_rejected, with_drift=True)
         metrics = {
             "eval/preference_accuracy": own["accuracy"],
@@ -70,7 +71,7 @@ def evaluate(stage_name: str, model, tokenizer, eval_path: Path | None, limit: i
             metrics["eval/answer_exact_match"] = answer_exact_match(text_replier(model, tokenizer), answer_path, limit)["accuracy"]
         return metrics, []
     kind = STAGES[stage_name].data_kind
-    metrics = {"eval/heldout_loss": heldout_loss(model, tokenizer, eval_path, kind=kind, limit=limit, images_dir=images_dir)}
+    metrics = {"eval/heldout_loss": heldout_loss(model, tokenizer, eval_path, kind=kind, seq_len=seq_len, limit=limit, images_dir=images_dir)}
     if stage_name == "pretrain":
         return metrics, []
     if kind == "vlm":
@@ -87,6 +88,19 @@ def evaluate(stage_name: str, model, tokenizer, eval_path: Path | None, limit: i
         metrics |= {"eval/reasoning_format": result["format"], "eval/reasoning_accuracy": result["accuracy"]}
     samples = [{"prompt": conversation[-1]["content"], "reply": reply} for conversation, reply, *_ in result["samples"]]
     return metrics, samples
+
+
+def eval_coverage(stage_name: str, tokenizer, eval_path: Path | None, limit: int, seq_len: int, image_tokens: int = 1) -> dict:
+    """How the stage's `seq_len` treats its held-out rows, as metrics: rows scored, cut short, dropped."""
+    from minimind.demo.evaluate import heldout_rows
+
+    if eval_path is None:
+        return {}
+    _, coverage = heldout_rows(eval_path, tokenizer, StageData(STAGES[stage_name].data_kind, seq_len=seq_len, image_tokens=image_tokens), limit)
+    if coverage["cut"] or coverage["dropped"]:
+        print(f"[{stage_name}] held-out rows at --seq-len {seq_len}: {coverage['rows']} scored, {coverage['cut']} cut short, "
+              f"{coverage['dropped']} dropped (nothing left to score)")
+    return {"eval/rows": coverage["rows"], "eval/rows_cut": coverage["cut"], "eval/rows_dropped": coverage["dropped"]}
 
 
 def parse_overrides(text: str | None) -> dict:
@@ -175,7 +189,7 @@ def _starting_model(config, stage, work: Path) -> tuple[Path, dict]:
 
         vision_model = config.vision_model or demo_vision_tower()
         vlm, tokenizer = build_vlm(init_dir, vision_model, seed=config.seed)
-        save_vlm(vlm, work / "vlm-init", tokenizer, vision_model=vision_model if config.link_vision else None)
+        save_vlm(vlm, work / "vlm-init", tokenizer, vision_model=vision_model)  # the tower referenced, not copied
         init_dir, tags = work / "vlm-init", {**tags, "vision_model": str(vision_model)}
     return init_dir, tags
 
@@ -235,7 +249,9 @@ def run_stage(config, stage_name: str, callbacks: list | None = None, register: 
     print(f"[{stage.name}] {len(rows)} training rows from {data_path}" + (f" ({skipped} malformed lines skipped)" if skipped else ""))
 
     initial = stage.load(init_dir, "cpu")
-    before, _ = evaluate(stage.name, initial, tokenizer, eval_path, config.eval_limit, reference=initial, images_dir=images_dir, answer_path=answer_path)
+    coverage = eval_coverage(stage.name, tokenizer, eval_path, config.eval_limit, config.seq_len, image_tokens)
+    before, _ = evaluate(stage.name, initial, tokenizer, eval_path, config.eval_limit, config.seq_len, reference=initial,
+                         images_dir=images_dir, answer_path=answer_path)
 
     if not ray.is_initialized():
         ray.init()
@@ -250,7 +266,7 @@ def run_stage(config, stage_name: str, callbacks: list | None = None, register: 
             "data.sha256": tracking.file_digest(data_path), "data.skipped_lines": str(skipped),
             **({"git.commit": commit} if (commit := tracking.git_commit()) else {}),
         })
-        mlflow.log_metrics({key.replace("eval/", "eval_before/"): value for key, value in before.items()})
+        mlflow.log_metrics({key.replace("eval/", "eval_before/"): value for key, value in before.items()} | coverage)
         language_model = getattr(initial, "language_model", initial)
         mlflow.log_metrics({"model/parameters": language_model.num_parameters(), "model/active_parameters": language_model.num_parameters(active=True)})
         trainer = TorchTrainer(
@@ -280,8 +296,11 @@ def run_stage(config, stage_name: str, callbacks: list | None = None, register: 
         shutil.rmtree(final_dir, ignore_errors=True)
         with result.checkpoint.as_directory() as checkpoint_dir:
             shutil.copytree(checkpoint_dir, final_dir, ignore=shutil.ignore_patterns(TRAINING_STATE))
+        if is_vlm_dir(final_dir) and not settings["link_vision"]:
+            copy_vision_tower(final_dir)  # checkpoints reference the frozen tower; the registered model holds it once
         trained = stage.load(final_dir, "cpu")
-        after, samples = evaluate(stage.name, trained, tokenizer, eval_path, config.eval_limit, reference=initial, images_dir=images_dir, answer_path=answer_path)
+        after, samples = evaluate(stage.name, trained, tokenizer, eval_path, config.eval_limit, config.seq_len, reference=initial,
+                                  images_dir=images_dir, answer_path=answer_path)
         mlflow.log_metrics(after)
         if samples:
             tracking.log_samples(samples)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from minimind.data import StageData, collate, iter_jsonl, load_stage_dataset
+from minimind.data import StageData, collate, has_labels, iter_jsonl, load_stage_dataset
 from minimind.generate import generate
 from minimind.losses import causal_lm_loss, sequence_logprobs
 from minimind.tokenizer import Markers
@@ -34,15 +34,26 @@ def _batches(rows, batch_size: int):
         yield [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
 
 
+def heldout_rows(path: str | Path, tokenizer, stage_data: StageData, limit: int | None = None):
+    """The first `limit` held-out rows of a stage at its own `seq_len`, and what that length did to them:
+    {"rows": evaluated, "cut": rows cut short, "dropped": rows whose cut left nothing to score}."""
+    rows = load_stage_dataset(path, tokenizer, stage_data, drop_unlabelled=False)
+    rows = rows.select(range(min(limit, len(rows)))) if limit else rows
+    cut = sum(rows["truncated"]) if "truncated" in rows.column_names else 0  # packed pretraining text is never cut
+    kept = rows.filter(has_labels)
+    return kept, {"rows": len(kept), "cut": int(cut), "dropped": len(rows) - len(kept)}
+
+
 @torch.no_grad()
 def heldout_loss(model, tokenizer, path: str | Path, kind: str = "pretrain", seq_len: int = 256, batch_size: int = 16,
                  limit: int | None = None, images_dir: str | Path | None = None) -> float:
     """Mean cross-entropy per predicted token: every token of packed text for `pretrain`, the assistant
-    replies (unweighted) for the chat kinds `sft`, `reason` and `vlm` (a VLM with its images)."""
+    replies (unweighted) for the chat kinds `sft`, `reason` and `vlm` (a VLM with its images). Rows are
+    cut at `seq_len` as in training, so this is the training loop's `val/loss`."""
     from minimind.vision import batch_pixel_values
 
-    rows = load_stage_dataset(path, tokenizer, StageData(kind, seq_len=seq_len, image_tokens=getattr(model, "image_tokens", 1)))
-    rows = rows.select(range(min(limit, len(rows)))) if limit else rows
+    stage_data = StageData(kind, seq_len=seq_len, image_tokens=getattr(model, "image_tokens", 1))
+    rows, _ = heldout_rows(path, tokenizer, stage_data, limit)
     total, tokens = 0.0, 0
     model.eval()
     for rows_batch in _batches(rows, batch_size):
@@ -150,8 +161,7 @@ def preference_accuracy(model, tokenizer, path: str | Path, reference_model=None
 def pair_logps(model, tokenizer, path: str | Path, seq_len: int = 512, batch_size: int = 16,
                limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean per-token log-prob of each held-out pair's chosen and rejected reply under `model`."""
-    rows = load_stage_dataset(path, tokenizer, StageData("dpo", seq_len=seq_len))
-    rows = rows.select(range(min(limit, len(rows)))) if limit else rows
+    rows, _ = heldout_rows(path, tokenizer, StageData("dpo", seq_len=seq_len), limit)
     sides: dict[str, list[torch.Tensor]] = {"chosen": [], "rejected": []}
     for rows_batch in _batches(rows, batch_size):
         batch = collate(rows_batch, tokenizer.pad_token_id)
