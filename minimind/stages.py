@@ -101,9 +101,12 @@ class VLMStage(Stage):
         return vlm.train()
 
     def save(self, model, directory, tokenizer) -> None:
+        """A checkpoint references the frozen tower the model was loaded with instead of copying it
+        (hundreds of MB for ViT-B/16); the registered model gets its copy once, at the end."""
         from minimind.vision import save_vlm
 
-        save_vlm(unwrap(model), directory, tokenizer=tokenizer)
+        vlm = unwrap(model)
+        save_vlm(vlm, directory, tokenizer=tokenizer, vision_model=vlm.vision_source)
 
     def model_inputs(self, model, batch, config):
         from minimind.vision import batch_pixel_values

@@ -97,6 +97,7 @@ class MiniMindVLM(nn.Module):
         self.image_processor = image_processor
         self.image_token_id = image_token_id
         self.image_tokens = image_token_count(vision_tower)
+        self.vision_source: str | None = None  # where the tower was loaded from (a folder or hub id), if known
         self.projection = nn.Linear(vision_tower.config.hidden_size, language_model.config.hidden_size, bias=False)
 
     @property
@@ -132,6 +133,10 @@ class MiniMindVLM(nn.Module):
         if count != images * self.image_tokens:
             raise ValueError(f"{count} image placeholder tokens for {images} image(s) of {self.image_tokens} tokens each")
         if images == 0:
+            if self.projection.weight.requires_grad and torch.is_grad_enabled():
+                # a text-only batch still puts the projection in the graph (with a zero gradient):
+                # DDP without find_unused_parameters fails on the next step if a trained parameter sat out
+                embeddings = embeddings + 0.0 * self.projection.weight.sum().to(embeddings.dtype)
             return embeddings
         features = self.image_features(pixel_values).reshape(-1, embeddings.shape[-1]).to(embeddings.dtype)
         return embeddings.masked_scatter(is_placeholder[..., None], features)
@@ -183,12 +188,20 @@ def build_vlm(language_model_dir: str | Path, vision_model: str | Path, seed: in
     tower, processor = load_vision_tower(vision_model)
     image_token_id = Markers.of(tokenizer).ids(tokenizer)["image"]
     torch.manual_seed(seed)
-    return MiniMindVLM(load_model(language_model_dir), tower, processor, image_token_id), tokenizer
+    vlm = MiniMindVLM(load_model(language_model_dir), tower, processor, image_token_id)
+    vlm.vision_source = _tower_reference(vision_model)
+    return vlm, tokenizer
+
+
+def _tower_reference(vision_model: str | Path) -> str:
+    """An existing folder as its absolute path, anything else (a hub id) as given."""
+    return str(Path(vision_model).resolve()) if Path(vision_model).exists() else str(vision_model)
 
 
 def save_vlm(vlm: MiniMindVLM, directory: str | Path, tokenizer=None, vision_model: str | Path | None = None) -> Path:
-    """Write a self-contained VLM directory; with `vision_model` the tower is referenced by that path
-    instead of copied."""
+    """Write a VLM directory: the language model, the projection, and the CLIP tower copied into
+    `vision/`, or with `vision_model` only referenced by that folder or hub id (the tower is frozen, so
+    checkpoints and linked models need no copy of their own)."""
     directory = Path(directory)
     vlm = getattr(vlm, "module", vlm)
     save_model(vlm.language_model, directory, tokenizer=tokenizer)
@@ -196,8 +209,22 @@ def save_vlm(vlm: MiniMindVLM, directory: str | Path, tokenizer=None, vision_mod
     if vision_model is None:
         vlm.vision_tower.save_pretrained(str(directory / VISION_DIR))
         vlm.image_processor.save_pretrained(str(directory / VISION_DIR))
-    reference = str(Path(vision_model).resolve()) if vision_model is not None and Path(vision_model).exists() else vision_model
-    VisionConfig(str(reference or VISION_DIR), vlm.image_tokens, vlm.vision_tower.config.hidden_size).save(directory / VISION_CONFIG_NAME)
+    reference = _tower_reference(vision_model) if vision_model is not None else VISION_DIR
+    VisionConfig(reference, vlm.image_tokens, vlm.vision_tower.config.hidden_size).save(directory / VISION_CONFIG_NAME)
+    return directory
+
+
+def copy_vision_tower(directory: str | Path) -> Path:
+    """Make a VLM directory that references its tower self-contained: the tower is copied into
+    `vision/` and `vision.json` points there. A directory that holds its tower already is left alone."""
+    directory = Path(directory)
+    config = VisionConfig.load(directory / VISION_CONFIG_NAME)
+    if config.vision_model != VISION_DIR:
+        tower, processor = load_vision_tower(config.vision_model)
+        tower.save_pretrained(str(directory / VISION_DIR))
+        processor.save_pretrained(str(directory / VISION_DIR))
+        config.vision_model = VISION_DIR
+        config.save(directory / VISION_CONFIG_NAME)
     return directory
 
 
@@ -216,6 +243,7 @@ def load_vlm(directory: str | Path, device: str | torch.device = "cpu", dtype: t
     tower, processor = load_vision_tower(tower_path if tower_path.exists() else config.vision_model)
     tokenizer = load_tokenizer(directory)
     vlm = MiniMindVLM(load_model(directory), tower, processor, Markers.of(tokenizer).ids(tokenizer)["image"])
+    vlm.vision_source = str(tower_path.resolve()) if tower_path.exists() else config.vision_model
     if vlm.image_tokens != config.image_tokens:
         raise ValueError(f"{directory}: the vision tower yields {vlm.image_tokens} tokens per image, {VISION_CONFIG_NAME} says {config.image_tokens}")
     vlm.projection.load_state_dict(load_file(str(directory / PROJECTION_NAME)))

@@ -227,8 +227,11 @@ def test_vlm_stages_train_what_each_should_and_never_the_vision_tower(mlflow_sto
         a, b = a.state_dict(), b.state_dict()
         return all(torch.equal(a[k], b[k]) for k in a)
 
-    pretrain = run_stage(VLMConfig(**{**QUICK, "init": str(tmp_path / "llm")}), "vlm_pretrain")
+    pretrain = run_stage(VLMConfig(**{**QUICK, "init": str(tmp_path / "llm"), "storage_path": str(tmp_path / "ray")}), "vlm_pretrain")
     assert pretrain.model_uri == "models:/minimind-vlm-pretrain/1"
+    checkpoints = list((tmp_path / "ray").glob("vlm_pretrain-*/checkpoint_*"))
+    assert checkpoints and not any((checkpoint / "vision").exists() for checkpoint in checkpoints)  # the frozen tower: referenced
+    assert (pretrain.model_dir / "vision" / "config.json").is_file()  # ... and copied once, into the registered model
     aligned = load_vlm(pretrain.model_dir)
     assert same(aligned.language_model, fresh.language_model)  # frozen: bit-identical
     assert not same(aligned.projection, fresh.projection)
@@ -263,3 +266,33 @@ def test_vlm_data_naming_a_missing_image_fails_before_training(mlflow_store, tmp
     (tmp_path / "vlm.jsonl").write_text(json.dumps(record, ensure_ascii=False) + "\n")
     with pytest.raises(SystemExit, match=r"1 image\(s\) named in .*vlm.jsonl are not under .*missing.png"):
         run_stage(VLMConfig(**{**QUICK, "data": str(tmp_path / "vlm.jsonl"), "init": str(tmp_path / "llm")}), "vlm_pretrain")
+
+
+def test_vlm_sft_on_text_only_batches_with_two_ddp_workers_and_a_linked_tower(mlflow_store, tmp_path):
+    """MiniMind-V mixes text-only samples into VLM SFT: a micro-batch without images must not leave the
+    projection out of DDP's step. With --link-vision no checkpoint and no registered version copies the tower."""
+    import mlflow
+    from sft_vlm import VLMSFTConfig
+
+    from conftest import random_model
+    from minimind.checkpoint import save_model
+    from minimind.demo import demo_tokenizer, demo_vision_tower
+    from minimind.tokenizer import load_tokenizer
+    from minimind.vision import VISION_CONFIG_NAME, VisionConfig
+
+    tokenizer = load_tokenizer(demo_tokenizer())
+    save_model(random_model(vocab_size=len(tokenizer), std=0.02), tmp_path / "llm", tokenizer=tokenizer)
+    records = [{"conversations": [{"role": "user", "content": f"小明几岁？{i}"}, {"role": "assistant", "content": "十岁。"}]} for i in range(16)]
+    (tmp_path / "text.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    storage = tmp_path / "ray"
+    result = run_stage(VLMSFTConfig(**{
+        **QUICK, "init": str(tmp_path / "llm"), "data": str(tmp_path / "text.jsonl"), "num_workers": 2, "cpus_per_worker": 1,
+        "batch_size": 2, "max_steps": 3, "checkpoint_every": 1, "max_failures": 0, "link_vision": True, "storage_path": str(storage),
+    }), "vlm_sft")
+    assert result.model_uri.startswith("models:/minimind-vlm-sft/")
+    checkpoints = list(storage.glob("vlm_sft-*/checkpoint_*"))
+    assert checkpoints and not any((checkpoint / "vision").exists() for checkpoint in checkpoints)
+    registered = Path(mlflow.artifacts.download_artifacts(result.model_uri, dst_path=str(tmp_path / "registered")))
+    for directory in (result.model_dir, registered):
+        assert not (directory / "vision").exists()
+        assert VisionConfig.load(directory / VISION_CONFIG_NAME).vision_model == str(Path(demo_vision_tower()).resolve())

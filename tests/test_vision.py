@@ -123,6 +123,36 @@ def test_a_linked_vision_tower_is_referenced_not_copied(tmp_path, tokenizer):
     assert all(torch.equal(reloaded[name], value) for name, value in tower.state_dict().items())
 
 
+def test_checkpoints_reference_the_tower_and_the_final_model_holds_one_copy(tmp_path, tokenizer):
+    from minimind.stages import STAGES
+    from minimind.vision import VISION_CONFIG_NAME, VisionConfig, copy_vision_tower
+
+    vlm = MiniMindVLM(random_model(vocab_size=len(tokenizer)), *clip_tower(), image_token_id=IMAGE_ID)
+    save_vlm(vlm, tmp_path / "init", tokenizer)  # self-contained, as a registered version is
+    stage = STAGES["vlm_sft"]
+    training = stage.load(tmp_path / "init", "cpu")
+    stage.save(training, tmp_path / "checkpoint", tokenizer)
+    assert not (tmp_path / "checkpoint" / "vision").exists()
+    assert VisionConfig.load(tmp_path / "checkpoint" / VISION_CONFIG_NAME).vision_model == str((tmp_path / "init" / "vision").resolve())
+    resumed = stage.load(tmp_path / "checkpoint", "cpu")  # a checkpoint of a checkpoint still points at the one tower
+    stage.save(resumed, tmp_path / "checkpoint2", tokenizer)
+    assert VisionConfig.load(tmp_path / "checkpoint2" / VISION_CONFIG_NAME).vision_model == str((tmp_path / "init" / "vision").resolve())
+
+    copy_vision_tower(tmp_path / "checkpoint2")  # what the job does once, to the model it registers
+    shutil.rmtree(tmp_path / "init")
+    final = load_vlm(tmp_path / "checkpoint2")
+    assert VisionConfig.load(tmp_path / "checkpoint2" / VISION_CONFIG_NAME).vision_model == "vision"
+    assert all(torch.equal(final.vision_tower.state_dict()[k], v) for k, v in vlm.vision_tower.state_dict().items())
+
+
+def test_a_text_only_batch_still_gives_the_projection_a_gradient(tokenizer):
+    """DDP (find_unused_parameters=False) needs every trained parameter in every step's graph."""
+    vlm = MiniMindVLM(random_model(vocab_size=len(tokenizer)), *clip_tower(), image_token_id=IMAGE_ID).train()
+    ids = torch.tensor([[1, 9, 10, 11]])
+    vlm(ids, labels=ids).loss.backward()
+    assert vlm.projection.weight.grad is not None and not vlm.projection.weight.grad.any()
+
+
 def test_the_language_model_of_a_vlm_directory_still_loads_alone(tmp_path, tokenizer):
     from minimind.checkpoint import load_model
 
