@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from minimind import tracking
+from minimind import storage, tracking
 from minimind.checkpoint import CONFIG_NAME, save_model
 from minimind.config import ModelConfig
 from minimind.data import StageData, count_records, load_stage_dataset, read_jsonl_dataset
@@ -22,7 +22,7 @@ from minimind.model import MiniMindForCausalLM
 from minimind.stages import STAGES
 from minimind.tokenizer import load_tokenizer
 from minimind.train import TRAINING_STATE, train_loop_per_worker
-from minimind.vision import VISION_CONFIG_NAME, VisionConfig, build_vlm, copy_vision_tower, is_vlm_dir, load_image, save_vlm
+from minimind.vision import VISION_CONFIG_NAME, VISION_DIR, VisionConfig, build_vlm, copy_vision_tower, is_vlm_dir, load_image, save_vlm
 
 DEMO_FILES = {"pretrain": "pretrain", "sft": "sft", "dpo": "dpo", "reason": "reason", "kd": "reason",
               "vlm_pretrain": "vlm_pretrain", "vlm_sft": "vlm_sft"}
@@ -134,26 +134,72 @@ def _check_images(rows, images_dir: Path, data_path: Path, decode: int = 200) ->
     print(f"[{data_path.name}] {len(names)} images found under {images_dir}")
 
 
-def _run_name(stage: str, storage: str, resume: bool) -> str:
+def _run_name(stage: str, storage_path: str, resume: bool) -> str:
     if resume:
-        previous = _earlier_runs(stage, storage)
+        previous = _earlier_runs(stage, storage_path)
         if not previous:
-            raise SystemExit(f"--resume: no earlier {stage} run under {storage}")
+            raise SystemExit(f"--resume: no earlier {stage} run under {storage_path}")
         return previous[-1]
     return f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
 
 
-def _earlier_runs(stage: str, storage: str) -> list[str]:
+def _earlier_runs(stage: str, storage_path: str) -> list[str]:
     """Run folder names of this stage under the storage path, oldest first; a local folder or any URI
     Ray Train's storage takes (s3://, gs://, ...), listed through pyarrow like Ray lists it."""
-    if "://" not in storage:
-        return [p.name for p in sorted(Path(storage).glob(f"{stage}-*"), key=lambda p: (p.stat().st_mtime, p.name))]
+    if not storage.is_uri(storage_path):
+        return [p.name for p in sorted(Path(storage_path).glob(f"{stage}-*"), key=lambda p: (p.stat().st_mtime, p.name))]
     import pyarrow.fs
 
-    filesystem, root = pyarrow.fs.FileSystem.from_uri(storage)
+    filesystem, root = pyarrow.fs.FileSystem.from_uri(storage_path)
     infos = filesystem.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
     names = [info.base_name for info in infos if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith(f"{stage}-")]
     return sorted(names)  # the names carry their start time
+
+
+def _local(location: str) -> Path:
+    """A data or model input as a path on this machine: storage URIs are fetched (workers fetch them too)."""
+    return storage.fetch(location) if storage.is_uri(location) else Path(location).resolve()
+
+
+def _workers_see_driver_disk() -> bool:
+    """True when this process started its own Ray instance (`ray.init()` with no cluster to join): every
+    worker then runs on this machine. A driver that joined a cluster (`ray job submit`, `RAY_ADDRESS`)
+    cannot know which nodes its workers land on, nor which ones the autoscaler adds later."""
+    from ray._private import worker  # no public API tells whether ray.init() started the instance
+
+    node = getattr(worker, "_global_node", None)
+    return bool(getattr(node, "head", False))
+
+
+def _stage_inputs(inputs: dict, destination: str, work: Path, given: dict) -> dict:
+    """Copy every input a worker reads from this machine's disk to the run's folder on Ray storage; an
+    input the user gave as a storage URI is passed on as that URI. Returns what the workers get."""
+    staged = {}
+    for key, local in inputs.items():
+        if local is None or storage.is_uri(str(given.get(key) or "")):
+            staged[key] = given.get(key) if local is not None else None
+            continue
+        local = Path(local)
+        if key == "init_dir" and is_vlm_dir(local):
+            local = _vlm_with_staged_tower(local, destination, work)
+        staged[key] = storage.stage_input(local, storage.join(destination, key) if local.is_dir() else storage.join(destination, key, local.name))
+    print(f"inputs for the workers staged under {destination}")
+    return staged
+
+
+def _vlm_with_staged_tower(vlm_dir: Path, destination: str, work: Path) -> Path:
+    """A copy of a VLM directory whose tower is referenced on storage, so that no worker, checkpoint or
+    registered model points at a folder of this machine (the tower is staged once, not per checkpoint)."""
+    config = VisionConfig.load(vlm_dir / VISION_CONFIG_NAME)
+    tower = vlm_dir / VISION_DIR if config.vision_model == VISION_DIR else Path(config.vision_model)
+    if storage.is_uri(config.vision_model) or not tower.exists():
+        return vlm_dir  # on storage already, or a hub id every node can download
+    config.vision_model = storage.stage_input(tower, storage.join(destination, "vision_tower"))
+    staged = work / "staged-init"
+    shutil.rmtree(staged, ignore_errors=True)
+    shutil.copytree(vlm_dir, staged, ignore=lambda folder, names: [VISION_DIR] if Path(folder) == vlm_dir else [])
+    config.save(staged / VISION_CONFIG_NAME)
+    return staged
 
 
 def _use_gpu(config) -> bool:
@@ -208,9 +254,9 @@ def run_stage(config, stage_name: str, callbacks: list | None = None, register: 
     started = time.perf_counter()
     stage = STAGES[stage_name]
     tracking.configure(config.experiment)
-    storage = config.storage_path or str(tracking.PROJECT_ROOT / "ray_results")
-    storage = storage if "://" in storage else str(Path(storage).resolve())  # s3://... and the like stay URIs
-    run_name = run_name or _run_name(stage.name, storage, config.resume)
+    storage_path = config.storage_path or str(tracking.PROJECT_ROOT / "ray_results")
+    storage_path = storage_path if storage.is_uri(storage_path) else str(Path(storage_path).resolve())  # s3://... stay URIs
+    run_name = run_name or _run_name(stage.name, storage_path, config.resume)
     work = (tracking.PROJECT_ROOT / "checkpoints" / "runs" / run_name).resolve()
 
     demo = None
@@ -218,14 +264,14 @@ def run_stage(config, stage_name: str, callbacks: list | None = None, register: 
         from minimind.demo import demo_data
 
         demo = demo_data()
-    data_path = Path(config.data).resolve() if config.data else demo[DEMO_FILES[stage.name]]
-    eval_path = Path(config.eval_data).resolve() if config.eval_data else (demo[DEMO_FILES[stage.name] + "_eval"] if config.data is None else None)
+    data_path = _local(config.data) if config.data else demo[DEMO_FILES[stage.name]]
+    eval_path = _local(config.eval_data) if config.eval_data else (demo[DEMO_FILES[stage.name] + "_eval"] if config.data is None else None)
     answer_path = None
     if stage.name == "dpo" and (getattr(config, "answer_eval", None) or config.data is None):
-        answer_path = Path(config.answer_eval).resolve() if getattr(config, "answer_eval", None) else demo["sft_eval"]
+        answer_path = _local(config.answer_eval) if getattr(config, "answer_eval", None) else demo["sft_eval"]
     images_dir = None
     if stage.data_kind == "vlm":
-        images_dir = Path(config.images).resolve() if config.images else (demo["images"] if config.data is None else data_path.parent)
+        images_dir = _local(config.images) if config.images else (demo["images"] if config.data is None else data_path.parent)
 
     init_dir, source_tags = _starting_model(config, stage, work)
     tokenizer = load_tokenizer(init_dir)
@@ -255,6 +301,10 @@ def run_stage(config, stage_name: str, callbacks: list | None = None, register: 
 
     if not ray.is_initialized():
         ray.init()
+    worker_inputs = {"init_dir": init_dir, "data_path": data_path, "eval_path": eval_path, "teacher_dir": teacher_dir, "images": images_dir}
+    if not _workers_see_driver_disk():
+        given = {"data_path": config.data, "eval_path": config.eval_data, "images": getattr(config, "images", None)}
+        worker_inputs = _stage_inputs(worker_inputs, storage.join(storage_path, run_name, "inputs"), work, given)
     if not config.cpus_per_worker:
         config.cpus_per_worker = float(max(1, int(ray.cluster_resources().get("CPU", 1)) // config.num_workers))
         settings["cpus_per_worker"] = config.cpus_per_worker
@@ -272,9 +322,7 @@ def run_stage(config, stage_name: str, callbacks: list | None = None, register: 
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={
-                **settings, "stage": stage.name, "init_dir": str(init_dir), "data_path": str(data_path),
-                "eval_path": str(eval_path) if eval_path else None,
-                "teacher_dir": str(teacher_dir) if teacher_dir else None,
+                **settings, "stage": stage.name, **{key: str(value) if value else None for key, value in worker_inputs.items()},
                 "mlflow_run_id": run.info.run_id, "mlflow_tracking_uri": mlflow.get_tracking_uri(),
             },
             scaling_config=ScalingConfig(
@@ -282,7 +330,7 @@ def run_stage(config, stage_name: str, callbacks: list | None = None, register: 
                 resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if use_gpu else {})},
             ),
             run_config=RunConfig(
-                name=run_name, storage_path=storage, callbacks=callbacks,
+                name=run_name, storage_path=storage_path, callbacks=callbacks,
                 failure_config=FailureConfig(max_failures=config.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
             ),

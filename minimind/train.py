@@ -24,8 +24,10 @@ import torch
 
 from minimind.data import LengthGroupedBatches, StageData, collate, load_stage_dataset, row_lengths
 from minimind.stages import STAGES, unwrap
+from minimind.storage import fetch
 
 TRAINING_STATE = "training_state.pt"
+WORKER_INPUTS = ("init_dir", "data_path", "eval_path", "teacher_dir", "images")  # what a worker fetches before it starts
 
 
 def _help(text: str, off_flag: str | None = None, **kwargs):
@@ -146,6 +148,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     random.seed(config.seed + rank)
     torch.manual_seed(config.seed + rank)
 
+    for key in WORKER_INPUTS:  # URIs on storage every node reaches (or, on the driver's own Ray, its paths)
+        if getattr(config, key, None):
+            setattr(config, key, str(fetch(getattr(config, key))))
     tokenizer = load_tokenizer(config.init_dir)
     model = stage.load(config.init_dir, device).train()
     dataset = load_stage_dataset(config.data_path, tokenizer, stage_data(stage, config, model), config.skip_bad)
@@ -264,11 +269,16 @@ class _MetricLogger:
     def __init__(self, config, total_steps: int):
         self.config, self.total_steps = config, total_steps
         self.client = None
-        if config.mlflow_run_id:
+        uri = config.mlflow_tracking_uri or ""
+        local_store = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+        if config.mlflow_run_id and local_store is not None and not local_store.is_file():
+            _say(f"[{config.stage}] the MLflow store {uri} is a file on the driver's machine, not this node's: step metrics go to "
+                 "the driver's log only (set MLFLOW_TRACKING_URI to a tracking server to record them)")
+        elif config.mlflow_run_id:
             from mlflow.tracking import MlflowClient
 
-            os.environ["MLFLOW_TRACKING_URI"] = config.mlflow_tracking_uri
-            self.client = MlflowClient(config.mlflow_tracking_uri)
+            os.environ["MLFLOW_TRACKING_URI"] = uri
+            self.client = MlflowClient(uri)
         self.bar = None
         if sys.stderr.isatty():
             from tqdm import tqdm

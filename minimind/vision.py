@@ -220,12 +220,24 @@ def copy_vision_tower(directory: str | Path) -> Path:
     directory = Path(directory)
     config = VisionConfig.load(directory / VISION_CONFIG_NAME)
     if config.vision_model != VISION_DIR:
-        tower, processor = load_vision_tower(config.vision_model)
+        tower, processor = load_vision_tower(_locate_tower(directory, config.vision_model)[0])
         tower.save_pretrained(str(directory / VISION_DIR))
         processor.save_pretrained(str(directory / VISION_DIR))
         config.vision_model = VISION_DIR
         config.save(directory / VISION_CONFIG_NAME)
     return directory
+
+
+def _locate_tower(directory: Path, reference: str) -> tuple[str | Path, str]:
+    """Where to load a VLM directory's tower from here, and how its checkpoints should reference it:
+    `vision/` inside it, an absolute folder, a storage URI (fetched into this node's cache; the
+    reference stays the URI, which every node reaches) or a hub id."""
+    from minimind import storage
+
+    if storage.is_uri(reference):
+        return storage.fetch(reference), reference
+    local = Path(reference) if Path(reference).is_absolute() else directory / reference
+    return (local, str(local.resolve())) if local.exists() else (reference, reference)
 
 
 def is_vlm_dir(directory: str | Path) -> bool:
@@ -239,11 +251,11 @@ def load_vlm(directory: str | Path, device: str | torch.device = "cpu", dtype: t
     if not is_vlm_dir(directory):
         raise FileNotFoundError(f"{directory} is not a MiniMind-V directory: {VISION_CONFIG_NAME} is missing")
     config = VisionConfig.load(directory / VISION_CONFIG_NAME)
-    tower_path = directory / config.vision_model if not Path(config.vision_model).is_absolute() else Path(config.vision_model)
-    tower, processor = load_vision_tower(tower_path if tower_path.exists() else config.vision_model)
+    tower_location, vision_source = _locate_tower(directory, config.vision_model)
+    tower, processor = load_vision_tower(tower_location)
     tokenizer = load_tokenizer(directory)
     vlm = MiniMindVLM(load_model(directory), tower, processor, Markers.of(tokenizer).ids(tokenizer)["image"])
-    vlm.vision_source = str(tower_path.resolve()) if tower_path.exists() else config.vision_model
+    vlm.vision_source = vision_source
     if vlm.image_tokens != config.image_tokens:
         raise ValueError(f"{directory}: the vision tower yields {vlm.image_tokens} tokens per image, {VISION_CONFIG_NAME} says {config.image_tokens}")
     vlm.projection.load_state_dict(load_file(str(directory / PROJECTION_NAME)))
