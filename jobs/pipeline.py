@@ -26,13 +26,13 @@ from sft_vlm import VLMSFTConfig  # noqa: E402
 
 from minimind.runner import run_stage  # noqa: E402
 
-STAGES = [
-    ("pretrain", PretrainConfig(epochs=10, lr=3e-3)),
-    ("sft", SFTConfig(epochs=3)),
-    ("dpo", DPOConfig(epochs=1)),
-    ("reason", DistillConfig(epochs=2)),
-    ("vlm_pretrain", VLMConfig(epochs=1)),
-    ("vlm_sft", VLMSFTConfig(epochs=2)),
+STAGES = [  # (stage, its settings, the stage whose registered version it starts from)
+    ("pretrain", PretrainConfig(epochs=10, lr=3e-3), None),
+    ("sft", SFTConfig(epochs=3), "pretrain"),
+    ("dpo", DPOConfig(epochs=1), "sft"),
+    ("reason", DistillConfig(epochs=2), "dpo"),
+    ("vlm_pretrain", VLMConfig(epochs=1), "sft"),
+    ("vlm_sft", VLMSFTConfig(epochs=2), "vlm_pretrain"),
 ]
 
 
@@ -49,14 +49,17 @@ def main(argv: list[str] | None = None) -> list:
     started = time.perf_counter()
     print(f"tokenizer: {demo_tokenizer()}")
     results = []
-    for name, config in STAGES:
+    registered: dict[str, str] = {}
+    for name, config, starts_from in STAGES:
         if args.text_only and name.startswith("vlm"):
             break
-        config = replace(config, experiment=args.experiment, eval_limit=args.eval_limit)
+        # the exact version the previous stage registered, never `latest`: another pipeline sharing the store cannot cut in
+        config = replace(config, experiment=args.experiment, eval_limit=args.eval_limit, init=registered.get(starts_from))
         if args.scale != 1.0:
             steps_per_epoch = {"pretrain": 60, "sft": 273, "dpo": 182, "reason": 127, "vlm_pretrain": 138, "vlm_sft": 138}[name]  # the demo world's
             config = replace(config, max_steps=max(2, int(config.epochs * steps_per_epoch * args.scale)))
         results.append(run_stage(config, name))
+        registered[name] = results[-1].model_uri
     total = time.perf_counter() - started
 
     print("\nstage         model                             seconds  held-out metrics: before -> after")

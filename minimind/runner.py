@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -202,16 +203,46 @@ def _vlm_with_staged_tower(vlm_dir: Path, destination: str, work: Path) -> Path:
     return staged
 
 
-def _use_gpu(config) -> bool:
+AUTOSCALING_CONFIG = Path("~/ray_bootstrap_config.yaml")  # where the Ray cluster launcher leaves it on the head
+GPU_WORKER_CPUS = 2.0  # CPUs per GPU worker unless told: fits any GPU node, leaves room for a second worker
+
+
+def launchable_gpu_node_types(config_path: Path | None = None) -> list[str]:
+    """Node types with GPUs that the cluster's autoscaler may start (none without a launcher config)."""
+    import yaml
+
+    path = (config_path or AUTOSCALING_CONFIG).expanduser()
+    if not path.is_file():
+        return []
+    node_types = (yaml.safe_load(path.read_text()) or {}).get("available_node_types", {})
+    return [name for name, spec in node_types.items()
+            if (spec.get("resources") or {}).get("GPU", 0) > 0 and spec.get("max_workers", 1) > 0]
+
+
+def placement(config) -> tuple[bool, float, str]:
+    """(use GPUs, CPUs per worker, one line saying why). `--use-gpu` always asks for GPUs and lets the
+    autoscaler bring them; by default GPUs are used when the cluster has them or can launch nodes with
+    them, and the line says when training runs on CPU. The autoscaler sees only what is requested, so
+    deciding from the GPUs present now would train on the head's CPUs and never start a GPU node."""
     import ray
 
-    if not config.use_gpu:
-        return False
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if gpus < config.num_workers * config.gpus_per_worker:
-        print(f"no GPU for each of {config.num_workers} worker(s) in the Ray cluster ({gpus:g} GPUs): training on CPU")
-        return False
-    return True
+    needed = config.num_workers * config.gpus_per_worker
+    present = ray.cluster_resources().get("GPU", 0)
+    if config.use_gpu is False:
+        use_gpu, why = False, "--cpu"
+    elif config.use_gpu:
+        use_gpu, why = True, f"--use-gpu ({present:g} GPUs up now; the autoscaler adds nodes for the rest)"
+    elif present >= needed:
+        use_gpu, why = True, f"{present:g} GPUs in the Ray cluster"
+    elif gpu_types := launchable_gpu_node_types():
+        use_gpu, why = True, f"the autoscaler can launch GPU nodes ({', '.join(gpu_types)})"
+    else:
+        use_gpu, why = False, f"no GPU for each of {config.num_workers} worker(s) in the Ray cluster ({present:g}), nor any it can launch"
+    cpus = config.cpus_per_worker
+    if not cpus:  # the torch threads of a CPU worker; a GPU worker needs few
+        largest_node = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=1)
+        cpus = GPU_WORKER_CPUS if use_gpu else float(max(1, int(largest_node) // config.num_workers))
+    return use_gpu, cpus, f"training on {'GPU' if use_gpu else 'CPU'}: {why}; {cpus:g} CPUs per worker"
 
 
 def _starting_model(config, stage, work: Path) -> tuple[Path, dict]:
@@ -228,8 +259,8 @@ def _starting_model(config, stage, work: Path) -> tuple[Path, dict]:
         torch.manual_seed(config.seed)
         save_model(MiniMindForCausalLM(model_config), work / "init", tokenizer=tokenizer)
         return work / "init", {"source.uri": f"scratch:{config.preset}", "tokenizer": str(config.tokenizer or tokenizer_dir)}
-    reference = config.init or f"models:/{stage.previous}/latest"
-    init_dir, tags = tracking.resolve_model(reference, work / "init"), tracking.model_source(reference)
+    reference = tracking.pin(config.init or f"models:/{stage.previous}/latest")  # resolved once, recorded as lineage.init
+    init_dir, tags = tracking.resolve_model(reference, work / "init"), {**tracking.model_source(reference), "lineage.init": reference}
     if stage.data_kind == "vlm" and not is_vlm_dir(init_dir):  # a language model: give it eyes
         from minimind.demo import demo_vision_tower
 
@@ -241,11 +272,12 @@ def _starting_model(config, stage, work: Path) -> tuple[Path, dict]:
 
 
 def run_stage(config, stage_name: str, callbacks: list | None = None, register: bool = True, parent_run_id: str | None = None,
-              run_name: str | None = None, tags: dict | None = None) -> StageResult:
+              run_name: str | None = None, tags: dict | None = None, params: dict | None = None) -> StageResult:
     """One stage job. For a Tune trial: `callbacks` go to the Ray Train `RunConfig` (its
     `TuneReportCallback`), `parent_run_id` nests the MLflow run under the sweep's, `register=False`
-    leaves registration to the sweep (it registers only the best trial), and a fixed `run_name` makes a
-    restored trial continue its Ray Train run from the last checkpoint."""
+    leaves registration to the sweep (the model is logged to the run as a LoggedModel, and the sweep
+    registers only the best trial's), `params` are extra MLflow params (each swept value on its own),
+    and a fixed `run_name` makes a restored trial continue its Ray Train run from the last checkpoint."""
     import mlflow
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -257,6 +289,11 @@ def run_stage(config, stage_name: str, callbacks: list | None = None, register: 
     storage_path = config.storage_path or str(tracking.PROJECT_ROOT / "ray_results")
     storage_path = storage_path if storage.is_uri(storage_path) else str(Path(storage_path).resolve())  # s3://... stay URIs
     run_name = run_name or _run_name(stage.name, storage_path, config.resume)
+    if config.resume and (lineage := tracking.recorded_lineage(run_name)):
+        # continue with exactly the models the interrupted run resolved, whatever `latest` means now
+        config = replace(config, init=lineage.get("lineage.init", config.init), **(
+            {"teacher": lineage["lineage.teacher"]} if "lineage.teacher" in lineage else {}))
+        print(f"[{stage.name}] --resume: the inputs of {run_name}: " + ", ".join(f"{k[8:]} {v}" for k, v in lineage.items()))
     work = (tracking.PROJECT_ROOT / "checkpoints" / "runs" / run_name).resolve()
 
     demo = None
@@ -283,7 +320,9 @@ def run_stage(config, stage_name: str, callbacks: list | None = None, register: 
     if stage.name == "kd":
         if not settings["teacher"]:
             raise SystemExit("--mode kd needs --teacher (a registered model URI or a model directory with the same vocabulary)")
+        settings["teacher"] = tracking.pin(settings["teacher"])
         teacher_dir = tracking.resolve_model(settings["teacher"], work / "teacher")
+        source_tags["lineage.teacher"] = settings["teacher"]
 
     # Fail on bad data here, naming file and line, before any worker starts (this also warms the cache).
     image_tokens = VisionConfig.load(init_dir / VISION_CONFIG_NAME).image_tokens if is_vlm_dir(init_dir) else 1
@@ -301,16 +340,21 @@ def run_stage(config, stage_name: str, callbacks: list | None = None, register: 
 
     if not ray.is_initialized():
         ray.init()
+    if not _workers_see_driver_disk() and (database := tracking.local_store_path()):
+        if tracking.in_ray_package(database):
+            raise SystemExit(f"the MLflow store {database} lies in Ray's unpacked job folder and would vanish with it: "
+                             "set MLFLOW_TRACKING_URI to a tracking server or an absolute sqlite://// path")
+        print(f"[{stage.name}] MLflow runs go to {database} on {socket.gethostname()}; "
+              "set MLFLOW_TRACKING_URI to a tracking server (mlflow/server.sh) to share them across the cluster")
     worker_inputs = {"init_dir": init_dir, "data_path": data_path, "eval_path": eval_path, "teacher_dir": teacher_dir, "images": images_dir}
     if not _workers_see_driver_disk():
         given = {"data_path": config.data, "eval_path": config.eval_data, "images": getattr(config, "images", None)}
         worker_inputs = _stage_inputs(worker_inputs, storage.join(storage_path, run_name, "inputs"), work, given)
-    if not config.cpus_per_worker:
-        config.cpus_per_worker = float(max(1, int(ray.cluster_resources().get("CPU", 1)) // config.num_workers))
-        settings["cpus_per_worker"] = config.cpus_per_worker
-    use_gpu = _use_gpu(config)
+    use_gpu, config.cpus_per_worker, where = placement(config)
+    settings["cpus_per_worker"], settings["use_gpu"] = config.cpus_per_worker, use_gpu
+    print(f"[{stage.name}] {where}")
     with mlflow.start_run(run_name=run_name, parent_run_id=parent_run_id) as run:
-        mlflow.log_params({key: value for key, value in settings.items() if value is not None})
+        mlflow.log_params({key: value for key, value in {**settings, **(params or {})}.items() if value is not None})
         mlflow.set_tags({
             **source_tags, **(tags or {}), "stage": stage.name, "ray.run_name": run_name, "data.path": str(data_path),
             "data.sha256": tracking.file_digest(data_path), "data.skipped_lines": str(skipped),
@@ -356,14 +400,15 @@ def run_stage(config, stage_name: str, callbacks: list | None = None, register: 
             # the same samples with the pictures themselves, which the MLflow UI shows in the table
             tracking.log_samples([{**row, "image": load_image(row["image"].split(", ")[0])} for row in pictured], "sample_images.json")
         _log_curve(run.info.run_id)
-        mlflow.set_tag("model_dir", str(final_dir))
         name = config.register_as or stage.registered_name
-        model_uri = ""
+        model_id = tracking.log_model_dir(final_dir, name, run_id=run.info.run_id)  # reachable from every node
+        mlflow.set_tags({"model_dir": str(final_dir), "model_id": model_id})
+        model_uri = f"models:/{model_id}"
         if register:
-            version = tracking.register_model_dir(final_dir, name, run_id=run.info.run_id, alias=config.alias, tags=source_tags)
+            version = tracking.register_logged_model(model_id, name, alias=config.alias, tags=source_tags)
             model_uri = f"models:/{name}/{version.version}"
     seconds = time.perf_counter() - started
-    print(f"[{stage.name}] {'registered ' + model_uri if model_uri else 'finished'} in {seconds:.0f}s; held-out " + ", ".join(
+    print(f"[{stage.name}] {'registered' if register else 'logged'} {model_uri} in {seconds:.0f}s; held-out " + ", ".join(
         f"{key.split('/')[-1]} {before.get(key, float('nan')):.3f} -> {value:.3f}" for key, value in after.items()
     ))
     return StageResult(stage.name, model_uri, final_dir, before, after, seconds, run.info.run_id)

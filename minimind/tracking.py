@@ -42,15 +42,24 @@ _LOGGED_MODEL_ID = re.compile(r"^m-[0-9a-f]{32}$")  # `models:/m-...`: a LoggedM
 # --------------------------------------------------------------------------- where things live
 
 
-def project_root() -> Path:
+def project_root(package_dir: Path = _PACKAGE_DIR) -> Path:
     """The checkout when running from one (so the store sits next to the code, git-ignored), else
-    `~/.minimind`; `$MINIMIND_HOME` overrides both. Read on every call so tests and jobs can set it late."""
+    `~/.minimind`; `$MINIMIND_HOME` overrides both. Read on every call so tests and jobs can set it late.
+
+    A job sent with `ray job submit --working-dir .` runs from a copy Ray unpacked into its session's
+    temporary folder (`.../runtime_resources/working_dir_files/_ray_pkg_<hash>`): that copy is not a
+    home, since it vanishes at `ray stop` and changes with every code change, so `~/.minimind` it is."""
     if os.environ.get("MINIMIND_HOME"):
         return Path(os.environ["MINIMIND_HOME"]).expanduser().resolve()
-    checkout = _PACKAGE_DIR.parent
-    if (checkout / "pyproject.toml").is_file():
+    checkout = package_dir.parent
+    if (checkout / "pyproject.toml").is_file() and not in_ray_package(checkout):
         return checkout
     return Path.home() / ".minimind"
+
+
+def in_ray_package(path: Path) -> bool:
+    """Whether `path` lies in a working directory Ray unpacked for a job (temporary, per code version)."""
+    return any(part.startswith("_ray_pkg_") or part == "runtime_resources" for part in Path(path).resolve().parts)
 
 
 def __getattr__(name: str):
@@ -81,6 +90,11 @@ def default_tracking_uri() -> str:
     store = project_root() / "mlflow" / "store"
     store.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{store / 'mlflow.db'}"  # the path is absolute, so this reads sqlite:////...
+
+
+def local_store_path(uri: str | None = None) -> Path | None:
+    """The database file when the tracking URI is a local SQLite store (None for a tracking server)."""
+    return _sqlite_path(uri or mlflow.get_tracking_uri())
 
 
 def _artifact_location(uri: str) -> str | None:
@@ -215,6 +229,25 @@ def _model_folder(root: Path, reference: str) -> Path:
     return found[0].parent
 
 
+def pin(reference: str) -> str:
+    """`models:/NAME/latest` or `models:/NAME@ALIAS` as the exact `models:/NAME/VERSION` it means now;
+    anything else as it is. A stage resolves its inputs once, through this, and records the result, so
+    a version registered meanwhile (by another pipeline sharing the store) never changes what it uses."""
+    if reference.startswith("models:/") and not _LOGGED_MODEL_ID.match(reference[len("models:/") :]):
+        found = _model_version(_client(), reference)
+        return f"models:/{found.name}/{found.version}"
+    return reference
+
+
+def recorded_lineage(run_name: str) -> dict[str, str]:
+    """The exact inputs (`lineage.*` tags) an earlier MLflow run of this Ray run name resolved, for --resume."""
+    client = _client()
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], f"tags.`ray.run_name` = '{run_name}'",
+                              order_by=["attributes.start_time ASC"], max_results=10)
+    return next(({k: v for k, v in run.data.tags.items() if k.startswith("lineage.")} for run in runs
+                 if any(k.startswith("lineage.") for k in run.data.tags)), {})
+
+
 def resolve_model(reference: str, destination: str | Path | None = None) -> Path:
     """A local model directory for a path, `models:/...` or `runs:/RUN_ID/path` reference.
 
@@ -266,6 +299,55 @@ def _check_alias(alias: str) -> None:
         )
 
 
+def log_model_dir(directory: str | Path, name: str, run_id: str | None = None) -> str:
+    """Log a model directory as an MLflow LoggedModel of the run (default: the active run), READY but not
+    registered, and return its id: `models:/<id>` downloads it from any node that reaches the tracking
+    server. A failure midway marks it FAILED."""
+    directory = Path(directory)
+    if not (directory / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}; log a directory written by minimind.checkpoint.save_model")
+    client = _client()
+    if run_id is None and mlflow.active_run() is not None:
+        run_id = mlflow.active_run().info.run_id
+    experiment_id = client.get_run(run_id).info.experiment_id if run_id else None  # the model lives beside its run
+    logged = mlflow.initialize_logged_model(name=name, source_run_id=run_id, experiment_id=experiment_id)
+    try:
+        client.log_model_artifacts(logged.model_id, str(directory))
+        mlflow.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    except BaseException:
+        _mark_failed(logged.model_id)
+        raise
+    return logged.model_id
+
+
+def register_logged_model(model_id: str, name: str, alias: str | None = None, tags: dict | None = None) -> "ModelVersion":
+    """Register a LoggedModel (`log_model_dir`) as the next version of `name`, optionally under `alias`;
+    a failure midway removes the version again, so a registered version is always complete."""
+    if alias is not None:
+        _check_alias(alias)
+    client = _client()
+    version = None
+    try:
+        version = mlflow.register_model(f"models:/{model_id}", name, tags={key: str(value) for key, value in (tags or {}).items()})
+        if alias is not None:
+            client.set_registered_model_alias(name, alias, version.version)
+        return client.get_model_version(name, str(version.version))  # re-read: this one carries the aliases
+    except BaseException:
+        if version is not None:
+            try:
+                client.delete_model_version(name, str(version.version))
+            except Exception as cleanup_error:  # report, but re-raise the error that caused the cleanup
+                warnings.warn(f"could not undo the partial registration of {name} version {version.version}: {cleanup_error}")
+        raise
+
+
+def _mark_failed(model_id: str) -> None:
+    try:
+        mlflow.finalize_logged_model(model_id, LoggedModelStatus.FAILED)
+    except Exception as cleanup_error:
+        warnings.warn(f"could not mark the LoggedModel {model_id} FAILED: {cleanup_error}")
+
+
 def register_model_dir(
     directory: str | Path,
     name: str,
@@ -280,33 +362,13 @@ def register_model_dir(
     Arguments are checked before anything is logged, and a failure midway marks the LoggedModel FAILED
     and removes a version already created, so a registered version is always complete.
     """
-    directory = Path(directory)
-    if not (directory / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}; register a directory written by minimind.checkpoint.save_model")
     if alias is not None:
         _check_alias(alias)
-    client = _client()
-    if run_id is None and mlflow.active_run() is not None:
-        run_id = mlflow.active_run().info.run_id
-    experiment_id = client.get_run(run_id).info.experiment_id if run_id else None  # the model lives beside its run
-    logged = mlflow.initialize_logged_model(name=name, source_run_id=run_id, experiment_id=experiment_id)
-    version = None
+    model_id = log_model_dir(directory, name, run_id)
     try:
-        client.log_model_artifacts(logged.model_id, str(directory))
-        mlflow.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
-        version = mlflow.register_model(
-            f"models:/{logged.model_id}", name, tags={key: str(value) for key, value in (tags or {}).items()}
-        )
-        if alias is not None:
-            client.set_registered_model_alias(name, alias, version.version)
-        return client.get_model_version(name, str(version.version))  # re-read: this one carries the aliases
+        return register_logged_model(model_id, name, alias, tags)
     except BaseException:
-        try:
-            if version is not None:
-                client.delete_model_version(name, str(version.version))
-            mlflow.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
-        except Exception as cleanup_error:  # report, but re-raise the error that caused the cleanup
-            warnings.warn(f"could not undo the partial registration of {name} ({logged.model_id}): {cleanup_error}")
+        _mark_failed(model_id)
         raise
 
 

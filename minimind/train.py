@@ -55,9 +55,10 @@ class TrainConfig:
     max_steps: int = _help("stop after this many optimiser steps (0: --epochs decide)", default=0)
     dtype: str = _help("bf16 (autocast) or fp32", default="bf16")
     num_workers: int = _help("Ray Train workers (DDP when > 1)", default=1)
-    use_gpu: bool = _help("one GPU per worker; falls back to CPU when the cluster has none", off_flag="--cpu", default=True)
+    use_gpu: bool | None = _help("GPUs for the workers, waiting for the autoscaler to provide them (default: when the cluster has or "
+                                 "can launch GPU nodes)", off_flag="--cpu", default=None)
     gpus_per_worker: float = _help("GPUs per worker; a fraction lets Tune trials share one GPU", default=1.0)
-    cpus_per_worker: float = _help("CPUs per worker (torch threads: at least one); 0: the cluster's CPUs shared among the workers", default=0.0)
+    cpus_per_worker: float = _help("CPUs per worker (torch threads: at least one); 0: 2 for a GPU worker, a CPU node's CPUs shared among the workers", default=0.0)
     checkpoint_every: int = _help("report a checkpoint every N optimiser steps (and at the end)", default=50)
     max_failures: int = _help("worker failures Ray recovers from by restarting from the last checkpoint", default=2)
     resume: bool = _help("continue the newest run of this stage from its last checkpoint", default=False)
@@ -126,8 +127,25 @@ def _say(line: str) -> None:
     sys.stdout.flush()
 
 
-def _rng_state() -> dict:
-    return {"python": random.getstate(), "torch": torch.get_rng_state()}
+def _rng_states(world: int) -> list[dict]:
+    """Every rank's RNG state in rank order (a collective: every rank calls it), so that each rank of a
+    resumed run continues its own random stream."""
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if world == 1:
+        return [state]
+    states = [None] * world
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
+def _restore_rng(saved, rank: int) -> None:
+    state = saved[rank] if isinstance(saved, list) and rank < len(saved) else (saved[0] if isinstance(saved, list) else saved)
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # --------------------------------------------------------------------------- the loop
@@ -169,8 +187,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             state = torch.load(Path(directory) / TRAINING_STATE, weights_only=True)
             optimizer.load_state_dict(state["optimizer"])
             step = state["step"]
-            random.setstate(state["rng"]["python"])
-            torch.set_rng_state(state["rng"]["torch"])
+            _restore_rng(state["rng"], rank)
         if rank == 0:
             _say(f"[{config.stage}] resumed from step {step}")
 
@@ -226,7 +243,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if logger:
                 logger.log_metrics(step, {"val/loss": sums["val/loss"]})
         if step % config.checkpoint_every == 0 or step == total_steps or stopping:
-            _report_checkpoint(stage, model, tokenizer, optimizer, step, {**sums, "finished": float(step == total_steps)}, rank)
+            _report_checkpoint(stage, model, tokenizer, optimizer, step, {**sums, "finished": float(step == total_steps)}, rank, world)
         elif validating:
             import ray.train
 
@@ -250,25 +267,32 @@ def _validation_loss(stage, model, tokenizer, config) -> float:
     return loss
 
 
-def _report_checkpoint(stage, model, tokenizer, optimizer, step: int, metrics: dict, rank: int) -> None:
+def _report_checkpoint(stage, model, tokenizer, optimizer, step: int, metrics: dict, rank: int, world: int) -> None:
     import ray.train
 
     reported = {**metrics, "step": step}
+    rng_states = _rng_states(world)
     if rank != 0:
         ray.train.report(reported, checkpoint=None)
         return
     with tempfile.TemporaryDirectory() as directory:
         stage.save(model, directory, tokenizer)
-        torch.save({"optimizer": optimizer.state_dict(), "step": step, "rng": _rng_state()}, Path(directory) / TRAINING_STATE)
+        torch.save({"optimizer": optimizer.state_dict(), "step": step, "rng": rng_states}, Path(directory) / TRAINING_STATE)
         ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
 class _MetricLogger:
-    """Rank 0's compact step line, a progress bar on terminals, and metrics batched to the MLflow run."""
+    """Rank 0's compact step line, a progress bar on terminals, and metrics batched to the MLflow run.
+    MLflow calls run on a background thread: a slow or briefly unreachable tracking server neither
+    stalls nor kills training; a failed batch is reported in the log and training goes on."""
 
     def __init__(self, config, total_steps: int):
+        from concurrent.futures import ThreadPoolExecutor
+
         self.config, self.total_steps = config, total_steps
         self.client = None
+        self.sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-metrics")  # one thread keeps the order
+        self.failures = 0
         uri = config.mlflow_tracking_uri or ""
         local_store = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
         if config.mlflow_run_id and local_store is not None and not local_store.is_file():
@@ -290,7 +314,15 @@ class _MetricLogger:
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)
-            self.client.log_batch(self.config.mlflow_run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+            batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+            self.sender.submit(self._send, step, batch)
+
+    def _send(self, step: int, batch: list) -> None:
+        try:
+            self.client.log_batch(self.config.mlflow_run_id, metrics=batch)
+        except Exception as error:  # report, never raise into training
+            self.failures += 1
+            _say(f"[{self.config.stage}] MLflow metrics of step {step} not logged ({type(error).__name__}: {error}); training goes on")
 
     def log(self, step: int, metrics: dict, elapsed: float) -> None:
         _say(
@@ -302,5 +334,6 @@ class _MetricLogger:
         self.log_metrics(step, metrics)
 
     def close(self) -> None:
+        self.sender.shutdown(wait=True)  # what is queued still reaches the run
         if self.bar:
             self.bar.close()

@@ -32,7 +32,7 @@ def test_flags_are_generated_from_the_dataclass():
 def test_training_jobs_take_cpu_as_the_short_no_use_gpu():
     from minimind.train import TrainConfig
 
-    assert parse_config(TrainConfig, []).use_gpu is True
+    assert parse_config(TrainConfig, []).use_gpu is None  # decided from the cluster
     assert parse_config(TrainConfig, ["--cpu"]).use_gpu is False
     assert parse_config(TrainConfig, ["--no-use-gpu"]).use_gpu is False
     assert parse_config(TrainConfig, ["--cpu", "--use-gpu"]).use_gpu is True

@@ -41,6 +41,7 @@ exec "$@"
 
 DRIVER = textwrap.dedent("""
     import sys
+    from dataclasses import replace
     sys.path.insert(0, "{root}/jobs")
     from dpo import DPOConfig
     from pretrain import PretrainConfig
@@ -49,10 +50,19 @@ DRIVER = textwrap.dedent("""
     from minimind.runner import run_stage
 
     quick = dict(max_steps=2, checkpoint_every=2, log_every=1, eval_limit=4, batch_size=4, seq_len=128, storage_path="{storage}")
-    for name, config in [("pretrain", PretrainConfig(preset="tiny", **quick)), ("sft", SFTConfig(**quick)),
-                         ("dpo", DPOConfig(**quick)), ("vlm_pretrain", VLMConfig(**quick))]:
-        result = run_stage(config, name)
+    registered = {{}}
+    for name, config, starts_from in [("pretrain", PretrainConfig(preset="tiny", **quick), None), ("sft", SFTConfig(**quick), "pretrain"),
+                                      ("dpo", DPOConfig(**quick), "sft"), ("vlm_pretrain", VLMConfig(**quick), "sft")]:
+        result = run_stage(replace(config, init=registered.get(starts_from)), name)
+        registered[name] = result.model_uri
         print("REGISTERED", name, result.model_uri, flush=True)
+
+    sys.path.insert(0, "{root}/tune")
+    import dpo_beta  # its trials, and their Ray Train workers, run on the blind node too (the head has no CPUs)
+
+    best, rows = dpo_beta.main(["--grid", "0.1", "0.5", "--init", registered["sft"], "--steps", "2", "--eval-limit", "4",
+                                "--storage-path", "{storage}/sweeps", "--name", "blind-sweep", "--cpus-per-trial", "1"])
+    print("SWEEP", len(rows), best, flush=True)
 """)
 
 
@@ -122,6 +132,7 @@ def test_every_input_reaches_a_worker_node_that_cannot_see_the_driver_disk(tmp_p
                                  ("vlm_pretrain", "minimind-vlm-pretrain")):
             assert f"REGISTERED {name} models:/{registered}/1" in output
         assert "inputs for the workers staged under" in output
+        assert "SWEEP 2 models:/minimind-dpo/2" in output  # two trials; the best registered from its LoggedModel
 
         from mlflow.tracking import MlflowClient
 

@@ -52,3 +52,59 @@ def test_dpo_pairs_are_scored_at_the_stage_seq_len(tmp_path, tokenizer, model):
     assert metrics["eval/preference_accuracy"] == preference_wins(*pair_logps(model, tokenizer, path, seq_len=120))["accuracy"]
     assert eval_coverage("dpo", tokenizer, path, limit=10, seq_len=120)["eval/rows_cut"] == 2
     assert eval_coverage("dpo", tokenizer, path, limit=10, seq_len=512)["eval/rows_cut"] == 0
+
+
+def test_gpu_placement_follows_the_flag_the_cluster_and_what_the_autoscaler_can_launch(ray_cluster, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from minimind.runner import GPU_WORKER_CPUS, placement
+    from minimind.train import TrainConfig
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # no launcher config here: this cluster has 2 CPUs and no GPU
+    config = TrainConfig(num_workers=2)
+    assert placement(config)[:2] == (False, 1.0) and "training on CPU" in placement(config)[2]
+    assert placement(replace(config, use_gpu=True))[:2] == (True, GPU_WORKER_CPUS)  # asked: the autoscaler must bring them
+    assert placement(replace(config, use_gpu=True, cpus_per_worker=3))[:2] == (True, 3)
+    (tmp_path / "ray_bootstrap_config.yaml").write_text(
+        "available_node_types:\n  head: {resources: {CPU: 0}}\n  gpu_worker: {min_workers: 0, max_workers: 4, resources: {CPU: 4, GPU: 1}}\n")
+    use_gpu, cpus, why = placement(config)  # none up yet, but the cluster can launch them: ask, so that it does
+    assert (use_gpu, cpus) == (True, GPU_WORKER_CPUS) and "gpu_worker" in why
+    assert placement(replace(config, use_gpu=False))[0] is False
+
+
+def test_a_job_unpacked_by_ray_keeps_its_results_in_the_home_folder(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from minimind.tracking import project_root
+
+    monkeypatch.delenv("MINIMIND_HOME", raising=False)
+    unpacked = tmp_path / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123abcd"
+    (unpacked / "minimind").mkdir(parents=True)
+    (unpacked / "pyproject.toml").write_text("")
+    assert project_root(unpacked / "minimind") == Path.home() / ".minimind"
+    (tmp_path / "checkout" / "minimind").mkdir(parents=True)
+    (tmp_path / "checkout" / "pyproject.toml").write_text("")
+    assert project_root(tmp_path / "checkout" / "minimind") == tmp_path / "checkout"
+
+
+def test_rank_zero_metric_logging_reports_a_failing_tracking_server_and_training_goes_on(capsys):
+    from types import SimpleNamespace
+
+    from minimind.train import _MetricLogger
+
+    logger = _MetricLogger(SimpleNamespace(stage="sft", mlflow_run_id=None, mlflow_tracking_uri=None), total_steps=2)
+    sent = []
+
+    class FlakyServer:
+        def log_batch(self, run_id, metrics):
+            if not sent:
+                sent.append("refused")
+                raise ConnectionError("tracking server unreachable")
+            sent.append([m.key for m in metrics])
+
+    logger.config.mlflow_run_id, logger.client = "run", FlakyServer()
+    logger.log_metrics(1, {"train/loss": 2.0})  # fails on the logging thread: reported, not raised
+    logger.log_metrics(2, {"train/loss": 1.5})
+    logger.close()
+    assert sent == ["refused", ["train/loss"]]
+    assert "MLflow metrics of step 1 not logged (ConnectionError: tracking server unreachable); training goes on" in capsys.readouterr().out

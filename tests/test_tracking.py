@@ -235,3 +235,23 @@ def test_resume_finds_earlier_runs_in_local_folders_and_storage_uris(tmp_path):
     assert _earlier_runs("pretrain", str(tmp_path)) == ["pretrain-20261128-010000-1", "pretrain-20261128-020000-2"]
     assert _earlier_runs("pretrain", f"file://{tmp_path}") == ["pretrain-20261128-010000-1", "pretrain-20261128-020000-2"]
     assert _earlier_runs("dpo", f"file://{tmp_path}/missing") == []
+
+
+def test_pin_turns_latest_and_aliases_into_the_exact_version_and_resume_finds_it_again(mlflow_store, tmp_path):
+    import mlflow
+
+    from conftest import random_model
+    from minimind.checkpoint import save_model
+
+    tracking.configure("pin-test")
+    save_model(random_model(), tmp_path / "m")
+    tracking.register_model_dir(tmp_path / "m", "pin-model")
+    tracking.register_model_dir(tmp_path / "m", "pin-model", alias="candidate")
+    tracking.register_model_dir(tmp_path / "m", "pin-model")
+    assert tracking.pin("models:/pin-model/latest") == "models:/pin-model/3"
+    assert tracking.pin("models:/pin-model@candidate") == "models:/pin-model/2"
+    assert tracking.pin(str(tmp_path / "m")) == str(tmp_path / "m")  # a directory stays what it is
+    with mlflow.start_run(tags={"ray.run_name": "dpo-20260101-1", "lineage.init": "models:/pin-model/2"}):
+        pass
+    assert tracking.recorded_lineage("dpo-20260101-1") == {"lineage.init": "models:/pin-model/2"}
+    assert tracking.recorded_lineage("never-ran") == {}

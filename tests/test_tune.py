@@ -29,6 +29,11 @@ def test_moe_sweep_nests_trials_ranks_them_and_registers_the_best(mlflow_store, 
     assert sorted(run.data.params["config_overrides"] for run in runs) == [
         "num_experts=1,num_experts_per_tok=1,num_shared_experts=0", "num_experts=2,num_experts_per_tok=1,num_shared_experts=0",
     ]
+    # each swept value is a param of its own, as MLflow's compare and parallel-coordinates views need
+    assert sorted((r.data.params["num_experts"], r.data.params["num_experts_per_tok"], r.data.params["num_shared_experts"]) for r in runs) == [
+        ("1", "1", "0"), ("2", "1", "0")]
+    # the best is registered from the trial's LoggedModel in MLflow, not from a folder on the trial's node
+    assert best.source == f"models:/{client().get_run(best.run_id).data.tags['model_id']}"
     for run in runs:  # what the table compares: size, speed and held-out loss, per trial
         assert {"model/parameters", "model/active_parameters", "train/tokens_per_s", "val/loss"} <= set(run.data.metrics)
         assert len(client().get_metric_history(run.info.run_id, "val/loss")) == 2  # the metric ASHA compares, every 2 steps

@@ -58,11 +58,11 @@ def main(argv=None):
     for run in trial_runs(parent):
         metrics = run.data.metrics
         rows.append({
-            "trial": run.data.tags.get("tune.trial_id"), "run_id": run.info.run_id, "model_dir": run.data.tags.get("model_dir"),
+            "trial": run.data.tags.get("tune.trial_id"), "run_id": run.info.run_id, "model_id": run.data.tags.get("model_id"),
             "beta": float(run.data.params["beta"]), "rewards_accuracy": metrics.get("eval/rewards_accuracy"),
             "rewards_margin": metrics.get("eval/rewards_margin"), "drift": metrics.get("eval/drift"),
             "answer_exact_match": metrics.get("eval/answer_exact_match"), "answer_before": metrics.get("eval_before/answer_exact_match"),
-            "status": "finished" if run.data.tags.get("model_dir") else "stopped",
+            "status": "finished" if run.data.tags.get("model_id") else "stopped",
         })
     for row in rows:
         row["keeps_answers"] = row["status"] == "finished" and (

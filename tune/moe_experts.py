@@ -57,14 +57,13 @@ def main(argv=None):
     rows = []
     for run in trial_runs(parent):
         params, metrics = run.data.params, run.data.metrics
-        layout = dict(item.split("=") for item in params.get("config_overrides", "").split(",") if item)
         rows.append({
-            "trial": run.data.tags.get("tune.trial_id"), "run_id": run.info.run_id, "model_dir": run.data.tags.get("model_dir"),
-            "num_experts": int(layout.get("num_experts", 0)), "top_k": int(layout.get("num_experts_per_tok", 0)),
-            "shared": int(layout.get("num_shared_experts", 0)),
+            "trial": run.data.tags.get("tune.trial_id"), "run_id": run.info.run_id, "model_id": run.data.tags.get("model_id"),
+            "num_experts": int(params.get("num_experts", 0)), "top_k": int(params.get("num_experts_per_tok", 0)),
+            "shared": int(params.get("num_shared_experts", 0)),  # each swept value is a param of the trial's run
             "total_params": int(metrics.get("model/parameters", 0)), "active_params": int(metrics.get("model/active_parameters", 0)),
             "tokens_per_s": metrics.get("train/tokens_per_s"), "heldout_loss": metrics.get("eval/heldout_loss", metrics.get("val/loss")),
-            "status": "finished" if run.data.tags.get("model_dir") else "stopped early",
+            "status": "finished" if run.data.tags.get("model_id") else "stopped early",
         })
     rows.sort(key=lambda row: (row["status"] != "finished", row["heldout_loss"] if row["heldout_loss"] is not None else float("inf")))
     best = rows[0] if rows and rows[0]["status"] == "finished" else None

@@ -18,7 +18,6 @@ sys.path[:0] = [str(ROOT), str(ROOT / "jobs")]
 from minimind import tracking  # noqa: E402
 from minimind.flags import add_flags  # noqa: E402
 
-PARENT_RUN_FILE = "mlflow_parent_run_id"
 TRIAL_FUNCTION_CPUS = 0.5  # the trial's own process: evaluation before/after and the Train controller
 
 
@@ -36,6 +35,8 @@ class Sweep:
     cpus_per_trial: float = _help(f"CPUs per trial; its training worker gets all but {TRIAL_FUNCTION_CPUS}", default=1.0)
     gpus_per_trial: float = _help("GPUs per trial's worker; 0.5 runs two trials on one GPU", default=0.0)
     resume: bool = _help("continue an interrupted sweep of this --name instead of starting over", default=False)
+    storage_path: str | None = _help("where Tune and the trials' Ray Train runs keep their state: a folder every node sees, or "
+                                     "s3://, gs://, ... (default: tune_results/ in the project folder, for one machine)", default=None)
     experiment: str = _help("MLflow experiment", default="minimind-sweeps")
 
     @classmethod
@@ -56,7 +57,7 @@ def trial(params: dict, stage: str, base_config, parent_run_id: str, environment
     from minimind.config import ModelConfig
     from minimind.runner import run_stage
 
-    os.environ.update(environment)  # the store and project folder of the driver, wherever this runs
+    os.environ.update(environment)  # the driver's tracking store, wherever this runs
     trial_id = ray.tune.get_context().get_trial_id()
     settings = {key: value for key, value in params.items() if key in {f.name for f in fields(base_config)}}
     layout = {key: value for key, value in params.items() if key in {f.name for f in fields(ModelConfig)}}
@@ -64,8 +65,9 @@ def trial(params: dict, stage: str, base_config, parent_run_id: str, environment
         layout["num_experts_per_tok"] = min(layout["num_experts_per_tok"], layout["num_experts"])
     if layout:
         settings["config_overrides"] = ",".join(f"{key}={value}" for key, value in layout.items())
+    # every swept value is a param of its own, as MLflow's compare view, parallel coordinates and scatter plots need
     run_stage(replace(base_config, **settings), stage, callbacks=[TuneReportCallback()], register=False,
-              parent_run_id=parent_run_id, run_name=f"{stage}-{trial_id}", tags={"tune.trial_id": trial_id})
+              parent_run_id=parent_run_id, run_name=f"{stage}-{trial_id}", tags={"tune.trial_id": trial_id}, params=layout)
 
 
 def run_sweep(sweep: Sweep, stage: str, base_config, param_space: dict, tune_config_kwargs: dict):
@@ -74,25 +76,31 @@ def run_sweep(sweep: Sweep, stage: str, base_config, param_space: dict, tune_con
     import ray
     from ray import tune
 
-    tracking.configure(sweep.experiment)
-    storage = (tracking.PROJECT_ROOT / "tune_results").resolve()
-    sweep_dir = storage / sweep.name
-    parent_file = storage / f"{sweep.name}.{PARENT_RUN_FILE}"
-    restoring = sweep.resume and tune.Tuner.can_restore(str(sweep_dir))
+    from minimind import storage
+    from minimind.stages import STAGES
+
+    experiment_id = tracking.configure(sweep.experiment)
+    storage_path = sweep.storage_path or str((tracking.PROJECT_ROOT / "tune_results").resolve())
+    storage_path = storage_path if storage.is_uri(storage_path) else str(Path(storage_path).resolve())
+    sweep_dir = storage.join(storage_path, sweep.name)
+    restoring = sweep.resume and tune.Tuner.can_restore(sweep_dir)
     if sweep.resume and not restoring:
-        raise SystemExit(f"--resume: no sweep named {sweep.name!r} under {storage}")
+        raise SystemExit(f"--resume: no sweep named {sweep.name!r} under {storage_path}")
     if restoring:
-        parent_run_id = parent_file.read_text().strip()
+        parent_run_id = _parent_run(experiment_id, sweep.name)
+        base_config = replace(base_config, init=_run_tag(parent_run_id, "sweep.init") or base_config.init)
     else:
-        parent = mlflow.start_run(run_name=sweep.name)
+        previous = STAGES[stage].previous
+        if base_config.init or previous:  # every trial starts from one exact version, recorded on the parent run
+            base_config = replace(base_config, init=tracking.pin(base_config.init or f"models:/{previous}/latest"))
+        parent = mlflow.start_run(run_name=sweep.name, tags={"sweep.name": sweep.name, "sweep.storage": sweep_dir,
+                                                               **({"sweep.init": base_config.init} if base_config.init else {})})
         parent_run_id = parent.info.run_id
         mlflow.log_params({"sweep.stage": stage, **{f"sweep.{k}": str(v) for k, v in param_space.items()}, **{
             f"sweep.{f.name}": getattr(sweep, f.name) for f in fields(sweep)}})
         mlflow.end_run()
-        storage.mkdir(parents=True, exist_ok=True)
-        parent_file.write_text(parent_run_id)
 
-    environment = {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "MINIMIND_HOME": str(tracking.PROJECT_ROOT)}
+    environment = {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
     if not ray.is_initialized():
         ray.init()
     # Trials run in other processes, maybe on other nodes, where tune/ and jobs/ are not importable:
@@ -102,22 +110,38 @@ def run_sweep(sweep: Sweep, stage: str, base_config, param_space: dict, tune_con
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     cloudpickle.register_pickle_by_value(sys.modules[type(base_config).__module__])
     worker_cpus = max(sweep.cpus_per_trial - TRIAL_FUNCTION_CPUS, 0.25)
-    base_config = replace(base_config, cpus_per_worker=worker_cpus, experiment=sweep.experiment,
+    base_config = replace(base_config, cpus_per_worker=worker_cpus, experiment=sweep.experiment, storage_path=storage_path,
                           use_gpu=sweep.gpus_per_trial > 0, gpus_per_worker=sweep.gpus_per_trial or 1.0)
     trainable = tune.with_resources(
         tune.with_parameters(trial, stage=stage, base_config=base_config, parent_run_id=parent_run_id, environment=environment),
         {"CPU": TRIAL_FUNCTION_CPUS},
     )
     if restoring:
-        tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = tune.Tuner(
             trainable, param_space=param_space,
             tune_config=tune.TuneConfig(num_samples=sweep.num_samples, max_concurrent_trials=sweep.max_concurrent, **tune_config_kwargs),
-            run_config=tune.RunConfig(name=sweep.name, storage_path=str(storage)),
+            run_config=tune.RunConfig(name=sweep.name, storage_path=storage_path),
         )
     tuner.fit()
     return parent_run_id
+
+
+def _parent_run(experiment_id: str, name: str) -> str:
+    """The newest MLflow parent run of the sweep called `name` (the Tune state on storage has the trials)."""
+    from mlflow.tracking import MlflowClient
+
+    runs = MlflowClient().search_runs([experiment_id], f"tags.`sweep.name` = '{name}'", order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise SystemExit(f"--resume: no MLflow run of the sweep {name!r} in this experiment")
+    return runs[0].info.run_id
+
+
+def _run_tag(run_id: str, key: str) -> str | None:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient().get_run(run_id).data.tags.get(key)
 
 
 def trial_runs(parent_run_id: str) -> list:
@@ -133,7 +157,7 @@ def trial_runs(parent_run_id: str) -> list:
         if run.info.status == "RUNNING":
             client.set_terminated(run.info.run_id, "KILLED")  # ASHA stopped it, or the sweep was interrupted
         trial_id = run.data.tags.get("tune.trial_id", run.info.run_id)
-        if trial_id not in by_trial or "model_dir" in run.data.tags:
+        if trial_id not in by_trial or "model_id" in run.data.tags:
             by_trial[trial_id] = run
     return list(by_trial.values())
 
@@ -148,8 +172,9 @@ def finish(parent_run_id: str, rows: list[dict], columns: list[str], best: dict 
         mlflow.log_figure(figure, "comparison.png")
         model_uri = None
         if best is not None:
-            version = tracking.register_model_dir(Path(best["model_dir"]), register_as, run_id=best["run_id"], alias="best",
-                                                  tags={"sweep.parent_run_id": parent_run_id})
+            # from the trial's LoggedModel in MLflow, never from a folder on the node that ran the trial
+            version = tracking.register_logged_model(best["model_id"], register_as, alias="best",
+                                                     tags={"sweep.parent_run_id": parent_run_id, "sweep.trial_run_id": best["run_id"]})
             model_uri = f"models:/{register_as}/{version.version}"
             mlflow.set_tags({"best.run_id": best["run_id"], "best.model_uri": model_uri})
     widths = [max(len(column), *(len(_cell(row.get(column))) for row in rows)) for column in columns]
