@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
 from bench.common import print_table, write_results  # noqa: E402
 
 
@@ -73,7 +72,7 @@ def main() -> None:
     os.environ.update(MINIMIND_HOME=home, MLFLOW_TRACKING_URI=f"sqlite:///{home}/mlflow.db", RAY_USAGE_STATS_ENABLED="0")
 
     from mlflow.tracking import MlflowClient
-    from pretrain import PretrainConfig
+    from minimind.stage_configs import PretrainConfig
 
     from minimind.runner import run_stage
 

@@ -8,24 +8,12 @@ divergence to a teacher's temperature-softened distribution (same vocabulary). R
 """
 
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minimind.flags import parse_config  # noqa: E402
 from minimind.runner import run_stage  # noqa: E402
-from minimind.train import TrainConfig  # noqa: E402
-
-
-@dataclass
-class DistillConfig(TrainConfig):
-    mode: str = field(default="reason", metadata={"help": "reason (black-box traces) or kd (white-box soft labels)"})
-    tag_weight: float = field(default=10.0, metadata={"help": "reason: loss weight of <think>/</think>/<answer>/</answer>"})
-    teacher: str | None = field(default=None, metadata={"help": "kd: teacher model URI or directory"})
-    alpha: float = field(default=0.5, metadata={"help": "kd: weight of cross-entropy against the KL term"})
-    temperature: float = field(default=1.5, metadata={"help": "kd: softmax temperature of both models"})
-    lr: float = 1e-3
-    epochs: int = 2
+from minimind.stage_configs import DistillConfig  # noqa: E402
 
 
 def main(argv=None):

@@ -16,15 +16,8 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from distill import DistillConfig  # noqa: E402
-from dpo import DPOConfig  # noqa: E402
-from pretrain import PretrainConfig  # noqa: E402
-from pretrain_vlm import VLMConfig  # noqa: E402
-from sft import SFTConfig  # noqa: E402
-from sft_vlm import VLMSFTConfig  # noqa: E402
-
 from minimind.runner import run_stage  # noqa: E402
+from minimind.stage_configs import DistillConfig, DPOConfig, PretrainConfig, SFTConfig, VLMConfig, VLMSFTConfig  # noqa: E402
 
 STAGES = [  # (stage, its settings, the stage whose registered version it starts from)
     ("pretrain", PretrainConfig(epochs=10, lr=3e-3), None),
@@ -77,7 +70,7 @@ def main(argv: list[str] | None = None) -> list:
 def _show_answers(model_dir: Path) -> None:
     from minimind.checkpoint import load_model
     from minimind.demo import demo_data
-    from minimind.demo.evaluate import text_replier
+    from minimind.evaluate import text_replier
     from minimind.data import iter_jsonl
     from minimind.tokenizer import load_tokenizer
 
@@ -95,7 +88,7 @@ def _show_answers(model_dir: Path) -> None:
 def _show_image_answers(model_dir: Path) -> None:
     from minimind.data import iter_jsonl
     from minimind.demo import demo_data
-    from minimind.demo.evaluate import vlm_replier
+    from minimind.evaluate import vlm_replier
     from minimind.tokenizer import load_tokenizer
     from minimind.vision import load_vlm
 

@@ -9,19 +9,11 @@ Registers `minimind-pretrain`.
 """
 
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minimind.runner import main  # noqa: E402
-from minimind.train import TrainConfig  # noqa: E402
-
-
-@dataclass
-class PretrainConfig(TrainConfig):
-    lr: float = 2e-3
-    epochs: int = 3
-    warmup_steps: int = 20
+from minimind.stage_configs import PretrainConfig  # noqa: E402
 
 
 if __name__ == "__main__":

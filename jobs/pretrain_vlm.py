@@ -10,21 +10,11 @@ name a hub id such as openai/clip-vit-base-patch16). Registers `minimind-vlm-pre
 """
 
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minimind.runner import main  # noqa: E402
-from minimind.train import TrainConfig  # noqa: E402
-
-
-@dataclass
-class VLMConfig(TrainConfig):
-    images: str | None = field(default=None, metadata={"help": "folder the JSONL's image names are relative to (default: the demo images, or the data file's folder)"})
-    vision_model: str | None = field(default=None, metadata={"help": "CLIP vision tower: a local folder or hub id, used when --init is a language model (default: the demo tower)"})
-    link_vision: bool = field(default=False, metadata={"help": "reference the vision tower by its path instead of copying it into the model directory"})
-    lr: float = 1e-3
-    epochs: int = 1
+from minimind.stage_configs import VLMConfig  # noqa: E402
 
 
 if __name__ == "__main__":

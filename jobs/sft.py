@@ -8,18 +8,11 @@ Registers `minimind-sft`.
 """
 
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minimind.runner import main  # noqa: E402
-from minimind.train import TrainConfig  # noqa: E402
-
-
-@dataclass
-class SFTConfig(TrainConfig):
-    lr: float = 1e-3
-    epochs: int = 2
+from minimind.stage_configs import SFTConfig  # noqa: E402
 
 
 if __name__ == "__main__":

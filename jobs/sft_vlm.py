@@ -8,20 +8,11 @@ Registers `minimind-vlm-sft`.
 """
 
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pretrain_vlm import VLMConfig  # noqa: E402
-
 from minimind.runner import main  # noqa: E402
-
-
-@dataclass
-class VLMSFTConfig(VLMConfig):
-    lr: float = 5e-4
-    epochs: int = 2
+from minimind.stage_configs import VLMSFTConfig  # noqa: E402
 
 
 if __name__ == "__main__":

@@ -44,11 +44,11 @@ class StageResult:
 
 def evaluate(stage_name: str, model, tokenizer, eval_path: Path | None, limit: int, seq_len: int, reference=None,
              images_dir: Path | None = None, answer_path: Path | None = None) -> tuple[dict, list[dict]]:
-    """The held-out metrics of a stage (see minimind.demo.evaluate) and a few sample replies. Every stage
+    """The held-out metrics of a stage (see minimind.evaluate) and a few sample replies. Every stage
     reports the cross-entropy of its held-out text, with rows cut at the stage's own `seq_len` as in
     training; DPO the implicit reward against `reference` (its starting model), the chat stages what the
     greedy replies get right."""
-    from minimind.demo.evaluate import (
+    from minimind.evaluate import (
         answer_exact_match, heldout_loss, image_question_accuracy, pair_logps, preference_wins, reasoning_scores, text_replier, vlm_replier,
     )
 
@@ -93,7 +93,7 @@ def evaluate(stage_name: str, model, tokenizer, eval_path: Path | None, limit: i
 
 def eval_coverage(stage_name: str, tokenizer, eval_path: Path | None, limit: int, seq_len: int, image_tokens: int = 1) -> dict:
     """How the stage's `seq_len` treats its held-out rows, as metrics: rows scored, cut short, dropped."""
-    from minimind.demo.evaluate import heldout_rows
+    from minimind.evaluate import heldout_rows
 
     if eval_path is None:
         return {}
@@ -250,6 +250,9 @@ def _starting_model(config, stage, work: Path) -> tuple[Path, dict]:
     if stage.name == "pretrain" and config.init is None:
         from minimind.demo import demo_tokenizer
 
+        if config.data and not config.tokenizer:  # the demo's 2,048-token vocabulary is no tokenizer for real text
+            raise SystemExit("--data without --tokenizer: train one with jobs/tokenizer.py (or bring MiniMind's) and pass "
+                             "--tokenizer DIR|models:/...; only the demo data falls back to the demo tokenizer")
         tokenizer_dir = tracking.resolve_model(config.tokenizer, work / "tokenizer") if config.tokenizer else demo_tokenizer()
         tokenizer = load_tokenizer(tokenizer_dir)
         model_config = ModelConfig.from_name(
@@ -264,6 +267,9 @@ def _starting_model(config, stage, work: Path) -> tuple[Path, dict]:
     if stage.data_kind == "vlm" and not is_vlm_dir(init_dir):  # a language model: give it eyes
         from minimind.demo import demo_vision_tower
 
+        if config.data and not config.vision_model:  # the demo tower is random: it sees nothing in real pictures
+            raise SystemExit("--data with a language model as --init needs --vision-model (a CLIP folder or hub id such as "
+                             "openai/clip-vit-base-patch16); only the demo data falls back to the demo tower")
         vision_model = config.vision_model or demo_vision_tower()
         vlm, tokenizer = build_vlm(init_dir, vision_model, seed=config.seed)
         save_vlm(vlm, work / "vlm-init", tokenizer, vision_model=vision_model)  # the tower referenced, not copied

@@ -256,7 +256,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 def _validation_loss(stage, model, tokenizer, config) -> float:
     """The held-out loss of the model being trained (the data kinds with labels per token; DPO has none)."""
-    from minimind.demo.evaluate import heldout_loss
+    from minimind.evaluate import heldout_loss
 
     if not config.eval_path or stage.data_kind == "dpo":
         return float("nan")

@@ -42,12 +42,8 @@ exec "$@"
 DRIVER = textwrap.dedent("""
     import sys
     from dataclasses import replace
-    sys.path.insert(0, "{root}/jobs")
-    from dpo import DPOConfig
-    from pretrain import PretrainConfig
-    from pretrain_vlm import VLMConfig
-    from sft import SFTConfig
     from minimind.runner import run_stage
+    from minimind.stage_configs import DPOConfig, PretrainConfig, SFTConfig, VLMConfig
 
     quick = dict(max_steps=2, checkpoint_every=2, log_every=1, eval_limit=4, batch_size=4, seq_len=128, storage_path="{storage}")
     registered = {{}}

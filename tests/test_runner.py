@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conftest import random_model
-from minimind.demo.evaluate import heldout_loss, pair_logps, preference_wins
+from minimind.evaluate import heldout_loss, pair_logps, preference_wins
 from minimind.runner import eval_coverage, evaluate
 from minimind.tokenizer import train_tokenizer
 

@@ -9,17 +9,13 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "jobs"))
 
-from distill import DistillConfig  # noqa: E402
-from dpo import DPOConfig  # noqa: E402
-from pretrain import PretrainConfig  # noqa: E402
-from sft import SFTConfig  # noqa: E402
 
 from conftest import mlflow_client as client  # noqa: E402
 from minimind.checkpoint import load_model  # noqa: E402
 from minimind.data import DataFormatError  # noqa: E402
 from minimind.runner import run_stage  # noqa: E402
+from minimind.stage_configs import DistillConfig, DPOConfig, PretrainConfig, SFTConfig, VLMConfig, VLMSFTConfig  # noqa: E402
 
 QUICK = dict(max_steps=4, checkpoint_every=2, log_every=1, eval_limit=4, batch_size=4, seq_len=128, preset="tiny")
 
@@ -81,6 +77,12 @@ def test_bad_data_fails_before_training_and_registers_nothing(mlflow_store, tmp_
     with pytest.raises(DataFormatError, match=r"sft.jsonl:2: .*role 'robot'"):
         run_stage(SFTConfig(**{**QUICK, "data": str(bad)}), "sft")
     assert versions("minimind-sft") == before
+
+
+def test_real_data_never_falls_back_to_the_demo_tokenizer(mlflow_store, tmp_path):
+    (tmp_path / "pretrain.jsonl").write_text('{"text": "小明喜欢红色。"}\n')
+    with pytest.raises(SystemExit, match="--data without --tokenizer"):
+        run_stage(PretrainConfig(**{**QUICK, "data": str(tmp_path / "pretrain.jsonl")}), "pretrain")
 
 
 def test_unknown_init_names_the_registered_models(mlflow_store):
@@ -210,9 +212,6 @@ def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(mlflow_store, t
 
 
 def test_vlm_stages_train_what_each_should_and_never_the_vision_tower(mlflow_store, tmp_path):
-    from pretrain_vlm import VLMConfig
-    from sft_vlm import VLMSFTConfig
-
     from conftest import random_model
     from minimind.checkpoint import save_model
     from minimind.demo import demo_tokenizer, demo_vision_tower
@@ -252,11 +251,9 @@ def test_vlm_stages_train_what_each_should_and_never_the_vision_tower(mlflow_sto
 
 
 def test_vlm_data_naming_a_missing_image_fails_before_training(mlflow_store, tmp_path):
-    from pretrain_vlm import VLMConfig
-
     from conftest import random_model
     from minimind.checkpoint import save_model
-    from minimind.demo import demo_tokenizer
+    from minimind.demo import demo_tokenizer, demo_vision_tower
     from minimind.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(demo_tokenizer())
@@ -264,16 +261,17 @@ def test_vlm_data_naming_a_missing_image_fails_before_training(mlflow_store, tmp
     record = {"conversations": [{"role": "user", "content": "<image>\n这是什么？"}, {"role": "assistant", "content": "圆形。"}],
               "image": "missing.png"}
     (tmp_path / "vlm.jsonl").write_text(json.dumps(record, ensure_ascii=False) + "\n")
-    with pytest.raises(SystemExit, match=r"1 image\(s\) named in .*vlm.jsonl are not under .*missing.png"):
+    with pytest.raises(SystemExit, match="needs --vision-model"):  # real data never falls back to the demo's random tower
         run_stage(VLMConfig(**{**QUICK, "data": str(tmp_path / "vlm.jsonl"), "init": str(tmp_path / "llm")}), "vlm_pretrain")
+    with pytest.raises(SystemExit, match=r"1 image\(s\) named in .*vlm.jsonl are not under .*missing.png"):
+        run_stage(VLMConfig(**{**QUICK, "data": str(tmp_path / "vlm.jsonl"), "init": str(tmp_path / "llm"),
+                               "vision_model": str(demo_vision_tower())}), "vlm_pretrain")
 
 
 def test_vlm_sft_on_text_only_batches_with_two_ddp_workers_and_a_linked_tower(mlflow_store, tmp_path):
     """MiniMind-V mixes text-only samples into VLM SFT: a micro-batch without images must not leave the
     projection out of DDP's step. With --link-vision no checkpoint and no registered version copies the tower."""
     import mlflow
-    from sft_vlm import VLMSFTConfig
-
     from conftest import random_model
     from minimind.checkpoint import save_model
     from minimind.demo import demo_tokenizer, demo_vision_tower
@@ -286,7 +284,8 @@ def test_vlm_sft_on_text_only_batches_with_two_ddp_workers_and_a_linked_tower(ml
     (tmp_path / "text.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     storage = tmp_path / "ray"
     result = run_stage(VLMSFTConfig(**{
-        **QUICK, "init": str(tmp_path / "llm"), "data": str(tmp_path / "text.jsonl"), "num_workers": 2, "cpus_per_worker": 1,
+        **QUICK, "init": str(tmp_path / "llm"), "data": str(tmp_path / "text.jsonl"), "vision_model": str(demo_vision_tower()),
+        "num_workers": 2, "cpus_per_worker": 1,
         "batch_size": 2, "max_steps": 3, "checkpoint_every": 1, "max_failures": 0, "link_vision": True, "storage_path": str(storage),
     }), "vlm_sft")
     assert result.model_uri.startswith("models:/minimind-vlm-sft/")

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tune"), str(ROOT / "jobs")]
+sys.path.insert(0, str(ROOT / "tune"))
 
 import dpo_beta  # noqa: E402
 import moe_experts  # noqa: E402

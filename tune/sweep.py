@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "jobs")]
+sys.path.insert(0, str(ROOT))
 
 from minimind import tracking  # noqa: E402
 from minimind.flags import add_flags  # noqa: E402
@@ -103,12 +103,11 @@ def run_sweep(sweep: Sweep, stage: str, base_config, param_space: dict, tune_con
     environment = {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
     if not ray.is_initialized():
         ray.init()
-    # Trials run in other processes, maybe on other nodes, where tune/ and jobs/ are not importable:
-    # ship this module's trial function and the job's config class by value.
+    # Trials run in other processes, maybe on other nodes, where tune/ is not importable: ship this
+    # module's trial function by value (the configs are the package's own).
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    cloudpickle.register_pickle_by_value(sys.modules[type(base_config).__module__])
     worker_cpus = max(sweep.cpus_per_trial - TRIAL_FUNCTION_CPUS, 0.25)
     base_config = replace(base_config, cpus_per_worker=worker_cpus, experiment=sweep.experiment, storage_path=storage_path,
                           use_gpu=sweep.gpus_per_trial > 0, gpus_per_worker=sweep.gpus_per_trial or 1.0)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import random_model
-from minimind.demo.evaluate import (
+from minimind.evaluate import (
     answer_exact_match, heldout_loss, image_question_accuracy, preference_accuracy, reasoning_scores, text_replier,
 )
 from minimind.tokenizer import train_tokenizer
