@@ -16,19 +16,18 @@ from pathlib import Path
 import torch
 
 from minimind import storage, tracking
+from minimind.cluster import local_input, placement, stage_inputs, workers_see_driver_disk
 from minimind.checkpoint import CONFIG_NAME, save_model
 from minimind.config import ModelConfig
 from minimind.data import StageData, count_records, load_stage_dataset, read_jsonl_dataset
 from minimind.model import MiniMindForCausalLM
 from minimind.stages import STAGES
 from minimind.tokenizer import load_tokenizer
-from minimind.train import TRAINING_STATE, train_loop_per_worker
-from minimind.vision import VISION_CONFIG_NAME, VISION_DIR, VisionConfig, build_vlm, copy_vision_tower, is_vlm_dir, load_image, save_vlm
+from minimind.train import TRAINING_STATE, StageJob, stage_data, train_loop_per_worker
+from minimind.vision import VISION_CONFIG_NAME, VisionConfig, build_vlm, copy_vision_tower, is_vlm_dir, load_image, save_vlm
 
 DEMO_FILES = {"pretrain": "pretrain", "sft": "sft", "dpo": "dpo", "reason": "reason", "kd": "reason",
               "vlm_pretrain": "vlm_pretrain", "vlm_sft": "vlm_sft"}
-STAGE_DEFAULTS = {"tag_weight": 10.0, "beta": 0.1, "alpha": 0.5, "temperature": 1.5, "teacher": None,
-                  "images": None, "vision_model": None, "link_vision": False, "answer_eval": None}
 
 
 @dataclass
@@ -157,94 +156,6 @@ def _earlier_runs(stage: str, storage_path: str) -> list[str]:
     return sorted(names)  # the names carry their start time
 
 
-def _local(location: str) -> Path:
-    """A data or model input as a path on this machine: storage URIs are fetched (workers fetch them too)."""
-    return storage.fetch(location) if storage.is_uri(location) else Path(location).resolve()
-
-
-def _workers_see_driver_disk() -> bool:
-    """True when this process started its own Ray instance (`ray.init()` with no cluster to join): every
-    worker then runs on this machine. A driver that joined a cluster (`ray job submit`, `RAY_ADDRESS`)
-    cannot know which nodes its workers land on, nor which ones the autoscaler adds later."""
-    from ray._private import worker  # no public API tells whether ray.init() started the instance
-
-    node = getattr(worker, "_global_node", None)
-    return bool(getattr(node, "head", False))
-
-
-def _stage_inputs(inputs: dict, destination: str, work: Path, given: dict) -> dict:
-    """Copy every input a worker reads from this machine's disk to the run's folder on Ray storage; an
-    input the user gave as a storage URI is passed on as that URI. Returns what the workers get."""
-    staged = {}
-    for key, local in inputs.items():
-        if local is None or storage.is_uri(str(given.get(key) or "")):
-            staged[key] = given.get(key) if local is not None else None
-            continue
-        local = Path(local)
-        if key == "init_dir" and is_vlm_dir(local):
-            local = _vlm_with_staged_tower(local, destination, work)
-        staged[key] = storage.stage_input(local, storage.join(destination, key) if local.is_dir() else storage.join(destination, key, local.name))
-    print(f"inputs for the workers staged under {destination}")
-    return staged
-
-
-def _vlm_with_staged_tower(vlm_dir: Path, destination: str, work: Path) -> Path:
-    """A copy of a VLM directory whose tower is referenced on storage, so that no worker, checkpoint or
-    registered model points at a folder of this machine (the tower is staged once, not per checkpoint)."""
-    config = VisionConfig.load(vlm_dir / VISION_CONFIG_NAME)
-    tower = vlm_dir / VISION_DIR if config.vision_model == VISION_DIR else Path(config.vision_model)
-    if storage.is_uri(config.vision_model) or not tower.exists():
-        return vlm_dir  # on storage already, or a hub id every node can download
-    config.vision_model = storage.stage_input(tower, storage.join(destination, "vision_tower"))
-    staged = work / "staged-init"
-    shutil.rmtree(staged, ignore_errors=True)
-    shutil.copytree(vlm_dir, staged, ignore=lambda folder, names: [VISION_DIR] if Path(folder) == vlm_dir else [])
-    config.save(staged / VISION_CONFIG_NAME)
-    return staged
-
-
-AUTOSCALING_CONFIG = Path("~/ray_bootstrap_config.yaml")  # where the Ray cluster launcher leaves it on the head
-GPU_WORKER_CPUS = 2.0  # CPUs per GPU worker unless told: fits any GPU node, leaves room for a second worker
-
-
-def launchable_gpu_node_types(config_path: Path | None = None) -> list[str]:
-    """Node types with GPUs that the cluster's autoscaler may start (none without a launcher config)."""
-    import yaml
-
-    path = (config_path or AUTOSCALING_CONFIG).expanduser()
-    if not path.is_file():
-        return []
-    node_types = (yaml.safe_load(path.read_text()) or {}).get("available_node_types", {})
-    return [name for name, spec in node_types.items()
-            if (spec.get("resources") or {}).get("GPU", 0) > 0 and spec.get("max_workers", 1) > 0]
-
-
-def placement(config) -> tuple[bool, float, str]:
-    """(use GPUs, CPUs per worker, one line saying why). `--use-gpu` always asks for GPUs and lets the
-    autoscaler bring them; by default GPUs are used when the cluster has them or can launch nodes with
-    them, and the line says when training runs on CPU. The autoscaler sees only what is requested, so
-    deciding from the GPUs present now would train on the head's CPUs and never start a GPU node."""
-    import ray
-
-    needed = config.num_workers * config.gpus_per_worker
-    present = ray.cluster_resources().get("GPU", 0)
-    if config.use_gpu is False:
-        use_gpu, why = False, "--cpu"
-    elif config.use_gpu:
-        use_gpu, why = True, f"--use-gpu ({present:g} GPUs up now; the autoscaler adds nodes for the rest)"
-    elif present >= needed:
-        use_gpu, why = True, f"{present:g} GPUs in the Ray cluster"
-    elif gpu_types := launchable_gpu_node_types():
-        use_gpu, why = True, f"the autoscaler can launch GPU nodes ({', '.join(gpu_types)})"
-    else:
-        use_gpu, why = False, f"no GPU for each of {config.num_workers} worker(s) in the Ray cluster ({present:g}), nor any it can launch"
-    cpus = config.cpus_per_worker
-    if not cpus:  # the torch threads of a CPU worker; a GPU worker needs few
-        largest_node = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=1)
-        cpus = GPU_WORKER_CPUS if use_gpu else float(max(1, int(largest_node) // config.num_workers))
-    return use_gpu, cpus, f"training on {'GPU' if use_gpu else 'CPU'}: {why}; {cpus:g} CPUs per worker"
-
-
 def _starting_model(config, stage, work: Path) -> tuple[Path, dict]:
     """The directory the stage starts from, and MLflow tags saying where it came from."""
     if stage.name == "pretrain" and config.init is None:
@@ -277,17 +188,35 @@ def _starting_model(config, stage, work: Path) -> tuple[Path, dict]:
     return init_dir, tags
 
 
+@dataclass
+class StageInputs:
+    """Everything a stage reads, resolved on the driver to paths on this machine (workers get them
+    through storage), with the MLflow tags that say where the starting model came from."""
+
+    init_dir: Path
+    tokenizer: object
+    source_tags: dict
+    data_path: Path
+    eval_path: Path | None = None
+    answer_path: Path | None = None  # DPO: the SFT answers it must keep
+    images_dir: Path | None = None
+    teacher_dir: Path | None = None
+
+    def for_workers(self) -> dict:
+        return {"init_dir": self.init_dir, "data_path": self.data_path, "eval_path": self.eval_path,
+                "teacher_dir": self.teacher_dir, "images": self.images_dir}
+
+
 def run_stage(config, stage_name: str, callbacks: list | None = None, register: bool = True, parent_run_id: str | None = None,
               run_name: str | None = None, tags: dict | None = None, params: dict | None = None) -> StageResult:
-    """One stage job. For a Tune trial: `callbacks` go to the Ray Train `RunConfig` (its
-    `TuneReportCallback`), `parent_run_id` nests the MLflow run under the sweep's, `register=False`
-    leaves registration to the sweep (the model is logged to the run as a LoggedModel, and the sweep
-    registers only the best trial's), `params` are extra MLflow params (each swept value on its own),
-    and a fixed `run_name` makes a restored trial continue its Ray Train run from the last checkpoint."""
+    """One stage job: resolve inputs -> check the data -> evaluate the start -> train -> evaluate -> register.
+
+    For a Tune trial: `callbacks` go to the Ray Train `RunConfig` (its `TuneReportCallback`),
+    `parent_run_id` nests the MLflow run under the sweep's, `register=False` leaves registration to the
+    sweep (the model is logged to the run as a LoggedModel, and the sweep registers only the best
+    trial's), `params` are extra MLflow params (each swept value on its own), and a fixed `run_name`
+    makes a restored trial continue its Ray Train run from the last checkpoint."""
     import mlflow
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     started = time.perf_counter()
     stage = STAGES[stage_name]
@@ -295,129 +224,185 @@ def run_stage(config, stage_name: str, callbacks: list | None = None, register: 
     storage_path = config.storage_path or str(tracking.PROJECT_ROOT / "ray_results")
     storage_path = storage_path if storage.is_uri(storage_path) else str(Path(storage_path).resolve())  # s3://... stay URIs
     run_name = run_name or _run_name(stage.name, storage_path, config.resume)
-    if config.resume and (lineage := tracking.recorded_lineage(run_name)):
-        # continue with exactly the models the interrupted run resolved, whatever `latest` means now
-        config = replace(config, init=lineage.get("lineage.init", config.init), **(
-            {"teacher": lineage["lineage.teacher"]} if "lineage.teacher" in lineage else {}))
-        print(f"[{stage.name}] --resume: the inputs of {run_name}: " + ", ".join(f"{k[8:]} {v}" for k, v in lineage.items()))
+    config = _with_recorded_lineage(config, stage, run_name) if config.resume else config
     work = (tracking.PROJECT_ROOT / "checkpoints" / "runs" / run_name).resolve()
 
+    config, inputs = resolve_inputs(config, stage, work)
+    skipped, image_tokens = check_data(config, stage, inputs)
+    initial = stage.load(inputs.init_dir, "cpu")
+    coverage = eval_coverage(stage.name, inputs.tokenizer, inputs.eval_path, config.eval_limit, config.seq_len, image_tokens)
+    before, _ = _evaluate(stage, config, inputs, initial, initial)
+
+    config, use_gpu, worker_inputs = _plan_workers(config, stage, inputs, storage_path, run_name, work)
+    with mlflow.start_run(run_name=run_name, parent_run_id=parent_run_id) as run:
+        settings = {**asdict(config), "use_gpu": use_gpu, **({"images": str(inputs.images_dir)} if inputs.images_dir else {}), **(params or {})}
+        mlflow.log_params({key: value for key, value in settings.items() if value is not None})
+        mlflow.set_tags({
+            **inputs.source_tags, **(tags or {}), "stage": stage.name, "ray.run_name": run_name, "data.path": str(inputs.data_path),
+            "data.sha256": tracking.file_digest(inputs.data_path), "data.skipped_lines": str(skipped),
+            **({"git.commit": commit} if (commit := tracking.git_commit()) else {}),
+        })
+        mlflow.log_metrics({key.replace("eval/", "eval_before/"): value for key, value in before.items()} | coverage)
+        language_model = getattr(initial, "language_model", initial)
+        mlflow.log_metrics({"model/parameters": language_model.num_parameters(), "model/active_parameters": language_model.num_parameters(active=True)})
+        job = StageJob(stage.name, config, **{key: str(value) if value else None for key, value in worker_inputs.items()},
+                       mlflow_run_id=run.info.run_id, mlflow_tracking_uri=mlflow.get_tracking_uri())
+        result = _train(job, use_gpu, storage_path, run_name, callbacks)
+        if not result.metrics.get("finished"):
+            print(f"[{stage.name}] stopped at step {result.metrics.get('step')}; continue with --resume (Ray run {run_name})")
+            mlflow.set_tag("status", "stopped")
+            return StageResult(stage.name, "", Path(), before, {}, time.perf_counter() - started, run.info.run_id)
+        final_dir = _final_model(result.checkpoint, work / "model", link_vision=getattr(config, "link_vision", False))
+
+        trained = stage.load(final_dir, "cpu")
+        after, samples = _evaluate(stage, config, inputs, trained, initial)
+        _log_results(run.info.run_id, after, samples, pictures=inputs.images_dir is not None)
+        model_uri = _log_and_register(final_dir, config.register_as or stage.registered_name, run.info.run_id,
+                                      alias=config.alias if register else None, register=register, tags=inputs.source_tags)
+    seconds = time.perf_counter() - started
+    print(f"[{stage.name}] {'registered' if register else 'logged'} {model_uri} in {seconds:.0f}s; held-out " + ", ".join(
+        f"{key.split('/')[-1]} {before.get(key, float('nan')):.3f} -> {value:.3f}" for key, value in after.items()
+    ))
+    return StageResult(stage.name, model_uri, final_dir, before, after, seconds, run.info.run_id)
+
+
+def _with_recorded_lineage(config, stage, run_name: str):
+    """--resume continues with exactly the models the interrupted run resolved, whatever `latest` means now."""
+    lineage = tracking.recorded_lineage(run_name)
+    if not lineage:
+        return config
+    print(f"[{stage.name}] --resume: the inputs of {run_name}: " + ", ".join(f"{k[len('lineage.'):]} {v}" for k, v in lineage.items()))
+    return replace(config, init=lineage.get("lineage.init", config.init),
+                   **({"teacher": lineage["lineage.teacher"]} if "lineage.teacher" in lineage else {}))
+
+
+def resolve_inputs(config, stage, work: Path):
+    """The stage's data files (the demo world's when --data is left out), its starting model (exact
+    version, resolved once), tokenizer and KD teacher. Returns the config with pinned URIs, and the inputs."""
     demo = None
     if config.data is None or config.eval_data is None:
         from minimind.demo import demo_data
 
         demo = demo_data()
-    data_path = _local(config.data) if config.data else demo[DEMO_FILES[stage.name]]
-    eval_path = _local(config.eval_data) if config.eval_data else (demo[DEMO_FILES[stage.name] + "_eval"] if config.data is None else None)
+    data_path = local_input(config.data) if config.data else demo[DEMO_FILES[stage.name]]
+    eval_path = local_input(config.eval_data) if config.eval_data else (demo[DEMO_FILES[stage.name] + "_eval"] if config.data is None else None)
     answer_path = None
     if stage.name == "dpo" and (getattr(config, "answer_eval", None) or config.data is None):
-        answer_path = _local(config.answer_eval) if getattr(config, "answer_eval", None) else demo["sft_eval"]
+        answer_path = local_input(config.answer_eval) if getattr(config, "answer_eval", None) else demo["sft_eval"]
     images_dir = None
     if stage.data_kind == "vlm":
-        images_dir = _local(config.images) if config.images else (demo["images"] if config.data is None else data_path.parent)
+        images_dir = local_input(config.images) if config.images else (demo["images"] if config.data is None else data_path.parent)
 
     init_dir, source_tags = _starting_model(config, stage, work)
     tokenizer = load_tokenizer(init_dir)
     model_config = ModelConfig.load(init_dir / CONFIG_NAME)
     if len(tokenizer) > model_config.vocab_size:
         raise SystemExit(f"the tokenizer in {init_dir} has {len(tokenizer)} tokens but the model only {model_config.vocab_size}")
-    settings = {**STAGE_DEFAULTS, **asdict(config), **({"images": str(images_dir)} if images_dir else {})}
     teacher_dir = None
     if stage.name == "kd":
-        if not settings["teacher"]:
+        if not config.teacher:
             raise SystemExit("--mode kd needs --teacher (a registered model URI or a model directory with the same vocabulary)")
-        settings["teacher"] = tracking.pin(settings["teacher"])
-        teacher_dir = tracking.resolve_model(settings["teacher"], work / "teacher")
-        source_tags["lineage.teacher"] = settings["teacher"]
+        config = replace(config, teacher=tracking.pin(config.teacher))
+        teacher_dir = tracking.resolve_model(config.teacher, work / "teacher")
+        source_tags["lineage.teacher"] = config.teacher
+    return config, StageInputs(init_dir, tokenizer, source_tags, data_path, eval_path, answer_path, images_dir, teacher_dir)
 
-    # Fail on bad data here, naming file and line, before any worker starts (this also warms the cache).
+
+def check_data(config, stage, inputs: StageInputs) -> tuple[int, int]:
+    """Fail on bad data here, naming file and line, before any worker starts (this also warms the
+    cache). Returns (malformed lines skipped, image tokens per image)."""
+    init_dir, data_path = inputs.init_dir, inputs.data_path
     image_tokens = VisionConfig.load(init_dir / VISION_CONFIG_NAME).image_tokens if is_vlm_dir(init_dir) else 1
-    stage_data = StageData(stage.data_kind, seq_len=config.seq_len, tag_weight=settings["tag_weight"], image_tokens=image_tokens)
-    rows = load_stage_dataset(data_path, tokenizer, stage_data, skip_bad=config.skip_bad)
-    if images_dir:
-        _check_images(rows, images_dir, data_path)
+    rows = load_stage_dataset(data_path, inputs.tokenizer, stage_data(stage, config, image_tokens), skip_bad=config.skip_bad)
+    if inputs.images_dir:
+        _check_images(rows, inputs.images_dir, data_path)
     skipped = count_records(data_path) - len(read_jsonl_dataset(data_path, stage.data_kind, skip_bad=config.skip_bad))
     print(f"[{stage.name}] {len(rows)} training rows from {data_path}" + (f" ({skipped} malformed lines skipped)" if skipped else ""))
+    return skipped, image_tokens
 
-    initial = stage.load(init_dir, "cpu")
-    coverage = eval_coverage(stage.name, tokenizer, eval_path, config.eval_limit, config.seq_len, image_tokens)
-    before, _ = evaluate(stage.name, initial, tokenizer, eval_path, config.eval_limit, config.seq_len, reference=initial,
-                         images_dir=images_dir, answer_path=answer_path)
+
+def _evaluate(stage, config, inputs: StageInputs, model, reference) -> tuple[dict, list[dict]]:
+    return evaluate(stage.name, model, inputs.tokenizer, inputs.eval_path, config.eval_limit, config.seq_len, reference=reference,
+                    images_dir=inputs.images_dir, answer_path=inputs.answer_path)
+
+
+def _plan_workers(config, stage, inputs: StageInputs, storage_path: str, run_name: str, work: Path):
+    """Join or start Ray, say where MLflow runs go, put the inputs where the workers can read them, and
+    decide GPU or CPU. Returns (config with its CPUs per worker, use GPUs, the workers' inputs)."""
+    import ray
 
     if not ray.is_initialized():
         ray.init()
-    if not _workers_see_driver_disk() and (database := tracking.local_store_path()):
-        if tracking.in_ray_package(database):
-            raise SystemExit(f"the MLflow store {database} lies in Ray's unpacked job folder and would vanish with it: "
-                             "set MLFLOW_TRACKING_URI to a tracking server or an absolute sqlite://// path")
-        print(f"[{stage.name}] MLflow runs go to {database} on {socket.gethostname()}; "
-              "set MLFLOW_TRACKING_URI to a tracking server (mlflow/server.sh) to share them across the cluster")
-    worker_inputs = {"init_dir": init_dir, "data_path": data_path, "eval_path": eval_path, "teacher_dir": teacher_dir, "images": images_dir}
-    if not _workers_see_driver_disk():
+    worker_inputs = inputs.for_workers()
+    if not workers_see_driver_disk():
+        if database := tracking.local_store_path():
+            if tracking.in_ray_package(database):
+                raise SystemExit(f"the MLflow store {database} lies in Ray's unpacked job folder and would vanish with it: "
+                                 "set MLFLOW_TRACKING_URI to a tracking server or an absolute sqlite://// path")
+            print(f"[{stage.name}] MLflow runs go to {database} on {socket.gethostname()}; "
+                  "set MLFLOW_TRACKING_URI to a tracking server (mlflow/server.sh) to share them across the cluster")
         given = {"data_path": config.data, "eval_path": config.eval_data, "images": getattr(config, "images", None)}
-        worker_inputs = _stage_inputs(worker_inputs, storage.join(storage_path, run_name, "inputs"), work, given)
-    use_gpu, config.cpus_per_worker, where = placement(config)
-    settings["cpus_per_worker"], settings["use_gpu"] = config.cpus_per_worker, use_gpu
+        worker_inputs = stage_inputs(worker_inputs, storage.join(storage_path, run_name, "inputs"), work, given)
+    use_gpu, cpus_per_worker, where = placement(config)
     print(f"[{stage.name}] {where}")
-    with mlflow.start_run(run_name=run_name, parent_run_id=parent_run_id) as run:
-        mlflow.log_params({key: value for key, value in {**settings, **(params or {})}.items() if value is not None})
-        mlflow.set_tags({
-            **source_tags, **(tags or {}), "stage": stage.name, "ray.run_name": run_name, "data.path": str(data_path),
-            "data.sha256": tracking.file_digest(data_path), "data.skipped_lines": str(skipped),
-            **({"git.commit": commit} if (commit := tracking.git_commit()) else {}),
-        })
-        mlflow.log_metrics({key.replace("eval/", "eval_before/"): value for key, value in before.items()} | coverage)
-        language_model = getattr(initial, "language_model", initial)
-        mlflow.log_metrics({"model/parameters": language_model.num_parameters(), "model/active_parameters": language_model.num_parameters(active=True)})
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={
-                **settings, "stage": stage.name, **{key: str(value) if value else None for key, value in worker_inputs.items()},
-                "mlflow_run_id": run.info.run_id, "mlflow_tracking_uri": mlflow.get_tracking_uri(),
-            },
-            scaling_config=ScalingConfig(
-                num_workers=config.num_workers, use_gpu=use_gpu,
-                resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if use_gpu else {})},
-            ),
-            run_config=RunConfig(
-                name=run_name, storage_path=storage_path, callbacks=callbacks,
-                failure_config=FailureConfig(max_failures=config.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=2),
-            ),
-        )
-        result = trainer.fit()
-        if not result.metrics.get("finished"):
-            print(f"[{stage.name}] stopped at step {result.metrics.get('step')}; continue with --resume (Ray run {run_name})")
-            mlflow.set_tag("status", "stopped")
-            return StageResult(stage.name, "", Path(), before, {}, time.perf_counter() - started, run.info.run_id)
-        final_dir = work / "model"
-        shutil.rmtree(final_dir, ignore_errors=True)
-        with result.checkpoint.as_directory() as checkpoint_dir:
-            shutil.copytree(checkpoint_dir, final_dir, ignore=shutil.ignore_patterns(TRAINING_STATE))
-        if is_vlm_dir(final_dir) and not settings["link_vision"]:
-            copy_vision_tower(final_dir)  # checkpoints reference the frozen tower; the registered model holds it once
-        trained = stage.load(final_dir, "cpu")
-        after, samples = evaluate(stage.name, trained, tokenizer, eval_path, config.eval_limit, config.seq_len, reference=initial,
-                                  images_dir=images_dir, answer_path=answer_path)
-        mlflow.log_metrics(after)
-        if samples:
-            tracking.log_samples(samples)
-        if images_dir and (pictured := [row for row in samples if row.get("image")]):
-            # the same samples with the pictures themselves, which the MLflow UI shows in the table
-            tracking.log_samples([{**row, "image": load_image(row["image"].split(", ")[0])} for row in pictured], "sample_images.json")
-        _log_curve(run.info.run_id)
-        name = config.register_as or stage.registered_name
-        model_id = tracking.log_model_dir(final_dir, name, run_id=run.info.run_id)  # reachable from every node
-        mlflow.set_tags({"model_dir": str(final_dir), "model_id": model_id})
-        model_uri = f"models:/{model_id}"
-        if register:
-            version = tracking.register_logged_model(model_id, name, alias=config.alias, tags=source_tags)
-            model_uri = f"models:/{name}/{version.version}"
-    seconds = time.perf_counter() - started
-    print(f"[{stage.name}] {'registered' if register else 'logged'} {model_uri} in {seconds:.0f}s; held-out " + ", ".join(
-        f"{key.split('/')[-1]} {before.get(key, float('nan')):.3f} -> {value:.3f}" for key, value in after.items()
-    ))
-    return StageResult(stage.name, model_uri, final_dir, before, after, seconds, run.info.run_id)
+    return replace(config, cpus_per_worker=cpus_per_worker), use_gpu, worker_inputs
+
+
+def _train(job: StageJob, use_gpu: bool, storage_path: str, run_name: str, callbacks: list | None):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    config = job.config
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": job},
+        scaling_config=ScalingConfig(
+            num_workers=config.num_workers, use_gpu=use_gpu,
+            resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=run_name, storage_path=storage_path, callbacks=callbacks,
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    return trainer.fit()
+
+
+def _final_model(checkpoint, final_dir: Path, link_vision: bool) -> Path:
+    """The last checkpoint as the model directory to register (no optimiser state); a VLM gets its
+    tower copied in once, unless it is to stay linked."""
+    shutil.rmtree(final_dir, ignore_errors=True)
+    with checkpoint.as_directory() as checkpoint_dir:
+        shutil.copytree(checkpoint_dir, final_dir, ignore=shutil.ignore_patterns(TRAINING_STATE))
+    if is_vlm_dir(final_dir) and not link_vision:
+        copy_vision_tower(final_dir)  # checkpoints reference the frozen tower; the registered model holds it once
+    return final_dir
+
+
+def _log_results(run_id: str, after: dict, samples: list[dict], pictures: bool) -> None:
+    import mlflow
+
+    mlflow.log_metrics(after)
+    if samples:
+        tracking.log_samples(samples)
+    if pictures and (pictured := [row for row in samples if row.get("image")]):
+        # the same samples with the pictures themselves, which the MLflow UI shows in the table
+        tracking.log_samples([{**row, "image": load_image(row["image"].split(", ")[0])} for row in pictured], "sample_images.json")
+    _log_curve(run_id)
+
+
+def _log_and_register(final_dir: Path, name: str, run_id: str, alias: str | None, register: bool, tags: dict) -> str:
+    """The model as a LoggedModel of the run (reachable from every node), registered as the next version
+    of `name` unless a sweep registers only its best. Returns its models:/ URI."""
+    import mlflow
+
+    model_id = tracking.log_model_dir(final_dir, name, run_id=run_id)
+    mlflow.set_tags({"model_dir": str(final_dir), "model_id": model_id})
+    if not register:
+        return f"models:/{model_id}"
+    version = tracking.register_logged_model(model_id, name, alias=alias, tags=tags)
+    return f"models:/{name}/{version.version}"
 
 
 def _log_curve(run_id: str) -> None:

@@ -33,17 +33,17 @@ class Stage:
     def save(self, model, directory, tokenizer) -> None:
         save_model(unwrap(model), directory, tokenizer=tokenizer)
 
-    def companions(self, config, device) -> dict:
-        """Frozen models the loss needs besides the one being trained."""
+    def companions(self, job, device) -> dict:
+        """Frozen models the loss needs besides the one being trained (`job`: the worker's train.StageJob)."""
         return {}
 
-    def model_inputs(self, model, batch: dict, config) -> dict:
+    def model_inputs(self, model, batch: dict, job) -> dict:
         """Forward arguments besides the tokens (a VLM's pixels)."""
         return {}
 
-    def loss(self, model, batch: dict, companions: dict, config) -> tuple[torch.Tensor, dict]:
+    def loss(self, model, batch: dict, companions: dict, job) -> tuple[torch.Tensor, dict]:
         output = model(batch["input_ids"], labels=batch["labels"], loss_weights=batch.get("loss_weights"),
-                       **self.model_inputs(model, batch, config))
+                       **self.model_inputs(model, batch, job))
         metrics = {"loss/aux": output.aux_loss.detach()} if unwrap(model).config.is_moe else {}
         return output.loss, metrics
 
@@ -55,10 +55,10 @@ def _frozen(directory, device):
 
 
 class DPOStage(Stage):
-    def companions(self, config, device) -> dict:
-        return {"reference": _frozen(config.init_dir, device)}  # the initial policy, frozen
+    def companions(self, job, device) -> dict:
+        return {"reference": _frozen(job.init_dir, device)}  # the initial policy, frozen
 
-    def loss(self, model, batch, companions, config):
+    def loss(self, model, batch, companions, job):
         # Chosen and rejected rows go through the model as one batch of 2B rows.
         width = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
         ids = torch.cat([_pad_to(batch["chosen_input_ids"], width, 0), _pad_to(batch["rejected_input_ids"], width, 0)])
@@ -69,19 +69,19 @@ class DPOStage(Stage):
             reference_model = companions["reference"]
             reference = sequence_logprobs(reference_model(ids, return_logits=False).hidden_states, reference_model.lm_head.weight, labels)
         half = ids.shape[0] // 2
-        loss, metrics = dpo_loss(policy[:half], policy[half:], reference[:half], reference[half:], beta=config.beta)
+        loss, metrics = dpo_loss(policy[:half], policy[half:], reference[:half], reference[half:], beta=job.config.beta)
         return loss + output.aux_loss, metrics
 
 
 class KDStage(Stage):
-    def companions(self, config, device) -> dict:
-        return {"teacher": _frozen(config.teacher_dir, device)}
+    def companions(self, job, device) -> dict:
+        return {"teacher": _frozen(job.teacher_dir, device)}
 
-    def loss(self, model, batch, companions, config):
+    def loss(self, model, batch, companions, job):
         output = model(batch["input_ids"])
         with torch.no_grad():
             teacher_logits = companions["teacher"](batch["input_ids"]).logits
-        loss, metrics = kd_loss(output.logits, teacher_logits, batch["labels"], alpha=config.alpha, temperature=config.temperature)
+        loss, metrics = kd_loss(output.logits, teacher_logits, batch["labels"], alpha=job.config.alpha, temperature=job.config.temperature)
         return loss + output.aux_loss, metrics
 
 
@@ -108,10 +108,10 @@ class VLMStage(Stage):
         vlm = unwrap(model)
         save_vlm(vlm, directory, tokenizer=tokenizer, vision_model=vlm.vision_source)
 
-    def model_inputs(self, model, batch, config):
+    def model_inputs(self, model, batch, job):
         from minimind.vision import batch_pixel_values
 
-        return {"pixel_values": batch_pixel_values(unwrap(model), batch["images"], config.images)}
+        return {"pixel_values": batch_pixel_values(unwrap(model), batch["images"], job.images)}
 
 
 def _pad_to(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:

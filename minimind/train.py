@@ -18,7 +18,6 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -27,7 +26,6 @@ from minimind.stages import STAGES, unwrap
 from minimind.storage import fetch
 
 TRAINING_STATE = "training_state.pt"
-WORKER_INPUTS = ("init_dir", "data_path", "eval_path", "teacher_dir", "images")  # what a worker fetches before it starts
 
 
 def _help(text: str, off_flag: str | None = None, **kwargs):
@@ -110,10 +108,34 @@ def autocast_dtype(config, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
-def stage_data(stage, config, model) -> StageData:
-    """How this stage's records become rows; a VLM expands each image to as many tokens as its tower yields."""
-    image_tokens = getattr(unwrap(model), "image_tokens", 1)
-    return StageData(stage.data_kind, seq_len=config.seq_len, tag_weight=config.tag_weight, image_tokens=image_tokens)
+@dataclass
+class StageJob:
+    """What the driver hands every Ray Train worker: the stage, its typed settings, and where each input
+    is. Inputs are URIs on storage every node reaches, or the driver's own paths when the driver started
+    the Ray instance itself (then every worker runs on its machine); each worker fetches them."""
+
+    stage: str
+    config: TrainConfig  # the stage job's own config class (DPOConfig, DistillConfig, ...)
+    init_dir: str
+    data_path: str
+    eval_path: str | None = None
+    teacher_dir: str | None = None
+    images: str | None = None
+    mlflow_run_id: str | None = None
+    mlflow_tracking_uri: str | None = None
+
+    INPUTS = ("init_dir", "data_path", "eval_path", "teacher_dir", "images")
+
+    def fetch_inputs(self) -> None:
+        for key in self.INPUTS:
+            if getattr(self, key):
+                setattr(self, key, str(fetch(getattr(self, key))))
+
+
+def stage_data(stage, config, image_tokens: int = 1) -> StageData:
+    """How this stage's records become rows; a VLM expands each image to `image_tokens` (what its tower yields)."""
+    tag_weight = getattr(config, "tag_weight", StageData.tag_weight)  # only the reasoning stage has tags to weight
+    return StageData(stage.data_kind, seq_len=config.seq_len, tag_weight=tag_weight, image_tokens=image_tokens)
 
 
 def batch_tokens(batch: dict) -> int:
@@ -152,30 +174,30 @@ def _restore_rng(saved, rank: int) -> None:
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
+    """`loop_config["job"]` is the driver's `StageJob`."""
     import ray.train
     from ray.train.torch import get_device, prepare_model
 
     from minimind.tokenizer import load_tokenizer
 
-    config = SimpleNamespace(**loop_config)
+    job: StageJob = loop_config["job"]
+    config = job.config
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = get_device()
-    stage = STAGES[config.stage]
+    stage = STAGES[job.stage]
     torch.set_num_threads(max(1, int(config.cpus_per_worker)))  # Ray pins workers to one thread unless told otherwise
     random.seed(config.seed + rank)
     torch.manual_seed(config.seed + rank)
 
-    for key in WORKER_INPUTS:  # URIs on storage every node reaches (or, on the driver's own Ray, its paths)
-        if getattr(config, key, None):
-            setattr(config, key, str(fetch(getattr(config, key))))
-    tokenizer = load_tokenizer(config.init_dir)
-    model = stage.load(config.init_dir, device).train()
-    dataset = load_stage_dataset(config.data_path, tokenizer, stage_data(stage, config, model), config.skip_bad)
+    job.fetch_inputs()  # now paths on this node
+    tokenizer = load_tokenizer(job.init_dir)
+    model = stage.load(job.init_dir, device).train()
+    dataset = load_stage_dataset(job.data_path, tokenizer, stage_data(stage, config, getattr(unwrap(model), "image_tokens", 1)), config.skip_bad)
     batches = LengthGroupedBatches(row_lengths(dataset), config.batch_size, seed=config.seed, num_replicas=world, rank=rank)
     steps_per_epoch = max(1, len(batches) // config.grad_accum)
     total_steps = config.max_steps or config.epochs * steps_per_epoch
-    companions = stage.companions(config, device)
+    companions = stage.companions(job, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
 
@@ -189,13 +211,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
             step = state["step"]
             _restore_rng(state["rng"], rank)
         if rank == 0:
-            _say(f"[{config.stage}] resumed from step {step}")
+            _say(f"[{job.stage}] resumed from step {step}")
 
     model = prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": unwrap(model).config.is_moe})
     amp_dtype = autocast_dtype(config, device)
     flops_per_token = 6 * unwrap(model).num_parameters(active=True)
     peak = peak_flops(device, amp_dtype or torch.float32) if rank == 0 else 0.0
-    logger = _MetricLogger(config, total_steps) if rank == 0 else None
+    logger = _MetricLogger(job, total_steps) if rank == 0 else None
 
     def micro_batches():
         consumed = step * config.grad_accum  # micro-batches already trained on
@@ -221,7 +243,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             with (model.no_sync() if not sync and hasattr(model, "no_sync") else nullcontext()), torch.autocast(
                 device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
             ):
-                loss, metrics = stage.loss(model, batch, companions, config)
+                loss, metrics = stage.loss(model, batch, companions, job)
                 (loss / config.grad_accum).backward()
             for key, value in {"train/loss": loss.detach(), **metrics}.items():
                 sums[key] = sums.get(key, 0.0) + float(value) / config.grad_accum
@@ -239,7 +261,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         stopping = bool(config.stop_after) and step >= config.stop_after and step < total_steps
         validating = bool(config.val_every) and (step % config.val_every == 0 or step == total_steps)
         if validating:
-            sums["val/loss"] = _validation_loss(stage, model, tokenizer, config) if rank == 0 else 0.0  # only rank 0's report counts
+            sums["val/loss"] = _validation_loss(stage, model, tokenizer, job) if rank == 0 else 0.0  # only rank 0's report counts
             if logger:
                 logger.log_metrics(step, {"val/loss": sums["val/loss"]})
         if step % config.checkpoint_every == 0 or step == total_steps or stopping:
@@ -254,15 +276,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
         logger.close()
 
 
-def _validation_loss(stage, model, tokenizer, config) -> float:
+def _validation_loss(stage, model, tokenizer, job: StageJob) -> float:
     """The held-out loss of the model being trained (the data kinds with labels per token; DPO has none)."""
     from minimind.evaluate import heldout_loss
 
-    if not config.eval_path or stage.data_kind == "dpo":
+    if not job.eval_path or stage.data_kind == "dpo":
         return float("nan")
     inner = unwrap(model)
-    loss = heldout_loss(inner, tokenizer, config.eval_path, kind=stage.data_kind, seq_len=config.seq_len,
-                        limit=config.eval_limit, images_dir=config.images)  # no_grad and eval mode inside
+    loss = heldout_loss(inner, tokenizer, job.eval_path, kind=stage.data_kind, seq_len=job.config.seq_len,
+                        limit=job.config.eval_limit, images_dir=job.images)  # no_grad and eval mode inside
     inner.train()
     return loss
 
@@ -286,19 +308,19 @@ class _MetricLogger:
     MLflow calls run on a background thread: a slow or briefly unreachable tracking server neither
     stalls nor kills training; a failed batch is reported in the log and training goes on."""
 
-    def __init__(self, config, total_steps: int):
+    def __init__(self, job, total_steps: int):
         from concurrent.futures import ThreadPoolExecutor
 
-        self.config, self.total_steps = config, total_steps
+        self.job, self.total_steps = job, total_steps
         self.client = None
         self.sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-metrics")  # one thread keeps the order
         self.failures = 0
-        uri = config.mlflow_tracking_uri or ""
+        uri = job.mlflow_tracking_uri or ""
         local_store = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
-        if config.mlflow_run_id and local_store is not None and not local_store.is_file():
-            _say(f"[{config.stage}] the MLflow store {uri} is a file on the driver's machine, not this node's: step metrics go to "
+        if job.mlflow_run_id and local_store is not None and not local_store.is_file():
+            _say(f"[{job.stage}] the MLflow store {uri} is a file on the driver's machine, not this node's: step metrics go to "
                  "the driver's log only (set MLFLOW_TRACKING_URI to a tracking server to record them)")
-        elif config.mlflow_run_id:
+        elif job.mlflow_run_id:
             from mlflow.tracking import MlflowClient
 
             os.environ["MLFLOW_TRACKING_URI"] = uri
@@ -307,7 +329,7 @@ class _MetricLogger:
         if sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, desc=config.stage, leave=False)
+            self.bar = tqdm(total=total_steps, desc=job.stage, leave=False)
 
     def log_metrics(self, step: int, metrics: dict) -> None:
         if self.client:
@@ -319,14 +341,14 @@ class _MetricLogger:
 
     def _send(self, step: int, batch: list) -> None:
         try:
-            self.client.log_batch(self.config.mlflow_run_id, metrics=batch)
+            self.client.log_batch(self.job.mlflow_run_id, metrics=batch)
         except Exception as error:  # report, never raise into training
             self.failures += 1
-            _say(f"[{self.config.stage}] MLflow metrics of step {step} not logged ({type(error).__name__}: {error}); training goes on")
+            _say(f"[{self.job.stage}] MLflow metrics of step {step} not logged ({type(error).__name__}: {error}); training goes on")
 
     def log(self, step: int, metrics: dict, elapsed: float) -> None:
         _say(
-            f"[{self.config.stage}] step {step:5d}/{self.total_steps} | loss {metrics['train/loss']:.4f} | lr {metrics['train/lr']:.2e}"
+            f"[{self.job.stage}] step {step:5d}/{self.total_steps} | loss {metrics['train/loss']:.4f} | lr {metrics['train/lr']:.2e}"
             f" | {metrics['train/tokens_per_s']:,.0f} tok/s | MFU {metrics['train/mfu']:.1%} | {elapsed:.0f}s"
         )
         if self.bar:

@@ -57,7 +57,7 @@ def test_dpo_pairs_are_scored_at_the_stage_seq_len(tmp_path, tokenizer, model):
 def test_gpu_placement_follows_the_flag_the_cluster_and_what_the_autoscaler_can_launch(ray_cluster, tmp_path, monkeypatch):
     from dataclasses import replace
 
-    from minimind.runner import GPU_WORKER_CPUS, placement
+    from minimind.cluster import GPU_WORKER_CPUS, placement
     from minimind.train import TrainConfig
 
     monkeypatch.setenv("HOME", str(tmp_path))  # no launcher config here: this cluster has 2 CPUs and no GPU
@@ -102,7 +102,7 @@ def test_rank_zero_metric_logging_reports_a_failing_tracking_server_and_training
                 raise ConnectionError("tracking server unreachable")
             sent.append([m.key for m in metrics])
 
-    logger.config.mlflow_run_id, logger.client = "run", FlakyServer()
+    logger.job.mlflow_run_id, logger.client = "run", FlakyServer()
     logger.log_metrics(1, {"train/loss": 2.0})  # fails on the logging thread: reported, not raised
     logger.log_metrics(2, {"train/loss": 1.5})
     logger.close()

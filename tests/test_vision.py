@@ -9,7 +9,6 @@ from PIL import Image
 
 from conftest import random_model
 from minimind.checkpoint import save_model
-from minimind.generate import generate
 from minimind.vision import (
     ImageError, MiniMindVLM, generate_with_images, is_vlm_dir, load_image, load_vision_tower, load_vlm, save_vlm,
 )
