@@ -79,24 +79,32 @@ def validate_record(record, kind: str) -> dict:
 
 
 def iter_jsonl(path: str | Path, kind: str, skip_bad: bool = False) -> Iterator[tuple[int, dict]]:
-    """(line number, validated record) for each non-blank line of `path`."""
+    """(line number, validated record) for each non-blank line of `path`. Files as editors save them are
+    fine: a UTF-8 byte-order mark, CRLF line ends, blank lines. A line that is not UTF-8 is a
+    malformed line like any other (named, or skipped and counted)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such data file: {path}")
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
+    with path.open("rb") as lines:  # bytes: a bad byte then belongs to its line, not to the whole read
+        for number, raw in enumerate(lines, start=1):
             try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                if not line.strip():
+                    continue
                 yield number, validate_record(json.loads(line), kind)
+            except UnicodeDecodeError as error:
+                if not skip_bad:
+                    raise DataFormatError(f"{path}:{number}: not valid UTF-8 (byte {error.start + 1} of the line: "
+                                          f"{raw[error.start:error.start + 4]!r})") from None
             except (json.JSONDecodeError, ValueError) as error:
                 if not skip_bad:
                     raise DataFormatError(f"{path}:{number}: {error}") from None
 
 
 def count_records(path: str | Path) -> int:
+    """Non-blank lines (a line holding only a byte-order mark counts as blank)."""
     with Path(path).open("rb") as lines:
-        return sum(1 for line in lines if line.strip())
+        return sum(1 for number, line in enumerate(lines, start=1) if (line.removeprefix(b"\xef\xbb\xbf") if number == 1 else line).strip())
 
 
 def _records(path: str, kind: str, skip_bad: bool, file_stamp: tuple):  # file_stamp: only for the cache key

@@ -130,6 +130,23 @@ def test_malformed_lines_name_the_file_and_line(tmp_path, line, complaint):
     assert len(dataset) == 3 and count_records(path) - len(dataset) == 1
 
 
+def test_files_as_editors_save_them_are_read_and_bad_bytes_name_their_line(tmp_path):
+    good = json.dumps({"conversations": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}]}, ensure_ascii=False)
+    windows = tmp_path / "windows.jsonl"  # a byte-order mark, CRLF line ends and blank lines, as a Windows editor saves it
+    windows.write_bytes(b"\xef\xbb\xbf" + (good + "\r\n\r\n" + good + "\r\n").encode())
+    assert [number for number, _ in iter_jsonl(windows, "sft")] == [1, 3]
+    assert len(read_jsonl_dataset(windows, "sft")) == 2 == count_records(windows)
+
+    latin1 = tmp_path / "mixed.jsonl"  # line 2 was saved in another encoding
+    latin1.write_bytes((good + "\n").encode() + '{"text": "café"}'.encode("latin-1").replace(b'"text"', b'"x"') + b"\n" + (good + "\n").encode())
+    with pytest.raises(DataFormatError, match=r"mixed.jsonl:2: not valid UTF-8"):
+        list(iter_jsonl(latin1, "sft"))
+    with pytest.raises(DataFormatError, match=r"mixed.jsonl:2: not valid UTF-8"):
+        read_jsonl_dataset(latin1, "sft")  # not datasets' bare UnicodeDecodeError
+    skipped = read_jsonl_dataset(latin1, "sft", skip_bad=True)
+    assert len(skipped) == 2 and count_records(latin1) - len(skipped) == 1
+
+
 @pytest.mark.parametrize("kind, record, complaint", [
     ("pretrain", {"text": ""}, "non-empty string"),
     ("dpo", {"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, '"rejected"'),
