@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from minimind.losses import IGNORE_INDEX
@@ -137,10 +138,7 @@ def read_jsonl_dataset(path: str | Path, kind: str, skip_bad: bool = False, cach
 # --------------------------------------------------------------------------- conversations -> tokens
 
 
-def assistant_spans(tokenizer, messages: list[dict], only_last: bool = False) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of assistant replies, each covering the reply
-    and its end-of-turn token. Found by rendering prefixes with the tokenizer's own chat template, so no
-    template or marker is spelled out here."""
+def _spans_by_prefixes(tokenizer, messages: list[dict], only_last: bool) -> tuple[str, list[tuple[int, int]]]:
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     spans = []
     for index, message in enumerate(messages):
@@ -156,15 +154,73 @@ def assistant_spans(tokenizer, messages: list[dict], only_last: bool = False) ->
     return text, spans
 
 
+def _spans_by_sentinels(tokenizer, messages: list[dict], only_last: bool):
+    """The same in one render: each message's content replaced by a sentinel, found, then put back.
+    None when the template does not place every content exactly once (it transforms them)."""
+    sentinels = [f"\ue000{index}\ue001" for index in range(len(messages))]
+    rendered = tokenizer.apply_chat_template([{**m, "content": s} for m, s in zip(messages, sentinels)], tokenize=False)
+    places = [rendered.find(s) for s in sentinels]
+    if any(p < 0 or rendered.count(s) != 1 for p, s in zip(places, sentinels)) or places != sorted(places):
+        return None
+    pieces, spans, cursor, shift = [], [], 0, 0
+    eos = tokenizer.eos_token or ""
+    for index, (message, sentinel, place) in enumerate(zip(messages, sentinels, places)):
+        pieces += [rendered[cursor:place], message["content"]]
+        start = place + shift
+        shift += len(message["content"]) - len(sentinel)
+        cursor = place + len(sentinel)
+        if message["role"] != "assistant" or (only_last and index != len(messages) - 1):
+            continue
+        turn_end = places[index + 1] if index + 1 < len(messages) else len(rendered)
+        end_of_turn = rendered.find(eos, cursor, turn_end) if eos else -1
+        if end_of_turn < 0:
+            return None
+        spans.append((start, end_of_turn + len(eos) + shift))
+    return "".join(pieces) + rendered[cursor:], spans
+
+
+_TEMPLATE_CHECKS = 32  # conversations per tokenizer rendered both ways before the one-render path is trusted
+
+
+def assistant_spans(tokenizer, messages: list[dict], only_last: bool = False) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of assistant replies, each covering the reply
+    and its end-of-turn token. Defined by rendering prefixes with the tokenizer's own chat template (so
+    no template or marker is spelled out here), which costs 1 + 2 renders per reply; the same spans come
+    from one render with sentinels in place of the contents, used once the first conversations of this
+    tokenizer gave identical results both ways (any difference: prefixes from then on)."""
+    checks = getattr(tokenizer, "_minimind_template_checks", 0)
+    fast = _spans_by_sentinels(tokenizer, messages, only_last) if checks >= 0 else None
+    if fast is not None and checks >= _TEMPLATE_CHECKS:
+        return fast
+    slow = _spans_by_prefixes(tokenizer, messages, only_last)
+    if fast is not None:
+        tokenizer._minimind_template_checks = checks + 1 if fast == slow else -1
+    return slow
+
+
+def _labels(ids: list[int], offsets, spans: list[tuple[int, int]]) -> list[int]:
+    """The ids whose characters lie inside a span (and are not empty), -100 elsewhere."""
+    offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    inside = np.zeros(len(ids), dtype=bool)
+    for start, end in spans:
+        inside |= (offsets[:, 0] >= start) & (offsets[:, 1] <= end)
+    inside &= offsets[:, 1] > offsets[:, 0]
+    return np.where(inside, np.asarray(ids, dtype=np.int64), IGNORE_INDEX).tolist()
+
+
+def tokenize_conversations(tokenizer, conversations: list[list[dict]], only_last: bool = False) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) per conversation, one tokenizer call for all: labels copy the ids inside
+    assistant replies and are -100 elsewhere."""
+    rendered = [assistant_spans(tokenizer, messages, only_last) for messages in conversations]
+    if not rendered:
+        return []
+    encoded = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+    return [(ids, _labels(ids, offsets, spans)) for (_, spans), ids, offsets in zip(rendered, encoded["input_ids"], encoded["offset_mapping"])]
+
+
 def tokenize_conversation(tokenizer, messages: list[dict], only_last: bool = False) -> tuple[list[int], list[int]]:
     """input_ids and labels: labels copy the ids inside assistant replies and are -100 elsewhere."""
-    text, spans = assistant_spans(tokenizer, messages, only_last)
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    labels = [
-        token if any(start <= first and last <= end for start, end in spans) and last > first else IGNORE_INDEX
-        for token, (first, last) in zip(encoded["input_ids"], encoded["offset_mapping"])
-    ]
-    return encoded["input_ids"], labels
+    return tokenize_conversations(tokenizer, [messages], only_last)[0]
 
 
 def tag_weights(labels: list[int], tag_ids: set[int], tag_weight: float) -> list[float]:
@@ -201,22 +257,27 @@ class StageData:
         }
 
 
-def stage_row(record: dict, stage: StageData, tokenizer, marker_ids: dict) -> dict:
-    """One validated record -> one training row of `stage` (a module-level function so `datasets` can
-    fingerprint and cache the map that applies it)."""
+def stage_rows(records: list[dict], stage: StageData, tokenizer, marker_ids: dict) -> list[dict]:
+    """Validated records -> training rows of `stage`, tokenized in one call."""
     if stage.kind == "dpo":
-        row = {}
-        truncated = False
-        for side in ("chosen", "rejected"):
-            ids, labels = tokenize_conversation(tokenizer, record[side], only_last=True)
-            row[f"{side}_input_ids"], row[f"{side}_labels"] = ids[: stage.seq_len], labels[: stage.seq_len]
-            truncated = truncated or len(ids) > stage.seq_len
-        row["truncated"] = truncated
-        return row
-    messages = record["conversations"]
+        sides = {side: tokenize_conversations(tokenizer, [record[side] for record in records], only_last=True) for side in ("chosen", "rejected")}
+        rows = []
+        for index in range(len(records)):
+            row, truncated = {}, False
+            for side, encoded in sides.items():
+                ids, labels = encoded[index]
+                row[f"{side}_input_ids"], row[f"{side}_labels"] = ids[: stage.seq_len], labels[: stage.seq_len]
+                truncated = truncated or len(ids) > stage.seq_len
+            rows.append({**row, "truncated": truncated})
+        return rows
+    conversations = [record["conversations"] for record in records]
     if stage.kind == "vlm" and marker_ids["image_marker"] != IMAGE_MARKER:
-        messages = [{**m, "content": m["content"].replace(IMAGE_MARKER, marker_ids["image_marker"])} for m in messages]
-    ids, labels = tokenize_conversation(tokenizer, messages)
+        conversations = [[{**m, "content": m["content"].replace(IMAGE_MARKER, marker_ids["image_marker"])} for m in messages]
+                         for messages in conversations]
+    return [_chat_row(record, ids, labels, stage, marker_ids) for record, (ids, labels) in zip(records, tokenize_conversations(tokenizer, conversations))]
+
+
+def _chat_row(record: dict, ids: list[int], labels: list[int], stage: StageData, marker_ids: dict) -> dict:
     row = {}
     length = stage.seq_len
     if stage.kind == "vlm":
@@ -231,6 +292,12 @@ def stage_row(record: dict, stage: StageData, tokenizer, marker_ids: dict) -> di
     if stage.kind == "reason":
         row["loss_weights"] = tag_weights(row["labels"], set(marker_ids["tag_ids"]), stage.tag_weight)
     return row
+
+
+def stage_row(record: dict, stage: StageData, tokenizer, marker_ids: dict) -> dict:
+    """One validated record -> one training row of `stage` (a module-level function so `datasets` can
+    fingerprint and cache the map that applies it)."""
+    return stage_rows([record], stage, tokenizer, marker_ids)[0]
 
 
 def encode_documents(batch: dict, tokenizer) -> dict:
