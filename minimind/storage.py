@@ -24,7 +24,7 @@ def is_uri(location: str) -> bool:
     return "://" in location
 
 
-def _filesystem(location: str):
+def filesystem_of(location: str):
     """(pyarrow filesystem, path inside it) for a URI or a local path."""
     import pyarrow.fs
 
@@ -42,7 +42,7 @@ def stage_input(local: str | Path, destination: str) -> str:
     import pyarrow.fs
 
     local = Path(local).resolve()
-    filesystem, path = _filesystem(destination)
+    filesystem, path = filesystem_of(destination)
     parent = path if local.is_dir() else path.rsplit("/", 1)[0]
     filesystem.create_dir(parent, recursive=True)
     pyarrow.fs.copy_files(str(local), path, source_filesystem=pyarrow.fs.LocalFileSystem(), destination_filesystem=filesystem)
@@ -52,7 +52,7 @@ def stage_input(local: str | Path, destination: str) -> str:
 def exists(location: str) -> bool:
     import pyarrow.fs
 
-    filesystem, path = _filesystem(location)
+    filesystem, path = filesystem_of(location)
     return filesystem.get_file_info(path).type != pyarrow.fs.FileType.NotFound
 
 
@@ -74,7 +74,7 @@ def fetch(location: str) -> Path:
             raise FileNotFoundError(f"{location} does not exist on this node ({os.uname().nodename}); "
                                     "inputs for workers must be on storage every node reaches")
         return path
-    filesystem, path = _filesystem(location)
+    filesystem, path = filesystem_of(location)
     info = filesystem.get_file_info(path)
     if info.type == pyarrow.fs.FileType.NotFound:
         raise FileNotFoundError(f"{location} does not exist")

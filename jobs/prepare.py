@@ -1,0 +1,73 @@
+"""Prepare a stage's data once, over the Ray cluster's CPUs: validate, tokenize, label, pack into compact
+token shards + a manifest + a data report, on storage every node reads. Every stage job does this step
+itself when its prepared data is missing; run it alone to prepare ahead, or to read the data report
+before training.
+
+    python jobs/prepare.py                                   # the demo's SFT file, as `python jobs/sft.py` uses it
+    python jobs/prepare.py --stage sft --data s3://bucket/sft_mini_512.jsonl --tokenizer models:/minimind-pretrain/3 \
+        --seq-len 512 --storage-path s3://bucket/minimind/ray_results
+    ray job submit --working-dir . -- python jobs/prepare.py --stage pretrain --data s3://bucket/pretrain_hq.jsonl ...
+
+The same file, tokenizer and settings are never prepared twice: the output folder is named after them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from minimind.flags import parse_config  # noqa: E402
+
+
+@dataclass
+class PrepareConfig:
+    stage: str = field(default="sft", metadata={"help": "the stage whose rows to prepare: pretrain, sft, dpo, reason, kd, vlm_pretrain, vlm_sft"})
+    data: str | None = field(default=None, metadata={"help": "JSONL: a path or storage URI (default: the demo world's file for the stage)"})
+    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer or model directory, or a models:/ URI (default: the demo "
+                                                                     "tokenizer, with the demo data only)"})
+    seq_len: int = field(default=256, metadata={"help": "longest row in tokens (the stage job's --seq-len)"})
+    image_tokens: int = field(default=0, metadata={"help": "vlm: placeholder tokens per image (default: the --tokenizer model's tower, "
+                                                           "else the demo tower's)"})
+    skip_bad: bool = field(default=False, metadata={"help": "skip malformed lines (counted) instead of failing"})
+    drop_duplicates: bool = field(default=False, metadata={"help": "leave out records that exactly repeat an earlier one"})
+    storage_path: str | None = field(default=None, metadata={"help": "Ray storage of the stage jobs; prepared data goes to <it>/prepared"})
+    prepared: str | None = field(default=None, metadata={"help": "where prepared data is kept (default: <storage-path>/prepared)"})
+    chunk_mb: int = field(default=32, metadata={"help": "MB of the file per Ray task (one shard each)"})
+
+
+def main(argv: list[str] | None = None):
+    from minimind import tracking
+    from minimind.prepare import prepare
+    from minimind.runner import DEMO_FILES, prepared_root
+    from minimind.stages import STAGES
+    from minimind.tokenizer import load_tokenizer
+    from minimind.train import stage_data
+    from minimind.vision import VISION_CONFIG_NAME, VisionConfig, image_token_count, is_vlm_dir, load_vision_tower
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    config = parse_config(PrepareConfig, argv, __doc__)
+    if config.stage not in STAGES:
+        raise SystemExit(f"--stage {config.stage!r}: expected one of {', '.join(STAGES)}")
+    stage = STAGES[config.stage]
+    if config.data and not config.tokenizer:
+        raise SystemExit("--data needs --tokenizer (the one the stage trains with); only the demo data falls back to the demo tokenizer")
+    from minimind.demo import demo_data, demo_tokenizer, demo_vision_tower
+
+    data = config.data or str(demo_data()[DEMO_FILES[stage.name]])
+    source = Path(tracking.resolve_model(config.tokenizer, tracking.PROJECT_ROOT / "checkpoints" / "prepare-tokenizer")) if config.tokenizer else demo_tokenizer()
+    image_tokens = config.image_tokens
+    if stage.data_kind == "vlm" and not image_tokens:
+        tower_config = source / VISION_CONFIG_NAME if is_vlm_dir(source) else None
+        image_tokens = VisionConfig.load(tower_config).image_tokens if tower_config else image_token_count(load_vision_tower(demo_vision_tower())[0])
+    rows_spec = stage_data(stage, config, image_tokens or 1)
+    prepared = prepare(data, load_tokenizer(source), rows_spec, prepared_root(config.prepared, config.storage_path),
+                       skip_bad=config.skip_bad, drop_duplicates=config.drop_duplicates, chunk_bytes=config.chunk_mb << 20)
+    print(f"prepared data: {prepared.location}" + ("" if prepared.reused else f" (report: {prepared.location}/report.json, report.png)"))
+    return prepared
+
+
+if __name__ == "__main__":
+    main()

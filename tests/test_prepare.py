@@ -1,0 +1,148 @@
+"""Preparation over Ray Data: shards that read back as exactly today's rows, file:line errors, reuse,
+resume across shard boundaries, and the data report."""
+
+import json
+import random
+from functools import partial
+from itertools import islice
+
+import numpy as np
+import pytest
+
+from minimind import prepare as prepare_module
+from minimind.data import DataFormatError, LengthGroupedBatches, StageData, collate, load_stage_dataset
+from minimind.prepare import prepare
+from minimind.shards import PreparedRows
+
+SMALL_CHUNKS = 20_000  # bytes: several shards even for the small files here
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from minimind.demo import demo_data, demo_tokenizer
+    from minimind.tokenizer import load_tokenizer
+
+    return demo_data(), load_tokenizer(demo_tokenizer())
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records), encoding="utf-8")
+    return path
+
+
+def head(source, destination, lines):
+    """The first `lines` lines of a demo file, as a file of its own (keeps each test small)."""
+    with open(source, encoding="utf-8") as file:
+        destination.write_text("".join(islice(file, lines)), encoding="utf-8")
+    return destination
+
+
+@pytest.mark.parametrize("kind, name, seq_len", [
+    ("pretrain", "pretrain", 64), ("sft", "sft", 96), ("reason", "reason", 256), ("dpo", "dpo", 128), ("vlm", "vlm_sft", 96),
+])
+def test_rows_read_back_from_shards_equal_the_rows_of_the_jsonl(ray_cluster, demo, tmp_path, kind, name, seq_len):
+    paths, tokenizer = demo
+    source = head(paths[name], tmp_path / f"{name}.jsonl", 600)
+    stage = StageData(kind, seq_len=seq_len, tag_weight=7.0, image_tokens=4)
+    prepared = prepare(str(source), tokenizer, stage, str(tmp_path / "prepared"), chunk_bytes=SMALL_CHUNKS)
+    assert len(prepared.manifest["shards"]) > 3
+    expected = load_stage_dataset(source, tokenizer, stage)
+    rows = PreparedRows(prepared.location, tag_weight=7.0)
+    assert len(rows) == len(expected) == prepared.manifest["rows"] > 0
+    assert [rows[i] for i in range(len(rows))] == [expected[i] for i in range(len(expected))]  # ids, labels, weights, images
+    assert rows.lengths().tolist() == [max(len(expected[i][key]) for key in expected.column_names if key.endswith("input_ids"))
+                                       if kind != "pretrain" else expected[i]["length"] for i in range(len(expected))]
+    ids = np.load(next((tmp_path / "prepared").glob(f"{kind}-*/shard-00000/*input_ids.npy")), mmap_mode="r")
+    assert ids.dtype == np.uint16  # 2 bytes a token, not 8
+
+
+def test_a_bad_line_names_the_files_line_across_chunks_or_is_skipped_and_counted(ray_cluster, demo, tmp_path):
+    paths, tokenizer = demo
+    lines = open(paths["sft"], encoding="utf-8").read().splitlines()[:300]
+    lines.insert(250, '{"conversations": [{"role": "robot", "content": "x"}]}')  # line 251, past several chunks
+    lines.insert(120, "")  # a blank line is no record, but it is a line
+    source = tmp_path / "sft.jsonl"
+    source.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n" + b'{"text": "caf\xe9"}\r\n')  # BOM, CRLF, latin-1 at the end
+    stage = StageData("sft", seq_len=96)
+    root = str(tmp_path / "prepared")
+    with pytest.raises(DataFormatError, match=r"sft.jsonl:252: .*role 'robot'"):
+        prepare(str(source), tokenizer, stage, root, chunk_bytes=SMALL_CHUNKS)
+    prepared = prepare(str(source), tokenizer, stage, root, skip_bad=True, chunk_bytes=SMALL_CHUNKS)
+    assert prepared.manifest["skipped_lines"] == 2 and prepared.manifest["records"] == 300
+    assert prepared.manifest["rows"] == len(load_stage_dataset(source, tokenizer, stage, skip_bad=True))
+    with pytest.raises(DataFormatError, match=r"sft.jsonl:252: .*role 'robot'"):  # prepared with --skip-bad is no licence without it
+        prepare(str(source), tokenizer, stage, root, chunk_bytes=SMALL_CHUNKS)
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataFormatError, match=r"latin1.jsonl:2: not valid UTF-8"):
+        prepare(str(latin1), tokenizer, StageData("pretrain", seq_len=8), root)
+
+
+def test_the_same_inputs_are_prepared_once(ray_cluster, demo, tmp_path, monkeypatch):
+    paths, tokenizer = demo
+    source = head(paths["sft"], tmp_path / "sft.jsonl", 200)
+    root = str(tmp_path / "prepared")
+    first = prepare(str(source), tokenizer, StageData("sft", seq_len=96), root)
+    monkeypatch.setattr(prepare_module, "_run", lambda *args: pytest.fail("Ray Data ran for inputs prepared already"))
+    again = prepare(str(source), tokenizer, StageData("sft", seq_len=96), root)
+    assert again.reused and again.location == first.location and again.manifest == first.manifest
+    monkeypatch.undo()
+    # anything that changes the rows is a new folder: the length, the file's content
+    assert prepare(str(source), tokenizer, StageData("sft", seq_len=64), root).location != first.location
+    source.write_text(source.read_text(encoding="utf-8") + "\n", encoding="utf-8")  # one more (blank) line
+    assert prepare(str(source), tokenizer, StageData("sft", seq_len=96), root).location != first.location
+
+
+def test_resuming_mid_epoch_continues_at_the_exact_micro_batch_across_shards_and_epochs(ray_cluster, demo, tmp_path):
+    from minimind.train import micro_batches
+
+    paths, tokenizer = demo
+    source = head(paths["pretrain"], tmp_path / "pretrain.jsonl", 400)
+    prepared = prepare(str(source), tokenizer, StageData("pretrain", seq_len=48), str(tmp_path / "prepared"), chunk_bytes=8_000)
+    rows = PreparedRows(prepared.location)
+    bounds = np.cumsum([s["tokens"] for s in prepared.manifest["shards"]])
+    assert any(t % 48 for t in bounds[:-1])  # some rows really do start in one shard and end in the next
+    loader = {"collate_fn": partial(collate, pad_id=tokenizer.pad_token_id), "num_workers": 0}
+    batches = LengthGroupedBatches(rows.lengths().tolist(), batch_size=8, seed=3)
+    per_epoch = len(batches)
+    straight = list(islice(micro_batches(rows, batches, 0, loader), 2 * per_epoch + 3))
+    for consumed in (5, per_epoch - 1, per_epoch + 2):
+        resumed = list(islice(micro_batches(rows, batches, consumed, {**loader, "num_workers": 1}), 3))
+        for a, b in zip(resumed, straight[consumed : consumed + 3]):
+            assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def pretrain_records(count, seed=0):
+    rng = random.Random(seed)
+    words = ["山", "水", "从前", "故事", "小猫", "river", "mountain", "tea"]
+    return [{"text": "".join(rng.choice(words) for _ in range(rng.randint(5, 30)))} for _ in range(count)]
+
+
+def test_the_report_flags_a_noisy_tail_counts_duplicates_and_drops_them_when_asked(ray_cluster, demo, tmp_path):
+    _, tokenizer = demo
+    records = pretrain_records(900)
+    records += [records[5], records[7]] * 10  # 20 exact repeats
+    noise = ["\ufffd\ufffd\x07", "1234 5678 !!!", "abc\x00\x01def", "\ufffd" * 12]
+    records += [{"text": noise[i % len(noise)] + str(i)} for i in range(100)]  # the last ~10% of the file is garbage
+    source = write_jsonl(tmp_path / "noisy.jsonl", records)
+    root = str(tmp_path / "prepared")
+    prepared = prepare(str(source), tokenizer, StageData("pretrain", seq_len=64), root, chunk_bytes=10_000)
+    report = prepared.report
+    assert report["records"] == 1020 and report["duplicates"] >= 20 and report["garbage"] == 100
+    assert any(flag.startswith("noisy tail") for flag in report["flags"])
+    assert report["tail_garbage_rate"] > 0.5 > 0.01 > report["rest_garbage_rate"]
+    assert {"control_char", "replacement_char", "no_letters"} <= set(report["garbage_kinds"])
+    assert sum(report["length_histogram"]["counts"]) == 1020  # one length per document
+    folder = tmp_path / "prepared" / prepared.manifest["key"]
+    assert json.loads((folder / "report.json").read_text())["flags"] == report["flags"]
+    assert (folder / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+    clean = prepare(str(write_jsonl(tmp_path / "clean.jsonl", pretrain_records(900))), tokenizer, StageData("pretrain", seq_len=64), root)
+    assert not any(flag.startswith("noisy tail") for flag in clean.report["flags"])
+
+    deduplicated = prepare(str(source), tokenizer, StageData("pretrain", seq_len=64), root, drop_duplicates=True, chunk_bytes=10_000)
+    assert deduplicated.report["duplicates_dropped"] == report["duplicates"] and deduplicated.location != prepared.location
+    unique = list({json.dumps(r): r for r in records}.values())
+    expected = load_stage_dataset(write_jsonl(tmp_path / "unique.jsonl", unique), tokenizer, StageData("pretrain", seq_len=64))
+    rows = PreparedRows(deduplicated.location)
+    assert [rows[i] for i in range(len(rows))] == [expected[i] for i in range(len(expected))]  # the first of each stays, in order
