@@ -30,12 +30,13 @@ def workers_see_driver_disk() -> bool:
     return bool(getattr(node, "head", False))
 
 
-def stage_inputs(inputs: dict, destination: str, work: Path, given: dict) -> dict:
+def stage_inputs(inputs: dict, destination: str, work: Path, given: dict, on_storage: set = frozenset()) -> dict:
     """Copy every input a worker reads from this machine's disk to the run's folder on Ray storage; an
-    input the user gave as a storage URI is passed on as that URI. Returns what the workers get."""
+    input the user gave as a storage URI, or one that is on Ray storage already (`on_storage`: the
+    prepared data), is passed on as it is. Returns what the workers get."""
     staged = {}
     for key, local in inputs.items():
-        if local is None or storage.is_uri(str(given.get(key) or "")):
+        if local is None or key in on_storage or storage.is_uri(str(given.get(key) or "")):
             staged[key] = given.get(key) if local is not None else None
             continue
         local = Path(local)

@@ -19,7 +19,9 @@ from minimind import storage, tracking
 from minimind.cluster import local_input, placement, stage_inputs, workers_see_driver_disk
 from minimind.checkpoint import CONFIG_NAME, save_model
 from minimind.config import ModelConfig
-from minimind.data import StageData, count_records, load_stage_dataset, read_jsonl_dataset
+from minimind.data import StageData
+from minimind.prepare import Prepared
+from minimind.shards import PreparedRows
 from minimind.model import MiniMindForCausalLM
 from minimind.stages import STAGES
 from minimind.tokenizer import load_tokenizer
@@ -122,16 +124,16 @@ def parse_overrides(text: str | None) -> dict:
     return overrides
 
 
-def _check_images(rows, images_dir: Path, data_path: Path, decode: int = 200) -> None:
+def _check_images(names: set[str], images_dir: Path, data_path: str, decode: int = 200) -> None:
     """Every image the training rows name exists, and the first `decode` of them open as images: fail
     now, naming the file, not in a worker later."""
-    names = sorted({name for row_images in rows["images"] for name in row_images})
+    names = sorted(names)
     missing = [name for name in names if not (images_dir / name).is_file()]
     if missing:
         raise SystemExit(f"{len(missing)} image(s) named in {data_path} are not under {images_dir}, e.g. {missing[0]}")
     for name in names[:decode]:
         load_image(images_dir / name)  # raises ImageError naming the file
-    print(f"[{data_path.name}] {len(names)} images found under {images_dir}")
+    print(f"[{Path(data_path).name}] {len(names)} images found under {images_dir}")
 
 
 def _run_name(stage: str, storage_path: str, resume: bool) -> str:
@@ -196,7 +198,7 @@ class StageInputs:
     init_dir: Path
     tokenizer: object
     source_tags: dict
-    data_path: Path
+    data_path: str  # the training JSONL: a path on this machine or a storage URI (prepared, never fetched here)
     eval_path: Path | None = None
     answer_path: Path | None = None  # DPO: the SFT answers it must keep
     images_dir: Path | None = None
@@ -221,28 +223,29 @@ def run_stage(config, stage_name: str, callbacks: list | None = None, register: 
     started = time.perf_counter()
     stage = STAGES[stage_name]
     tracking.configure(config.experiment)
-    storage_path = config.storage_path or str(tracking.PROJECT_ROOT / "ray_results")
-    storage_path = storage_path if storage.is_uri(storage_path) else str(Path(storage_path).resolve())  # s3://... stay URIs
+    storage_path = _storage_path(config.storage_path)
     run_name = run_name or _run_name(stage.name, storage_path, config.resume)
     config = _with_recorded_lineage(config, stage, run_name) if config.resume else config
     work = (tracking.PROJECT_ROOT / "checkpoints" / "runs" / run_name).resolve()
 
     config, inputs = resolve_inputs(config, stage, work)
-    skipped, image_tokens = check_data(config, stage, inputs)
+    _start_ray()
+    prepared, image_tokens = check_data(config, stage, inputs, storage_path, run_name)
     initial = stage.load(inputs.init_dir, "cpu")
     coverage = eval_coverage(stage.name, inputs.tokenizer, inputs.eval_path, config.eval_limit, config.seq_len, image_tokens)
     before, _ = _evaluate(stage, config, inputs, initial, initial)
 
-    config, use_gpu, worker_inputs = _plan_workers(config, stage, inputs, storage_path, run_name, work)
+    config, use_gpu, worker_inputs = _plan_workers(config, stage, inputs, prepared, storage_path, run_name, work)
     with mlflow.start_run(run_name=run_name, parent_run_id=parent_run_id) as run:
         settings = {**asdict(config), "use_gpu": use_gpu, **({"images": str(inputs.images_dir)} if inputs.images_dir else {}), **(params or {})}
         mlflow.log_params({key: value for key, value in settings.items() if value is not None})
         mlflow.set_tags({
             **inputs.source_tags, **(tags or {}), "stage": stage.name, "ray.run_name": run_name, "data.path": str(inputs.data_path),
-            "data.sha256": tracking.file_digest(inputs.data_path), "data.skipped_lines": str(skipped),
+            "data.prepared": prepared.location, "data.key": prepared.manifest["key"], "data.skipped_lines": str(prepared.manifest["skipped_lines"]),
             **({"git.commit": commit} if (commit := tracking.git_commit()) else {}),
         })
         mlflow.log_metrics({key.replace("eval/", "eval_before/"): value for key, value in before.items()} | coverage)
+        _log_data_report(prepared)
         language_model = getattr(initial, "language_model", initial)
         mlflow.log_metrics({"model/parameters": language_model.num_parameters(), "model/active_parameters": language_model.num_parameters(active=True)})
         job = StageJob(stage.name, config, **{key: str(value) if value else None for key, value in worker_inputs.items()},
@@ -284,14 +287,14 @@ def resolve_inputs(config, stage, work: Path):
         from minimind.demo import demo_data
 
         demo = demo_data()
-    data_path = local_input(config.data) if config.data else demo[DEMO_FILES[stage.name]]
+    data_path = (config.data if storage.is_uri(config.data) else str(Path(config.data).resolve())) if config.data else str(demo[DEMO_FILES[stage.name]])
     eval_path = local_input(config.eval_data) if config.eval_data else (demo[DEMO_FILES[stage.name] + "_eval"] if config.data is None else None)
     answer_path = None
     if stage.name == "dpo" and (getattr(config, "answer_eval", None) or config.data is None):
         answer_path = local_input(config.answer_eval) if getattr(config, "answer_eval", None) else demo["sft_eval"]
     images_dir = None
     if stage.data_kind == "vlm":
-        images_dir = local_input(config.images) if config.images else (demo["images"] if config.data is None else data_path.parent)
+        images_dir = local_input(config.images) if config.images else (demo["images"] if config.data is None else local_input(data_path.rsplit("/", 1)[0]))
 
     init_dir, source_tags = _starting_model(config, stage, work)
     tokenizer = load_tokenizer(init_dir)
@@ -308,17 +311,63 @@ def resolve_inputs(config, stage, work: Path):
     return config, StageInputs(init_dir, tokenizer, source_tags, data_path, eval_path, answer_path, images_dir, teacher_dir)
 
 
-def check_data(config, stage, inputs: StageInputs) -> tuple[int, int]:
-    """Fail on bad data here, naming file and line, before any worker starts (this also warms the
-    cache). Returns (malformed lines skipped, image tokens per image)."""
-    init_dir, data_path = inputs.init_dir, inputs.data_path
-    image_tokens = VisionConfig.load(init_dir / VISION_CONFIG_NAME).image_tokens if is_vlm_dir(init_dir) else 1
-    rows = load_stage_dataset(data_path, inputs.tokenizer, stage_data(stage, config, image_tokens), skip_bad=config.skip_bad)
+def check_data(config, stage, inputs: StageInputs, storage_path: str, run_name: str) -> tuple[Prepared, int]:
+    """Prepare the training data over the Ray cluster (or find it prepared) before any worker starts: a
+    bad line fails here, naming file and line. Returns (the prepared data, image tokens per image)."""
+    from minimind.prepare import prepare, prepared_location
+
+    image_tokens = VisionConfig.load(inputs.init_dir / VISION_CONFIG_NAME).image_tokens if is_vlm_dir(inputs.init_dir) else 1
+    data = stage_data(stage, config, image_tokens)
+    root = prepared_root(config.prepared, storage_path)
+    read_from = None
+    if not storage.is_uri(inputs.data_path) and not workers_see_driver_disk():
+        # the Ray Data tasks run on other nodes: they read a copy on storage, made only when there is work for them
+        if prepared_location(inputs.data_path, inputs.tokenizer, data, root, config.drop_duplicates)[1] is None:
+            read_from = storage.stage_input(inputs.data_path, storage.join(storage_path, run_name, "inputs", "source", Path(inputs.data_path).name))
+    prepared = prepare(inputs.data_path, inputs.tokenizer, data, root, skip_bad=config.skip_bad, drop_duplicates=config.drop_duplicates,
+                       read_from=read_from)
     if inputs.images_dir:
-        _check_images(rows, inputs.images_dir, data_path)
-    skipped = count_records(data_path) - len(read_jsonl_dataset(data_path, stage.data_kind, skip_bad=config.skip_bad))
-    print(f"[{stage.name}] {len(rows)} training rows from {data_path}" + (f" ({skipped} malformed lines skipped)" if skipped else ""))
-    return skipped, image_tokens
+        _check_images(PreparedRows(storage.fetch(prepared.location)).image_names(), inputs.images_dir, inputs.data_path)
+    manifest = prepared.manifest
+    print(f"[{stage.name}] {manifest['rows']:,} training rows ({manifest['tokens']:,} tokens) from {inputs.data_path}"
+          + (f" ({manifest['skipped_lines']} malformed lines skipped)" if manifest["skipped_lines"] else ""))
+    return prepared, image_tokens
+
+
+def prepare_data(config, stage_name: str) -> Prepared:
+    """The stage's training data prepared (or found prepared) exactly as `run_stage` would, without
+    training: a sweep does this on its driver before its trials hold the cluster's CPUs."""
+    import tempfile
+
+    stage = STAGES[stage_name]
+    with tempfile.TemporaryDirectory() as scratch:
+        config, inputs = resolve_inputs(config, stage, Path(scratch))
+        _start_ray()
+        return check_data(config, stage, inputs, _storage_path(config.storage_path), f"{stage.name}-prepare-{os.getpid()}")[0]
+
+
+def prepared_root(prepared: str | None, storage_path: str | None) -> str:
+    """Where prepared data is kept: --prepared, else <storage-path>/prepared (the project's ray_results locally)."""
+    if prepared:
+        return prepared if storage.is_uri(prepared) else str(Path(prepared).resolve())
+    return storage.join(_storage_path(storage_path), "prepared")
+
+
+def _storage_path(storage_path: str | None) -> str:
+    storage_path = storage_path or str(tracking.PROJECT_ROOT / "ray_results")
+    return storage_path if storage.is_uri(storage_path) else str(Path(storage_path).resolve())  # s3://... stay URIs
+
+
+def _log_data_report(prepared: Prepared) -> None:
+    """The data report on the stage's run: its numbers as data/* metrics, the JSON and the plot as artifacts."""
+    import mlflow
+
+    from minimind import data_report
+
+    mlflow.log_metrics(data_report.metrics(prepared.report))
+    mlflow.log_dict(prepared.report, "data/report.json")
+    plot = storage.fetch(storage.join(prepared.location, "report.png"))
+    mlflow.log_artifact(str(plot), "data")
 
 
 def _evaluate(stage, config, inputs: StageInputs, model, reference) -> tuple[dict, list[dict]]:
@@ -326,14 +375,18 @@ def _evaluate(stage, config, inputs: StageInputs, model, reference) -> tuple[dic
                     images_dir=inputs.images_dir, answer_path=inputs.answer_path)
 
 
-def _plan_workers(config, stage, inputs: StageInputs, storage_path: str, run_name: str, work: Path):
-    """Join or start Ray, say where MLflow runs go, put the inputs where the workers can read them, and
-    decide GPU or CPU. Returns (config with its CPUs per worker, use GPUs, the workers' inputs)."""
+def _start_ray() -> None:
     import ray
 
     if not ray.is_initialized():
         ray.init()
-    worker_inputs = inputs.for_workers()
+
+
+def _plan_workers(config, stage, inputs: StageInputs, prepared: Prepared, storage_path: str, run_name: str, work: Path):
+    """Say where MLflow runs go, put the inputs where the workers can read them, and decide GPU or CPU.
+    Returns (config with its CPUs per worker, use GPUs, the workers' inputs). The workers read the
+    prepared shards, never the JSONL."""
+    worker_inputs = {**inputs.for_workers(), "data_path": prepared.location}
     if not workers_see_driver_disk():
         if database := tracking.local_store_path():
             if tracking.in_ray_package(database):
@@ -341,8 +394,8 @@ def _plan_workers(config, stage, inputs: StageInputs, storage_path: str, run_nam
                                  "set MLFLOW_TRACKING_URI to a tracking server or an absolute sqlite://// path")
             print(f"[{stage.name}] MLflow runs go to {database} on {socket.gethostname()}; "
                   "set MLFLOW_TRACKING_URI to a tracking server (mlflow/server.sh) to share them across the cluster")
-        given = {"data_path": config.data, "eval_path": config.eval_data, "images": getattr(config, "images", None)}
-        worker_inputs = stage_inputs(worker_inputs, storage.join(storage_path, run_name, "inputs"), work, given)
+        given = {"data_path": prepared.location, "eval_path": config.eval_data, "images": getattr(config, "images", None)}
+        worker_inputs = stage_inputs(worker_inputs, storage.join(storage_path, run_name, "inputs"), work, given, on_storage={"data_path"})
     use_gpu, cpus_per_worker, where = placement(config)
     print(f"[{stage.name}] {where}")
     return replace(config, cpus_per_worker=cpus_per_worker), use_gpu, worker_inputs

@@ -111,6 +111,8 @@ class VLMStage(Stage):
     def model_inputs(self, model, batch, job):
         from minimind.vision import batch_pixel_values
 
+        if "pixel_values" in batch or not any(batch["images"]):  # decoded by the DataLoader already, or no image
+            return {"pixel_values": batch.get("pixel_values")}
         return {"pixel_values": batch_pixel_values(unwrap(model), batch["images"], job.images)}
 
 

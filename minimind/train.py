@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from minimind.data import LengthGroupedBatches, StageData, collate, load_stage_dataset, row_lengths
+from minimind.data import LengthGroupedBatches, StageData, collate
+from minimind.shards import PreparedRows
 from minimind.stages import STAGES, unwrap
 from minimind.storage import fetch
 
@@ -66,6 +67,11 @@ class TrainConfig:
     register_as: str | None = _help("registered model name (default: the stage's own)", default=None)
     alias: str | None = _help("also point this alias of the registered model at the new version", default=None)
     skip_bad: bool = _help("skip malformed data lines (counted) instead of failing", default=False)
+    drop_duplicates: bool = _help("leave out records that exactly repeat an earlier one of the file", default=False)
+    prepared: str | None = _help("where prepared data (token shards + manifest + data report) is kept: a folder or storage URI every "
+                                 "node reads (default: <storage-path>/prepared)", default=None)
+    loader_workers: int = _help("DataLoader processes per worker that collate batches (and decode images) off the training thread "
+                                "(0: on it)", default=1)
     log_every: int = _help("log a line and MLflow metrics every N steps", default=10)
     eval_limit: int = _help("evaluate on at most this many held-out records", default=200)
     val_every: int = _help("also compute the held-out loss every N steps in training, logged as val/loss and reported to Ray (0: off)", default=0)
@@ -193,8 +199,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     job.fetch_inputs()  # now paths on this node
     tokenizer = load_tokenizer(job.init_dir)
     model = stage.load(job.init_dir, device).train()
-    dataset = load_stage_dataset(job.data_path, tokenizer, stage_data(stage, config, getattr(unwrap(model), "image_tokens", 1)), config.skip_bad)
-    batches = LengthGroupedBatches(row_lengths(dataset), config.batch_size, seed=config.seed, num_replicas=world, rank=rank)
+    rows = PreparedRows(job.data_path, tag_weight=getattr(config, "tag_weight", StageData.tag_weight))  # nothing tokenized here
+    batches = LengthGroupedBatches(rows.lengths().tolist(), config.batch_size, seed=config.seed, num_replicas=world, rank=rank)
     steps_per_epoch = max(1, len(batches) // config.grad_accum)
     total_steps = config.max_steps or config.epochs * steps_per_epoch
     companions = stage.companions(job, device)
@@ -219,17 +225,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     peak = peak_flops(device, amp_dtype or torch.float32) if rank == 0 else 0.0
     logger = _MetricLogger(job, total_steps) if rank == 0 else None
 
-    def micro_batches():
-        consumed = step * config.grad_accum  # micro-batches already trained on
-        epoch, skip = divmod(consumed, len(batches))
-        while True:
-            batches.set_epoch(epoch)
-            for index, rows in enumerate(batches):
-                if index >= skip:
-                    yield collate([dataset[i] for i in rows], tokenizer.pad_token_id)
-            epoch, skip = epoch + 1, 0
+    loader = _loader_settings(stage, model, tokenizer, job, device)
 
-    stream = micro_batches()
+    stream = micro_batches(rows, batches, step * config.grad_accum, loader)
     started, window_tokens, window_start = time.perf_counter(), 0, time.perf_counter()
     while step < total_steps:
         lr = cosine_lr(step, total_steps, config.lr, config.warmup_steps, config.min_lr_ratio)
@@ -237,7 +235,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             group["lr"] = lr
         sums: dict[str, float] = {}
         for micro in range(config.grad_accum):
-            batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in next(stream).items()}
+            batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in next(stream).items()}
             window_tokens += batch_tokens(batch)
             sync = micro == config.grad_accum - 1 or world == 1
             with (model.no_sync() if not sync and hasattr(model, "no_sync") else nullcontext()), torch.autocast(
@@ -272,8 +270,36 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ray.train.report({**sums, "step": step, "finished": 0.0})  # every rank reports, none with a checkpoint
         if stopping:
             break
+    stream.close()  # ends the DataLoader's processes
     if logger:
         logger.close()
+
+
+def micro_batches(rows, batches: LengthGroupedBatches, consumed: int, loader: dict):
+    """Every micro-batch after the first `consumed`, epoch after epoch: the same batches, in the same
+    order, as an uninterrupted run gets from that point (collated by the DataLoader's processes)."""
+    from torch.utils.data import DataLoader
+
+    epoch, skip = divmod(consumed, len(batches))
+    while True:
+        batches.set_epoch(epoch)
+        yield from DataLoader(rows, batch_sampler=list(batches)[skip:], **loader)
+        epoch, skip = epoch + 1, 0
+
+
+def _loader_settings(stage, model, tokenizer, job: StageJob, device) -> dict:
+    """DataLoader arguments: collation (and a VLM's image decoding) in `loader_workers` processes, into
+    pinned memory on CUDA so the copies to the GPU overlap compute."""
+    from functools import partial
+
+    from minimind.vision import BatchWithPixels
+
+    workers = max(0, job.config.loader_workers)
+    collate_fn = partial(collate, pad_id=tokenizer.pad_token_id)
+    if stage.data_kind == "vlm":
+        collate_fn = BatchWithPixels(collate_fn, unwrap(model).image_processor, job.images)
+    return {"collate_fn": collate_fn, "num_workers": workers, "pin_memory": device.type == "cuda",
+            **({"prefetch_factor": 4, "multiprocessing_context": "fork"} if workers else {})}
 
 
 def _validation_loss(stage, model, tokenizer, job: StageJob) -> float:

@@ -77,6 +77,7 @@ def run_sweep(sweep: Sweep, stage: str, base_config, param_space: dict, tune_con
     from ray import tune
 
     from minimind import storage
+    from minimind.runner import prepare_data
     from minimind.stages import STAGES
 
     experiment_id = tracking.configure(sweep.experiment)
@@ -111,6 +112,7 @@ def run_sweep(sweep: Sweep, stage: str, base_config, param_space: dict, tune_con
     worker_cpus = max(sweep.cpus_per_trial - TRIAL_FUNCTION_CPUS, 0.25)
     base_config = replace(base_config, cpus_per_worker=worker_cpus, experiment=sweep.experiment, storage_path=storage_path,
                           use_gpu=sweep.gpus_per_trial > 0, gpus_per_worker=sweep.gpus_per_trial or 1.0)
+    prepare_data(base_config, stage)  # once, here: trials that hold every CPU would leave none for Ray Data's tasks
     trainable = tune.with_resources(
         tune.with_parameters(trial, stage=stage, base_config=base_config, parent_run_id=parent_run_id, environment=environment),
         {"CPU": TRIAL_FUNCTION_CPUS},
