@@ -146,3 +146,28 @@ def test_the_report_flags_a_noisy_tail_counts_duplicates_and_drops_them_when_ask
     expected = load_stage_dataset(write_jsonl(tmp_path / "unique.jsonl", unique), tokenizer, StageData("pretrain", seq_len=64))
     rows = PreparedRows(deduplicated.location)
     assert [rows[i] for i in range(len(rows))] == [expected[i] for i in range(len(expected))]  # the first of each stays, in order
+
+
+def test_the_prepare_job_prepares_what_the_stage_job_then_finds(ray_cluster, demo, tmp_path, capsys, monkeypatch):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from minimind.demo import demo_tokenizer
+    from minimind.runner import prepare_data
+    from minimind.stage_configs import PretrainConfig
+
+    spec = importlib.util.spec_from_file_location("prepare_job", Path(__file__).resolve().parents[1] / "jobs" / "prepare.py")
+    job = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "prepare_job", job)  # dataclasses look their module up there
+    spec.loader.exec_module(job)
+    source = write_jsonl(tmp_path / "corpus.jsonl", pretrain_records(300))
+    storage = str(tmp_path / "ray")
+    with pytest.raises(SystemExit, match="--tokenizer"):  # real data never falls back to the demo tokenizer
+        job.main(["--stage", "pretrain", "--data", str(source)])
+    prepared = job.main(["--stage", "pretrain", "--data", str(source), "--tokenizer", str(demo_tokenizer()), "--seq-len", "64",
+                         "--storage-path", storage])
+    assert not prepared.reused and prepared.location.startswith(f"{storage}/prepared/pretrain-64-")
+    assert f"prepared data: {prepared.location}" in capsys.readouterr().out
+    found = prepare_data(PretrainConfig(data=str(source), tokenizer=str(demo_tokenizer()), seq_len=64, storage_path=storage), "pretrain")
+    assert found.reused and found.location == prepared.location

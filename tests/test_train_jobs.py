@@ -35,6 +35,9 @@ def test_every_stage_trains_registers_and_hands_over(mlflow_store):
     assert [m.step for m in client().get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3, 4]
     assert "eval/answer_exact_match" in run.data.metrics and "eval_before/answer_exact_match" in run.data.metrics
     assert {"loss_curve.png", "samples.json"} <= {a.path for a in client().list_artifacts(run.info.run_id)}
+    # the data report of the prepared data, on the run that trained on it
+    assert {"data/report.json", "data/report.png"} <= {a.path for a in client().list_artifacts(run.info.run_id, "data")}
+    assert run.data.metrics["data/rows"] > 0 and "data/duplicate_rate" in run.data.metrics and run.data.tags["data.prepared"]
     # the SFT result moved away from the pretrain model it started from
     assert not torch.equal(load_model(sft.model_dir).lm_head.weight, load_model(pretrain.model_dir).lm_head.weight)
 
