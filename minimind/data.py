@@ -154,11 +154,20 @@ def _spans_by_prefixes(tokenizer, messages: list[dict], only_last: bool) -> tupl
     return text, spans
 
 
+def _render(messages: list[dict], tokenizer) -> str:
+    """The chat template rendered straight from its compiled form, as `apply_chat_template` renders it
+    for plain messages without its per-call conversion of every message (a third of the time)."""
+    from transformers.utils.chat_template_utils import _compile_jinja_template  # private (and cached): checked against apply_chat_template
+
+    compiled = _compile_jinja_template(tokenizer.chat_template)
+    return compiled.render(messages=messages, tools=None, documents=None, add_generation_prompt=False, **tokenizer.special_tokens_map)
+
+
 def _spans_by_sentinels(tokenizer, messages: list[dict], only_last: bool):
     """The same in one render: each message's content replaced by a sentinel, found, then put back.
     None when the template does not place every content exactly once (it transforms them)."""
     sentinels = [f"\ue000{index}\ue001" for index in range(len(messages))]
-    rendered = tokenizer.apply_chat_template([{**m, "content": s} for m, s in zip(messages, sentinels)], tokenize=False)
+    rendered = _render([{**m, "content": s} for m, s in zip(messages, sentinels)], tokenizer)
     places = [rendered.find(s) for s in sentinels]
     if any(p < 0 or rendered.count(s) != 1 for p, s in zip(places, sentinels)) or places != sorted(places):
         return None
@@ -198,24 +207,29 @@ def assistant_spans(tokenizer, messages: list[dict], only_last: bool = False) ->
     return slow
 
 
-def _labels(ids: list[int], offsets, spans: list[tuple[int, int]]) -> list[int]:
-    """The ids whose characters lie inside a span (and are not empty), -100 elsewhere."""
+def _supervised(offsets, spans: list[tuple[int, int]]) -> np.ndarray:
+    """Which tokens lie inside a span (and cover at least one character)."""
     offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-    inside = np.zeros(len(ids), dtype=bool)
+    inside = np.zeros(len(offsets), dtype=bool)
     for start, end in spans:
         inside |= (offsets[:, 0] >= start) & (offsets[:, 1] <= end)
-    inside &= offsets[:, 1] > offsets[:, 0]
-    return np.where(inside, np.asarray(ids, dtype=np.int64), IGNORE_INDEX).tolist()
+    return inside & (offsets[:, 1] > offsets[:, 0])
 
 
-def tokenize_conversations(tokenizer, conversations: list[list[dict]], only_last: bool = False) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) per conversation, one tokenizer call for all: labels copy the ids inside
-    assistant replies and are -100 elsewhere."""
+def encode_conversations(tokenizer, conversations: list[list[dict]], only_last: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(ids, supervised) arrays per conversation, one tokenizer call for all: supervised marks the
+    tokens of assistant replies. (The fast tokenizer's own backend, as `tokenizer(...)` calls it.)"""
     rendered = [assistant_spans(tokenizer, messages, only_last) for messages in conversations]
     if not rendered:
         return []
-    encoded = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
-    return [(ids, _labels(ids, offsets, spans)) for (_, spans), ids, offsets in zip(rendered, encoded["input_ids"], encoded["offset_mapping"])]
+    encodings = tokenizer.backend_tokenizer.encode_batch([text for text, _ in rendered], add_special_tokens=False)
+    return [(np.asarray(encoding.ids, dtype=np.int64), _supervised(encoding.offsets, spans)) for (_, spans), encoding in zip(rendered, encodings)]
+
+
+def tokenize_conversations(tokenizer, conversations: list[list[dict]], only_last: bool = False) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) per conversation: labels copy the ids inside assistant replies and are -100 elsewhere."""
+    return [(ids.tolist(), np.where(supervised, ids, IGNORE_INDEX).tolist())
+            for ids, supervised in encode_conversations(tokenizer, conversations, only_last)]
 
 
 def tokenize_conversation(tokenizer, messages: list[dict], only_last: bool = False) -> tuple[list[int], list[int]]:
@@ -257,16 +271,17 @@ class StageData:
         }
 
 
-def stage_rows(records: list[dict], stage: StageData, tokenizer, marker_ids: dict) -> list[dict]:
-    """Validated records -> training rows of `stage`, tokenized in one call."""
+def stage_arrays(records: list[dict], stage: StageData, tokenizer, marker_ids: dict) -> list[dict]:
+    """Validated records -> training rows of `stage` as arrays (`input_ids`, `supervised`, per side for
+    DPO), tokenized in one call: what prepared shards store."""
     if stage.kind == "dpo":
-        sides = {side: tokenize_conversations(tokenizer, [record[side] for record in records], only_last=True) for side in ("chosen", "rejected")}
+        sides = {side: encode_conversations(tokenizer, [record[side] for record in records], only_last=True) for side in ("chosen", "rejected")}
         rows = []
         for index in range(len(records)):
             row, truncated = {}, False
             for side, encoded in sides.items():
-                ids, labels = encoded[index]
-                row[f"{side}_input_ids"], row[f"{side}_labels"] = ids[: stage.seq_len], labels[: stage.seq_len]
+                ids, supervised = encoded[index]
+                row[f"{side}_input_ids"], row[f"{side}_supervised"] = ids[: stage.seq_len], supervised[: stage.seq_len]
                 truncated = truncated or len(ids) > stage.seq_len
             rows.append({**row, "truncated": truncated})
         return rows
@@ -274,24 +289,45 @@ def stage_rows(records: list[dict], stage: StageData, tokenizer, marker_ids: dic
     if stage.kind == "vlm" and marker_ids["image_marker"] != IMAGE_MARKER:
         conversations = [[{**m, "content": m["content"].replace(IMAGE_MARKER, marker_ids["image_marker"])} for m in messages]
                          for messages in conversations]
-    return [_chat_row(record, ids, labels, stage, marker_ids) for record, (ids, labels) in zip(records, tokenize_conversations(tokenizer, conversations))]
+    return [_chat_row(record, ids, supervised, stage, marker_ids)
+            for record, (ids, supervised) in zip(records, encode_conversations(tokenizer, conversations))]
 
 
-def _chat_row(record: dict, ids: list[int], labels: list[int], stage: StageData, marker_ids: dict) -> dict:
+def _chat_row(record: dict, ids: np.ndarray, supervised: np.ndarray, stage: StageData, marker_ids: dict) -> dict:
     row = {}
     length = stage.seq_len
-    if stage.kind == "vlm":
-        ids, labels = expand_image_placeholders(ids, labels, marker_ids["image_id"], stage.image_tokens)
-        placeholders = sum(token == marker_ids["image_id"] for token in ids[:length])
-        images, partial = divmod(placeholders, stage.image_tokens)
+    if stage.kind == "vlm":  # each placeholder becomes image_tokens copies, never supervised
+        is_image = ids == marker_ids["image_id"]
+        copies = np.where(is_image, stage.image_tokens, 1)
+        ids, supervised = np.repeat(ids, copies), np.repeat(supervised & ~is_image, copies)
+        places = np.flatnonzero(ids == marker_ids["image_id"])
+        images, partial = divmod(int((places < length).sum()), stage.image_tokens)
         if partial:  # never cut through an image: end the row before the image the cut would split
-            length = [i for i, token in enumerate(ids) if token == marker_ids["image_id"]][images * stage.image_tokens]
+            length = int(places[images * stage.image_tokens])
         row["images"] = record["images"][:images]
-    row["input_ids"], row["labels"] = ids[:length], labels[:length]
+    row["input_ids"], row["supervised"] = ids[:length], supervised[:length]
     row["truncated"] = len(ids) > length  # cut at seq_len: its tail was never seen
-    if stage.kind == "reason":
-        row["loss_weights"] = tag_weights(row["labels"], set(marker_ids["tag_ids"]), stage.tag_weight)
     return row
+
+
+def stage_rows(records: list[dict], stage: StageData, tokenizer, marker_ids: dict) -> list[dict]:
+    """Validated records -> training rows of `stage` as lists: ids, labels (-100 where no loss is
+    wanted), a reasoning stage's loss weights, a VLM's image names."""
+    rows = []
+    for arrays in stage_arrays(records, stage, tokenizer, marker_ids):
+        row = {}
+        for key, value in arrays.items():
+            if key.endswith("supervised"):
+                side = key[: -len("supervised")]
+                row[side + "labels"] = np.where(value, arrays[side + "input_ids"], IGNORE_INDEX).tolist()
+            elif key.endswith("input_ids"):
+                row[key] = value.tolist()
+            else:
+                row[key] = value
+        if stage.kind == "reason":
+            row["loss_weights"] = tag_weights(row["labels"], set(marker_ids["tag_ids"]), stage.tag_weight)
+        rows.append(row)
+    return rows
 
 
 def stage_row(record: dict, stage: StageData, tokenizer, marker_ids: dict) -> dict:

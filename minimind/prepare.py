@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from minimind import data_report, storage
-from minimind.data import DataFormatError, StageData, has_labels, stage_rows, validate_record
+from minimind.data import DataFormatError, StageData, stage_arrays, validate_record
 from minimind.shards import FORMAT_VERSION, MANIFEST, pack_rows, token_dtype, write_array, write_text
 
 CHUNK_BYTES = 32 << 20  # one task's share of the file: bounds a task's memory, gives the cluster enough tasks
@@ -284,6 +284,7 @@ def _record_text(record: dict, kind: str) -> tuple[str, bool]:
 
 
 def _record_hash(record: dict) -> int:
+    """Of the fields the stage uses, as parsed: the same record counts as a duplicate whatever its spacing or key order."""
     text = json.dumps(record, sort_keys=True, ensure_ascii=False)
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
@@ -358,13 +359,13 @@ def _encode(records: list[dict], tokenizer, stage: StageData, marker_ids: dict, 
     sides = ("chosen_", "rejected_") if stage.kind == "dpo" else ("",)
     pieces: dict[str, list] = {}
     for start in range(0, len(records), BATCH_RECORDS):
-        rows = stage_rows(records[start : start + BATCH_RECORDS], stage, tokenizer, marker_ids)
-        kept = [row for row in rows if has_labels(row)]  # a cut can remove every supervised token
+        rows = stage_arrays(records[start : start + BATCH_RECORDS], stage, tokenizer, marker_ids)
+        kept = [row for row in rows if all(row[side + "supervised"].any() for side in sides)]  # a cut can remove every supervised token
         summary["unlabelled"] += len(rows) - len(kept)
         for side in sides:
             for name, array in pack_rows(kept, side, dtype).items():
                 pieces.setdefault(name, []).append(array)
-            supervised = sum(sum(label >= 0 for label in row[side + "labels"]) for row in kept)
+            supervised = int(sum(row[side + "supervised"].sum() for row in kept))
             total = sum(len(row[side + "input_ids"]) for row in kept)
             stats.add_tokens(side + "reply" if side else "reply", supervised)
             stats.add_tokens(side + "prompt" if side else "prompt", total - supervised)

@@ -49,14 +49,14 @@ def write_text(filesystem, path: str, text: str) -> None:
 
 
 def pack_rows(rows: list[dict], prefix: str, dtype) -> dict[str, np.ndarray]:
-    """The columns of a batch of rows for one side (prefix "" or "chosen_"/"rejected_") of chat rows."""
+    """The columns of a batch of rows (`minimind.data.stage_arrays`) for one side (prefix "" or
+    "chosen_"/"rejected_"): ids end to end, row offsets, the supervised mask (packed to bits by the writer)."""
     ids = [row[prefix + "input_ids"] for row in rows]
-    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
     offsets = np.zeros(len(ids) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    flat = np.fromiter((t for x in ids for t in x), dtype=dtype, count=int(offsets[-1]))
-    supervised = np.fromiter((label != IGNORE_INDEX for row in rows for label in row[prefix + "labels"]), dtype=bool, count=int(offsets[-1]))
-    return {prefix + "input_ids": flat, prefix + "offsets": offsets, prefix + "mask": supervised}  # packed to bits by the writer
+    np.cumsum([len(x) for x in ids], out=offsets[1:])
+    flat = np.concatenate(ids).astype(dtype) if ids else np.zeros(0, dtype)
+    supervised = np.concatenate([row[prefix + "supervised"] for row in rows]) if rows else np.zeros(0, bool)
+    return {prefix + "input_ids": flat, prefix + "offsets": offsets, prefix + "mask": supervised}
 
 
 class PreparedRows:
