@@ -248,21 +248,22 @@ def _write_plot(filesystem, folder: str, report: dict) -> None:
 
 def chunk_bounds(source: str, size: int, chunk_bytes: int) -> list[tuple[int, int]]:
     """Byte ranges of about `chunk_bytes`, each starting at a line start (found by reading a little past
-    each nominal cut)."""
+    each nominal cut); a cut inside the last line ends the list there."""
     filesystem, path = storage.filesystem_of(source)
     starts = [0]
     with filesystem.open_input_file(path) as file:
         for nominal in range(chunk_bytes, size, chunk_bytes):
-            position = max(nominal, starts[-1])
-            while position < size:
-                window = file.read_at(min(1 << 16, size - position), position - 1)
+            cursor, line_start = max(nominal, starts[-1] + 1) - 1, None
+            while cursor < size:  # the first newline at or after the byte before the cut
+                window = file.read_at(min(1 << 16, size - cursor), cursor)
                 newline = window.find(b"\n")
                 if newline >= 0:
-                    position = position - 1 + newline + 1
+                    line_start = cursor + newline + 1
                     break
-                position += len(window) - 1
-            if starts[-1] < position < size:
-                starts.append(position)
+                cursor += len(window)
+            if line_start is None or line_start >= size:
+                break
+            starts.append(line_start)
     return list(zip(starts, [*starts[1:], size]))
 
 

@@ -283,7 +283,7 @@ def resolve_inputs(config, stage, work: Path):
     """The stage's data files (the demo world's when --data is left out), its starting model (exact
     version, resolved once), tokenizer and KD teacher. Returns the config with pinned URIs, and the inputs."""
     demo = None
-    if config.data is None or config.eval_data is None:
+    if config.data is None:  # the demo world's files: written once, on first use
         from minimind.demo import demo_data
 
         demo = demo_data()

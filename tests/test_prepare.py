@@ -171,3 +171,16 @@ def test_the_prepare_job_prepares_what_the_stage_job_then_finds(ray_cluster, dem
     assert f"prepared data: {prepared.location}" in capsys.readouterr().out
     found = prepare_data(PretrainConfig(data=str(source), tokenizer=str(demo_tokenizer()), seq_len=64, storage_path=storage), "pretrain")
     assert found.reused and found.location == prepared.location
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 50, 100, 150, 180, 185, 186, 1000])
+def test_chunks_start_at_line_starts_and_cover_the_file_whatever_the_cut(tmp_path, chunk_bytes):
+    from minimind.prepare import chunk_bounds
+
+    source = tmp_path / "two.jsonl"
+    source.write_bytes(b'{"text": "' + b"a" * 80 + b'"}\n{"text": "' + b"b" * 90 + b'"}')  # 186 bytes, no final newline
+    data = source.read_bytes()
+    bounds = chunk_bounds(str(source), len(data), chunk_bytes)
+    assert bounds[0][0] == 0 and bounds[-1][1] == len(data)
+    assert all(end == next_start for (_, end), (next_start, _) in zip(bounds, bounds[1:]))
+    assert all(start == 0 or data[start - 1 : start] == b"\n" for start, _ in bounds)
