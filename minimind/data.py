@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Iterator
+from itertools import chain
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,9 +208,9 @@ def assistant_spans(tokenizer, messages: list[dict], only_last: bool = False) ->
     return slow
 
 
-def _supervised(offsets, spans: list[tuple[int, int]]) -> np.ndarray:
-    """Which tokens lie inside a span (and cover at least one character)."""
-    offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+def _supervised(encoding, spans: list[tuple[int, int]]) -> np.ndarray:
+    """Which tokens of a `tokenizers.Encoding` lie inside a span (and cover at least one character)."""
+    offsets = np.fromiter(chain.from_iterable(encoding.offsets), dtype=np.int64, count=2 * len(encoding)).reshape(-1, 2)
     inside = np.zeros(len(offsets), dtype=bool)
     for start, end in spans:
         inside |= (offsets[:, 0] >= start) & (offsets[:, 1] <= end)
@@ -223,7 +224,7 @@ def encode_conversations(tokenizer, conversations: list[list[dict]], only_last: 
     if not rendered:
         return []
     encodings = tokenizer.backend_tokenizer.encode_batch([text for text, _ in rendered], add_special_tokens=False)
-    return [(np.asarray(encoding.ids, dtype=np.int64), _supervised(encoding.offsets, spans)) for (_, spans), encoding in zip(rendered, encodings)]
+    return [(np.asarray(encoding.ids, dtype=np.int64), _supervised(encoding, spans)) for (_, spans), encoding in zip(rendered, encodings)]
 
 
 def tokenize_conversations(tokenizer, conversations: list[list[dict]], only_last: bool = False) -> list[tuple[list[int], list[int]]]:
@@ -410,6 +411,11 @@ class LengthGroupedBatches:
         self.epoch = epoch
 
     def _batches(self) -> list[list[int]]:
+        if getattr(self, "_cached", (None,))[0] != self.epoch:  # an epoch's order is computed once (millions of rows take seconds)
+            self._cached = (self.epoch, self._order())
+        return self._cached[1]
+
+    def _order(self) -> list[list[int]]:
         rng = random.Random(self.seed * 1_000_003 + self.epoch)
         order = list(range(len(self.lengths)))
         rng.shuffle(order)

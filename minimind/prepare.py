@@ -292,107 +292,134 @@ def _record_hash(record: dict) -> int:
 
 def process_chunk(spec: dict, mode: str, skip_bad: bool, tokenizer=None, stage: StageData | None = None, marker_ids=None,
                   output: str | None = None) -> dict:
-    """Validate (and in "encode" mode, tokenize and write) the lines of one byte range of the source."""
+    """Validate (and in "encode" mode, tokenize and write) the lines of one byte range of the source.
+    Records are encoded BATCH_RECORDS at a time and kept only as arrays: a task's memory is its chunk's
+    bytes and tokens, whatever the file's size."""
     raw = _read_range(spec["source"], spec["start"], spec["end"])
     lines = raw.split(b"\n")
+    del raw
     if lines and lines[-1] == b"":
         lines.pop()
     summary = {"index": spec["index"], "lines": len(lines), "error": None, "skipped": 0, "rows": 0, "tokens": 0, "unlabelled": 0,
                "shard": f"shard-{spec['index']:05d}", "stats": data_report.ChunkStats()}
-    records, positions, position = [], [], spec["start"]
+    hashes, batch, position, dropped = [], [], spec["start"], set(spec.get("drop", []))
+    encoder = _ChunkEncoder(tokenizer, stage, marker_ids, summary) if mode == "encode" else None
     for number, line in enumerate(lines, start=1):
         line_start, position = position, position + len(line) + 1
         try:
             text = line.decode("utf-8-sig" if spec["start"] == 0 and number == 1 else "utf-8")
             if not text.strip():
                 continue
-            records.append(validate_record(json.loads(text), spec["kind"]))
-            positions.append(line_start / max(1, spec["size"]))
+            record = validate_record(json.loads(text), spec["kind"])
         except UnicodeDecodeError as error:
             reason = f"not valid UTF-8 (byte {error.start + 1} of the line: {line[error.start:error.start + 4]!r})"
         except (json.JSONDecodeError, ValueError) as error:
             reason = str(error)
         else:
+            hashes.append(_record_hash(record))
+            if encoder is None or len(hashes) - 1 in dropped:
+                continue
+            recorded_text, empty = _record_text(record, spec["kind"])
+            summary["stats"].add_record(recorded_text, line_start / max(1, spec["size"]), empty=empty)
+            batch.append(record)
+            if len(batch) == BATCH_RECORDS:
+                encoder.add(batch)
+                batch = []
             continue
         summary["skipped"] += 1
         summary["error"] = summary["error"] or (number, reason)
         if not skip_bad:
             return {**summary, "hashes": np.zeros(0, np.uint64)}
-    del raw, lines
-    summary["hashes"] = np.fromiter((_record_hash(r) for r in records), dtype=np.uint64, count=len(records))
-    if mode == "hash":
+    summary["hashes"] = np.asarray(hashes, dtype=np.uint64)
+    if encoder is None:
         return summary
-    dropped = set(spec.get("drop", []))
-    if dropped:
-        records = [r for i, r in enumerate(records) if i not in dropped]
-        positions = [p for i, p in enumerate(positions) if i not in dropped]
-    stats = summary["stats"]
-    for record, where in zip(records, positions):
-        text, empty = _record_text(record, spec["kind"])
-        stats.add_record(text, where, empty=empty)
-    columns = _encode(records, tokenizer, stage, marker_ids, stats, summary)
+    del lines
+    if batch:
+        encoder.add(batch)
     filesystem, folder = storage.filesystem_of(storage.join(output, summary["shard"]))
     filesystem.create_dir(folder, recursive=True)
-    for name, array in columns.items():
+    for name, array in encoder.columns().items():
         if name == "images":
             write_text(filesystem, f"{folder}/images.json", json.dumps(array, ensure_ascii=False))
         else:
             write_array(filesystem, f"{folder}/{name}.npy", array)
+    _release_freed_memory()
     return summary
 
 
-def _encode(records: list[dict], tokenizer, stage: StageData, marker_ids: dict, stats, summary: dict) -> dict:
-    dtype = token_dtype(len(tokenizer))
-    if stage.kind == "pretrain":
-        bos, eos = tokenizer.bos_token or "", tokenizer.eos_token or ""
-        parts, lengths = [], []
-        for start in range(0, len(records), BATCH_RECORDS):
-            texts = [bos + r["text"] + eos for r in records[start : start + BATCH_RECORDS]]
-            for encoding in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False):
-                parts.append(np.asarray(encoding.ids, dtype=dtype))
-                lengths.append(len(encoding.ids))
-        stream = np.concatenate(parts) if parts else np.zeros(0, dtype)
-        summary["tokens"] = len(stream)
-        stats.tokens += len(stream)
-        stats.add_lengths(lengths)
-        stats.add_tokens("text", len(stream))
-        return {"input_ids": stream}
-    sides = ("chosen_", "rejected_") if stage.kind == "dpo" else ("",)
-    pieces: dict[str, list] = {}
-    for start in range(0, len(records), BATCH_RECORDS):
-        rows = stage_arrays(records[start : start + BATCH_RECORDS], stage, tokenizer, marker_ids)
-        kept = [row for row in rows if all(row[side + "supervised"].any() for side in sides)]  # a cut can remove every supervised token
-        summary["unlabelled"] += len(rows) - len(kept)
-        for side in sides:
-            for name, array in pack_rows(kept, side, dtype).items():
-                pieces.setdefault(name, []).append(array)
+def _release_freed_memory() -> None:
+    """Hand the heap this task freed back to the OS (glibc keeps it otherwise, and a worker process that
+    runs task after task would hold its largest chunk's worth for good)."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+class _ChunkEncoder:
+    """Batches of validated records -> a shard's columns, counting rows, tokens and the report's figures."""
+
+    def __init__(self, tokenizer, stage: StageData, marker_ids: dict, summary: dict):
+        self.tokenizer, self.stage, self.marker_ids, self.summary = tokenizer, stage, marker_ids, summary
+        self.stats = summary["stats"]
+        self.dtype = token_dtype(len(tokenizer))
+        self.sides = ("chosen_", "rejected_") if stage.kind == "dpo" else ("",)
+        self.pieces: dict[str, list] = {}
+
+    def add(self, records: list[dict]) -> None:
+        if self.stage.kind == "pretrain":
+            bos, eos = self.tokenizer.bos_token or "", self.tokenizer.eos_token or ""
+            encodings = self.tokenizer.backend_tokenizer.encode_batch([bos + r["text"] + eos for r in records], add_special_tokens=False)
+            ids = [np.asarray(encoding.ids, dtype=self.dtype) for encoding in encodings]
+            self.pieces.setdefault("input_ids", []).extend(ids)
+            self.stats.add_lengths([len(x) for x in ids])
+            self.stats.add_tokens("text", sum(len(x) for x in ids))
+            return
+        rows = stage_arrays(records, self.stage, self.tokenizer, self.marker_ids)
+        kept = [row for row in rows if all(row[side + "supervised"].any() for side in self.sides)]  # a cut can remove every supervised token
+        self.summary["unlabelled"] += len(rows) - len(kept)
+        for side in self.sides:
+            for name, array in pack_rows(kept, side, self.dtype).items():
+                self.pieces.setdefault(name, []).append(array)
             supervised = int(sum(row[side + "supervised"].sum() for row in kept))
             total = sum(len(row[side + "input_ids"]) for row in kept)
-            stats.add_tokens(side + "reply" if side else "reply", supervised)
-            stats.add_tokens(side + "prompt" if side else "prompt", total - supervised)
-        pieces.setdefault("truncated", []).append(np.asarray([row["truncated"] for row in kept], dtype=np.uint8))
-        if stage.kind == "vlm":
-            pieces.setdefault("images", []).extend(row["images"] for row in kept)
-        stats.add_lengths([max(len(row[side + "input_ids"]) for side in sides) for row in kept])
-        stats.truncated += sum(row["truncated"] for row in kept)
-        summary["rows"] += len(kept)
-    columns = {}
-    for name, parts in pieces.items():
-        if name == "images":
-            columns[name] = parts
-        elif name.endswith("offsets"):
-            columns[name] = _join_offsets(parts)
-        elif name.endswith("mask"):
-            columns[name] = np.packbits(np.concatenate(parts))  # one bit per token
+            self.stats.add_tokens(side + "reply" if side else "reply", supervised)
+            self.stats.add_tokens(side + "prompt" if side else "prompt", total - supervised)
+        self.pieces.setdefault("truncated", []).append(np.asarray([row["truncated"] for row in kept], dtype=np.uint8))
+        if self.stage.kind == "vlm":
+            self.pieces.setdefault("images", []).extend(row["images"] for row in kept)
+        self.stats.add_lengths([max(len(row[side + "input_ids"]) for side in self.sides) for row in kept])
+        self.stats.truncated += sum(row["truncated"] for row in kept)
+        self.summary["rows"] += len(kept)
+
+    def columns(self) -> dict:
+        columns = {}
+        for name, parts in self.pieces.items():
+            if name == "images":
+                columns[name] = parts
+            elif name.endswith("offsets"):
+                columns[name] = _join_offsets(parts)
+            elif name.endswith("mask"):
+                columns[name] = np.packbits(np.concatenate(parts))  # one bit per token
+            else:
+                columns[name] = np.concatenate(parts)
+        if self.stage.kind == "pretrain":
+            columns.setdefault("input_ids", np.zeros(0, self.dtype))
+            self.summary["tokens"] = len(columns["input_ids"])
         else:
-            columns[name] = np.concatenate(parts)
-    for side in sides:
-        if side + "offsets" not in columns:  # no row in this chunk
-            columns.update({side + "input_ids": np.zeros(0, dtype), side + "offsets": np.zeros(1, np.int64), side + "mask": np.zeros(0, np.uint8)})
-    columns.setdefault("truncated", np.zeros(0, np.uint8))
-    summary["tokens"] = int(sum(len(columns[side + "input_ids"]) for side in sides))
-    stats.tokens += summary["tokens"]
-    return columns
+            for side in self.sides:
+                if side + "offsets" not in columns:  # no row in this chunk
+                    columns.update({side + "input_ids": np.zeros(0, self.dtype), side + "offsets": np.zeros(1, np.int64),
+                                    side + "mask": np.zeros(0, np.uint8)})
+            columns.setdefault("truncated", np.zeros(0, np.uint8))
+            self.summary["tokens"] = int(sum(len(columns[side + "input_ids"]) for side in self.sides))
+        self.stats.tokens += self.summary["tokens"]
+        return columns
 
 
 def _join_offsets(parts: list[np.ndarray]) -> np.ndarray:

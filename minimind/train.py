@@ -70,8 +70,9 @@ class TrainConfig:
     drop_duplicates: bool = _help("leave out records that exactly repeat an earlier one of the file", default=False)
     prepared: str | None = _help("where prepared data (token shards + manifest + data report) is kept: a folder or storage URI every "
                                  "node reads (default: <storage-path>/prepared)", default=None)
-    loader_workers: int = _help("DataLoader processes per worker that collate batches (and decode images) off the training thread "
-                                "(0: on it)", default=1)
+    loader_workers: int = _help("DataLoader processes per worker that collate batches (and decode images) off the training thread; "
+                                "0: on it; -1: one on GPU or for images, none for text on CPU (where torch's threads use every core)",
+                                default=-1)
     log_every: int = _help("log a line and MLflow metrics every N steps", default=10)
     eval_limit: int = _help("evaluate on at most this many held-out records", default=200)
     val_every: int = _help("also compute the held-out loss every N steps in training, logged as val/loss and reported to Ray (0: off)", default=0)
@@ -294,7 +295,9 @@ def _loader_settings(stage, model, tokenizer, job: StageJob, device) -> dict:
 
     from minimind.vision import BatchWithPixels
 
-    workers = max(0, job.config.loader_workers)
+    workers = job.config.loader_workers
+    if workers < 0:  # a CPU worker's cores all run torch: a collating process would only take time from them
+        workers = 1 if device.type == "cuda" or stage.data_kind == "vlm" else 0
     collate_fn = partial(collate, pad_id=tokenizer.pad_token_id)
     if stage.data_kind == "vlm":
         collate_fn = BatchWithPixels(collate_fn, unwrap(model).image_processor, job.images)
