@@ -560,7 +560,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--steps", type=int, default=20, help="timed training steps per reader per round")
     add("--warmup", type=int, default=3, help="untimed steps at the start of each round")
     add("--rounds", type=int, default=3)
-    add("--loader-workers", type=int, default=1, help="DataLoader processes of the new reader")
+    add("--loader-workers", type=int, default=0, help="DataLoader processes of the new reader (0: the training loop's default for text on a CPU)")
     add("--chunk-mb", type=int, default=None, help="prepare's chunk size in MiB (default: the library's, 32)")
     add("--tokenizer-lines", type=int, default=20_000, help="pretrain records the tokenizer is trained on")
     add("--job-timeout", type=float, default=1800, help="seconds before a stage job is killed")
