@@ -109,11 +109,7 @@ class VLMStage(Stage):
         save_vlm(vlm, directory, tokenizer=tokenizer, vision_model=vlm.vision_source)
 
     def model_inputs(self, model, batch, job):
-        from minimind.vision import batch_pixel_values
-
-        if "pixel_values" in batch or not any(batch["images"]):  # decoded by the DataLoader already, or no image
-            return {"pixel_values": batch.get("pixel_values")}
-        return {"pixel_values": batch_pixel_values(unwrap(model), batch["images"], job.images)}
+        return {"pixel_values": batch.get("pixel_values")}  # decoded by the loader's collate (vision.BatchWithPixels); none: no image
 
 
 def _pad_to(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:
