@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -25,11 +24,12 @@ def _sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 autocasts the matmuls")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
+                        help="weights in bf16 (half the bytes read per token; fp32 where the GPU has no bf16) or fp32")
     parser.add_argument(
         "--compile", action="store_true",
-        help="torch.compile the forward pass (inductor, weights frozen): faster decoding after a one-off compile "
-        "of about a minute on a 2-core CPU",
+        help="torch.compile for decoding: CUDA graphs over a static KV cache on a GPU; inductor with frozen weights "
+        "on CPU (a one-off compile of about a minute on 2 cores)",
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
@@ -67,21 +67,18 @@ class _Session:
     def __init__(self, args):
         from minimind.checkpoint import load_model
         from minimind.tokenizer import load_tokenizer
-        from minimind.generate import SamplingParams
+        from minimind.generate import SamplingParams, compile_for_decoding, inference_dtype
         from minimind.vision import is_vlm_dir, load_image, load_vlm
 
         self.is_vlm = is_vlm_dir(args.model)
         if getattr(args, "image", None) and not self.is_vlm:
             raise SystemExit(f"--image needs a MiniMind-V model directory; {args.model} is a text-only model")
-        self.model = (load_vlm if self.is_vlm else load_model)(args.model, device=args.device)
+        self.model = (load_vlm if self.is_vlm else load_model)(args.model, device=args.device, dtype=inference_dtype(args.dtype, args.device))
         images = [load_image(path) for path in getattr(args, "image", None) or []]
         self.prompt_inputs = {"pixel_values": self.model.pixel_values(images)} if images else None
         self.image_count = len(images)
         if args.compile:
-            from torch._inductor import config as inductor_config
-
-            inductor_config.freezing = True  # inference only: constant-fold and pre-pack the weights
-            self.model.forward = torch.compile(self.model.forward, dynamic=True)
+            compile_for_decoding(self.model)
         self.tokenizer = load_tokenizer(args.model)
         stop_ids = {self.model.config.eos_token_id}
         if self.tokenizer.eos_token_id is not None:
@@ -91,21 +88,19 @@ class _Session:
             repetition_penalty=args.repetition_penalty, seed=args.seed, stop_token_ids=sorted(stop_ids),
             suppress_token_ids=[self.model.image_token_id] if self.is_vlm else None,
         )
-        self.autocast = torch.autocast(args.device, dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
 
     def reply(self, prompt_ids: list[int]) -> str:
         from minimind.generate import stream_generate
 
         out = sys.stdout
         tokens, printed = [], ""
-        with self.autocast:
-            for token in stream_generate(self.model, prompt_ids, self.params, self.prompt_inputs):
-                tokens.append(token)
-                text = self.tokenizer.decode(tokens, skip_special_tokens=False)
-                if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                    out.write(text[len(printed):])
-                    out.flush()
-                    printed = text
+        for token in stream_generate(self.model, prompt_ids, self.params, self.prompt_inputs):
+            tokens.append(token)
+            text = self.tokenizer.decode(tokens, skip_special_tokens=False)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                out.write(text[len(printed):])
+                out.flush()
+                printed = text
         text = self.tokenizer.decode(tokens, skip_special_tokens=False)
         out.write(text[len(printed):] + "\n")
         return text

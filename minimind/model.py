@@ -2,7 +2,8 @@
 
 - pre-norm blocks with RMSNorm;
 - rotary position embeddings precomputed in fp32, optional YaRN scaling for longer contexts;
-- grouped-query attention through `scaled_dot_product_attention`, causal plus an optional padding mask;
+- grouped-query attention through `scaled_dot_product_attention` (flash or memory-efficient kernels on CUDA),
+  causal plus an optional padding mask;
 - SwiGLU feed-forward, or a Mixture-of-Experts FFN (softmax router, top-k, shared experts, aux loss);
 - token embedding tied with the output head;
 - a preallocated KV cache for inference.
@@ -34,6 +35,8 @@ class RMSNorm(nn.Module):
         # then hand the projections that follow the autocast dtype: one cast here, not one per matmul.
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        if x.dtype == self.weight.dtype == dtype:  # bf16 inference weights: the fused kernel already sums in fp32
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(dtype)
 
 
@@ -81,7 +84,6 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # the tables stay fp32; rotate in the activations' dtype
     return x * cos + rotate_half(x) * sin
 
 
@@ -93,61 +95,100 @@ class KVCache:
 
     Decoding writes each new position in place; nothing is re-concatenated. Buffers are allocated on
     the first write, with the batch size, dtype and device of the keys the model produces.
+
+    `static=True` keeps every shape fixed, for CUDA graphs (`torch.compile(mode="reduce-overhead")`):
+    each forward attends over all `max_length` positions under an attention mask of that width (0 where
+    nothing is written yet) and writes at `positions`, a tensor the caller sets, so one compiled
+    decoding step serves every position.
     """
 
-    def __init__(self, max_length: int):
+    def __init__(self, max_length: int, static: bool = False):
         self.max_length = max_length
-        self.length = 0  # positions filled in every layer
+        self.length = 0  # positions filled in every layer (not kept when static: the caller knows)
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
+        self.static = static
+        self.positions: torch.Tensor | None = None  # static: the positions the next forward writes
 
     def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        start, end = self.length, self.length + keys.shape[2]
-        if end > self.max_length:
-            raise ValueError(f"KV cache holds {self.max_length} positions, asked to fill up to {end}")
         if layer == len(self.keys):
             batch, heads, _, head_dim = keys.shape
             self.keys.append(keys.new_zeros(batch, heads, self.max_length, head_dim))
             self.values.append(values.new_zeros(batch, heads, self.max_length, head_dim))
+            if self.static:  # CUDA graphs may then write these buffers in place
+                torch._dynamo.mark_static_address(self.keys[layer])
+                torch._dynamo.mark_static_address(self.values[layer])
+        if self.static:
+            self.keys[layer].index_copy_(2, self.positions, keys)
+            self.values[layer].index_copy_(2, self.positions, values)
+            return self.keys[layer], self.values[layer]
+        start, end = self.length, self.length + keys.shape[2]
+        if end > self.max_length:
+            raise ValueError(f"KV cache holds {self.max_length} positions, asked to fill up to {end}")
         self.keys[layer][:, :, start:end] = keys
         self.values[layer][:, :, start:end] = values
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
-def attention_mask_for(attention_mask: torch.Tensor | None, query_len: int, past_len: int):
-    """Returns (allowed, is_causal) for `grouped_query_attention`.
+def attention_mask_for(attention_mask: torch.Tensor | None, query_positions: torch.Tensor, key_len: int) -> torch.Tensor | None:
+    """`allowed` (batch, query, key) for `grouped_query_attention`, or None without an attention mask.
 
-    `attention_mask` is (batch, past_len + query_len) with 1 for real tokens and 0 for padding.
-    Without padding, `is_causal` asks for the plain causal mask (or no mask at all when decoding one
-    token). With padding, `allowed` (batch, query, key) lets query i see key j when j <= i and j is
-    real; a padding query may see itself so its softmax stays finite (its output is never read).
+    `attention_mask` is (batch, at least key_len) with 1 for real tokens and 0 for padding; the queries
+    sit at `query_positions`. Query i may see key j when j <= i and j is real; a padding query may see
+    itself so its softmax stays finite (its output is never read).
     """
     if attention_mask is None:
-        return None, past_len == 0 and query_len > 1
-    key_len = past_len + query_len
-    query_positions = torch.arange(past_len, key_len, device=attention_mask.device)
+        return None
     key_positions = torch.arange(key_len, device=attention_mask.device)
     causal = key_positions[None, :] <= query_positions[:, None]
     allowed = causal & attention_mask[:, None, :key_len].bool()
-    allowed = allowed | (key_positions[None, :] == query_positions[:, None])
-    return allowed, False
+    return allowed | (key_positions[None, :] == query_positions[:, None])
+
+
+# "auto": SDPA's fused kernels on CUDA and for one-token decoding on CPU, `_matmul_attention` for CPU training
+# and prefill (each the faster there, measured by bench/train.py and bench/generate.py); "sdpa": SDPA on
+# every device and shape (a switch for tests and benchmarks: on CPU it checks that both paths agree).
+ATTENTION_KERNEL = "auto"
 
 
 def grouped_query_attention(q, k, v, allowed: torch.Tensor | None, is_causal: bool, dropout_p: float = 0.0) -> torch.Tensor:
     """softmax(q kᵀ / √d over the allowed keys) v, each K/V head shared by a group of query heads (GQA).
 
-    q is (batch, heads, queries, head_dim); k and v are (batch, kv_heads, keys, head_dim). On CUDA this
-    is SDPA's fused kernel. On CPU, two batched matmuls with each K/V head's query group stacked are
-    faster than SDPA's CPU kernel at training shapes in bf16 (measured by bench/train.py), and K/V are
-    never copied per query head.
+    q is (batch, heads, queries, head_dim); k and v are (batch, kv_heads, keys, head_dim); `allowed` is
+    None or (batch or 1, queries, keys). Neither path copies K/V per query head.
     """
-    if q.is_cuda:
-        mask = allowed.unsqueeze(1) if allowed is not None else None
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p, enable_gqa=True)
+    if q.is_cuda or ATTENTION_KERNEL == "sdpa" or q.shape[2] == 1:
+        return _sdpa_attention(q, k, v, allowed, is_causal, dropout_p)
+    return _matmul_attention(q, k, v, allowed, is_causal, dropout_p)
+
+
+def _stack_query_groups(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """(batch, heads, queries, d) -> (batch, kv_heads, groups * queries, d): the query heads sharing a K/V
+    head become more queries of that head (query head h uses K/V head h // groups)."""
+    batch, heads, queries, head_dim = q.shape
+    return q.reshape(batch, kv_heads, heads // kv_heads * queries, head_dim)
+
+
+def _sdpa_attention(q, k, v, allowed, is_causal, dropout_p):
+    batch, heads, queries, head_dim = q.shape
+    if allowed is None:  # causal or unmasked (training's right-padded rows, cached decoding): flash takes GQA itself
+        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, dropout_p=dropout_p, enable_gqa=True)
+    # With a mask, flash is out and the memory-efficient kernel takes no `enable_gqa` (it would fall back to
+    # the math kernel); stacking each group's queries under its K/V head keeps the efficient kernel, with
+    # the mask repeated per group, and K/V uncopied.
+    groups = heads // k.shape[1]
+    mask = allowed.repeat(1, groups, 1).unsqueeze(1)  # (batch or 1, 1, groups * queries, keys)
+    out = F.scaled_dot_product_attention(_stack_query_groups(q, k.shape[1]), k, v, attn_mask=mask, dropout_p=dropout_p)
+    return out.view(batch, heads, queries, head_dim)
+
+
+def _matmul_attention(q, k, v, allowed, is_causal, dropout_p):
+    """Two batched matmuls over the stacked query groups: on CPU faster than SDPA's kernel at training
+    shapes in bf16 (measured by bench/train.py)."""
     batch, heads, queries, head_dim = q.shape
     kv_heads, keys = k.shape[1], k.shape[2]
     groups = heads // kv_heads
-    q = q.reshape(batch * kv_heads, groups * queries, head_dim)
+    q = _stack_query_groups(q, kv_heads).reshape(batch * kv_heads, groups * queries, head_dim)
     k = k.reshape(batch * kv_heads, keys, head_dim)
     v = v.reshape(batch * kv_heads, keys, head_dim)
     if is_causal:
@@ -162,12 +203,12 @@ def grouped_query_attention(q, k, v, allowed: torch.Tensor | None, is_causal: bo
     return torch.bmm(probs, v).view(batch, heads, queries, head_dim)
 
 
-def position_ids_for(attention_mask: torch.Tensor | None, query_len: int, past_len: int, device) -> torch.Tensor:
+def position_ids_for(attention_mask: torch.Tensor | None, query_positions: torch.Tensor) -> torch.Tensor:
     """Each row counts positions from its first real token, so left padding does not shift RoPE."""
     if attention_mask is None:
-        return torch.arange(past_len, past_len + query_len, device=device)[None, :]
+        return query_positions[None, :]
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    return positions[:, past_len : past_len + query_len]
+    return positions[:, query_positions]
 
 
 # --------------------------------------------------------------------------- blocks
@@ -231,6 +272,8 @@ class MoEFeedForward(nn.Module):
         token_index = order // self.top_k
         counts = flat_expert.bincount(minlength=self.num_experts).tolist()
         routed_inputs = tokens[token_index].split(counts)
+        # An idle expert still runs, on no tokens: its gradient is a zero, so DDP needs no find_unused_parameters.
+        # (The counts are read on the host to split the tokens: MoE's one host synchronisation per layer.)
         routed_outputs = torch.cat([expert(part) for expert, part in zip(self.experts, routed_inputs)])
         routed_outputs = routed_outputs * weights.reshape(-1)[order, None].to(routed_outputs.dtype)
         output = routed_outputs.new_zeros(tokens.shape).index_add_(0, token_index, routed_outputs)
@@ -331,12 +374,19 @@ class MiniMindForCausalLM(nn.Module):
         `return_logits=False` skips the head for callers that only need the hidden states."""
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         length = x.shape[1]
-        past_len = kv_cache.length if kv_cache is not None else 0
+        if kv_cache is not None and kv_cache.static:  # shapes fixed for CUDA graphs (see KVCache)
+            query_positions, key_len = kv_cache.positions, kv_cache.max_length
+        else:
+            past_len = kv_cache.length if kv_cache is not None else 0
+            query_positions, key_len = torch.arange(past_len, past_len + length, device=x.device), past_len + length
         if position_ids is None:
-            position_ids = position_ids_for(attention_mask, length, past_len, x.device)
-        cos = self.model.rope_cos[position_ids].unsqueeze(1)  # (batch or 1, 1, length, head_dim)
-        sin = self.model.rope_sin[position_ids].unsqueeze(1)
-        mask, is_causal = attention_mask_for(attention_mask, length, past_len)
+            position_ids = position_ids_for(attention_mask, query_positions)
+        # (batch or 1, 1, length, head_dim): the tables stay fp32, the rotation runs in the projections' dtype
+        projection_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        cos = self.model.rope_cos[position_ids].unsqueeze(1).to(projection_dtype)
+        sin = self.model.rope_sin[position_ids].unsqueeze(1).to(projection_dtype)
+        mask = attention_mask_for(attention_mask, query_positions, key_len)
+        is_causal = mask is None and key_len == length > 1  # no padding, no cache: the plain causal mask
 
         x = self.model.dropout(x)
         aux_loss = x.new_zeros((), dtype=torch.float32)
@@ -344,7 +394,7 @@ class MiniMindForCausalLM(nn.Module):
             x, block_aux = block(x, cos, sin, mask, is_causal, kv_cache)
             if block_aux is not None:
                 aux_loss = aux_loss + block_aux
-        if kv_cache is not None:
+        if kv_cache is not None and not kv_cache.static:
             kv_cache.length += length
         hidden_states = self.model.norm(x)
         if labels is not None:

@@ -128,9 +128,11 @@ class MiniMindVLM(nn.Module):
         of `image_tokens` placeholders in the batch (row by row) receives the k-th image."""
         embeddings = self.language_model.model.embed_tokens(input_ids)
         is_placeholder = input_ids == self.image_token_id
-        count = int(is_placeholder.sum())
         images = 0 if pixel_values is None else pixel_values.shape[0]
-        if count != images * self.image_tokens:
+        if input_ids.is_cuda:  # checked on the device: reading the count would make the host wait for the GPU
+            torch._assert_async(is_placeholder.sum() == images * self.image_tokens,
+                                f"the image placeholder tokens are not {images} image(s) of {self.image_tokens} tokens each")
+        elif (count := int(is_placeholder.sum())) != images * self.image_tokens:
             raise ValueError(f"{count} image placeholder tokens for {images} image(s) of {self.image_tokens} tokens each")
         if images == 0:
             if self.projection.weight.requires_grad and torch.is_grad_enabled():

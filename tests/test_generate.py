@@ -107,3 +107,30 @@ def test_generate_restores_training_mode(tiny_model):
     tiny_model.train()
     tiny_model.generate([PROMPTS[1]], max_new_tokens=2)
     assert tiny_model.training
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+def test_the_static_cache_of_compiled_decoding_gives_the_same_tokens(preset):
+    """`compile_for_decoding` on CUDA decodes over a static KV cache; run eagerly here, that path must
+    give exactly the tokens of the ordinary cache, left padding included."""
+    model = random_model(preset)
+    prompts = [[5, 9, 33, 7, 2001, 12], [44, 3], [8, 8, 8, 8]]
+    ordinary = generate(model, prompts, max_new_tokens=10, stop_token_ids=[])
+    model.compiled_decode_step = model.forward  # what torch.compile wraps, uncompiled
+    assert generate(model, prompts, max_new_tokens=10, stop_token_ids=[]) == ordinary
+
+
+def test_compiled_decoding_traces_one_graph_for_every_position():
+    """Fixed shapes: the compiled step is traced once and reused at every position (a recompilation per
+    token would make CUDA graphs useless). Dynamo traces for real; the graph runs eagerly."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model = random_model("tiny")
+    counter = CompileCounter()
+    model.compiled_decode_step = torch.compile(model.forward, backend=counter, dynamic=False)
+    expected = generate(random_model("tiny"), [[5, 9, 33], [7, 1]], max_new_tokens=12, stop_token_ids=[])
+    assert generate(model, [[5, 9, 33], [7, 1]], max_new_tokens=12, stop_token_ids=[]) == expected
+    assert counter.frame_count == 1
+    generate(model, [[5, 9, 33, 4, 4], [7, 1]], max_new_tokens=12, stop_token_ids=[])  # another prompt length, same cache bucket
+    assert counter.frame_count == 1

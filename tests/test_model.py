@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from conftest import random_model
 from minimind.config import PRESETS, ModelConfig, minimind_ffn_size
+import minimind.model
 from minimind.model import (
     FeedForward, KVCache, MiniMindForCausalLM, MoEFeedForward, attention_mask_for, grouped_query_attention, position_ids_for,
     precompute_rope,
@@ -67,10 +68,10 @@ def test_left_padding_does_not_change_real_token_logits(preset):
 
 def test_left_padded_rows_count_positions_from_their_first_real_token():
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
-    assert position_ids_for(mask, query_len=5, past_len=0, device="cpu").tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+    assert position_ids_for(mask, torch.arange(5)).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
     decoding = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
-    assert position_ids_for(decoding, query_len=1, past_len=5, device="cpu").tolist() == [[3], [5]]
-    assert position_ids_for(None, query_len=2, past_len=5, device="cpu").tolist() == [[5, 6]]
+    assert position_ids_for(decoding, torch.tensor([5])).tolist() == [[3], [5]]
+    assert position_ids_for(None, torch.arange(5, 7)).tolist() == [[5, 6]]
 
 
 def test_attention_equals_sdpa_reference():
@@ -81,8 +82,8 @@ def test_attention_equals_sdpa_reference():
     torch.testing.assert_close(ours, F.scaled_dot_product_attention(q, k_full, v_full, is_causal=True), rtol=1e-5, atol=1e-5)
 
     padding = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
-    allowed, is_causal = attention_mask_for(padding, query_len=6, past_len=0)
-    ours = grouped_query_attention(q, k, v, allowed, is_causal)
+    allowed = attention_mask_for(padding, torch.arange(6), key_len=6)
+    ours = grouped_query_attention(q, k, v, allowed, is_causal=False)
     reference = F.scaled_dot_product_attention(q, k_full, v_full, attn_mask=allowed[:, None])
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
     assert torch.isfinite(ours).all()  # padding queries stay finite
@@ -90,6 +91,51 @@ def test_attention_equals_sdpa_reference():
     # decoding one query against 5 cached keys: no mask at all
     ours = grouped_query_attention(q[:, :, -1:], k, v, None, is_causal=False)
     torch.testing.assert_close(ours, F.scaled_dot_product_attention(q[:, :, -1:], k_full, v_full), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask_batch", [2, 1])
+def test_sdpa_path_with_a_mask_equals_the_reference(monkeypatch, mask_batch):
+    """With a mask, the SDPA path stacks each K/V head's query group (no K/V copy, the efficient kernel on CUDA)."""
+    monkeypatch.setattr(minimind.model, "ATTENTION_KERNEL", "sdpa")
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 8, 3, 16), torch.randn(2, 2, 7, 16), torch.randn(2, 2, 7, 16)
+    allowed = torch.rand(mask_batch, 3, 7) > 0.3
+    allowed[..., -1] = True  # every query sees at least one key
+    reference = F.scaled_dot_product_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), attn_mask=allowed[:, None])
+    torch.testing.assert_close(grouped_query_attention(q, k, v, allowed, False), reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+def test_sdpa_path_gives_the_cpu_kernels_outputs_and_gradients(monkeypatch, preset):
+    """The path CUDA takes, forced on CPU: causal training rows, left-padded rows, KV-cached decoding
+    behind left padding, and the gradients of a training step, all as the CPU kernel computes them."""
+    model = random_model(preset).train()
+    ids = torch.randint(3, 6400, (2, 12))
+    padding = torch.tensor([[0, 0, 0] + [1] * 9, [1] * 12])
+
+    def run():
+        model.zero_grad()
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        with torch.no_grad():
+            padded = model(ids, padding).logits
+            cache = KVCache(max_length=12)
+            steps = [model(ids[:, :8], padding[:, :8], kv_cache=cache).logits]
+            for position in range(8, 12):
+                steps.append(model(ids[:, position : position + 1], padding[:, : position + 1], kv_cache=cache).logits)
+        return loss, grads, padded, torch.cat(steps, dim=1)
+
+    cpu_kernel = run()
+    monkeypatch.setattr(minimind.model, "ATTENTION_KERNEL", "sdpa")
+    sdpa = run()
+    torch.testing.assert_close(sdpa[0], cpu_kernel[0], rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(sdpa[1], cpu_kernel[1]):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sdpa[2][1], cpu_kernel[2][1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sdpa[2][0, 3:], cpu_kernel[2][0, 3:], rtol=1e-5, atol=1e-5)  # real positions of the padded row
+    torch.testing.assert_close(sdpa[3][:, 3:], cpu_kernel[3][:, 3:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sdpa[3][:, 3:], sdpa[2][:, 3:], rtol=1e-4, atol=1e-4)  # cached decoding = full recomputation
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
@@ -199,7 +245,9 @@ def test_aux_loss_is_positive_and_trains_the_router_toward_balance():
     assert losses[-1] < losses[0]
 
 
-def test_gradients_reach_used_experts_only():
+def test_gradients_reach_used_experts_only_and_idle_experts_get_zeros():
+    """Idle experts still run (on no tokens), so their gradient is a zero, not None: DDP then needs no
+    find_unused_parameters graph walk."""
     layer = moe_layer(num_experts=4, top_k=1)
     with torch.no_grad():
         layer.gate.weight.zero_()
@@ -208,9 +256,9 @@ def test_gradients_reach_used_experts_only():
     output, _ = layer(torch.randn(16, 64))
     output.sum().backward()
     for index, expert in enumerate(layer.experts):
-        grad = expert.up_proj.weight.grad
-        used = index in (1, 2)
-        assert (grad is not None and grad.abs().sum() > 0) == used, f"expert {index}"
+        for param in expert.parameters():
+            used = index in (1, 2)
+            assert param.grad is not None and (param.grad.abs().sum() > 0) == used, f"expert {index}"
 
 
 def test_moe_model_returns_its_aux_loss_and_dense_returns_zero():

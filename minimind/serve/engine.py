@@ -16,7 +16,6 @@ import asyncio
 import io
 import threading
 from collections.abc import AsyncIterator
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,11 +47,10 @@ class _Request:
 
 class BatchingEngine:
     def __init__(self, model, stop_token_ids: list[int], suppress_token_ids: list[int] | None = None,
-                 max_batch_size: int = 16, batch_wait_s: float = 0.01, dtype: torch.dtype | None = None):
+                 max_batch_size: int = 16, batch_wait_s: float = 0.01):
         self.model, self.stop_token_ids, self.suppress_token_ids = model, stop_token_ids, suppress_token_ids
         self.max_batch_size, self.batch_wait_s = max_batch_size, batch_wait_s
         self.device = next(model.parameters()).device
-        self.autocast = torch.autocast(self.device.type, dtype=dtype) if dtype is not None else nullcontext()
         self.pending: list[_Request] = []
         self.lock = threading.Lock()  # pending is read by the decode thread too
         self.wakeup: asyncio.Event | None = None
@@ -128,7 +126,7 @@ class BatchingEngine:
                 prompt_inputs = {"pixel_values": self._pixels(images)} if images else None
                 prompts = [r.prompt_ids + r.generated for r in rows]
                 stop_rows = lambda: [i for i, r in enumerate(rows) if r.over]  # noqa: E731
-                with torch.inference_mode(), self.autocast:
+                with torch.inference_mode():
                     for step in stream_batch(self.model, prompts, params, prompt_inputs, stop_rows=stop_rows):
                         for request, token in zip(rows, step):
                             if token is None:
@@ -166,20 +164,21 @@ class ChatModel:
     def __init__(self, model_dir: str | Path, limits: Limits | None = None, max_batch_size: int = 16,
                  batch_wait_s: float = 0.01, dtype: str = "bf16", device: str | None = None):
         from minimind.checkpoint import load_model
+        from minimind.generate import inference_dtype
         from minimind.tokenizer import Markers, load_tokenizer
         from minimind.vision import is_vlm_dir, load_vlm
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.takes_images = is_vlm_dir(model_dir)
-        self.model = (load_vlm if self.takes_images else load_model)(model_dir, device=device).eval()
+        weights = inference_dtype(dtype, device)  # bf16: half the bytes read per decoded token
+        self.model = (load_vlm if self.takes_images else load_model)(model_dir, device=device, dtype=weights).eval()
         self.tokenizer = load_tokenizer(model_dir)
         self.markers = Markers.of(self.tokenizer)
         self.limits = limits or Limits()
         self.context = self.model.config.max_position_embeddings
         stops = sorted({self.model.config.eos_token_id, self.tokenizer.eos_token_id} - {None})
         image_id = [self.model.image_token_id] if self.takes_images else [self.markers.ids(self.tokenizer)["image"]]
-        amp = torch.bfloat16 if dtype == "bf16" and (device == "cpu" or torch.cuda.is_bf16_supported()) else None
-        self.engine = BatchingEngine(self.model, stops, image_id, max_batch_size, batch_wait_s, amp)
+        self.engine = BatchingEngine(self.model, stops, image_id, max_batch_size, batch_wait_s)
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         if self.takes_images:
