@@ -443,8 +443,9 @@ def _pad(rows: list[list], value, length: int) -> torch.Tensor:
 
 def collate(rows: list[dict], pad_id: int, pad_to_multiple_of: int = 8) -> dict:
     """Right-pad a list of dataset rows into tensors with attention masks. Packed pretraining rows
-    (which have `length`) get labels equal to their ids, -100 on the padding of a short last row."""
-    batch: dict = {}
+    (which have `length`) get labels equal to their ids, -100 on the padding of a short last row.
+    `tokens` is the count of real tokens, a plain int."""
+    batch: dict = {"tokens": 0}  # real tokens of every prefix, counted here so the training loop never reads a device tensor for it
     prefixes = ("chosen_", "rejected_") if "chosen_input_ids" in rows[0] else ("",)
     for prefix in prefixes:
         ids = [row[prefix + "input_ids"] for row in rows]
@@ -459,6 +460,7 @@ def collate(rows: list[dict], pad_id: int, pad_to_multiple_of: int = 8) -> dict:
         batch[prefix + "input_ids"] = _pad(ids, pad_id, longest)
         batch[prefix + "labels"] = _pad(labels, IGNORE_INDEX, longest)
         batch[prefix + "attention_mask"] = (torch.arange(longest)[None, :] < torch.tensor(real)[:, None]).long()
+        batch["tokens"] += sum(real)
         if "loss_weights" in rows[0]:
             batch[prefix + "loss_weights"] = _pad([row["loss_weights"] for row in rows], 0.0, longest)
     if "images" in rows[0]:

@@ -9,6 +9,7 @@ a resumed run skips exactly the micro-batches already consumed: no step is train
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import random
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 from minimind.data import LengthGroupedBatches, StageData, collate
+from minimind.flops import peak_flops
 from minimind.shards import PreparedRows
 from minimind.stages import STAGES, unwrap
 from minimind.storage import fetch
@@ -70,6 +72,7 @@ class TrainConfig:
     drop_duplicates: bool = _help("leave out records that exactly repeat an earlier one of the file", default=False)
     prepared: str | None = _help("where prepared data (token shards + manifest + data report) is kept: a folder or storage URI every "
                                  "node reads (default: <storage-path>/prepared)", default=None)
+    compile: bool = _help("torch.compile the model being trained (inductor): faster steps on a GPU after a one-off compile", default=False)
     loader_workers: int = _help("DataLoader processes per worker that collate batches (and decode images) off the training thread; "
                                 "0: on it; -1: one on GPU or for images, none for text on CPU (where torch's threads use every core)",
                                 default=-1)
@@ -88,23 +91,6 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int, min_ratio: float)
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
-
-
-def peak_flops(device: torch.device | str, dtype: torch.dtype, size: int = 1024, repeats: int = 4) -> float:
-    """FLOP/s of a square matmul, the best of `repeats` after a warm-up: the roof MFU is measured against."""
-    device = torch.device(device)
-    a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
 
 
 def autocast_dtype(config, device: torch.device) -> torch.dtype | None:
@@ -146,7 +132,35 @@ def stage_data(stage, config, image_tokens: int = 1) -> StageData:
 
 
 def batch_tokens(batch: dict) -> int:
-    return int(sum(value.sum() for key, value in batch.items() if key.endswith("attention_mask")))
+    """Real (unpadded) tokens of a collated batch, counted by the collate function on the host."""
+    return batch["tokens"]
+
+
+def ddp_options() -> dict:
+    """DistributedDataParallel settings. The only buffers are the RoPE tables, computed alike on every
+    rank: nothing to re-broadcast before each forward. Every trained parameter gets a gradient in every
+    step (an idle MoE expert a zero, a VLM's projection a zero on a text-only batch), so DDP needs no walk
+    of the graph for unused ones."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    # torch 2.13 renamed broadcast_buffers (still syncing once at init, which is harmless here)
+    no_broadcast = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers"
+    return {no_broadcast: False, "find_unused_parameters": False}
+
+
+def compile_for_training(model) -> None:
+    """torch.compile the language model's forward in place: parameter names, checkpoints and DDP's
+    wrapping stay as they are. Shapes vary with the length-grouped batches, so they are marked dynamic
+    after the first recompilation (torch's default)."""
+    language_model = getattr(model, "language_model", model)
+    language_model.forward = torch.compile(language_model.forward)
+
+
+def on_host(metrics: dict) -> dict[str, float]:
+    """Metrics as floats; the device's tensors come over in one transfer."""
+    names = [key for key, value in metrics.items() if torch.is_tensor(value)]
+    fetched = torch.stack([metrics[key].float() for key in names]).tolist() if names else []
+    return {**{key: float(value) for key, value in metrics.items() if key not in names}, **dict(zip(names, fetched))}
 
 
 def _say(line: str) -> None:
@@ -206,7 +220,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     total_steps = config.max_steps or config.epochs * steps_per_epoch
     companions = stage.companions(job, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay,
+                                  fused=device.type in ("cuda", "cpu"))  # one kernel per step, not one per tensor
 
     step = 0
     checkpoint = ray.train.get_checkpoint()
@@ -220,10 +235,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if rank == 0:
             _say(f"[{job.stage}] resumed from step {step}")
 
-    model = prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": unwrap(model).config.is_moe})
+    if config.compile:
+        compile_for_training(model)
+    model = prepare_model(model, parallel_strategy_kwargs=ddp_options())
     amp_dtype = autocast_dtype(config, device)
-    flops_per_token = 6 * unwrap(model).num_parameters(active=True)
-    peak = peak_flops(device, amp_dtype or torch.float32) if rank == 0 else 0.0
+    flops_per_token = 6 * unwrap(model).num_parameters(active=True)  # attention's FLOPs left out: under 10% at MiniMind's shapes
+    peak = 0.0
+    if rank == 0:
+        peak, peak_source = peak_flops(device, amp_dtype or torch.float32)
+        _say(f"[{job.stage}] MFU is measured against {peak_source}")
     logger = _MetricLogger(job, total_steps) if rank == 0 else None
 
     loader = _loader_settings(stage, model, tokenizer, job, device)
@@ -234,27 +254,29 @@ def train_loop_per_worker(loop_config: dict) -> None:
         lr = cosine_lr(step, total_steps, config.lr, config.warmup_steps, config.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        sums: dict[str, float] = {}
+        sums: dict = {}  # metric tensors, left on the device: reading one makes the host wait for the GPU
         for micro in range(config.grad_accum):
-            batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in next(stream).items()}
-            window_tokens += batch_tokens(batch)
+            host_batch = next(stream)
+            window_tokens += batch_tokens(host_batch)
+            batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in host_batch.items()}
             sync = micro == config.grad_accum - 1 or world == 1
             with (model.no_sync() if not sync and hasattr(model, "no_sync") else nullcontext()), torch.autocast(
                 device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
             ):
                 loss, metrics = stage.loss(model, batch, companions, job)
                 (loss / config.grad_accum).backward()
-            for key, value in {"train/loss": loss.detach(), **metrics}.items():
-                sums[key] = sums.get(key, 0.0) + float(value) / config.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
+            for key, value in {"train/loss": loss, **metrics}.items():
+                sums[key] = sums.get(key, 0.0) + value.detach() / config.grad_accum
+        sums["train/grad_norm"] = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
 
         if logger and (step % config.log_every == 0 or step == total_steps or step == 1):
+            values = on_host(sums)  # waits for the device: the window's time then covers its work
             seconds = time.perf_counter() - window_start
             tokens_per_s = window_tokens * world / max(seconds, 1e-9)
-            logger.log(step, {**sums, "train/lr": lr, "train/grad_norm": float(grad_norm), "train/tokens_per_s": tokens_per_s,
+            logger.log(step, {**values, "train/lr": lr, "train/tokens_per_s": tokens_per_s,
                               "train/mfu": flops_per_token * tokens_per_s / world / peak}, time.perf_counter() - started)
             window_tokens, window_start = 0, time.perf_counter()
         stopping = bool(config.stop_after) and step >= config.stop_after and step < total_steps
@@ -264,11 +286,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if logger:
                 logger.log_metrics(step, {"val/loss": sums["val/loss"]})
         if step % config.checkpoint_every == 0 or step == total_steps or stopping:
-            _report_checkpoint(stage, model, tokenizer, optimizer, step, {**sums, "finished": float(step == total_steps)}, rank, world)
+            _report_checkpoint(stage, model, tokenizer, optimizer, step, {**on_host(sums), "finished": float(step == total_steps)}, rank, world)
         elif validating:
             import ray.train
 
-            ray.train.report({**sums, "step": step, "finished": 0.0})  # every rank reports, none with a checkpoint
+            ray.train.report({**on_host(sums), "step": step, "finished": 0.0})  # every rank reports, none with a checkpoint
         if stopping:
             break
     stream.close()  # ends the DataLoader's processes

@@ -188,6 +188,7 @@ def test_collate_pads_right_and_masks(tokenizer):
     assert batch["input_ids"].tolist() == [[5, 6, 7, 0], [5, 0, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7, -100], [5, -100, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
+    assert batch["tokens"] == 4  # real tokens, a plain int the training loop reads without touching a device
     from datasets import Dataset
 
     assert row_lengths(Dataset.from_list(rows)) == [3, 1]
