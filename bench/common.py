@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-RESULTS_DIR = Path(__file__).parent / "results"
+RESULTS_DIR = Path(os.environ.get("BENCH_RESULTS_DIR") or Path(__file__).parent / "results")
 
 
 def device_name(device: str) -> str:
@@ -32,11 +32,12 @@ def autocast(device: str, dtype: str):
     return torch.autocast(device, dtype=torch.bfloat16)
 
 
-def peak_matmul_flops(device: str, dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
-    """The training loop's own roof measurement, with a larger matrix and more repeats."""
-    from minimind.train import peak_flops
+def peak_matmul_flops(device: str, dtype: torch.dtype, size: int | None = None) -> float:
+    """The training loop's own roof: the datasheet bf16 peak of a known GPU, else a measured matmul
+    (2048² on CPU, larger and more stable than the loop's quick 1024²)."""
+    from minimind.flops import peak_flops
 
-    return peak_flops(device, dtype, size=size, repeats=repeats)
+    return peak_flops(device, dtype, size=size or (2048 if device == "cpu" else None))[0]
 
 
 def time_calls(fn, device: str, warmup: int, repeats: int) -> list[float]:
@@ -54,6 +55,16 @@ def time_calls(fn, device: str, warmup: int, repeats: int) -> list[float]:
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def memory_bandwidth(device: str, gib: float = 1.0, repeats: int = 5) -> float:
+    """Bytes/s of a large tensor copy (read + write counted, as STREAM's copy does), the best of `repeats`
+    into an already-touched destination."""
+    source = torch.ones(int(gib * 2**30) // 4, device=device)
+    destination = torch.empty_like(source)
+    destination.copy_(source)
+    seconds = time_calls(lambda: destination.copy_(source), device, warmup=1, repeats=repeats)
+    return 2 * source.numel() * 4 / min(seconds)
 
 
 def hf_llama_twin(config):

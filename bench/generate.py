@@ -5,10 +5,12 @@ same weights exported to LlamaForCausalLM.
     python bench/generate.py --new-tokens 128 --batch-sizes 1 4 16 --precisions bf16
 
 Precisions: fp32 (fp32 weights), bf16-autocast (fp32 weights under bf16 autocast), bf16 (weights cast
-to bf16). Both implementations run each precision the same way. Every run decodes exactly --new-tokens
-greedy tokens per sequence (no stop token), so rates compare like with like; rounds alternate.
-At batch 1 decoding reads every weight once per token, so it is bound by memory bandwidth: bytes per
-weight matter more than anything else.
+to bf16, as Serve and `minimind chat` keep them). Both implementations run each precision the same way.
+Every run decodes exactly --new-tokens greedy tokens per sequence (no stop token), so rates compare like
+with like; rounds alternate. At batch 1 decoding reads every weight once per token, so it is bound by
+memory bandwidth: the run measures the bandwidth (a 1 GiB copy, read + write counted) and reports each
+batch-1 rate as a fraction of that bound (weight bytes per token / bandwidth), and every rate against
+transformers' `generate` with fp32 weights, its default.
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import autocast, device_name, median, print_table, time_calls, write_results  # noqa: E402
+from bench.common import autocast, device_name, median, memory_bandwidth, print_table, time_calls, write_results  # noqa: E402
 from minimind.checkpoint import export_hf, save_model  # noqa: E402
 from minimind.config import ModelConfig  # noqa: E402
-from minimind.generate import SamplingParams, generate  # noqa: E402
+from minimind.generate import SamplingParams, compile_for_decoding, generate  # noqa: E402
 from minimind.model import MiniMindForCausalLM  # noqa: E402
 
 PRECISIONS = {"fp32": (torch.float32, "fp32"), "bf16-autocast": (torch.float32, "bf16"), "bf16": (torch.bfloat16, "fp32")}
@@ -42,13 +44,10 @@ def main() -> None:
     parser.add_argument("--prefill-len", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-cache-max-batch", type=int, default=1, help="largest batch timed without KV cache (slow)")
-    parser.add_argument("--compile", action="store_true", help="also time ours with torch.compile (inductor, frozen weights)")
+    parser.add_argument("--compile", action="store_true", help="also time ours with --compile (CUDA graphs over a static cache on a GPU, "
+                        "inductor with frozen weights on CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    if args.compile:
-        from torch._inductor import config as inductor_config
-
-        inductor_config.freezing = True  # inference only: constant-fold and pre-pack the weights
     device = args.device
 
     from transformers import AutoModelForCausalLM
@@ -60,16 +59,19 @@ def main() -> None:
         save_model(model_fp32, Path(tmp) / "ours")
         export_hf(Path(tmp) / "ours", Path(tmp) / "hf")
         hf_fp32 = AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf").to(device).eval()
-    print(f"device: {device_name(device)}; {args.preset}: {model_fp32.num_parameters() / 1e6:.2f}M parameters")
+    bandwidth = memory_bandwidth(device)
+    print(f"device: {device_name(device)}; {args.preset}: {model_fp32.num_parameters() / 1e6:.2f}M parameters; "
+          f"memory bandwidth (1 GiB copy, read + write): {bandwidth / 1e9:.1f} GB/s")
 
-    rows = []
-    for precision in args.precisions:
+    rows, hf_fp32_rate = [], {}
+    for precision in [p for p in PRECISIONS if p in args.precisions]:  # fp32 first: the others compare with it
         weights_dtype, dtype = PRECISIONS[precision]
         model, hf = (copy.deepcopy(m).to(weights_dtype) for m in (model_fp32, hf_fp32))
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # read once per decoded token
         compiled = None
         if args.compile:
             compiled = copy.deepcopy(model)
-            compiled.forward = torch.compile(compiled.forward, dynamic=True)
+            compile_for_decoding(compiled)
         for batch in args.batch_sizes:
             prompts = torch.randint(3, config.vocab_size, (batch, args.prompt_len)).tolist()
             no_stop = SamplingParams(max_new_tokens=args.new_tokens, stop_token_ids=[])
@@ -88,11 +90,16 @@ def main() -> None:
                     with autocast(device, dtype):
                         seconds[name] += time_calls(run, device, warmup=1 if round_index == 0 else 0, repeats=1)
             hf_rate = batch * args.new_tokens / median(seconds["hf generate"])
+            if precision == "fp32":
+                hf_fp32_rate[batch] = hf_rate
+            bound = bandwidth / weight_bytes  # steps/s if every step only read the weights at full bandwidth
             for name, values in seconds.items():
                 rate = batch * args.new_tokens / median(values)
                 rows.append({
                     "precision": precision, "batch": batch, "decoder": name, "new tokens/s": f"{rate:.0f}",
                     "ms/token step": f"{median(values) / args.new_tokens * 1000:.1f}", "vs hf": f"{rate / hf_rate:.2f}x",
+                    "vs hf fp32": f"{rate / hf_fp32_rate[batch]:.2f}x" if batch in hf_fp32_rate else "",
+                    "of bandwidth bound": f"{rate / batch / bound:.0%}" if batch == 1 else "",
                 })
             print_table(rows[-len(runs):], list(rows[-1]))
 
@@ -116,7 +123,7 @@ def main() -> None:
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"\nmemory: weights {weights_mb:.0f} MB fp32; KV cache at batch {largest} fp32 {kv_mb:.1f} MB; peak process RSS {peak_rss_mb:.0f} MB")
     path = write_results("generate", {
-        "device": device_name(device), "args": vars(args), "rows": rows, "prefill": prefill_rows,
+        "device": device_name(device), "args": vars(args), "memory_bandwidth_bytes_per_s": bandwidth, "rows": rows, "prefill": prefill_rows,
         "memory_mb": {"weights": weights_mb, "kv_cache": kv_mb, "peak_rss": peak_rss_mb},
     })
     print(f"wrote {path}")

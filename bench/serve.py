@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import print_table, write_results  # noqa: E402
 
 
-def random_demo_model(directory: Path) -> str:
+def random_demo_model(directory: Path, preset: str = "demo") -> str:
     import torch
 
     from minimind.checkpoint import save_model
@@ -39,7 +39,7 @@ def random_demo_model(directory: Path) -> str:
 
     tokenizer = load_tokenizer(demo_tokenizer())
     torch.manual_seed(0)
-    model = MiniMindForCausalLM(ModelConfig.from_name("demo", vocab_size=len(tokenizer)))
+    model = MiniMindForCausalLM(ModelConfig.from_name(preset, vocab_size=len(tokenizer)))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if not name.endswith("norm.weight"):
@@ -94,7 +94,9 @@ def run_setting(base: str, clients: int, max_tokens: int, timeout: float) -> dic
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="model URI or directory (default: a random demo-preset model)")
+    parser.add_argument("--model", default=None, help="model URI or directory (default: a random model of --preset)")
+    parser.add_argument("--preset", default="demo", help="shape of the default random model (the demo tokenizer's vocabulary)")
+    parser.add_argument("--num-gpus", type=float, default=None, help="GPUs of the replica (default: 1 where there is one)")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--num-cpus", type=float, default=float(os.cpu_count()), help="CPUs (torch threads) of the replica")
@@ -108,7 +110,10 @@ def main(argv=None):
     from minimind.serve.app import ModelSpec, ServeSettings, build
     from minimind.serve.protocol import Limits
 
-    model = args.model or random_demo_model(Path(tempfile.mkdtemp(prefix="bench-serve-")) / "model")
+    import torch
+
+    model = args.model or random_demo_model(Path(tempfile.mkdtemp(prefix="bench-serve-")) / "model", args.preset)
+    num_gpus = args.num_gpus if args.num_gpus is not None else float(torch.cuda.is_available())
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(num_cpus=int(args.num_cpus) + 1, include_dashboard=False, log_to_driver=False)
     with socket.socket() as probe:
@@ -119,7 +124,7 @@ def main(argv=None):
     rows = []
     try:
         for batch_size in args.batch_sizes:
-            spec = ModelSpec("minimind", model, num_cpus=args.num_cpus, max_batch_size=batch_size, batch_wait_ms=10)
+            spec = ModelSpec("minimind", model, num_cpus=args.num_cpus, num_gpus=num_gpus, max_batch_size=batch_size, batch_wait_ms=10)
             serve.run(build(ServeSettings(models=[spec], limits=Limits(max_tokens=max(args.max_tokens, 512)))), name="bench", route_prefix="/")
             run_setting(base, 1, 8, args.timeout)  # warm-up
             for clients in args.clients:
@@ -136,7 +141,7 @@ def main(argv=None):
     print_table(rows, ["max_batch", "clients", "ok", "errors", "wall_s", "tokens", "tokens_per_s", "x_single_client", "ttft_p50_ms",
                        "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"])
     print("(tokens from each reply's usage; latencies between streamed text deltas)")
-    print(f"results: {write_results('serve', {'model': model, 'max_tokens': args.max_tokens, 'rows': rows})}")
+    print(f"results: {write_results('serve', {'model': model, 'preset': args.preset if not args.model else None, 'num_gpus': num_gpus, 'max_tokens': args.max_tokens, 'rows': rows})}")
 
 
 if __name__ == "__main__":

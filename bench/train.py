@@ -4,8 +4,10 @@
     python bench/train.py --presets tiny minimind2-small minimind2-moe --compile
 
 Both models start from the same weights and run the same loss and optimizer; rounds alternate between
-them so drift of the machine hits both alike. MFU = model FLOPs/s (6N per token plus attention) over the
-peak square-matmul throughput measured in the same run, per dtype.
+them so drift of the machine hits both alike. Each row reports the median over rounds (of each round's
+median step) and, against the transformers baseline, the median of the per-round ratios with their
+spread (min-max over rounds). MFU = model FLOPs/s (6N per token plus attention) over the device's dense
+bf16 datasheet peak for known GPUs, else the peak square-matmul throughput measured in the same run.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(ours)")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -59,7 +61,7 @@ def main() -> None:
 
     device = args.device
     peaks = {name: peak_matmul_flops(device, dt) for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32))}
-    print(f"device: {device_name(device)}; peak matmul: bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s, fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s")
+    print(f"device: {device_name(device)}; MFU roof: bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s, fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s")
     rows = []
     for preset in args.presets:
         config = ModelConfig.from_name(preset)
@@ -80,21 +82,22 @@ def main() -> None:
                 name: make_step(model, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True), input_ids, device, dtype)
                 for name, model in candidates.items()
             }
-            seconds = {name: [] for name in candidates}
+            round_seconds = {name: [] for name in candidates}  # each round's median step
             for round_index in range(args.rounds):
                 for name, step in steps.items():
                     warmup = (3 if "compile" in name else 1) if round_index == 0 else 0
-                    seconds[name] += time_calls(step, device, warmup=warmup, repeats=args.steps)
+                    round_seconds[name].append(median(time_calls(step, device, warmup=warmup, repeats=args.steps)))
             tokens = args.batch_size * args.seq_len
-            hf_rate = tokens / median(seconds["hf-llama"]) if "hf-llama" in seconds else None
-            for name, values in seconds.items():
+            for name, values in round_seconds.items():
                 rate = tokens / median(values)
+                ratios = [hf / ours for ours, hf in zip(values, round_seconds["hf-llama"])] if "hf-llama" in round_seconds else []
                 rows.append({
                     "preset": preset, "model": name, "dtype": dtype, "ms/step": f"{median(values) * 1000:.0f}",
                     "tokens/s": f"{rate:.0f}", "MFU": f"{flops_per_token(ours, args.seq_len) * rate / peaks[dtype]:.1%}",
-                    "vs hf": f"{rate / hf_rate:.2f}x" if hf_rate else "",
+                    "vs hf (median of rounds)": f"{median(ratios):.2f}x" if ratios else "",
+                    "spread over rounds": f"{min(ratios):.2f}-{max(ratios):.2f}x" if ratios else "",
                 })
-            print_table(rows[-len(seconds):], list(rows[-1]))
+            print_table(rows[-len(round_seconds):], list(rows[-1]))
     print()
     print_table(rows, list(rows[0]))
     path = write_results("train", {"device": device_name(device), "args": vars(args), "peak_flops": peaks, "rows": rows})
