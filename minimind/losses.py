@@ -81,14 +81,13 @@ def kd_loss(
     if not 0.0 <= alpha <= 1.0 or temperature <= 0:
         raise ValueError(f"need 0 <= alpha <= 1 and temperature > 0, got alpha={alpha}, temperature={temperature}")
     targets = labels[:, 1:]
-    counted = targets != IGNORE_INDEX
-    student = student_logits[:, :-1][counted].float()
-    teacher = teacher_logits[:, :-1, : student.shape[-1]][counted].float()
-    if student.numel() == 0:
-        zero = student_logits.sum() * 0.0
-        return zero, {"loss/ce": zero.detach(), "loss/kd": zero.detach()}
-    ce = F.cross_entropy(student, targets[counted])
-    kl = F.kl_div(
-        F.log_softmax(student / temperature, dim=-1), F.log_softmax(teacher / temperature, dim=-1), log_target=True, reduction="batchmean"
-    ) * temperature**2
+    counted = (targets != IGNORE_INDEX).float()  # weights, not boolean indexing: that would wait for the GPU
+    count = counted.sum().clamp(min=1.0)
+    student = student_logits[:, :-1].float()
+    teacher = teacher_logits[:, :-1, : student.shape[-1]].float()
+    ce = (F.cross_entropy(student.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none") * counted).sum() / count
+    kl_per_position = F.kl_div(
+        F.log_softmax(student / temperature, dim=-1), F.log_softmax(teacher / temperature, dim=-1), log_target=True, reduction="none"
+    ).sum(dim=-1)
+    kl = (kl_per_position * counted).sum() / count * temperature**2
     return alpha * ce + (1 - alpha) * kl, {"loss/ce": ce.detach(), "loss/kd": kl.detach()}

@@ -106,6 +106,14 @@ def test_kd_term_vanishes_when_student_equals_teacher():
     assert metrics["loss/kd"].abs() < 1e-6 and loss.abs() < 1e-6
 
 
+def test_kd_with_no_supervised_position_is_a_zero_that_still_backpropagates():
+    student, teacher, labels = kd_inputs()
+    student.requires_grad_(True)
+    loss, metrics = kd_loss(student, teacher, torch.full_like(labels, IGNORE_INDEX))
+    loss.backward()
+    assert loss == 0 and metrics["loss/ce"] == 0 and student.grad.abs().sum() == 0
+
+
 def test_kd_alpha_one_is_plain_cross_entropy_and_mixes_linearly():
     student, teacher, labels = kd_inputs()
     ce = F.cross_entropy(student[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
