@@ -329,6 +329,9 @@ def check_data(config, stage, inputs: StageInputs, storage_path: str, run_name: 
     if inputs.images_dir:
         _check_images(PreparedRows(storage.fetch(prepared.location)).image_names(), inputs.images_dir, inputs.data_path)
     manifest = prepared.manifest
+    if manifest["rows"] == 0:
+        raise SystemExit(f"{inputs.data_path}: no training rows from its {manifest['records']:,} records at --seq-len {config.seq_len} "
+                         "(a row whose reply is cut off entirely has nothing to learn and is left out: raise --seq-len)")
     print(f"[{stage.name}] {manifest['rows']:,} training rows ({manifest['tokens']:,} tokens) from {inputs.data_path}"
           + (f" ({manifest['skipped_lines']} malformed lines skipped)" if manifest["skipped_lines"] else ""))
     return prepared, image_tokens

@@ -78,6 +78,9 @@ def test_bad_data_fails_before_training_and_registers_nothing(mlflow_store, tmp_
     before = versions("minimind-sft")
     with pytest.raises(DataFormatError, match=r"sft.jsonl:2: .*role 'robot'"):
         run_stage(SFTConfig(**{**QUICK, "data": str(bad)}), "sft")
+    bad.write_text(json.dumps(good) + "\n")
+    with pytest.raises(SystemExit, match=r"sft.jsonl: no training rows from its 1 records at --seq-len 4 .*raise --seq-len"):
+        run_stage(SFTConfig(**{**QUICK, "data": str(bad), "seq_len": 4}), "sft")  # the reply cannot fit: nothing to train on
     assert versions("minimind-sft") == before
 
 
