@@ -4,6 +4,7 @@
     minimind chat --model DIR                       # interactive, with the tokenizer's chat template
     minimind chat --model VLM_DIR --image cat.png --prompt "图中有什么？"   # MiniMind-V
     minimind export-hf SRC_DIR OUT_DIR              # Hugging Face LlamaForCausalLM directory
+    minimind import full_sft_512.pth OUT_DIR --tokenizer MINIMIND_TOKENIZER_DIR [--register-as NAME]
     minimind demo                                   # a tour of the model on synthetic data
 """
 
@@ -53,6 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export-hf", help="write a Hugging Face LlamaForCausalLM directory")
     export.add_argument("source", help="MiniMind model directory")
     export.add_argument("destination", help="output directory")
+
+    imported = commands.add_parser("import", help="a MiniMind .pth, MiniMind transformers folder or Llama folder as a model folder")
+    imported.add_argument("source", help="MiniMind .pth state dict (either naming era), or a MiniMind/Llama transformers folder")
+    imported.add_argument("destination", help="output model folder")
+    imported.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the source folder's own)")
+    imported.add_argument("--preset", default=None, help="take the fields the weights cannot show (heads, rope theta, context) from this preset")
+    imported.add_argument("--config-overrides", default=None, help="fields to set, e.g. num_attention_heads=8,rope_theta=10000")
+    imported.add_argument("--register-as", default=None, help="also register the folder as the next version of this MLflow model")
 
     demo = commands.add_parser("demo", help="build, train briefly, save, reload, generate and export a tiny model")
     demo.add_argument("--preset", default="tiny")
@@ -161,6 +170,29 @@ def run_export(args) -> None:
     print(f"wrote {destination}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(destination)!r})")
 
 
+def run_import(args) -> None:
+    from dataclasses import asdict
+
+    from minimind.config import PRESETS
+    from minimind.importer import import_model
+    from minimind.runner import parse_overrides
+
+    overrides = {k: v for k, v in asdict(PRESETS[args.preset]).items() if k != "extra"} if args.preset else {}
+    overrides.update(parse_overrides(args.config_overrides))
+    destination = import_model(args.source, args.destination, args.tokenizer, overrides)
+    print(f"wrote {destination}: use it as --init {destination} for any stage, or with chat, export-hf and Serve")
+    if args.register_as:
+        import mlflow
+
+        from minimind import tracking
+
+        tracking.configure()
+        with mlflow.start_run(run_name=f"import-{Path(args.source).name}") as run:
+            mlflow.log_params({"source": str(Path(args.source).resolve()), **{f"override.{k}": v for k, v in overrides.items()}})
+            version = tracking.register_model_dir(destination, args.register_as, run_id=run.info.run_id)
+        print(f"registered models:/{args.register_as}/{version.version}")
+
+
 def run_demo(args) -> None:
     from minimind.demo.model_tour import run
 
@@ -170,7 +202,7 @@ def run_demo(args) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        {"generate": run_generate, "chat": run_chat, "export-hf": run_export, "demo": run_demo}[args.command](args)
+        {"generate": run_generate, "chat": run_chat, "export-hf": run_export, "import": run_import, "demo": run_demo}[args.command](args)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"minimind {args.command}: {error}") from error
 

@@ -109,6 +109,24 @@ def test_generate_restores_training_mode(tiny_model):
     assert tiny_model.training
 
 
+def test_generate_takes_and_returns_tensors_as_transformers_does(tiny_model):
+    """input_ids + attention_mask (left or right padding) -> prompt + new ids, right-padded with pad."""
+    lists = tiny_model.generate(PROMPTS, max_new_tokens=6, stop_token_ids=[3])
+    width = max(map(len, PROMPTS))
+    left = torch.zeros(len(PROMPTS), width, dtype=torch.long)
+    mask = torch.zeros_like(left)
+    for row, prompt in enumerate(PROMPTS):
+        left[row, width - len(prompt):], mask[row, width - len(prompt):] = torch.tensor(prompt), 1
+    out = tiny_model.generate(input_ids=left, attention_mask=mask, max_new_tokens=6, stop_token_ids=[3], do_sample=False)
+    assert out.shape == (len(PROMPTS), width + max(map(len, lists)))
+    assert torch.equal(out[:, :width], left)
+    for row, new in enumerate(lists):
+        assert out[row, width:].tolist() == new + [tiny_model.config.pad_token_id] * (out.shape[1] - width - len(new))
+    right = torch.stack([torch.tensor(p + [0] * (width - len(p))) for p in PROMPTS])
+    again = tiny_model.generate(right, (right != 0).long(), max_new_tokens=6, stop_token_ids=[3])  # right padding
+    assert [again[row, width:width + len(new)].tolist() for row, new in enumerate(lists)] == lists
+
+
 @pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
 def test_the_static_cache_of_compiled_decoding_gives_the_same_tokens(preset):
     """`compile_for_decoding` on CUDA decodes over a static KV cache; run eagerly here, that path must

@@ -1,0 +1,194 @@
+"""`minimind import`: the checkpoints people bring from MiniMind itself, as a model folder that every
+stage, `chat`, `export-hf` and Serve take (model.safetensors + config.json + tokenizer files).
+
+Sources:
+- a MiniMind `.pth` from its trainers (`pretrain_512.pth`, `full_sft_512.pth`, `*_moe.pth`): a state
+  dict in either naming era. MiniMind2's names are ours; the older ones (`tok_embeddings`,
+  `attention.wq`, `feed_forward.w1`, `attention_norm`, `ffn_norm`, `output`) are renamed. The tensor
+  shapes give the model's shape and the keys show MoE; `overrides` set what shapes cannot tell (MiniMind
+  always uses 8 query heads, so that is the default);
+- a MiniMind `transformers` folder: its own `config.json` fields (`use_moe`, `n_routed_experts`,
+  `num_experts_per_tok`, `n_shared_experts`, `rope_theta`, ...) mapped to ours;
+- a Llama-format folder (`LlamaForCausalLM`: the same parameter names as ours).
+
+Weights are read without unpickling code (`torch.load(weights_only=True)` or safetensors). Whatever has
+no place in this architecture (minimind-3's QK-norm, biases, an untied output head, another router) is
+refused with the keys or fields named, never dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from minimind.config import ModelConfig
+
+LEGACY_NAMES = (  # MiniMind before 2025-04 -> MiniMind2 (= ours)
+    (r"^tok_embeddings\.", "model.embed_tokens."),
+    (r"^layers\.(\d+)\.attention\.wq\.", r"model.layers.\1.self_attn.q_proj."),
+    (r"^layers\.(\d+)\.attention\.wk\.", r"model.layers.\1.self_attn.k_proj."),
+    (r"^layers\.(\d+)\.attention\.wv\.", r"model.layers.\1.self_attn.v_proj."),
+    (r"^layers\.(\d+)\.attention\.wo\.", r"model.layers.\1.self_attn.o_proj."),
+    (r"^layers\.(\d+)\.attention_norm\.", r"model.layers.\1.input_layernorm."),
+    (r"^layers\.(\d+)\.ffn_norm\.", r"model.layers.\1.post_attention_layernorm."),
+    (r"^layers\.(\d+)\.feed_forward\.(experts\.\d+\.)?w1\.", r"model.layers.\1.mlp.\2gate_proj."),
+    (r"^layers\.(\d+)\.feed_forward\.(experts\.\d+\.)?w2\.", r"model.layers.\1.mlp.\2down_proj."),
+    (r"^layers\.(\d+)\.feed_forward\.(experts\.\d+\.)?w3\.", r"model.layers.\1.mlp.\2up_proj."),
+    (r"^layers\.(\d+)\.feed_forward\.shared_experts\.w1\.", r"model.layers.\1.mlp.shared_experts.0.gate_proj."),
+    (r"^layers\.(\d+)\.feed_forward\.shared_experts\.w2\.", r"model.layers.\1.mlp.shared_experts.0.down_proj."),
+    (r"^layers\.(\d+)\.feed_forward\.shared_experts\.w3\.", r"model.layers.\1.mlp.shared_experts.0.up_proj."),
+    (r"^layers\.(\d+)\.feed_forward\.gate\.", r"model.layers.\1.mlp.gate."),
+    (r"^norm\.", "model.norm."),
+    (r"^output\.", "lm_head."),
+)
+IGNORED_KEYS = re.compile(r"(rotary_emb\.inv_freq|freqs_cos|freqs_sin|\.mask)$")  # recomputed buffers, not weights
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a `.pth`/`.pt`/`.bin` (weights only) or `.safetensors` file, or a folder's weight
+    files (sharded ones included)."""
+    from safetensors.torch import load_file
+
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin")) or sorted(path.glob("*.pth"))
+        if not files:
+            raise FileNotFoundError(f"{path} holds no weights (*.safetensors, pytorch_model*.bin or *.pth)")
+        state: dict[str, torch.Tensor] = {}
+        for file in files:
+            state.update(read_weights(file))
+        return state
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(loaded, dict) and "model" in loaded and isinstance(loaded["model"], dict):
+        loaded = loaded["model"]  # a resume file: {"model": state_dict, "optimizer": ..., ...}
+    if not isinstance(loaded, dict) or not all(torch.is_tensor(v) for v in loaded.values()):
+        raise ValueError(f"{path} is not a state dict of tensors")
+    return loaded
+
+
+def rename_legacy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """MiniMind2 names for a pre-2025-04 state dict (a MiniMind2 one passes through unchanged); also drops
+    the `module.`/`_orig_mod.` prefixes DDP and torch.compile leave in saved names."""
+    renamed = {}
+    for key, tensor in state.items():
+        key = re.sub(r"^(module\.|_orig_mod\.)+", "", key)
+        for pattern, replacement in LEGACY_NAMES:
+            key = re.sub(pattern, replacement, key)
+        renamed[key] = tensor
+    return renamed
+
+
+def config_from_shapes(state: dict[str, torch.Tensor], overrides: dict) -> ModelConfig:
+    """The model's shape read off its tensors; `overrides` (e.g. num_attention_heads) win."""
+    vocab_size, hidden_size = state["model.embed_tokens.weight"].shape
+    layers = {int(m.group(1)) for key in state if (m := re.match(r"model\.layers\.(\d+)\.", key))}
+    heads = overrides.get("num_attention_heads", 8)  # MiniMind's choice at every size
+    head_dim = hidden_size // heads
+    first = "model.layers.0."
+    experts = {int(m.group(1)) for key in state if (m := re.match(r"model\.layers\.0\.mlp\.experts\.(\d+)\.", key))}
+    shared = {int(m.group(1)) for key in state if (m := re.match(r"model\.layers\.0\.mlp\.shared_experts\.(\d+)\.", key))}
+    ffn = f"{first}mlp.experts.0." if experts else f"{first}mlp."
+    values = dict(
+        vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=len(layers), num_attention_heads=heads,
+        num_key_value_heads=state[f"{first}self_attn.k_proj.weight"].shape[0] // head_dim,
+        intermediate_size=state[f"{ffn}gate_proj.weight"].shape[0],
+        num_experts=len(experts), num_shared_experts=len(shared),
+    )
+    return ModelConfig(**{**values, **overrides})
+
+
+# MiniMind's and Llama's config.json fields -> ours; anything else that changes the computation is refused
+HF_FIELDS = {
+    "vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_hidden_layers": "num_hidden_layers",
+    "num_attention_heads": "num_attention_heads", "num_key_value_heads": "num_key_value_heads",
+    "intermediate_size": "intermediate_size", "max_position_embeddings": "max_position_embeddings",
+    "rope_theta": "rope_theta", "rms_norm_eps": "rms_norm_eps", "num_experts_per_tok": "num_experts_per_tok",
+    "n_shared_experts": "num_shared_experts", "aux_loss_alpha": "aux_loss_alpha",
+    "bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id", "pad_token_id": "pad_token_id",
+}
+
+
+def config_from_hf(fields: dict, state: dict[str, torch.Tensor], overrides: dict) -> ModelConfig:
+    """Our config from a MiniMind or Llama `config.json`, checked against what this architecture computes."""
+    refused = []
+    if fields.get("attention_bias") or fields.get("mlp_bias"):
+        refused.append("attention_bias/mlp_bias (our linears have no bias)")
+    if fields.get("hidden_act", "silu") != "silu":
+        refused.append(f"hidden_act={fields['hidden_act']!r} (SwiGLU uses silu)")
+    if fields.get("scoring_func", "softmax") != "softmax":
+        refused.append(f"scoring_func={fields['scoring_func']!r} (the router is a softmax)")
+    if fields.get("use_moe") and fields.get("num_experts_per_tok", 2) > 1 and fields.get("norm_topk_prob") is False:
+        refused.append("norm_topk_prob=false (top-k weights are normalised)")
+    head_dim = fields.get("head_dim")
+    if head_dim and head_dim != fields["hidden_size"] // fields["num_attention_heads"]:
+        refused.append(f"head_dim={head_dim} (ours is hidden_size / num_attention_heads)")
+    rope = fields.get("rope_scaling") or fields.get("rope_parameters") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "yarn"):
+        refused.append(f"rope type {rope_type!r} (default and yarn are supported)")
+    if refused:
+        raise ValueError("this config has no equivalent here: " + "; ".join(refused))
+    values = {ours: fields[theirs] for theirs, ours in HF_FIELDS.items() if fields.get(theirs) is not None}
+    if isinstance(values.get("eos_token_id"), list):
+        values["eos_token_id"] = values["eos_token_id"][0]
+    values.setdefault("rope_theta", rope.get("rope_theta", 1e6))
+    if rope_type == "yarn":
+        values["rope_scaling"] = {k: v for k, v in rope.items() if k not in ("rope_type", "type", "rope_theta")}
+    values["num_experts"] = fields.get("n_routed_experts", 0) if fields.get("use_moe") else 0
+    if not values["num_experts"]:
+        values.pop("num_shared_experts", None)
+    if "intermediate_size" not in values or not values["intermediate_size"]:
+        values["intermediate_size"] = config_from_shapes(state, {"num_attention_heads": values.get("num_attention_heads", 8)}).intermediate_size
+    return ModelConfig(**{**values, **overrides})
+
+
+def import_model(source: str | Path, destination: str | Path, tokenizer_dir: str | Path | None = None,
+                 overrides: dict | None = None) -> Path:
+    """Write `destination` as a model folder from a MiniMind `.pth`, a MiniMind `transformers` folder or a
+    Llama folder; its logits equal the source model's. Returns the folder."""
+    from minimind.checkpoint import TIED_KEYS, save_model
+    from minimind.model import MiniMindForCausalLM
+    from minimind.tokenizer import load_tokenizer
+
+    source, overrides = Path(source), dict(overrides or {})
+    state = rename_legacy(read_weights(source))
+    state = {key: tensor for key, tensor in state.items() if not IGNORED_KEYS.search(key)}
+    unmappable = sorted(key for key in state if re.search(r"\.(q_norm|k_norm)\.|\.bias$", key))
+    if unmappable:
+        raise ValueError(f"{source}: {len(unmappable)} tensors have no place in this architecture (QK-norm or biases), "
+                         f"e.g. {', '.join(unmappable[:4])}")
+    hf_config = source / "config.json" if source.is_dir() else None
+    if hf_config is not None and hf_config.is_file():
+        config = config_from_hf(json.loads(hf_config.read_text()), state, overrides)
+    else:
+        config = config_from_shapes(state, overrides)
+
+    tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else (source if source.is_dir() else None)
+    if tokenizer_dir is None or not (tokenizer_dir / "tokenizer.json").is_file():
+        raise ValueError(f"{source} comes without a tokenizer: pass --tokenizer (MiniMind's tokenizer folder, `model/` in its "
+                         "repository, or any folder with tokenizer.json)")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    if len(tokenizer) > config.vocab_size:
+        raise ValueError(f"the tokenizer in {tokenizer_dir} has {len(tokenizer)} tokens but the model only {config.vocab_size}")
+    for name in ("pad", "bos", "eos"):
+        token_id = getattr(tokenizer, f"{name}_token_id")
+        if token_id is not None and f"{name}_token_id" not in overrides:
+            setattr(config, f"{name}_token_id", token_id)
+
+    head, embedding = state.get("lm_head.weight"), state["model.embed_tokens.weight"]
+    if head is not None and not torch.equal(head, embedding):
+        raise ValueError(f"{source}: lm_head.weight differs from model.embed_tokens.weight; this architecture ties them")
+    model = MiniMindForCausalLM(config)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shapes that disagree with the config
+        raise ValueError(f"{source} does not fit {config}: {error}") from error
+    missing = [key for key in missing if key not in TIED_KEYS]
+    if missing or unexpected:
+        raise ValueError(f"{source} does not map onto a {config.num_hidden_layers}-layer model of this architecture: "
+                         f"missing {missing[:6]}, unexpected {sorted(unexpected)[:6]}")
+    return save_model(model, destination, tokenizer=tokenizer)

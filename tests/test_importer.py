@@ -1,0 +1,125 @@
+"""`minimind import`: MiniMind's own checkpoints, made here in both naming eras (dense and MoE, `.pth` in
+half precision and as a MiniMind `transformers` folder) and as a Llama folder, import to model folders
+whose logits equal the model they were made from."""
+
+import json
+import re
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import random_model
+from minimind.checkpoint import export_hf, load_model
+from minimind.cli import main
+from minimind.importer import LEGACY_NAMES, import_model
+
+IDS = torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def legacy_names(state: dict) -> dict:
+    """MiniMind2 names -> the pre-2025-04 names, written out independently of the importer's table."""
+    renames = [
+        ("model.embed_tokens.", "tok_embeddings."), (".self_attn.q_proj.", ".attention.wq."), (".self_attn.k_proj.", ".attention.wk."),
+        (".self_attn.v_proj.", ".attention.wv."), (".self_attn.o_proj.", ".attention.wo."), (".input_layernorm.", ".attention_norm."),
+        (".post_attention_layernorm.", ".ffn_norm."), (".mlp.shared_experts.0.", ".feed_forward.shared_experts."),
+        (".mlp.", ".feed_forward."), ("gate_proj.", "w1."), ("down_proj.", "w2."), ("up_proj.", "w3."),
+        ("model.norm.", "norm."), ("lm_head.", "output."), ("model.layers.", "layers."),
+    ]
+    renamed = {}
+    for key, tensor in state.items():
+        for old, new in renames:
+            key = key.replace(old, new)
+        renamed[key] = tensor
+    return renamed
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+@pytest.fixture
+def tokenizer_dir(byte_tokenizer, tmp_path):
+    byte_tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
+    return tmp_path / "tokenizer"
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+@pytest.mark.parametrize("era", ["minimind2", "legacy"])
+def test_a_half_precision_pth_of_either_era_imports_with_the_same_logits(tmp_path, tokenizer_dir, preset, era):
+    model = random_model(preset, vocab_size=512, num_shared_experts=1 if preset == "tiny-moe" else 0)
+    state = {key: tensor.half() for key, tensor in model.state_dict().items()}  # MiniMind saves half precision
+    saved = legacy_names(state) if era == "legacy" else state
+    assert ("layers.0.attention.wq.weight" in saved) == (era == "legacy")
+    torch.save(saved, tmp_path / "full_sft_512.pth")
+    folder = import_model(tmp_path / "full_sft_512.pth", tmp_path / "imported", tokenizer_dir, {"num_attention_heads": 4})
+    imported = load_model(folder)
+    assert imported.config.num_experts == model.config.num_experts and imported.config.num_key_value_heads == 2
+    reference = random_model(preset, vocab_size=512, num_shared_experts=1 if preset == "tiny-moe" else 0)
+    reference.load_state_dict({key: tensor.float() for key, tensor in state.items()})
+    torch.testing.assert_close(logits(imported), logits(reference), rtol=0, atol=1e-5)
+
+
+def test_a_minimind_transformers_folder_maps_its_config_moe_included(tmp_path, tokenizer_dir):
+    model = random_model("tiny-moe", vocab_size=512, num_shared_experts=1, rope_theta=10000.0)
+    folder = tmp_path / "MiniMind2-MoE"
+    folder.mkdir()
+    save_file({k: v.clone() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))  # the head stored too, as MiniMind does
+    for name in tokenizer_dir.iterdir():
+        (folder / name.name).write_bytes(name.read_bytes())
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["MiniMindForCausalLM"], "model_type": "minimind", "hidden_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 2048, "flash_attn": True, "use_moe": True, "n_routed_experts": 4, "num_experts_per_tok": 2,
+        "n_shared_experts": 1, "scoring_func": "softmax", "aux_loss_alpha": 0.01, "seq_aux": True, "norm_topk_prob": True,
+        "intermediate_size": 192,
+    }))
+    imported = load_model(import_model(folder, tmp_path / "imported"))  # the folder's own tokenizer
+    assert (imported.config.num_experts, imported.config.num_shared_experts, imported.config.rope_theta) == (4, 1, 10000.0)
+    torch.testing.assert_close(logits(imported), logits(model), rtol=0, atol=1e-5)
+
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "scoring_func": "sigmoid"}))
+    with pytest.raises(ValueError, match="scoring_func='sigmoid'"):
+        import_model(folder, tmp_path / "refused")
+
+
+def test_a_llama_folder_imports_and_what_cannot_map_is_refused_by_name(tmp_path, tokenizer_dir):
+    from minimind.checkpoint import save_model
+
+    model = random_model("tiny", vocab_size=512)
+    save_model(model, tmp_path / "ours", tokenizer=__import__("minimind.tokenizer", fromlist=["x"]).load_tokenizer(tokenizer_dir))
+    export_hf(tmp_path / "ours", tmp_path / "llama")
+    imported = load_model(import_model(tmp_path / "llama", tmp_path / "imported"))
+    torch.testing.assert_close(logits(imported), logits(model), rtol=0, atol=1e-5)
+
+    state = dict(model.state_dict())
+    state["model.layers.0.self_attn.q_norm.weight"] = torch.ones(16)  # minimind-3's QK-norm
+    torch.save(state, tmp_path / "minimind3.pth")
+    with pytest.raises(ValueError, match=re.escape("model.layers.0.self_attn.q_norm.weight")):
+        import_model(tmp_path / "minimind3.pth", tmp_path / "refused", tokenizer_dir)
+    torch.save(model.state_dict(), tmp_path / "no_tokenizer.pth")
+    with pytest.raises(ValueError, match="--tokenizer"):
+        import_model(tmp_path / "no_tokenizer.pth", tmp_path / "refused")
+
+
+def test_the_import_command_writes_a_folder_and_registers_it(mlflow_store, tmp_path, tokenizer_dir, capsys):
+    from minimind import tracking
+
+    model = random_model("tiny", vocab_size=512)
+    torch.save({k: v.half() for k, v in model.state_dict().items()}, tmp_path / "pretrain_512.pth")
+    main(["import", str(tmp_path / "pretrain_512.pth"), str(tmp_path / "imported"), "--tokenizer", str(tokenizer_dir),
+          "--preset", "tiny", "--config-overrides", "vocab_size=512", "--register-as", "minimind-imported"])
+    assert "registered models:/minimind-imported/1" in capsys.readouterr().out
+    registered = load_model(tracking.resolve_model("models:/minimind-imported/1", tmp_path / "resolved"))
+    torch.testing.assert_close(logits(registered), logits(load_model(tmp_path / "imported")), rtol=0, atol=0)
+
+
+def test_the_legacy_table_renames_every_old_name():
+    old = legacy_names({k: None for k in random_model("tiny-moe", num_shared_experts=1).state_dict()})
+    for key in old:
+        renamed = key
+        for pattern, replacement in LEGACY_NAMES:
+            renamed = re.sub(pattern, replacement, renamed)
+        assert renamed.startswith(("model.", "lm_head.")), key
