@@ -220,8 +220,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     total_steps = config.max_steps or config.epochs * steps_per_epoch
     companions = stage.companions(job, device)
     params = [p for p in model.parameters() if p.requires_grad]
+    # fused on CUDA: one kernel per step, not several per tensor. (Fused on CPU too would save ~2% of a step,
+    # but its rounding differs from foreach's, and the demo's reasoning format swung from 0.99 to 0.65 on it.)
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay,
-                                  fused=device.type in ("cuda", "cpu"))  # one kernel per step, not one per tensor
+                                  fused=device.type == "cuda")
 
     step = 0
     checkpoint = ray.train.get_checkpoint()
