@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     imported.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the source folder's own)")
     imported.add_argument("--preset", default=None, help="take the fields the weights cannot show (heads, rope theta, context) from this preset")
     imported.add_argument("--config-overrides", default=None, help="fields to set, e.g. num_attention_heads=8,rope_theta=10000")
+    imported.add_argument("--markers", default=None, help="the tokenizer's strings for the tags and the image placeholder, e.g. "
+                          "image=<|image_pad|>,think_start=<think> (default: its config's, else <think> </think> <answer> </answer> <image>)")
     imported.add_argument("--register-as", default=None, help="also register the folder as the next version of this MLflow model")
 
     demo = commands.add_parser("demo", help="build, train briefly, save, reload, generate and export a tiny model")
@@ -179,7 +181,8 @@ def run_import(args) -> None:
 
     overrides = {k: v for k, v in asdict(PRESETS[args.preset]).items() if k != "extra"} if args.preset else {}
     overrides.update(parse_overrides(args.config_overrides))
-    destination = import_model(args.source, args.destination, args.tokenizer, overrides)
+    markers = dict(item.split("=", 1) for item in (args.markers or "").split(",") if item)
+    destination = import_model(args.source, args.destination, args.tokenizer, overrides, markers)
     print(f"wrote {destination}: use it as --init {destination} for any stage, or with chat, export-hf and Serve")
     if args.register_as:
         import mlflow

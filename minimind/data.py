@@ -238,9 +238,23 @@ def tokenize_conversation(tokenizer, messages: list[dict], only_last: bool = Fal
     return tokenize_conversations(tokenizer, [messages], only_last)[0]
 
 
-def tag_weights(labels: list[int], tag_ids: set[int], tag_weight: float) -> list[float]:
-    """Loss weight per token: `tag_weight` on supervised tag tokens, 1 on other supervised tokens."""
-    return [0.0 if label == IGNORE_INDEX else (tag_weight if label in tag_ids else 1.0) for label in labels]
+def tag_mask(ids: np.ndarray, sequences: list[list[int]]) -> np.ndarray:
+    """True at every position inside an occurrence of one of `sequences` (the tags, each one token or
+    several: a tag spelled `<`,`th`,`ink`,`>` marks those four positions, not every `<` of the text)."""
+    mask = np.zeros(len(ids), dtype=bool)
+    for sequence in sequences:
+        width = len(sequence)
+        if not 0 < width <= len(ids):
+            continue
+        starts = np.flatnonzero((np.lib.stride_tricks.sliding_window_view(ids, width) == np.asarray(sequence)).all(axis=1))
+        for offset in range(width):
+            mask[starts + offset] = True
+    return mask
+
+
+def tag_weights(ids: np.ndarray, supervised: np.ndarray, tag_sequences: list[list[int]], tag_weight: float) -> np.ndarray:
+    """Loss weight per token: `tag_weight` on supervised tag tokens, 1 on other supervised tokens, 0 elsewhere."""
+    return np.where(tag_mask(np.asarray(ids), tag_sequences), tag_weight, 1.0) * np.asarray(supervised, dtype=bool)
 
 
 def expand_image_placeholders(input_ids: list[int], labels: list[int], image_id: int, tokens_per_image: int):
@@ -267,8 +281,8 @@ class StageData:
         markers = Markers.of(tokenizer)
         return {
             "image_marker": markers.image,
-            "image_id": markers.ids(tokenizer)["image"] if self.kind == "vlm" else None,
-            "tag_ids": markers.tag_ids(tokenizer) if self.kind == "reason" else [],
+            "image_id": markers.image_id(tokenizer) if self.kind == "vlm" else None,
+            "tag_sequences": markers.tag_sequences(tokenizer) if self.kind == "reason" else [],
         }
 
 
@@ -326,7 +340,7 @@ def stage_rows(records: list[dict], stage: StageData, tokenizer, marker_ids: dic
             else:
                 row[key] = value
         if stage.kind == "reason":
-            row["loss_weights"] = tag_weights(row["labels"], set(marker_ids["tag_ids"]), stage.tag_weight)
+            row["loss_weights"] = tag_weights(arrays["input_ids"], arrays["supervised"], marker_ids["tag_sequences"], stage.tag_weight).tolist()
         rows.append(row)
     return rows
 

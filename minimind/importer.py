@@ -147,12 +147,14 @@ def config_from_hf(fields: dict, state: dict[str, torch.Tensor], overrides: dict
 
 
 def import_model(source: str | Path, destination: str | Path, tokenizer_dir: str | Path | None = None,
-                 overrides: dict | None = None) -> Path:
+                 overrides: dict | None = None, markers: dict[str, str] | None = None) -> Path:
     """Write `destination` as a model folder from a MiniMind `.pth`, a MiniMind `transformers` folder or a
-    Llama folder; its logits equal the source model's. Returns the folder."""
+    Llama folder; its logits equal the source model's. `markers` name the tokenizer's strings for the
+    tags and the image placeholder (`minimind.tokenizer.Markers`), kept in the folder's tokenizer config.
+    Returns the folder."""
     from minimind.checkpoint import TIED_KEYS, save_model
     from minimind.model import MiniMindForCausalLM
-    from minimind.tokenizer import load_tokenizer
+    from minimind.tokenizer import Markers, load_tokenizer
 
     source, overrides = Path(source), dict(overrides or {})
     state = rename_legacy(read_weights(source))
@@ -172,6 +174,8 @@ def import_model(source: str | Path, destination: str | Path, tokenizer_dir: str
         raise ValueError(f"{source} comes without a tokenizer: pass --tokenizer (MiniMind's tokenizer folder, `model/` in its "
                          "repository, or any folder with tokenizer.json)")
     tokenizer = load_tokenizer(tokenizer_dir)
+    if markers:
+        Markers.configure(tokenizer, markers)
     if len(tokenizer) > config.vocab_size:
         raise ValueError(f"the tokenizer in {tokenizer_dir} has {len(tokenizer)} tokens but the model only {config.vocab_size}")
     for name in ("pad", "bos", "eos"):

@@ -157,7 +157,7 @@ def prepare(source: str, tokenizer, stage: StageData, root: str, skip_bad: bool 
     manifest = {
         "format": FORMAT_VERSION, "kind": stage.kind, "seq_len": stage.seq_len, "source": source, "source_fingerprint": fingerprint,
         "tokenizer_sha256": tokenizer_sha, "settings": stage_settings, "key": location.rstrip("/").rsplit("/", 1)[-1],
-        "dtype": np.dtype(token_dtype(len(tokenizer))).name, "pad_id": tokenizer.pad_token_id, "tag_ids": marker_ids["tag_ids"],
+        "dtype": np.dtype(token_dtype(len(tokenizer))).name, "pad_id": tokenizer.pad_token_id, "tag_sequences": marker_ids["tag_sequences"],
         "rows": rows, "tokens": tokens, "records": stats.records, "lines": sum(s["lines"] for s in encoded),
         "skipped_lines": skipped, "first_bad_line": first_bad, "duplicates_dropped": report["duplicates_dropped"],
         "length_histogram": report["length_histogram"], "shards": shards, "report": report,

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from minimind.data import tag_weights
 from minimind.losses import IGNORE_INDEX
 
 MANIFEST = "manifest.json"
@@ -68,7 +69,8 @@ class PreparedRows:
         self.directory = Path(directory)
         self.manifest = json.loads((self.directory / MANIFEST).read_text())
         self.kind, self.seq_len = self.manifest["kind"], self.manifest["seq_len"]
-        self.tag_weight, self.tag_ids = tag_weight, set(self.manifest.get("tag_ids", []))
+        self.tag_weight = tag_weight
+        self.tag_sequences = self.manifest.get("tag_sequences") or [[i] for i in self.manifest.get("tag_ids", [])]
         self.sides = ("chosen_", "rejected_") if self.kind == "dpo" else ("",)
         self._row_starts = np.cumsum([0] + [shard["rows"] for shard in self.manifest["shards"]])[:-1].tolist()
         self._maps = None
@@ -123,8 +125,7 @@ class PreparedRows:
             row[side + "labels"] = np.where(supervised, ids, IGNORE_INDEX).tolist()
         row["truncated"] = bool(arrays["truncated"][local])
         if self.kind == "reason":
-            weights = np.where(np.isin(ids, list(self.tag_ids)), self.tag_weight, 1.0) * supervised
-            row["loss_weights"] = weights.tolist()
+            row["loss_weights"] = tag_weights(ids, supervised, self.tag_sequences, self.tag_weight).tolist()
         if "images" in arrays:
             row["images"] = arrays["images"][local]
         return row

@@ -5,7 +5,10 @@ Every marker is one token with a fixed id: 0 `<unk>` (also padding), 1 `<s>`, 2 
 sub-tokens, so its x10 tag weight also hit pieces like `th` everywhere.)
 
 Other code never spells a marker: it asks `Markers.of(tokenizer)`, which reads the names stored in the
-tokenizer's config, so a user's own tokenizer (say, with `<|im_start|>` markers) works unchanged.
+tokenizer's config, so a user's own tokenizer (say, with `<|im_start|>` markers) works unchanged. Its
+tags may be several tokens (MiniMind's own tokenizers spell `<think>` as `<`,`th`,`ink`,`>`): the
+reasoning loss weights exactly the positions where a tag stands. Only a VLM's image placeholder must be
+one token, and may be an existing one (`Markers.configure(tokenizer, {"image": "<|image_pad|>"})`).
 """
 
 from __future__ import annotations
@@ -34,17 +37,45 @@ class Markers:
         stored = getattr(tokenizer, "init_kwargs", {}) or {}
         return cls(**{f.name: stored.get(f.name) or f.default for f in fields(cls)})
 
+    @classmethod
+    def configure(cls, tokenizer, strings: dict[str, str]) -> "Markers":
+        """Name the strings a tokenizer uses for some markers, e.g. {"image": "<|image_pad|>"}; stored in
+        its config, so a model folder saved with it carries them to every stage and to Serve."""
+        unknown = sorted(set(strings) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown marker(s) {unknown}; the markers are {[f.name for f in fields(cls)]}")
+        tokenizer.init_kwargs.update(strings)
+        return cls.of(tokenizer)
+
     def ids(self, tokenizer) -> dict[str, int]:
-        """Marker name -> token id; a marker that is not a single token of `tokenizer` is an error."""
+        """Marker name -> token id, for uses that need every marker to be one token."""
         vocab = tokenizer.get_vocab()
         missing = [getattr(self, f.name) for f in fields(self) if getattr(self, f.name) not in vocab]
         if missing:
-            raise ValueError(f"the tokenizer has no single token for {missing}; add them as special tokens or set their names in tokenizer_config.json")
+            raise ValueError(f"the tokenizer has no single token for {missing}; " + SET_MARKERS)
         return {f.name: vocab[getattr(self, f.name)] for f in fields(self)}
 
-    def tag_ids(self, tokenizer) -> list[int]:
-        ids = self.ids(tokenizer)
-        return [ids["think_start"], ids["think_end"], ids["answer_start"], ids["answer_end"]]
+    def image_id(self, tokenizer) -> int:
+        """The image placeholder's token id: a VLM writes each image's features over its copies, so it must
+        be one token."""
+        token_id = tokenizer.get_vocab().get(self.image)
+        if token_id is None:
+            raise ValueError(f"the image placeholder {self.image!r} is not a single token of this tokenizer; " + SET_MARKERS)
+        return token_id
+
+    def sequence(self, tokenizer, name: str) -> list[int]:
+        """A marker's token ids: its own id when it is a token, else how the tokenizer spells it."""
+        marker = getattr(self, name)
+        token_id = tokenizer.get_vocab().get(marker)
+        return [token_id] if token_id is not None else list(tokenizer(marker, add_special_tokens=False)["input_ids"])
+
+    def tag_sequences(self, tokenizer) -> list[list[int]]:
+        """The token ids of <think>, </think>, <answer>, </answer> (one or more tokens each)."""
+        return [self.sequence(tokenizer, name) for name in ("think_start", "think_end", "answer_start", "answer_end")]
+
+
+SET_MARKERS = ("name an existing special token for it in the tokenizer's tokenizer_config.json (e.g. \"image\": \"<|image_pad|>\"), "
+               "or import the model with `minimind import ... --markers image=<|image_pad|>`")
 
 
 SPECIAL_TOKENS = [UNK, BOS, EOS, *(f.default for f in fields(Markers))]

@@ -205,7 +205,7 @@ def build_vlm(language_model_dir: str | Path, vision_model: str | Path, seed: in
 
     tokenizer = load_tokenizer(language_model_dir)
     tower, processor = load_vision_tower(vision_model)
-    image_token_id = Markers.of(tokenizer).ids(tokenizer)["image"]
+    image_token_id = Markers.of(tokenizer).image_id(tokenizer)
     torch.manual_seed(seed)
     vlm = MiniMindVLM(load_model(language_model_dir), tower, processor, image_token_id)
     vlm.vision_source = _tower_reference(vision_model)
@@ -273,7 +273,7 @@ def load_vlm(directory: str | Path, device: str | torch.device = "cpu", dtype: t
     tower_location, vision_source = _locate_tower(directory, config.vision_model)
     tower, processor = load_vision_tower(tower_location)
     tokenizer = load_tokenizer(directory)
-    vlm = MiniMindVLM(load_model(directory), tower, processor, Markers.of(tokenizer).ids(tokenizer)["image"])
+    vlm = MiniMindVLM(load_model(directory), tower, processor, Markers.of(tokenizer).image_id(tokenizer))
     vlm.vision_source = vision_source
     if vlm.image_tokens != config.image_tokens:
         raise ValueError(f"{directory}: the vision tower yields {vlm.image_tokens} tokens per image, {VISION_CONFIG_NAME} says {config.image_tokens}")

@@ -56,13 +56,32 @@ def test_reasoning_tag_weights_land_on_the_tag_tokens_only(tokenizer, tmp_path):
     reply = "<think>\n12 加 30 等于 42\n</think>\n<answer>\n42\n</answer>"
     record = {"conversations": [{"role": "user", "content": "<think> 12+30？"}, {"role": "assistant", "content": reply}]}
     row = load_stage_dataset(write_jsonl(tmp_path / "r.jsonl", [record]), tokenizer, StageData("reason", seq_len=256, tag_weight=10))[0]
-    tag_ids = set(Markers.of(tokenizer).tag_ids(tokenizer))
+    tag_ids = {ids[0] for ids in Markers.of(tokenizer).tag_sequences(tokenizer)}  # single tokens in our tokenizer
     for token, label, weight in zip(row["input_ids"], row["labels"], row["loss_weights"]):
         if label == IGNORE_INDEX:
             assert weight == 0.0  # includes the <think> the user typed: not supervised, not weighted
         else:
             assert weight == (10.0 if token in tag_ids else 1.0)
     assert sum(w == 10.0 for w in row["loss_weights"]) == 4
+
+
+def test_tags_of_several_tokens_weight_exactly_their_own_positions(byte_tokenizer, tmp_path):
+    """A tokenizer with MiniMind2's layout spells <think> as several tokens: all of them get the tag weight
+    where a tag stands, and a `<` or `think` elsewhere in the reply gets none (MiniMind2's x10 hit those)."""
+    import numpy as np
+
+    from minimind.data import tag_mask
+
+    sequences = Markers.of(byte_tokenizer).tag_sequences(byte_tokenizer)
+    assert all(len(ids) > 1 for ids in sequences)
+    reply = "<think>\n3 < 5, think twice\n</think>\n<answer>\n5\n</answer>"
+    record = {"conversations": [{"role": "user", "content": "3 < 5？"}, {"role": "assistant", "content": reply}]}
+    row = load_stage_dataset(write_jsonl(tmp_path / "r.jsonl", [record]), byte_tokenizer, StageData("reason", seq_len=256, tag_weight=10))[0]
+    weighted = [token for token, weight in zip(row["input_ids"], row["loss_weights"]) if weight == 10.0]
+    assert byte_tokenizer.decode(weighted) == "<think></think><answer></answer>"
+    assert len(weighted) == sum(map(len, sequences))
+    assert tag_mask(np.array([5, 7, 5, 7, 9]), [[5, 7], [9]]).tolist() == [True] * 5
+    assert tag_mask(np.array([5, 9, 7]), [[5, 7]]).tolist() == [False] * 3
 
 
 def test_vlm_rows_expand_each_image_placeholder(tokenizer, tmp_path):

@@ -123,3 +123,65 @@ def test_the_legacy_table_renames_every_old_name():
         for pattern, replacement in LEGACY_NAMES:
             renamed = re.sub(pattern, replacement, renamed)
         assert renamed.startswith(("model.", "lm_head.")), key
+
+
+def chatml_tokenizer():
+    """MiniMind2's later layout: <|endoftext|>, <|im_start|>, <|im_end|> and a ChatML template; no tag is a token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<|endoftext|>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(["小明喜欢红色。", "12 加 30 等于 42", "hello minimind"] * 20, trainers.BpeTrainer(
+        vocab_size=420, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    template = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant<|im_end|>\n{% endif %}"
+                "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   bos_token="<|im_start|>", eos_token="<|im_end|>", chat_template=template)
+
+
+@pytest.mark.parametrize("template", ["seed", "chatml"])
+def test_an_imported_model_with_minimind_tokenizer_trains_sft_and_reasoning_and_answers(ray_cluster, byte_tokenizer, tmp_path, template):
+    """Both of MiniMind's template eras, with no single-token tags and no image token: one import, a few
+    SFT and reasoning steps (the Ray Train loop, in-process), then a chat reply from the serving engine."""
+    import asyncio
+
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from minimind.data import StageData
+    from minimind.demo import demo_data
+    from minimind.prepare import prepare
+    from minimind.serve.engine import ChatModel
+    from minimind.serve.protocol import ChatRequest
+    from minimind.stage_configs import DistillConfig, SFTConfig
+    from minimind.train import StageJob, train_loop_per_worker
+
+    tokenizer = byte_tokenizer if template == "seed" else chatml_tokenizer()
+    tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
+    torch.save({k: v.half() for k, v in random_model("tiny", vocab_size=len(tokenizer), std=0.02).state_dict().items()}, tmp_path / "sft.pth")
+    folder = str(import_model(tmp_path / "sft.pth", tmp_path / "imported", tmp_path / "tokenizer", {"num_attention_heads": 4}))
+    paths = demo_data()
+    for stage, config in (("sft", SFTConfig(max_steps=2, batch_size=4, seq_len=256)), ("reason", DistillConfig(max_steps=2, batch_size=2, seq_len=512))):
+        source = tmp_path / f"{stage}.jsonl"
+        with open(paths[stage], encoding="utf-8") as file:
+            source.write_text("".join(next(file) for _ in range(40)), encoding="utf-8")
+        prepared = prepare(str(source), tokenizer, StageData(stage, seq_len=config.seq_len), str(tmp_path / "prepared"))
+        if stage == "reason":  # every tag is several tokens here, and they are weighted
+            assert all(len(ids) > 1 for ids in prepared.manifest["tag_sequences"])
+        config.cpus_per_worker, config.checkpoint_every = 1, 100
+        job = StageJob(stage, config, init_dir=folder, data_path=prepared.location)
+        result = TorchTrainer(train_loop_per_worker, train_loop_config={"job": job}, scaling_config=ScalingConfig(num_workers=0)).fit()
+        assert result.metrics["step"] == 2 and 0 < result.metrics["train/loss"] < 20
+
+    chat = ChatModel(folder)
+    assert chat.engine.stop_token_ids == [tokenizer.eos_token_id]
+
+    async def reply():
+        return [event async for event in chat.chat(ChatRequest("m", [{"role": "user", "content": "你好"}], temperature=0.0, max_tokens=5))]
+
+    events = asyncio.run(reply())
+    assert events[0]["type"] == "start" and events[-1]["type"] == "end" and events[-1]["completion_tokens"] > 0

@@ -83,3 +83,25 @@ def test_markers_come_from_the_tokenizer_not_the_code(tmp_path):
 def test_missing_tokenizer_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no tokenizer files"):
         load_tokenizer(tmp_path)
+
+
+def test_a_minimind_layout_tokenizer_serves_a_text_model_and_names_what_a_vlm_needs(byte_tokenizer, tmp_path):
+    """MiniMind's own tokenizers have no <image> token: a text model never needs one; a VLM says what to set,
+    and a marker named in the tokenizer's config travels with the model folder."""
+    from conftest import random_model
+    from minimind.checkpoint import save_model
+    from minimind.serve.engine import ChatModel
+
+    save_model(random_model("tiny", vocab_size=len(byte_tokenizer)), tmp_path / "model", tokenizer=byte_tokenizer)
+    assert ChatModel(tmp_path / "model").engine.suppress_token_ids == []
+    with pytest.raises(ValueError, match=r"'<image>' is not a single token.*--markers image="):
+        Markers.of(byte_tokenizer).image_id(byte_tokenizer)
+
+    tokenizer = load_tokenizer(tmp_path / "model")
+    Markers.configure(tokenizer, {"image": "</s>", "think_start": "<s>"})
+    tokenizer.save_pretrained(tmp_path / "configured")
+    reloaded = load_tokenizer(tmp_path / "configured")
+    assert Markers.of(reloaded).image_id(reloaded) == reloaded.eos_token_id
+    assert Markers.of(reloaded).tag_sequences(reloaded)[0] == [reloaded.bos_token_id]
+    with pytest.raises(ValueError, match="unknown marker"):
+        Markers.configure(reloaded, {"imgae": "<s>"})

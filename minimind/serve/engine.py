@@ -177,7 +177,8 @@ class ChatModel:
         self.limits = limits or Limits()
         self.context = self.model.config.max_position_embeddings
         stops = sorted({self.model.config.eos_token_id, self.tokenizer.eos_token_id} - {None})
-        image_id = [self.model.image_token_id] if self.takes_images else [self.markers.ids(self.tokenizer)["image"]]
+        # a VLM never samples its placeholder; a text model needs no image token at all
+        image_id = [self.model.image_token_id] if self.takes_images else []
         self.engine = BatchingEngine(self.model, stops, image_id, max_batch_size, batch_wait_s)
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
