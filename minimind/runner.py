@@ -236,14 +236,17 @@ def run_stage(config, stage_name: str, callbacks: list | None = None, register: 
     before, _ = _evaluate(stage, config, inputs, initial, initial)
 
     config, use_gpu, worker_inputs = _plan_workers(config, stage, inputs, prepared, storage_path, run_name, work)
-    with mlflow.start_run(run_name=run_name, parent_run_id=parent_run_id) as run:
+    with mlflow.start_run(run_name=run_name, parent_run_id=parent_run_id, log_system_metrics=True) as run:  # CPU/GPU/memory every 10 s
         settings = {**asdict(config), "use_gpu": use_gpu, **({"images": str(inputs.images_dir)} if inputs.images_dir else {}), **(params or {})}
         mlflow.log_params({key: value for key, value in settings.items() if value is not None})
         mlflow.set_tags({
-            **inputs.source_tags, **(tags or {}), "stage": stage.name, "ray.run_name": run_name, "data.path": str(inputs.data_path),
+            **inputs.source_tags, **(tags or {}), "stage": stage.name, "ray.run_name": run_name,
             "data.prepared": prepared.location, "data.key": prepared.manifest["key"], "data.skipped_lines": str(prepared.manifest["skipped_lines"]),
             **({"git.commit": commit} if (commit := tracking.git_commit()) else {}),
         })
+        tracking.log_data_file(str(inputs.data_path), prepared.manifest["key"].rsplit("-", 1)[-1], "training")  # the content key
+        if inputs.eval_path:
+            tracking.log_data_file(str(inputs.eval_path), tracking.file_digest(inputs.eval_path), "evaluation")
         mlflow.log_metrics({key.replace("eval/", "eval_before/"): value for key, value in before.items()} | coverage)
         _log_data_report(prepared)
         language_model = getattr(initial, "language_model", initial)

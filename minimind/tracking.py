@@ -302,22 +302,20 @@ def _check_alias(alias: str) -> None:
 def log_model_dir(directory: str | Path, name: str, run_id: str | None = None) -> str:
     """Log a model directory as an MLflow LoggedModel of the run (default: the active run), READY but not
     registered, and return its id: `models:/<id>` downloads it from any node that reaches the tracking
-    server. A failure midway marks it FAILED."""
+    server. It is an MLflow pyfunc model (`minimind.mlflow_model`) with the folder as its data, so
+    `mlflow.pyfunc.load_model` and `mlflow models serve` answer chats with it. MLflow marks a failure
+    midway FAILED."""
+    from minimind.mlflow_model import log_chat_model
+
     directory = Path(directory)
     if not (directory / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}; log a directory written by minimind.checkpoint.save_model")
-    client = _client()
-    if run_id is None and mlflow.active_run() is not None:
-        run_id = mlflow.active_run().info.run_id
-    experiment_id = client.get_run(run_id).info.experiment_id if run_id else None  # the model lives beside its run
-    logged = mlflow.initialize_logged_model(name=name, source_run_id=run_id, experiment_id=experiment_id)
-    try:
-        client.log_model_artifacts(logged.model_id, str(directory))
-        mlflow.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
-    except BaseException:
-        _mark_failed(logged.model_id)
-        raise
-    return logged.model_id
+    _client()  # the store, set up
+    active = mlflow.active_run()
+    if run_id is not None and (active is None or active.info.run_id != run_id):
+        with mlflow.start_run(run_id=run_id, nested=active is not None):
+            return log_chat_model(directory, name)
+    return log_chat_model(directory, name)
 
 
 def register_logged_model(model_id: str, name: str, alias: str | None = None, tags: dict | None = None) -> "ModelVersion":
@@ -414,6 +412,18 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return result.stdout.strip() if result.returncode == 0 else None
+
+
+def log_data_file(path: str, digest: str, context: str) -> None:
+    """Record a data file a run used as an MLflow dataset input (name, digest, source URI), which the run's
+    Datasets panel shows and run searches can filter on."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a local path matches two equivalent source types; MLflow warns and picks one
+        source = resolve_dataset_source(str(path))
+    mlflow.log_input(MetaDataset(source, name=str(path).rstrip("/").rsplit("/", 1)[-1], digest=digest[:32]), context=context)
 
 
 def file_digest(path: str | Path) -> str:

@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import mlflow
+import torch
 import pytest
 from mlflow import MlflowClient
 
@@ -255,3 +256,60 @@ def test_pin_turns_latest_and_aliases_into_the_exact_version_and_resume_finds_it
         pass
     assert tracking.recorded_lineage("dpo-20260101-1") == {"lineage.init": "models:/pin-model/2"}
     assert tracking.recorded_lineage("never-ran") == {}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_registered_version_answers_through_mlflows_own_tools(tmp_path, byte_tokenizer):
+    """Every registered version is an MLflow pyfunc model: `mlflow.pyfunc.load_model` answers a chat with
+    the same greedy reply as the library, the registry has its chat signature, and `mlflow models serve`
+    answers over HTTP."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from conftest import random_model
+    from minimind.checkpoint import save_model
+    from minimind.generate import generate
+
+    model = random_model("tiny", vocab_size=len(byte_tokenizer))
+    save_model(model, tmp_path / "model", tokenizer=byte_tokenizer)
+    tracking.configure("unit")
+    version = tracking.register_model_dir(tmp_path / "model", "minimind-chat")
+    uri = f"models:/minimind-chat/{version.version}"
+    chat = {"messages": [{"role": "user", "content": "从前有座山"}]}
+    replies = mlflow.pyfunc.load_model(uri).predict(chat, params={"max_tokens": 6})
+    prompt = byte_tokenizer.apply_chat_template(chat["messages"], add_generation_prompt=True, tokenize=True, return_dict=False)
+    expected = generate(model.to(torch.bfloat16), [list(prompt)], max_new_tokens=6, stop_token_ids=[byte_tokenizer.eos_token_id])[0]
+    assert replies == [byte_tokenizer.decode(expected, skip_special_tokens=True)]
+    signature = mlflow.models.get_model_info(uri).signature
+    assert signature.inputs.input_names() == ["messages"] and "max_tokens" in [param.name for param in signature.params.params]
+    assert (tracking.resolve_model(uri, tmp_path / "resolved") / "model.safetensors").is_file()  # the stages' own view
+
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
+                               "-h", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})  # its uvicorn
+    try:
+        body = json.dumps({"inputs": chat, "params": {"max_tokens": 6}}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"})
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    answer = json.loads(response.read())
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, server.stderr.read().decode()[-2000:] if server.poll() is not None else "no answer in 120 s"
+                time.sleep(0.5)
+        assert answer["predictions"] == replies
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

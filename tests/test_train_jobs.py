@@ -23,7 +23,8 @@ def versions(name):
     return sorted(int(v.version) for v in client().search_model_versions(f"name='{name}'"))
 
 
-def test_every_stage_trains_registers_and_hands_over(mlflow_store):
+def test_every_stage_trains_registers_and_hands_over(mlflow_store, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
     pretrain = run_stage(PretrainConfig(**QUICK), "pretrain")
     assert pretrain.model_uri == "models:/minimind-pretrain/1"
     assert pretrain.after["eval/heldout_loss"] < pretrain.before["eval/heldout_loss"]
@@ -38,6 +39,10 @@ def test_every_stage_trains_registers_and_hands_over(mlflow_store):
     # the data report of the prepared data, on the run that trained on it
     assert {"data/report.json", "data/report.png"} <= {a.path for a in client().list_artifacts(run.info.run_id, "data")}
     assert run.data.metrics["data/rows"] > 0 and "data/duplicate_rate" in run.data.metrics and run.data.tags["data.prepared"]
+    # the files it used, as MLflow dataset inputs; the host's load as system metrics (sampled every second here)
+    datasets = {(d.dataset.name, d.tags[0].value) for d in run.inputs.dataset_inputs}
+    assert datasets == {("sft.jsonl", "training"), ("sft_eval.jsonl", "evaluation")}
+    assert any(key.startswith("system/") for key in run.data.metrics)
     # the SFT result moved away from the pretrain model it started from
     assert not torch.equal(load_model(sft.model_dir).lm_head.weight, load_model(pretrain.model_dir).lm_head.weight)
 

@@ -10,7 +10,7 @@ from PIL import Image
 from conftest import random_model
 from minimind.checkpoint import save_model
 from minimind.vision import (
-    ImageError, MiniMindVLM, generate_with_images, is_vlm_dir, load_image, load_vision_tower, load_vlm, save_vlm,
+    ImageError, MiniMindVLM, generate_with_images, is_vlm_dir, load_image, load_vision_tower, load_vlm, prompt_ids, save_vlm,
 )
 
 IMAGE_ID = 7  # <image> among the special tokens of minimind.tokenizer
@@ -197,3 +197,31 @@ def test_unreadable_and_missing_files_name_the_file(tmp_path):
     picture(0).save(truncated, format="PNG")
     with pytest.raises(ImageError, match="upload: not a readable image"):
         load_image(io.BytesIO(truncated.getvalue()[:60]), name="upload")
+
+
+def test_a_registered_vlm_answers_about_an_image_through_mlflow_pyfunc(tmp_path, tokenizer, mlflow_store):
+    """The VLM versions' pyfunc model takes the image too (base64), one per <image> marker."""
+    import base64
+
+    import mlflow
+
+    from minimind import tracking
+    from minimind.generate import generate
+
+    vlm = MiniMindVLM(random_model(vocab_size=len(tokenizer)), *clip_tower(), image_token_id=IMAGE_ID)
+    torch.nn.init.normal_(vlm.projection.weight, std=0.5)
+    save_vlm(vlm, tmp_path / "vlm", tokenizer)
+    tracking.configure("unit-vlm")
+    with mlflow.start_run():
+        version = tracking.register_model_dir(tmp_path / "vlm", "minimind-vlm-chat")
+    buffer = io.BytesIO()
+    picture(5).save(buffer, format="PNG")
+    chat = {"messages": [{"role": "user", "content": "<image>\n图中有什么？"}], "images": [base64.b64encode(buffer.getvalue()).decode()]}
+    model = mlflow.pyfunc.load_model(f"models:/minimind-vlm-chat/{version.version}")
+    assert "images" in model.metadata.get_input_schema().input_names()
+    replies = model.predict([chat, {**chat, "images": [base64.b64encode(buffer.getvalue()).decode()]}], params={"max_tokens": 5})
+    reference = load_vlm(tmp_path / "vlm", dtype=torch.bfloat16)
+    prompt = prompt_ids(reference, tokenizer, chat["messages"])
+    expected = generate(reference, [prompt], prompt_inputs={"pixel_values": reference.pixel_values([picture(5)])}, max_new_tokens=5,
+                        stop_token_ids=[tokenizer.eos_token_id], suppress_token_ids=[IMAGE_ID])[0]
+    assert replies == [tokenizer.decode(expected, skip_special_tokens=True)] * 2
