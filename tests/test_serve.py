@@ -58,10 +58,19 @@ def server(ray_cluster, tmp_path_factory, monkeypatch_module):
     vlm, _ = build_vlm(home / "llm", demo_vision_tower())
     save_vlm(vlm, home / "vlm", tokenizer)
     tracking.register_model_dir(home / "vlm", "minimind-vlm-sft")
+    # what a MiniMind user brings: a half-precision .pth and MiniMind2's ChatML tokenizer (no tag, no image token)
+    from minimind.importer import import_model
+    from test_importer import chatml_tokenizer
+
+    chatml = chatml_tokenizer()
+    chatml.save_pretrained(str(home / "chatml"))
+    torch.save({k: v.half() for k, v in random_model("tiny", vocab_size=len(chatml)).state_dict().items()}, home / "full_sft_512.pth")
+    import_model(home / "full_sft_512.pth", home / "imported", home / "chatml", {"num_attention_heads": 4})
 
     port = free_port()
     models = [ModelSpec("minimind", "models:/minimind-reason/latest", num_cpus=0.5, batch_wait_ms=20),
-              ModelSpec("minimind-v", "models:/minimind-vlm-sft/latest", num_cpus=0.5)]
+              ModelSpec("minimind-v", "models:/minimind-vlm-sft/latest", num_cpus=0.5),
+              ModelSpec("minimind-imported", str(home / "imported"), num_cpus=0.25)]
     limits = Limits(max_tokens=600, max_image_pixels=100_000)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     settings = ServeSettings(models=models, limits=limits, api_key=API_KEY, tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
@@ -105,6 +114,12 @@ def hello(model="minimind", **extra):
     return {"model": model, "messages": [{"role": "user", "content": "你好"}], "max_tokens": 5, **extra}
 
 
+def test_an_imported_minimind_checkpoint_with_its_own_tokenizer_answers_the_openai_client(server):
+    reply = openai_client(server).chat.completions.create(model="minimind-imported", messages=[{"role": "user", "content": "你好"}],
+                                                          max_tokens=4)
+    assert reply.model == "minimind-imported" and reply.usage.completion_tokens > 0 and reply.choices[0].finish_reason in ("stop", "length")
+
+
 def test_openai_client_non_streaming(server):
     reply = openai_client(server).chat.completions.create(model="minimind", messages=[{"role": "user", "content": "你好"}], max_tokens=6)
     assert reply.object == "chat.completion" and reply.model == "minimind"
@@ -112,7 +127,7 @@ def test_openai_client_non_streaming(server):
     assert reply.choices[0].finish_reason == "length"  # the test model never says its end-of-turn token
     assert reply.usage.completion_tokens == 6 and reply.usage.prompt_tokens > 0
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + 6
-    assert [m.id for m in openai_client(server).models.list().data] == ["minimind", "minimind-v"]
+    assert [m.id for m in openai_client(server).models.list().data] == ["minimind", "minimind-v", "minimind-imported"]
 
 
 def test_openai_client_streaming_and_seeded_sampling(server):

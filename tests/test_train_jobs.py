@@ -283,8 +283,8 @@ def test_vlm_data_naming_a_missing_image_fails_before_training(mlflow_store, tmp
 def test_vlm_sft_on_text_only_batches_with_two_ddp_workers_and_a_linked_tower(mlflow_store, tmp_path):
     """MiniMind-V mixes text-only samples into VLM SFT: a micro-batch without images must not leave the
     projection out of DDP's step. With --link-vision no checkpoint and no registered version copies the tower."""
-    import mlflow
     from conftest import random_model
+    from minimind import tracking
     from minimind.checkpoint import save_model
     from minimind.demo import demo_tokenizer, demo_vision_tower
     from minimind.tokenizer import load_tokenizer
@@ -303,7 +303,7 @@ def test_vlm_sft_on_text_only_batches_with_two_ddp_workers_and_a_linked_tower(ml
     assert result.model_uri.startswith("models:/minimind-vlm-sft/")
     checkpoints = list(storage.glob("vlm_sft-*/checkpoint_*"))
     assert checkpoints and not any((checkpoint / "vision").exists() for checkpoint in checkpoints)
-    registered = Path(mlflow.artifacts.download_artifacts(result.model_uri, dst_path=str(tmp_path / "registered")))
+    registered = tracking.resolve_model(result.model_uri, tmp_path / "registered")  # the version's model folder
     for directory in (result.model_dir, registered):
         assert not (directory / "vision").exists()
         assert VisionConfig.load(directory / VISION_CONFIG_NAME).vision_model == str(Path(demo_vision_tower()).resolve())

@@ -50,8 +50,18 @@ def test_a_training_step_reads_nothing_from_the_device_except_at_log_steps(ray_c
     job = StageJob(stage, config, init_dir=model_dir, data_path=prepared.location, teacher_dir=model_dir)
 
     events = []
-    optimizer_step = torch.optim.AdamW.step
-    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (events.append("step"), optimizer_step(self, *a, **k))[1])
+
+    class FusedAdamW(torch.optim.AdamW):
+        """AdamW as the loop makes it on CUDA (fused); on CPU it is foreach, which reads its step count with .item()."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "fused": True})
+
+        def step(self, *args, **kwargs):
+            events.append("step")
+            return super().step(*args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", FusedAdamW)
     logger_log = train_module._MetricLogger.log
     monkeypatch.setattr(train_module._MetricLogger, "log", lambda self, step, *a: (events.append(f"log {step}"), logger_log(self, step, *a))[1])
     for name in HOST_READS:
