@@ -2,7 +2,8 @@
 
     python jobs/serve.py                          # minimind = models:/minimind-reason/latest,
                                                   # minimind-v = models:/minimind-vlm-sft/latest, on 127.0.0.1:8000
-    python jobs/serve.py --text runs:/<id>/model --no-vision --port 8080 --api-key secret
+    MINIMIND_API_KEY=... python jobs/serve.py --text runs:/<id>/model --no-vision --port 8080
+    python jobs/serve.py --host 0.0.0.0 --api-key-file /run/secrets/minimind-key   # the key from a file
     serve run serve_config.yaml                   # the same app from a Serve config file
 
 Then: curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
@@ -28,7 +29,10 @@ def parse(argv=None):
     parser.add_argument("--no-vision", action="store_true", help="serve the text model only")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s; 0.0.0.0 exposes it)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--api-key", default=os.environ.get("MINIMIND_API_KEY"), help="require 'Authorization: Bearer KEY' (default: $MINIMIND_API_KEY, else none)")
+    parser.add_argument("--api-key-file", default=None, help="require 'Authorization: Bearer KEY' with KEY read from this file on the "
+                        "gateway's node (the key itself is never a flag: flags show in `ps`)")
+    parser.add_argument("--api-key-env", default="MINIMIND_API_KEY", help="else read KEY from this environment variable of the "
+                        "gateway's node (default: %(default)s; unset: no key)")
     parser.add_argument("--replicas", default="1", help="replicas per model, or 'auto' for autoscaling (default: %(default)s)")
     parser.add_argument("--max-replicas", type=int, default=2, help="autoscaling ceiling (default: %(default)s)")
     parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica, also its torch threads (default: %(default)s)")
@@ -44,7 +48,7 @@ def parse(argv=None):
 def settings_from(args):
     import ray
 
-    from minimind.serve.app import ModelSpec, ServeSettings
+    from minimind.serve.app import ModelSpec, ServeSettings, read_api_key
     from minimind.serve.protocol import Limits
 
     gpus = args.num_gpus if args.num_gpus is not None else (1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0)
@@ -59,7 +63,12 @@ def settings_from(args):
     from minimind import tracking
 
     tracking.configure()
-    return ServeSettings(models=models, limits=limits, api_key=args.api_key, tracking_uri=mlflow.get_tracking_uri())
+    settings = ServeSettings(models=models, limits=limits, api_key_file=args.api_key_file, api_key_env=args.api_key_env,
+                             tracking_uri=mlflow.get_tracking_uri())
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not read_api_key(args.api_key_file, args.api_key_env):
+        print(f"WARNING: serving on {args.host} without an API key: anyone who reaches it can use the models "
+              f"(set ${args.api_key_env} or --api-key-file)", file=sys.stderr)
+    return settings
 
 
 def main(argv=None):

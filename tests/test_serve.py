@@ -10,6 +10,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -73,7 +74,10 @@ def server(ray_cluster, tmp_path_factory, monkeypatch_module):
               ModelSpec("minimind-imported", str(home / "imported"), num_cpus=0.25)]
     limits = Limits(max_tokens=600, max_image_pixels=100_000)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    settings = ServeSettings(models=models, limits=limits, api_key=API_KEY, tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+    (home / "api-key").write_text(API_KEY + "\n")  # a mounted secret, read inside the gateway's replica
+    settings = ServeSettings(models=models, limits=limits, api_key_file=str(home / "api-key"), api_key_env=None,
+                             tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+    assert API_KEY not in json.dumps(asdict(settings))  # what Serve's config, dashboard and `ps` could show holds no key
     serve.run(build(settings), name="minimind", route_prefix="/")
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -316,6 +320,22 @@ def test_the_serve_job_flags_become_settings(server):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
     from serve import parse, settings_from
 
-    settings = settings_from(parse(["--no-vision", "--api-key", "k", "--replicas", "auto", "--max-tokens", "64"]))
+    settings = settings_from(parse(["--no-vision", "--api-key-file", "/run/secrets/k", "--replicas", "auto", "--max-tokens", "64"]))
     assert [(m.name, m.uri, m.num_replicas, m.num_gpus) for m in settings.models] == [("minimind", "models:/minimind-reason/latest", "auto", 0.0)]
-    assert settings.api_key == "k" and settings.limits.max_tokens == 64 and settings.tracking_uri.startswith("sqlite:")
+    assert settings.api_key_file == "/run/secrets/k" and settings.limits.max_tokens == 64 and settings.tracking_uri.startswith("sqlite:")
+
+
+def test_a_public_address_without_an_api_key_is_warned_about(server, capsys, monkeypatch, tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+    from serve import parse, settings_from
+
+    monkeypatch.delenv("MINIMIND_API_KEY", raising=False)
+    settings_from(parse(["--no-vision", "--host", "0.0.0.0"]))
+    assert "without an API key" in capsys.readouterr().err
+    monkeypatch.setenv("MINIMIND_API_KEY", "k")
+    settings_from(parse(["--no-vision", "--host", "0.0.0.0"]))
+    settings_from(parse(["--no-vision"]))  # loopback: no warning either way
+    assert capsys.readouterr().err == ""

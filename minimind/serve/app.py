@@ -8,6 +8,7 @@ behind a FastAPI gateway that speaks OpenAI's chat-completions API and serves th
 
 
 import asyncio
+import hmac
 import json
 import os
 import tempfile
@@ -40,7 +41,10 @@ class ModelSpec:
 class ServeSettings:
     models: list[ModelSpec] = field(default_factory=list)
     limits: Limits = field(default_factory=Limits)
-    api_key: str | None = None
+    # where the gateway reads its API key: a file (e.g. a mounted secret) or an environment variable of its
+    # replica's node. Names only: the key itself never travels in a deployment argument, `serve config` or a log.
+    api_key_file: str | None = None
+    api_key_env: str | None = "MINIMIND_API_KEY"
     tracking_uri: str | None = None  # where models:/ URIs resolve (default: the project's store)
 
 
@@ -78,6 +82,16 @@ class ModelServer:
             yield {"type": "error", "status": error.status, "body": error.body()}
 
 
+def read_api_key(api_key_file: str | None, api_key_env: str | None) -> str | None:
+    """The API key from the file (first line) if one is named, else from the environment variable; None: no key."""
+    if api_key_file:
+        try:
+            return Path(api_key_file).read_text(encoding="utf-8").strip() or None
+        except OSError as error:
+            raise RuntimeError(f"the API key file {api_key_file} cannot be read: {error.strerror}") from None
+    return (os.environ.get(api_key_env) or None) if api_key_env else None
+
+
 api = FastAPI(title="MiniMind", docs_url=None, redoc_url=None)
 # Note: serve.ingress captures the gateway class when it is defined, so what its methods use is defined above it.
 
@@ -94,8 +108,10 @@ def _error(error: APIError) -> JSONResponse:
 @serve.deployment
 @serve.ingress(api)
 class Gateway:
-    def __init__(self, servers: dict, limits: dict, api_key: str | None):
-        self.servers, self.limits, self.api_key = servers, Limits(**limits), api_key
+    def __init__(self, servers: dict, limits: dict, api_key_file: str | None, api_key_env: str | None):
+        self.servers, self.limits = servers, Limits(**limits)
+        key = read_api_key(api_key_file, api_key_env)
+        self.expected_authorization = f"Bearer {key}".encode() if key else None
         self.takes_images: dict[str, bool] | None = None
         self.created = now()
 
@@ -106,7 +122,8 @@ class Gateway:
         return self.takes_images
 
     def _check_key(self, request: Request) -> None:
-        if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
+        sent = request.headers.get("authorization", "").encode()
+        if self.expected_authorization and not hmac.compare_digest(sent, self.expected_authorization):  # constant time
             raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
 
     @api.get("/healthz")
@@ -196,7 +213,8 @@ def _server(spec: ModelSpec, settings: ServeSettings):
 def build(settings: ServeSettings):
     servers = {spec.name: _server(spec, settings) for spec in settings.models}
     gateway = Gateway.options(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=1000)
-    return gateway.bind(servers, asdict(settings.limits), settings.api_key)
+    return gateway.bind(servers, asdict(settings.limits), settings.api_key_file, settings.api_key_env)
+
 
 
 def build_app(args: dict):
