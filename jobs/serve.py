@@ -35,7 +35,8 @@ def parse(argv=None):
                         "gateway's node (default: %(default)s; unset: no key)")
     parser.add_argument("--replicas", default="1", help="replicas per model, or 'auto' for autoscaling (default: %(default)s)")
     parser.add_argument("--max-replicas", type=int, default=2, help="autoscaling ceiling (default: %(default)s)")
-    parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica, also its torch threads (default: %(default)s)")
+    parser.add_argument("--num-cpus", type=float, default=None, help="CPUs per replica, also its torch threads (default: 1, less when the "
+                        "cluster has fewer CPUs than one per model replica plus the gateway's 0.1)")
     parser.add_argument("--num-gpus", type=float, default=None, help="GPUs per replica (default: 1 when the cluster has a GPU, else 0)")
     parser.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together in a replica (default: %(default)s)")
     parser.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a batch waits for more requests (default: %(default)s)")
@@ -51,9 +52,14 @@ def settings_from(args):
     from minimind.serve.app import ModelSpec, ServeSettings, read_api_key
     from minimind.serve.protocol import Limits
 
-    gpus = args.num_gpus if args.num_gpus is not None else (1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0)
+    resources = ray.cluster_resources()
+    gpus = args.num_gpus if args.num_gpus is not None else (1.0 if resources.get("GPU", 0) >= 1 else 0.0)
+    cpus = args.num_cpus
+    if cpus is None:  # every replica must fit beside the gateway (0.1 CPU), or Serve waits for ever to place one
+        replicas = (1 if args.no_vision else 2) * (1 if args.replicas == "auto" else int(args.replicas))
+        cpus = max(0.1, min(1.0, (resources.get("CPU", 1) - 0.1) / replicas))
     common = dict(num_replicas=args.replicas if args.replicas == "auto" else int(args.replicas), max_replicas=args.max_replicas,
-                  num_cpus=args.num_cpus, num_gpus=gpus, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms)
+                  num_cpus=cpus, num_gpus=gpus, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms)
     models = [ModelSpec("minimind", args.text, **common)]
     if not args.no_vision:
         models.append(ModelSpec("minimind-v", args.vision, **common))

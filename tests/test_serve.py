@@ -323,6 +323,9 @@ def test_the_serve_job_flags_become_settings(server):
     settings = settings_from(parse(["--no-vision", "--api-key-file", "/run/secrets/k", "--replicas", "auto", "--max-tokens", "64"]))
     assert [(m.name, m.uri, m.num_replicas, m.num_gpus) for m in settings.models] == [("minimind", "models:/minimind-reason/latest", "auto", 0.0)]
     assert settings.api_key_file == "/run/secrets/k" and settings.limits.max_tokens == 64 and settings.tracking_uri.startswith("sqlite:")
+    # the defaults fit the machine: two model replicas and the gateway on this 2-CPU Ray instance
+    models = settings_from(parse([])).models
+    assert len(models) == 2 and sum(m.num_cpus for m in models) + 0.1 <= 2 and all(m.num_cpus > 0.9 for m in models)
 
 
 def test_a_public_address_without_an_api_key_is_warned_about(server, capsys, monkeypatch, tmp_path):
