@@ -98,6 +98,51 @@ def test_a_request_that_stops_listening_leaves_the_batch():
     assert isinstance(first, int) and last_batch[0][1] == 1000 and last_batch[0][0] < 1000
 
 
+def test_a_decode_loop_that_finishes_no_step_fails_the_replicas_health_check():
+    """Serve's check_health on a model replica fails while its decode loop hangs (a stuck kernel, here a
+    forward that waits), and passes again once it moves."""
+    import threading
+    from types import SimpleNamespace
+
+    import torch
+
+    from minimind.serve.app import ModelServer
+
+    model, release = random_model(vocab_size=64), threading.Event()
+
+    class Hanging(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.config = model, model.config
+
+        def forward(self, *args, **kwargs):
+            release.wait(30)
+            return self.inner(*args, **kwargs)
+
+    engine = BatchingEngine(Hanging(), stop_token_ids=[], max_batch_size=2, batch_wait_s=0.0)
+    server = ModelServer.func_or_class.__new__(ModelServer.func_or_class)  # the replica class, without loading a model
+    server.chat_model, server.stuck_after_s = SimpleNamespace(engine=engine, takes_images=False), 0.05
+
+    async def run():
+        server.check_health()  # idle: healthy
+        reply = asyncio.create_task(asyncio.wait_for(_collect(engine.stream([1, 5], [], 0.0, 1.0, None, 2)), 30))
+        while engine.stuck_for() <= 0.05:
+            await asyncio.sleep(0.01)
+        with pytest.raises(RuntimeError, match="finished no step"):
+            server.check_health()
+        assert server.health()["ok"] is False and server.health()["decoding"]
+        release.set()
+        assert len(await reply) == 2
+        server.check_health()
+        assert server.health()["ok"]
+
+    asyncio.run(run())
+
+
+async def _collect(stream):
+    return [token async for token in stream]
+
+
 def test_the_serve_config_file_builds_the_same_app():
     from pathlib import Path
 

@@ -35,6 +35,7 @@ class ModelSpec:
     max_batch_size: int = 16
     batch_wait_ms: float = 10.0
     dtype: str = "bf16"
+    stuck_after_s: float = 120.0  # a decode loop without a finished step for this long fails the health check
 
 
 @dataclass
@@ -65,6 +66,18 @@ class ModelServer:
         tracking.configure()
         self.model_dir = tracking.resolve_model(spec.uri, Path(tempfile.mkdtemp(prefix=f"minimind-serve-{spec.name}-")))
         self.chat_model = ChatModel(self.model_dir, Limits(**limits), spec.max_batch_size, spec.batch_wait_ms / 1000, spec.dtype)
+        self.stuck_after_s = spec.stuck_after_s
+
+    def check_health(self) -> None:
+        """Serve calls this every few seconds; raising marks the replica unhealthy and Serve replaces it."""
+        stuck = self.chat_model.engine.stuck_for()
+        if stuck > self.stuck_after_s:
+            raise RuntimeError(f"the decode loop has finished no step for {stuck:.0f} s")
+
+    def health(self) -> dict:
+        engine = self.chat_model.engine
+        return {"takes_images": self.chat_model.takes_images, "decoding": engine.running, "waiting": len(engine.pending),
+                "stuck_s": round(engine.stuck_for(), 1), "ok": engine.stuck_for() <= self.stuck_after_s}
 
     def info(self) -> dict:
         return {"takes_images": self.chat_model.takes_images, "context": self.chat_model.context, "model_dir": str(self.model_dir)}
@@ -128,7 +141,17 @@ class Gateway:
 
     @api.get("/healthz")
     async def healthz(self):
-        return {"status": "ok", "models": await self._models()}
+        """Each model's state now (not a cached first answer): 200 when all answer in time and none is stuck, else 503."""
+
+        async def state(handle) -> dict:
+            try:
+                return await asyncio.wait_for(handle.health.remote(), timeout=5)
+            except Exception as error:  # noqa: BLE001 - unreachable, dead or too slow: reported, not raised
+                return {"ok": False, "error": type(error).__name__}
+
+        states = dict(zip(self.servers, await asyncio.gather(*(state(handle) for handle in self.servers.values()))))
+        healthy = all(model["ok"] for model in states.values())
+        return JSONResponse({"status": "ok" if healthy else "degraded", "models": states}, status_code=200 if healthy else 503)
 
     @api.get("/", response_class=HTMLResponse)
     async def page(self):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import io
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,7 @@ class BatchingEngine:
         self.batch_sizes: list[int] = []  # and (tokens sent, tokens asked) of each request of the last session
         self.last_batch: list[tuple[int, int]] = []
         self.running = False
+        self.last_step = time.monotonic()  # when the decode loop last finished a step (or started a session)
 
     async def stream(self, prompt_ids: list[int], images: list[bytes], temperature: float, top_p: float,
                      seed: int | None, max_new_tokens: int) -> AsyncIterator[int]:
@@ -87,11 +89,15 @@ class BatchingEngine:
             self.wakeup.clear()
             while self._waiting(None):
                 await asyncio.sleep(self.batch_wait_s)  # let requests sent together arrive together
-                self.running = True
+                self.running, self.last_step = True, time.monotonic()
                 try:
                     await asyncio.to_thread(self._decode, asyncio.get_running_loop())
                 finally:
                     self.running = False
+
+    def stuck_for(self) -> float:
+        """Seconds the decode loop has been busy without finishing a step; 0 while it is idle."""
+        return time.monotonic() - self.last_step if self.running else 0.0
 
     def _waiting(self, key: tuple | None) -> bool:
         with self.lock:
@@ -128,6 +134,7 @@ class BatchingEngine:
                 stop_rows = lambda: [i for i, r in enumerate(rows) if r.over]  # noqa: E731
                 with torch.inference_mode():
                     for step in stream_batch(self.model, prompts, params, prompt_inputs, stop_rows=stop_rows):
+                        self.last_step = time.monotonic()
                         for request, token in zip(rows, step):
                             if token is None:
                                 request.stopped = request.stopped or not request.over
