@@ -24,6 +24,12 @@ from minimind.config import ModelConfig
 from minimind.losses import causal_lm_loss
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the projections compute in: autocast's when it is on, else the activations' own."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -33,8 +39,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 even under autocast (squares of bf16 activations lose too much precision),
         # then hand the projections that follow the autocast dtype: one cast here, not one per matmul.
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        dtype = compute_dtype(x)
         if x.dtype == self.weight.dtype == dtype:  # bf16 inference weights: the fused kernel already sums in fp32
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(dtype)
@@ -382,9 +387,8 @@ class MiniMindForCausalLM(nn.Module):
         if position_ids is None:
             position_ids = position_ids_for(attention_mask, query_positions)
         # (batch or 1, 1, length, head_dim): the tables stay fp32, the rotation runs in the projections' dtype
-        projection_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        cos = self.model.rope_cos[position_ids].unsqueeze(1).to(projection_dtype)
-        sin = self.model.rope_sin[position_ids].unsqueeze(1).to(projection_dtype)
+        cos = self.model.rope_cos[position_ids].unsqueeze(1).to(compute_dtype(x))
+        sin = self.model.rope_sin[position_ids].unsqueeze(1).to(compute_dtype(x))
         mask = attention_mask_for(attention_mask, query_positions, key_len)
         is_causal = mask is None and key_len == length > 1  # no padding, no cache: the plain causal mask
 
