@@ -41,26 +41,104 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
 
+class RowSampler:
+    """Picks one token per row, each row with its own sampling parameters and its own random stream.
+
+    A row's token depends only on its logits and its parameters and generator: one uniform number per
+    step from the row's generator picks from the inverse CDF of its kept tokens. So a request decoded
+    in a batch with any others samples what it would alone (bitwise, given bitwise-equal logits), and
+    a server can batch requests whatever their settings. Rows without a generator draw from `shared`
+    (or torch's global generator).
+    """
+
+    def __init__(self, rows: Sequence[SamplingParams], generators: Sequence[torch.Generator | None] | None = None,
+                 shared: torch.Generator | None = None, device="cpu"):
+        self.device = torch.device(device)
+        column = lambda values, dtype: torch.tensor(values, dtype=dtype, device=self.device)[:, None]  # noqa: E731
+        self.temperature = column([r.temperature for r in rows], torch.float32)
+        self.top_k = column([r.top_k for r in rows], torch.long)
+        self.top_p = column([r.top_p for r in rows], torch.float32)
+        self.penalty = column([r.repetition_penalty for r in rows], torch.float32)
+        self.greedy = not any(r.temperature for r in rows)
+        self.penalised = any(r.repetition_penalty != 1.0 for r in rows)
+        self.generators = list(generators) if generators is not None else [None] * len(rows)
+        self.shared = shared
+
+    def uniforms(self) -> torch.Tensor:
+        """One number in [0, 1) per row, each seeded row's from its own generator."""
+        if not any(self.generators):
+            numbers = torch.rand(len(self.generators), generator=self.shared)
+        else:
+            numbers = torch.cat([torch.rand(1, generator=g if g is not None else self.shared) for g in self.generators])
+        return numbers.to(self.device, non_blocking=True)
+
+    def __call__(self, logits: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
+        """fp32 logits (batch, vocab) -> token ids (batch,)."""
+        if seen is not None and self.penalised:
+            # CTRL's penalty (Keskar et al. 2019), as in Hugging Face: shrink positive logits, grow negative ones.
+            penalised = torch.where(logits > 0, logits / self.penalty, logits * self.penalty)
+            logits = torch.where(seen, penalised, logits)
+        greedy = logits.argmax(dim=-1)
+        if self.greedy:
+            return greedy
+        uniforms = self.uniforms()[:, None]
+        scaled = logits / self.temperature.clamp(min=1e-6)
+        probs = scaled.softmax(dim=-1)
+        sampled = _inverse_cdf(probs, uniforms)  # rows that keep every token
+        truncated = ((self.top_k > 0) | (self.top_p < 1)).squeeze(-1)
+        if bool(truncated.any()):
+            sampled = torch.where(truncated, self._truncated(scaled, probs, uniforms), sampled)
+        return torch.where(self.temperature.squeeze(-1) == 0, greedy, sampled)
+
+    def _truncated(self, scaled: torch.Tensor, probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+        """Sample each row from its top-k, then the smallest prefix of those whose mass reaches its top-p.
+
+        The kept tokens are nearly always among the few most likely, so they are looked for among the
+        best CANDIDATES (a cheap topk); only a row whose top-p reaches past them sorts its whole vocabulary."""
+        best_logits, best_index = scaled.topk(min(CANDIDATES, scaled.shape[-1]), dim=-1)
+        tokens, unsure = self._from_sorted(best_logits, best_index, probs.gather(-1, best_index), uniforms)
+        if bool(unsure.any()):
+            rows = unsure.nonzero().squeeze(-1)
+            all_logits, all_index = scaled[rows].sort(dim=-1, descending=True)
+            sub = RowSampler.__new__(RowSampler)
+            sub.top_k, sub.top_p = self.top_k[rows], self.top_p[rows]
+            tokens[rows] = sub._from_sorted(all_logits, all_index, probs[rows].gather(-1, all_index), uniforms[rows])[0]
+        return tokens
+
+    def _from_sorted(self, logits, index, probs, uniforms) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens from the best `logits` (descending, at vocabulary `index`, `probs` their share of the whole
+        softmax), and which rows' top-k or top-p may reach beyond these."""
+        count = logits.shape[-1]
+        rank = torch.arange(count, device=logits.device)[None, :]
+        has_top_k = self.top_k > 0
+        keep = rank < torch.where(has_top_k, self.top_k, count)
+        # after top-k the mass is shared among the k kept; without top-k, among the whole vocabulary
+        probs = torch.where(has_top_k, logits.masked_fill(~keep, float("-inf")).softmax(dim=-1), probs)
+        keep &= probs.cumsum(dim=-1) - probs < self.top_p
+        mass = probs.sum(dim=-1, keepdim=True)
+        unsure = torch.where(has_top_k, self.top_k > count, (mass < self.top_p) & (self.top_p < 1)).squeeze(-1)
+        choice = _inverse_cdf(probs.masked_fill(~keep, 0.0), uniforms)
+        return index.gather(-1, choice[:, None]).squeeze(-1), unsure
+
+
+def _inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """The index where each row's cumulative `weights` pass `uniforms` (batch, 1) of their total."""
+    cdf = weights.cumsum(dim=-1)
+    return torch.searchsorted(cdf, uniforms * cdf[:, -1:], right=True).clamp(max=weights.shape[-1] - 1).squeeze(-1)
+
+
+CANDIDATES = 64  # tokens looked at first for top-k/top-p sampling
+
+
 def next_tokens(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None, generator=None) -> torch.Tensor:
-    """Pick one token per row from fp32 logits (batch, vocab)."""
+    """Pick one token per row from fp32 logits (batch, vocab), every row with the same `params`."""
     if params.suppress_token_ids:
-        logits = logits.index_fill(-1, torch.as_tensor(params.suppress_token_ids, device=logits.device), float("-inf"))
-    if seen is not None and params.repetition_penalty != 1.0:
-        # CTRL's penalty (Keskar et al. 2019), as in Hugging Face: shrink positive logits, grow negative ones.
-        penalised = torch.where(logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty)
-        logits = torch.where(seen, penalised, logits)
-    if params.temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / params.temperature
-    if params.top_k:
-        kth_best = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth_best, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, sorted_index = logits.sort(dim=-1, descending=True)
-        probs_before = sorted_logits.softmax(dim=-1).cumsum(dim=-1) - sorted_logits.softmax(dim=-1)
-        drop_sorted = probs_before >= params.top_p  # keep the smallest prefix whose mass reaches top_p
-        logits = logits.masked_fill(drop_sorted.scatter(-1, sorted_index, drop_sorted), float("-inf"))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+        logits = suppress(logits, params.suppress_token_ids)
+    return RowSampler([params] * logits.shape[0], shared=generator, device=logits.device)(logits, seen)
+
+
+def suppress(logits: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
+    return logits.index_fill(-1, torch.as_tensor(token_ids, device=logits.device), float("-inf"))
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -76,15 +154,19 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[tor
 
 
 @torch.inference_mode()
-def stream_batch(model: MiniMindForCausalLM, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                 prompt_inputs: dict | None = None, stop_rows: Callable[[], Iterable[int]] | None = None) -> Iterator[list[int | None]]:
+def stream_batch(model: MiniMindForCausalLM, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
+                 prompt_inputs: dict | None = None, stop_rows: Callable[[], Iterable[int]] | None = None,
+                 generators: Sequence[torch.Generator | None] | None = None) -> Iterator[list[int | None]]:
     """Yield, each step, one new token per prompt, or None for a prompt that has finished.
 
-    A prompt finishes when it samples a stop token (which is not yielded); the stream ends when all
-    have finished or after `max_new_tokens` steps. `prompt_inputs` are extra forward arguments that
-    belong to the prompt tokens, such as a VLM's `pixel_values`: given at prefill (and at every step
-    without a KV cache, which recomputes the prompt). `stop_rows()`, asked every step, names rows to
-    finish now (a server's cancelled or satisfied requests); the stream ends when every row is finished.
+    A prompt finishes when it samples a stop token (which is not yielded) or has its `max_new_tokens`;
+    the stream ends when all have finished. `params` is one SamplingParams for every prompt (a seed then
+    seeds the batch's one random stream) or one per prompt (each seeded prompt then has its own stream,
+    or the generator given for it in `generators`, which a server keeps across batches); their stop and
+    suppressed ids and use_cache must agree. `prompt_inputs` are extra forward arguments that belong to
+    the prompt tokens, such as a VLM's `pixel_values`: given at prefill (and at every step without a KV
+    cache, which recomputes the prompt). `stop_rows()`, asked every step, names rows to finish now (a
+    server's cancelled or satisfied requests).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -92,7 +174,16 @@ def stream_batch(model: MiniMindForCausalLM, prompts: Sequence[Sequence[int]], p
     longest = max(len(p) for p in prompts)
     if longest >= config.max_position_embeddings:
         raise ValueError(f"prompt of {longest} tokens leaves no room in the {config.max_position_embeddings}-position context")
-    max_new_tokens = min(params.max_new_tokens, config.max_position_embeddings - longest)
+    per_row = not isinstance(params, SamplingParams)
+    rows = list(params) if per_row else [params] * len(prompts)
+    if len(rows) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(rows)} SamplingParams")
+    params = rows[0]
+    if any((r.stop_token_ids, r.suppress_token_ids, r.use_cache) != (params.stop_token_ids, params.suppress_token_ids, params.use_cache)
+           for r in rows):
+        raise ValueError("the rows of one batch must share stop_token_ids, suppress_token_ids and use_cache")
+    row_limits = [min(r.max_new_tokens, config.max_position_embeddings - longest) for r in rows]
+    max_new_tokens = max(row_limits)
     stop_ids = list(params.stop_token_ids if params.stop_token_ids is not None else [config.eos_token_id])
     device = next(model.parameters()).device
 
@@ -100,9 +191,13 @@ def stream_batch(model: MiniMindForCausalLM, prompts: Sequence[Sequence[int]], p
     model.eval()
     ids, mask = left_pad(prompts, config.pad_token_id, device)
     stop_ids_tensor = torch.tensor(stop_ids, device=device)
-    generator = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
+    if per_row and generators is None:
+        generators = [torch.Generator().manual_seed(r.seed) if r.seed is not None else None for r in rows]
+    shared = torch.Generator().manual_seed(params.seed) if not per_row and params.seed is not None else None
+    sampler = RowSampler(rows, generators, shared, device)
+    out_of_tokens = torch.tensor(row_limits, device=device)[None, :] <= torch.arange(max_new_tokens, device=device)[:, None] + 1
     seen = None
-    if params.repetition_penalty != 1.0:
+    if sampler.penalised:
         seen = torch.zeros(len(prompts), config.vocab_size, dtype=torch.bool, device=device)
         seen.scatter_(1, ids, mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool))
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
@@ -122,12 +217,15 @@ def stream_batch(model: MiniMindForCausalLM, prompts: Sequence[Sequence[int]], p
             forward = decode_step if decode_step is not None and step > 0 else model
             with _one_row_kernels() if device.type == "cpu" and step_input.shape == (1, 1) else nullcontext():
                 logits = forward(step_input, mask, kv_cache=kv_cache, logits_to_keep=1, **extra).logits[:, -1].float()
-            token = next_tokens(logits, params, seen, generator)
+            if params.suppress_token_ids:
+                logits = suppress(logits, params.suppress_token_ids)
+            token = sampler(logits, seen)
             finished |= torch.isin(token, stop_ids_tensor)
             if stop_rows is not None:
                 for row in stop_rows():
                     finished[row] = True
             yield [None if done else t for t, done in zip(token.tolist(), finished.tolist())]
+            finished |= out_of_tokens[step]  # a row that just had its last token
             if bool(finished.all()):
                 return
             token = token.masked_fill(finished, config.pad_token_id)[:, None]
