@@ -80,6 +80,28 @@ def test_top_k_and_top_p_only_sample_from_the_kept_tokens():
     assert set(next_tokens(logits, SamplingParams(temperature=1.0, top_p=0.9), None, generator).tolist()) == {0, 1, 2}
 
 
+def test_each_row_samples_with_its_own_settings_and_random_stream():
+    """One batch, four settings: greedy, top-k 2, top-p 0.8 (found among the best candidates) and top-p
+    0.9999 over a flat tail (which needs the whole sorted vocabulary); a seeded row's tokens do not
+    depend on which rows share its batch."""
+    from minimind.generate import RowSampler
+
+    peaked = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0] + [-9.0] * 195)
+    flat = torch.zeros(200)
+    logits = torch.stack([peaked, peaked, peaked, flat])
+    rows = [SamplingParams(), SamplingParams(temperature=1.0, top_k=2), SamplingParams(temperature=1.0, top_p=0.8),
+            SamplingParams(temperature=1.0, top_p=0.9999)]
+    sampler = RowSampler(rows, shared=torch.Generator().manual_seed(0))
+    picks = torch.stack([sampler(logits, None) for _ in range(3000)])
+    assert set(picks[:, 0].tolist()) == {0} and set(picks[:, 1].tolist()) == {0, 1} and set(picks[:, 2].tolist()) == {0, 1}
+    assert len(set(picks[:, 3].tolist())) > 150  # the flat row keeps (nearly) its whole vocabulary
+    seeded = SamplingParams(temperature=1.0, top_p=0.95, seed=5)
+    alone = RowSampler([seeded], [torch.Generator().manual_seed(5)])
+    company = RowSampler([rows[3], seeded, rows[1]], [None, torch.Generator().manual_seed(5), torch.Generator().manual_seed(9)])
+    tail = torch.stack([flat, peaked + torch.linspace(0, 1, 200), peaked])
+    assert [alone(tail[1:2], None).item() for _ in range(50)] == [company(tail, None)[1].item() for _ in range(50)]
+
+
 def test_repetition_penalty_discourages_seen_tokens():
     logits = torch.tensor([[2.0, 1.9, -1.0]])
     seen = torch.tensor([[True, False, False]])
