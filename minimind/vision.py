@@ -34,13 +34,14 @@ class ImageError(ValueError):
     """An image that cannot be used; the message names the file."""
 
 
-def load_image(source, max_pixels: int = MAX_IMAGE_PIXELS, name: str | None = None) -> Image.Image:
+def load_image(source, max_pixels: int = MAX_IMAGE_PIXELS, name: str | None = None, formats: tuple[str, ...] | None = None) -> Image.Image:
     """An RGB image from a path or a binary file object: EXIF orientation applied, any mode converted,
-    anything over `max_pixels` (a decompression bomb or just too big) refused before it is decoded."""
+    anything over `max_pixels` (a decompression bomb or just too big) refused before it is decoded.
+    `formats` (Pillow's names, e.g. ("PNG", "JPEG")) limits which parsers may look at the bytes."""
     name = name or str(source)
     too_large = f"{name}: image too large (more than {max_pixels:,} pixels)"
     try:
-        with Image.open(source) as image:  # reads the header only: the size is known, nothing decoded yet
+        with Image.open(source, formats=formats) as image:  # reads the header only: the size is known, nothing decoded yet
             if image.width * image.height > max_pixels:
                 raise ImageError(f"{too_large}: {image.width}x{image.height}")
             image = ImageOps.exif_transpose(image)

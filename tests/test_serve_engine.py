@@ -3,10 +3,11 @@
 import asyncio
 
 import pytest
+import torch
 
 from conftest import random_model
-from minimind.generate import generate
-from minimind.serve.engine import BatchingEngine
+from minimind.generate import SamplingParams, generate
+from minimind.serve.engine import BatchingEngine, releasable
 from minimind.serve.protocol import APIError, Limits, parse_chat_request, split_reasoning
 
 THINK, ANSWER = ("<think>", "</think>"), ("<answer>", "</answer>")
@@ -72,7 +73,7 @@ def test_concurrent_requests_decode_in_one_batch_with_the_same_tokens_as_alone()
         engine = BatchingEngine(model, stop_token_ids=[2], max_batch_size=8, batch_wait_s=0.05)
 
         async def one(prompt, n):
-            return [token async for token in engine.stream(prompt, [], 0.0, 1.0, None, n)]
+            return [token async for token in engine.stream(prompt, [], SamplingParams(n))]
 
         together = await asyncio.gather(*(one(p, n) for p, n in zip(prompts, limits)))
         return together, engine
@@ -82,12 +83,73 @@ def test_concurrent_requests_decode_in_one_batch_with_the_same_tokens_as_alone()
     assert engine.batch_sizes == [4]
 
 
+SETTINGS = [SamplingParams(40), SamplingParams(40, temperature=0.9, top_p=0.9, seed=11),
+            SamplingParams(40, temperature=1.3, top_k=5, repetition_penalty=1.2, seed=5), SamplingParams(40, temperature=0.7)]
+
+
+def test_requests_with_any_settings_join_the_running_batch_and_seeded_ones_sample_as_alone():
+    """Four different sampling settings arriving one after another all decode in the one running batch
+    (no request waits for another setting's batch to drain), and each seeded request gets exactly the
+    tokens it gets alone, in bf16 as served, whoever joins the batch around it."""
+    model = random_model(vocab_size=64).to(torch.bfloat16)
+    prompts = [[1, 5, 9], [1, 7], [1, 3, 4, 8], [1, 11, 12]]
+
+    async def run(order, gap_steps):
+        engine = BatchingEngine(model, stop_token_ids=[], max_batch_size=8, batch_wait_s=0.0)
+        results = {}
+
+        async def one(index):
+            results[index] = []
+            async for token in engine.stream(prompts[index], [], SETTINGS[index]):
+                results[index].append(token)
+
+        tasks = []
+        for index in order:
+            tasks.append(asyncio.create_task(one(index)))
+            while len(results.get(index, [])) < gap_steps:  # the batch decodes on before the next one arrives
+                await asyncio.sleep(0.001)
+        await asyncio.gather(*tasks)
+        return results, engine
+
+    alone = {index: asyncio.run(run([index], 0))[0][index] for index in range(4)}
+    mixed, engine = asyncio.run(run([0, 1, 2, 3], 3))
+    assert engine.batches_run == 1 and max(engine.batch_sizes) == 4  # one session: every setting joined it
+    assert mixed[1] == alone[1] and mixed[2] == alone[2]  # seeded: the same tokens in company as alone
+    assert mixed[0] == alone[0]  # greedy too
+    reversed_order, _ = asyncio.run(run([3, 2, 1, 0], 5))
+    assert reversed_order[1] == alone[1] and reversed_order[2] == alone[2]
+    assert len(set(map(tuple, alone.values()))) == 4
+
+
+def test_released_text_never_shows_part_of_a_stop_string_or_half_a_character():
+    from minimind.demo import demo_tokenizer
+    from minimind.tokenizer import load_tokenizer
+
+    assert releasable("答案是 4", ["42"]) == ("答案是 ", False)  # "4" may begin "42": held back
+    assert releasable("答案是 43", ["42"]) == ("答案是 43", False)
+    assert releasable("答案是 42。", ["42"]) == ("答案是 ", True)
+    assert releasable("答案是 4", ["42"], final=True) == ("答案是 4", False)
+    assert releasable("ab\ufffd", []) == ("ab", False)
+    tokenizer = load_tokenizer(demo_tokenizer())
+    reply = "龘靐齉 😀 éß END"  # rare characters: byte-level tokens that split them
+    ids = tokenizer.encode(reply, add_special_tokens=False)
+    streamed, cut = "", False
+    for end in range(1, len(ids) + 1):
+        text, cut = releasable(tokenizer.decode(ids[:end]), ["END"])
+        assert text.startswith(streamed) and "\ufffd" not in text and "E" not in text
+        streamed = text
+        if cut:
+            break
+    assert cut and streamed == "龘靐齉 😀 éß "
+    assert any("\ufffd" in tokenizer.decode(ids[:end]) for end in range(1, len(ids)))  # the case is real
+
+
 def test_a_request_that_stops_listening_leaves_the_batch():
     model = random_model(vocab_size=64)
 
     async def run():
         engine = BatchingEngine(model, stop_token_ids=[], max_batch_size=8, batch_wait_s=0.01)
-        stream = engine.stream([1, 5, 9], [], 0.0, 1.0, None, 1000)
+        stream = engine.stream([1, 5, 9], [], SamplingParams(1000))
         first = await stream.__anext__()
         await stream.aclose()  # the client went away
         while engine.running or not engine.last_batch:
@@ -103,8 +165,6 @@ def test_a_decode_loop_that_finishes_no_step_fails_the_replicas_health_check():
     forward that waits), and passes again once it moves."""
     import threading
     from types import SimpleNamespace
-
-    import torch
 
     from minimind.serve.app import ModelServer
 
@@ -125,7 +185,7 @@ def test_a_decode_loop_that_finishes_no_step_fails_the_replicas_health_check():
 
     async def run():
         server.check_health()  # idle: healthy
-        reply = asyncio.create_task(asyncio.wait_for(_collect(engine.stream([1, 5], [], 0.0, 1.0, None, 2)), 30))
+        reply = asyncio.create_task(asyncio.wait_for(_collect(engine.stream([1, 5], [], SamplingParams(2))), 30))
         while engine.stuck_for() <= 0.05:
             await asyncio.sleep(0.01)
         with pytest.raises(RuntimeError, match="finished no step"):
@@ -144,15 +204,24 @@ async def _collect(stream):
 
 
 def test_the_serve_config_file_builds_the_same_app():
+    """The yaml is a valid Serve config, its args build the app, and its `deployments:` overrides name the app's
+    deployments (Serve refuses an override of a deployment the app does not have)."""
     from pathlib import Path
 
     import yaml
+    from ray.serve._private.build_app import build_app as build_serve_app  # private: how Serve names the deployments
+    from ray.serve.schema import ServeDeploySchema
 
     from minimind.serve.app import build_app
 
     config = yaml.safe_load((Path(__file__).resolve().parents[1] / "serve_config.yaml").read_text())
+    ServeDeploySchema.model_validate(config)
     (application,) = config["applications"]
     assert application["import_path"] == "minimind.serve.app:build_app"
     app = build_app(application["args"])  # binds the deployments; nothing starts until serve.run
     assert type(app).__name__ == "Application"
     assert [spec["name"] for spec in application["args"]["models"]] == ["minimind", "minimind-v"]
+    built = {deployment.name: deployment for deployment in build_serve_app(app, name=application["name"]).deployments}
+    overrides = {override["name"]: override for override in application["deployments"]}
+    assert set(overrides) == set(built) == {"minimind", "minimind-v", "Gateway"}
+    assert all(override["max_queued_requests"] > 0 for name, override in overrides.items() if name != "Gateway")

@@ -3,6 +3,10 @@ behind a FastAPI gateway that speaks OpenAI's chat-completions API and serves th
 
     POST /v1/chat/completions   GET /v1/models   GET /healthz   GET /  (chat page)
 
+The gateway's event loop only moves bytes: the body is read up to `Limits.max_body_bytes`, and JSON,
+base64 and image decoding (and remote fetches) run on a small thread pool. Each model deployment holds
+at most `max_queued_requests` waiting requests per gateway replica (more: 429 with `Retry-After`), and
+a reply must come within `request_timeout_s` (else 504, and its replica stops decoding it).
 `build_app(args)` is the application builder `serve run` and `jobs/serve.py` use.
 """
 
@@ -10,23 +14,27 @@ behind a FastAPI gateway that speaks OpenAI's chat-completions API and serves th
 import asyncio
 import hmac
 import json
+import math
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 
-from minimind.serve.protocol import APIError, ChatRequest, Limits, completion_id, now, parse_chat_request
+from minimind.serve.protocol import APIError, ChatRequest, Limits, completion_id, now, parse_chat_body
 
 PAGE = Path(__file__).with_name("chat.html")
+GATEWAY_CPUS = 0.1  # per gateway replica: it parses and forwards, the model replicas compute
 
 
 @dataclass
 class ModelSpec:
-    name: str  # the OpenAI model name clients ask for
+    name: str  # the OpenAI model name clients ask for, and the name of its Serve deployment
     uri: str  # models:/NAME/latest|VERSION, models:/NAME@ALIAS, runs:/... or a directory
     num_replicas: int | str = 1  # or "auto" for autoscaling
     max_replicas: int = 2
@@ -36,6 +44,13 @@ class ModelSpec:
     batch_wait_ms: float = 10.0
     dtype: str = "bf16"
     stuck_after_s: float = 120.0  # a decode loop without a finished step for this long fails the health check
+    max_ongoing_requests: int | None = None  # per replica; None: 4 x max_batch_size (the rest wait in the replica)
+    max_queued_requests: int = 256  # waiting for a replica, per gateway replica; more are refused with 429
+
+
+# What a model replica is built from; the rest (replicas, resources, queue sizes) are deployment options
+# that a Serve config's `deployments:` section may change without restarting the replicas.
+REPLICA_FIELDS = ("name", "uri", "max_batch_size", "batch_wait_ms", "dtype", "stuck_after_s")
 
 
 @dataclass
@@ -47,6 +62,8 @@ class ServeSettings:
     api_key_file: str | None = None
     api_key_env: str | None = "MINIMIND_API_KEY"
     tracking_uri: str | None = None  # where models:/ URIs resolve (default: the project's store)
+    gateway_replicas: int = 1
+    request_timeout_s: float = 120.0  # from the request's arrival to its reply's last token; else 504
 
 
 @serve.deployment
@@ -54,6 +71,7 @@ class ModelServer:
     """One model in one replica; concurrent requests decode together (see minimind.serve.engine)."""
 
     def __init__(self, spec: dict, limits: dict, tracking_uri: str | None):
+        import ray
         import torch
 
         from minimind import tracking
@@ -62,7 +80,7 @@ class ModelServer:
         spec = ModelSpec(**spec)
         if tracking_uri:
             os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-        torch.set_num_threads(max(1, int(spec.num_cpus)))
+        torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
         tracking.configure()
         self.model_dir = tracking.resolve_model(spec.uri, Path(tempfile.mkdtemp(prefix=f"minimind-serve-{spec.name}-")))
         self.chat_model = ChatModel(self.model_dir, Limits(**limits), spec.max_batch_size, spec.batch_wait_ms / 1000, spec.dtype)
@@ -115,22 +133,74 @@ def _usage(start: dict, end: dict) -> dict:
 
 
 def _error(error: APIError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status)
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+def _check_content_type(request: Request) -> None:
+    kind = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if kind != "application/json" and not kind.endswith("+json"):
+        raise APIError(415, f"the body must be JSON: send 'Content-Type: application/json', not {kind[:60]!r}",
+                       code="unsupported_media_type")
+
+
+async def _read_body(request: Request, max_bytes: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to be over `max_bytes` (announced or counted)."""
+    too_large = APIError(413, f"the request body is larger than {max_bytes} bytes", code="request_too_large")
+    try:
+        announced = int(request.headers.get("content-length", 0))
+    except ValueError:
+        raise APIError(400, "the Content-Length header is not a number") from None
+    if announced > max_bytes:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _next_event(events, deadline: float, model: str, timeout_s: float) -> dict | None:
+    """The next event of a model's reply (None at its end). A reply that does not come by the deadline,
+    or cannot come, ends in an APIError, and the request is cancelled: its replica frees its batch row."""
+    try:
+        return await asyncio.wait_for(events.__anext__(), max(0.0, deadline - asyncio.get_running_loop().time()))
+    except StopAsyncIteration:
+        return None
+    except TimeoutError:
+        events.cancel()
+        raise APIError(504, f"the model '{model}' did not finish the reply within {timeout_s:g} s", kind="server_error",
+                       code="timeout") from None
+    except BackPressureError as error:
+        retry = str(max(1, math.ceil(error.retry_after_s or 1)))
+        raise APIError(error.status_code, f"the model '{model}' has too many requests waiting; retry in {retry} s",
+                       kind="server_error", code="overloaded", headers={"Retry-After": retry}) from None
+    except Exception as error:  # noqa: BLE001 - the replica died, failed, or could not be reached
+        events.cancel()
+        raise APIError(503, f"the model '{model}' is unavailable: {type(error).__name__}", kind="server_error") from None
 
 
 @serve.deployment
 @serve.ingress(api)
 class Gateway:
-    def __init__(self, servers: dict, limits: dict, api_key_file: str | None, api_key_env: str | None):
-        self.servers, self.limits = servers, Limits(**limits)
+    def __init__(self, servers: dict, limits: dict, api_key_file: str | None, api_key_env: str | None,
+                 request_timeout_s: float = 120.0):
+        self.servers, self.limits, self.request_timeout_s = servers, Limits(**limits), request_timeout_s
         key = read_api_key(api_key_file, api_key_env)
         self.expected_authorization = f"Bearer {key}".encode() if key else None
         self.takes_images: dict[str, bool] | None = None
         self.created = now()
+        self.page_html = PAGE.read_text(encoding="utf-8")
+        # JSON, base64 and Pillow work off the event loop; a few threads bound the memory decoded images take
+        self.parsers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="parse-request")
 
     async def _models(self) -> dict[str, bool]:
         if self.takes_images is None:
-            infos = await asyncio.gather(*(handle.info.remote() for handle in self.servers.values()))
+            try:
+                infos = await asyncio.gather(*(handle.info.remote() for handle in self.servers.values()))
+            except Exception as error:  # noqa: BLE001 - a model replica that is not up yet
+                raise APIError(503, f"the models are not ready: {type(error).__name__}", kind="server_error") from None
             self.takes_images = {name: info["takes_images"] for name, info in zip(self.servers, infos)}
         return self.takes_images
 
@@ -155,15 +225,15 @@ class Gateway:
 
     @api.get("/", response_class=HTMLResponse)
     async def page(self):
-        return PAGE.read_text(encoding="utf-8")
+        return self.page_html
 
     @api.get("/v1/models")
     async def list_models(self, request: Request):
         try:
             self._check_key(request)
+            models = await self._models()
         except APIError as error:
             return _error(error)
-        models = await self._models()
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": self.created, "owned_by": "minimind", "takes_images": images}
             for name, images in models.items()
@@ -171,31 +241,36 @@ class Gateway:
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.request_timeout_s
         try:
             self._check_key(request)
+            _check_content_type(request)
             try:
-                body = json.loads(await request.body())
-            except (json.JSONDecodeError, UnicodeDecodeError) as error:
-                raise APIError(400, f"the body is not valid JSON: {error}") from None
-            chat = parse_chat_request(body, await self._models(), self.limits)
+                raw = await asyncio.wait_for(_read_body(request, self.limits.max_body_bytes), self.request_timeout_s)
+            except TimeoutError:
+                raise APIError(408, f"the request body did not arrive within {self.request_timeout_s:g} s") from None
+            chat = await loop.run_in_executor(self.parsers, parse_chat_body, raw, await self._models(), self.limits)
+            events = self.servers[chat.model].options(stream=True).chat.remote(chat)
+            first = await _next_event(events, deadline, chat.model, self.request_timeout_s)
         except APIError as error:
             return _error(error)
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if isinstance(body.get("stream_options"), dict) else False
-        events = self.servers[chat.model].options(stream=True).chat.remote(chat)
-        try:
-            first = await events.__anext__()
-        except Exception as error:  # noqa: BLE001 - the replica died or could not be reached
-            return _error(APIError(503, f"the model '{chat.model}' is unavailable: {type(error).__name__}", kind="server_error"))
-        if first["type"] == "error":
-            return JSONResponse(first["body"], status_code=first["status"])
+        if first is None or first["type"] == "error":
+            return JSONResponse(first["body"], status_code=first["status"]) if first else _error(
+                APIError(503, f"the model '{chat.model}' sent no reply", kind="server_error"))
         if chat.stream:
-            return StreamingResponse(self._sse(chat, first, events, include_usage), media_type="text/event-stream")
+            return StreamingResponse(self._sse(chat, first, events, deadline), media_type="text/event-stream")
         reasoning, content, end = "", "", {}
-        async for event in events:
-            if event["type"] == "delta":
-                reasoning, content = reasoning + event["reasoning"], content + event["content"]
-            elif event["type"] == "end":
-                end = event
+        try:
+            while (event := await _next_event(events, deadline, chat.model, self.request_timeout_s)) is not None:
+                if event["type"] == "delta":
+                    reasoning, content = reasoning + event["reasoning"], content + event["content"]
+                elif event["type"] == "end":
+                    end = event
+                elif event["type"] == "error":
+                    return JSONResponse(event["body"], status_code=event["status"])
+        except APIError as error:
+            return _error(error)
         message = {"role": "assistant", "content": content, **({"reasoning_content": reasoning} if reasoning else {})}
         return {
             "id": completion_id(), "object": "chat.completion", "created": now(), "model": chat.model,
@@ -203,7 +278,7 @@ class Gateway:
             "usage": _usage(first, end),
         }
 
-    async def _sse(self, chat: ChatRequest, first: dict, events, include_usage: bool):
+    async def _sse(self, chat: ChatRequest, first: dict, events, deadline: float):
         identity = {"id": completion_id(), "object": "chat.completion.chunk", "created": now(), "model": chat.model}
 
         def chunk(delta: dict, finish=None, **extra) -> str:
@@ -211,33 +286,49 @@ class Gateway:
                                          ensure_ascii=False) + "\n\n"
 
         yield chunk({"role": "assistant", "content": ""})
-        async for event in events:
-            if event["type"] == "delta":
-                delta = {key: value for key, value in (("reasoning_content", event["reasoning"]), ("content", event["content"])) if value}
-                yield chunk(delta)
-            elif event["type"] == "end":
-                yield chunk({}, event["finish_reason"])
-                if include_usage:
-                    yield "data: " + json.dumps({**identity, "choices": [], "usage": _usage(first, event)}) + "\n\n"
+        try:
+            while (event := await _next_event(events, deadline, chat.model, self.request_timeout_s)) is not None:
+                if event["type"] == "delta":
+                    delta = {key: value for key, value in (("reasoning_content", event["reasoning"]), ("content", event["content"])) if value}
+                    yield chunk(delta)
+                elif event["type"] == "end":
+                    yield chunk({}, event["finish_reason"])
+                    if chat.include_usage:
+                        yield "data: " + json.dumps({**identity, "choices": [], "usage": _usage(first, event)}) + "\n\n"
+                elif event["type"] == "error":
+                    yield "data: " + json.dumps(event["body"]) + "\n\n"
+                    return
+        except APIError as error:  # too late for a status code: OpenAI's clients raise on an error event
+            yield "data: " + json.dumps(error.body()) + "\n\n"
+            return
+        except BaseException:  # the client went away (or the gateway stops): stop decoding for it
+            events.cancel()
+            raise
         yield "data: [DONE]\n\n"
 
 
 def _server(spec: ModelSpec, settings: ServeSettings):
     # Serve admits 5 requests per replica by default: too few to fill a batch; the rest wait in the replica.
     options = {"ray_actor_options": {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus}, "name": spec.name,
-               "max_ongoing_requests": 4 * spec.max_batch_size}
+               "max_ongoing_requests": spec.max_ongoing_requests or 4 * spec.max_batch_size,
+               "max_queued_requests": spec.max_queued_requests,
+               "backpressure_config": {"status_code": 429, "retry_after_s": 1}}
     if spec.num_replicas == "auto":
         options["autoscaling_config"] = {"min_replicas": 1, "max_replicas": spec.max_replicas, "target_ongoing_requests": spec.max_batch_size}
     else:
         options["num_replicas"] = int(spec.num_replicas)
-    return ModelServer.options(**options).bind(asdict(spec), asdict(settings.limits), settings.tracking_uri)
+    replica = {name: getattr(spec, name) for name in REPLICA_FIELDS}
+    # only the limit a model replica applies: a change of the gateway's limits leaves the models loaded
+    return ModelServer.options(**options).bind(replica, {"max_tokens": settings.limits.max_tokens}, settings.tracking_uri)
 
 
 def build(settings: ServeSettings):
     servers = {spec.name: _server(spec, settings) for spec in settings.models}
-    gateway = Gateway.options(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=1000)
-    return gateway.bind(servers, asdict(settings.limits), settings.api_key_file, settings.api_key_env)
-
+    # the proxy answers past this queue itself (503, plain text): a last line far behind the models' 429s
+    gateway = Gateway.options(num_replicas=settings.gateway_replicas, ray_actor_options={"num_cpus": GATEWAY_CPUS},
+                              max_ongoing_requests=1000, max_queued_requests=1000,
+                              backpressure_config={"status_code": 503, "retry_after_s": 1})
+    return gateway.bind(servers, asdict(settings.limits), settings.api_key_file, settings.api_key_env, settings.request_timeout_s)
 
 
 def build_app(args: dict):

@@ -1,13 +1,15 @@
 """Serving a model to many clients at once, without Ray: a batching engine over the library's KV-cached
 batched decoder, and `ChatModel`, which turns an OpenAI-style request into a stream of events.
 
-Batching is continuous at step granularity: requests that sample alike decode together as one
-left-padded, KV-cached batch of up to `max_batch_size`. A request arriving while a batch decodes joins
-it at the next step: the batch is re-formed from each row's prompt plus the tokens it has so far and
-prefilled again (a prefill of the whole batch costs about as much as a few decode steps of it, and
-spares the newcomer a wait for the whole batch). A request whose client goes away, or that has its
-tokens or hit a stop string, leaves at the next step. Seeded requests decode only with requests of
-the same seed and admit no newcomers, so what they sample does not depend on timing.
+Batching is continuous at step granularity: requests decode together as one left-padded, KV-cached
+batch of up to `max_batch_size`, each row with its own sampling parameters (temperature, top-p, top-k,
+repetition penalty, seed). A request arriving while a batch decodes joins it at the next step, whatever
+its settings, first come first served: the batch is re-formed from each row's prompt plus the tokens it
+has so far and prefilled again (a prefill of the whole batch costs about as much as a few decode steps
+of it, and spares the newcomer a wait for the whole batch). A request whose client goes away, or that
+has its tokens or hit a stop string, leaves at the next step. A seeded request decodes in a lane of its
+own within the same steps, with its own random generator, so it samples the same tokens alone or in any
+company (see `BatchingEngine._decode`).
 """
 
 from __future__ import annotations
@@ -17,25 +19,34 @@ import io
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from minimind.generate import SamplingParams, stream_batch
-from minimind.serve.protocol import APIError, ChatRequest, Limits, split_reasoning
+from minimind.continuous import ContinuousBatch
+from minimind.generate import SamplingParams
+from minimind.serve.protocol import IMAGE_FORMATS, APIError, ChatRequest, Limits, split_reasoning
 
 
 @dataclass(eq=False)
 class _Request:
     prompt_ids: list[int]
     images: list[bytes]
-    sampling: tuple  # (temperature, top_p, seed): requests batch only with equal sampling
-    max_new_tokens: int
+    sampling: SamplingParams  # its max_new_tokens is the request's
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     generated: list[int] = field(default_factory=list)
     done: bool = False  # the consumer needs no more tokens
     stopped: bool = False  # the model said its stop token
+    ended: bool = False  # its consumer has been told the stream is over
+
+    def __post_init__(self):
+        seed = self.sampling.seed
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None  # kept across batches
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.sampling.max_new_tokens
 
     @property
     def sent(self) -> int:
@@ -62,10 +73,10 @@ class BatchingEngine:
         self.running = False
         self.last_step = time.monotonic()  # when the decode loop last finished a step (or started a session)
 
-    async def stream(self, prompt_ids: list[int], images: list[bytes], temperature: float, top_p: float,
-                     seed: int | None, max_new_tokens: int) -> AsyncIterator[int]:
-        """The new tokens of one request, as they are decoded (its stop token excluded)."""
-        request = _Request(prompt_ids, images, (temperature, top_p, seed), max_new_tokens)
+    async def stream(self, prompt_ids: list[int], images: list[bytes], sampling: SamplingParams) -> AsyncIterator[int]:
+        """The new tokens of one request, as they are decoded (its stop token excluded). `sampling`'s stop
+        and suppressed ids are the engine's."""
+        request = _Request(prompt_ids, images, sampling)
         if self.worker is None or self.worker.done():
             self.wakeup = asyncio.Event()
             self.worker = asyncio.get_running_loop().create_task(self._run())
@@ -87,7 +98,7 @@ class BatchingEngine:
         while True:
             await self.wakeup.wait()
             self.wakeup.clear()
-            while self._waiting(None):
+            while self._waiting():
                 await asyncio.sleep(self.batch_wait_s)  # let requests sent together arrive together
                 self.running, self.last_step = True, time.monotonic()
                 try:
@@ -99,68 +110,134 @@ class BatchingEngine:
         """Seconds the decode loop has been busy without finishing a step; 0 while it is idle."""
         return time.monotonic() - self.last_step if self.running else 0.0
 
-    def _waiting(self, key: tuple | None) -> bool:
+    def _waiting(self) -> bool:
         with self.lock:
-            return any(not r.done and (key is None or r.sampling == key) for r in self.pending)
+            return any(not r.done for r in self.pending)
 
-    def _take(self, key: tuple | None, room: int) -> list[_Request]:
+    def _take(self, room: int) -> list[_Request]:
+        """The longest-waiting live requests, up to `room`, whatever their settings."""
         with self.lock:
             live = [r for r in self.pending if not r.done]
-            key = key if key is not None else (live[0].sampling if live else None)
-            taken = [r for r in live if r.sampling == key][:room]
-            self.pending = [r for r in live if r not in taken]
+            taken, self.pending = live[:room], live[room:]
         return taken
 
     def _decode(self, loop: asyncio.AbstractEventLoop) -> None:
-        """One decode session: a batch that new requests with the same sampling join until none is left."""
-        rows = self._take(None, self.max_batch_size)
-        if not rows:
-            return
-        key = rows[0].sampling
-        temperature, top_p, seed = key
-        self.batches_run += 1
-        session = list(rows)
-        while rows:
-            self.batch_sizes.append(len(rows))
-            params = SamplingParams(
-                max_new_tokens=max(r.max_new_tokens - r.sent for r in rows), temperature=temperature, top_p=top_p, seed=seed,
-                stop_token_ids=self.stop_token_ids, suppress_token_ids=self.suppress_token_ids,
-            )
-            newcomers = False
-            try:
-                images = [image for r in rows for image in r.images]
-                prompt_inputs = {"pixel_values": self._pixels(images)} if images else None
-                prompts = [r.prompt_ids + r.generated for r in rows]
-                stop_rows = lambda: [i for i, r in enumerate(rows) if r.over]  # noqa: E731
-                with torch.inference_mode():
-                    for step in stream_batch(self.model, prompts, params, prompt_inputs, stop_rows=stop_rows):
-                        self.last_step = time.monotonic()
-                        for request, token in zip(rows, step):
-                            if token is None:
-                                request.stopped = request.stopped or not request.over
-                            elif not request.over:
-                                request.generated.append(token)
-                                loop.call_soon_threadsafe(request.queue.put_nowait, token)
-                        if seed is None and len([r for r in rows if not r.over]) < self.max_batch_size and self._waiting(key):
-                            newcomers = True
-                            break
-            except Exception as error:  # noqa: BLE001 - handed to every client of the batch
-                for request in rows:
-                    request.stopped = True
-                    loop.call_soon_threadsafe(request.queue.put_nowait, error)
-            for request in rows:
-                if request.over:
-                    loop.call_soon_threadsafe(request.queue.put_nowait, None)
-            rows = [r for r in rows if not r.over]
-            if newcomers:
-                joined = self._take(key, self.max_batch_size - len(rows))
-                rows, session = rows + joined, session + joined
+        """One decode session: every new request joins at the next step, until none is left.
+
+        Unseeded requests share one `ContinuousBatch`. Each seeded request decodes in a batch of its own:
+        it then computes exactly what it would alone, bit for bit (a batch's padding changes how kernels
+        round, and in bf16 that flips sampled tokens), at the price of reading the weights once more per step."""
+        session: list[_Request] = []
+        try:
+            with torch.inference_mode():
+                self._decode_session(session, loop)
+        except Exception as error:  # noqa: BLE001 - a bug must not leave clients waiting for ever
+            self._fail(session, error, loop)
         self.last_batch = [(r.sent, r.max_new_tokens) for r in session]
+
+    def _decode_session(self, session: list[_Request], loop: asyncio.AbstractEventLoop) -> None:
+        shared, seeded = ContinuousBatch(self.model, self.stop_token_ids, self.suppress_token_ids), []
+        self.batches_run += 1
+        while True:
+            live = len(shared) + len(seeded)
+            if live < self.max_batch_size and self._waiting():
+                joined = self._take(self.max_batch_size - live)
+                session += joined
+                for request in joined:
+                    if request.sampling.seed is not None:
+                        seeded.append(ContinuousBatch(self.model, self.stop_token_ids, self.suppress_token_ids))
+                        self._add(seeded[-1], [request], loop)
+                unseeded = [r for r in joined if r.sampling.seed is None]
+                if unseeded:
+                    self._add(shared, unseeded, loop)
+                self.batch_sizes.append(len(shared) + len(seeded))
+            seeded = [batch for batch in seeded if len(batch)]
+            if not len(shared) and not seeded:
+                break
+            for batch in [shared, *seeded]:
+                batch.finish([r for r in batch.keys if r.over])
+                try:
+                    results = batch.step()
+                except Exception as error:  # noqa: BLE001 - handed to every client of the batch
+                    results = []
+                    self._fail(list(batch.keys), error, loop)
+                    batch.finish(batch.keys)
+                self._deliver(results, loop)
+                self.last_step = time.monotonic()
+
+    def _add(self, batch: ContinuousBatch, requests: list[_Request], loop) -> None:
+        """Prefill `requests` into `batch` (a failure, such as an unreadable image, fails these requests only)."""
+        params = [replace(r.sampling, stop_token_ids=None, suppress_token_ids=None) for r in requests]
+        try:
+            images = [image for r in requests for image in r.images]
+            prompt_inputs = {"pixel_values": self._pixels(images)} if images else None
+            first = batch.add(requests, [r.prompt_ids for r in requests], params, [r.generator for r in requests], prompt_inputs)
+        except Exception as error:  # noqa: BLE001
+            self._fail(requests, error, loop)
+            return
+        self._deliver(list(zip(requests, first)), loop)
+
+    def _deliver(self, results: list[tuple[_Request, int | None]], loop) -> None:
+        for request, token in results:
+            if token is None:
+                request.stopped = request.stopped or not request.over  # its stop token
+            elif not request.over:
+                request.generated.append(token)
+                loop.call_soon_threadsafe(request.queue.put_nowait, token)
+            if request.over:
+                self._end(request, None, loop)
+
+    def _fail(self, requests: list[_Request], error: BaseException, loop) -> None:
+        for request in requests:
+            request.stopped = True
+            self._end(request, error, loop)
+
+    @staticmethod
+    def _end(request: _Request, error: BaseException | None, loop) -> None:
+        if not request.ended:
+            request.ended = True
+            if error is not None:
+                loop.call_soon_threadsafe(request.queue.put_nowait, error)
+            loop.call_soon_threadsafe(request.queue.put_nowait, None)
 
     def _pixels(self, images: list[bytes]) -> torch.Tensor:
         from minimind.vision import load_image
 
-        return self.model.pixel_values([load_image(io.BytesIO(data), name="image") for data in images])
+        return self.model.pixel_values([load_image(io.BytesIO(data), name="image", formats=IMAGE_FORMATS) for data in images])
+
+
+def releasable(text: str, stops: list[str], final: bool = False) -> tuple[str, bool]:
+    """The part of a reply decoded so far that may be streamed, and whether a stop string ended it.
+
+    Only whole characters: a multi-byte character whose bytes are still arriving decodes as U+FFFD,
+    and so do bytes the model put in an invalid order; neither is sent. Only text that can no longer
+    turn out to be part of a stop string: a tail that begins one is held back until it either
+    completes the stop string (cut there) or stops matching it (`final`: the reply is over, release it)."""
+    text = text.replace("\ufffd", "")
+    cut = min((text.find(stop) for stop in stops if stop in text), default=-1)
+    if cut >= 0:
+        return text[:cut], True
+    if final:
+        return text, False
+    held = max((size for stop in stops for size in range(1, min(len(stop), len(text) + 1)) if text.endswith(stop[:size])), default=0)
+    return text[:len(text) - held], False
+
+
+class Released:
+    """What of one reply has been streamed: each longer releasable text becomes a delta event of its new
+    reasoning and content (the reasoning model's <think>/<answer> parts split as they arrive)."""
+
+    def __init__(self, markers):
+        self.think, self.answer = (markers.think_start, markers.think_end), (markers.answer_start, markers.answer_end)
+        self.reasoning, self.content = "", ""
+
+    def extend(self, text: str) -> dict | None:
+        reasoning, content = split_reasoning(text, self.think, self.answer)
+        new_reasoning, new_content = reasoning[len(self.reasoning):], content[len(self.content):]
+        if not (new_reasoning or new_content):
+            return None
+        self.reasoning, self.content = reasoning, content
+        return {"type": "delta", "reasoning": new_reasoning, "content": new_content}
 
 
 class ChatModel:
@@ -207,28 +284,27 @@ class ChatModel:
         if room < 1:
             raise APIError(400, f"the prompt has {len(prompt)} tokens; this model's context window is {self.context}",
                            param="messages", code="context_length_exceeded")
-        max_new_tokens = min(request.max_tokens or self.limits.max_tokens, room)
+        sampling = SamplingParams(
+            max_new_tokens=min(request.max_tokens or self.limits.max_tokens, room), temperature=request.temperature,
+            top_p=request.top_p, top_k=request.top_k, repetition_penalty=request.repetition_penalty, seed=request.seed,
+        )
         yield {"type": "start", "prompt_tokens": len(prompt)}
-        tokens, reasoning_sent, content_sent, finish = [], "", "", "length"
-        think, answer = (self.markers.think_start, self.markers.think_end), (self.markers.answer_start, self.markers.answer_end)
-        stream = self.engine.stream(prompt, request.images, request.temperature, request.top_p, request.seed, max_new_tokens)
+        tokens, released, finish = [], Released(self.markers), "length"
+        stream = self.engine.stream(prompt, request.images, sampling)
         try:
             async for token in stream:
                 tokens.append(token)
-                text = self.tokenizer.decode(tokens, skip_special_tokens=False)
-                if text.endswith("\ufffd"):
-                    continue  # the rest of a multi-byte character is still coming
-                cut = min((text.find(s) for s in request.stop if s in text), default=-1)
-                if cut >= 0:
-                    text, finish = text[:cut], "stop"
-                reasoning, content = split_reasoning(text, think, answer)
-                if reasoning[len(reasoning_sent):] or content[len(content_sent):]:
-                    yield {"type": "delta", "reasoning": reasoning[len(reasoning_sent):], "content": content[len(content_sent):]}
-                    reasoning_sent, content_sent = reasoning, content
-                if finish == "stop":
+                text, stopped = releasable(self.tokenizer.decode(tokens, skip_special_tokens=False), request.stop)
+                if delta := released.extend(text):
+                    yield delta
+                if stopped:
+                    finish = "stop"
                     break
             else:
-                finish = "length" if len(tokens) >= max_new_tokens else "stop"
+                finish = "length" if len(tokens) >= sampling.max_new_tokens else "stop"
+                text, _ = releasable(self.tokenizer.decode(tokens, skip_special_tokens=False), request.stop, final=True)
+                if delta := released.extend(text):
+                    yield delta
         finally:
             await stream.aclose()
         yield {"type": "end", "finish_reason": finish, "completion_tokens": len(tokens)}

@@ -1,5 +1,10 @@
 """The OpenAI chat-completions protocol: validate a request body into a `ChatRequest`, shape errors
 the way OpenAI does, split a reasoning reply into `reasoning_content` and `content`. No Ray here.
+
+Everything a client sends is bounded (`Limits`) and refused with OpenAI's error shape: the body's
+bytes, its JSON (nesting, encoding), the characters per message and in all, the number of messages
+and images, each image's bytes, format (PNG, JPEG, WebP, GIF only: Pillow's other parsers never see
+client bytes) and pixels (checked from the header, before anything is decoded).
 """
 
 from __future__ import annotations
@@ -7,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 import math
 import re
 import time
@@ -14,15 +20,17 @@ import uuid
 from dataclasses import dataclass, field
 
 ROLES = ("system", "user", "assistant")
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")  # an animated GIF or WebP counts by its first frame
 
 
 class APIError(Exception):
     """A request the server refuses: HTTP status + OpenAI's error object."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
+                 kind: str = "invalid_request_error", headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers or {}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
@@ -31,10 +39,15 @@ class APIError(Exception):
 @dataclass
 class Limits:
     max_tokens: int = 512  # the most new tokens one request may ask for
+    max_body_bytes: int = 48 * 1024 * 1024  # room for max_images base64 images of max_image_bytes (4/3 each)
+    max_messages: int = 512
+    max_message_chars: int = 32_768
+    max_total_chars: int = 65_536  # tokenizing is the replica's work: bounded long before the context check
     max_image_bytes: int = 8 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
     max_images: int = 4
     allow_remote_images: bool = False
+    remote_image_timeout_s: float = 10.0  # the whole fetch: name lookup, connect, every byte
 
 
 @dataclass
@@ -44,13 +57,29 @@ class ChatRequest:
     images: list[bytes] = field(default_factory=list)  # in the order of the <image> markers
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    repetition_penalty: float = 1.0  # 1.0: off; > 1 discourages tokens already in the prompt or reply
     max_tokens: int | None = None
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     stream: bool = False
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
 
     def sampling(self) -> dict:
-        return {"temperature": self.temperature, "top_p": self.top_p, "seed": self.seed}
+        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+                "repetition_penalty": self.repetition_penalty, "seed": self.seed}
+
+
+def read_json(raw: bytes):
+    """The JSON value of a request body: strict UTF-8, any nesting depth refused as a 400, not a crash."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise APIError(400, "the body is not valid UTF-8") from None
+    except RecursionError:
+        raise APIError(400, "the body is not valid JSON: nested too deeply") from None
+    except ValueError as error:  # JSONDecodeError, or an integer of more than 4300 digits
+        raise APIError(400, f"the body is not valid JSON: {str(error)[:200]}") from None
 
 
 def _number(body: dict, name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
@@ -58,7 +87,7 @@ def _number(body: dict, name: str, default: float, low: float, high: float, low_
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise APIError(400, f"'{name}' must be a number, got {value!r}", param=name)
+        raise APIError(400, f"'{name}' must be a number, got {_show(value)}", param=name)
     if value > high or value < low or (low_open and value == low):
         interval = f"{'(' if low_open else '['}{low}, {high}]"
         raise APIError(400, f"'{name}' must be in {interval}, got {value}", param=name)
@@ -70,50 +99,74 @@ def _integer(body: dict, name: str, low: int, high: int | None) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise APIError(400, f"'{name}' must be an integer, got {value!r}", param=name)
+        raise APIError(400, f"'{name}' must be an integer, got {_show(value)}", param=name)
     if value < low or (high is not None and value > high):
-        raise APIError(400, f"'{name}' must be between {low} and {high}, got {value}", param=name)
+        raise APIError(400, f"'{name}' must be between {low} and {high}, got {_show(value)}", param=name)
+    return value
+
+
+def _show(value) -> str:
+    """A client's value in an error message, cut short: an error must not echo a megabyte back."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _text(value: str, where: str) -> str:
+    """Text the tokenizer can take: no lone surrogates (JSON allows "\\ud800"), no NUL characters."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, f"{where} is not valid Unicode (a lone surrogate)", param=where) from None
+    if "\0" in value:
+        raise APIError(400, f"{where} contains a NUL character", param=where)
     return value
 
 
 def decode_image(url: str, limits: Limits, param: str) -> bytes:
-    """The bytes of an `image_url`: a base64 data URL (checked to be an image within the limits)."""
-    from minimind.vision import ImageError, load_image
-
+    """The bytes of an `image_url`: a base64 data URL, or an http(s) URL when the server allows remote
+    images; checked to be a PNG, JPEG, WebP or GIF within the limits."""
     if url.startswith(("http://", "https://")):
         if not limits.allow_remote_images:
             raise APIError(400, "remote image URLs are disabled on this server; send the image as a data: URL", param=param)
-        data = _fetch(url, limits, param)
+        from minimind.serve.fetch import fetch_image
+
+        data = fetch_image(url, limits.max_image_bytes, limits.remote_image_timeout_s, param)
     else:
         match = re.fullmatch(r"data:(image/[\w.+-]+)?;base64,(.*)", url, re.DOTALL)
         if not match:
-            raise APIError(400, "image_url.url must be a data:image/...;base64,... URL", param=param)
+            raise APIError(400, "image_url.url must be a data:image/...;base64,... URL" +
+                           (" or an http(s) URL" if limits.allow_remote_images else ""), param=param)
         if len(match.group(2)) * 3 // 4 > limits.max_image_bytes:
             raise APIError(413, f"image larger than {limits.max_image_bytes} bytes", param=param, code="image_too_large")
         try:
             data = base64.b64decode(match.group(2), validate=True)
         except (binascii.Error, ValueError):
             raise APIError(400, "image_url.url is not valid base64", param=param) from None
-    try:
-        load_image(io.BytesIO(data), max_pixels=limits.max_image_pixels, name="the image")
-    except ImageError as error:
-        if "too large" in str(error):
-            raise APIError(413, f"image over {limits.max_image_pixels} pixels", param=param, code="image_too_large") from None
-        raise APIError(400, f"{error}", param=param) from None
+    check_image(data, limits.max_image_pixels, param)
     return data
 
 
-def _fetch(url: str, limits: Limits, param: str) -> bytes:
-    import urllib.request
+def check_image(data: bytes, max_pixels: int, param: str) -> None:
+    """Refuse what is not a whole PNG, JPEG, WebP or GIF of at most `max_pixels`: the size is read from
+    the header before any pixel is decoded, and no other Pillow parser (EPS runs Ghostscript) is tried."""
+    from PIL import Image, UnidentifiedImageError
 
+    too_large = APIError(413, f"image over {max_pixels} pixels", param=param, code="image_too_large")
     try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            data = response.read(limits.max_image_bytes + 1)
-    except OSError as error:
-        raise APIError(400, f"could not fetch {url}: {error}", param=param) from None
-    if len(data) > limits.max_image_bytes:
-        raise APIError(413, f"image larger than {limits.max_image_bytes} bytes", param=param, code="image_too_large")
-    return data
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
+            if image.width * image.height > max_pixels:
+                raise too_large
+            image.load()  # the first frame: a truncated or corrupt file fails here, not in a batch of the model
+    except Image.DecompressionBombError:
+        raise too_large from None
+    except UnidentifiedImageError:
+        raise APIError(400, "the image is not a readable image: send a PNG, JPEG, WebP or GIF", param=param,
+                       code="invalid_image") from None
+    except APIError:
+        raise
+    except Exception:  # noqa: BLE001 - Pillow's parsers raise many kinds of error on hostile bytes
+        raise APIError(400, "the image is not a readable image (corrupt or truncated)", param=param,
+                       code="invalid_image") from None
 
 
 def parse_chat_request(body, models: dict[str, bool], limits: Limits, image_marker: str = "<image>") -> ChatRequest:
@@ -125,32 +178,36 @@ def parse_chat_request(body, models: dict[str, bool], limits: Limits, image_mark
     if not isinstance(model, str) or not model:
         raise APIError(400, "'model' is required", param="model")
     if model not in models:
-        raise APIError(404, f"the model '{model}' does not exist; served: {', '.join(sorted(models))}", param="model",
+        raise APIError(404, f"the model {_show(model)} does not exist; served: {', '.join(sorted(models))}", param="model",
                        code="model_not_found")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty array", param="messages")
-    parsed, images = [], []
+    if len(messages) > limits.max_messages:
+        raise APIError(413, f"at most {limits.max_messages} messages per request", param="messages", code="too_many_messages")
+    parsed, images, total = [], [], 0
     for index, message in enumerate(messages):
         where = f"messages[{index}]"
         if not isinstance(message, dict):
             raise APIError(400, f"{where} must be an object", param=where)
         role = message.get("role")
         if role not in ROLES:
-            raise APIError(400, f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}", param=f"{where}.role")
+            raise APIError(400, f"{where}.role must be one of {', '.join(ROLES)}, got {_show(role)}", param=f"{where}.role")
         content = message.get("content")
         if isinstance(content, str):
-            text = content
+            text = _text(content, f"{where}.content")
         elif isinstance(content, list):
             text = ""
             for part_index, part in enumerate(content):
                 part_where = f"{where}.content[{part_index}]"
                 kind = part.get("type") if isinstance(part, dict) else None
                 if kind == "text" and isinstance(part.get("text"), str):
-                    text += part["text"]
+                    text += _text(part["text"], f"{part_where}.text")
                 elif kind == "image_url":
                     if not models[model]:
                         raise APIError(400, f"the model '{model}' does not take images", param=part_where)
+                    if len(images) == limits.max_images:  # refused before the next one is decoded
+                        raise APIError(400, f"at most {limits.max_images} images per request", param=part_where)
                     url = (part.get("image_url") or {}).get("url") if isinstance(part.get("image_url"), dict) else part.get("image_url")
                     if not isinstance(url, str):
                         raise APIError(400, f"{part_where}.image_url.url is required", param=part_where)
@@ -158,13 +215,20 @@ def parse_chat_request(body, models: dict[str, bool], limits: Limits, image_mark
                     text += image_marker + "\n"
                 else:
                     raise APIError(400, f"{part_where} must be a text or image_url part", param=part_where)
+                if len(text) > limits.max_message_chars:
+                    break
         else:
             raise APIError(400, f"{where}.content must be a string or an array of parts", param=f"{where}.content")
+        if len(text) > limits.max_message_chars:
+            raise APIError(413, f"{where} is longer than {limits.max_message_chars} characters", param=where,
+                           code="message_too_long")
+        total += len(text)
+        if total > limits.max_total_chars:
+            raise APIError(413, f"the messages are longer than {limits.max_total_chars} characters in all", param="messages",
+                           code="messages_too_long")
         parsed.append({"role": role, "content": text})
     if parsed[-1]["role"] == "assistant":
         raise APIError(400, "the last message must not be the assistant's: there is nothing to reply to", param="messages")
-    if len(images) > limits.max_images:
-        raise APIError(400, f"at most {limits.max_images} images per request", param="messages")
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else stop
     if stop is not None and (not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop)):
@@ -172,14 +236,25 @@ def parse_chat_request(body, models: dict[str, bool], limits: Limits, image_mark
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise APIError(400, "'stream' must be a boolean", param="stream")
+    options = body.get("stream_options")
+    if options is not None and (not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool)):
+        raise APIError(400, "'stream_options' must be an object like {\"include_usage\": true}", param="stream_options")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     return ChatRequest(
         model=model, messages=parsed, images=images,
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
+        top_k=_integer(body, "top_k", 0, 2**31 - 1) or 0,
+        repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 2.0, low_open=True),
         max_tokens=_integer({"max_tokens": max_tokens}, "max_tokens", 1, limits.max_tokens),
-        stop=stop or [], seed=_integer(body, "seed", 0, 2**63 - 1), stream=stream,
+        stop=[_text(s, "stop") for s in stop or []], seed=_integer(body, "seed", 0, 2**63 - 1), stream=stream,
+        include_usage=bool((options or {}).get("include_usage")),
     )
+
+
+def parse_chat_body(raw: bytes, models: dict[str, bool], limits: Limits) -> ChatRequest:
+    """`parse_chat_request` of a raw body: the CPU work the gateway keeps off its event loop."""
+    return parse_chat_request(read_json(raw), models, limits)
 
 
 def split_reasoning(text: str, think: tuple[str, str], answer: tuple[str, str]) -> tuple[str, str]:
