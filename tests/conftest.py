@@ -34,6 +34,28 @@ def tiny_model():
     return random_model()
 
 
+def memorized_model(tokenizer, messages: list[dict], reply: str, max_steps: int = 400) -> MiniMindForCausalLM:
+    """A tiny model trained (about 2 s) until it answers `messages` with `reply` and its end-of-turn token:
+    a model that really emits, say, a reasoning reply, for tests of what consumes one."""
+    prompt = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+    answer = tokenizer.encode(reply, add_special_tokens=False) + [tokenizer.eos_token_id]
+    ids = torch.tensor([prompt + answer])
+    labels = ids.clone()
+    labels[0, : len(prompt)] = -100
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(ModelConfig.from_name("tiny", vocab_size=len(tokenizer)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(max_steps):
+        loss = model(ids, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if loss.item() < 0.01:
+            break
+    assert loss.item() < 0.01, f"did not memorise the reply: loss {loss.item():.3f}"
+    return model.eval()
+
+
 CHAT_TEMPLATE = (
     "{% for message in messages %}<s>{{ message['role'] }}\n{{ message['content'] }}</s>\n{% endfor %}"
     "{% if add_generation_prompt %}<s>assistant\n{% endif %}"

@@ -1,6 +1,7 @@
 """The real Ray Serve app on small random models from a temporary MLflow registry: the official
 `openai` client, streaming, images, every bad input, concurrency and a disconnecting client."""
 
+import asyncio
 import base64
 import io
 import json
@@ -17,6 +18,8 @@ import torch
 from PIL import Image
 
 API_KEY = "test-key"
+REASONED_REPLY = "<think>\n先想一想。\n</think>\n<answer>\n你好！很高兴见到你。\n</answer>"
+MAX_BODY = 256 * 1024
 
 
 def free_port() -> int:
@@ -70,16 +73,22 @@ def server(ray_cluster, tmp_path_factory, monkeypatch_module):
         brought.model.embed_tokens.weight[:3] = 0  # its special tokens never win: the reply runs to max_tokens
     torch.save({k: v.half() for k, v in brought.state_dict().items()}, home / "full_sft_512.pth")
     import_model(home / "full_sft_512.pth", home / "imported", home / "chatml", {"num_attention_heads": 4})
+    # a model that really reasons aloud: trained to answer 你好 with a <think> part, for the chat page's fold
+    from conftest import memorized_model
+
+    save_model(memorized_model(tokenizer, [{"role": "user", "content": "你好"}], REASONED_REPLY), home / "reasoner", tokenizer=tokenizer)
 
     port = free_port()
     models = [ModelSpec("minimind", "models:/minimind-reason/latest", num_cpus=0.5, batch_wait_ms=20),
               ModelSpec("minimind-v", "models:/minimind-vlm-sft/latest", num_cpus=0.5),
-              ModelSpec("minimind-imported", str(home / "imported"), num_cpus=0.25)]
-    limits = Limits(max_tokens=600, max_image_pixels=100_000)
+              ModelSpec("minimind-imported", str(home / "imported"), num_cpus=0.25, max_ongoing_requests=1, max_queued_requests=1),
+              ModelSpec("minimind-reasoner", str(home / "reasoner"), num_cpus=0.05)]
+    limits = Limits(max_tokens=600, max_image_pixels=100_000, max_body_bytes=MAX_BODY, max_messages=64, max_message_chars=4000,
+                    max_total_chars=8000, allow_remote_images=True)  # remote fetching on: the address guard is what refuses
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     (home / "api-key").write_text(API_KEY + "\n")  # a mounted secret, read inside the gateway's replica
     settings = ServeSettings(models=models, limits=limits, api_key_file=str(home / "api-key"), api_key_env=None,
-                             tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+                             tracking_uri=os.environ["MLFLOW_TRACKING_URI"], gateway_replicas=2)
     assert API_KEY not in json.dumps(asdict(settings))  # what Serve's config, dashboard and `ps` could show holds no key
     serve.run(build(settings), name="minimind", route_prefix="/")
     base = f"http://127.0.0.1:{port}"
@@ -135,7 +144,7 @@ def test_openai_client_non_streaming(server):
     assert reply.choices[0].finish_reason == "length"  # the test model never says its end-of-turn token
     assert reply.usage.completion_tokens == 6 and reply.usage.prompt_tokens > 0
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + 6
-    assert [m.id for m in openai_client(server).models.list().data] == ["minimind", "minimind-v", "minimind-imported"]
+    assert [m.id for m in openai_client(server).models.list().data] == ["minimind", "minimind-v", "minimind-imported", "minimind-reasoner"]
 
 
 def test_openai_client_streaming_and_seeded_sampling(server):
@@ -185,19 +194,168 @@ def test_image_request_to_the_vision_model(server):
     (hello("minimind-v", messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_url((400, 400))}}]}]),
      None, 413, "image"),
     (hello(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_url()}}]}]), None, 400, "does not take images"),
-    (hello("minimind-v", messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]),
-     None, 400, "remote image URLs are disabled"),
+    (hello("minimind-v", messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://10.1.2.3/a.png"}}]}]),
+     None, 400, "not a public address"),
 ])
 def test_bad_requests_get_openai_shaped_errors(server, body, raw, status, fragment):
     code, answer = post(server, body, raw=raw)
     assert code == status and fragment in answer["error"]["message"] and answer["error"]["type"]
 
 
+def send(base, data: bytes = b"", headers: dict | None = None, key: str | None = API_KEY, chunks=None):
+    """POST raw bytes (or `chunks`, chunked with no Content-Length) with full control of the headers."""
+    import http.client
+
+    host, port = base.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})}
+    try:
+        connection.request("POST", "/v1/chat/completions", body=iter(chunks) if chunks else data, headers=headers,
+                           encode_chunked=bool(chunks))
+        response = connection.getresponse()
+        return response.status, response.headers, response.read()  # headers: case-insensitive
+    finally:
+        connection.close()
+
+
+def body(model="minimind", **extra) -> bytes:
+    return json.dumps(hello(model, **extra)).encode()
+
+
+def with_images(*urls) -> bytes:
+    parts = [{"type": "image_url", "image_url": {"url": url}} for url in urls] + [{"type": "text", "text": "图中有什么？"}]
+    return body("minimind-v", messages=[{"role": "user", "content": parts}])
+
+
+def bytes_url(data: bytes, kind="image/png") -> str:
+    return f"data:{kind};base64," + base64.b64encode(data).decode()
+
+
+def _hostile():
+    from test_protocol import EPS, PSD, SVG, image_bytes, png_declaring
+
+    png = image_bytes(size=(64, 64))
+    raw = b'{"model": "minimind", "messages": [{"role": "user", "content": %s}]%s}'
+    return {
+        "declared-body-over-the-limit": (dict(data=b"{}", headers={"Content-Length": str(2**30)}), 413, "larger than"),
+        "chunked-body-over-the-limit": (dict(chunks=[b" " * 16384] * 20), 413, "larger than"),
+        "sent-body-over-the-limit": (dict(data=body(messages=[{"role": "user", "content": "x" * MAX_BODY}])), 413, "larger than"),
+        "huge-message": (dict(data=body(messages=[{"role": "user", "content": "x" * 5000}])), 413, "4000 characters"),
+        "huge-messages-in-all": (dict(data=body(messages=[{"role": "user", "content": "x" * 3000}] * 3)), 413, "8000 characters"),
+        "too-many-messages": (dict(data=body(messages=[{"role": "user", "content": "x"}] * 65)), 413, "64 messages"),
+        "too-many-images": (dict(data=with_images(*[bytes_url(png)] * 5)), 400, "at most 4 images"),
+        "image-bomb-30000x30000": (dict(data=with_images(bytes_url(png_declaring(30_000, 30_000)))), 413, "pixels"),
+        "eps-image": (dict(data=with_images(bytes_url(EPS, "image/eps"))), 400, "PNG, JPEG, WebP or GIF"),
+        "tiff-image": (dict(data=with_images(bytes_url(image_bytes("TIFF"), "image/tiff"))), 400, "PNG, JPEG, WebP or GIF"),
+        "svg-image": (dict(data=with_images(bytes_url(SVG, "image/svg+xml"))), 400, "PNG, JPEG, WebP or GIF"),
+        "bmp-image": (dict(data=with_images(bytes_url(image_bytes("BMP"), "image/bmp"))), 400, "PNG, JPEG, WebP or GIF"),
+        "psd-image": (dict(data=with_images(bytes_url(PSD, "image/vnd.adobe.photoshop"))), 400, "PNG, JPEG, WebP or GIF"),
+        "truncated-base64": (dict(data=with_images(bytes_url(png)[:-5])), 400, "base64"),
+        "truncated-png": (dict(data=with_images(bytes_url(png[: len(png) // 2]))), 400, "corrupt or truncated"),
+        "text-plain": (dict(data=body(), headers={"Content-Type": "text/plain"}), 415, "application/json"),
+        "form": (dict(data=b"model=minimind", headers={"Content-Type": "application/x-www-form-urlencoded"}), 415, "application/json"),
+        "multipart": (dict(data=b"--x--", headers={"Content-Type": "multipart/form-data; boundary=x"}), 415, "application/json"),
+        "json-array": (dict(data=b"[]"), 400, "JSON object"),
+        "json-number": (dict(data=b"42"), 400, "JSON object"),
+        "json-null": (dict(data=b"null"), 400, "JSON object"),
+        "json-string": (dict(data=b'"hi"'), 400, "JSON object"),
+        "empty-body": (dict(data=b""), 400, "not valid JSON"),
+        "nested-arrays-100000": (dict(data=b"[" * 100_000 + b"]" * 100_000), 400, "nested too deeply"),
+        "nested-objects-20000": (dict(data=b'{"a":' * 20_000 + b"1" + b"}" * 20_000), 400, "nested too deeply"),
+        "invalid-utf8": (dict(data=raw % (b'"\xff\xfe"', b"")), 400, "UTF-8"),
+        "lone-surrogate": (dict(data=raw % (b'"\\ud800"', b"")), 400, "surrogate"),
+        "escaped-nul": (dict(data=raw % (b'"a\\u0000b"', b"")), 400, "NUL"),
+        "raw-nul": (dict(data=raw % (b'"a\x00b"', b"")), 400, "not valid JSON"),
+        "integer-of-5000-digits": (dict(data=raw % (b'"hi"', b', "max_tokens": ' + b"9" * 5000)), 400, "not valid JSON"),
+        "nan-temperature": (dict(data=raw % (b'"hi"', b', "temperature": NaN')), 400, "temperature"),
+        "infinite-top-p": (dict(data=raw % (b'"hi"', b', "top_p": 1e999')), 400, "top_p"),
+        "negative-max-tokens": (dict(data=body(max_tokens=-1)), 400, "max_tokens"),
+        "string-max-tokens": (dict(data=body(max_tokens="5")), 400, "max_tokens"),
+        "float-seed": (dict(data=body(seed=1.5)), 400, "seed"),
+        "negative-top-k": (dict(data=body(top_k=-1)), 400, "top_k"),
+        "zero-repetition-penalty": (dict(data=body(repetition_penalty=0)), 400, "repetition_penalty"),
+        "huge-stop-list": (dict(data=body(stop=["x"] * 10_000)), 400, "'stop'"),
+        "number-stop": (dict(data=body(stop=5)), 400, "'stop'"),
+        "string-stream": (dict(data=body(stream="yes")), 400, "'stream'"),
+        "number-model": (dict(data=json.dumps({"model": 5, "messages": []}).encode()), 400, "'model'"),
+        "unknown-model": (dict(data=body("../../etc/passwd")), 404, "does not exist"),
+        "string-messages": (dict(data=body(messages="hi")), 400, "'messages'"),
+        "list-message": (dict(data=body(messages=[["user", "hi"]])), 400, "must be an object"),
+        "null-content": (dict(data=body(messages=[{"role": "user", "content": None}])), 400, "content"),
+        "string-part": (dict(data=body(messages=[{"role": "user", "content": ["hi"]}])), 400, "text or image_url part"),
+        "tool-role": (dict(data=body(messages=[{"role": "tool", "content": "hi"}])), 400, "role"),
+        "number-image-url": (dict(data=body("minimind-v", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": 5}]}])), 400, "image_url.url"),
+        "remote-loopback": (dict(data=with_images("http://127.0.0.1:8000/v1/models")), 400, "not a public address"),
+        "remote-private": (dict(data=with_images("http://10.0.0.1/a.png")), 400, "not a public address"),
+        "remote-cloud-metadata": (dict(data=with_images("http://169.254.169.254/latest/meta-data/")), 400, "not a public address"),
+        "remote-ipv6-loopback": (dict(data=with_images("http://[::1]:8000/a.png")), 400, "not a public address"),
+        "remote-localhost": (dict(data=with_images("https://localhost/a.png")), 400, "not a public address"),
+        "remote-decimal-loopback": (dict(data=with_images("http://2130706433/a.png")), 400, "not a public address"),
+        "file-url": (dict(data=with_images("file:///etc/passwd")), 400, "data:image"),
+        "ftp-url": (dict(data=with_images("ftp://example.com/a.png")), 400, "data:image"),
+        "wrong-api-key": (dict(data=body(), key="wrong"), 401, "API key"),
+        "missing-api-key": (dict(data=body(), key=None), 401, "API key"),
+    }
+
+
+HOSTILE = _hostile()
+
+
+@pytest.mark.parametrize("kind", list(HOSTILE))
+def test_hostile_requests_are_refused_in_openai_shape(server, kind):
+    request, status, fragment = HOSTILE[kind]
+    code, _, answer = send(server, **request)
+    error = json.loads(answer)["error"]
+    assert code == status and fragment in error["message"] and set(error) == {"message", "type", "param", "code"}, (code, error)
+
+
+def test_after_the_hostile_requests_a_normal_one_is_answered(server):
+    code, _, answer = send(server, body(max_tokens=3))
+    assert code == 200 and json.loads(answer)["usage"]["completion_tokens"] == 3
+
+
+def test_a_full_queue_is_answered_429_with_retry_after(server):
+    """minimind-imported takes one request per replica and lets one more wait per gateway: the rest are refused at once."""
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(send(server, body("minimind-imported", max_tokens=40))))
+               for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    statuses = sorted(code for code, _, _ in results)
+    assert len(results) == 8 and 200 in statuses and 429 in statuses and set(statuses) <= {200, 429}, statuses
+    for code, headers, answer in results:
+        if code == 429:
+            assert headers["Retry-After"] == "1" and json.loads(answer)["error"]["code"] == "overloaded"
+
+
+def test_a_cancelled_model_request_frees_its_row(server):
+    """What the gateway does when a reply runs past request_timeout_s: cancel the model's response; the replica
+    stops decoding it at the next step."""
+    from ray import serve
+
+    from minimind.serve.protocol import ChatRequest
+
+    handle = serve.get_deployment_handle("minimind", "minimind")
+    before = handle.stats.remote().result()["batches"]
+    events = handle.options(stream=True).chat.remote(ChatRequest("minimind", [{"role": "user", "content": "长一点"}], max_tokens=600))
+    assert next(event for event in events if event["type"] == "delta")
+    events.cancel()
+    deadline = time.monotonic() + 60
+    while not ((stats := handle.stats.remote().result())["batches"] > before and not stats["running"]):
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.2)
+    sent, asked = stats["last_batch"][0]
+    assert asked == 600 and sent < 600
+
+
 def test_healthz_reports_every_models_state_now(server):
     with urllib.request.urlopen(server + "/healthz", timeout=10) as response:
         health = json.loads(response.read())
     assert response.status == 200 and health["status"] == "ok"
-    assert list(health["models"]) == ["minimind", "minimind-v", "minimind-imported"]
+    assert list(health["models"]) == ["minimind", "minimind-v", "minimind-imported", "minimind-reasoner"]
     assert health["models"]["minimind-v"]["takes_images"] and not health["models"]["minimind"]["takes_images"]
     assert all(model["ok"] and model["stuck_s"] == 0 for model in health["models"].values())
 
@@ -254,14 +412,20 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(server):
 
 
 def test_the_chat_page_in_a_headless_browser(server, tmp_path):
-    """Skips cleanly without playwright or a Chromium (Debian: apt install chromium)."""
+    """The page in the system's Chromium (playwright drives it; it cannot download its own browser here):
+    a streamed reply from the text model, a reasoning model's <think> part folded away, an image question.
+    Skips without playwright or chromium, except under CI, whose .ci/run installs chromium."""
     import shutil
 
-    sync_api = pytest.importorskip("playwright.sync_api")
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if not chromium:
-        pytest.skip("no chromium on PATH")
+    try:
+        from playwright import sync_api
+    except ImportError:
+        sync_api = None
+    if not (chromium and sync_api):
+        (pytest.fail if os.environ.get("CI") else pytest.skip)("needs playwright (a dev dependency) and chromium (apt install chromium)")
     Image.new("RGB", (64, 64), (30, 80, 220)).save(tmp_path / "blue.png")
+    answer_text = "document.querySelector('.assistant span')?.textContent"
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         try:
@@ -269,18 +433,38 @@ def test_the_chat_page_in_a_headless_browser(server, tmp_path):
             page.goto(server + "/")
             page.fill("#key", API_KEY)
             page.dispatch_event("#key", "change")
-            page.wait_for_function("document.querySelectorAll('#model option').length === 2", timeout=30_000)
+            page.wait_for_function("document.querySelectorAll('#model option').length === 4", timeout=30_000)
             assert page.is_hidden("#image-label")  # the text model takes no images
+            # every state the reply's text goes through, to see that it streams
+            page.evaluate("""window.states = []; new MutationObserver(() => {
+                const span = document.querySelector('.assistant span'); if (span) window.states.push(span.textContent);
+            }).observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true});""")
+            page.fill("#prompt", "讲个故事")
+            page.click("#send")
+            page.wait_for_function("!document.querySelector('#send').disabled && document.querySelector('.assistant span')", timeout=60_000)
+            states = [text for text in page.evaluate("window.states") if text]
+            assert len(set(states)) > 3 and all(b.startswith(a) for a, b in zip(states, states[1:]))  # it grew in pieces
+            assert "\ufffd" not in page.evaluate(answer_text)
+
+            page.select_option("#model", "minimind-reasoner")
             page.fill("#prompt", "你好")
             page.click("#send")
-            page.wait_for_function("document.querySelectorAll('.assistant span')[0]?.textContent.length > 0", timeout=60_000)
+            page.wait_for_function("!document.querySelector('#send').disabled && document.querySelector('.assistant span')?.textContent", timeout=60_000)
+            assert page.evaluate(answer_text) == "你好！很高兴见到你。"
+            fold = page.locator(".assistant details")
+            assert fold.is_visible() and fold.get_attribute("open") is None  # folded: only its summary shows
+            assert not page.locator(".assistant details div").is_visible()
+            assert page.locator(".assistant details div").text_content() == "先想一想。"
+            fold.locator("summary").click()
+            assert page.locator(".assistant details div").is_visible()
+
             page.select_option("#model", "minimind-v")
             assert page.is_visible("#image-label")
             page.set_input_files("#image", str(tmp_path / "blue.png"))
             page.wait_for_function("!document.querySelector('#preview').hidden")
             page.fill("#prompt", "图中有什么颜色？")
             page.click("#send")
-            page.wait_for_function("document.querySelectorAll('.assistant span')[0]?.textContent.length > 0", timeout=60_000)
+            page.wait_for_function(f"{answer_text}?.length > 0", timeout=60_000)
             assert page.locator(".error").count() == 0
         finally:
             browser.close()
@@ -333,9 +517,13 @@ def test_the_serve_job_flags_become_settings(server):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
     from serve import parse, settings_from
 
-    settings = settings_from(parse(["--no-vision", "--api-key-file", "/run/secrets/k", "--replicas", "auto", "--max-tokens", "64"]))
+    settings = settings_from(parse(["--no-vision", "--api-key-file", "/run/secrets/k", "--replicas", "auto", "--max-tokens", "64",
+                                    "--gateway-replicas", "2", "--request-timeout-s", "30", "--max-queued-requests", "7",
+                                    "--max-body-bytes", "1000", "--max-message-chars", "99", "--allow-remote-images"]))
     assert [(m.name, m.uri, m.num_replicas, m.num_gpus) for m in settings.models] == [("minimind", "models:/minimind-reason/latest", "auto", 0.0)]
     assert settings.api_key_file == "/run/secrets/k" and settings.limits.max_tokens == 64 and settings.tracking_uri.startswith("sqlite:")
+    assert (settings.gateway_replicas, settings.request_timeout_s, settings.models[0].max_queued_requests) == (2, 30, 7)
+    assert (settings.limits.max_body_bytes, settings.limits.max_message_chars, settings.limits.allow_remote_images) == (1000, 99, True)
     # the defaults fit the machine: two model replicas and the gateway on this 2-CPU Ray instance
     models = settings_from(parse([])).models
     assert len(models) == 2 and sum(m.num_cpus for m in models) + 0.1 <= 2 and all(m.num_cpus > 0.9 for m in models)
@@ -355,3 +543,144 @@ def test_a_public_address_without_an_api_key_is_warned_about(server, capsys, mon
     settings_from(parse(["--no-vision", "--host", "0.0.0.0"]))
     settings_from(parse(["--no-vision"]))  # loopback: no warning either way
     assert capsys.readouterr().err == ""
+
+
+def test_an_app_the_cluster_cannot_hold_is_named_resource_by_resource():
+    import sys
+    from pathlib import Path
+
+    from minimind.serve.app import ModelSpec, ServeSettings
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+    from serve import shortfall
+
+    gpu = ServeSettings(models=[ModelSpec("minimind", "x", num_cpus=0.5, num_gpus=1), ModelSpec("minimind-v", "y", num_cpus=0.5)])
+    assert shortfall(gpu, {"CPU": 2}, [{"CPU": 2}]) == "minimind needs 1 GPU per replica x 1: 1 GPU in all; the cluster has 0"
+    assert shortfall(gpu, {"CPU": 2, "GPU": 1}, [{"CPU": 2, "GPU": 1}]) is None
+    wide = ServeSettings(models=[ModelSpec("minimind", "x", num_cpus=3, num_replicas=2)])
+    assert shortfall(wide, {"CPU": 4}, [{"CPU": 2}, {"CPU": 2}]) == (
+        "Gateway needs 0.1 CPU per replica x 1, minimind needs 3 CPU per replica x 2: 6.1 CPU in all; the cluster has 4")
+    assert shortfall(wide, {"CPU": 8}, [{"CPU": 2}] * 4) == "minimind needs 3 CPU per replica; the largest node has 2"
+
+
+def test_the_serve_job_refuses_at_once_what_the_cluster_cannot_place(server):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+    from serve import main
+
+    started = time.monotonic()
+    with pytest.raises(SystemExit, match="minimind needs 1 GPU per replica x 1: 1 GPU in all; the cluster has 0"):
+        main(["--no-vision", "--num-gpus", "1", "--num-cpus", "0.1"])
+    assert time.monotonic() - started < 10
+
+
+def test_an_app_still_unplaced_at_its_deadline_is_deleted_with_the_reason(server):
+    """--wait-for-nodes skips the check against the nodes up now; by the placement timeout it fails all the same."""
+    import sys
+    from pathlib import Path
+
+    from ray import serve
+
+    from minimind.serve.app import ModelSpec, ServeSettings, build
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+    from serve import deploy
+
+    settings = ServeSettings(models=[ModelSpec("minimind", "models:/minimind-reason/latest", num_cpus=0.1, num_gpus=1)], api_key_env=None)
+    started = time.monotonic()
+    with pytest.raises(SystemExit, match="could not be placed within 2 s: minimind needs 1 GPU"):
+        deploy(build(settings), settings, 2, name="unplaceable", route_prefix="/unplaceable")
+    assert time.monotonic() - started < 15
+    while getattr(serve.status().applications.get("unplaceable"), "status", "DELETING") != "DELETING":  # deleted, in the background
+        assert time.monotonic() - started < 30
+        time.sleep(0.2)
+    import ray
+
+    for actor in ray.util.list_named_actors(all_namespaces=True):  # Serve would wait 20 s for the unplaced replica's
+        if "unplaceable#minimind#" in actor["name"]:                  # graceful shutdown; spare the teardown that wait
+            ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+
+
+class FakeReply:
+    """A model's streaming response as the gateway sees it: events, then nothing for `stall_s`, or an error."""
+
+    def __init__(self, events=(), stall_s=0.0, error=None):
+        self.events, self.stall_s, self.error, self.cancelled = list(events), stall_s, error, False
+
+    async def __anext__(self):
+        if self.events:
+            return self.events.pop(0)
+        if self.error:
+            raise self.error
+        await asyncio.sleep(self.stall_s)
+        raise StopAsyncIteration
+
+    def cancel(self):
+        self.cancelled = True
+
+
+def test_the_gateway_ends_late_replies_with_504_and_full_queues_with_429():
+    from ray.serve.exceptions import BackPressureError
+
+    from minimind.serve.app import _next_event
+    from minimind.serve.protocol import APIError
+
+    async def outcome(reply, timeout_s=0.05):
+        try:
+            return await _next_event(reply, asyncio.get_running_loop().time() + timeout_s, "minimind", timeout_s)
+        except APIError as error:
+            return error
+
+    late = FakeReply(stall_s=10)
+    error = asyncio.run(outcome(late))
+    assert error.status == 504 and error.code == "timeout" and late.cancelled  # the replica frees the row
+    full = FakeReply(error=BackPressureError(num_queued_requests=1, max_queued_requests=1, status_code=429, retry_after_s=1))
+    error = asyncio.run(outcome(full))
+    assert (error.status, error.headers, error.code) == (429, {"Retry-After": "1"}, "overloaded")
+    dead = FakeReply(error=RuntimeError("actor died"))
+    error = asyncio.run(outcome(dead))
+    assert error.status == 503 and dead.cancelled and "actor died" not in error.message
+    assert asyncio.run(outcome(FakeReply(events=[{"type": "start"}]))) == {"type": "start"}
+
+
+def test_a_stream_past_its_deadline_ends_with_an_error_event():
+    from minimind.serve.app import Gateway
+    from minimind.serve.protocol import ChatRequest
+
+    from types import SimpleNamespace
+
+    gateway = SimpleNamespace(request_timeout_s=0.05)  # what _sse reads of its replica
+    reply = FakeReply(events=[{"type": "delta", "reasoning": "", "content": "你"}], stall_s=10)
+
+    async def run():
+        deadline = asyncio.get_running_loop().time() + 0.05
+        sse = Gateway.func_or_class._sse(gateway, ChatRequest("minimind", []), {"prompt_tokens": 1}, reply, deadline)
+        return [chunk async for chunk in sse]
+
+    chunks = asyncio.run(run())
+    assert '"content": "你"' in chunks[1] and json.loads(chunks[-1].removeprefix("data: "))["error"]["code"] == "timeout"
+    assert reply.cancelled and "[DONE]" not in chunks[-1]
+
+
+def test_the_gateway_reads_a_body_only_up_to_its_limit():
+    from starlette.requests import Request
+
+    from minimind.serve.app import _read_body
+    from minimind.serve.protocol import APIError
+
+    received = []
+
+    async def endless():  # a client that never stops sending
+        received.append(1)
+        return {"type": "http.request", "body": b"x" * 1000, "more_body": True}
+
+    async def outcome(headers):
+        try:
+            return await _read_body(Request({"type": "http", "method": "POST", "headers": headers}, endless), 10_000)
+        except APIError as error:
+            return error
+
+    assert asyncio.run(outcome([(b"content-length", b"1000000")])).status == 413 and received == []  # refused unread
+    assert asyncio.run(outcome([])).status == 413 and len(received) == 11  # counted while streaming: stops past the limit
