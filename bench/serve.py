@@ -49,6 +49,20 @@ def random_demo_model(directory: Path, preset: str = "demo") -> str:
     return str(directory)
 
 
+def start_local_serve(num_cpus: float) -> str:
+    """A local Ray with room for one model replica of `num_cpus` and the gateway; Serve on a free loopback port."""
+    import ray
+    from ray import serve
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=int(num_cpus) + 1, include_dashboard=False, log_to_driver=False)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return f"http://127.0.0.1:{port}"
+
+
 def one_client(url: str, max_tokens: int, prompt: str, timeout: float) -> dict:
     body = json.dumps({"model": "minimind", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
                        "stream": True, "stream_options": {"include_usage": True}, "temperature": 0}).encode()
@@ -114,13 +128,7 @@ def main(argv=None):
 
     model = args.model or random_demo_model(Path(tempfile.mkdtemp(prefix="bench-serve-")) / "model", args.preset)
     num_gpus = args.num_gpus if args.num_gpus is not None else float(torch.cuda.is_available())
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=int(args.num_cpus) + 1, include_dashboard=False, log_to_driver=False)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    base = f"http://127.0.0.1:{port}"
+    base = start_local_serve(args.num_cpus)
     rows = []
     try:
         for batch_size in args.batch_sizes:
