@@ -73,9 +73,10 @@ class BatchingEngine:
         self.running = False
         self.last_step = time.monotonic()  # when the decode loop last finished a step (or started a session)
 
-    async def stream(self, prompt_ids: list[int], images: list[bytes], sampling: SamplingParams) -> AsyncIterator[int]:
-        """The new tokens of one request, as they are decoded (its stop token excluded). `sampling`'s stop
-        and suppressed ids are the engine's."""
+    async def stream(self, prompt_ids: list[int], images: list[bytes], sampling: SamplingParams) -> AsyncIterator[list[int]]:
+        """The new tokens of one request as they are decoded (its stop token excluded), in chunks: all those
+        decoded since the consumer last asked, so a consumer slower than the decoder handles fewer, larger
+        pieces. `sampling`'s stop and suppressed ids are the engine's."""
         request = _Request(prompt_ids, images, sampling)
         if self.worker is None or self.worker.done():
             self.wakeup = asyncio.Event()
@@ -85,12 +86,16 @@ class BatchingEngine:
         self.wakeup.set()
         try:
             while True:
-                item = await request.queue.get()
-                if item is None:
+                items = [await request.queue.get()]
+                while not request.queue.empty():
+                    items.append(request.queue.get_nowait())
+                tokens = [item for item in items if isinstance(item, int)]
+                if tokens:
+                    yield tokens
+                if errors := [item for item in items if isinstance(item, BaseException)]:
+                    raise errors[0]
+                if None in items:
                     return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
         finally:
             request.done = True  # the client is gone, or has what it needs: free the batch row
 
@@ -292,8 +297,8 @@ class ChatModel:
         tokens, released, finish = [], Released(self.markers), "length"
         stream = self.engine.stream(prompt, request.images, sampling)
         try:
-            async for token in stream:
-                tokens.append(token)
+            async for chunk in stream:
+                tokens += chunk
                 text, stopped = releasable(self.tokenizer.decode(tokens, skip_special_tokens=False), request.stop)
                 if delta := released.extend(text):
                     yield delta
