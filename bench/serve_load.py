@@ -4,6 +4,9 @@ sending request after request with one of four sampling settings, half of them s
     python bench/serve_load.py                         # 64 clients, 60 s mixed, then 60 s uniform (all greedy)
     python bench/serve_load.py --clients 64 --duration 60 --max-tokens 64 --timeout 60
 
+Replies vary in length as real ones do: each request asks for between 1/4 and 7/4 of --max-tokens
+(drawn per client and request, the same in every run), and the default random model always uses all.
+
 Reports per setting: requests, errors by status (a 5xx or a timeout is a failure; a 429 with Retry-After
 is the server's back-pressure, counted apart), p50/p99 time to first token of its streaming requests
 (the first text delta), p99 latency of all its requests, and the starvation ratio: the largest
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -71,9 +75,10 @@ def run_load(base: str, clients: int, duration: float, max_tokens: int, timeout:
     deadline = time.perf_counter() + duration
 
     def client(index: int):
-        setting, sent = settings[index % len(settings)], 0
+        setting, sent, lengths = settings[index % len(settings)], 0, random.Random(index)
         while time.perf_counter() < deadline:
-            result = one_request(url, index, setting, stream=(index // len(settings) + sent) % 2 == 0, max_tokens=max_tokens, timeout=timeout)
+            length = lengths.randint(max(1, max_tokens // 4), max_tokens * 7 // 4)
+            result = one_request(url, index, setting, stream=(index // len(settings) + sent) % 2 == 0, max_tokens=length, timeout=timeout)
             sent += 1
             with lock:
                 results.append(result)
@@ -124,7 +129,7 @@ def main(argv=None):
     parser.add_argument("--model", default=None, help="model URI or directory (default: a random demo-preset model)")
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of load per phase")
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=64, help="the mean reply length asked for")
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--timeout", type=float, default=60.0, help="each request's client-side limit (s)")
     parser.add_argument("--num-cpus", type=float, default=float(os.cpu_count()), help="CPUs (torch threads) of the replica")
