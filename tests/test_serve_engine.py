@@ -144,6 +144,16 @@ def test_released_text_never_shows_part_of_a_stop_string_or_half_a_character():
     assert any("\ufffd" in tokenizer.decode(ids[:end]) for end in range(1, len(ids)))  # the case is real
 
 
+def test_a_request_asking_past_the_context_ends_at_its_edge():
+    model = random_model(vocab_size=64, max_position_embeddings=16)
+
+    async def run():
+        engine = BatchingEngine(model, stop_token_ids=[], max_batch_size=4, batch_wait_s=0.0)
+        return await asyncio.wait_for(_collect(engine.stream(list(range(1, 11)), [], SamplingParams(100))), 30)
+
+    assert len(asyncio.run(run())) == 6
+
+
 def test_a_request_that_stops_listening_leaves_the_batch():
     model = random_model(vocab_size=64)
 

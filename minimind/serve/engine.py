@@ -77,7 +77,10 @@ class BatchingEngine:
         """The new tokens of one request as they are decoded (its stop token excluded), in chunks: all those
         decoded since the consumer last asked, so a consumer slower than the decoder handles fewer, larger
         pieces. `sampling`'s stop and suppressed ids are the engine's."""
-        request = _Request(prompt_ids, images, sampling)
+        room = self.model.config.max_position_embeddings - len(prompt_ids)
+        if room < 1 or not prompt_ids:
+            raise ValueError(f"a prompt of {len(prompt_ids)} tokens leaves no room in the {room + len(prompt_ids)}-position context")
+        request = _Request(prompt_ids, images, replace(sampling, max_new_tokens=min(sampling.max_new_tokens, room)))
         if self.worker is None or self.worker.done():
             self.wakeup = asyncio.Event()
             self.worker = asyncio.get_running_loop().create_task(self._run())
