@@ -39,11 +39,17 @@ class ContinuousBatch:
         self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)  # (rows, cached positions): 1 real
         self.last = torch.zeros(0, 1, dtype=torch.long, device=self.device)  # each row's token to feed next
         self.finished = torch.zeros(0, dtype=torch.bool, device=self.device)
+        self.done: list[bool] = []  # `finished` on the host
         self.seen: torch.Tensor | None = None  # (rows, vocab) tokens in each row, for repetition penalties
         self.sampler = RowSampler([])
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    @property
+    def open_rows(self) -> int:
+        """Rows still decoding (finished ones are counted by len() until the next step drops them)."""
+        return self.done.count(False)
 
     @torch.inference_mode()
     def add(self, keys: Sequence[Hashable], prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
@@ -79,7 +85,8 @@ class ContinuousBatch:
     def finish(self, keys: Sequence[Hashable]) -> None:
         """End these rows now (a server's cancelled or satisfied requests); they leave before the next step."""
         for key in keys:
-            self.finished[self.keys.index(key)] = True
+            row = self.keys.index(key)
+            self.finished[row], self.done[row] = True, True
 
     def _sample(self, logits: torch.Tensor, rows: slice) -> list[int | None]:
         """Tokens for the given rows from their last logits; updates what the next step feeds and who finished."""
@@ -94,6 +101,7 @@ class ContinuousBatch:
             self.produced[row] += 1
         out_of_tokens = torch.tensor([self.produced[r] >= self.limits[r] for r in range(rows.start, rows.stop)], device=self.device)
         self.finished[rows] = stopped | out_of_tokens
+        self.done[rows] = self.finished[rows].tolist()
         self.last[rows] = tokens.masked_fill(self.finished[rows], self.config.pad_token_id)[:, None]
         if self.seen is not None:
             self.seen[rows] |= torch.zeros_like(self.seen[rows]).scatter_(1, tokens[:, None], ~self.finished[rows, None])
@@ -125,6 +133,7 @@ class ContinuousBatch:
         self.params += list(params)
         self.generators += list(generators)
         self.produced += [0] * new_rows
+        self.done += [False] * new_rows
         self.limits += limits
         self.last = torch.cat([self.last, torch.zeros(new_rows, 1, dtype=torch.long, device=self.device)])
         self.finished = torch.cat([self.finished, torch.zeros(new_rows, dtype=torch.bool, device=self.device)])
@@ -139,7 +148,7 @@ class ContinuousBatch:
             return
         keep = [r for r in range(len(self)) if r not in set(rows)]
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
-        for attribute in ("keys", "params", "generators", "produced", "limits"):
+        for attribute in ("keys", "params", "generators", "produced", "limits", "done"):
             setattr(self, attribute, [getattr(self, attribute)[r] for r in keep])
         self.mask, self.last, self.finished = self.mask[index], self.last[index], self.finished[index]
         self.seen = self.seen[index] if self.seen is not None else None

@@ -147,7 +147,7 @@ class BatchingEngine:
         shared, seeded = ContinuousBatch(self.model, self.stop_token_ids, self.suppress_token_ids), []
         self.batches_run += 1
         while True:
-            live = len(shared) + len(seeded)
+            live = shared.open_rows + len(seeded)
             if live < self.max_batch_size and self._waiting():
                 joined = self._take(self.max_batch_size - live)
                 session += joined
@@ -158,9 +158,9 @@ class BatchingEngine:
                 unseeded = [r for r in joined if r.sampling.seed is None]
                 if unseeded:
                     self._add(shared, unseeded, loop)
-                self.batch_sizes.append(len(shared) + len(seeded))
-            seeded = [batch for batch in seeded if len(batch)]
-            if not len(shared) and not seeded:
+                self.batch_sizes.append(live + len(joined))
+            seeded = [batch for batch in seeded if batch.open_rows]
+            if not shared.open_rows and not seeded:
                 break
             for batch in [shared, *seeded]:
                 batch.finish([r for r in batch.keys if r.over])
