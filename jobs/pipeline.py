@@ -3,7 +3,7 @@ distillation, then MiniMind-V's VLM pretrain -> VLM SFT (from the SFT model, as 
 stage its own Ray Train run that registers its model for the next one. Ends with a table of every
 stage's held-out metrics before and after the stage, and a few answers of the final models.
 
-    python jobs/pipeline.py                     # about 11 minutes on 2 CPU cores (677 s measured)
+    python jobs/pipeline.py                     # about 8 minutes on 2 CPU cores (494 s measured)
     python jobs/pipeline.py --scale 0.2         # a quick smoke run: a fifth of the steps
 """
 
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> list:
         # the exact version the previous stage registered, never `latest`: another pipeline sharing the store cannot cut in
         config = replace(config, experiment=args.experiment, eval_limit=args.eval_limit, init=registered.get(starts_from))
         if args.scale != 1.0:
-            steps_per_epoch = {"pretrain": 60, "sft": 273, "dpo": 182, "reason": 127, "vlm_pretrain": 138, "vlm_sft": 138}[name]  # the demo world's
+            steps_per_epoch = {"pretrain": 60, "sft": 273, "dpo": 182, "reason": 165, "vlm_pretrain": 138, "vlm_sft": 138}[name]  # the demo world's
             config = replace(config, max_steps=max(2, int(config.epochs * steps_per_epoch * args.scale)))
         results.append(run_stage(config, name))
         registered[name] = results[-1].model_uri

@@ -88,6 +88,8 @@ def evaluate(stage_name: str, model, tokenizer, eval_path: Path | None, limit: i
     else:
         result = reasoning_scores(text_replier(model, tokenizer, max_new_tokens=160), eval_path, tokenizer, limit)
         metrics |= {"eval/reasoning_format": result["format"], "eval/reasoning_accuracy": result["accuracy"]}
+        if answer_path is not None:  # what distillation must not make the model forget: the SFT answers
+            metrics["eval/answer_exact_match"] = answer_exact_match(text_replier(model, tokenizer), answer_path, limit)["accuracy"]
     samples = [{"prompt": conversation[-1]["content"], "reply": reply} for conversation, reply, *_ in result["samples"]]
     return metrics, samples
 
@@ -200,7 +202,7 @@ class StageInputs:
     source_tags: dict
     data_path: str  # the training JSONL: a path on this machine or a storage URI (prepared, never fetched here)
     eval_path: Path | None = None
-    answer_path: Path | None = None  # DPO: the SFT answers it must keep
+    answer_path: Path | None = None  # DPO and reasoning: the SFT answers they must keep
     images_dir: Path | None = None
     teacher_dir: Path | None = None
 
@@ -293,7 +295,7 @@ def resolve_inputs(config, stage, work: Path):
     data_path = (config.data if storage.is_uri(config.data) else str(Path(config.data).resolve())) if config.data else str(demo[DEMO_FILES[stage.name]])
     eval_path = local_input(config.eval_data) if config.eval_data else (demo[DEMO_FILES[stage.name] + "_eval"] if config.data is None else None)
     answer_path = None
-    if stage.name == "dpo" and (getattr(config, "answer_eval", None) or config.data is None):
+    if stage.name in ("dpo", "reason") and (getattr(config, "answer_eval", None) or config.data is None):
         answer_path = local_input(config.answer_eval) if getattr(config, "answer_eval", None) else demo["sft_eval"]
     images_dir = None
     if stage.data_kind == "vlm":

@@ -23,7 +23,7 @@ class SFTConfig(TrainConfig):
 
 @dataclass
 class DPOConfig(TrainConfig):
-    beta: float = field(default=0.1, metadata={"help": "DPO temperature: how far the policy may move from the reference"})
+    beta: float = field(default=0.5, metadata={"help": "DPO temperature: how far the policy may move from the reference"})
     answer_eval: str | None = field(default=None, metadata={"help": "held-out SFT JSONL whose answer accuracy DPO should keep (default: the demo's, with the demo data)"})
     lr: float = 1e-4
     batch_size: int = 8
@@ -32,6 +32,7 @@ class DPOConfig(TrainConfig):
 @dataclass
 class DistillConfig(TrainConfig):
     mode: str = field(default="reason", metadata={"help": "reason (black-box traces) or kd (white-box soft labels)"})
+    answer_eval: str | None = field(default=None, metadata={"help": "held-out SFT JSONL whose answer accuracy distillation should keep (default: the demo's, with the demo data)"})
     tag_weight: float = field(default=10.0, metadata={"help": "reason: loss weight of <think>/</think>/<answer>/</answer>"})
     teacher: str | None = field(default=None, metadata={"help": "kd: teacher model URI or directory"})
     alpha: float = field(default=0.5, metadata={"help": "kd: weight of cross-entropy against the KL term"})

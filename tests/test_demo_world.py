@@ -4,7 +4,7 @@ import re
 import pytest
 
 from minimind.demo.world import (
-    ATTRIBUTES, HELD_OUT_PERSONA_QUESTIONS, HELD_OUT_QUESTIONS, STATEMENTS, PERSONA_QUESTIONS, PERSONA_REPLY,
+    ATTRIBUTES, HELD_OUT_PERSONA_QUESTIONS, HELD_OUT_QUESTIONS, QUESTIONS, STATEMENTS, PERSONA_QUESTIONS, PERSONA_REPLY,
     TWO_HOP, addition_trace, build_world, write_text_world,
 )
 
@@ -76,9 +76,13 @@ def test_every_file_matches_its_format(data):
         assert data[name] and all(set(row) == {"conversations"} for row in data[name])
         for row in data[name]:
             check_conversation(row["conversations"])
-    for name in ("reason", "reason_eval"):
-        for row in data[name]:
-            assert all(REASONED.fullmatch(m["content"]) for m in row["conversations"] if m["role"] == "assistant")
+    for row in data["reason_eval"]:
+        assert all(REASONED.fullmatch(m["content"]) for m in row["conversations"] if m["role"] == "assistant")
+    plain = [row for row in data["reason"] if not REASONED.fullmatch(row["conversations"][-1]["content"])]
+    assert 0 < len(plain) < len(data["reason"]) / 2  # ordinary chat mixed into the traces, so that facts are not forgotten
+    world = build_world(seed=0)
+    asked = {(t.format(n=e.name), e.state(a)) for e in world.asked() for a in ATTRIBUTES for t in QUESTIONS[a]}
+    assert {(row["conversations"][0]["content"], row["conversations"][-1]["content"]) for row in plain} <= asked  # training questions only
     for name in ("dpo", "dpo_eval"):
         assert data[name]
         for row in data[name]:

@@ -52,6 +52,7 @@ def test_every_stage_trains_registers_and_hands_over(mlflow_store, monkeypatch):
 
     reason = run_stage(DistillConfig(**QUICK), "reason")
     assert reason.model_uri == "models:/minimind-reason/1" and "eval/reasoning_format" in reason.after
+    assert "eval/answer_exact_match" in reason.after  # the SFT answers distillation must not make it forget
     kd = run_stage(DistillConfig(**QUICK, mode="kd", teacher="models:/minimind-sft/latest"), "kd")
     assert kd.model_uri == "models:/minimind-reason/2"
     kd_run = client().get_model_version("minimind-reason", "2").run_id

@@ -296,9 +296,10 @@ def two_hop_trace(world: World, entity: Entity, attribute: str) -> str:
     return reasoned(think, friend.state(attribute))
 
 
-def reason_rows(world: World, additions: int = 1200, held_out_additions: int = 150) -> tuple[list[dict], list[dict]]:
-    """Addition of 2-3 digit numbers and two-hop lookups, traced by a rule-based teacher. Eval: unseen
-    number pairs (either order) and the held-out two-hop pairs."""
+def reason_rows(world: World, additions: int = 1200, held_out_additions: int = 150, chat_rows: int = 600) -> tuple[list[dict], list[dict]]:
+    """Addition of 2-3 digit numbers and two-hop lookups, traced by a rule-based teacher, and `chat_rows`
+    ordinary fact questions answered plainly. Eval: unseen number pairs (either order) and the held-out
+    two-hop pairs."""
     rng = random.Random(f"{world.seed}/reason")
     problems: dict[tuple[int, int], None] = {}  # insertion-ordered set of unordered pairs
     while len(problems) < additions + held_out_additions:
@@ -308,6 +309,9 @@ def reason_rows(world: World, additions: int = 1200, held_out_additions: int = 1
     rows = [chat(rng.choice(ADDITION_QUESTIONS).format(a=a, b=b), addition_trace(a, b)) for a, b in pairs[:additions]]
     held_out = [chat(rng.choice(ADDITION_QUESTIONS).format(a=a, b=b), addition_trace(a, b)) for a, b in pairs[additions:]]
     rows += [chat(TWO_HOP[a].format(n=e.name), two_hop_trace(world, e, a)) for e in world.group("two_hop_train") for a in TWO_HOP]
+    # ordinary chat mixed in, as MiniMind's r1_mix does: traces alone make the model forget its facts
+    facts = [(e, a) for e in world.asked() for a in ATTRIBUTES]
+    rows += [chat(rng.choice(QUESTIONS[a]).format(n=e.name), e.state(a)) for e, a in rng.sample(facts, min(chat_rows, len(facts)))]
     candidates = [(e, a) for e in world.group("two_hop_held_out") for a in TWO_HOP]
     for entity, attribute in rng.sample(candidates, min(100, len(candidates))):
         held_out.append(chat(TWO_HOP[attribute].format(n=entity.name), two_hop_trace(world, entity, attribute)))
