@@ -112,7 +112,7 @@ class ContinuousBatch:
         old_rows, new_rows = len(self), len(keys)
         old_length = self.cache.length if self.cache is not None else 0
         length = max(old_length, cache.length)
-        room = max([limit for limit in limits] + [self.limits[r] - self.produced[r] for r in range(old_rows)])
+        room = max(list(limits) + [self.limits[r] - self.produced[r] for r in range(old_rows)])
         merged = KVCache(length + room + 1)
         merged.length = length
         for layer in range(len(cache.keys)):

@@ -7,7 +7,7 @@ padding, streaming, over a preallocated KV cache.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -96,29 +96,29 @@ class RowSampler:
         The kept tokens are nearly always among the few most likely, so they are looked for among the
         best CANDIDATES (a cheap topk); only a row whose top-p reaches past them sorts its whole vocabulary."""
         best_logits, best_index = scaled.topk(min(CANDIDATES, scaled.shape[-1]), dim=-1)
-        tokens, unsure = self._from_sorted(best_logits, best_index, probs.gather(-1, best_index), uniforms)
+        tokens, unsure = _from_sorted(best_logits, best_index, probs.gather(-1, best_index), uniforms, self.top_k, self.top_p)
         if bool(unsure.any()):
             rows = unsure.nonzero().squeeze(-1)
             all_logits, all_index = scaled[rows].sort(dim=-1, descending=True)
-            sub = RowSampler.__new__(RowSampler)
-            sub.top_k, sub.top_p = self.top_k[rows], self.top_p[rows]
-            tokens[rows] = sub._from_sorted(all_logits, all_index, probs[rows].gather(-1, all_index), uniforms[rows])[0]
+            tokens[rows] = _from_sorted(all_logits, all_index, probs[rows].gather(-1, all_index), uniforms[rows],
+                                        self.top_k[rows], self.top_p[rows])[0]
         return tokens
 
-    def _from_sorted(self, logits, index, probs, uniforms) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens from the best `logits` (descending, at vocabulary `index`, `probs` their share of the whole
-        softmax), and which rows' top-k or top-p may reach beyond these."""
-        count = logits.shape[-1]
-        rank = torch.arange(count, device=logits.device)[None, :]
-        has_top_k = self.top_k > 0
-        keep = rank < torch.where(has_top_k, self.top_k, count)
-        # after top-k the mass is shared among the k kept; without top-k, among the whole vocabulary
-        probs = torch.where(has_top_k, logits.masked_fill(~keep, float("-inf")).softmax(dim=-1), probs)
-        keep &= probs.cumsum(dim=-1) - probs < self.top_p
-        mass = probs.sum(dim=-1, keepdim=True)
-        unsure = torch.where(has_top_k, self.top_k > count, (mass < self.top_p) & (self.top_p < 1)).squeeze(-1)
-        choice = _inverse_cdf(probs.masked_fill(~keep, 0.0), uniforms)
-        return index.gather(-1, choice[:, None]).squeeze(-1), unsure
+
+def _from_sorted(logits, index, probs, uniforms, top_k, top_p) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens from the best `logits` (descending, at vocabulary `index`, `probs` their share of the whole
+    softmax) under each row's `top_k` and `top_p` (batch, 1), and which rows' may reach beyond them."""
+    count = logits.shape[-1]
+    rank = torch.arange(count, device=logits.device)[None, :]
+    has_top_k = top_k > 0
+    keep = rank < torch.where(has_top_k, top_k, count)
+    # after top-k the mass is shared among the k kept; without top-k, among the whole vocabulary
+    probs = torch.where(has_top_k, logits.masked_fill(~keep, float("-inf")).softmax(dim=-1), probs)
+    keep &= probs.cumsum(dim=-1) - probs < top_p
+    mass = probs.sum(dim=-1, keepdim=True)
+    unsure = torch.where(has_top_k, top_k > count, (mass < top_p) & (top_p < 1)).squeeze(-1)
+    choice = _inverse_cdf(probs.masked_fill(~keep, 0.0), uniforms)
+    return index.gather(-1, choice[:, None]).squeeze(-1), unsure
 
 
 def _inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
@@ -154,19 +154,15 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[tor
 
 
 @torch.inference_mode()
-def stream_batch(model: MiniMindForCausalLM, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
-                 prompt_inputs: dict | None = None, stop_rows: Callable[[], Iterable[int]] | None = None,
-                 generators: Sequence[torch.Generator | None] | None = None) -> Iterator[list[int | None]]:
+def stream_batch(model: MiniMindForCausalLM, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 prompt_inputs: dict | None = None) -> Iterator[list[int | None]]:
     """Yield, each step, one new token per prompt, or None for a prompt that has finished.
 
-    A prompt finishes when it samples a stop token (which is not yielded) or has its `max_new_tokens`;
-    the stream ends when all have finished. `params` is one SamplingParams for every prompt (a seed then
-    seeds the batch's one random stream) or one per prompt (each seeded prompt then has its own stream,
-    or the generator given for it in `generators`, which a server keeps across batches); their stop and
-    suppressed ids and use_cache must agree. `prompt_inputs` are extra forward arguments that belong to
-    the prompt tokens, such as a VLM's `pixel_values`: given at prefill (and at every step without a KV
-    cache, which recomputes the prompt). `stop_rows()`, asked every step, names rows to finish now (a
-    server's cancelled or satisfied requests).
+    A prompt finishes when it samples a stop token (which is not yielded); the stream ends when all
+    have finished or after `max_new_tokens` steps. A seed seeds the batch's one random stream.
+    `prompt_inputs` are extra forward arguments that belong to the prompt tokens, such as a VLM's
+    `pixel_values`: given at prefill (and at every step without a KV cache, which recomputes the
+    prompt). A server whose rows come and go uses `minimind.continuous.ContinuousBatch` instead.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -174,16 +170,7 @@ def stream_batch(model: MiniMindForCausalLM, prompts: Sequence[Sequence[int]], p
     longest = max(len(p) for p in prompts)
     if longest >= config.max_position_embeddings:
         raise ValueError(f"prompt of {longest} tokens leaves no room in the {config.max_position_embeddings}-position context")
-    per_row = not isinstance(params, SamplingParams)
-    rows = list(params) if per_row else [params] * len(prompts)
-    if len(rows) != len(prompts):
-        raise ValueError(f"{len(prompts)} prompts but {len(rows)} SamplingParams")
-    params = rows[0]
-    if any((r.stop_token_ids, r.suppress_token_ids, r.use_cache) != (params.stop_token_ids, params.suppress_token_ids, params.use_cache)
-           for r in rows):
-        raise ValueError("the rows of one batch must share stop_token_ids, suppress_token_ids and use_cache")
-    row_limits = [min(r.max_new_tokens, config.max_position_embeddings - longest) for r in rows]
-    max_new_tokens = max(row_limits)
+    max_new_tokens = min(params.max_new_tokens, config.max_position_embeddings - longest)
     stop_ids = list(params.stop_token_ids if params.stop_token_ids is not None else [config.eos_token_id])
     device = next(model.parameters()).device
 
@@ -191,11 +178,8 @@ def stream_batch(model: MiniMindForCausalLM, prompts: Sequence[Sequence[int]], p
     model.eval()
     ids, mask = left_pad(prompts, config.pad_token_id, device)
     stop_ids_tensor = torch.tensor(stop_ids, device=device)
-    if per_row and generators is None:
-        generators = [torch.Generator().manual_seed(r.seed) if r.seed is not None else None for r in rows]
-    shared = torch.Generator().manual_seed(params.seed) if not per_row and params.seed is not None else None
-    sampler = RowSampler(rows, generators, shared, device)
-    out_of_tokens = torch.tensor(row_limits, device=device)[None, :] <= torch.arange(max_new_tokens, device=device)[:, None] + 1
+    shared = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+    sampler = RowSampler([params] * len(prompts), shared=shared, device=device)
     seen = None
     if sampler.penalised:
         seen = torch.zeros(len(prompts), config.vocab_size, dtype=torch.bool, device=device)
@@ -221,11 +205,7 @@ def stream_batch(model: MiniMindForCausalLM, prompts: Sequence[Sequence[int]], p
                 logits = suppress(logits, params.suppress_token_ids)
             token = sampler(logits, seen)
             finished |= torch.isin(token, stop_ids_tensor)
-            if stop_rows is not None:
-                for row in stop_rows():
-                    finished[row] = True
             yield [None if done else t for t, done in zip(token.tolist(), finished.tolist())]
-            finished |= out_of_tokens[step]  # a row that just had its last token
             if bool(finished.all()):
                 return
             token = token.masked_fill(finished, config.pad_token_id)[:, None]
