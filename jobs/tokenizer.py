@@ -2,6 +2,7 @@
 
     python jobs/tokenizer.py                                  # the demo world's corpus
     python jobs/tokenizer.py --data pretrain_hq.jsonl --vocab-size 6400 --output checkpoints/tokenizer
+    python jobs/tokenizer.py --split-digits --split-han       # one token per digit and per Chinese character
 
 MiniMind trained its 6400-token vocabulary on about 10k lines; --max-lines bounds how much is read.
 """
@@ -24,6 +25,8 @@ class TokenizerJobConfig:
     data: str | None = field(default=None, metadata={"help": "pretraining JSONL; default: the demo world's pretrain.jsonl"})
     vocab_size: int = field(default=6400, metadata={"help": "vocabulary size, special tokens included"})
     max_lines: int = field(default=100_000, metadata={"help": "read at most this many lines"})
+    split_digits: bool = field(default=False, metadata={"help": "every digit its own token (helps arithmetic; MiniMind's tokenizer merges digits)"})
+    split_han: bool = field(default=False, metadata={"help": "every Chinese character its own token (no phrase tokens: what the demo tokenizer does)"})
     output: str = field(default="checkpoints/tokenizer", metadata={"help": "directory to save the tokenizer to"})
 
 
@@ -36,7 +39,7 @@ def main(argv: list[str] | None = None) -> Path:
     else:
         data = Path(config.data)
     texts = (record["text"] for _, record in islice(iter_jsonl(data, "pretrain"), config.max_lines))
-    tokenizer = train_tokenizer(texts, vocab_size=config.vocab_size)
+    tokenizer = train_tokenizer(texts, vocab_size=config.vocab_size, split_digits=config.split_digits, split_han=config.split_han)
     output = Path(config.output)
     tokenizer.save_pretrained(str(output))
     print(f"trained a {len(tokenizer)}-token tokenizer on {data}; saved to {output}")

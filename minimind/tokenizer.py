@@ -93,13 +93,24 @@ CHAT_TEMPLATE = (
 )
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 6400, model_max_length: int = 32768):
-    """Train byte-level BPE on `texts`; returns a transformers fast tokenizer with the chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 6400, model_max_length: int = 32768, split_digits: bool = False,
+                    split_han: bool = False):
+    """Train byte-level BPE on `texts`; returns a transformers fast tokenizer with the chat template.
+
+    `split_digits`: every digit is its own token, so a number's digits line up with its place values
+    (arithmetic then learns one rule per digit instead of one per digit group the merges happened to make).
+    `split_han`: every Chinese character (and punctuation mark) is its own token. Without it BPE merges
+    whole runs of characters, which on a small, repetitive corpus fuses a sentence's frame and its value
+    ("最喜欢的颜色是红色" one token, "喜欢红色" another): each paraphrase of a fact is then a different
+    token, and a small model learns the fact once per paraphrase instead of once."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.BPE(unk_token=UNK))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    splits = [pre_tokenizers.Split(Regex(r"[\p{Han}\p{P}]"), "isolated")] if split_han else []
+    splits += [pre_tokenizers.Digits(individual_digits=True)] if split_digits else []
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.pre_tokenizer = pre_tokenizers.Sequence([*splits, byte_level]) if splits else byte_level
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

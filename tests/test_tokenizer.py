@@ -105,3 +105,18 @@ def test_a_minimind_layout_tokenizer_serves_a_text_model_and_names_what_a_vlm_ne
     assert Markers.of(reloaded).tag_sequences(reloaded)[0] == [reloaded.bos_token_id]
     with pytest.raises(ValueError, match="unknown marker"):
         Markers.configure(reloaded, {"imgae": "<s>"})
+
+
+def test_split_digits_and_han_keep_words_and_numbers_apart(tmp_path):
+    corpus = ["安乐最喜欢的颜色是红色。安乐住在北京。", "600+334=934，写4，进1。"] * 50
+    merged = train_tokenizer(corpus, vocab_size=400)
+    split = train_tokenizer(corpus, vocab_size=400, split_digits=True, split_han=True)
+
+    def pieces(tokenizer, text):
+        return [tokenizer.decode([i]) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+    text = "安乐最喜欢的颜色是红色。600+334=934"
+    assert any(len(piece) > 2 for piece in pieces(merged, text))  # without: phrase and number tokens
+    assert pieces(split, text) == list(text)  # with: one token per character and per digit
+    split.save_pretrained(str(tmp_path))
+    assert load_tokenizer(tmp_path).decode(load_tokenizer(tmp_path)(text)["input_ids"]) == text  # the pre-tokenizer is saved
