@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -106,16 +107,38 @@ def _prompts_and_references(path: str | Path, kind: str, limit: int | None):
     return [r["conversations"][:-1] for r in records], [r["conversations"][-1]["content"] for r in records]
 
 
+def record_tasks(path: str | Path, limit: int | None = None) -> list[str | None]:
+    """The optional "task" of each record (the demo's held-out files name each row's family), in file order."""
+    tasks = []
+    with open(path, encoding="utf-8-sig") as lines:
+        for line in lines:
+            if line.strip():
+                record = json.loads(line)
+                tasks.append(record.get("task") if isinstance(record, dict) and isinstance(record.get("task"), str) else None)
+    return tasks[:limit]
+
+
+def by_task(hits: Sequence[bool], tasks: Sequence[str | None]) -> dict[str, float]:
+    """Accuracy within each named task, when the records name more than one."""
+    named = sorted({task for task in tasks if task})
+    if len(named) < 2:
+        return {}
+    return {task: sum(h for h, t in zip(hits, tasks) if t == task) / tasks.count(task) for task in named}
+
+
 def answer_exact_match(replier: Replier, path: str | Path, limit: int | None = None, kind: str = "sft") -> dict:
-    """Share of held-out conversations whose reply equals the reference (final assistant turn)."""
+    """Share of held-out conversations whose reply equals the reference (final assistant turn), overall
+    and, in `by_task`, within each family of records that name their "task"."""
     prompts, references = _prompts_and_references(path, kind, limit)
     replies = replier(prompts)
     hits = [reply.strip() == reference.strip() for reply, reference in zip(replies, references)]
-    return {"accuracy": sum(hits) / max(len(hits), 1), "samples": list(zip(prompts[:5], replies[:5], references[:5]))}
+    return {"accuracy": sum(hits) / max(len(hits), 1), "by_task": by_task(hits, record_tasks(path, limit)),
+            "samples": list(zip(prompts[:5], replies[:5], references[:5]))}
 
 
 def reasoning_scores(replier: Replier, path: str | Path, tokenizer, limit: int | None = None) -> dict:
-    """Format adherence (the whole reply is <think>…</think><answer>…</answer>) and answer accuracy."""
+    """Format adherence (the whole reply is <think>…</think><answer>…</answer>, each tag exactly once) and
+    answer accuracy, overall and, in `by_task`, within each family of records that name their "task"."""
     markers = Markers.of(tokenizer)
     form = re.compile(
         rf"{re.escape(markers.think_start)}\n(.*?)\n{re.escape(markers.think_end)}\n"
@@ -124,12 +147,13 @@ def reasoning_scores(replier: Replier, path: str | Path, tokenizer, limit: int |
     )
     prompts, references = _prompts_and_references(path, "reason", limit)
     replies = replier(prompts)
-    well_formed = [form.fullmatch(reply.strip()) for reply in replies]
+    tags = (markers.think_start, markers.think_end, markers.answer_start, markers.answer_end)
+    well_formed = [(match := form.fullmatch(reply.strip())) and all(reply.count(tag) == 1 for tag in tags) and match for reply in replies]
     expected = [form.fullmatch(reference.strip()) for reference in references]
     correct = [bool(got and want and got.group(2).strip() == want.group(2).strip()) for got, want in zip(well_formed, expected)]
     count = max(len(replies), 1)
     return {"format": sum(bool(m) for m in well_formed) / count, "accuracy": sum(correct) / count,
-            "samples": list(zip(prompts[:5], replies[:5]))}
+            "by_task": by_task(correct, record_tasks(path, limit)), "samples": list(zip(prompts[:5], replies[:5]))}
 
 
 def image_question_accuracy(replier: Callable[[Sequence[tuple[list[dict], list[Path]]]], list[str]], path: str | Path,
@@ -140,7 +164,8 @@ def image_question_accuracy(replier: Callable[[Sequence[tuple[list[dict], list[P
     references = [r["conversations"][-1]["content"] for r in records]
     replies = replier(queries)
     hits = [reply.strip() == reference.strip() for reply, reference in zip(replies, references)]
-    return {"accuracy": sum(hits) / max(len(hits), 1), "samples": list(zip(queries[:5], replies[:5], references[:5]))}
+    return {"accuracy": sum(hits) / max(len(hits), 1), "by_task": by_task(hits, record_tasks(path, limit)),
+            "samples": list(zip(queries[:5], replies[:5], references[:5]))}
 
 
 @torch.no_grad()

@@ -70,7 +70,7 @@ def evaluate(stage_name: str, model, tokenizer, eval_path: Path | None, limit: i
             "eval/drift": implicit.get("drift", 0.0),
         }
         if answer_path is not None:  # what DPO must not lose: the SFT answers
-            metrics["eval/answer_exact_match"] = answer_exact_match(text_replier(model, tokenizer), answer_path, limit)["accuracy"]
+            metrics |= _with_tasks("eval/answer_exact_match", answer_exact_match(text_replier(model, tokenizer), answer_path, limit))
         return metrics, []
     kind = STAGES[stage_name].data_kind
     metrics = {"eval/heldout_loss": heldout_loss(model, tokenizer, eval_path, kind=kind, seq_len=seq_len, limit=limit, images_dir=images_dir)}
@@ -78,20 +78,25 @@ def evaluate(stage_name: str, model, tokenizer, eval_path: Path | None, limit: i
         return metrics, []
     if kind == "vlm":
         result = image_question_accuracy(vlm_replier(model, tokenizer), eval_path, images_dir, limit)
-        metrics["eval/image_question_accuracy"] = result["accuracy"]
+        metrics |= _with_tasks("eval/image_question_accuracy", result)
         samples = [{"image": ", ".join(str(p) for p in images), "prompt": conversation[-1]["content"], "reply": reply, "reference": reference}
                    for (conversation, images), reply, reference in result["samples"]]
         return metrics, samples
     if stage_name == "sft":
         result = answer_exact_match(text_replier(model, tokenizer), eval_path, limit)
-        metrics["eval/answer_exact_match"] = result["accuracy"]
+        metrics |= _with_tasks("eval/answer_exact_match", result)
     else:
         result = reasoning_scores(text_replier(model, tokenizer, max_new_tokens=160), eval_path, tokenizer, limit)
-        metrics |= {"eval/reasoning_format": result["format"], "eval/reasoning_accuracy": result["accuracy"]}
+        metrics |= {"eval/reasoning_format": result["format"]} | _with_tasks("eval/reasoning_accuracy", result)
         if answer_path is not None:  # what distillation must not make the model forget: the SFT answers
-            metrics["eval/answer_exact_match"] = answer_exact_match(text_replier(model, tokenizer), answer_path, limit)["accuracy"]
+            metrics |= _with_tasks("eval/answer_exact_match", answer_exact_match(text_replier(model, tokenizer), answer_path, limit))
     samples = [{"prompt": conversation[-1]["content"], "reply": reply} for conversation, reply, *_ in result["samples"]]
     return metrics, samples
+
+
+def _with_tasks(name: str, result: dict) -> dict:
+    """An accuracy as metric `name`, and its value within each task of the held-out file as `name/task`."""
+    return {name: result["accuracy"]} | {f"{name}/{task}": value for task, value in result.get("by_task", {}).items()}
 
 
 def eval_coverage(stage_name: str, tokenizer, eval_path: Path | None, limit: int, seq_len: int, image_tokens: int = 1) -> dict:

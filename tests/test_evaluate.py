@@ -72,6 +72,20 @@ def test_reasoning_scores_format_and_answer_separately(tmp_path, tokenizer):
     replies = [reference, "<think>\n想错了\n</think>\n<answer>\n41\n</answer>", "42"]
     scores = reasoning_scores(lambda prompts: replies, path, tokenizer)
     assert scores["format"] == pytest.approx(2 / 3) and scores["accuracy"] == pytest.approx(1 / 3)
+    twice = "<think>\n12 加 30\n</think>\n等于 42\n</think>\n<answer>\n42\n</answer>"  # a second </think>, inside the first
+    assert reasoning_scores(lambda prompts: [twice] * 3, path, tokenizer)["format"] == 0.0
+
+
+def test_accuracy_is_also_reported_per_task_when_records_name_one(tmp_path, tokenizer):
+    records = [qa("小明喜欢什么？", "红色。") | {"task": "asked"}, qa("小红住在哪？", "北京。") | {"task": "asked"},
+               qa("小刚几岁？", "八岁。") | {"task": "never_asked"}, qa("你是谁？", "我是 MiniMind。")]
+    path = write_jsonl(tmp_path / "sft_eval.jsonl", records)
+    result = answer_exact_match(lambda prompts: ["红色。", "上海。", "八岁。", "我是 MiniMind。"], path)
+    assert result["accuracy"] == 0.75 and result["by_task"] == {"asked": 0.5, "never_asked": 1.0}
+    assert answer_exact_match(lambda prompts: ["红色。", "北京。"], path, limit=2)["by_task"] == {}  # one task: nothing to split
+    reference = "<think>\n1+1=2\n</think>\n<answer>\n2\n</answer>"
+    path = write_jsonl(tmp_path / "reason_eval.jsonl", [qa("1+1?", reference) | {"task": "addition"}, qa("A的朋友？", reference) | {"task": "two_hop"}])
+    assert reasoning_scores(lambda prompts: [reference, "2"], path, tokenizer)["by_task"] == {"addition": 1.0, "two_hop": 0.0}
 
 
 def test_preference_accuracy(tmp_path, tokenizer, model):
