@@ -53,14 +53,19 @@ def sequence_logprobs(hidden_states: torch.Tensor, head_weight: torch.Tensor, la
 
 def dpo_loss(
     policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor, reference_rejected: torch.Tensor,
-    beta: float = 0.1,
+    beta: float = 0.1, rpo_alpha: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Direct Preference Optimization (Rafailov et al. 2023, arXiv:2305.18290), eq. 7:
     -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), on per-sequence log-probs of the replies
-    (MiniMind averages them per token). Returns the mean loss and TRL's metric names."""
+    (MiniMind averages them per token). `rpo_alpha` adds that weight times the chosen replies' negative
+    log-likelihood (RPO, Pang et al. 2024, arXiv:2404.19733; TRL's `rpo_alpha`): DPO alone may lower the
+    chosen reply's probability too, as long as the rejected one falls faster. Returns the mean loss and
+    TRL's metric names."""
     rewards_chosen = beta * (policy_chosen - reference_chosen)
     rewards_rejected = beta * (policy_rejected - reference_rejected)
     loss = -F.logsigmoid(rewards_chosen - rewards_rejected).mean()
+    if rpo_alpha:
+        loss = loss - rpo_alpha * policy_chosen.mean()
     metrics = {
         "rewards/chosen": rewards_chosen.mean().detach(),
         "rewards/rejected": rewards_rejected.mean().detach(),

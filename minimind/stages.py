@@ -69,7 +69,8 @@ class DPOStage(Stage):
             reference_model = companions["reference"]
             reference = sequence_logprobs(reference_model(ids, return_logits=False).hidden_states, reference_model.lm_head.weight, labels)
         half = ids.shape[0] // 2
-        loss, metrics = dpo_loss(policy[:half], policy[half:], reference[:half], reference[half:], beta=job.config.beta)
+        loss, metrics = dpo_loss(policy[:half], policy[half:], reference[:half], reference[half:], beta=job.config.beta,
+                                 rpo_alpha=job.config.rpo_alpha)
         return loss + output.aux_loss, metrics
 
 

@@ -143,3 +143,10 @@ def test_kd_temperature_edges():
     base = kd_loss(student, teacher, labels, alpha=0.0, temperature=1.5)[1]["loss/kd"]
     scaled = kd_loss(3 * student, 3 * teacher, labels, alpha=0.0, temperature=4.5)[1]["loss/kd"]
     torch.testing.assert_close(scaled, 9 * base)
+
+
+def test_rpo_adds_the_chosen_replies_negative_log_likelihood():
+    chosen, rejected, reference = torch.tensor([-1.0, -0.5]), torch.tensor([-3.0, -2.0]), torch.tensor([-2.0, -2.0])
+    plain, _ = dpo_loss(chosen, rejected, reference, reference, beta=0.5)
+    with_nll, _ = dpo_loss(chosen, rejected, reference, reference, beta=0.5, rpo_alpha=2.0)
+    torch.testing.assert_close(with_nll, plain + 2.0 * 0.75)  # alpha times the chosen replies' mean NLL
