@@ -90,7 +90,7 @@ class ModelConfig:
 PRESETS: dict[str, ModelConfig] = {
     # For tests and the CPU demo: trains in minutes on two cores.
     "tiny": ModelConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
-    # The embedded demo's default: 2.5M parameters with the demo's 2048-token vocabulary; a narrow FFN
+    # The embedded demo's default: 2.2M parameters with the demo tokenizer's 747 tokens (2.5M at 2048); a narrow FFN
     # keeps it fast enough to learn the demo world's facts in a few CPU minutes.
     "demo": ModelConfig(
         vocab_size=2048, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,

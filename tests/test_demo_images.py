@@ -191,3 +191,16 @@ def test_draw_scene_puts_each_colour_at_its_shape(image_size):
 def test_scene_rejects_two_shapes_in_one_place():
     with pytest.raises(ValueError, match="share a position"):
         Scene((Shape("circle", "red", "middle"), Shape("star", "blue", "middle")))
+
+
+def test_hallucinations_are_what_a_reply_names_that_the_picture_does_not_hold():
+    from minimind.demo.images import caption, eval_scenes, hallucinations
+
+    scene = Scene((Shape("circle", "red", "top_left"), Shape("star", "blue", "middle")))
+    assert hallucinations(caption(scene), scene) == set()
+    assert hallucinations("一个红色的圆形。", scene) == set()  # "一个" here names a shape, not a count
+    assert hallucinations("图中有三个图形：左上方是一个绿色的圆形，中间是一个蓝色的方形。", scene) == {"三个图形", "绿色", "方形"}
+    assert hallucinations("两个圆形。", scene) == {"两个圆形"} and hallucinations("一个星形。", scene) == set()
+    scenes = eval_scenes(0, num_train=50, num_eval=10)
+    assert list(scenes) == [f"eval_{i:05d}.png" for i in range(10)]
+    assert all(hallucinations(caption(s), s) == set() for s in scenes.values())

@@ -10,7 +10,7 @@ from minimind.demo.world import (
 
 NAMES = ["pretrain", "sft", "dpo", "reason"]
 FILES = NAMES + [f"{name}_eval" for name in NAMES]
-PLACE = re.compile(r"([个十百])位：(\d)\+(\d)(\+1)?=(\d+)，写(\d)(进1)?。")
+PLACE = re.compile(r"([个十百])位：(\d)\+(\d)\+([01])=(\d+)，写(\d)，进([01])。")
 REASONED = re.compile(r"<think>\n(.+)\n</think>\n<answer>\n(.+)\n</answer>", re.DOTALL)
 ADDITION = re.compile(r"(?:请计算)?(\d+)(?:\+|加上|加)(\d+)(?:等于多少？|是多少？|。)")  # the teacher's question templates
 
@@ -60,7 +60,7 @@ def test_same_seed_same_bytes_other_seed_differs(written, tmp_path):
 def test_world_is_well_formed():
     world = build_world(seed=0)
     names = [e.name for e in world.entities]
-    assert len(names) == len(set(names)) == 300
+    assert len(names) == len(set(names)) == 120
     assert all(world[e.friend].friend == e.name != e.friend for e in world.entities)  # mutual, never oneself
     for group in (world.never_asked, world.two_hop_held_out):  # whole friend pairs are held out
         assert group and all(world[name].friend in group for name in group)
@@ -72,8 +72,14 @@ def test_world_is_well_formed():
 def test_every_file_matches_its_format(data):
     for name in ("pretrain", "pretrain_eval"):
         assert data[name] and all(set(row) == {"text"} and row["text"] for row in data[name])
-    for name in ("sft", "sft_eval", "reason", "reason_eval"):
+    for name in ("sft", "reason"):
         assert data[name] and all(set(row) == {"conversations"} for row in data[name])
+    tasks = {"sft_eval": {"held_out_phrasing", "never_asked", "two_hop", "persona"}, "reason_eval": {"addition", "two_hop"}}
+    for name, families in tasks.items():  # each held-out row names its family, and the families are mixed
+        assert data[name] and all(set(row) == {"conversations", "task"} for row in data[name])
+        assert {row["task"] for row in data[name]} == families
+        assert {"two_hop"} < {row["task"] for row in data[name][:20]}  # shuffled: --eval-limit keeps every family
+    for name in ("sft", "sft_eval", "reason", "reason_eval"):
         for row in data[name]:
             check_conversation(row["conversations"])
     for row in data["reason_eval"]:
@@ -82,6 +88,7 @@ def test_every_file_matches_its_format(data):
     assert 0 < len(plain) < len(data["reason"]) / 2  # ordinary chat mixed into the traces, so that facts are not forgotten
     world = build_world(seed=0)
     asked = {(t.format(n=e.name), e.state(a)) for e in world.asked() for a in ATTRIBUTES for t in QUESTIONS[a]}
+    asked |= {(question, PERSONA_REPLY) for question in PERSONA_QUESTIONS}
     assert {(row["conversations"][0]["content"], row["conversations"][-1]["content"]) for row in plain} <= asked  # training questions only
     for name in ("dpo", "dpo_eval"):
         assert data[name]
@@ -100,16 +107,17 @@ def test_every_file_matches_its_format(data):
 def check_column_addition(a: int, b: int, think: str) -> None:
     """Replay the teacher's trace: each place adds the right digits and the carry, and writes the right digit."""
     steps = PLACE.findall(think)
-    assert [place for place, *_ in steps] == ["个", "十", "百"][:max(len(str(a)), len(str(b)))]
-    digits_a, digits_b = str(a)[::-1].ljust(3, "0"), str(b)[::-1].ljust(3, "0")
+    assert [place for place, *_ in steps] == ["个", "十", "百"]
+    digits_a, digits_b = str(a)[::-1], str(b)[::-1]
     carry, written = 0, ""
-    for i, (_, x, y, plus_one, total, digit, carries) in enumerate(steps):
-        assert (x, y, bool(plus_one)) == (digits_a[i], digits_b[i], bool(carry))
+    for i, (_, x, y, carry_in, total, digit, carry_out) in enumerate(steps):
+        assert (x, y, int(carry_in)) == (digits_a[i], digits_b[i], carry)
         assert int(total) == int(x) + int(y) + carry and int(digit) == int(total) % 10
         carry = int(total) // 10
-        assert bool(carries) == bool(carry)
+        assert int(carry_out) == carry
         written = digit + written
     assert int(("1" if carry else "") + written) == a + b
+    assert think.endswith(f"所以结果是{a + b}。")
 
 
 def test_addition_teacher_is_right(data):
@@ -123,7 +131,9 @@ def test_addition_teacher_is_right(data):
             assert answer == f"{a}+{b}={a + b}"
             checked += 1
     assert checked >= 1000
-    assert addition_trace(999, 85).endswith("<answer>\n999+85=1084\n</answer>")
+    assert addition_trace(999, 185).endswith("<answer>\n999+185=1184\n</answer>")
+    with pytest.raises(ValueError, match="three-digit"):
+        addition_trace(999, 85)
 
 
 def test_held_out_prompts_never_appear_in_training(data):
@@ -145,7 +155,7 @@ def test_held_out_prompts_never_appear_in_training(data):
     assert two_hop_questions & user_texts(data["sft_eval"]) and two_hop_questions & user_texts(data["reason_eval"])
 
     # All three held-out kinds are in sft_eval.
-    held_out_phrasings = {t.format(n=e.name) for e in world.entities for a in ATTRIBUTES for t in HELD_OUT_QUESTIONS[a]}
+    held_out_phrasings = {t.format(n=e.name) for e in world.asked() for a in ATTRIBUTES for t in HELD_OUT_QUESTIONS[a]}
     eval_users = user_texts(data["sft_eval"])
     assert eval_users & held_out_phrasings
     assert set("".join(held_out_phrasings)) <= set("".join(sft_users))  # new sentences, known words
@@ -179,7 +189,7 @@ def test_every_fact_and_answer_is_stated_in_pretraining(data):
         assert sentences(answer) and "".join(sentences(answer)) == answer, reply
         assert all(s in stated for s in sentences(answer)), reply
         checked += 1
-    assert checked > 5000
+    assert checked > 3000
 
 
 def test_persona_is_present_and_consistent(data):
@@ -196,3 +206,14 @@ def test_persona_is_present_and_consistent(data):
     assert set(HELD_OUT_PERSONA_QUESTIONS) <= user_texts(data["sft_eval"])
     assert {row["chosen"][-1]["content"] for row in data["dpo"] if row["chosen"][0]["content"] in PERSONA_QUESTIONS} == {
         PERSONA_REPLY}
+
+
+def test_showcase_prompts_are_held_out_and_continuations_start_their_references(data):
+    from minimind.demo.world import showcase
+
+    prompts = showcase(build_world(seed=0))
+    assert [p["task"] for p in prompts] == ["held_out_phrasing", "never_asked", "two_hop", "addition", "persona"]
+    trained = user_texts(data["sft"]) | user_texts(data["reason"]) | user_texts(data["dpo"], "chosen")
+    assert not {p["question"] for p in prompts} & trained
+    assert all(p["reference"].startswith(p["continuation"]) or p["task"] == "addition" for p in prompts)
+    assert prompts[3]["question"] in user_texts(data["reason_eval"])

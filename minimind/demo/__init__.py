@@ -37,7 +37,7 @@ def _generator_hash() -> str:
 def demo_data(seed: int = 0, root: str | Path | None = None) -> dict[str, Path]:
     """Absolute paths of the demo files: pretrain, sft, dpo, reason, vlm_pretrain, vlm_sft (each with
     an `_eval` twin) and `images`."""
-    from minimind.demo.images import write_image_world
+    from minimind.demo.images import picture_descriptions, write_image_world
     from minimind.demo.world import write_text_world
 
     root = Path(root or os.environ.get("MINIMIND_DEMO_DIR", Path.home() / ".cache" / "minimind" / "demo"))
@@ -45,7 +45,7 @@ def demo_data(seed: int = 0, root: str | Path | None = None) -> dict[str, Path]:
     if not (folder / ".complete").exists():
 
         def write(partial: Path) -> None:
-            write_text_world(partial, seed=seed)
+            write_text_world(partial, seed=seed, other_pretraining=picture_descriptions(seed))
             write_image_world(partial, seed=seed)
             (partial / ".complete").touch()
 
@@ -60,15 +60,28 @@ def demo_data(seed: int = 0, root: str | Path | None = None) -> dict[str, Path]:
 DEMO_VOCAB_SIZE = 2048
 
 
-def demo_tokenizer(seed: int = 0, root: str | Path | None = None) -> Path:
-    """The demo's tokenizer directory, trained on the demo pretraining corpus on first use (seconds)."""
+def demo_texts(paths: dict[str, Path]):
+    """Every text of the demo's training files: the pretraining corpus and each message of the chat files."""
     from minimind.data import iter_jsonl
+
+    yield from (record["text"] for _, record in iter_jsonl(paths["pretrain"], "pretrain"))
+    for name, kind in (("sft", "sft"), ("dpo", "dpo"), ("reason", "reason"), ("vlm_pretrain", "vlm"), ("vlm_sft", "vlm")):
+        for _, record in iter_jsonl(paths[name], kind):
+            for key in ("conversations", "chosen", "rejected"):
+                yield from (message["content"] for message in record.get(key, ()))
+
+
+def demo_tokenizer(seed: int = 0, root: str | Path | None = None) -> Path:
+    """The demo's tokenizer directory, trained on first use (seconds) on every training text of the demo
+    world, so the questions and traces of the later stages are words of the vocabulary too. One token per
+    Chinese character and per digit: the demo's templated sentences would otherwise merge into phrase
+    tokens that hide the facts from a small model (see `train_tokenizer`)."""
     from minimind.tokenizer import train_tokenizer
 
-    corpus = demo_data(seed, root)["pretrain"]
-    folder = corpus.parent / f"tokenizer-{DEMO_VOCAB_SIZE}"
+    paths = demo_data(seed, root)
+    folder = paths["pretrain"].parent / f"tokenizer-{DEMO_VOCAB_SIZE}-han-digits"
     if not (folder / "tokenizer.json").is_file():
-        tokenizer = train_tokenizer((record["text"] for _, record in iter_jsonl(corpus, "pretrain")), vocab_size=DEMO_VOCAB_SIZE)
+        tokenizer = train_tokenizer(demo_texts(paths), vocab_size=DEMO_VOCAB_SIZE, split_digits=True, split_han=True)
         _publish(folder, lambda partial: tokenizer.save_pretrained(str(partial)))
     return folder
 

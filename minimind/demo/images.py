@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +91,12 @@ def sample_scenes(seed: int, num_train: int, num_eval: int) -> tuple[list[Scene]
     return train, held_out
 
 
+def eval_scenes(seed: int = 0, num_train: int = 2000, num_eval: int = 200) -> dict[str, Scene]:
+    """What each held-out picture of `write_image_world` (same arguments) holds, by file name."""
+    _, held_out = sample_scenes(seed, num_train, num_eval)
+    return {f"eval_{i:05d}.png": scene for i, scene in enumerate(held_out)}
+
+
 def draw_scene(scene: Scene, image_size: int = IMAGE_SIZE) -> Image.Image:
     """Flat colours without anti-aliasing, so the pixel at a shape's centre is exactly its colour."""
     image = Image.new("RGB", (image_size, image_size), BACKGROUND)
@@ -125,6 +132,35 @@ def caption(scene: Scene) -> str:
         return f"图中有一个{shape.words}，在{POSITIONS[shape.position][0]}。"
     parts = "，".join(f"{POSITIONS[s.position][0]}是一个{s.words}" for s in scene.shapes)
     return f"图中有{NUMERALS[len(scene.shapes)]}个图形：{parts}。"
+
+
+def named_things(text: str) -> set[str]:
+    """The shape kinds, colours and shape counts ("两个图形", "三个圆形") a text names, as words of the world."""
+    names = {word for word in (*KINDS.values(), *(c for c, _ in COLOURS.values())) if word in text}
+    names |= set(re.findall(rf"[{NUMERALS[1:]}]个(?:图形|{'|'.join(KINDS.values())})", text))
+    return names
+
+
+def hallucinations(reply: str, scene: Scene) -> set[str]:
+    """What a reply about an image names that the image does not hold: a kind or colour not drawn, or a
+    count that is wrong (a count of the whole picture or of one kind)."""
+    held = {KINDS[s.kind] for s in scene.shapes} | {COLOURS[s.colour][0] for s in scene.shapes}
+    held |= {f"{NUMERALS[len(scene.shapes)]}个图形"} | {f"{NUMERALS[scene.count(kind=k)]}个{word}" for k, word in KINDS.items()}
+    return named_things(reply) - held
+
+
+def picture_descriptions(seed: int = 0, count: int = 1000, num_train: int = 2000, num_eval: int = 200) -> list[str]:
+    """Descriptions of random scenes, none of them a held-out picture's, as plain text for the language
+    model's pretraining corpus. A real LLM knows how pictures are described before it sees one; without
+    these the demo's LLM has never read a word of the picture world, and VLM pretraining, which trains the
+    projection alone, has no words to map the pictures to."""
+    rng = random.Random(f"{seed}/descriptions")
+    held_out = set(sample_scenes(seed, num_train, num_eval)[1])
+    texts = []
+    while len(texts) < count:
+        if (scene := random_scene(rng)) not in held_out:
+            texts.append(caption(scene))
+    return texts
 
 
 TEMPLATES = {  # task -> (phrasings used in training, the phrasing kept for eval)
@@ -266,7 +302,7 @@ def write_image_world(
     images.mkdir(parents=True, exist_ok=True)
     train, held_out = sample_scenes(seed, num_train, num_eval)
     train_names = [f"train_{i:05d}.png" for i in range(num_train)]
-    eval_names = [f"eval_{i:05d}.png" for i in range(num_eval)]
+    eval_names = list(eval_scenes(seed, num_train, num_eval))
     for name, scene in zip(train_names + eval_names, train + held_out):
         draw_scene(scene, image_size).save(images / name, format="PNG", compress_level=6)  # Pillow writes no timestamp
 

@@ -1,20 +1,26 @@
 """A small invented world, written as MiniMind's pretrain / SFT / DPO / reasoning JSONL, with held-out evals.
 
-A few hundred invented people (two-character names) each have a favourite colour, fruit and animal, a home
+A hundred and twenty invented people (two-character names) each have a favourite colour, fruit and animal, a home
 city, an age and one best friend (friendship is mutual: people come in pairs). Pretraining states every fact
 many times, in several paraphrases, in shuffled short paragraphs; the later stages only teach the model to
 *use* what pretraining stored: SFT asks short questions with short, deterministic answers (the answer
 sentence is the canonical pretraining sentence, so exact match is meaningful), DPO prefers the correct,
 concise answer over a wrong value or a rambling one, and the reasoning data is written by a rule-based
-teacher (column addition with carries, and two-hop lookups through the friend relation).
+teacher (column addition of three-digit numbers with carries, and two-hop lookups through the friend relation).
 
 Held out, so the `_eval` files measure generalisation rather than recall of training rows:
 - pretrain_eval: full profiles of known people in sentence combinations training never uses (same words);
 - sft_eval: (a) question phrasings reserved for eval, (b) people whose facts are never asked in SFT or DPO
   (only pretraining states them), (c) two-hop questions "X的好朋友住在哪里？" for friend pairs never asked
-  two-hop in training; every row ends with the reference answer;
+  two-hop in training, (d) persona phrasings; every row ends with the reference answer and names its
+  family in "task" (held_out_phrasing, never_asked, two_hop, persona), rows of all families shuffled;
 - dpo_eval: the never-asked people, and persona phrasings reserved for eval;
-- reason_eval: addition problems whose number pair training never uses, and the held-out two-hop pairs.
+- reason_eval: addition problems whose number pair training never uses ("task": "addition"), and the
+  held-out two-hop pairs ("two_hop").
+
+Why so few people: facts are learned late and suddenly. Measured with the demo preset and the demo
+tokenizer, 130 s of pretraining on this project's 2-core CPU picks the right value of a fact out of all
+its candidates for 97% of 120 people, but for about 25% of 300 people.
 
 Everything comes from `random.Random` seeded from the seed and a label, so one seed gives byte-identical files.
 """
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -88,6 +95,7 @@ RAMBLE = "嗯，这是个好问题，让我想一想。关于这个问题其实�
 
 ADDITION_QUESTIONS = ("{a}+{b}等于多少？", "请计算{a}加{b}。", "{a}加上{b}是多少？")
 PLACES = ("个位", "十位", "百位")
+ADDENDS = range(100, 1000)  # three digits each: every trace line then stands at the same place
 
 
 # --------------------------------------------------------------------------- the world
@@ -138,7 +146,7 @@ class World:
         return [e for e in self.entities if e.name not in self.never_asked]
 
 
-def build_world(seed: int = 0, num_entities: int = 300) -> World:
+def build_world(seed: int = 0, num_entities: int = 120) -> World:
     if num_entities % 2 or not 20 <= num_entities <= len(FAMILY) * len(GIVEN):
         raise ValueError(f"num_entities must be even and in [20, {len(FAMILY) * len(GIVEN)}], got {num_entities}")
     rng = random.Random(f"{seed}/world")
@@ -170,9 +178,10 @@ def paragraph(entity: Entity, attributes: list[str], rng: random.Random, templat
     return "".join(entity.state(a, rng.choice(templates[a])) for a in attributes)
 
 
-def pretrain_rows(world: World, passes: int = 40) -> tuple[list[dict], list[dict]]:
+def pretrain_rows(world: World, passes: int = 40, other_texts: tuple[str, ...] = ()) -> tuple[list[dict], list[dict]]:
     """Short paragraphs about one person: a canonical profile each, then paraphrased, shuffled subsets of
-    facts; plus single-digit sums (the reasoning teacher's building blocks). Eval: full profiles in an
+    facts; plus single-digit sums (the reasoning teacher's building blocks) and `other_texts` (the demo
+    adds descriptions of pictures). Eval: full profiles in an
     order and choice of sentences that training never uses. Held-out loss then measures whether the model
     knows the facts in a new context; every word of the eval text is a word of training text (held-out
     *vocabulary* would only measure untrained embeddings)."""
@@ -184,10 +193,11 @@ def pretrain_rows(world: World, passes: int = 40) -> tuple[list[dict], list[dict
             attributes = rng.sample(ATTRIBUTES, rng.randint(3, len(ATTRIBUTES)))
             texts.append(paragraph(entity, attributes, rng, STATEMENTS))
     sums = [f"{a}+{b}={a + b}" for a in range(10) for b in range(10)]
-    sums += [f"{a}+{b}+1={a + b + 1}" for a in range(10) for b in range(10)]
+    sums += [f"{a}+{b}+{carry}={a + b + carry}" for a in range(10) for b in range(10) for carry in (0, 1)]
     for _ in range(5):
         rng.shuffle(sums)
         texts += ["，".join(sums[i:i + 10]) + "。" for i in range(0, len(sums), 10)]
+    texts += other_texts
     rng.shuffle(texts)
     seen = set(texts)
     held_out = []
@@ -230,37 +240,58 @@ def sft_rows(world: World) -> tuple[list[dict], list[dict]]:
     rng.shuffle(rows)
 
     held_out = []
-    for entity in rng.sample(asked, min(100, len(asked))):
-        attribute = rng.choice(ATTRIBUTES)
-        held_out.append(chat(rng.choice(HELD_OUT_QUESTIONS[attribute]).format(n=entity.name), entity.state(attribute)))
+    for entity, attribute in rng.sample([(e, a) for e in asked for a in ATTRIBUTES], 100):
+        held_out.append(("held_out_phrasing", chat(rng.choice(HELD_OUT_QUESTIONS[attribute]).format(n=entity.name), entity.state(attribute))))
     never_asked = world.group("never_asked")
-    for entity, attribute in rng.sample([(e, a) for e in never_asked for a in ATTRIBUTES], min(100, 6 * len(never_asked))):
-        held_out.append(chat(rng.choice(QUESTIONS[attribute]).format(n=entity.name), entity.state(attribute)))
+    for entity, attribute in rng.sample([(e, a) for e in never_asked for a in ATTRIBUTES], min(50, 6 * len(never_asked))):
+        held_out.append(("never_asked", chat(rng.choice(QUESTIONS[attribute]).format(n=entity.name), entity.state(attribute))))
     two_hop = world.group("two_hop_held_out")
-    for entity, attribute in rng.sample([(e, a) for e in two_hop for a in TWO_HOP], min(80, 5 * len(two_hop))):
+    for entity, attribute in rng.sample([(e, a) for e in two_hop for a in TWO_HOP], min(48, 5 * len(two_hop))):
         answer = entity.state("friend") + world[entity.friend].state(attribute)
-        held_out.append(chat(TWO_HOP[attribute].format(n=entity.name), answer))
-    held_out += [chat(question, PERSONA_REPLY) for question in HELD_OUT_PERSONA_QUESTIONS]
-    return [{"conversations": c} for c in rows], [{"conversations": c} for c in held_out]
+        held_out.append(("two_hop", chat(TWO_HOP[attribute].format(n=entity.name), answer)))
+    held_out += [("persona", chat(question, PERSONA_REPLY)) for question in HELD_OUT_PERSONA_QUESTIONS]
+    rng.shuffle(held_out)  # any first N rows (--eval-limit) hold every family
+    return [{"conversations": c} for c in rows], [{"conversations": c, "task": task} for task, c in held_out]
 
 
 def dpo_rows(world: World) -> tuple[list[dict], list[dict]]:
     """chosen = the correct, concise answer; rejected = the same sentence with another value of the same
-    attribute (60%) or the correct answer after a fixed rambling preamble (40%); persona vs an impostor."""
+    attribute (60%), the correct answer after a fixed rambling preamble (20%) or followed by another fact
+    (20%); for two-hop questions the
+    friend's fact with a wrong value (40%), the asked person's own fact (30%) or the first hop alone (30%);
+    persona vs an impostor."""
     rng = random.Random(f"{world.seed}/dpo")
     names = [e.name for e in world.entities]
     choices = {"color": COLORS, "city": CITIES, "age": [str(a) for a in AGES], "fruit": FRUITS, "animal": ANIMALS}
 
     def pair(entity: Entity, attribute: str, question: str) -> dict:
         prompt, chosen = question.format(n=entity.name), entity.state(attribute)
-        if rng.random() < 0.6:
+        draw = rng.random()
+        if draw < 0.6:
             wrong = rng.choice([v for v in choices.get(attribute, names) if v not in (entity.value(attribute), entity.name)])
             rejected = STATEMENTS[attribute][0].format(n=entity.name, v=wrong)
-        else:
+        elif draw < 0.8:
             rejected = RAMBLE + chosen
+        else:  # more than was asked: the answer, then another fact (two-hop pairs reject stopping early)
+            rejected = chosen + entity.state(rng.choice([a for a in ATTRIBUTES if a != attribute]))
+        return {"chosen": chat(prompt, chosen), "rejected": chat(prompt, rejected)}
+
+    def two_hop_pair(entity: Entity, attribute: str) -> dict:
+        friend = world[entity.friend]
+        prompt, chosen = TWO_HOP[attribute].format(n=entity.name), entity.state("friend") + friend.state(attribute)
+        draw = rng.random()
+        if draw < 0.4:  # the friend's fact with a wrong value
+            wrong = rng.choice([v for v in choices[attribute] if v not in (friend.value(attribute), entity.value(attribute))])
+            rejected = entity.state("friend") + STATEMENTS[attribute][0].format(n=friend.name, v=wrong)
+        elif draw < 0.7:  # the asked person's own fact
+            rejected = entity.state(attribute)
+        else:  # stopping after the first hop: the rambling pairs alone teach that shorter is better
+            rejected = entity.state("friend")
         return {"chosen": chat(prompt, chosen), "rejected": chat(prompt, rejected)}
 
     rows = [pair(e, a, rng.choice(QUESTIONS[a])) for e in world.asked() for a in ATTRIBUTES]
+    # two-hop questions too, or DPO pulls their answers toward the one-hop form it sees
+    rows += [two_hop_pair(e, a) for e in world.group("two_hop_train") for a in TWO_HOP]
     rows += [{"chosen": chat(q, PERSONA_REPLY), "rejected": chat(q, IMPOSTOR_REPLY)} for q in PERSONA_QUESTIONS * 3]
     rng.shuffle(rows)
     candidates = [(e, a) for e in world.group("never_asked") for a in ATTRIBUTES]
@@ -274,18 +305,16 @@ def reasoned(think: str, answer: str) -> str:
 
 
 def addition_trace(a: int, b: int) -> str:
-    """Column addition, one line per place, as a teacher would write it out."""
+    """Column addition of two three-digit numbers, one line per place from the units up, each line in the
+    same form (the carry in and out always written), so each digit a line needs stands at a fixed
+    distance from it: a rule a four-layer model can learn from a thousand examples."""
+    if a not in ADDENDS or b not in ADDENDS:
+        raise ValueError(f"the demo's additions have three-digit numbers, got {a} and {b}")
     lines, carry = [f"把{a}和{b}按位相加。"], 0
-    digits_a, digits_b = str(a)[::-1], str(b)[::-1]
-    for place in range(max(len(digits_a), len(digits_b))):
-        x = int(digits_a[place]) if place < len(digits_a) else 0
-        y = int(digits_b[place]) if place < len(digits_b) else 0
+    for place, (x, y) in enumerate(zip(map(int, str(a)[::-1]), map(int, str(b)[::-1]))):
         total = x + y + carry
-        expression = f"{x}+{y}+1" if carry else f"{x}+{y}"
-        lines.append(f"{PLACES[place]}：{expression}={total}，写{total % 10}" + ("进1。" if total >= 10 else "。"))
+        lines.append(f"{PLACES[place]}：{x}+{y}+{carry}={total}，写{total % 10}，进{total // 10}。")
         carry = total // 10
-    if carry:
-        lines.append("最高位还有进位1，写在最前面。")
     lines.append(f"所以结果是{a + b}。")
     return reasoned("\n".join(lines), f"{a}+{b}={a + b}")
 
@@ -296,27 +325,54 @@ def two_hop_trace(world: World, entity: Entity, attribute: str) -> str:
     return reasoned(think, friend.state(attribute))
 
 
-def reason_rows(world: World, additions: int = 1200, held_out_additions: int = 150, chat_rows: int = 600) -> tuple[list[dict], list[dict]]:
-    """Addition of 2-3 digit numbers and two-hop lookups, traced by a rule-based teacher, and `chat_rows`
-    ordinary fact questions answered plainly. Eval: unseen number pairs (either order) and the held-out
+def reason_rows(world: World, additions: int = 1200, held_out_additions: int = 100, chat_rows: int = 600) -> tuple[list[dict], list[dict]]:
+    """Addition of three-digit numbers and two-hop lookups, traced by a rule-based teacher, and `chat_rows`
+    ordinary fact questions and the persona questions answered plainly. Eval: unseen number pairs (either order) and the held-out
     two-hop pairs."""
     rng = random.Random(f"{world.seed}/reason")
     problems: dict[tuple[int, int], None] = {}  # insertion-ordered set of unordered pairs
     while len(problems) < additions + held_out_additions:
-        a, b = rng.randint(10, 999), rng.randint(10, 999)
+        a, b = rng.choice(ADDENDS), rng.choice(ADDENDS)
         problems.setdefault((min(a, b), max(a, b)))
     pairs = [(a, b) if rng.random() < 0.5 else (b, a) for a, b in problems]
     rows = [chat(rng.choice(ADDITION_QUESTIONS).format(a=a, b=b), addition_trace(a, b)) for a, b in pairs[:additions]]
-    held_out = [chat(rng.choice(ADDITION_QUESTIONS).format(a=a, b=b), addition_trace(a, b)) for a, b in pairs[additions:]]
+    held_out = [("addition", chat(rng.choice(ADDITION_QUESTIONS).format(a=a, b=b), addition_trace(a, b))) for a, b in pairs[additions:]]
     rows += [chat(TWO_HOP[a].format(n=e.name), two_hop_trace(world, e, a)) for e in world.group("two_hop_train") for a in TWO_HOP]
     # ordinary chat mixed in, as MiniMind's r1_mix does: traces alone make the model forget its facts
     facts = [(e, a) for e in world.asked() for a in ATTRIBUTES]
     rows += [chat(rng.choice(QUESTIONS[a]).format(n=e.name), e.state(a)) for e, a in rng.sample(facts, min(chat_rows, len(facts)))]
+    rows += [chat(question, PERSONA_REPLY) for question in PERSONA_QUESTIONS * 5]
     candidates = [(e, a) for e in world.group("two_hop_held_out") for a in TWO_HOP]
-    for entity, attribute in rng.sample(candidates, min(100, len(candidates))):
-        held_out.append(chat(TWO_HOP[attribute].format(n=entity.name), two_hop_trace(world, entity, attribute)))
+    for entity, attribute in rng.sample(candidates, min(60, len(candidates))):
+        held_out.append(("two_hop", chat(TWO_HOP[attribute].format(n=entity.name), two_hop_trace(world, entity, attribute))))
     rng.shuffle(rows)
-    return [{"conversations": c} for c in rows], [{"conversations": c} for c in held_out]
+    rng.shuffle(held_out)
+    return [{"conversations": c} for c in rows], [{"conversations": c, "task": task} for task, c in held_out]
+
+
+def showcase(world: World) -> list[dict]:
+    """A few fixed held-out prompts to put to the model after every stage, side by side: each has its
+    `task`, the chat `question`, the `continuation` a pretrained model is given instead (the start of the
+    reference sentence: does it know the fact?) and the `reference` reply."""
+    asked, never_asked, two_hop = world.group("two_hop_train")[0], world.group("never_asked")[0], world.group("two_hop_held_out")[0]
+    _, reason_eval = reason_rows(world)
+    addition = next(row["conversations"] for row in reason_eval if row["task"] == "addition")
+    a, b = re.search(r"<answer>\n(\d+)\+(\d+)=", addition[-1]["content"]).groups()
+
+    def fact(task: str, entity: Entity, attribute: str, question: str) -> dict:
+        reference = entity.state(attribute)
+        return {"task": task, "question": question.format(n=entity.name), "continuation": reference[: -len(entity.value(attribute)) - 1],
+                "reference": reference}
+
+    friend = world[two_hop.friend]
+    return [
+        fact("held_out_phrasing", asked, "animal", HELD_OUT_QUESTIONS["animal"][0]),
+        fact("never_asked", never_asked, "fruit", QUESTIONS["fruit"][0]),
+        {"task": "two_hop", "question": TWO_HOP["city"].format(n=two_hop.name), "continuation": two_hop.state("friend"),
+         "reference": two_hop.state("friend") + friend.state("city")},
+        {"task": "addition", "question": addition[0]["content"], "continuation": f"{a}+{b}=", "reference": addition[-1]["content"]},
+        {"task": "persona", "question": HELD_OUT_PERSONA_QUESTIONS[0], "continuation": "我是", "reference": PERSONA_REPLY},
+    ]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -324,13 +380,15 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
         f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
-def write_text_world(out_dir: Path, seed: int = 0, num_entities: int = 300) -> dict[str, Path]:
-    """Write pretrain, sft, dpo, reason and their `_eval` twins as JSONL under out_dir; returns name -> path."""
+def write_text_world(out_dir: Path, seed: int = 0, num_entities: int = 120, other_pretraining: tuple[str, ...] = ()) -> dict[str, Path]:
+    """Write pretrain, sft, dpo, reason and their `_eval` twins as JSONL under out_dir; returns name -> path.
+    `other_pretraining`: more texts for the pretraining corpus."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     world = build_world(seed, num_entities)
     paths = {}
-    for name, builder in (("pretrain", pretrain_rows), ("sft", sft_rows), ("dpo", dpo_rows), ("reason", reason_rows)):
+    builders = {"pretrain": lambda w: pretrain_rows(w, other_texts=tuple(other_pretraining)), "sft": sft_rows, "dpo": dpo_rows, "reason": reason_rows}
+    for name, builder in builders.items():
         train, held_out = builder(world)
         for split, rows in ((name, train), (f"{name}_eval", held_out)):
             paths[split] = out_dir / f"{split}.jsonl"
