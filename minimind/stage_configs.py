@@ -24,7 +24,8 @@ class SFTConfig(TrainConfig):
 @dataclass
 class DPOConfig(TrainConfig):
     beta: float = field(default=0.5, metadata={"help": "DPO temperature: how far the policy may move from the reference"})
-    rpo_alpha: float = field(default=0.0, metadata={"help": "weight of the chosen replies' negative log-likelihood added to the DPO loss (RPO; 0: plain DPO)"})
+    # 4.0: on the demo, plain DPO (0) cost 0.155 of SFT's answer exact match, 1.0 cost 0.065 and 4.0 cost 0.020
+    rpo_alpha: float = field(default=4.0, metadata={"help": "weight of the chosen replies' negative log-likelihood added to the DPO loss (RPO; 0: plain DPO)"})
     answer_eval: str | None = field(default=None, metadata={"help": "held-out SFT JSONL whose answer accuracy DPO should keep (default: the demo's, with the demo data)"})
     lr: float = 1e-4
     batch_size: int = 8

@@ -391,6 +391,26 @@ def log_loss_curve(history: dict[str, list[tuple[int, float]]], artifact_file: s
     mlflow.log_figure(figure, artifact_file)
 
 
+def start_parent_run(experiment_id: str, name: str, params: dict | None = None) -> str:
+    """A run that groups others (they start with `parent_run_id` set to the id returned), left open
+    while they run and closed by `end_parent_run`."""
+    run = MlflowClient().create_run(experiment_id, run_name=name, tags={**({"git.commit": commit} if (commit := git_commit()) else {})})
+    for key, value in (params or {}).items():
+        MlflowClient().log_param(run.info.run_id, key, value)
+    return run.info.run_id
+
+
+def end_parent_run(run_id: str, metrics: dict[str, float], tables: dict[str, list[dict]], failed: bool = False) -> None:
+    """Log a parent run's summary metrics and tables (artifact file -> rows) and close it."""
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics(metrics)
+        for artifact_file, rows in tables.items():
+            if rows:
+                log_samples(rows, artifact_file)
+        if failed:
+            mlflow.end_run(status="FAILED")
+
+
 def log_samples(rows: list[dict], artifact_file: str = "samples.json") -> None:
     """Rows (e.g. prompt / completion / score) as an MLflow table, viewable and comparable across runs."""
     columns: dict[str, list] = {}

@@ -33,7 +33,20 @@ def test_pipeline_runs_every_stage_and_each_improves_its_heldout_metric(home, ca
     assert dpo.after["eval/rewards_margin"] > 0.0 and dpo.after["eval/rewards_accuracy"] > 0.5
 
     printed = capsys.readouterr().out
-    assert "whole pipeline:" in printed and "sample answers of the final model:" in printed
-    assert "sample answers of the final vision model:" in printed
+    assert "whole pipeline:" in printed and "training results:" in printed and "describing 100 held-out pictures" in printed
     for stage in by_stage:
-        assert f"\n{stage} " in printed  # one row of the summary table per stage
+        assert f"\n{stage} " in printed  # rows of the summary table per stage
+    assert "answer_exact_match/held_out_phrasing" in printed and "reasoning_accuracy/addition" in printed
+
+    # One MLflow parent run groups the stage runs and holds the side-by-side answers and the pictures' report.
+    import mlflow
+
+    runs = mlflow.search_runs(experiment_names=["minimind"], output_format="list")
+    parents = [run for run in runs if run.info.run_name.startswith("pipeline-")]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(run.data.tags["stage"] for run in children) == sorted(by_stage)
+    table = mlflow.load_table("training_results.json", run_ids=[parent.info.run_id])
+    assert {"task", "prompt", "pretrain", "sft", "dpo", "reason", "reference"} <= set(table.columns) and len(table) == 5
+    assert 0.0 <= parent.data.metrics["vlm_sft/hallucination_rate"] <= 1.0 and parent.data.metrics["vlm_pretrain/mean_reply_chars"] > 0
