@@ -219,8 +219,9 @@ def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(mlflow_store, t
     from minimind.demo import demo_tokenizer
     from minimind.tokenizer import load_tokenizer
 
-    save_model(random_model(vocab_size=100), tmp_path / "small", tokenizer=load_tokenizer(demo_tokenizer()))
-    with pytest.raises(SystemExit, match="has 2048 tokens but the model only 100"):
+    tokenizer = load_tokenizer(demo_tokenizer())
+    save_model(random_model(vocab_size=100), tmp_path / "small", tokenizer=tokenizer)
+    with pytest.raises(SystemExit, match=f"has {len(tokenizer)} tokens but the model only 100"):
         run_stage(SFTConfig(**{**QUICK, "init": str(tmp_path / "small")}), "sft")
 
 
