@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> list:
     metrics |= {f"{stage}/{key}": found[key] for stage, found in pictures.items() for key in ("hallucination_rate", "describing_rate", "mean_reply_chars")}
     stage_metrics = [{"stage": r.stage, "model": r.model_uri, "metric": key.removeprefix("eval/"), "before": r.before.get(key), "after": value}
                      for r in results for key, value in r.after.items()]
+    metrics["pipeline/seconds_with_reports"] = time.perf_counter() - started
+    print(f"\nwhole pipeline with these reports: {metrics['pipeline/seconds_with_reports']:.0f}s")
     tracking.end_parent_run(parent, metrics, {
         "stage_metrics.json": stage_metrics, "training_results.json": answers,
         "picture_descriptions.json": [{"stage": stage, **sample} for stage, found in pictures.items() for sample in found["samples"]],
