@@ -148,7 +148,7 @@ def reasoning_scores(replier: Replier, path: str | Path, tokenizer, limit: int |
     prompts, references = _prompts_and_references(path, "reason", limit)
     replies = replier(prompts)
     tags = (markers.think_start, markers.think_end, markers.answer_start, markers.answer_end)
-    well_formed = [(match := form.fullmatch(reply.strip())) and all(reply.count(tag) == 1 for tag in tags) and match for reply in replies]
+    well_formed = [form.fullmatch(reply.strip()) if all(reply.count(tag) == 1 for tag in tags) else None for reply in replies]
     expected = [form.fullmatch(reference.strip()) for reference in references]
     correct = [bool(got and want and got.group(2).strip() == want.group(2).strip()) for got, want in zip(well_formed, expected)]
     count = max(len(replies), 1)

@@ -394,9 +394,10 @@ def log_loss_curve(history: dict[str, list[tuple[int, float]]], artifact_file: s
 def start_parent_run(experiment_id: str, name: str, params: dict | None = None) -> str:
     """A run that groups others (they start with `parent_run_id` set to the id returned), left open
     while they run and closed by `end_parent_run`."""
-    run = MlflowClient().create_run(experiment_id, run_name=name, tags={**({"git.commit": commit} if (commit := git_commit()) else {})})
+    client = MlflowClient()
+    run = client.create_run(experiment_id, run_name=name, tags={"git.commit": commit} if (commit := git_commit()) else None)
     for key, value in (params or {}).items():
-        MlflowClient().log_param(run.info.run_id, key, value)
+        client.log_param(run.info.run_id, key, value)
     return run.info.run_id
 
 

@@ -313,3 +313,21 @@ def test_a_registered_version_answers_through_mlflows_own_tools(tmp_path, byte_t
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_a_parent_run_groups_runs_and_is_closed_with_its_tables_or_as_failed():
+    experiment_id = tracking.configure("unit")
+    parent = tracking.start_parent_run(experiment_id, "pipeline-x", {"scale": 0.5})
+    assert MlflowClient().get_run(parent).info.status == "RUNNING"
+    with mlflow.start_run(run_name="stage", parent_run_id=parent) as child:
+        pass
+    tracking.end_parent_run(parent, {"pipeline/seconds": 12.0}, {"answers.json": [{"prompt": "你好", "sft": "你好。"}], "empty.json": []})
+    run = MlflowClient().get_run(parent)
+    assert run.info.status == "FINISHED" and run.data.params == {"scale": "0.5"} and run.data.metrics == {"pipeline/seconds": 12.0}
+    assert MlflowClient().get_run(child.info.run_id).data.tags["mlflow.parentRunId"] == parent
+    assert mlflow.load_table("answers.json", run_ids=[parent])["sft"].tolist() == ["你好。"]
+    assert [a.path for a in MlflowClient().list_artifacts(parent)] == ["answers.json"]  # an empty table is not logged
+
+    failed = tracking.start_parent_run(experiment_id, "pipeline-y")
+    tracking.end_parent_run(failed, {}, {}, failed=True)
+    assert MlflowClient().get_run(failed).info.status == "FAILED" and mlflow.active_run() is None
