@@ -17,3 +17,22 @@ def test_demo_files_are_written_once_and_all_load_as_their_stage(tmp_path):
             assert len(rows) > 0, split
             if kind != "pretrain":
                 assert len(rows) == count_records(paths[split]), f"{split}: rows lost to validation or truncation"
+
+
+def test_demo_tokenizer_knows_every_word_of_the_demo_and_pretraining_describes_pictures(tmp_path):
+    import json
+
+    from minimind.demo import demo_tokenizer
+    from minimind.demo.images import caption, eval_scenes, picture_descriptions
+    from minimind.tokenizer import load_tokenizer
+
+    paths = demo_data(root=tmp_path)
+    tokenizer = load_tokenizer(demo_tokenizer(root=tmp_path))
+    # words that only the later stages use are whole characters, not bytes: trained on every training text
+    for text in ("请问安乐喜欢的动物是什么？", "556加上623是多少？", "图中有几个星形？"):
+        pieces = [tokenizer.decode([i]) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+        assert pieces == list(text), pieces
+    descriptions = picture_descriptions()
+    pretraining = {json.loads(line)["text"] for line in paths["pretrain"].read_text(encoding="utf-8").splitlines()}
+    assert set(descriptions) <= pretraining
+    assert not set(descriptions) & {caption(scene) for scene in eval_scenes().values()}  # no held-out picture is described
