@@ -4,6 +4,7 @@
     minimind chat --model DIR                       # interactive, with the tokenizer's chat template
     minimind chat --model VLM_DIR --image cat.png --prompt "图中有什么？"   # MiniMind-V
     minimind export-hf SRC_DIR OUT_DIR              # Hugging Face LlamaForCausalLM directory
+    minimind merge-lora ADAPTER OUT_DIR             # LoRA adapters (folder or models:/ URI) merged into their base
     minimind import full_sft_512.pth OUT_DIR --tokenizer MINIMIND_TOKENIZER_DIR [--register-as NAME]
     minimind demo                                   # a tour of the model on synthetic data
 """
@@ -55,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("source", help="MiniMind model directory")
     export.add_argument("destination", help="output directory")
 
+    merge = commands.add_parser("merge-lora", help="fold LoRA adapters into their base model: a plain model folder")
+    merge.add_argument("adapter", help="a LoRA adapter folder (a --lora-rank job's result) or its models:/ or runs:/ URI")
+    merge.add_argument("destination", help="output model folder")
+    merge.add_argument("--base", default=None, help="base model folder or URI (default: the one the adapters name)")
+
     imported = commands.add_parser("import", help="a MiniMind .pth, MiniMind transformers folder or Llama folder as a model folder")
     imported.add_argument("source", help="MiniMind .pth state dict (either naming era), or a MiniMind/Llama transformers folder")
     imported.add_argument("destination", help="output model folder")
@@ -79,8 +85,13 @@ class _Session:
         from minimind.checkpoint import load_model
         from minimind.tokenizer import load_tokenizer
         from minimind.generate import SamplingParams, compile_for_decoding, inference_dtype
+        from minimind.lora import is_adapter_dir
         from minimind.vision import is_vlm_dir, load_image, load_vlm
 
+        if is_adapter_dir(args.model):  # LoRA adapters: merged into the base they name
+            from minimind import tracking
+
+            args.model = tracking.resolve_model(args.model)
         self.is_vlm = is_vlm_dir(args.model)
         if getattr(args, "image", None) and not self.is_vlm:
             raise SystemExit(f"--image needs a MiniMind-V model directory; {args.model} is a text-only model")
@@ -172,6 +183,23 @@ def run_export(args) -> None:
     print(f"wrote {destination}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(destination)!r})")
 
 
+def run_merge_lora(args) -> None:
+    import tempfile
+
+    from minimind import tracking
+    from minimind.lora import ADAPTER_CONFIG_NAME, LoRAConfig, is_adapter_dir, merge_adapter_dir
+
+    work = Path(tempfile.mkdtemp(prefix="minimind-merge-"))
+    adapter = tracking.resolve_model(args.adapter, work / "adapter", merge_adapters=False)
+    if not is_adapter_dir(adapter):
+        raise SystemExit(f"minimind merge-lora: {args.adapter} holds no LoRA adapters ({ADAPTER_CONFIG_NAME} is missing)")
+    base = args.base or LoRAConfig.load(adapter / ADAPTER_CONFIG_NAME).base
+    if not base:
+        raise SystemExit(f"minimind merge-lora: {args.adapter} names no base model; pass --base")
+    destination = merge_adapter_dir(adapter, tracking.resolve_model(base, work / "base"), args.destination)
+    print(f"wrote {destination}: {base} with the adapters of {args.adapter} merged in")
+
+
 def run_import(args) -> None:
     from dataclasses import asdict
 
@@ -205,7 +233,8 @@ def run_demo(args) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        {"generate": run_generate, "chat": run_chat, "export-hf": run_export, "import": run_import, "demo": run_demo}[args.command](args)
+        {"generate": run_generate, "chat": run_chat, "export-hf": run_export, "merge-lora": run_merge_lora, "import": run_import,
+         "demo": run_demo}[args.command](args)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"minimind {args.command}: {error}") from error
 

@@ -101,5 +101,11 @@ def _chats(model_input) -> list[dict]:
 
 
 def _load_pyfunc(data_path: str) -> ChatPredictor:
-    """MLflow's entry point: `data_path` is the model folder."""
+    """MLflow's entry point: `data_path` is the model folder (LoRA adapters: merged into their base first)."""
+    from minimind.lora import is_adapter_dir
+
+    if is_adapter_dir(data_path):
+        from minimind.tracking import resolve_model
+
+        data_path = resolve_model(data_path)
     return ChatPredictor(data_path)

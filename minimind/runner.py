@@ -25,7 +25,8 @@ from minimind.shards import PreparedRows
 from minimind.model import MiniMindForCausalLM
 from minimind.stages import STAGES
 from minimind.tokenizer import load_tokenizer
-from minimind.train import TRAINING_STATE, StageJob, stage_data, train_loop_per_worker
+from minimind.lora import is_adapter_dir, load_adapter, merge_lora, trainable_count
+from minimind.train import TRAINING_STATE, StageJob, lora_settings, stage_data, train_loop_per_worker
 from minimind.vision import VISION_CONFIG_NAME, VisionConfig, build_vlm, copy_vision_tower, is_vlm_dir, load_image, save_vlm
 
 DEMO_FILES = {"pretrain": "pretrain", "sft": "sft", "dpo": "dpo", "reason": "reason", "kd": "reason",
@@ -229,6 +230,7 @@ def run_stage(config, stage_name: str, callbacks: list | None = None, register: 
 
     started = time.perf_counter()
     stage = STAGES[stage_name]
+    _check_lora(config, stage)
     tracking.configure(config.experiment)
     storage_path = _storage_path(config.storage_path)
     run_name = run_name or _run_name(stage.name, storage_path, config.resume)
@@ -258,6 +260,8 @@ def run_stage(config, stage_name: str, callbacks: list | None = None, register: 
         _log_data_report(prepared)
         language_model = getattr(initial, "language_model", initial)
         mlflow.log_metrics({"model/parameters": language_model.num_parameters(), "model/active_parameters": language_model.num_parameters(active=True)})
+        if lora := lora_settings(config):
+            mlflow.log_metric("model/trainable_parameters", trainable_count(initial, lora))
         job = StageJob(stage.name, config, **{key: str(value) if value else None for key, value in worker_inputs.items()},
                        mlflow_run_id=run.info.run_id, mlflow_tracking_uri=mlflow.get_tracking_uri())
         result = _train(job, use_gpu, storage_path, run_name, callbacks)
@@ -267,16 +271,37 @@ def run_stage(config, stage_name: str, callbacks: list | None = None, register: 
             return StageResult(stage.name, "", Path(), before, {}, time.perf_counter() - started, run.info.run_id)
         final_dir = _final_model(result.checkpoint, work / "model", link_vision=getattr(config, "link_vision", False))
 
-        trained = stage.load(final_dir, "cpu")
+        trained = load_adapter(stage.load(inputs.init_dir, "cpu"), final_dir) if is_adapter_dir(final_dir) else stage.load(final_dir, "cpu")
+        if config.merge:  # the adapters folded into their base: a plain model folder is registered
+            final_dir = save_model(merge_lora(trained), work / "model-merged", tokenizer=inputs.tokenizer)
         after, samples = _evaluate(stage, config, inputs, trained, initial)
         _log_results(run.info.run_id, after, samples, pictures=inputs.images_dir is not None)
+        version_tags = {**inputs.source_tags, **({"lora.base": config.init} if is_adapter_dir(final_dir) else {})}
         model_uri = _log_and_register(final_dir, config.register_as or stage.registered_name, run.info.run_id,
-                                      alias=config.alias if register else None, register=register, tags=inputs.source_tags)
+                                      alias=config.alias if register else None, register=register, tags=version_tags)
     seconds = time.perf_counter() - started
     print(f"[{stage.name}] {'registered' if register else 'logged'} {model_uri} in {seconds:.0f}s; held-out " + ", ".join(
         f"{key.split('/')[-1]} {before.get(key, float('nan')):.3f} -> {value:.3f}" for key, value in after.items()
     ))
     return StageResult(stage.name, model_uri, final_dir, before, after, seconds, run.info.run_id)
+
+
+def _check_lora(config, stage) -> None:
+    """LoRA flags that cannot work, refused before anything runs."""
+    if config.merge and not config.lora_rank:
+        raise SystemExit("--merge merges LoRA adapters: it needs --lora-rank")
+    if not config.lora_rank:
+        return
+    if config.lora_rank < 0:
+        raise SystemExit(f"--lora-rank must be positive, not {config.lora_rank}")
+    if stage.data_kind == "vlm":
+        raise SystemExit("--lora-rank is for the text stages (pretrain, sft, dpo, reason, kd), not the VLM's")
+    if stage.name == "pretrain" and config.init is None:
+        raise SystemExit("--lora-rank adapts a trained model: pretraining from scratch has none, so pass --init")
+    try:
+        lora_settings(config)
+    except ValueError as error:
+        raise SystemExit(f"--lora-targets: {error}") from None
 
 
 def _with_recorded_lineage(config, stage, run_name: str):
@@ -307,6 +332,9 @@ def resolve_inputs(config, stage, work: Path):
         images_dir = local_input(config.images) if config.images else (demo["images"] if config.data is None else local_input(data_path.rsplit("/", 1)[0]))
 
     init_dir, source_tags = _starting_model(config, stage, work)
+    if "lineage.init" in source_tags:  # the exact model, which LoRA adapters name as their base
+        reference = source_tags["lineage.init"]
+        config = replace(config, init=str(Path(reference).expanduser().resolve()) if Path(reference).expanduser().is_dir() else reference)
     tokenizer = load_tokenizer(init_dir)
     model_config = ModelConfig.load(init_dir / CONFIG_NAME)
     if len(tokenizer) > model_config.vocab_size:

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
 
 CONFIG_NAME = "config.json"  # the file that marks a model directory (see minimind.checkpoint)
+ADAPTER_CONFIG_NAME = "adapter_config.json"  # ... and a LoRA adapter directory (see minimind.lora)
+MODEL_MARKERS = (CONFIG_NAME, ADAPTER_CONFIG_NAME)
 _PACKAGE_DIR = Path(__file__).resolve().parent
 _ALIAS_PATTERN = re.compile(r"^[\w-]+$")  # what MLflow accepts as an alias name
 _RESERVED_ALIAS = re.compile(r"^(latest|v\d+)$", re.IGNORECASE)  # MLflow reserves these for versions
@@ -214,19 +216,30 @@ def _is_uri(reference: str) -> bool:
 
 
 def _model_folder(root: Path, reference: str) -> Path:
-    """The downloaded folder that holds config.json: the root itself, or the one subfolder that does
-    (a `runs:/ID/dir` reference may hold the model further down). A download without any config.json
-    (a tokenizer directory) is returned as it is."""
-    if (root / CONFIG_NAME).is_file():
+    """The downloaded folder that holds config.json (or a LoRA adapter's config): the root itself, or the
+    one subfolder that does (a `runs:/ID/dir` reference may hold the model further down). A download
+    without any (a tokenizer directory) is returned as it is."""
+    if any((root / marker).is_file() for marker in MODEL_MARKERS):
         return root
-    found = sorted(root.rglob(CONFIG_NAME), key=lambda path: (len(path.parts), str(path)))
+    found = sorted({path.parent for marker in MODEL_MARKERS for path in root.rglob(marker)}, key=lambda folder: (len(folder.parts), str(folder)))
     if not found:
         return root
-    shallowest = [path for path in found if len(path.parts) == len(found[0].parts)]
+    shallowest = [folder for folder in found if len(folder.parts) == len(found[0].parts)]
     if len(shallowest) > 1:
-        folders = ", ".join(str(path.parent.relative_to(root)) for path in shallowest)
+        folders = ", ".join(str(folder.relative_to(root)) for folder in shallowest)
         raise ValueError(f"{reference} holds several model directories ({folders}); name one in the URI")
-    return found[0].parent
+    return found[0]
+
+
+def _with_adapters_merged(adapter_dir: Path, destination: Path) -> Path:
+    """A LoRA adapter folder as the plain model it stands for: its base (resolved like any reference)
+    with the adapters merged in, written under `destination`."""
+    from minimind.lora import LoRAConfig, merge_adapter_dir
+
+    base = LoRAConfig.load(adapter_dir / ADAPTER_CONFIG_NAME).base
+    if not base:
+        raise ValueError(f"{adapter_dir} holds LoRA adapters but names no base model to apply them to")
+    return merge_adapter_dir(adapter_dir, resolve_model(base, destination / "base"), destination / "merged")
 
 
 def pin(reference: str) -> str:
@@ -248,26 +261,33 @@ def recorded_lineage(run_name: str) -> dict[str, str]:
                  if any(k.startswith("lineage.") for k in run.data.tags)), {})
 
 
-def resolve_model(reference: str, destination: str | Path | None = None) -> Path:
+def resolve_model(reference: str, destination: str | Path | None = None, merge_adapters: bool = True) -> Path:
     """A local model directory for a path, `models:/...` or `runs:/RUN_ID/path` reference.
 
     URIs are downloaded to `destination` (default: a fresh temporary directory). `dst_path` is always
     passed: without it MLflow may hand back the store's own folder, which a caller must never write to.
+    LoRA adapters come back as the plain model they stand for: their base, resolved the same way, with
+    the adapters merged in (under `destination`); with `merge_adapters=False`, as the adapter folder.
     """
     path = Path(reference).expanduser()
-    if path.is_dir():
-        return path.resolve()
-    if not _is_uri(reference):
+    if not path.is_dir() and not _is_uri(reference):
         raise FileNotFoundError(f"{reference} is neither a directory nor a models:/ or runs:/ URI")
-    client = _client()
-    uri = reference
-    if reference.startswith("models:/") and not _LOGGED_MODEL_ID.match(reference[len("models:/") :]):
-        found = _model_version(client, reference)
-        uri = f"models:/{found.name}/{found.version}"  # download exactly the version that was resolved
-    destination = Path(destination) if destination is not None else Path(tempfile.mkdtemp(prefix="minimind-model-"))
-    destination.mkdir(parents=True, exist_ok=True)
-    downloaded = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(destination))
-    return _model_folder(Path(downloaded).resolve(), reference)
+    destination = Path(destination) if destination is not None else None
+    if path.is_dir():
+        folder = path.resolve()
+    else:
+        client = _client()
+        uri = reference
+        if reference.startswith("models:/") and not _LOGGED_MODEL_ID.match(reference[len("models:/") :]):
+            found = _model_version(client, reference)
+            uri = f"models:/{found.name}/{found.version}"  # download exactly the version that was resolved
+        destination = destination or Path(tempfile.mkdtemp(prefix="minimind-model-"))
+        destination.mkdir(parents=True, exist_ok=True)
+        downloaded = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(destination))
+        folder = _model_folder(Path(downloaded).resolve(), reference)
+    if merge_adapters and (folder / ADAPTER_CONFIG_NAME).is_file():
+        return _with_adapters_merged(folder, destination or Path(tempfile.mkdtemp(prefix="minimind-model-")))
+    return folder
 
 
 def model_source(reference: str) -> dict[str, str]:
@@ -308,8 +328,9 @@ def log_model_dir(directory: str | Path, name: str, run_id: str | None = None) -
     from minimind.mlflow_model import log_chat_model
 
     directory = Path(directory)
-    if not (directory / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}; log a directory written by minimind.checkpoint.save_model")
+    if not any((directory / marker).is_file() for marker in MODEL_MARKERS):
+        raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}; log a directory written by minimind.checkpoint.save_model "
+                                "(or LoRA adapters written by minimind.lora.save_adapter)")
     _client()  # the store, set up
     active = mlflow.active_run()
     if run_id is not None and (active is None or active.info.run_id != run_id):

@@ -3,7 +3,7 @@
 bf16 autocast where the device supports it, gradient accumulation, AdamW, warmup + cosine schedule to
 `min_lr_ratio * lr` (MiniMind's floor is 0.1), gradient clipping, DDP through `prepare_model`, one
 compact line per logged step on rank 0, and a checkpoint every `checkpoint_every` steps holding the
-model (safetensors), optimiser, step and RNG state. The batch order depends only on (seed, epoch), so
+model (safetensors; with --lora-rank the adapters only), optimiser, step and RNG state. The batch order depends only on (seed, epoch), so
 a resumed run skips exactly the micro-batches already consumed: no step is trained twice or skipped.
 """
 
@@ -24,6 +24,7 @@ import torch
 
 from minimind.data import LengthGroupedBatches, StageData, collate
 from minimind.flops import peak_flops
+from minimind.lora import LoRAConfig, add_lora, load_adapter, parse_targets, save_adapter
 from minimind.shards import PreparedRows
 from minimind.stages import STAGES, unwrap
 from minimind.storage import fetch
@@ -81,6 +82,13 @@ class TrainConfig:
     val_every: int = _help("also compute the held-out loss every N steps in training, logged as val/loss and reported to Ray (0: off)", default=0)
     config_overrides: str | None = _help("model fields to override when training from scratch, e.g. num_experts=4,num_experts_per_tok=1", default=None)
     seed: int = _help("random seed", default=0)
+    lora_rank: int = _help("train low-rank adapters of this rank on the --lora-targets projections, the model itself frozen; "
+                           "checkpoints and the registered version hold only the adapters and name their base (0: train the whole model)",
+                           default=0)
+    lora_alpha: float = _help("LoRA's scale: the adapters add alpha/rank * B A to each weight", default=16.0)
+    lora_dropout: float = _help("dropout on the LoRA branch's input", default=0.0)
+    lora_targets: str = _help("projections that get adapters: attention, ffn, all, or names such as q_proj,v_proj", default="all")
+    merge: bool = _help("with --lora-rank: register the base with the adapters merged in, a plain model folder", default=False)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -123,6 +131,13 @@ class StageJob:
         for key in self.INPUTS:
             if getattr(self, key):
                 setattr(self, key, str(fetch(getattr(self, key))))
+
+
+def lora_settings(config) -> LoRAConfig | None:
+    """The adapters this job trains, naming its starting model as their base; None: the whole model trains."""
+    if not config.lora_rank:
+        return None
+    return LoRAConfig(config.lora_rank, config.lora_alpha, config.lora_dropout, parse_targets(config.lora_targets), base=config.init)
 
 
 def stage_data(stage, config, image_tokens: int = 1) -> StageData:
@@ -214,6 +229,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     job.fetch_inputs()  # now paths on this node
     tokenizer = load_tokenizer(job.init_dir)
     model = stage.load(job.init_dir, device).train()
+    lora = lora_settings(config)
+    if lora:
+        add_lora(model, lora)
     rows = PreparedRows(job.data_path, tag_weight=getattr(config, "tag_weight", StageData.tag_weight))  # nothing tokenized here
     batches = LengthGroupedBatches(rows.lengths().tolist(), config.batch_size, seed=config.seed, num_replicas=world, rank=rank)
     steps_per_epoch = max(1, len(batches) // config.grad_accum)
@@ -229,7 +247,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
-            model.load_state_dict(stage.load(directory, device).state_dict())
+            if lora:
+                load_adapter(model, directory)
+            else:
+                model.load_state_dict(stage.load(directory, device).state_dict())
             state = torch.load(Path(directory) / TRAINING_STATE, weights_only=True)
             optimizer.load_state_dict(state["optimizer"])
             step = state["step"]
@@ -288,7 +309,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if logger:
                 logger.log_metrics(step, {"val/loss": sums["val/loss"]})
         if step % config.checkpoint_every == 0 or step == total_steps or stopping:
-            _report_checkpoint(stage, model, tokenizer, optimizer, step, {**on_host(sums), "finished": float(step == total_steps)}, rank, world)
+            _report_checkpoint(stage, model, tokenizer, optimizer, step, {**on_host(sums), "finished": float(step == total_steps)}, rank, world, lora)
         elif validating:
             import ray.train
 
@@ -342,7 +363,8 @@ def _validation_loss(stage, model, tokenizer, job: StageJob) -> float:
     return loss
 
 
-def _report_checkpoint(stage, model, tokenizer, optimizer, step: int, metrics: dict, rank: int, world: int) -> None:
+def _report_checkpoint(stage, model, tokenizer, optimizer, step: int, metrics: dict, rank: int, world: int,
+                       lora: LoRAConfig | None = None) -> None:
     import ray.train
 
     reported = {**metrics, "step": step}
@@ -351,7 +373,10 @@ def _report_checkpoint(stage, model, tokenizer, optimizer, step: int, metrics: d
         ray.train.report(reported, checkpoint=None)
         return
     with tempfile.TemporaryDirectory() as directory:
-        stage.save(model, directory, tokenizer)
+        if lora:
+            save_adapter(unwrap(model), directory, lora, tokenizer)  # the adapters only: the base is the job's init
+        else:
+            stage.save(model, directory, tokenizer)
         torch.save({"optimizer": optimizer.state_dict(), "step": step, "rng": rng_states}, Path(directory) / TRAINING_STATE)
         ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
