@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 from minimind.data import StageData, collate, has_labels, iter_jsonl, load_stage_dataset
 from minimind.generate import generate
 from minimind.losses import causal_lm_loss, sequence_logprobs
+from minimind.rewards import reasoning_parts
 from minimind.tokenizer import Markers
 
 Replier = Callable[[Sequence[list[dict]]], list[str]]
@@ -140,17 +140,11 @@ def reasoning_scores(replier: Replier, path: str | Path, tokenizer, limit: int |
     """Format adherence (the whole reply is <think>…</think><answer>…</answer>, each tag exactly once) and
     answer accuracy, overall and, in `by_task`, within each family of records that name their "task"."""
     markers = Markers.of(tokenizer)
-    form = re.compile(
-        rf"{re.escape(markers.think_start)}\n(.*?)\n{re.escape(markers.think_end)}\n"
-        rf"{re.escape(markers.answer_start)}\n(.*?)\n{re.escape(markers.answer_end)}",
-        re.DOTALL,
-    )
     prompts, references = _prompts_and_references(path, "reason", limit)
     replies = replier(prompts)
-    tags = (markers.think_start, markers.think_end, markers.answer_start, markers.answer_end)
-    well_formed = [form.fullmatch(reply.strip()) if all(reply.count(tag) == 1 for tag in tags) else None for reply in replies]
-    expected = [form.fullmatch(reference.strip()) for reference in references]
-    correct = [bool(got and want and got.group(2).strip() == want.group(2).strip()) for got, want in zip(well_formed, expected)]
+    well_formed = [reasoning_parts(reply, markers) for reply in replies]
+    expected = [reasoning_parts(reference, markers) for reference in references]
+    correct = [bool(got and want and got[1] == want[1]) for got, want in zip(well_formed, expected)]
     count = max(len(replies), 1)
     return {"format": sum(bool(m) for m in well_formed) / count, "accuracy": sum(correct) / count,
             "by_task": by_task(correct, record_tasks(path, limit)), "samples": list(zip(prompts[:5], replies[:5]))}

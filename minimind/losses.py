@@ -96,3 +96,60 @@ def kd_loss(
     ).sum(dim=-1)
     kl = (kl_per_position * counted).sum() / count * temperature**2
     return alpha * ce + (1 - alpha) * kl, {"loss/ce": ce.detach(), "loss/kd": kl.detach()}
+
+
+def token_logprobs(hidden_states: torch.Tensor, head_weight: torch.Tensor, targets_mask: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Log-probability of each next token (batch, length - 1) where `targets_mask` (batch, length) marks
+    the tokens to score; 0 elsewhere."""
+    targets = ids[:, 1:].masked_fill(~targets_mask[:, 1:].bool(), IGNORE_INDEX)
+    return -token_cross_entropy(hidden_states[:, :-1], head_weight, targets)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's advantages (Shao et al. 2024, arXiv:2402.03300): each completion's reward standardised
+    within the group of completions of its prompt, (r - mean) / (std + eps), rows grouped in order. A
+    group whose rewards are all equal has nothing to prefer: its advantages are zero."""
+    if group_size < 2:
+        raise ValueError(f"a group needs at least 2 completions to compare, got {group_size}")
+    grouped = rewards.float().view(-1, group_size)
+    return ((grouped - grouped.mean(dim=1, keepdim=True)) / (grouped.std(dim=1, keepdim=True) + eps)).view(-1)
+
+
+def policy_loss(
+    logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float = 0.2,
+    loss_type: str = "grpo", reference_logps: torch.Tensor | None = None, kl_coef: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The policy-gradient loss of GRPO on per-token log-probs (completions, tokens), per token:
+
+        grpo:   -min(r A, clip(r, 1 - eps, 1 + eps) A)       PPO's clipped surrogate, r = pi / pi_old
+        cispo:  -sg(min(r, 1 + eps)) A log pi                 CISPO (MiniMax-M1, arXiv:2506.13585): the
+                                                              importance weight is clipped and detached,
+                                                              so no token loses its gradient
+        + kl_coef * (exp(ref - log pi) - (ref - log pi) - 1)  the k3 estimate of KL(pi || ref), as GRPO
+
+    averaged over each completion's `mask`ed tokens, then over completions. Metrics: the KL, the share
+    of tokens whose ratio was clipped, the mean ratio."""
+    ratio = torch.exp(logps - old_logps)
+    advantage = advantages[:, None].to(logps.dtype)
+    if loss_type == "grpo":
+        per_token = -torch.min(ratio * advantage, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantage)
+        clipped = ((ratio > 1 + clip_eps) & (advantage > 0)) | ((ratio < 1 - clip_eps) & (advantage < 0))
+    elif loss_type == "cispo":
+        per_token = -torch.clamp(ratio, max=1 + clip_eps).detach() * advantage * logps
+        clipped = ratio > 1 + clip_eps
+    else:
+        raise ValueError(f"unknown loss type {loss_type!r}: grpo or cispo")
+    kl = torch.zeros_like(logps)
+    if reference_logps is not None:
+        log_ratio = reference_logps - logps
+        kl = torch.exp(log_ratio) - log_ratio - 1
+    mask = mask.to(logps.dtype)
+    lengths = mask.sum(dim=1).clamp(min=1)
+
+    def per_completion(values):
+        return ((values * mask).sum(dim=1) / lengths).mean()
+
+    loss = per_completion(per_token + kl_coef * kl)
+    metrics = {"grpo/kl": per_completion(kl).detach(), "grpo/clip_fraction": (clipped * mask).sum() / mask.sum().clamp(min=1),
+               "grpo/ratio": ((ratio * mask).sum() / mask.sum().clamp(min=1)).detach()}
+    return loss, metrics

@@ -26,10 +26,10 @@ from minimind.model import MiniMindForCausalLM
 from minimind.stages import STAGES
 from minimind.tokenizer import load_tokenizer
 from minimind.lora import is_adapter_dir, load_adapter, merge_lora, trainable_count
-from minimind.train import TRAINING_STATE, StageJob, lora_settings, stage_data, train_loop_per_worker
+from minimind.train import TRAINING_STATE, StageJob, lora_settings, stage_data
 from minimind.vision import VISION_CONFIG_NAME, VisionConfig, build_vlm, copy_vision_tower, is_vlm_dir, load_image, save_vlm
 
-DEMO_FILES = {"pretrain": "pretrain", "sft": "sft", "dpo": "dpo", "reason": "reason", "kd": "reason",
+DEMO_FILES = {"pretrain": "pretrain", "sft": "sft", "dpo": "dpo", "reason": "reason", "kd": "reason", "grpo": "reason",
               "vlm_pretrain": "vlm_pretrain", "vlm_sft": "vlm_sft"}
 
 
@@ -211,10 +211,11 @@ class StageInputs:
     answer_path: Path | None = None  # DPO and reasoning: the SFT answers they must keep
     images_dir: Path | None = None
     teacher_dir: Path | None = None
+    reward_model_dir: Path | None = None
 
     def for_workers(self) -> dict:
         return {"init_dir": self.init_dir, "data_path": self.data_path, "eval_path": self.eval_path,
-                "teacher_dir": self.teacher_dir, "images": self.images_dir}
+                "teacher_dir": self.teacher_dir, "reward_model_dir": self.reward_model_dir, "images": self.images_dir}
 
 
 def run_stage(config, stage_name: str, callbacks: list | None = None, register: bool = True, parent_run_id: str | None = None,
@@ -231,6 +232,7 @@ def run_stage(config, stage_name: str, callbacks: list | None = None, register: 
     started = time.perf_counter()
     stage = STAGES[stage_name]
     _check_lora(config, stage)
+    _check_grpo(config, stage)
     tracking.configure(config.experiment)
     storage_path = _storage_path(config.storage_path)
     run_name = run_name or _run_name(stage.name, storage_path, config.resume)
@@ -304,6 +306,27 @@ def _check_lora(config, stage) -> None:
         raise SystemExit(f"--lora-targets: {error}") from None
 
 
+def _check_grpo(config, stage) -> None:
+    """GRPO settings that cannot work, refused before anything runs."""
+    if stage.name != "grpo":
+        return
+    from minimind.rewards import MODEL_REWARD, parse_weights
+
+    try:
+        weights = parse_weights(config.rewards)
+    except ValueError as error:
+        raise SystemExit(f"--rewards: {error}") from None
+    if (MODEL_REWARD in weights) != bool(config.reward_model):
+        raise SystemExit("the model reward and --reward-model go together: name the model whose score is the reward, and "
+                         f"give it a weight in --rewards (e.g. {config.rewards},model=1)")
+    if config.group_size < 2:
+        raise SystemExit(f"--group-size must be at least 2 (advantages compare the completions of a prompt), not {config.group_size}")
+    if config.loss_type not in ("grpo", "cispo"):
+        raise SystemExit(f"--loss-type must be grpo or cispo, not {config.loss_type!r}")
+    if config.updates_per_rollout < 1 or config.max_new_tokens < 1:
+        raise SystemExit("--updates-per-rollout and --max-new-tokens must be at least 1")
+
+
 def _with_recorded_lineage(config, stage, run_name: str):
     """--resume continues with exactly the models the interrupted run resolved, whatever `latest` means now."""
     lineage = tracking.recorded_lineage(run_name)
@@ -311,7 +334,7 @@ def _with_recorded_lineage(config, stage, run_name: str):
         return config
     print(f"[{stage.name}] --resume: the inputs of {run_name}: " + ", ".join(f"{k[len('lineage.'):]} {v}" for k, v in lineage.items()))
     return replace(config, init=lineage.get("lineage.init", config.init),
-                   **({"teacher": lineage["lineage.teacher"]} if "lineage.teacher" in lineage else {}))
+                   **{key: lineage[f"lineage.{key}"] for key in ("teacher", "reward_model") if f"lineage.{key}" in lineage})
 
 
 def resolve_inputs(config, stage, work: Path):
@@ -325,7 +348,7 @@ def resolve_inputs(config, stage, work: Path):
     data_path = (config.data if storage.is_uri(config.data) else str(Path(config.data).resolve())) if config.data else str(demo[DEMO_FILES[stage.name]])
     eval_path = local_input(config.eval_data) if config.eval_data else (demo[DEMO_FILES[stage.name] + "_eval"] if config.data is None else None)
     answer_path = None
-    if stage.name in ("dpo", "reason") and (getattr(config, "answer_eval", None) or config.data is None):
+    if stage.name in ("dpo", "reason", "grpo") and (getattr(config, "answer_eval", None) or config.data is None):
         answer_path = local_input(config.answer_eval) if getattr(config, "answer_eval", None) else demo["sft_eval"]
     images_dir = None
     if stage.data_kind == "vlm":
@@ -346,7 +369,12 @@ def resolve_inputs(config, stage, work: Path):
         config = replace(config, teacher=tracking.pin(config.teacher))
         teacher_dir = tracking.resolve_model(config.teacher, work / "teacher")
         source_tags["lineage.teacher"] = config.teacher
-    return config, StageInputs(init_dir, tokenizer, source_tags, data_path, eval_path, answer_path, images_dir, teacher_dir)
+    reward_model_dir = None
+    if getattr(config, "reward_model", None):
+        config = replace(config, reward_model=tracking.pin(config.reward_model))
+        reward_model_dir = tracking.resolve_model(config.reward_model, work / "reward-model")
+        source_tags["lineage.reward_model"] = config.reward_model
+    return config, StageInputs(init_dir, tokenizer, source_tags, data_path, eval_path, answer_path, images_dir, teacher_dir, reward_model_dir)
 
 
 def check_data(config, stage, inputs: StageInputs, storage_path: str, run_name: str) -> tuple[Prepared, int]:
@@ -448,7 +476,7 @@ def _train(job: StageJob, use_gpu: bool, storage_path: str, run_name: str, callb
 
     config = job.config
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        STAGES[job.stage].train_loop(),
         train_loop_config={"job": job},
         scaling_config=ScalingConfig(
             num_workers=config.num_workers, use_gpu=use_gpu,
@@ -503,7 +531,7 @@ def _log_curve(run_id: str) -> None:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
-    history = {key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)] for key in ("train/loss",)}
+    history = {key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)] for key in ("train/loss", "reward/total/mean")}
     if any(history.values()):
         tracking.log_loss_curve(history)
 

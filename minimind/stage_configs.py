@@ -44,6 +44,32 @@ class DistillConfig(TrainConfig):
 
 
 @dataclass
+class GRPOConfig(TrainConfig):
+    rewards: str = field(default="answer=1,format=0.5", metadata={"help": "rewards and their weights: answer, format, length, model (minimind.rewards)"})
+    reward_model: str | None = field(default=None, metadata={"help": "model (URI or folder) whose mean log-probability of a reply is the `model` reward"})
+    group_size: int = field(default=8, metadata={"help": "completions sampled per prompt: the group their advantages are relative to"})
+    max_new_tokens: int = field(default=128, metadata={"help": "token budget of a completion"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the rollouts"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling of the rollouts (1: off)"})
+    kl_coef: float = field(default=0.02, metadata={"help": "weight of the KL divergence to the starting model (0: no reference model)"})
+    clip_eps: float = field(default=0.2, metadata={"help": "clip range of the policy ratio"})
+    loss_type: str = field(default="grpo", metadata={"help": "grpo (PPO's clipped surrogate) or cispo (clipped, detached importance weights)"})
+    updates_per_rollout: int = field(default=1, metadata={"help": "optimiser steps on each batch of rollouts (more than 1: the ratio clip matters)"})
+    length_limit: int = field(default=110, metadata={"help": "the length reward's limit in tokens"})
+    rollout_cpus: float = field(default=0.0, metadata={"help": "CPUs reserved for the rollout actor (0: it shares the trainer's; they take turns)"})
+    rollout_gpus: float = field(default=0.5, metadata={"help": "GPUs of the rollout actor on a GPU cluster; with --gpus-per-worker 0.5 both share one GPU, "
+                                                                 "with 1 each they run on separate GPUs (or nodes)"})
+    answer_eval: str | None = field(default=None, metadata={"help": "held-out SFT JSONL whose answer accuracy GRPO should keep (default: the demo's, with the demo data)"})
+    # on the demo, 200 steps at 1e-5 took held-out additions from 0.77 to 0.83 in 5 minutes (3e-5 for 100 steps: 0.76)
+    lr: float = 1e-5
+    batch_size: int = 8  # prompts per step and worker
+    gpus_per_worker: float = 0.5
+    max_steps: int = 200
+    checkpoint_every: int = 50
+    log_every: int = 5
+
+
+@dataclass
 class VLMConfig(TrainConfig):
     images: str | None = field(default=None, metadata={"help": "folder (or storage URI) the JSONL's image names are relative to (default: the demo images, or the data file's folder)"})
     vision_model: str | None = field(default=None, metadata={"help": "CLIP vision tower: a local folder or hub id, used when --init is a language model (default: the demo tower, with the demo data)"})

@@ -37,6 +37,12 @@ class Stage:
         """Frozen models the loss needs besides the one being trained (`job`: the worker's train.StageJob)."""
         return {}
 
+    def train_loop(self):
+        """The function every Ray Train worker runs: the one loop of minimind.train."""
+        from minimind.train import train_loop_per_worker
+
+        return train_loop_per_worker
+
     def model_inputs(self, model, batch: dict, job) -> dict:
         """Forward arguments besides the tokens (a VLM's pixels)."""
         return {}
@@ -113,6 +119,15 @@ class VLMStage(Stage):
         return {"pixel_values": batch.get("pixel_values")}  # decoded by the loader's collate (vision.BatchWithPixels); none: no image
 
 
+class GRPOStage(Stage):
+    """Reinforcement learning from rewards: its own loop (rollouts, rewards, policy-gradient updates)."""
+
+    def train_loop(self):
+        from minimind.grpo import grpo_loop_per_worker
+
+        return grpo_loop_per_worker
+
+
 def _pad_to(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:
     return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=value)
 
@@ -123,6 +138,7 @@ STAGES = {
     "dpo": DPOStage("dpo", "dpo", "minimind-dpo", "minimind-sft"),
     "reason": Stage("reason", "reason", "minimind-reason", "minimind-dpo"),  # black-box: SFT on teacher traces
     "kd": KDStage("kd", "sft", "minimind-reason", "minimind-dpo"),  # white-box: the teacher's soft labels
+    "grpo": GRPOStage("grpo", "reason", "minimind-grpo", "minimind-reason"),  # rewards: prompts of the reasoning kind
     "vlm_pretrain": VLMStage("vlm_pretrain", "vlm", "minimind-vlm-pretrain", "minimind-sft"),  # projection only
     "vlm_sft": VLMStage("vlm_sft", "vlm", "minimind-vlm-sft", "minimind-vlm-pretrain", train_language_model=True),
 }

@@ -121,11 +121,12 @@ class StageJob:
     data_path: str
     eval_path: str | None = None
     teacher_dir: str | None = None
+    reward_model_dir: str | None = None
     images: str | None = None
     mlflow_run_id: str | None = None
     mlflow_tracking_uri: str | None = None
 
-    INPUTS = ("init_dir", "data_path", "eval_path", "teacher_dir", "images")
+    INPUTS = ("init_dir", "data_path", "eval_path", "teacher_dir", "reward_model_dir", "images")
 
     def fetch_inputs(self) -> None:
         for key in self.INPUTS:
@@ -209,6 +210,27 @@ def _restore_rng(saved, rank: int) -> None:
 # --------------------------------------------------------------------------- the loop
 
 
+def resume_from_checkpoint(job: StageJob, stage, model, optimizer, lora: LoRAConfig | None, device, rank: int) -> int:
+    """Load Ray Train's latest checkpoint, if this run has one (a restarted worker, or --resume), into the
+    model (or its adapters), optimiser and RNGs; returns the step it was taken at (0: none)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return 0
+    with checkpoint.as_directory() as directory:
+        if lora:
+            load_adapter(model, directory)
+        else:
+            model.load_state_dict(stage.load(directory, device).state_dict())
+        state = torch.load(Path(directory) / TRAINING_STATE, weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        _restore_rng(state["rng"], rank)
+    if rank == 0:
+        _say(f"[{job.stage}] resumed from step {state['step']}")
+    return state["step"]
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """`loop_config["job"]` is the driver's `StageJob`."""
     import ray.train
@@ -243,21 +265,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay,
                                   fused=device.type == "cuda")
 
-    step = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
-            if lora:
-                load_adapter(model, directory)
-            else:
-                model.load_state_dict(stage.load(directory, device).state_dict())
-            state = torch.load(Path(directory) / TRAINING_STATE, weights_only=True)
-            optimizer.load_state_dict(state["optimizer"])
-            step = state["step"]
-            _restore_rng(state["rng"], rank)
-        if rank == 0:
-            _say(f"[{job.stage}] resumed from step {step}")
-
+    step = resume_from_checkpoint(job, stage, model, optimizer, lora, device, rank)
     if config.compile:
         compile_for_training(model)
     model = prepare_model(model, parallel_strategy_kwargs=ddp_options())

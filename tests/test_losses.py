@@ -150,3 +150,66 @@ def test_rpo_adds_the_chosen_replies_negative_log_likelihood():
     plain, _ = dpo_loss(chosen, rejected, reference, reference, beta=0.5)
     with_nll, _ = dpo_loss(chosen, rejected, reference, reference, beta=0.5, rpo_alpha=2.0)
     torch.testing.assert_close(with_nll, plain + 2.0 * 0.75)  # alpha times the chosen replies' mean NLL
+
+
+# --------------------------------------------------------------------------- GRPO
+
+
+def test_group_advantages_standardise_within_each_group_and_equal_rewards_teach_nothing():
+    from minimind.losses import group_advantages
+
+    advantages = group_advantages(torch.tensor([1.0, 0.0, 0.5, 0.5, 2.0, 0.0, 0.0, 1.0]), group_size=4)
+    first = torch.tensor([1.0, 0.0, 0.5, 0.5])
+    expected = (first - 0.5) / (first.std() + 1e-4)  # std of 1, 0, .5, .5 (unbiased) = 0.408
+    assert torch.allclose(advantages[:4], expected) and abs(advantages[0].item() - 0.5 / (0.40825 + 1e-4)) < 1e-3
+    assert torch.equal(group_advantages(torch.full((6,), 0.7), group_size=3), torch.zeros(6))
+    with pytest.raises(ValueError, match="at least 2"):
+        group_advantages(torch.ones(4), group_size=1)
+
+
+def _grpo(logps, old, advantages, mask, **kwargs):
+    from minimind.losses import policy_loss
+
+    logps = logps.clone().requires_grad_(True)
+    loss, metrics = policy_loss(logps, old, advantages, mask, **kwargs)
+    loss.backward()
+    return loss.item(), metrics, logps.grad
+
+
+def test_on_policy_grpo_is_the_advantage_weighted_log_likelihood_per_completion():
+    logps = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -0.7, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    advantages = torch.tensor([1.0, -2.0])
+    loss, metrics, grad = _grpo(logps, logps, advantages, mask)
+    assert loss == pytest.approx((-1.0 + 2.0) / 2)  # ratio 1: -A averaged per completion, then over completions
+    assert torch.allclose(grad, torch.tensor([[-1 / 6, -1 / 6, -1 / 6], [1 / 2, 1 / 2, 0.0]]))  # -A / (length * completions)
+    assert metrics["grpo/clip_fraction"] == 0 and metrics["grpo/ratio"] == pytest.approx(1.0)
+
+
+def test_grpo_clips_the_ratio_and_cispo_keeps_the_gradient_of_clipped_tokens():
+    logps = torch.zeros(1, 2)
+    old = torch.log(torch.tensor([[1 / 1.5, 1 / 0.5]]))  # ratios 1.5 and 0.5
+    advantages, mask = torch.tensor([2.0]), torch.ones(1, 2)
+    loss, metrics, grad = _grpo(logps, old, advantages, mask, clip_eps=0.2)
+    assert loss == pytest.approx(-(1.2 * 2 + 0.5 * 2) / 2)  # min(r A, clip(r) A): 1.2 A and 0.5 A
+    assert grad[0, 0] == 0 and grad[0, 1] == pytest.approx(-0.5 * 2 / 2)  # the clipped token gets no gradient
+    assert metrics["grpo/clip_fraction"] == pytest.approx(0.5)
+    _, negative, _ = _grpo(logps, old, -advantages, mask, clip_eps=0.2)
+    assert negative["grpo/clip_fraction"] == pytest.approx(0.5)  # with A < 0 the low side clips
+
+    loss, metrics, grad = _grpo(logps, old, advantages, mask, clip_eps=0.2, loss_type="cispo")
+    assert loss == pytest.approx(0.0)  # -sg(w) A log pi with log pi = 0
+    assert torch.allclose(grad, torch.tensor([[-1.2 * 2 / 2, -0.5 * 2 / 2]]))  # weights clipped to 1.2, never zeroed
+    assert metrics["grpo/clip_fraction"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="unknown loss type"):
+        _grpo(logps, old, advantages, mask, loss_type="ppo2")
+
+
+def test_the_kl_term_is_the_k3_estimate_to_the_reference():
+    logps, mask = torch.tensor([[-1.0, -1.0]]), torch.tensor([[1, 0]])
+    reference = torch.tensor([[-0.5, -3.0]])  # ref - logp = 0.5 on the counted token
+    k3 = math.exp(0.5) - 0.5 - 1
+    loss, metrics, _ = _grpo(logps, logps, torch.zeros(1), mask, reference_logps=reference, kl_coef=0.1)
+    assert metrics["grpo/kl"].item() == pytest.approx(k3) and loss == pytest.approx(0.1 * k3)
+    _, same, _ = _grpo(logps, logps, torch.zeros(1), mask, reference_logps=logps.clone(), kl_coef=0.1)
+    assert same["grpo/kl"].item() == 0.0

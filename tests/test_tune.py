@@ -8,6 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tune"))
 
 import dpo_beta  # noqa: E402
+import grpo as grpo_sweep  # noqa: E402
 import moe_experts  # noqa: E402
 from conftest import mlflow_client as client  # noqa: E402
 
@@ -66,3 +67,21 @@ def test_dpo_beta_sweep_picks_by_the_stated_rule_and_registers_it(mlflow_store):
     assert best.run_id == max(keepers, key=lambda r: (r["rewards_accuracy"], r["answer_exact_match"], -r["drift"]))["run_id"]
     for run in children(client().get_run(best.run_id).data.tags["mlflow.parentRunId"]):
         assert {"eval/rewards_accuracy", "eval/rewards_margin", "eval/drift", "eval/answer_exact_match"} <= set(run.data.metrics)
+
+
+def test_grpo_sweep_crosses_group_sizes_with_kl_coefficients_and_registers_the_pick(mlflow_store):
+    from conftest import random_model
+    from minimind.checkpoint import save_model
+    from minimind.demo import demo_tokenizer
+    from minimind.tokenizer import load_tokenizer
+
+    start = mlflow_store / "reason-model"
+    save_model(random_model(vocab_size=2048, std=0.02), start, tokenizer=load_tokenizer(demo_tokenizer()))
+    model_uri, rows = grpo_sweep.main(["--group-sizes", "2", "4", "--kl-coefs", "0.05", "--init", str(start), "--steps", "2",
+                                       "--eval-limit", "4", "--name", "grpo-test"])
+    assert sorted((row["group_size"], row["kl_coef"]) for row in rows) == [(2, 0.05), (4, 0.05)]
+    assert model_uri == "models:/minimind-grpo/1" and all(row["status"] == "finished" for row in rows)
+    best = client().get_model_version_by_alias("minimind-grpo", "best")
+    assert best.run_id == rows[0]["run_id"]  # the ranking's first
+    for run in children(client().get_run(best.run_id).data.tags["mlflow.parentRunId"]):
+        assert {"eval/reasoning_accuracy", "eval/answer_exact_match", "reward/total/mean", "time/rollout_s"} <= set(run.data.metrics)

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sweep import Sweep, finish, run_sweep, trial_runs  # noqa: E402
+from sweep import Sweep, finish, mark_keepers, run_sweep, trial_runs  # noqa: E402
 
 from minimind.stage_configs import DPOConfig  # noqa: E402
 
@@ -64,10 +64,7 @@ def main(argv=None):
             "answer_exact_match": metrics.get("eval/answer_exact_match"), "answer_before": metrics.get("eval_before/answer_exact_match"),
             "status": "finished" if run.data.tags.get("model_id") else "stopped",
         })
-    for row in rows:
-        row["keeps_answers"] = row["status"] == "finished" and (
-            row["answer_exact_match"] is None or row["answer_exact_match"] >= (row["answer_before"] or 0.0) - args.answer_tolerance
-        )
+    mark_keepers(rows, args.answer_tolerance)
     rows.sort(key=lambda r: (not r["keeps_answers"], -(r["rewards_accuracy"] or 0), -(r["answer_exact_match"] or 0), r["drift"] or 0))
     best = rows[0] if rows and rows[0]["keeps_answers"] else None
     return finish(parent, rows, COLUMNS, best, "minimind-dpo", plot), rows

@@ -163,6 +163,15 @@ def trial_runs(parent_run_id: str) -> list:
     return list(by_trial.values())
 
 
+def mark_keepers(rows: list[dict], tolerance: float) -> None:
+    """Mark the finished trials whose held-out SFT answer exact match is at least their starting model's
+    minus `tolerance` ("keeps_answers"): a stage after SFT must not buy its own metric with the answers."""
+    for row in rows:
+        row["keeps_answers"] = row["status"] == "finished" and (
+            row["answer_exact_match"] is None or row["answer_exact_match"] >= (row["answer_before"] or 0.0) - tolerance
+        )
+
+
 def finish(parent_run_id: str, rows: list[dict], columns: list[str], best: dict | None, register_as: str, plot) -> str | None:
     """Log the ranked table and plot on the parent run, register the best trial's model, print both."""
     import mlflow

@@ -1,0 +1,23 @@
+"""GRPO: reasoning trained by reward instead of imitation, from models:/minimind-reason/latest by default.
+
+    python jobs/grpo.py                                            # the demo's additions: answer + format rewards
+    python jobs/grpo.py --rewards answer=1,format=0.5,length=0.1 --group-size 8 --kl-coef 0.02
+    python jobs/grpo.py --loss-type cispo --updates-per-rollout 2   # CISPO's clipped, detached importance weights
+    python jobs/grpo.py --data rl.jsonl --rewards model=1 --reward-model models:/my-judge/1
+
+Each step a Ray actor samples --group-size completions per prompt with the policy's latest weights
+(handed over through Ray's object store), the rewards score them, and the policy takes a clipped
+policy-gradient step on their group-relative advantages, held near the starting model by --kl-coef.
+Registers `minimind-grpo`.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from minimind.runner import main  # noqa: E402
+from minimind.stage_configs import GRPOConfig  # noqa: E402
+
+
+if __name__ == "__main__":
+    main(GRPOConfig, "grpo", description=__doc__)

@@ -1,0 +1,94 @@
+"""Rewards for reinforcement learning, as plain functions of one completion, combined by weights.
+
+    --rewards answer=1,format=0.5,length=0.1     ->  reward = 1 * answer + 0.5 * format + 0.1 * length
+
+- answer: 1 when the reply is well formed and its <answer> equals the reference reply's <answer> (the
+  demo's addition problems, two-hop questions: anything with one right answer), else 0.
+- format: 1 when the whole reply is <think>…</think><answer>…</answer>, each tag exactly once, else 0.
+- length: 0 up to `length_limit` tokens, then falling linearly to -1 at twice the limit; a reply cut off
+  at the token budget (no end of turn) gets -1.
+- model: a registered model's score of the reply (mean log-probability of its tokens given the prompt),
+  computed by the training loop (minimind.grpo), which holds that model.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from minimind.tokenizer import Markers
+
+MODEL_REWARD = "model"
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str  # the decoded reply, stop token excluded
+    tokens: int  # its length in tokens
+    finished: bool  # ended with a stop token (not cut off at the token budget)
+    reference: str | None = None  # the record's reference reply, if it has one
+
+
+def reasoning_parts(text: str, markers: Markers = Markers()) -> tuple[str, str] | None:
+    """(think, answer) of a reply that is exactly <think>\\n…\\n</think>\\n<answer>\\n…\\n</answer> with each
+    tag once; None for anything else (a missing, doubled or misplaced tag)."""
+    tags = (markers.think_start, markers.think_end, markers.answer_start, markers.answer_end)
+    if any(text.count(tag) != 1 for tag in tags):
+        return None
+    form = re.compile(
+        rf"{re.escape(markers.think_start)}\n(.*?)\n{re.escape(markers.think_end)}\n"
+        rf"{re.escape(markers.answer_start)}\n(.*?)\n{re.escape(markers.answer_end)}",
+        re.DOTALL,
+    )
+    match = form.fullmatch(text.strip())
+    return (match.group(1), match.group(2).strip()) if match else None
+
+
+def format_reward(completion: Completion, markers: Markers, length_limit: int) -> float:
+    return 1.0 if reasoning_parts(completion.text, markers) else 0.0
+
+
+def answer_reward(completion: Completion, markers: Markers, length_limit: int) -> float:
+    if completion.reference is None:
+        return 0.0
+    got, want = reasoning_parts(completion.text, markers), reasoning_parts(completion.reference, markers)
+    expected = want[1] if want else completion.reference.strip()  # a plain reference reply is the answer itself
+    return 1.0 if got and got[1] == expected else 0.0
+
+
+def length_reward(completion: Completion, markers: Markers, length_limit: int) -> float:
+    if not completion.finished:
+        return -1.0
+    return -min(1.0, max(0, completion.tokens - length_limit) / max(length_limit, 1))
+
+
+REWARDS = {"answer": answer_reward, "format": format_reward, "length": length_reward}
+
+
+def parse_weights(text: str) -> dict[str, float]:
+    """"answer=1,format=0.5" -> {"answer": 1.0, "format": 0.5}; `model` is the model reward."""
+    weights = {}
+    for part in (part.strip() for part in text.split(",") if part.strip()):
+        name, _, value = part.partition("=")
+        name = name.strip()
+        if name not in REWARDS and name != MODEL_REWARD:
+            raise ValueError(f"unknown reward {name!r}: the rewards are {', '.join([*REWARDS, MODEL_REWARD])}")
+        try:
+            weights[name] = float(value) if value else 1.0
+        except ValueError:
+            raise ValueError(f"reward weight of {name!r} is not a number: {value!r}") from None
+    if not weights:
+        raise ValueError("no rewards given")
+    return weights
+
+
+def score(completions: list[Completion], weights: dict[str, float], markers: Markers, length_limit: int,
+          model_scores: list[float] | None = None) -> tuple[list[float], dict[str, list[float]]]:
+    """Each completion's weighted reward, and every reward function's own values (for the logs)."""
+    values = {name: [REWARDS[name](c, markers, length_limit) for c in completions] for name in weights if name != MODEL_REWARD}
+    if MODEL_REWARD in weights:
+        if model_scores is None:
+            raise ValueError("the model reward needs a reward model's scores")
+        values[MODEL_REWARD] = list(model_scores)
+    totals = [sum(weights[name] * values[name][i] for name in weights) for i in range(len(completions))]
+    return totals, values
