@@ -85,7 +85,7 @@ def placement(config) -> tuple[bool, float, str]:
     deciding from the GPUs present now would train on the head's CPUs and never start a GPU node."""
     import ray
 
-    needed = config.num_workers * config.gpus_per_worker
+    needed = config.num_workers * (config.gpus_per_worker + getattr(config, "rollout_gpus", 0.0))  # GRPO: each worker's rollout actor
     present = ray.cluster_resources().get("GPU", 0)
     if config.use_gpu is False:
         use_gpu, why = False, "--cpu"

@@ -142,11 +142,15 @@ def grpo_loop_per_worker(loop_config: dict) -> None:
 
     model = prepare_model(model, parallel_strategy_kwargs=ddp_options())
     amp_dtype = autocast_dtype(config, device)
-    eos_id = tokenizer.eos_token_id
-    stop_ids = sorted({eos_id, unwrap(model).config.eos_token_id} - {None})
-    rollout = ray.remote(RolloutWorker).options(
-        num_cpus=config.rollout_cpus, num_gpus=config.rollout_gpus if device.type == "cuda" else 0,
-    ).remote(unwrap(model).config.to_dict(), lora, threads=threads, bf16=amp_dtype is not None)
+    eos_id = tokenizer.eos_token_id  # the end of a chat turn: the one stop token, appended to finished completions
+    rollout_gpus = config.rollout_gpus if device.type == "cuda" else 0
+    rollout = ray.remote(RolloutWorker).options(num_cpus=config.rollout_cpus, num_gpus=rollout_gpus).remote(
+        unwrap(model).config.to_dict(), lora, threads=threads, bf16=amp_dtype is not None)
+    ready, _ = ray.wait([rollout.__ray_ready__.remote()], timeout=60)
+    if not ready:  # outside Ray Train's placement group: it waits for free resources, maybe a node the autoscaler adds
+        _say(f"[{job.stage}] rank {rank}: the rollout actor is still waiting for {config.rollout_cpus:g} CPU and {rollout_gpus:g} GPU; "
+             "on one GPU, trainer and actors must fit it together (--gpus-per-worker 0.5 --rollout-gpus 0.5 per worker)")
+        ray.get(rollout.__ray_ready__.remote())
     logger = _MetricLogger(job, total_steps) if rank == 0 else None
     peak = peak_flops(device, amp_dtype or torch.float32)[0] if rank == 0 else 0.0
     flops_per_token = 6 * unwrap(model).num_parameters(active=True)
@@ -165,15 +169,14 @@ def grpo_loop_per_worker(loop_config: dict) -> None:
             version = ray.get(rollout.load_weights.remote(ray.put(weights_now), step))
             handover_s = time.perf_counter() - clock
             sampling = {"max_new_tokens": config.max_new_tokens, "temperature": config.temperature, "top_p": config.top_p,
-                        "stop_token_ids": stop_ids, "seed": (config.seed * 1_000_003 + step) * world + rank}
+                        "stop_token_ids": [eos_id], "seed": (config.seed * 1_000_003 + step) * world + rank}
             generated = ray.get(rollout.generate.remote([p.ids for p in batch], group, sampling))
             if generated["version"] != version:
                 raise RuntimeError(f"rollouts of weights version {generated['version']}, expected {version}")
             rollout_s = time.perf_counter() - clock - handover_s
-            completions = generated["completions"]
+            completions, finished = generated["completions"], generated["finished"]
 
             # rewards and advantages
-            finished = [len(c) < config.max_new_tokens for c in completions]
             ids, mask = sequences(batch, completions, finished, group, eos_id, tokenizer.pad_token_id)
             ids, mask = ids.to(device), mask.to(device)
             texts = [tokenizer.decode(c, skip_special_tokens=False) for c in completions]

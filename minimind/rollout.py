@@ -15,7 +15,7 @@ from contextlib import nullcontext
 import torch
 
 from minimind.config import ModelConfig
-from minimind.generate import SamplingParams, generate
+from minimind.generate import SamplingParams, stream_batch
 from minimind.lora import LoRAConfig, add_lora
 from minimind.model import MiniMindForCausalLM
 
@@ -43,11 +43,18 @@ class RolloutWorker:
         return version
 
     def generate(self, prompts: list[list[int]], group_size: int, sampling: dict) -> dict:
-        """`group_size` sampled completions of every prompt, prompt by prompt (stop token excluded), the
-        version of the weights that wrote them, and the seconds it took."""
+        """`group_size` sampled completions of every prompt, prompt by prompt (stop token excluded), whether
+        each ended with a stop token (not cut off by the token budget or the context), the version of the
+        weights that wrote them, and the seconds it took."""
         started = time.perf_counter()
         repeated = [prompt for prompt in prompts for _ in range(group_size)]
+        completions, finished = [[] for _ in repeated], [False] * len(repeated)
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
         with torch.no_grad(), autocast:
-            completions = generate(self.model, repeated, SamplingParams(**sampling))
-        return {"completions": completions, "version": self.version, "seconds": time.perf_counter() - started}
+            for tokens in stream_batch(self.model, repeated, SamplingParams(**sampling)):
+                for row, token in enumerate(tokens):
+                    if token is None:
+                        finished[row] = True  # from the step it sampled its stop token on
+                    else:
+                        completions[row].append(token)
+        return {"completions": completions, "finished": finished, "version": self.version, "seconds": time.perf_counter() - started}

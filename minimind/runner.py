@@ -279,6 +279,9 @@ def run_stage(config, stage_name: str, callbacks: list | None = None, register: 
         after, samples = _evaluate(stage, config, inputs, trained, initial)
         _log_results(run.info.run_id, after, samples, pictures=inputs.images_dir is not None)
         version_tags = {**inputs.source_tags, **({"lora.base": config.init} if is_adapter_dir(final_dir) else {})}
+        if is_adapter_dir(final_dir) and not config.init.startswith(("models:/", "runs:/")) and not storage.is_uri(config.init):
+            print(f"[{stage.name}] the adapters name {config.init}, a folder of this machine, as their base: other machines "
+                  "(Serve replicas, a later stage on another node) cannot apply them. Start from a registered model, or --merge")
         model_uri = _log_and_register(final_dir, config.register_as or stage.registered_name, run.info.run_id,
                                       alias=config.alias if register else None, register=register, tags=version_tags)
     seconds = time.perf_counter() - started
@@ -297,7 +300,7 @@ def _check_lora(config, stage) -> None:
     if config.lora_rank < 0:
         raise SystemExit(f"--lora-rank must be positive, not {config.lora_rank}")
     if stage.data_kind == "vlm":
-        raise SystemExit("--lora-rank is for the text stages (pretrain, sft, dpo, reason, kd), not the VLM's")
+        raise SystemExit("--lora-rank is for the text stages (pretrain, sft, dpo, reason, kd, grpo), not the VLM's")
     if stage.name == "pretrain" and config.init is None:
         raise SystemExit("--lora-rank adapts a trained model: pretraining from scratch has none, so pass --init")
     try:
@@ -325,6 +328,8 @@ def _check_grpo(config, stage) -> None:
         raise SystemExit(f"--loss-type must be grpo or cispo, not {config.loss_type!r}")
     if config.updates_per_rollout < 1 or config.max_new_tokens < 1:
         raise SystemExit("--updates-per-rollout and --max-new-tokens must be at least 1")
+    if config.temperature <= 0 or not 0 < config.top_p <= 1:
+        raise SystemExit("--temperature must be above 0 (greedy completions of a prompt are all alike: no advantage) and --top-p in (0, 1]")
 
 
 def _with_recorded_lineage(config, stage, run_name: str):

@@ -233,13 +233,14 @@ def _model_folder(root: Path, reference: str) -> Path:
 
 def _with_adapters_merged(adapter_dir: Path, destination: Path) -> Path:
     """A LoRA adapter folder as the plain model it stands for: its base (resolved like any reference)
-    with the adapters merged in, written under `destination`."""
+    with the adapters merged in, written beside `destination`."""
     from minimind.lora import LoRAConfig, merge_adapter_dir
 
     base = LoRAConfig.load(adapter_dir / ADAPTER_CONFIG_NAME).base
     if not base:
         raise ValueError(f"{adapter_dir} holds LoRA adapters but names no base model to apply them to")
-    return merge_adapter_dir(adapter_dir, resolve_model(base, destination / "base"), destination / "merged")
+    base_dir = resolve_model(base, destination.with_name(destination.name + "-base"))
+    return merge_adapter_dir(adapter_dir, base_dir, destination.with_name(destination.name + "-merged"))
 
 
 def pin(reference: str) -> str:
@@ -267,7 +268,8 @@ def resolve_model(reference: str, destination: str | Path | None = None, merge_a
     URIs are downloaded to `destination` (default: a fresh temporary directory). `dst_path` is always
     passed: without it MLflow may hand back the store's own folder, which a caller must never write to.
     LoRA adapters come back as the plain model they stand for: their base, resolved the same way, with
-    the adapters merged in (under `destination`); with `merge_adapters=False`, as the adapter folder.
+    the adapters merged in (beside `destination`: `<destination>-base`, `<destination>-merged`); with
+    `merge_adapters=False`, as the adapter folder.
     """
     path = Path(reference).expanduser()
     if not path.is_dir() and not _is_uri(reference):

@@ -25,6 +25,10 @@ def test_the_rollout_actor_generates_with_the_weights_of_the_latest_update(ray_c
             assert ray.get(actor.load_weights.remote(ray.put(model.state_dict()), version)) == version
             out = ray.get(actor.generate.remote(PROMPTS, 2, GREEDY))
             assert out["version"] == version and out["completions"] == local(model)
+            assert out["finished"] == [len(c) < 6 for c in local(model)]  # ended by its stop token, not the budget
+        near_the_end = [[5] * (first.config.max_position_embeddings - 3)]  # room for 3 of the 6 tokens asked for
+        cut = ray.get(actor.generate.remote(near_the_end, 2, {**GREEDY, "stop_token_ids": [-1]}))
+        assert [len(c) for c in cut["completions"]] == [3, 3] and cut["finished"] == [False, False]  # cut off by the context
         sampled = [ray.get(actor.generate.remote(PROMPTS, 2, {"max_new_tokens": 6, "temperature": 1.0, "seed": 3})) for _ in range(2)]
         assert sampled[0]["completions"] == sampled[1]["completions"]  # a seed fixes the rollouts (an exact resume)
         try:

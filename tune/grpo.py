@@ -44,7 +44,7 @@ def main(argv=None):
 
     sweep = Sweep.from_args(args)
     base = GRPOConfig(init=args.init, max_steps=args.steps, checkpoint_every=max(1, args.steps // 4), log_every=max(1, args.steps // 6),
-                      data=args.data, eval_limit=args.eval_limit, seed=args.seed, rollout_gpus=args.gpus_per_trial)
+                      data=args.data, eval_limit=args.eval_limit, seed=args.seed)
     space = {"group_size": tune.grid_search(args.group_sizes), "kl_coef": tune.grid_search(args.kl_coefs)}
     parent = run_sweep(sweep, "grpo", base, space, {"metric": "reward/total/mean", "mode": "max"})
 

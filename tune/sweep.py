@@ -110,8 +110,11 @@ def run_sweep(sweep: Sweep, stage: str, base_config, param_space: dict, tune_con
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     worker_cpus = max(sweep.cpus_per_trial - TRIAL_FUNCTION_CPUS, 0.25)
+    gpus = {"gpus_per_worker": sweep.gpus_per_trial or 1.0}
+    if hasattr(base_config, "rollout_gpus"):  # GRPO: the trial's GPU share is split between its trainer and its rollout actor
+        gpus = {"gpus_per_worker": sweep.gpus_per_trial / 2 or 1.0, "rollout_gpus": sweep.gpus_per_trial / 2}
     base_config = replace(base_config, cpus_per_worker=worker_cpus, experiment=sweep.experiment, storage_path=storage_path,
-                          use_gpu=sweep.gpus_per_trial > 0, gpus_per_worker=sweep.gpus_per_trial or 1.0)
+                          use_gpu=sweep.gpus_per_trial > 0, **gpus)
     prepare_data(base_config, stage)  # once, here: trials that hold every CPU would leave none for Ray Data's tasks
     trainable = tune.with_resources(
         tune.with_parameters(trial, stage=stage, base_config=base_config, parent_run_id=parent_run_id, environment=environment),
