@@ -85,10 +85,12 @@ def sequences(prompts: list[Prompt], completions: list[list[int]], finished: lis
     return ids, mask
 
 
-def completion_logprobs(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Log-probability of every completion token under `model` (rows, length - 1); 0 elsewhere."""
-    hidden = model(ids, return_logits=False).hidden_states
-    return token_logprobs(hidden, unwrap(model).lm_head.weight, mask, ids)
+def completion_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, with_aux: bool = False):
+    """Log-probability of every completion token under `model` (rows, length - 1); 0 elsewhere. With
+    `with_aux`, also the forward's MoE load-balancing loss (0 for a dense model)."""
+    output = model(ids, return_logits=False)
+    logps = token_logprobs(output.hidden_states, unwrap(model).lm_head.weight, mask, ids)
+    return (logps, output.aux_loss) if with_aux else logps
 
 
 def _stats(prefix: str, values: list[float]) -> dict[str, float]:
@@ -204,12 +206,15 @@ def grpo_loop_per_worker(loop_config: dict) -> None:
                     with (model.no_sync() if not last and hasattr(model, "no_sync") else nullcontext()), torch.autocast(
                         device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
                     ):
-                        logps = completion_logprobs(model, ids[rows], mask[rows])
+                        logps, aux_loss = completion_logprobs(model, ids[rows], mask[rows], with_aux=True)
                         loss, metrics = policy_loss(
                             logps, old_logps[rows] if old_logps is not None else logps.detach(), advantages[rows], mask[rows, 1:],
                             clip_eps=config.clip_eps, loss_type=config.loss_type,
                             reference_logps=reference_logps[rows] if reference_logps is not None else None, kl_coef=config.kl_coef,
                         )
+                        if unwrap(model).config.is_moe:  # the router keeps its load balancing, as in every other stage
+                            metrics["loss/aux"] = aux_loss.detach()
+                            loss = loss + aux_loss
                         (loss * len(rows) / ids.shape[0]).backward()
                     share = len(rows) / ids.shape[0] / config.updates_per_rollout
                     for key, value in {"train/loss": loss.detach(), **metrics}.items():
