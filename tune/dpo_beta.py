@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sweep import Sweep, finish, mark_keepers, run_sweep, trial_runs  # noqa: E402
+from sweep import Sweep, finish, mark_keepers, run_sweep, trial_row, trial_runs  # noqa: E402
 
 from minimind.stage_configs import DPOConfig  # noqa: E402
 
@@ -57,13 +57,11 @@ def main(argv=None):
     rows = []
     for run in trial_runs(parent):
         metrics = run.data.metrics
-        rows.append({
-            "trial": run.data.tags.get("tune.trial_id"), "run_id": run.info.run_id, "model_id": run.data.tags.get("model_id"),
-            "beta": float(run.data.params["beta"]), "rewards_accuracy": metrics.get("eval/rewards_accuracy"),
-            "rewards_margin": metrics.get("eval/rewards_margin"), "drift": metrics.get("eval/drift"),
-            "answer_exact_match": metrics.get("eval/answer_exact_match"), "answer_before": metrics.get("eval_before/answer_exact_match"),
-            "status": "finished" if run.data.tags.get("model_id") else "stopped",
-        })
+        rows.append(trial_row(
+            run, beta=float(run.data.params["beta"]), rewards_accuracy=metrics.get("eval/rewards_accuracy"),
+            rewards_margin=metrics.get("eval/rewards_margin"), drift=metrics.get("eval/drift"),
+            answer_exact_match=metrics.get("eval/answer_exact_match"), answer_before=metrics.get("eval_before/answer_exact_match"),
+        ))
     mark_keepers(rows, args.answer_tolerance)
     rows.sort(key=lambda r: (not r["keeps_answers"], -(r["rewards_accuracy"] or 0), -(r["answer_exact_match"] or 0), r["drift"] or 0))
     best = rows[0] if rows and rows[0]["keeps_answers"] else None

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sweep import Sweep, finish, mark_keepers, run_sweep, trial_runs  # noqa: E402
+from sweep import Sweep, finish, mark_keepers, run_sweep, trial_row, trial_runs  # noqa: E402
 
 from minimind.stage_configs import GRPOConfig  # noqa: E402
 
@@ -51,13 +51,11 @@ def main(argv=None):
     rows = []
     for run in trial_runs(parent):
         metrics = run.data.metrics
-        rows.append({
-            "trial": run.data.tags.get("tune.trial_id"), "run_id": run.info.run_id, "model_id": run.data.tags.get("model_id"),
-            "group_size": int(run.data.params["group_size"]), "kl_coef": float(run.data.params["kl_coef"]),
-            "reasoning_accuracy": metrics.get("eval/reasoning_accuracy"), "accuracy_before": metrics.get("eval_before/reasoning_accuracy"),
-            "answer_exact_match": metrics.get("eval/answer_exact_match"), "answer_before": metrics.get("eval_before/answer_exact_match"),
-            "status": "finished" if run.data.tags.get("model_id") else "stopped",
-        })
+        rows.append(trial_row(
+            run, group_size=int(run.data.params["group_size"]), kl_coef=float(run.data.params["kl_coef"]),
+            reasoning_accuracy=metrics.get("eval/reasoning_accuracy"), accuracy_before=metrics.get("eval_before/reasoning_accuracy"),
+            answer_exact_match=metrics.get("eval/answer_exact_match"), answer_before=metrics.get("eval_before/answer_exact_match"),
+        ))
     mark_keepers(rows, args.answer_tolerance)
     rows.sort(key=lambda r: (not r["keeps_answers"], -(r["reasoning_accuracy"] or 0), -(r["answer_exact_match"] or 0), r["group_size"]))
     best = rows[0] if rows and rows[0]["keeps_answers"] else None

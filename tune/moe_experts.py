@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sweep import Sweep, finish, run_sweep, trial_runs  # noqa: E402
+from sweep import Sweep, finish, run_sweep, trial_row, trial_runs  # noqa: E402
 
 from minimind.stage_configs import PretrainConfig  # noqa: E402
 
@@ -57,14 +57,13 @@ def main(argv=None):
     rows = []
     for run in trial_runs(parent):
         params, metrics = run.data.params, run.data.metrics
-        rows.append({
-            "trial": run.data.tags.get("tune.trial_id"), "run_id": run.info.run_id, "model_id": run.data.tags.get("model_id"),
-            "num_experts": int(params.get("num_experts", 0)), "top_k": int(params.get("num_experts_per_tok", 0)),
-            "shared": int(params.get("num_shared_experts", 0)),  # each swept value is a param of the trial's run
-            "total_params": int(metrics.get("model/parameters", 0)), "active_params": int(metrics.get("model/active_parameters", 0)),
-            "tokens_per_s": metrics.get("train/tokens_per_s"), "heldout_loss": metrics.get("eval/heldout_loss", metrics.get("val/loss")),
-            "status": "finished" if run.data.tags.get("model_id") else "stopped early",
-        })
+        rows.append(trial_row(
+            run, stopped="stopped early",
+            num_experts=int(params.get("num_experts", 0)), top_k=int(params.get("num_experts_per_tok", 0)),
+            shared=int(params.get("num_shared_experts", 0)),  # each swept value is a param of the trial's run
+            total_params=int(metrics.get("model/parameters", 0)), active_params=int(metrics.get("model/active_parameters", 0)),
+            tokens_per_s=metrics.get("train/tokens_per_s"), heldout_loss=metrics.get("eval/heldout_loss", metrics.get("val/loss")),
+        ))
     rows.sort(key=lambda row: (row["status"] != "finished", row["heldout_loss"] if row["heldout_loss"] is not None else float("inf")))
     best = rows[0] if rows and rows[0]["status"] == "finished" else None
     return finish(parent, rows, COLUMNS, best, "minimind-moe", plot), rows

@@ -166,6 +166,13 @@ def trial_runs(parent_run_id: str) -> list:
     return list(by_trial.values())
 
 
+def trial_row(run, stopped: str = "stopped", **fields) -> dict:
+    """A trial's row of the ranking: its ids, `fields`, and its status: finished (it logged a model) or not."""
+    model_id = run.data.tags.get("model_id")
+    return {"trial": run.data.tags.get("tune.trial_id"), "run_id": run.info.run_id, "model_id": model_id, **fields,
+            "status": "finished" if model_id else stopped}
+
+
 def mark_keepers(rows: list[dict], tolerance: float) -> None:
     """Mark the finished trials whose held-out SFT answer exact match is at least their starting model's
     minus `tolerance` ("keeps_answers"): a stage after SFT must not buy its own metric with the answers."""
