@@ -22,13 +22,14 @@ from dataclasses import dataclass
 
 import torch
 
+from minimind.data import _pad
 from minimind.flops import peak_flops
-from minimind.losses import IGNORE_INDEX, group_advantages, policy_loss, token_logprobs
+from minimind.losses import IGNORE_INDEX, group_advantages, policy_loss, sequence_logprobs, token_logprobs
 from minimind.rewards import MODEL_REWARD, Completion, parse_weights, reasoning_parts, score
 from minimind.stages import STAGES, _frozen, unwrap
 from minimind.tokenizer import Markers
 from minimind.train import (
-    _MetricLogger, _report_checkpoint, _say, autocast_dtype, cosine_lr, ddp_options, lora_settings, resume_from_checkpoint,
+    _MetricLogger, _report_checkpoint, _say, adamw, autocast_dtype, cosine_lr, ddp_options, model_to_train, resume_from_checkpoint,
 )
 
 
@@ -71,25 +72,23 @@ def step_prompts(prompts: list[Prompt], step: int, per_worker: int, rank: int, w
 
 def sequences(prompts: list[Prompt], completions: list[list[int]], finished: list[bool], group_size: int,
               eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompt + completion rows, right-padded, and the mask of the completion tokens (with the stop token
-    of a completion that ended): the tokens the policy is trained on."""
-    rows, masks = [], []
+    """Prompt + completion rows, right-padded, and their labels: the completion tokens (with the stop
+    token of a completion that ended), the tokens the policy is trained on; -100 elsewhere."""
+    rows, labels = [], []
     for i, completion in enumerate(completions):
         prompt = prompts[i // group_size].ids
         reply = completion + ([eos_id] if finished[i] else [])
         rows.append(prompt + reply)
-        masks.append([0] * len(prompt) + [1] * len(reply))
+        labels.append([IGNORE_INDEX] * len(prompt) + reply)
     width = max(len(row) for row in rows)
-    ids = torch.tensor([row + [pad_id] * (width - len(row)) for row in rows])
-    mask = torch.tensor([m + [0] * (width - len(m)) for m in masks], dtype=torch.bool)
-    return ids, mask
+    return _pad(rows, pad_id, width), _pad(labels, IGNORE_INDEX, width)
 
 
-def completion_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, with_aux: bool = False):
+def completion_logprobs(model, ids: torch.Tensor, labels: torch.Tensor, with_aux: bool = False):
     """Log-probability of every completion token under `model` (rows, length - 1); 0 elsewhere. With
     `with_aux`, also the forward's MoE load-balancing loss (0 for a dense model)."""
     output = model(ids, return_logits=False)
-    logps = token_logprobs(output.hidden_states, unwrap(model).lm_head.weight, mask, ids)
+    logps = token_logprobs(output.hidden_states, unwrap(model).lm_head.weight, labels)
     return (logps, output.aux_loss) if with_aux else logps
 
 
@@ -104,7 +103,7 @@ def grpo_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     from ray.train.torch import get_device, prepare_model
 
-    from minimind.lora import adapter_state, add_lora
+    from minimind.lora import adapter_state
     from minimind.rollout import RolloutWorker
     from minimind.shards import PreparedRows
     from minimind.tokenizer import load_tokenizer
@@ -123,10 +122,7 @@ def grpo_loop_per_worker(loop_config: dict) -> None:
     job.fetch_inputs()
     tokenizer = load_tokenizer(job.init_dir)
     markers = Markers.of(tokenizer)
-    model = stage.load(job.init_dir, device).train()
-    lora = lora_settings(config)
-    if lora:
-        add_lora(model, lora)
+    model, lora = model_to_train(job, stage, device)
     reference = _frozen(job.init_dir, device) if config.kl_coef > 0 else None
     scorer = _frozen(job.reward_model_dir, device) if job.reward_model_dir else None
     weights = parse_weights(config.rewards)
@@ -137,8 +133,7 @@ def grpo_loop_per_worker(loop_config: dict) -> None:
                          "(add a model reward with --reward-model to train on plain chats)")
     group = config.group_size
     total_steps = config.max_steps or config.epochs * max(1, len(prompts) // (config.batch_size * world))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay, fused=device.type == "cuda")
+    params, optimizer = adamw(model, config, device)
 
     step = resume_from_checkpoint(job, stage, model, optimizer, lora, device, rank)
 
@@ -179,16 +174,17 @@ def grpo_loop_per_worker(loop_config: dict) -> None:
             completions, finished = generated["completions"], generated["finished"]
 
             # rewards and advantages
-            ids, mask = sequences(batch, completions, finished, group, eos_id, tokenizer.pad_token_id)
-            ids, mask = ids.to(device), mask.to(device)
+            ids, labels = sequences(batch, completions, finished, group, eos_id, tokenizer.pad_token_id)
+            ids, labels = ids.to(device), labels.to(device)
+            trained = labels[:, 1:] != IGNORE_INDEX  # the tokens each log-prob row scores
             texts = [tokenizer.decode(c, skip_special_tokens=False) for c in completions]
             scored = [Completion(t, len(c), f, batch[i // group].reference) for i, (t, c, f) in enumerate(zip(texts, completions, finished))]
             with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 model_scores = None
                 if scorer is not None:
-                    model_scores = ((completion_logprobs(scorer, ids, mask) * mask[:, 1:]).sum(1) / mask[:, 1:].sum(1).clamp(min=1)).tolist()
-                reference_logps = completion_logprobs(reference, ids, mask) if reference is not None else None
-                old_logps = completion_logprobs(model, ids, mask) if config.updates_per_rollout > 1 else None
+                    model_scores = sequence_logprobs(scorer(ids, return_logits=False).hidden_states, scorer.lm_head.weight, labels).tolist()
+                reference_logps = completion_logprobs(reference, ids, labels) if reference is not None else None
+                old_logps = completion_logprobs(model, ids, labels) if config.updates_per_rollout > 1 else None
             totals, values = score(scored, weights, markers, config.length_limit, model_scores)
             advantages = group_advantages(torch.tensor(totals), group).to(device)
 
@@ -206,9 +202,9 @@ def grpo_loop_per_worker(loop_config: dict) -> None:
                     with (model.no_sync() if not last and hasattr(model, "no_sync") else nullcontext()), torch.autocast(
                         device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
                     ):
-                        logps, aux_loss = completion_logprobs(model, ids[rows], mask[rows], with_aux=True)
+                        logps, aux_loss = completion_logprobs(model, ids[rows], labels[rows], with_aux=True)
                         loss, metrics = policy_loss(
-                            logps, old_logps[rows] if old_logps is not None else logps.detach(), advantages[rows], mask[rows, 1:],
+                            logps, old_logps[rows] if old_logps is not None else logps.detach(), advantages[rows], trained[rows],
                             clip_eps=config.clip_eps, loss_type=config.loss_type,
                             reference_logps=reference_logps[rows] if reference_logps is not None else None, kl_coef=config.kl_coef,
                         )
@@ -227,7 +223,7 @@ def grpo_loop_per_worker(loop_config: dict) -> None:
             step += 1
 
             if logger and (step % config.log_every == 0 or step == total_steps or step == 1):
-                trained_tokens = int(mask.sum()) * config.updates_per_rollout
+                trained_tokens = int(trained.sum()) * config.updates_per_rollout
                 report = {key: float(value) for key, value in sums.items()} | _stats("reward/total", totals)
                 for name, got in values.items():
                     report |= _stats(f"reward/{name}", got)

@@ -43,12 +43,16 @@ def causal_lm_loss(hidden_states: torch.Tensor, head_weight: torch.Tensor, label
     return (losses * scale).sum() / counted.sum().clamp(min=1.0)
 
 
+def token_logprobs(hidden_states: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Log-probability of each next token (batch, length - 1) that `labels` (aligned with the input,
+    -100 to skip) name; 0 at the skipped ones."""
+    return -token_cross_entropy(hidden_states[:, :-1], head_weight, labels[:, 1:])
+
+
 def sequence_logprobs(hidden_states: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor, average: bool = True) -> torch.Tensor:
     """Log-probability of each row's labelled tokens (batch,): their mean (MiniMind's DPO) or sum."""
-    targets = labels[:, 1:]
-    counted = (targets != IGNORE_INDEX).float()
-    total = -(token_cross_entropy(hidden_states[:, :-1], head_weight, targets) * counted).sum(dim=-1)
-    return total / counted.sum(dim=-1).clamp(min=1.0) if average else total
+    total = token_logprobs(hidden_states, head_weight, labels).sum(dim=-1)
+    return total / (labels[:, 1:] != IGNORE_INDEX).sum(dim=-1).clamp(min=1) if average else total
 
 
 def dpo_loss(
@@ -96,13 +100,6 @@ def kd_loss(
     ).sum(dim=-1)
     kl = (kl_per_position * counted).sum() / count * temperature**2
     return alpha * ce + (1 - alpha) * kl, {"loss/ce": ce.detach(), "loss/kd": kl.detach()}
-
-
-def token_logprobs(hidden_states: torch.Tensor, head_weight: torch.Tensor, targets_mask: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Log-probability of each next token (batch, length - 1) where `targets_mask` (batch, length) marks
-    the tokens to score; 0 elsewhere."""
-    targets = ids[:, 1:].masked_fill(~targets_mask[:, 1:].bool(), IGNORE_INDEX)
-    return -token_cross_entropy(hidden_states[:, :-1], head_weight, targets)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:

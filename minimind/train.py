@@ -210,6 +210,24 @@ def _restore_rng(saved, rank: int) -> None:
 # --------------------------------------------------------------------------- the loop
 
 
+def model_to_train(job: StageJob, stage, device) -> tuple[torch.nn.Module, LoRAConfig | None]:
+    """The stage's starting model on `device` in train mode, with fresh adapters when the job trains LoRA
+    (their settings are returned too; None: the whole model trains)."""
+    model = stage.load(job.init_dir, device).train()
+    lora = lora_settings(job.config)
+    if lora:
+        add_lora(model, lora)
+    return model, lora
+
+
+def adamw(model, config, device) -> tuple[list, torch.optim.AdamW]:
+    """The trainable parameters and the AdamW that steps them."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    # fused on CUDA: one kernel per step, not several per tensor. (Fused on CPU too would save ~2% of a step,
+    # but its rounding differs from foreach's, and the demo's reasoning format swung from 0.99 to 0.65 on it.)
+    return params, torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay, fused=device.type == "cuda")
+
+
 def resume_from_checkpoint(job: StageJob, stage, model, optimizer, lora: LoRAConfig | None, device, rank: int) -> int:
     """Load Ray Train's latest checkpoint, if this run has one (a restarted worker, or --resume), into the
     model (or its adapters), optimiser and RNGs; returns the step it was taken at (0: none)."""
@@ -250,20 +268,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     job.fetch_inputs()  # now paths on this node
     tokenizer = load_tokenizer(job.init_dir)
-    model = stage.load(job.init_dir, device).train()
-    lora = lora_settings(config)
-    if lora:
-        add_lora(model, lora)
+    model, lora = model_to_train(job, stage, device)
     rows = PreparedRows(job.data_path, tag_weight=getattr(config, "tag_weight", StageData.tag_weight))  # nothing tokenized here
     batches = LengthGroupedBatches(rows.lengths().tolist(), config.batch_size, seed=config.seed, num_replicas=world, rank=rank)
     steps_per_epoch = max(1, len(batches) // config.grad_accum)
     total_steps = config.max_steps or config.epochs * steps_per_epoch
     companions = stage.companions(job, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    # fused on CUDA: one kernel per step, not several per tensor. (Fused on CPU too would save ~2% of a step,
-    # but its rounding differs from foreach's, and the demo's reasoning format swung from 0.99 to 0.65 on it.)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay,
-                                  fused=device.type == "cuda")
+    params, optimizer = adamw(model, config, device)
 
     step = resume_from_checkpoint(job, stage, model, optimizer, lora, device, rank)
     if config.compile:
