@@ -61,3 +61,7 @@ def test_grpo_settings_that_cannot_work_are_refused(mlflow_store):
         run_stage(GRPOConfig(group_size=1), "grpo")
     with pytest.raises(SystemExit, match="grpo or cispo"):
         run_stage(GRPOConfig(loss_type="ppo"), "grpo")
+    with pytest.raises(SystemExit, match="--temperature must be above 0"):
+        run_stage(GRPOConfig(temperature=0.0), "grpo")
+    with pytest.raises(SystemExit, match="--top-p in"):
+        run_stage(GRPOConfig(top_p=1.5), "grpo")

@@ -72,6 +72,20 @@ def test_gpu_placement_follows_the_flag_the_cluster_and_what_the_autoscaler_can_
     assert placement(replace(config, use_gpu=False))[0] is False
 
 
+def test_grpo_placement_counts_the_rollout_actors_gpus(ray_cluster, tmp_path, monkeypatch):
+    import ray
+
+    from minimind.cluster import placement
+    from minimind.stage_configs import GRPOConfig, SFTConfig
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # no launcher config: no GPU node can be launched
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "GPU": 1.0})  # one GPU up
+    assert placement(SFTConfig(gpus_per_worker=1.0))[0] is True
+    assert placement(GRPOConfig())[0] is True  # trainer 0.5 + rollout actor 0.5 share the one GPU
+    use_gpu, _, why = placement(GRPOConfig(gpus_per_worker=1.0, rollout_gpus=0.5))  # 1.5 GPUs needed: would wait forever
+    assert use_gpu is False and "training on CPU" in why
+
+
 def test_a_job_unpacked_by_ray_keeps_its_results_in_the_home_folder(tmp_path, monkeypatch):
     from pathlib import Path
 
