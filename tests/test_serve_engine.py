@@ -130,6 +130,10 @@ def test_released_text_never_shows_part_of_a_stop_string_or_half_a_character():
     assert releasable("答案是 42。", ["42"]) == ("答案是 ", True)
     assert releasable("答案是 4", ["42"], final=True) == ("答案是 4", False)
     assert releasable("ab\ufffd", []) == ("ab", False)
+    # stop strings match what was generated: "a", an invalid byte, "b" is not "ab" (it shows as "ab")
+    assert releasable("a\ufffdb", ["ab"]) == ("ab", False)
+    assert releasable("a\ufffdb", ["ab"], final=True) == ("ab", False)
+    assert releasable("xa\ufffd", ["ab"]) == ("x", False)  # "a" may still begin "ab"
     tokenizer = load_tokenizer(demo_tokenizer())
     reply = "龘靐齉 😀 éß END"  # rare characters: byte-level tokens that split them
     ids = tokenizer.encode(reply, add_special_tokens=False)
@@ -142,6 +146,28 @@ def test_released_text_never_shows_part_of_a_stop_string_or_half_a_character():
             break
     assert cut and streamed == "龘靐齉 😀 éß "
     assert any("\ufffd" in tokenizer.decode(ids[:end]) for end in range(1, len(ids)))  # the case is real
+
+
+def streamed(replies: list[str], final_reply: str | None = None) -> tuple[str, str]:
+    """What a client receives of a reply decoded in these steps: all reasoning and all content deltas."""
+    from types import SimpleNamespace
+
+    from minimind.serve.engine import Released
+
+    markers = SimpleNamespace(think_start=THINK[0], think_end=THINK[1], answer_start=ANSWER[0], answer_end=ANSWER[1])
+    released, reasoning, content = Released(markers), "", ""
+    for text in replies:
+        if delta := (released.extend(text, final=True) if text == final_reply else released.extend(text)):
+            reasoning, content = reasoning + delta["reasoning"], content + delta["content"]
+    return reasoning, content
+
+
+def test_whitespace_before_the_think_tag_is_neither_reasoning_nor_content():
+    reply = "\n <think>\n想\n</think>\n<answer>\nAB\n</answer>"
+    assert streamed([reply[:end] for end in range(1, len(reply) + 1)]) == ("想", "AB")
+    plain = " 你好"  # no think tag: the whitespace is part of the content
+    assert streamed([plain[:end] for end in range(1, len(plain) + 1)]) == ("", " 你好")
+    assert streamed([" ", " <th"], final_reply=" <th") == ("", " <th")  # the reply ended: nothing was arriving
 
 
 def test_a_request_asking_past_the_context_ends_at_its_edge():

@@ -217,18 +217,20 @@ class BatchingEngine:
 def releasable(text: str, stops: list[str], final: bool = False) -> tuple[str, bool]:
     """The part of a reply decoded so far that may be streamed, and whether a stop string ended it.
 
-    Only whole characters: a multi-byte character whose bytes are still arriving decodes as U+FFFD,
-    and so do bytes the model put in an invalid order; neither is sent. Only text that can no longer
-    turn out to be part of a stop string: a tail that begins one is held back until it either
-    completes the stop string (cut there) or stops matching it (`final`: the reply is over, release it)."""
-    text = text.replace("\ufffd", "")
+    Only whole characters: a multi-byte character whose bytes are still arriving decodes as U+FFFD at
+    the end, and is held back; bytes the model put in an invalid order decode as U+FFFD inside the text,
+    and are not sent. Stop strings are matched on the text as generated, U+FFFD included: "a", an invalid
+    byte, "b" does not contain "ab". Only text that can no longer turn out to be part of a stop string is
+    released: a tail that begins one is held back until it either completes the stop string (cut there)
+    or stops matching it (`final`: the reply is over, release it)."""
+    if not final:
+        text = text.rstrip("\ufffd")  # maybe a character still arriving
     cut = min((text.find(stop) for stop in stops if stop in text), default=-1)
     if cut >= 0:
-        return text[:cut], True
-    if final:
-        return text, False
-    held = max((size for stop in stops for size in range(1, min(len(stop), len(text) + 1)) if text.endswith(stop[:size])), default=0)
-    return text[:len(text) - held], False
+        return text[:cut].replace("\ufffd", ""), True
+    held = 0 if final else max((size for stop in stops for size in range(1, min(len(stop), len(text) + 1))
+                                if text.endswith(stop[:size])), default=0)
+    return text[:len(text) - held].replace("\ufffd", ""), False
 
 
 class Released:
@@ -239,8 +241,8 @@ class Released:
         self.think, self.answer = (markers.think_start, markers.think_end), (markers.answer_start, markers.answer_end)
         self.reasoning, self.content = "", ""
 
-    def extend(self, text: str) -> dict | None:
-        reasoning, content = split_reasoning(text, self.think, self.answer)
+    def extend(self, text: str, final: bool = False) -> dict | None:
+        reasoning, content = split_reasoning(text, self.think, self.answer, final)
         new_reasoning, new_content = reasoning[len(self.reasoning):], content[len(self.content):]
         if not (new_reasoning or new_content):
             return None
@@ -303,7 +305,7 @@ class ChatModel:
             async for chunk in stream:
                 tokens += chunk
                 text, stopped = releasable(self.tokenizer.decode(tokens, skip_special_tokens=False), request.stop)
-                if delta := released.extend(text):
+                if delta := released.extend(text, final=stopped):
                     yield delta
                 if stopped:
                     finish = "stop"
@@ -311,7 +313,7 @@ class ChatModel:
             else:
                 finish = "length" if len(tokens) >= sampling.max_new_tokens else "stop"
                 text, _ = releasable(self.tokenizer.decode(tokens, skip_special_tokens=False), request.stop, final=True)
-                if delta := released.extend(text):
+                if delta := released.extend(text, final=True):
                     yield delta
         finally:
             await stream.aclose()

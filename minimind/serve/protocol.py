@@ -257,30 +257,31 @@ def parse_chat_body(raw: bytes, models: dict[str, bool], limits: Limits) -> Chat
     return parse_chat_request(read_json(raw), models, limits)
 
 
-def split_reasoning(text: str, think: tuple[str, str], answer: tuple[str, str]) -> tuple[str, str]:
+def split_reasoning(text: str, think: tuple[str, str], answer: tuple[str, str], final: bool = False) -> tuple[str, str]:
     """A reply "<think>\\nR\\n</think>\\n<answer>\\nA\\n</answer>" -> (R, A); works on a partial reply
-    too (the part so far). A reply without the think tag is all content."""
+    too (the part so far), holding back what may be a tag arriving (`final`: the reply is over, nothing is
+    arriving). A reply without the think tag is all content; whitespace before the think tag is neither."""
     stripped = text.lstrip()
-    if stripped and think[0].startswith(stripped):
-        return "", ""  # maybe the think tag arriving
+    if not final and think[0].startswith(stripped):
+        return "", ""  # nothing yet, whitespace, or maybe the think tag arriving
     if not stripped.startswith(think[0]):
         return "", text
     body = stripped[len(think[0]):]
     reasoning, closed, rest = body.partition(think[1])
     if not closed:
-        return _hold_back(reasoning.lstrip("\n"), think[1]), ""
+        return _hold_back(reasoning.lstrip("\n"), think[1], final), ""
     rest = rest.lstrip("\n")
-    if answer[0].startswith(rest):
+    if not final and answer[0].startswith(rest):
         return reasoning.strip("\n"), ""  # maybe the answer tag arriving
     if rest.startswith(answer[0]):
         rest = rest[len(answer[0]):].lstrip("\n")
-    content = rest.split(answer[1])[0] if answer[1] in rest else _hold_back(rest, answer[1])
+    content = rest.split(answer[1])[0] if answer[1] in rest else _hold_back(rest, answer[1], final)
     return reasoning.strip("\n"), content.rstrip("\n") if answer[1] in rest else content
 
 
-def _hold_back(text: str, marker: str) -> str:
+def _hold_back(text: str, marker: str, final: bool = False) -> str:
     """Drop a trailing prefix of `marker` (and a newline before it) that may be the marker arriving."""
-    for size in range(min(len(marker), len(text)), 0, -1):
+    for size in range(0 if final else min(len(marker), len(text)), 0, -1):
         if text.endswith(marker[:size]):
             return text[:-size].rstrip("\n")
     return text.rstrip("\n")
