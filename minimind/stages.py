@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from minimind.checkpoint import load_model, save_model
-from minimind.losses import dpo_loss, kd_loss, sequence_logprobs
+from minimind.losses import IGNORE_INDEX, dpo_loss, kd_loss, sequence_logprobs
 
 
 def unwrap(model):
@@ -25,6 +25,8 @@ class Stage:
     data_kind: str  # minimind.data kind
     registered_name: str  # MLflow registered model of its result
     previous: str | None  # registered model the stage starts from by default
+
+    normalised_over = "supervised tokens"  # what `loss` is a mean over (`loss_count` counts them in a batch)
 
     def load(self, directory, device):
         """The model to train, its trainable parameters marked with requires_grad."""
@@ -47,6 +49,13 @@ class Stage:
         """Forward arguments besides the tokens (a VLM's pixels)."""
         return {}
 
+    def loss_count(self, batch: dict) -> torch.Tensor:
+        """How many of what `loss` is a mean over the batch holds, as a tensor on the batch's device (no
+        wait for it): here the supervised next-token targets. The reasoning loss weights its tags but still
+        divides by these, not by the weights (losses.causal_lm_loss), and so does distillation's. The loop
+        weights each micro-batch of an optimiser step by its count, so every unit of the step counts alike."""
+        return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+
     def loss(self, model, batch: dict, companions: dict, job) -> tuple[torch.Tensor, dict]:
         output = model(batch["input_ids"], labels=batch["labels"], loss_weights=batch.get("loss_weights"),
                        **self.model_inputs(model, batch, job))
@@ -61,6 +70,12 @@ def _frozen(directory, device):
 
 
 class DPOStage(Stage):
+    normalised_over = "preference pairs"  # dpo_loss is a mean over the pairs, whatever their lengths
+
+    def loss_count(self, batch: dict) -> torch.Tensor:
+        ids = batch["chosen_input_ids"]
+        return ids.new_full((), ids.shape[0])  # a fill on the device, not a copy from the host
+
     def companions(self, job, device) -> dict:
         return {"reference": _frozen(job.init_dir, device)}  # the initial policy, frozen
 
@@ -120,7 +135,8 @@ class VLMStage(Stage):
 
 
 class GRPOStage(Stage):
-    """Reinforcement learning from rewards: its own loop (rollouts, rewards, policy-gradient updates)."""
+    """Reinforcement learning from rewards: its own loop (rollouts, rewards, policy-gradient updates),
+    which normalises its policy loss itself."""
 
     def train_loop(self):
         from minimind.grpo import grpo_loop_per_worker

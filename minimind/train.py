@@ -1,6 +1,7 @@
 """The one training loop, run by every Ray Train worker of every stage.
 
-bf16 autocast where the device supports it, gradient accumulation, AdamW, warmup + cosine schedule to
+bf16 autocast where the device supports it, gradient accumulation that weighs every supervised token of
+a step alike (across micro-batches and DDP ranks), AdamW, warmup + cosine schedule to
 `min_lr_ratio * lr` (MiniMind's floor is 0.1), gradient clipping, DDP through `prepare_model`, one
 compact line per logged step on rank 0, and a checkpoint every `checkpoint_every` steps holding the
 model (safetensors; with --lora-rank the adapters only), optimiser, step and RNG state. The batch order depends only on (seed, epoch), so
@@ -296,19 +297,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         lr = cosine_lr(step, total_steps, config.lr, config.warmup_steps, config.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        sums: dict = {}  # metric tensors, left on the device: reading one makes the host wait for the GPU
-        for micro in range(config.grad_accum):
-            host_batch = next(stream)
-            window_tokens += batch_tokens(host_batch)
-            batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in host_batch.items()}
-            sync = micro == config.grad_accum - 1 or world == 1
-            with (model.no_sync() if not sync and hasattr(model, "no_sync") else nullcontext()), torch.autocast(
-                device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
-            ):
-                loss, metrics = stage.loss(model, batch, companions, job)
-                (loss / config.grad_accum).backward()
-            for key, value in {"train/loss": loss, **metrics}.items():
-                sums[key] = sums.get(key, 0.0) + value.detach() / config.grad_accum
+        host_batches = [next(stream) for _ in range(config.grad_accum)]
+        window_tokens += sum(batch_tokens(batch) for batch in host_batches)
+        batches = [on_device(batch, device) for batch in host_batches]
+        sums = accumulate_gradients(model, stage, batches, companions, job, device, world, amp_dtype)  # tensors left on the device
         sums["train/grad_norm"] = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -338,6 +330,43 @@ def train_loop_per_worker(loop_config: dict) -> None:
     stream.close()  # ends the DataLoader's processes
     if logger:
         logger.close()
+
+
+def on_device(batch: dict, device) -> dict:
+    return {key: (value.to(device, non_blocking=True) if torch.is_tensor(value) else value) for key, value in batch.items()}
+
+
+def accumulate_gradients(model, stage, batches: list[dict], companions: dict, job, device, world: int = 1,
+                         amp_dtype: torch.dtype | None = None) -> dict:
+    """Forward and backward over the micro-batches of one optimiser step (already on `device`), leaving
+    the step's gradient in the parameters; returns the step's metrics as tensors on the device.
+
+    A stage's loss is a mean over its own units (`stage.normalised_over`: supervised tokens, DPO's pairs).
+    Each micro-batch's mean is scaled by its share of the units of the whole step on every rank, so the
+    gradient is that of one mean over all of them: `--grad-accum 4 --batch-size 4` gives the gradient of
+    `--batch-size 16` however unevenly the supervised tokens fall. (Dividing each mean by grad_accum makes
+    a token of a sparse micro-batch weigh more than one of a dense one: transformers fixed that in 4.46.)
+    The step's count crosses the ranks in one all-reduce on the device, with no wait on the host; the
+    `* world` undoes DDP's averaging of the gradients over ranks. The metrics (train/loss first) are this
+    rank's micro-batches weighed the same way."""
+    counts = torch.stack([stage.loss_count(batch) for batch in batches])
+    rank_count = counts.sum()
+    step_count = rank_count.clone()
+    if world > 1:
+        torch.distributed.all_reduce(step_count)
+    loss_scales = counts.float() * world / step_count.clamp(min=1).float()
+    metric_weights = counts.float() / rank_count.clamp(min=1).float()
+    sums: dict = {}
+    for index, batch in enumerate(batches):
+        sync = index == len(batches) - 1 or world == 1
+        with (model.no_sync() if not sync and hasattr(model, "no_sync") else nullcontext()), torch.autocast(
+            device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+        ):
+            loss, metrics = stage.loss(model, batch, companions, job)
+            (loss * loss_scales[index]).backward()
+        for key, value in {"train/loss": loss, **metrics}.items():
+            sums[key] = sums.get(key, 0.0) + value.detach().float() * metric_weights[index]
+    return sums
 
 
 def micro_batches(rows, batches: LengthGroupedBatches, consumed: int, loader: dict):

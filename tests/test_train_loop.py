@@ -80,11 +80,13 @@ def test_a_training_step_reads_nothing_from_the_device_except_at_log_steps(ray_c
 
 
 def _train_steps(rank: int, world: int, init_file: str, state: dict, config, batches: list, out: str) -> None:
-    """`len(batches)` optimiser steps; with world > 1 each rank takes its share of every batch under DDP."""
+    """`len(batches)` optimiser steps of the loop's accumulate_gradients on the SFT stage; with world > 1
+    each rank takes its share of every batch under DDP, in two micro-batches."""
     from torch.nn.parallel import DistributedDataParallel
 
     from minimind.model import MiniMindForCausalLM
-    from minimind.train import ddp_options
+    from minimind.stages import STAGES
+    from minimind.train import accumulate_gradients, ddp_options
 
     torch.set_num_threads(1)
     model = MiniMindForCausalLM(config)
@@ -94,9 +96,10 @@ def _train_steps(rank: int, world: int, init_file: str, state: dict, config, bat
         torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
         trained = DistributedDataParallel(model, **ddp_options())
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # plain SGD: a gradient that differs shows in the weights
-    for ids in batches:
-        mine = ids.chunk(world)[rank]
-        trained(mine, labels=mine).loss.backward()
+    for ids, labels in batches:
+        mine = {"input_ids": ids.chunk(world)[rank], "labels": labels.chunk(world)[rank]}
+        micro = [{key: value.chunk(2)[half] for key, value in mine.items()} for half in range(2)] if world > 1 else [mine]
+        accumulate_gradients(trained, STAGES["sft"], micro, {}, None, torch.device("cpu"), world)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     torch.save(model.state_dict(), f"{out}.{rank}")
@@ -106,8 +109,10 @@ def _train_steps(rank: int, world: int, init_file: str, state: dict, config, bat
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
 def test_two_ddp_workers_without_buffer_broadcast_match_one_worker_on_the_doubled_batch(tmp_path, preset):
-    """ddp_options() as the loop uses them (gloo, two processes). The dense model matches one process on
-    the whole batch step for step; the MoE model (whose load-balancing loss is not a mean over rows)
+    """ddp_options() and accumulate_gradients as the loop uses them (gloo, two processes, two micro-batches
+    each). The dense model matches one process on the whole batch step for step, though the rows'
+    supervised lengths differ (1 to 15 tokens: each rank and micro-batch holds a different count, which
+    the all-reduced count of the step evens out); the MoE model (whose load-balancing loss is not a mean over rows)
     trains with an expert left idle, which DDP without find_unused_parameters would reject."""
     import torch.multiprocessing as mp
 
@@ -117,7 +122,11 @@ def test_two_ddp_workers_without_buffer_broadcast_match_one_worker_on_the_double
             block.mlp.gate.weight.data[1] = -block.mlp.gate.weight.data[0]
             block.mlp.gate.weight.data[2:] = 0.0
     state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    batches = [torch.randint(3, 6400, (4, 16), generator=torch.Generator().manual_seed(step)) for step in range(3)]
+    batches = []
+    for step in range(3):
+        ids = torch.randint(3, 6400, (4, 16), generator=torch.Generator().manual_seed(step))
+        prompt_lengths = torch.tensor([15, 12, 6, 1]).roll(step)[:, None]  # the labels start after each row's prompt
+        batches.append((ids, ids.masked_fill(torch.arange(16)[None, :] < prompt_lengths, -100)))
     mp.spawn(_train_steps, args=(2, str(tmp_path / "init"), state, model.config, batches, str(tmp_path / "ddp")), nprocs=2)
     ranks = [torch.load(tmp_path / f"ddp.{rank}", weights_only=True) for rank in range(2)]
     single = tmp_path / "single"
@@ -172,3 +181,52 @@ def test_mfu_divides_by_the_datasheet_peak_of_known_gpus_and_measures_the_rest()
     assert known_peak_flops("Tesla T4") is None
     flops, source = peak_flops("cpu", torch.bfloat16, size=256)
     assert flops > 1e9 and "measured bfloat16 matmul on cpu" in source
+
+
+def _reasoning_rows(count: int) -> tuple[list[dict], object]:
+    """Reasoning rows (and their tokenizer) whose supervised replies grow from a few tokens to dozens."""
+    from minimind.data import StageData, stage_rows
+    from minimind.demo import demo_tokenizer
+    from minimind.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(demo_tokenizer())
+    records = [{"conversations": [{"role": "user", "content": f"{n} 加 {n} 等于几？"},
+                                  {"role": "assistant", "content": f"<think>{'想' * (n * n // 4)}</think><answer>{2 * n}</answer>"}]}
+               for n in range(count)]
+    stage = StageData("reason", seq_len=128)
+    return stage_rows(records, stage, tokenizer, stage.marker_ids(tokenizer)), tokenizer
+
+
+def _step_gradient(model, stage_name: str, batches: list[dict]) -> tuple[dict, dict]:
+    from minimind.stages import STAGES
+    from minimind.train import accumulate_gradients
+
+    model.zero_grad(set_to_none=True)
+    metrics = accumulate_gradients(model, STAGES[stage_name], batches, {}, None, torch.device("cpu"))
+    return {name: p.grad.clone() for name, p in model.named_parameters()}, metrics
+
+
+def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch_with_uneven_supervised_lengths():
+    """The reasoning stage, 16 rows whose supervised tokens range from 6 to 63: four micro-batches of
+    four (as length-grouped batches fall: short rows together) give the gradient and the loss of one
+    batch of sixteen, tag weights included. Dividing each micro-batch's mean by 4 would weigh a token
+    of the first micro-batch about 8 times more than one of the last."""
+    from minimind.data import collate
+
+    rows, tokenizer = _reasoning_rows(16)
+    supervised = [sum(label != -100 for label in row["labels"]) for row in rows]
+    assert sum(supervised[:4]) * 5 < sum(supervised[12:])  # really uneven
+    model = random_model("tiny", vocab_size=len(tokenizer), std=0.02).train()
+    whole, whole_metrics = _step_gradient(model, "reason", [collate(rows, tokenizer.pad_token_id)])
+    accumulated, metrics = _step_gradient(model, "reason", [collate(rows[i:i + 4], tokenizer.pad_token_id) for i in range(0, 16, 4)])
+    for name, gradient in whole.items():
+        torch.testing.assert_close(accumulated[name], gradient, rtol=1e-4, atol=1e-7, msg=lambda text, name=name: f"{name}: {text}")
+    torch.testing.assert_close(metrics["train/loss"], whole_metrics["train/loss"])  # the logged loss is the step's too
+
+
+def test_dpo_steps_weigh_each_preference_pair_alike():
+    from minimind.stages import STAGES
+
+    batch = {"chosen_input_ids": torch.zeros(3, 7, dtype=torch.long), "rejected_input_ids": torch.zeros(3, 5, dtype=torch.long)}
+    assert STAGES["dpo"].normalised_over == "preference pairs" and STAGES["dpo"].loss_count(batch) == 3
+    assert STAGES["reason"].normalised_over == STAGES["kd"].normalised_over == "supervised tokens"
