@@ -37,6 +37,14 @@ class LoRAConfig:
     targets: list[str] = field(default_factory=lambda: list(TARGET_GROUPS["all"]))  # projection names, e.g. q_proj
     base: str | None = None  # the base model's reference (models:/NAME/VERSION, runs:/..., or a folder)
 
+    def __post_init__(self):
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"a LoRA rank is a positive integer, not {self.rank!r}")
+        if not 0 < self.alpha < math.inf:  # 0: adapters that neither act nor train; below 0: reversed
+            raise ValueError(f"LoRA's alpha must be positive, not {self.alpha!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"LoRA's dropout is a probability in [0, 1), not {self.dropout!r}")
+
     @property
     def scaling(self) -> float:
         return self.alpha / self.rank

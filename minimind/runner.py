@@ -6,6 +6,8 @@ run the `TorchTrainer`, evaluate before and after on the held-out split, and reg
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import shutil
 import socket
@@ -231,7 +233,7 @@ def run_stage(config, stage_name: str, callbacks: list | None = None, register: 
 
     started = time.perf_counter()
     stage = STAGES[stage_name]
-    _check_lora(config, stage)
+    check_lora_flags(config, stage)
     _check_grpo(config, stage)
     tracking.configure(config.experiment)
     storage_path = _storage_path(config.storage_path)
@@ -291,14 +293,23 @@ def run_stage(config, stage_name: str, callbacks: list | None = None, register: 
     return StageResult(stage.name, model_uri, final_dir, before, after, seconds, run.info.run_id)
 
 
-def _check_lora(config, stage) -> None:
-    """LoRA flags that cannot work, refused before anything runs."""
-    if config.merge and not config.lora_rank:
-        raise SystemExit("--merge merges LoRA adapters: it needs --lora-rank")
+def check_lora_flags(config, stage) -> None:
+    """LoRA flags that cannot work, refused before anything runs (a worker would fail on them only after
+    the data's preparation and the first evaluation, or train adapters that do nothing)."""
     if not config.lora_rank:
+        defaults = {field.name: field.default for field in dataclasses.fields(config)}
+        given = [name for name in ("lora_alpha", "lora_dropout", "lora_targets", "merge") if getattr(config, name) != defaults[name]]
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise SystemExit(f"{flags}: LoRA settings, which need --lora-rank (without it the whole model trains and they do nothing)")
         return
     if config.lora_rank < 0:
         raise SystemExit(f"--lora-rank must be positive, not {config.lora_rank}")
+    if not 0 < config.lora_alpha < math.inf:
+        raise SystemExit(f"--lora-alpha must be positive, not {config.lora_alpha:g}: the adapters add alpha/rank * B A to each weight, "
+                         "so at 0 they neither act nor train, and below 0 they act reversed")
+    if not 0 <= config.lora_dropout < 1:
+        raise SystemExit(f"--lora-dropout is the probability of dropping an input of the LoRA branch: in [0, 1), not {config.lora_dropout:g}")
     if stage.data_kind == "vlm":
         raise SystemExit("--lora-rank is for the text stages (pretrain, sft, dpo, reason, kd, grpo), not the VLM's")
     if stage.name == "pretrain" and config.init is None:

@@ -122,3 +122,39 @@ def test_rank_zero_metric_logging_reports_a_failing_tracking_server_and_training
     logger.close()
     assert sent == ["refused", ["train/loss"]]
     assert "MLflow metrics of step 1 not logged (ConnectionError: tracking server unreachable); training goes on" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"lora_rank": 4, "lora_alpha": 0.0}, "--lora-alpha must be positive, not 0: .* neither act nor train"),
+    ({"lora_rank": 4, "lora_alpha": -8.0}, "--lora-alpha must be positive, not -8"),
+    ({"lora_rank": 4, "lora_dropout": 1.5}, r"--lora-dropout .* in \[0, 1\), not 1.5"),
+    ({"lora_rank": 4, "lora_dropout": 1.0}, r"--lora-dropout .* in \[0, 1\), not 1$"),
+    ({"lora_rank": 4, "lora_dropout": -0.1}, r"--lora-dropout .* not -0.1"),
+    ({"lora_targets": "q_proj,v_proj"}, "^--lora-targets: LoRA settings, which need --lora-rank"),
+    ({"lora_alpha": 8.0, "lora_dropout": 0.1}, "^--lora-alpha, --lora-dropout: LoRA settings, which need --lora-rank"),
+    ({"merge": True}, "^--merge: LoRA settings, which need --lora-rank"),
+    ({"lora_rank": -1}, "--lora-rank must be positive, not -1"),
+    ({"lora_rank": 4, "lora_targets": "lm_head"}, "--lora-targets: unknown LoRA target 'lm_head'"),
+])
+def test_lora_flags_that_cannot_work_are_refused_before_anything_runs(flags, message):
+    """run_stage calls check_lora_flags first of all: a worker would meet --lora-dropout 1.5 only after the
+    data's preparation and the first evaluation, and alpha 0 or flags without --lora-rank would "succeed"."""
+    from minimind.runner import check_lora_flags
+    from minimind.stage_configs import SFTConfig
+    from minimind.stages import STAGES
+
+    with pytest.raises(SystemExit, match=message):
+        check_lora_flags(SFTConfig(**flags), STAGES["sft"])
+    check_lora_flags(SFTConfig(lora_rank=4, lora_alpha=8.0, lora_dropout=0.1, lora_targets="attention", merge=True), STAGES["sft"])
+    check_lora_flags(SFTConfig(), STAGES["sft"])
+
+
+def test_lora_settings_that_cannot_work_are_refused_by_the_adapter_config_too():
+    from minimind.lora import LoRAConfig
+
+    for settings, message in [({"rank": 0}, "rank is a positive integer, not 0"), ({"rank": 4, "alpha": 0.0}, "alpha must be positive"),
+                              ({"rank": 4, "alpha": float("nan")}, "alpha must be positive"),
+                              ({"rank": 4, "dropout": 1.5}, r"dropout is a probability in \[0, 1\), not 1.5")]:
+        with pytest.raises(ValueError, match=message):
+            LoRAConfig(**settings)
+    assert LoRAConfig(rank=4, alpha=8.0, dropout=0.1).scaling == 2.0
