@@ -17,44 +17,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from minimind.checkpoint import load_model, save_model
+from minimind.images import MAX_IMAGE_PIXELS, ImageError, load_image  # noqa: F401 - part of this module's API
 from minimind.model import CausalLMOutput, MiniMindForCausalLM
 
 VISION_CONFIG_NAME = "vision.json"
 PROJECTION_NAME = "projection.safetensors"
 VISION_DIR = "vision"
-MAX_IMAGE_PIXELS = 4096 * 4096  # larger images are refused (Pillow's decompression-bomb guard)
-
-
-class ImageError(ValueError):
-    """An image that cannot be used; the message names the file."""
-
-
-def load_image(source, max_pixels: int = MAX_IMAGE_PIXELS, name: str | None = None, formats: tuple[str, ...] | None = None) -> Image.Image:
-    """An RGB image from a path or a binary file object: EXIF orientation applied, any mode converted,
-    anything over `max_pixels` (a decompression bomb or just too big) refused before it is decoded.
-    `formats` (Pillow's names, e.g. ("PNG", "JPEG")) limits which parsers may look at the bytes."""
-    name = name or str(source)
-    too_large = f"{name}: image too large (more than {max_pixels:,} pixels)"
-    try:
-        with Image.open(source, formats=formats) as image:  # reads the header only: the size is known, nothing decoded yet
-            if image.width * image.height > max_pixels:
-                raise ImageError(f"{too_large}: {image.width}x{image.height}")
-            image = ImageOps.exif_transpose(image)
-            image.load()
-            return image.convert("RGB")
-    except Image.DecompressionBombError as error:  # Pillow's own, far larger limit
-        raise ImageError(f"{too_large}: {error}") from None
-    except FileNotFoundError:
-        raise ImageError(f"{name}: no such image file") from None
-    except ImageError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise ImageError(f"{name}: not a readable image ({error})") from None
 
 
 @dataclass

@@ -48,6 +48,17 @@ def png_declaring(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
+def with_garbage_exif(fmt="PNG", pointer=(0xA005, 11, 1, 0x406797B6)) -> bytes:
+    """A valid 16x16 image whose EXIF block (~40 bytes) asks for a rotation and holds a broken IFD pointer:
+    Pillow decodes the pixels, and applying the orientation raises (struct.error as given, ValueError with
+    (0x8769, 6, 2, 0xEFE6F675))."""
+    entries = [(0x0112, 3, 1, 6 << 16), pointer]  # orientation 6 (rotate), then the broken pointer
+    ifd = struct.pack(">H", len(entries)) + b"".join(struct.pack(">HHII", *entry) for entry in entries) + struct.pack(">I", 0)
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 40, 40)).save(buffer, format=fmt, exif=b"MM\x00\x2a\x00\x00\x00\x08" + ifd)
+    return buffer.getvalue()
+
+
 def test_top_k_and_repetition_penalty_parse_as_vllm_takes_them():
     request = parse_chat_request(ask(), MODELS, Limits())
     assert (request.top_k, request.repetition_penalty) == (0, 1.0)
@@ -147,6 +158,30 @@ def test_an_image_over_the_pixel_limit_is_refused_from_its_header(width, height,
     with pytest.raises(APIError) as raised:
         check_image(png_declaring(width, height), 10_000, "p")
     assert raised.value.status == 413 and raised.value.code == "image_too_large"
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
+@pytest.mark.parametrize("pointer", [(0xA005, 11, 1, 0x406797B6), (0x8769, 6, 2, 0xEFE6F675)])
+def test_an_image_whose_exif_block_cannot_be_applied_is_400(fmt, pointer):
+    """The model replica applies the EXIF orientation: an image it could not use is refused here, not there."""
+    with pytest.raises(APIError) as raised:
+        check_image(with_garbage_exif(fmt, pointer), 10_000, "p")
+    assert (raised.value.status, raised.value.code) == (400, "invalid_image") and "corrupt" in raised.value.message
+
+
+@pytest.mark.parametrize("width, height", [(1, 20_000), (200_000, 1), (20, 401)])
+def test_an_image_far_longer_than_wide_is_refused_from_its_header(width, height, monkeypatch):
+    """The CLIP processor scales the short side up to its input size: 1x20000 would become 224x4480000."""
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("pixels were decoded"))
+    with pytest.raises(APIError) as raised:
+        check_image(png_declaring(width, height), 16_000_000, "p")
+    assert raised.value.status == 400 and "at most 20 times its short side" in raised.value.message
+
+
+def test_an_image_at_the_aspect_limit_is_taken():
+    check_image(image_bytes(size=(20, 400)), 10_000, "p")
 
 
 def test_truncated_images_and_base64_are_400():

@@ -232,7 +232,7 @@ def bytes_url(data: bytes, kind="image/png") -> str:
 
 
 def _hostile():
-    from test_protocol import EPS, PSD, SVG, image_bytes, png_declaring
+    from test_protocol import EPS, PSD, SVG, image_bytes, png_declaring, with_garbage_exif
 
     png = image_bytes(size=(64, 64))
     raw = b'{"model": "minimind", "messages": [{"role": "user", "content": %s}]%s}'
@@ -252,6 +252,9 @@ def _hostile():
         "psd-image": (dict(data=with_images(bytes_url(PSD, "image/vnd.adobe.photoshop"))), 400, "PNG, JPEG, WebP or GIF"),
         "truncated-base64": (dict(data=with_images(bytes_url(png)[:-5])), 400, "base64"),
         "truncated-png": (dict(data=with_images(bytes_url(png[: len(png) // 2]))), 400, "corrupt or truncated"),
+        "png-with-garbage-exif": (dict(data=with_images(bytes_url(with_garbage_exif("PNG")))), 400, "corrupt or truncated"),
+        "webp-with-garbage-exif": (dict(data=with_images(bytes_url(with_garbage_exif("WEBP"), "image/webp"))), 400, "corrupt"),
+        "image-1x20000": (dict(data=with_images(bytes_url(png_declaring(1, 20_000)))), 400, "20 times its short side"),
         "text-plain": (dict(data=body(), headers={"Content-Type": "text/plain"}), 415, "application/json"),
         "form": (dict(data=b"model=minimind", headers={"Content-Type": "application/x-www-form-urlencoded"}), 415, "application/json"),
         "multipart": (dict(data=b"--x--", headers={"Content-Type": "multipart/form-data; boundary=x"}), 415, "application/json"),
@@ -308,6 +311,25 @@ def test_hostile_requests_are_refused_in_openai_shape(server, kind):
     code, _, answer = send(server, **request)
     error = json.loads(answer)["error"]
     assert code == status and fragment in error["message"] and set(error) == {"message", "type", "param", "code"}, (code, error)
+
+
+def test_a_bad_image_fails_its_own_request_only_and_the_replica_applies_the_gateways_pixel_limit(server):
+    """What a model replica does with images the gateway would have refused (sent to the replica directly):
+    each request's images are decoded before it joins the batch, so a bad one is that request's 400 (413 over
+    the app's pixel limit, 100,000 here), never a failure of the requests joining the batch with it."""
+    from ray import serve
+
+    from minimind.serve.protocol import ChatRequest
+    from test_protocol import image_bytes, with_garbage_exif
+
+    handle = serve.get_deployment_handle("minimind-v", "minimind")
+    images = [with_garbage_exif(), image_bytes(size=(400, 400))] + [image_bytes(size=(64, 64))] * 6
+    replies = [handle.options(stream=True).chat.remote(ChatRequest("minimind-v", [{"role": "user", "content": "<image>\n图中有什么？"}],
+                                                                   images=[image], max_tokens=3)) for image in images]
+    events = [list(reply) for reply in replies]
+    assert [(e[0]["status"], e[0]["body"]["error"]["code"]) for e in events[:2]] == [(400, "invalid_image"), (413, "image_too_large")]
+    assert "struct" not in events[0][0]["body"]["error"]["message"]  # Pillow's own words stay in the replica
+    assert all(e[0]["type"] == "start" and e[-1]["type"] == "end" and e[-1]["completion_tokens"] == 3 for e in events[2:]), events[2:]
 
 
 def test_after_the_hostile_requests_a_normal_one_is_answered(server):

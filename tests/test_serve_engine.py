@@ -73,7 +73,7 @@ def test_concurrent_requests_decode_in_one_batch_with_the_same_tokens_as_alone()
         engine = BatchingEngine(model, stop_token_ids=[2], max_batch_size=8, batch_wait_s=0.05)
 
         async def one(prompt, n):
-            return [token async for chunk in engine.stream(prompt, [], SamplingParams(n)) for token in chunk]
+            return [token async for chunk in engine.stream(prompt, SamplingParams(n)) for token in chunk]
 
         together = await asyncio.gather(*(one(p, n) for p, n in zip(prompts, limits)))
         return together, engine
@@ -100,7 +100,7 @@ def test_requests_with_any_settings_join_the_running_batch_and_seeded_ones_sampl
 
         async def one(index):
             results[index] = []
-            async for chunk in engine.stream(prompts[index], [], SETTINGS[index]):
+            async for chunk in engine.stream(prompts[index], SETTINGS[index]):
                 results[index] += chunk
 
         tasks = []
@@ -175,7 +175,7 @@ def test_a_request_asking_past_the_context_ends_at_its_edge():
 
     async def run():
         engine = BatchingEngine(model, stop_token_ids=[], max_batch_size=4, batch_wait_s=0.0)
-        return await asyncio.wait_for(_collect(engine.stream(list(range(1, 11)), [], SamplingParams(100))), 30)
+        return await asyncio.wait_for(_collect(engine.stream(list(range(1, 11)), SamplingParams(100))), 30)
 
     assert len(asyncio.run(run())) == 6
 
@@ -185,7 +185,7 @@ def test_a_request_that_stops_listening_leaves_the_batch():
 
     async def run():
         engine = BatchingEngine(model, stop_token_ids=[], max_batch_size=8, batch_wait_s=0.01)
-        stream = engine.stream([1, 5, 9], [], SamplingParams(1000))
+        stream = engine.stream([1, 5, 9], SamplingParams(1000))
         first = await stream.__anext__()
         await stream.aclose()  # the client went away
         while engine.running or not engine.last_batch:
@@ -221,7 +221,7 @@ def test_a_decode_loop_that_finishes_no_step_fails_the_replicas_health_check():
 
     async def run():
         server.check_health()  # idle: healthy
-        reply = asyncio.create_task(asyncio.wait_for(_collect(engine.stream([1, 5], [], SamplingParams(2))), 30))
+        reply = asyncio.create_task(asyncio.wait_for(_collect(engine.stream([1, 5], SamplingParams(2))), 30))
         while engine.stuck_for() <= 0.05:
             await asyncio.sleep(0.01)
         with pytest.raises(RuntimeError, match="finished no step"):

@@ -197,6 +197,10 @@ def test_unreadable_and_missing_files_name_the_file(tmp_path):
     picture(0).save(truncated, format="PNG")
     with pytest.raises(ImageError, match="upload: not a readable image"):
         load_image(io.BytesIO(truncated.getvalue()[:60]), name="upload")
+    from test_protocol import with_garbage_exif
+
+    with pytest.raises(ImageError, match="upload: not a readable image"):  # struct.error inside Pillow's EXIF reader
+        load_image(io.BytesIO(with_garbage_exif()), name="upload")
 
 
 def test_a_registered_vlm_answers_about_an_image_through_mlflow_pyfunc(tmp_path, tokenizer, mlflow_store):

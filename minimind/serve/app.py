@@ -318,8 +318,10 @@ def _server(spec: ModelSpec, settings: ServeSettings):
     else:
         options["num_replicas"] = int(spec.num_replicas)
     replica = {name: getattr(spec, name) for name in REPLICA_FIELDS}
-    # only the limit a model replica applies: a change of the gateway's limits leaves the models loaded
-    return ModelServer.options(**options).bind(replica, {"max_tokens": settings.limits.max_tokens}, settings.tracking_uri)
+    # only the limits a model replica applies (the same pixel limit as the gateway's check: one decode path);
+    # a change of the gateway's other limits leaves the models loaded
+    limits = {"max_tokens": settings.limits.max_tokens, "max_image_pixels": settings.limits.max_image_pixels}
+    return ModelServer.options(**options).bind(replica, limits, settings.tracking_uri)
 
 
 def build(settings: ServeSettings):

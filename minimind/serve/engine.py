@@ -15,10 +15,10 @@ company (see `BatchingEngine._decode`).
 from __future__ import annotations
 
 import asyncio
-import io
 import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -26,13 +26,13 @@ import torch
 
 from minimind.continuous import ContinuousBatch
 from minimind.generate import SamplingParams
-from minimind.serve.protocol import IMAGE_FORMATS, APIError, ChatRequest, Limits, split_reasoning
+from minimind.serve.protocol import APIError, ChatRequest, Limits, open_image, split_reasoning
 
 
 @dataclass(eq=False)
 class _Request:
     prompt_ids: list[int]
-    images: list[bytes]
+    pixel_values: torch.Tensor | None  # its images, decoded and processed before it joins a batch
     sampling: SamplingParams  # its max_new_tokens is the request's
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     generated: list[int] = field(default_factory=list)
@@ -73,14 +73,17 @@ class BatchingEngine:
         self.running = False
         self.last_step = time.monotonic()  # when the decode loop last finished a step (or started a session)
 
-    async def stream(self, prompt_ids: list[int], images: list[bytes], sampling: SamplingParams) -> AsyncIterator[list[int]]:
+    async def stream(self, prompt_ids: list[int], sampling: SamplingParams,
+                     pixel_values: torch.Tensor | None = None) -> AsyncIterator[list[int]]:
         """The new tokens of one request as they are decoded (its stop token excluded), in chunks: all those
         decoded since the consumer last asked, so a consumer slower than the decoder handles fewer, larger
-        pieces. `sampling`'s stop and suppressed ids are the engine's."""
+        pieces. `sampling`'s stop and suppressed ids are the engine's; `pixel_values` are the prompt's images,
+        processed already (the decode loop never decodes an image: one bad or slow image would stall or fail
+        every request joining with it)."""
         room = self.model.config.max_position_embeddings - len(prompt_ids)
         if room < 1 or not prompt_ids:
             raise ValueError(f"a prompt of {len(prompt_ids)} tokens leaves no room in the {room + len(prompt_ids)}-position context")
-        request = _Request(prompt_ids, images, replace(sampling, max_new_tokens=min(sampling.max_new_tokens, room)))
+        request = _Request(prompt_ids, pixel_values, replace(sampling, max_new_tokens=min(sampling.max_new_tokens, room)))
         if self.worker is None or self.worker.done():
             self.wakeup = asyncio.Event()
             self.worker = asyncio.get_running_loop().create_task(self._run())
@@ -174,11 +177,11 @@ class BatchingEngine:
                 self.last_step = time.monotonic()
 
     def _add(self, batch: ContinuousBatch, requests: list[_Request], loop) -> None:
-        """Prefill `requests` into `batch` (a failure, such as an unreadable image, fails these requests only)."""
+        """Prefill `requests` into `batch` (a failure fails these requests only)."""
         params = [replace(r.sampling, stop_token_ids=None, suppress_token_ids=None) for r in requests]
         try:
-            images = [image for r in requests for image in r.images]
-            prompt_inputs = {"pixel_values": self._pixels(images)} if images else None
+            pixels = [r.pixel_values for r in requests if r.pixel_values is not None]
+            prompt_inputs = {"pixel_values": torch.cat(pixels)} if pixels else None
             first = batch.add(requests, [r.prompt_ids for r in requests], params, [r.generator for r in requests], prompt_inputs)
         except Exception as error:  # noqa: BLE001
             self._fail(requests, error, loop)
@@ -207,11 +210,6 @@ class BatchingEngine:
             if error is not None:
                 loop.call_soon_threadsafe(request.queue.put_nowait, error)
             loop.call_soon_threadsafe(request.queue.put_nowait, None)
-
-    def _pixels(self, images: list[bytes]) -> torch.Tensor:
-        from minimind.vision import load_image
-
-        return self.model.pixel_values([load_image(io.BytesIO(data), name="image", formats=IMAGE_FORMATS) for data in images])
 
 
 def releasable(text: str, stops: list[str], final: bool = False) -> tuple[str, bool]:
@@ -274,6 +272,9 @@ class ChatModel:
         # a VLM never samples its placeholder; a text model needs no image token at all
         image_id = [self.model.image_token_id] if self.takes_images else []
         self.engine = BatchingEngine(self.model, stops, image_id, max_batch_size, batch_wait_s)
+        # decoding and resizing images happens here, before a request joins the batch; two threads bound
+        # the memory that images being decoded take
+        self.image_decoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode-images")
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         if self.takes_images:
@@ -281,6 +282,10 @@ class ChatModel:
 
             return prompt_ids(self.model, self.tokenizer, messages)
         return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+    def pixel_values(self, images: list[bytes]) -> torch.Tensor:
+        """The model's input for a request's images, decoded the way the gateway checked them."""
+        return self.model.pixel_values([open_image(data, self.limits.max_image_pixels, "messages") for data in images])
 
     async def chat(self, request: ChatRequest) -> AsyncIterator[dict]:
         from minimind.data import IMAGE_MARKER
@@ -298,9 +303,12 @@ class ChatModel:
             max_new_tokens=min(request.max_tokens or self.limits.max_tokens, room), temperature=request.temperature,
             top_p=request.top_p, top_k=request.top_k, repetition_penalty=request.repetition_penalty, seed=request.seed,
         )
+        pixel_values = None
+        if request.images:  # an unreadable image fails this request only, with a 400
+            pixel_values = await asyncio.get_running_loop().run_in_executor(self.image_decoder, self.pixel_values, request.images)
         yield {"type": "start", "prompt_tokens": len(prompt)}
         tokens, released, finish = [], Released(self.markers), "length"
-        stream = self.engine.stream(prompt, request.images, sampling)
+        stream = self.engine.stream(prompt, sampling, pixel_values)
         try:
             async for chunk in stream:
                 tokens += chunk

@@ -4,7 +4,9 @@ the way OpenAI does, split a reasoning reply into `reasoning_content` and `conte
 Everything a client sends is bounded (`Limits`) and refused with OpenAI's error shape: the body's
 bytes, its JSON (nesting, encoding), the characters per message and in all, the number of messages
 and images, each image's bytes, format (PNG, JPEG, WebP, GIF only: Pillow's other parsers never see
-client bytes) and pixels (checked from the header, before anything is decoded).
+client bytes), pixels and aspect ratio (checked from the header, before anything is decoded) and whole
+decoding (`open_image`: the model replica decodes it with the same code, so an image passed here does not
+fail there).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 
 ROLES = ("system", "user", "assistant")
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")  # an animated GIF or WebP counts by its first frame
+MAX_IMAGE_ASPECT_RATIO = 20  # long side / short side: a 224-pixel short side makes a long side of at most 4480
 
 
 class APIError(Exception):
@@ -146,27 +149,31 @@ def decode_image(url: str, limits: Limits, param: str) -> bytes:
     return data
 
 
-def check_image(data: bytes, max_pixels: int, param: str) -> None:
-    """Refuse what is not a whole PNG, JPEG, WebP or GIF of at most `max_pixels`: the size is read from
-    the header before any pixel is decoded, and no other Pillow parser (EPS runs Ghostscript) is tried."""
-    from PIL import Image, UnidentifiedImageError
+def open_image(data: bytes, max_pixels: int, param: str):
+    """A client's image as the model sees it (RGB, EXIF orientation applied): the one decode path of the
+    gateway's check and the model replica. Refused: what is not a whole PNG, JPEG, WebP or GIF (no other
+    Pillow parser, such as EPS's, which runs Ghostscript, ever sees client bytes), more than `max_pixels`
+    (read from the header, before any pixel is decoded), or a long side more than MAX_IMAGE_ASPECT_RATIO
+    times the short one (the processor would scale it up by as much)."""
+    from minimind.images import ImageError, ImageOutOfShape, ImageTooLarge, UnknownImageFormat, load_image
 
-    too_large = APIError(413, f"image over {max_pixels} pixels", param=param, code="image_too_large")
     try:
-        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
-            if image.width * image.height > max_pixels:
-                raise too_large
-            image.load()  # the first frame: a truncated or corrupt file fails here, not in a batch of the model
-    except Image.DecompressionBombError:
-        raise too_large from None
-    except UnidentifiedImageError:
+        return load_image(io.BytesIO(data), max_pixels, name="the image", formats=IMAGE_FORMATS, max_aspect_ratio=MAX_IMAGE_ASPECT_RATIO)
+    except ImageTooLarge:
+        raise APIError(413, f"image over {max_pixels} pixels", param=param, code="image_too_large") from None
+    except ImageOutOfShape as error:
+        raise APIError(400, str(error), param=param, code="invalid_image") from None
+    except UnknownImageFormat:
         raise APIError(400, "the image is not a readable image: send a PNG, JPEG, WebP or GIF", param=param,
                        code="invalid_image") from None
-    except APIError:
-        raise
-    except Exception:  # noqa: BLE001 - Pillow's parsers raise many kinds of error on hostile bytes
+    except ImageError:  # its message may quote Pillow's: not for the client
         raise APIError(400, "the image is not a readable image (corrupt or truncated)", param=param,
                        code="invalid_image") from None
+
+
+def check_image(data: bytes, max_pixels: int, param: str) -> None:
+    """Refuse (APIError) an image the model replica could not use: `open_image`, its result dropped."""
+    open_image(data, max_pixels, param).close()
 
 
 def parse_chat_request(body, models: dict[str, bool], limits: Limits, image_marker: str = "<image>") -> ChatRequest:
