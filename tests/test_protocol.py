@@ -72,10 +72,16 @@ def test_top_k_and_repetition_penalty_parse_as_vllm_takes_them():
     ("top_k", -1), ("top_k", 1.5), ("top_k", "40"), ("top_k", True), ("top_k", 2**63),
     ("repetition_penalty", 0), ("repetition_penalty", -1), ("repetition_penalty", 2.5), ("repetition_penalty", float("nan")),
     ("repetition_penalty", "1.1"), ("stream_options", "yes"), ("stream_options", {"include_usage": "yes"}),
+    ("n", 2), ("n", -1), ("n", 0), ("n", "1"), ("n", True),
 ])
 def test_bad_sampling_fields_are_refused(field, value):
     error = refused(ask(**{field: value}))
     assert error.status == 400 and error.param == field
+
+
+def test_n_of_one_is_the_one_choice_this_server_returns():
+    assert parse_chat_request(ask(n=1), MODELS, Limits()).messages and parse_chat_request(ask(n=None), MODELS, Limits())
+    assert "one choice per request" in refused(ask(n=2)).message
 
 
 @pytest.mark.parametrize("raw, fragment", [

@@ -255,6 +255,8 @@ def _hostile():
         "png-with-garbage-exif": (dict(data=with_images(bytes_url(with_garbage_exif("PNG")))), 400, "corrupt or truncated"),
         "webp-with-garbage-exif": (dict(data=with_images(bytes_url(with_garbage_exif("WEBP"), "image/webp"))), 400, "corrupt"),
         "image-1x20000": (dict(data=with_images(bytes_url(png_declaring(1, 20_000)))), 400, "20 times its short side"),
+        "n-2": (dict(data=body(n=2)), 400, "'n' must be 1"),
+        "n-negative": (dict(data=body(n=-1)), 400, "'n' must be 1"),
         "text-plain": (dict(data=body(), headers={"Content-Type": "text/plain"}), 415, "application/json"),
         "form": (dict(data=b"model=minimind", headers={"Content-Type": "application/x-www-form-urlencoded"}), 415, "application/json"),
         "multipart": (dict(data=b"--x--", headers={"Content-Type": "multipart/form-data; boundary=x"}), 415, "application/json"),

@@ -246,6 +246,12 @@ def parse_chat_request(body, models: dict[str, bool], limits: Limits, image_mark
     options = body.get("stream_options")
     if options is not None and (not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool)):
         raise APIError(400, "'stream_options' must be an object like {\"include_usage\": true}", param="stream_options")
+    n = body.get("n")
+    if n is not None and (isinstance(n, bool) or n != 1):
+        # n samples would take n batch rows (n prefills, n KV caches) for one queue slot and one request's
+        # bounds; n requests cost the same, decode in the same batch, and are bounded and queued one by one
+        raise APIError(400, f"'n' must be 1: this server returns one choice per request (send several requests), got {_show(n)}",
+                       param="n")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     return ChatRequest(
         model=model, messages=parsed, images=images,
