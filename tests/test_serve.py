@@ -257,6 +257,8 @@ def _hostile():
         "image-1x20000": (dict(data=with_images(bytes_url(png_declaring(1, 20_000)))), 400, "20 times its short side"),
         "n-2": (dict(data=body(n=2)), 400, "'n' must be 1"),
         "n-negative": (dict(data=body(n=-1)), 400, "'n' must be 1"),
+        "header-of-64-kib": (dict(data=body(), headers={"X-Padding": "a" * 65_536}), 431, "headers"),
+        "200-headers": (dict(data=body(), headers={f"X-Header-{i}": "1" for i in range(200)}), 431, "headers"),
         "text-plain": (dict(data=body(), headers={"Content-Type": "text/plain"}), 415, "application/json"),
         "form": (dict(data=b"model=minimind", headers={"Content-Type": "application/x-www-form-urlencoded"}), 415, "application/json"),
         "multipart": (dict(data=b"--x--", headers={"Content-Type": "multipart/form-data; boundary=x"}), 415, "application/json"),
@@ -313,6 +315,34 @@ def test_hostile_requests_are_refused_in_openai_shape(server, kind):
     code, _, answer = send(server, **request)
     error = json.loads(answer)["error"]
     assert code == status and fragment in error["message"] and set(error) == {"message", "type", "param", "code"}, (code, error)
+
+
+def request(base, method: str, path: str) -> tuple[int, dict, dict]:
+    """Any method on any path, the path sent as is (no client-side normalising of "/../")."""
+    import http.client
+
+    host, port = base.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        connection.putrequest(method, path, skip_accept_encoding=True)
+        connection.putheader("Authorization", f"Bearer {API_KEY}")
+        connection.endheaders()
+        response = connection.getresponse()
+        return response.status, response.headers, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("method, path, status, allowed", [
+    ("GET", "/v1/chat/completions", 405, "POST"), ("PUT", "/v1/chat/completions", 405, "POST"),
+    ("OPTIONS", "/v1/chat/completions", 405, "POST"), ("DELETE", "/v1/models", 405, "GET"),
+    ("GET", "/v1/completions", 404, None), ("POST", "/v1/completions", 404, None), ("GET", "/../etc/passwd", 404, None),
+    ("GET", "/openapi.json", 404, None),
+])
+def test_paths_and_methods_the_api_does_not_have_get_openai_shaped_errors(server, method, path, status, allowed):
+    code, headers, answer = request(server, method, path)
+    assert code == status and set(answer) == {"error"} and set(answer["error"]) == {"message", "type", "param", "code"}, answer
+    assert headers.get("Allow") == allowed
 
 
 def test_a_bad_image_fails_its_own_request_only_and_the_replica_applies_the_gateways_pixel_limit(server):

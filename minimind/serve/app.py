@@ -3,10 +3,13 @@ behind a FastAPI gateway that speaks OpenAI's chat-completions API and serves th
 
     POST /v1/chat/completions   GET /v1/models   GET /healthz   GET /  (chat page)
 
-The gateway's event loop only moves bytes: the body is read up to `Limits.max_body_bytes`, and JSON,
-base64 and image decoding (and remote fetches) run on a small thread pool. Each model deployment holds
-at most `max_queued_requests` waiting requests per gateway replica (more: 429 with `Retry-After`), and
-a reply must come within `request_timeout_s` (else 504, and its replica stops decoding it).
+Every refusal is in OpenAI's error shape, `{"error": {"message", "type", "param", "code"}}`, also that of a
+path the API does not have (404) or a method a path does not take (405). A request's headers are bounded
+before any route sees them (`MAX_HEADERS`, `MAX_HEADER_BYTES`: 431). The gateway's event loop only moves
+bytes: the body is read up to `Limits.max_body_bytes`, and JSON, base64 and image decoding (and remote
+fetches) run on a small thread pool. Each model deployment holds at most `max_queued_requests` waiting
+requests per gateway replica (more: 429 with `Retry-After`), and a reply must come within
+`request_timeout_s` (else 504, and its replica stops decoding it).
 `build_app(args)` is the application builder `serve run` and `jobs/serve.py` use.
 """
 
@@ -23,6 +26,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
@@ -30,6 +34,10 @@ from minimind.serve.protocol import APIError, ChatRequest, Limits, completion_id
 
 PAGE = Path(__file__).with_name("chat.html")
 GATEWAY_CPUS = 0.1  # per gateway replica: it parses and forwards, the model replicas compute
+# A request's headers, names and values together (uvicorn's h11 parser stops at 16 KiB, nginx at 4 x 8 KiB;
+# Serve's proxy parses with httptools, which has no limit): room for an API key and a browser's cookies.
+MAX_HEADER_BYTES = 32 * 1024
+MAX_HEADERS = 100
 
 
 @dataclass
@@ -123,7 +131,7 @@ def read_api_key(api_key_file: str | None, api_key_env: str | None) -> str | Non
     return (os.environ.get(api_key_env) or None) if api_key_env else None
 
 
-api = FastAPI(title="MiniMind", docs_url=None, redoc_url=None)
+api = FastAPI(title="MiniMind", docs_url=None, redoc_url=None, openapi_url=None)
 # Note: serve.ingress captures the gateway class when it is defined, so what its methods use is defined above it.
 
 
@@ -134,6 +142,36 @@ def _usage(start: dict, end: dict) -> dict:
 
 def _error(error: APIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _routing_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    """What FastAPI answers itself (an unknown path: 404; a method the path does not take: 405), in the same
+    OpenAI error shape as every other refusal (OpenAI says "Invalid URL (GET /v1/x)")."""
+    where = f"{request.method} {request.url.path}"[:200]  # the client's own path, cut short
+    message = f"Invalid URL ({where})" if error.status_code == 404 else f"{where}: {error.detail}"
+    code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
+    return _error(APIError(error.status_code, message, code=code, headers=dict(error.headers or {})))
+
+
+class BoundedHeaders:
+    """ASGI middleware in front of every route: a request with more than MAX_HEADERS headers, or more than
+    MAX_HEADER_BYTES of them, is answered 431 before any route, body read or model sees it."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = scope["headers"]
+            if len(headers) > MAX_HEADERS or sum(len(name) + len(value) for name, value in headers) > MAX_HEADER_BYTES:
+                error = APIError(431, f"the request's headers are over the limit: at most {MAX_HEADERS} headers of "
+                                 f"{MAX_HEADER_BYTES} bytes in all", code="headers_too_large")
+                return await _error(error)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+api.add_middleware(BoundedHeaders)
 
 
 def _check_content_type(request: Request) -> None:
