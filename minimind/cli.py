@@ -82,26 +82,30 @@ class _Session:
     """A loaded model + tokenizer that prints streamed replies."""
 
     def __init__(self, args):
+        from contextlib import ExitStack
+
         from minimind.checkpoint import load_model
         from minimind.tokenizer import load_tokenizer
         from minimind.generate import SamplingParams, compile_for_decoding, inference_dtype
         from minimind.lora import is_adapter_dir
         from minimind.vision import is_vlm_dir, load_image, load_vlm
 
-        if is_adapter_dir(args.model):  # LoRA adapters: merged into the base they name
-            from minimind import tracking
+        with ExitStack() as loading:
+            model_dir = args.model
+            if is_adapter_dir(args.model):  # LoRA adapters: merged into the base they name, in a folder removed once loaded
+                from minimind import tracking
 
-            args.model = tracking.resolve_model(args.model)
-        self.is_vlm = is_vlm_dir(args.model)
-        if getattr(args, "image", None) and not self.is_vlm:
-            raise SystemExit(f"--image needs a MiniMind-V model directory; {args.model} is a text-only model")
-        self.model = (load_vlm if self.is_vlm else load_model)(args.model, device=args.device, dtype=inference_dtype(args.dtype, args.device))
+                model_dir = loading.enter_context(tracking.resolved_model(args.model))
+            self.is_vlm = is_vlm_dir(model_dir)
+            if getattr(args, "image", None) and not self.is_vlm:
+                raise SystemExit(f"--image needs a MiniMind-V model directory; {args.model} is a text-only model")
+            self.model = (load_vlm if self.is_vlm else load_model)(model_dir, device=args.device, dtype=inference_dtype(args.dtype, args.device))
+            self.tokenizer = load_tokenizer(model_dir)
         images = [load_image(path) for path in getattr(args, "image", None) or []]
         self.prompt_inputs = {"pixel_values": self.model.pixel_values(images)} if images else None
         self.image_count = len(images)
         if args.compile:
             compile_for_decoding(self.model)
-        self.tokenizer = load_tokenizer(args.model)
         stop_ids = {self.model.config.eos_token_id}
         if self.tokenizer.eos_token_id is not None:
             stop_ids.add(self.tokenizer.eos_token_id)
@@ -189,14 +193,15 @@ def run_merge_lora(args) -> None:
     from minimind import tracking
     from minimind.lora import ADAPTER_CONFIG_NAME, LoRAConfig, is_adapter_dir, merge_adapter_dir
 
-    work = Path(tempfile.mkdtemp(prefix="minimind-merge-"))
-    adapter = tracking.resolve_model(args.adapter, work / "adapter", merge_adapters=False)
-    if not is_adapter_dir(adapter):
-        raise SystemExit(f"minimind merge-lora: {args.adapter} holds no LoRA adapters ({ADAPTER_CONFIG_NAME} is missing)")
-    base = args.base or LoRAConfig.load(adapter / ADAPTER_CONFIG_NAME).base
-    if not base:
-        raise SystemExit(f"minimind merge-lora: {args.adapter} names no base model; pass --base")
-    destination = merge_adapter_dir(adapter, tracking.resolve_model(base, work / "base"), args.destination)
+    with tempfile.TemporaryDirectory(prefix="minimind-merge-") as scratch:  # the downloads, removed however this ends
+        work = Path(scratch)
+        adapter = tracking.resolve_model(args.adapter, work / "adapter", merge_adapters=False)
+        if not is_adapter_dir(adapter):
+            raise SystemExit(f"minimind merge-lora: {args.adapter} holds no LoRA adapters ({ADAPTER_CONFIG_NAME} is missing)")
+        base = args.base or LoRAConfig.load(adapter / ADAPTER_CONFIG_NAME).base
+        if not base:
+            raise SystemExit(f"minimind merge-lora: {args.adapter} names no base model; pass --base")
+        destination = merge_adapter_dir(adapter, tracking.resolve_model(base, work / "base"), args.destination)
     print(f"wrote {destination}: {base} with the adapters of {args.adapter} merged in")
 
 

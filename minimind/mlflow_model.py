@@ -100,12 +100,19 @@ def _chats(model_input) -> list[dict]:
     return chats
 
 
-def _load_pyfunc(data_path: str) -> ChatPredictor:
-    """MLflow's entry point: `data_path` is the model folder (LoRA adapters: merged into their base first)."""
+def load_predictor(data_path: str | Path) -> ChatPredictor:
+    """The predictor of a model folder; LoRA adapters are merged into their base first, in a temporary
+    folder removed once the merged model is loaded."""
     from minimind.lora import is_adapter_dir
 
-    if is_adapter_dir(data_path):
-        from minimind.tracking import resolve_model
+    if not is_adapter_dir(data_path):
+        return ChatPredictor(data_path)
+    from minimind.tracking import resolved_model
 
-        data_path = resolve_model(data_path)
-    return ChatPredictor(data_path)
+    with resolved_model(str(data_path)) as model_dir:
+        return ChatPredictor(model_dir)
+
+
+def _load_pyfunc(data_path: str) -> ChatPredictor:
+    """MLflow's entry point: `data_path` is the model folder."""
+    return load_predictor(data_path)

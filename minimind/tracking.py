@@ -14,6 +14,8 @@ import re
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -232,15 +234,16 @@ def _model_folder(root: Path, reference: str) -> Path:
 
 
 def _with_adapters_merged(adapter_dir: Path, destination: Path) -> Path:
-    """A LoRA adapter folder as the plain model it stands for: its base (resolved like any reference)
-    with the adapters merged in, written beside `destination`."""
+    """A LoRA adapter folder as the plain model it stands for: its base (resolved like any reference, into
+    a temporary folder removed once merged) with the adapters merged in, written beside `destination`."""
     from minimind.lora import LoRAConfig, merge_adapter_dir
 
     base = LoRAConfig.load(adapter_dir / ADAPTER_CONFIG_NAME).base
     if not base:
         raise ValueError(f"{adapter_dir} holds LoRA adapters but names no base model to apply them to")
-    base_dir = resolve_model(base, destination.with_name(destination.name + "-base"))
-    return merge_adapter_dir(adapter_dir, base_dir, destination.with_name(destination.name + "-merged"))
+    with tempfile.TemporaryDirectory(prefix="minimind-base-") as scratch:
+        base_dir = resolve_model(base, Path(scratch) / "base")
+        return merge_adapter_dir(adapter_dir, base_dir, destination.with_name(destination.name + "-merged"))
 
 
 def pin(reference: str) -> str:
@@ -265,11 +268,12 @@ def recorded_lineage(run_name: str) -> dict[str, str]:
 def resolve_model(reference: str, destination: str | Path | None = None, merge_adapters: bool = True) -> Path:
     """A local model directory for a path, `models:/...` or `runs:/RUN_ID/path` reference.
 
-    URIs are downloaded to `destination` (default: a fresh temporary directory). `dst_path` is always
-    passed: without it MLflow may hand back the store's own folder, which a caller must never write to.
-    LoRA adapters come back as the plain model they stand for: their base, resolved the same way, with
-    the adapters merged in (beside `destination`: `<destination>-base`, `<destination>-merged`); with
-    `merge_adapters=False`, as the adapter folder.
+    URIs are downloaded to `destination` (default: `model` in a fresh temporary folder, which the caller
+    then owns; `resolved_model` removes it for you). `dst_path` is always passed: without it MLflow may
+    hand back the store's own folder, which a caller must never write to. LoRA adapters come back as the
+    plain model they stand for: their base, resolved the same way, with the adapters merged in (beside
+    `destination`: `<destination>-merged`; the base is removed once merged); with `merge_adapters=False`,
+    as the adapter folder. A reference MLflow cannot download raises FileNotFoundError naming it.
     """
     path = Path(reference).expanduser()
     if not path.is_dir() and not _is_uri(reference):
@@ -283,13 +287,29 @@ def resolve_model(reference: str, destination: str | Path | None = None, merge_a
         if reference.startswith("models:/") and not _LOGGED_MODEL_ID.match(reference[len("models:/") :]):
             found = _model_version(client, reference)
             uri = f"models:/{found.name}/{found.version}"  # download exactly the version that was resolved
-        destination = destination or Path(tempfile.mkdtemp(prefix="minimind-model-"))
+        destination = destination or _fresh_folder()
         destination.mkdir(parents=True, exist_ok=True)
-        downloaded = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(destination))
+        try:
+            downloaded = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(destination))
+        except MlflowException as error:
+            raise FileNotFoundError(f"{reference} was not found: {error.message.strip().splitlines()[0]}") from None
         folder = _model_folder(Path(downloaded).resolve(), reference)
     if merge_adapters and (folder / ADAPTER_CONFIG_NAME).is_file():
-        return _with_adapters_merged(folder, destination or Path(tempfile.mkdtemp(prefix="minimind-model-")))
+        return _with_adapters_merged(folder, destination or _fresh_folder())
     return folder
+
+
+def _fresh_folder() -> Path:
+    """`model` in a new temporary folder: what resolve_model writes beside it stays in that folder too."""
+    return Path(tempfile.mkdtemp(prefix="minimind-model-")) / "model"
+
+
+@contextmanager
+def resolved_model(reference: str, merge_adapters: bool = True) -> Iterator[Path]:
+    """`resolve_model` into a temporary folder that is removed, with everything resolving wrote (an
+    adapter's download and merged model), when the block ends: load what you need inside it."""
+    with tempfile.TemporaryDirectory(prefix="minimind-model-") as scratch:
+        yield resolve_model(reference, Path(scratch) / "model", merge_adapters)
 
 
 def model_source(reference: str) -> dict[str, str]:

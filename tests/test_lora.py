@@ -92,9 +92,14 @@ def test_adapters_that_do_not_fit_the_model_are_refused(tmp_path):
         add_lora(model, LoRAConfig(rank=2, targets=["q_proj"]))
 
 
-def test_minimind_merge_lora_writes_the_merged_model_folder(tmp_path, byte_tokenizer):
+def test_minimind_merge_lora_writes_the_merged_model_folder(tmp_path, byte_tokenizer, monkeypatch):
+    import tempfile
+
     from minimind.cli import main
 
+    scratch = tmp_path / "tmp"  # where its temporary folders go: none of its own stays (torch may put its caches there)
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     save_model(random_model(std=0.1), tmp_path / "base", tokenizer=byte_tokenizer)
     config = LoRAConfig(rank=4, base=str(tmp_path / "base"))
     model, _ = train_adapters(add_lora(random_model(std=0.1), config))
@@ -107,3 +112,4 @@ def test_minimind_merge_lora_writes_the_merged_model_folder(tmp_path, byte_token
     assert not torch.equal(load_model(tmp_path / "merged-other").lm_head.weight, load_model(tmp_path / "merged").lm_head.weight)
     with pytest.raises(SystemExit, match="holds no LoRA adapters"):
         main(["merge-lora", str(tmp_path / "base"), str(tmp_path / "nothing")])
+    assert list(scratch.glob("minimind-*")) == []

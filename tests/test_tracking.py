@@ -331,3 +331,59 @@ def test_a_parent_run_groups_runs_and_is_closed_with_its_tables_or_as_failed():
     failed = tracking.start_parent_run(experiment_id, "pipeline-y")
     tracking.end_parent_run(failed, {}, {}, failed=True)
     assert MlflowClient().get_run(failed).info.status == "FAILED" and mlflow.active_run() is None
+
+
+def _adapter_on_a_folder_base(root: Path, tokenizer) -> Path:
+    """A LoRA adapter folder whose adapter_config.json names a base model folder."""
+    from conftest import random_model
+    from minimind.checkpoint import save_model
+    from minimind.lora import LoRAConfig, add_lora, save_adapter
+
+    save_model(random_model("tiny", vocab_size=len(tokenizer)), root / "base", tokenizer=tokenizer)
+    config = LoRAConfig(rank=2, base=str(root / "base"))
+    return save_adapter(add_lora(random_model("tiny", vocab_size=len(tokenizer)), config), root / "adapter", config, tokenizer)
+
+
+def test_loading_an_adapter_leaves_no_temporary_folder_behind(tmp_path, monkeypatch, byte_tokenizer):
+    """The pyfunc loader of an adapter version and `resolved_model` merge into a temporary folder that is
+    gone once the model is loaded; resolve_model without a destination writes everything into the one
+    temporary folder the caller then owns (it left four per pyfunc load)."""
+    import tempfile
+
+    from minimind.mlflow_model import load_predictor
+
+    adapter = _adapter_on_a_folder_base(tmp_path, byte_tokenizer)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    replies = load_predictor(adapter).predict({"messages": [{"role": "user", "content": "hello"}]}, params={"max_tokens": 3})
+    assert len(replies) == 1 and isinstance(replies[0], str)
+    assert list(scratch.glob("minimind-*")) == []  # (torch may put its caches there)
+    with tracking.resolved_model(str(adapter)) as merged:
+        assert (merged / "model.safetensors").is_file()
+    assert list(scratch.glob("minimind-*")) == []
+    merged = tracking.resolve_model(str(adapter))
+    assert (merged / "model.safetensors").is_file() and list(scratch.glob("minimind-*")) == [merged.parent]
+
+
+def test_a_reference_mlflow_cannot_find_is_one_line_naming_it_and_merge_lora_cleans_up(tmp_path, monkeypatch, capsys):
+    import tempfile
+
+    from minimind.cli import main
+
+    tracking.configure("unit")
+    missing_run = "runs:/0123456789abcdef0123456789abcdef/adapter"
+    with pytest.raises(FileNotFoundError, match=f"^{missing_run} was not found: Run with id=0123456789abcdef0123456789abcdef not found$"):
+        tracking.resolve_model(missing_run, tmp_path / "download")
+    with mlflow.start_run() as run:
+        mlflow.log_text("{}", "other/config.json")
+    with pytest.raises(FileNotFoundError, match=f"runs:/{run.info.run_id}/adapter was not found: .*'adapter'"):
+        tracking.resolve_model(f"runs:/{run.info.run_id}/adapter", tmp_path / "download")
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    with pytest.raises(SystemExit) as stopped:
+        main(["merge-lora", missing_run, str(tmp_path / "merged")])
+    assert str(stopped.value) == f"minimind merge-lora: {missing_run} was not found: Run with id=0123456789abcdef0123456789abcdef not found"
+    assert list(scratch.glob("minimind-*")) == [] and not (tmp_path / "merged").exists()
