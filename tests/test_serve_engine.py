@@ -263,3 +263,55 @@ def test_the_serve_config_file_builds_the_same_app():
     overrides = {override["name"]: override for override in application["deployments"]}
     assert set(overrides) == set(built) == {"minimind", "minimind-v", "Gateway"}
     assert all(override["max_queued_requests"] > 0 for name, override in overrides.items() if name != "Gateway")
+
+
+def test_a_request_the_model_cannot_prefill_fails_alone_not_with_those_joining_beside_it():
+    """Image placeholders without their image (what a user who types the tokenizer's image marker sends):
+    the VLM refuses that prompt, and the requests that joined the batch at the same step still decode."""
+    from test_vision import IMAGE_ID, picture, tiny_vlm
+
+    vlm = tiny_vlm()
+    pixels = vlm.pixel_values([picture(0)])
+    with_image = [1, 5] + [IMAGE_ID] * vlm.image_tokens + [9]
+
+    async def run():
+        engine = BatchingEngine(vlm, stop_token_ids=[], suppress_token_ids=[IMAGE_ID], max_batch_size=8, batch_wait_s=0.05)
+
+        async def one(prompt, pixel_values):
+            try:
+                return await _collect(engine.stream(prompt, SamplingParams(3), pixel_values))
+            except ValueError as error:
+                return str(error)
+
+        replies = await asyncio.gather(one(with_image, pixels), one(with_image, None), one([1, 11, 12], None), one(with_image, pixels))
+        return replies, engine
+
+    replies, engine = asyncio.run(run())
+    assert engine.batch_sizes == [4]  # they did join together
+    assert "image placeholder tokens for 0 image(s)" in replies[1]
+    assert [len(reply) for i, reply in enumerate(replies) if i != 1] == [3, 3, 3], replies
+
+
+def test_a_vlm_counts_image_markers_in_the_prompt_ids_whatever_spells_them(tmp_path):
+    """A tokenizer may name another token its image marker (MiniMind-V's is <|image_pad|>; here <answer>):
+    a user who types it sends image placeholders without an image, refused with a 400 before the batch."""
+    from minimind.demo import demo_tokenizer
+    from minimind.serve.engine import ChatModel
+    from minimind.serve.protocol import ChatRequest
+    from minimind.tokenizer import Markers, load_tokenizer
+    from minimind.vision import MiniMindVLM, save_vlm
+    from test_protocol import image_bytes
+    from test_vision import clip_tower
+
+    tokenizer = load_tokenizer(demo_tokenizer())
+    marker = Markers.configure(tokenizer, {"image": "<answer>"})
+    save_vlm(MiniMindVLM(random_model(vocab_size=len(tokenizer)), *clip_tower(), image_token_id=marker.image_id(tokenizer)),
+             tmp_path / "vlm", tokenizer)
+    chat = ChatModel(tmp_path / "vlm", device="cpu")
+
+    async def events(content, images):
+        return [event async for event in chat.chat(ChatRequest("m", [{"role": "user", "content": content}], images=images, max_tokens=2))]
+
+    with pytest.raises(APIError, match=r"1 image marker\(s\) \(<image> or <answer>\) in the messages but 0 image"):
+        asyncio.run(events("<answer> 看", []))
+    assert asyncio.run(events("<image>\n看", [image_bytes(size=(16, 16))]))[-1]["completion_tokens"] == 2

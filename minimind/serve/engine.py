@@ -177,14 +177,19 @@ class BatchingEngine:
                 self.last_step = time.monotonic()
 
     def _add(self, batch: ContinuousBatch, requests: list[_Request], loop) -> None:
-        """Prefill `requests` into `batch` (a failure fails these requests only)."""
+        """Prefill `requests` into `batch`. When that fails, each of them is prefilled alone, so that only
+        the requests that fail alone fail (one request's bad input must not fail those joining with it)."""
         params = [replace(r.sampling, stop_token_ids=None, suppress_token_ids=None) for r in requests]
         try:
             pixels = [r.pixel_values for r in requests if r.pixel_values is not None]
             prompt_inputs = {"pixel_values": torch.cat(pixels)} if pixels else None
             first = batch.add(requests, [r.prompt_ids for r in requests], params, [r.generator for r in requests], prompt_inputs)
         except Exception as error:  # noqa: BLE001
-            self._fail(requests, error, loop)
+            if len(requests) == 1:
+                self._fail(requests, error, loop)
+            else:
+                for request in requests:
+                    self._add(batch, [request], loop)
             return
         self._deliver(list(zip(requests, first)), loop)
 
@@ -290,11 +295,13 @@ class ChatModel:
     async def chat(self, request: ChatRequest) -> AsyncIterator[dict]:
         from minimind.data import IMAGE_MARKER
 
-        if self.takes_images:  # checked here: one bad request must not fail the batch it would join
-            markers = sum(m["content"].count(IMAGE_MARKER) for m in request.messages)
-            if markers != len(request.images):
-                raise APIError(400, f"{markers} {IMAGE_MARKER} marker(s) in the messages but {len(request.images)} image(s)", param="messages")
         prompt = self.prompt_ids(request.messages)
+        if self.takes_images:  # counted in the prompt's ids: the text may also spell the tokenizer's own image marker
+            placeholders = prompt.count(self.model.image_token_id) // self.model.image_tokens
+            if placeholders != len(request.images):
+                spelled = IMAGE_MARKER if self.markers.image == IMAGE_MARKER else f"{IMAGE_MARKER} or {self.markers.image}"
+                raise APIError(400, f"{placeholders} image marker(s) ({spelled}) in the messages but {len(request.images)} image(s)",
+                               param="messages")
         room = self.context - len(prompt)
         if room < 1:
             raise APIError(400, f"the prompt has {len(prompt)} tokens; this model's context window is {self.context}",
