@@ -242,6 +242,10 @@ def main(argv: list[str] | None = None) -> None:
          "demo": run_demo}[args.command](args)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"minimind {args.command}: {error}") from error
+    except Exception as error:
+        if type(error).__module__.startswith("mlflow."):  # the tracking store's answer, as one line rather than a traceback
+            raise SystemExit(f"minimind {args.command}: {str(error).strip().splitlines()[0]}") from error
+        raise
 
 
 if __name__ == "__main__":

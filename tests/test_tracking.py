@@ -387,3 +387,15 @@ def test_a_reference_mlflow_cannot_find_is_one_line_naming_it_and_merge_lora_cle
         main(["merge-lora", missing_run, str(tmp_path / "merged")])
     assert str(stopped.value) == f"minimind merge-lora: {missing_run} was not found: Run with id=0123456789abcdef0123456789abcdef not found"
     assert list(scratch.glob("minimind-*")) == [] and not (tmp_path / "merged").exists()
+
+
+def test_an_mlflow_error_in_a_command_is_one_line_not_a_traceback(tmp_path, byte_tokenizer):
+    from conftest import random_model
+    from minimind.cli import main
+
+    torch.save(random_model("tiny", vocab_size=len(byte_tokenizer)).state_dict(), tmp_path / "model.pth")
+    byte_tokenizer.save_pretrained(tmp_path / "tokenizer")
+    with pytest.raises(SystemExit) as stopped:
+        main(["import", str(tmp_path / "model.pth"), str(tmp_path / "imported"), "--tokenizer", str(tmp_path / "tokenizer"),
+              "--preset", "tiny", "--config-overrides", f"vocab_size={len(byte_tokenizer)}", "--register-as", "a/b"])
+    assert str(stopped.value).startswith("minimind import: Invalid model name ('a/b') provided.") and "\n" not in str(stopped.value)
