@@ -347,8 +347,9 @@ def accumulate_gradients(model, stage, batches: list[dict], companions: dict, jo
     `--batch-size 16` however unevenly the supervised tokens fall. (Dividing each mean by grad_accum makes
     a token of a sparse micro-batch weigh more than one of a dense one: transformers fixed that in 4.46.)
     The step's count crosses the ranks in one all-reduce on the device, with no wait on the host; the
-    `* world` undoes DDP's averaging of the gradients over ranks. The metrics (train/loss first) are this
-    rank's micro-batches weighed the same way."""
+    `* world` undoes DDP's averaging of the gradients over ranks. An MoE's load-balancing loss, part of
+    the stage's loss, rides with its micro-batch's share. The metrics (train/loss first) are this rank's
+    micro-batches weighed the same way."""
     counts = torch.stack([stage.loss_count(batch) for batch in batches])
     rank_count = counts.sum()
     step_count = rank_count.clone()
