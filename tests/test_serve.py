@@ -698,6 +698,11 @@ def test_the_gateway_ends_late_replies_with_504_and_full_queues_with_429():
     dead = FakeReply(error=RuntimeError("actor died"))
     error = asyncio.run(outcome(dead))
     assert error.status == 503 and dead.cancelled and "actor died" not in error.message
+    from ray.exceptions import RayTaskError
+
+    failed = FakeReply(error=RayTaskError("chat", "Traceback ... ValueError: secret detail", ValueError("secret detail")))
+    error = asyncio.run(outcome(failed))
+    assert error.status == 503 and failed.cancelled and "Error" not in error.message and "secret" not in error.message, error.message
     assert asyncio.run(outcome(FakeReply(events=[{"type": "start"}]))) == {"type": "start"}
 
 

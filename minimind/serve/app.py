@@ -17,6 +17,7 @@ requests per gateway replica (more: 429 with `Retry-After`), and a reply must co
 import asyncio
 import hmac
 import json
+import logging
 import math
 import os
 import tempfile
@@ -33,6 +34,7 @@ from ray.serve.exceptions import BackPressureError
 from minimind.serve.protocol import APIError, ChatRequest, Limits, completion_id, now, parse_chat_body
 
 PAGE = Path(__file__).with_name("chat.html")
+logger = logging.getLogger("ray.serve")
 GATEWAY_CPUS = 0.1  # per gateway replica: it parses and forwards, the model replicas compute
 # A request's headers, names and values together (uvicorn's h11 parser stops at 16 KiB, nginx at 4 x 8 KiB;
 # Serve's proxy parses with httptools, which has no limit): room for an API key and a browser's cookies.
@@ -216,7 +218,9 @@ async def _next_event(events, deadline: float, model: str, timeout_s: float) -> 
                        kind="server_error", code="overloaded", headers={"Retry-After": retry}) from None
     except Exception as error:  # noqa: BLE001 - the replica died, failed, or could not be reached
         events.cancel()
-        raise APIError(503, f"the model '{model}' is unavailable: {type(error).__name__}", kind="server_error") from None
+        # what went wrong inside (e.g. "RayTaskError(ValueError)" and its traceback) is for the operator's log only
+        logger.warning("the model %r failed a request: %r", model, error)
+        raise APIError(503, f"the model '{model}' is unavailable or failed to answer", kind="server_error") from None
 
 
 @serve.deployment
