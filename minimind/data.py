@@ -57,9 +57,9 @@ def validate_record(record, kind: str) -> dict:
     """The fields a stage uses, checked; raises ValueError saying what is wrong."""
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-    if kind == "pretrain":
-        if not isinstance(record.get("text"), str) or not record["text"].strip():
-            raise ValueError('needs a non-empty string "text"')
+    if kind == "pretrain":  # an empty or blank text is well-formed: a data-quality fact (`is_blank`), not an error
+        if not isinstance(record.get("text"), str):
+            raise ValueError('needs a string "text"')
         return {"text": record["text"]}
     if kind == "dpo":
         chosen, rejected = _check_messages(record.get("chosen"), "chosen"), _check_messages(record.get("rejected"), "rejected")
@@ -80,10 +80,16 @@ def validate_record(record, kind: str) -> dict:
     raise ValueError(f"unknown dataset kind {kind!r}; expected one of {KINDS}")
 
 
+def is_blank(record: dict, kind: str) -> bool:
+    """A pretraining record whose text is empty or only whitespace: nothing to learn, left out (and
+    counted by the data report), as a blank line is."""
+    return kind == "pretrain" and not record["text"].strip()
+
+
 def iter_jsonl(path: str | Path, kind: str, skip_bad: bool = False) -> Iterator[tuple[int, dict]]:
-    """(line number, validated record) for each non-blank line of `path`. Files as editors save them are
-    fine: a UTF-8 byte-order mark, CRLF line ends, blank lines. A line that is not UTF-8 is a
-    malformed line like any other (named, or skipped and counted)."""
+    """(line number, validated record) for each non-blank line of `path`, leaving out blank records
+    (`is_blank`). Files as editors save them are fine: a UTF-8 byte-order mark, CRLF line ends, blank
+    lines. A line that is not UTF-8 is a malformed line like any other (named, or skipped and counted)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such data file: {path}")
@@ -93,7 +99,7 @@ def iter_jsonl(path: str | Path, kind: str, skip_bad: bool = False) -> Iterator[
                 line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
                 if not line.strip():
                     continue
-                yield number, validate_record(json.loads(line), kind)
+                record = validate_record(json.loads(line), kind)
             except UnicodeDecodeError as error:
                 if not skip_bad:
                     raise DataFormatError(f"{path}:{number}: not valid UTF-8 (byte {error.start + 1} of the line: "
@@ -101,6 +107,9 @@ def iter_jsonl(path: str | Path, kind: str, skip_bad: bool = False) -> Iterator[
             except (json.JSONDecodeError, ValueError) as error:
                 if not skip_bad:
                     raise DataFormatError(f"{path}:{number}: {error}") from None
+            else:
+                if not is_blank(record, kind):
+                    yield number, record
 
 
 def count_records(path: str | Path) -> int:
@@ -115,8 +124,7 @@ def _records(path: str, kind: str, skip_bad: bool, file_stamp: tuple):  # file_s
 
 
 def read_jsonl_dataset(path: str | Path, kind: str, skip_bad: bool = False, cache_dir: str | None = None):
-    """A memory-mapped `datasets.Dataset` of validated records. With `skip_bad`, the number of skipped
-    lines is `count_records(path) - len(dataset)`."""
+    """A memory-mapped `datasets.Dataset` of validated records (blank ones left out, see `is_blank`)."""
     from datasets import Dataset
     from datasets.exceptions import DatasetGenerationError
 

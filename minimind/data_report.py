@@ -2,7 +2,7 @@
 
 The seed's text model saw its loss jump at the end of pretraining because the file's tail was noisy. So
 the preparation job counts, per chunk of the file and then for the whole: the row length distribution,
-exact duplicates, empty replies, garbage (U+FFFD replacement characters, control characters, no CJK or
+exact duplicates, empty replies, blank pretraining texts (left out), garbage (U+FFFD replacement characters, control characters, no CJK or
 Latin letter at all), rows cut at seq_len, and tokens per field; and where in the file the garbage lies
 (20 slices by byte position), so a noisy tail is flagged before training instead of after.
 
@@ -45,6 +45,7 @@ class ChunkStats:
     tokens: int = 0
     truncated: int = 0
     empty: int = 0
+    blank: int = 0  # pretraining records with an empty or whitespace-only text: left out of the rows
     garbage: int = 0
     garbage_kinds: dict = field(default_factory=dict)
     tokens_per_field: dict = field(default_factory=dict)
@@ -52,12 +53,14 @@ class ChunkStats:
     position_records: list = field(default_factory=lambda: [0] * POSITIONS)
     position_garbage: list = field(default_factory=lambda: [0] * POSITIONS)
 
-    def add_record(self, text: str, position: float, empty: bool = False) -> None:
-        """One validated record: all its text, where it starts in the file (0..1), whether a reply is blank."""
+    def add_record(self, text: str, position: float, empty: bool = False, blank: bool = False) -> None:
+        """One validated record: all its text, where it starts in the file (0..1), whether a reply is
+        blank (`empty`) or the whole text is (`blank`: the record is left out)."""
         slot = min(POSITIONS - 1, int(position * POSITIONS))
         self.records += 1
         self.position_records[slot] += 1
         self.empty += bool(empty)
+        self.blank += bool(blank)
         kinds = garbage_kinds(text)
         if kinds:
             self.garbage += 1
@@ -78,7 +81,7 @@ class ChunkStats:
 def merge(chunks: list[ChunkStats]) -> ChunkStats:
     total = ChunkStats()
     for chunk in chunks:
-        for name in ("records", "rows", "tokens", "truncated", "empty", "garbage"):
+        for name in ("records", "rows", "tokens", "truncated", "empty", "blank", "garbage"):
             setattr(total, name, getattr(total, name) + getattr(chunk, name))
         for name in ("lengths", "position_records", "position_garbage"):
             setattr(total, name, [a + b for a, b in zip(getattr(total, name), getattr(chunk, name))])
@@ -102,7 +105,7 @@ def finish(stats: ChunkStats, duplicates: int = 0, duplicates_dropped: int = 0, 
     report = {
         "records": records, "rows": stats.rows, "tokens": stats.tokens, "skipped_lines": skipped_lines,
         "duplicates": duplicates, "duplicate_rate": _rate(duplicates, records), "duplicates_dropped": duplicates_dropped,
-        "empty": stats.empty, "empty_rate": _rate(stats.empty, records),
+        "empty": stats.empty, "empty_rate": _rate(stats.empty, records), "blank_skipped": stats.blank,
         "garbage": stats.garbage, "garbage_rate": _rate(stats.garbage, records), "garbage_kinds": stats.garbage_kinds,
         "truncated": stats.truncated, "truncated_rate": _rate(stats.truncated, stats.rows), "unlabelled_dropped": unlabelled_dropped,
         "tokens_per_field": stats.tokens_per_field,
@@ -121,6 +124,9 @@ def finish(stats: ChunkStats, duplicates: int = 0, duplicates_dropped: int = 0, 
                      + ("" if duplicates_dropped else " (--drop-duplicates removes them)"))
     if report["empty_rate"] >= 0.01:
         flags.append(f"empty: {report['empty_rate']:.1%} of the records have a blank reply")
+    if stats.blank:
+        flags.append(f"blank: {stats.blank} records ({_rate(stats.blank, records):.1%}) have an empty or whitespace-only text "
+                     "(left out)")
     if report["truncated_rate"] >= 0.05:
         flags.append(f"truncated: {report['truncated_rate']:.1%} of the rows are cut at seq_len")
     if skipped_lines:

@@ -4,19 +4,27 @@
                        root="s3://bucket/minimind/prepared")
     rows = PreparedRows(storage.fetch(prepared.location))      # in a training worker
 
-The source file is cut at line starts into chunks of `chunk_bytes`; Ray Data maps one task per chunk
-(each reads only its byte range, from a local path or any storage URI): validate every line, tokenize,
-label, weight, and write its shard next to the others. The driver only adds up what the tasks return
-and writes the manifest and the data report, so its memory does not grow with the file.
+The source file is cut at line starts into chunks of `chunk_bytes`; one Ray task per chunk (each reads
+only its byte range, from a local path or any storage URI): validate every line, tokenize, label,
+weight, and write its shard next to the others. The driver only adds up what the tasks return and
+writes the manifest and the data report, so its memory does not grow with the file. Long work shows
+its progress (chunks done, MB/s, ETA).
 
-Content-addressed: the folder is named after a digest of the source (size, modification time, its
-first and last MiB), the tokenizer (vocabulary, merges, chat template, markers) and the settings that
-change the rows (kind, seq_len, image tokens, duplicates dropped). The manifest is written last, so a
-folder with one is complete and is reused as it is: the same inputs are never prepared twice.
+Never reused for other content: the manifest records the sha256 of the whole source (one digest per
+MiB block, combined in order; the tasks hash the blocks they read). The folder is named after a cheap
+fingerprint of the source (size, modification time, its first and last MiB), the tokenizer
+(vocabulary, merges, chat template, markers) and the settings that change the rows (kind, seq_len,
+image tokens, duplicates dropped): the fingerprint only says whether a folder is worth checking. A
+folder is reused only when the file, hashed again in full now, has the manifest's digest; a file with
+the same fingerprint and other content (one digit edited, mtime restored by `cp -p`, `rsync -a` or
+`tar x`) is prepared into a folder named after its digest. The manifest is written last, so a folder
+with one is complete.
 
-Errors name the file and line as `iter_jsonl` does: a task stops at its first bad line and reports it
-with its line number inside the chunk; the driver turns that into the file's line number from the line
-counts of the chunks before it.
+Errors name the file and line as `iter_jsonl` does: a task stops at its first malformed line (not
+JSON, a wrong type, a missing key) and the driver stops the whole preparation as soon as one arrives,
+cancelling the other tasks, and names the file's line (`--skip-bad` skips and counts such lines
+instead). A pretraining record whose text is empty or blank is no error: it is left out and counted
+in the data report.
 """
 
 from __future__ import annotations
@@ -25,19 +33,23 @@ import hashlib
 import json
 import math
 import os
-import pickle
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from itertools import chain
 
 import numpy as np
 
 from minimind import data_report, storage
-from minimind.data import DataFormatError, StageData, stage_arrays, validate_record
+from minimind.data import DataFormatError, StageData, is_blank, stage_arrays, validate_record
 from minimind.shards import FORMAT_VERSION, MANIFEST, pack_rows, token_dtype, write_array, write_text
 
 CHUNK_BYTES = 32 << 20  # one task's share of the file: bounds a task's memory, gives the cluster enough tasks
 BATCH_RECORDS = 512  # records tokenized per call inside a task
 _SAMPLE = 1 << 20
+BLOCK_BYTES = 1 << 20  # the content digest hashes the file in blocks of this size, whatever the chunks
+SKIP_BAD_HINT = "--skip-bad skips and counts such lines"
 
 
 @dataclass
@@ -71,6 +83,30 @@ def source_fingerprint(source: str) -> dict:
     return {"size": info.size, "mtime_ns": info.mtime_ns, "sample_sha256": digest.hexdigest()}
 
 
+def block_count(size: int) -> int:
+    return -(-size // BLOCK_BYTES)
+
+
+def combine_blocks(digests) -> str:
+    """The content digest: sha256 over the blocks' sha256 digests, in file order."""
+    return hashlib.sha256(b"".join(digests)).hexdigest()
+
+
+def content_sha256(source: str, size: int) -> str:
+    """The digest of the whole content of `source` (`size` bytes), as the chunk tasks compute it,
+    hashed here on a thread per core (reads and hashing release the GIL)."""
+    filesystem, path = storage.filesystem_of(source)
+    per_job = 64  # blocks per thread job
+
+    def hash_blocks(first: int) -> list[bytes]:
+        with filesystem.open_input_file(path) as file:
+            return [hashlib.sha256(file.read_at(min(BLOCK_BYTES, size - block * BLOCK_BYTES), block * BLOCK_BYTES)).digest()
+                    for block in range(first, min(first + per_job, block_count(size)))]
+
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        return combine_blocks(chain.from_iterable(pool.map(hash_blocks, range(0, block_count(size), per_job))))
+
+
 def tokenizer_digest(tokenizer) -> str:
     from minimind.tokenizer import Markers
 
@@ -86,8 +122,10 @@ def settings(stage: StageData, drop_duplicates: bool) -> dict:
             **({"image_tokens": stage.image_tokens} if stage.kind == "vlm" else {})}
 
 
-def prepared_key(fingerprint: dict, tokenizer_sha: str, stage_settings: dict) -> str:
-    text = json.dumps({"source": fingerprint, "tokenizer": tokenizer_sha, "settings": stage_settings}, sort_keys=True)
+def prepared_key(source_identity: dict, tokenizer_sha: str, stage_settings: dict) -> str:
+    """The folder name: `source_identity` is the source's cheap fingerprint, or {"content_sha256": ...}
+    for content whose fingerprint names a folder of other content."""
+    text = json.dumps({"source": source_identity, "tokenizer": tokenizer_sha, "settings": stage_settings}, sort_keys=True)
     return f"{stage_settings['kind']}-{stage_settings['seq_len']}-{hashlib.sha256(text.encode()).hexdigest()[:20]}"
 
 
@@ -104,46 +142,76 @@ def read_manifest(location: str) -> dict | None:
 # --------------------------------------------------------------------------- the driver
 
 
+@dataclass
+class Found:
+    location: str  # where the source's prepared data is, or goes
+    manifest: dict | None  # the complete preparation there, of exactly this content; None: prepare it
+    content_sha256: str | None  # the source's whole-content digest, when it was hashed (a folder was worth checking)
+
+
+def find_prepared(source: str, fingerprint: dict, tokenizer_sha: str, stage_settings: dict, root: str) -> Found:
+    """The folder for `source` under `root`. No complete folder for its fingerprint: nothing to check
+    (the preparation hashes the content as it reads it). Else the file is hashed in full, and the folder
+    is reused only for the content its manifest recorded; other content goes to a folder named after it."""
+    location = storage.join(root, prepared_key(fingerprint, tokenizer_sha, stage_settings))
+    manifest = read_manifest(location)
+    if manifest is None:
+        return Found(location, None, None)
+    content = content_sha256(source, fingerprint["size"])
+    if manifest.get("content_sha256") == content:
+        return Found(location, manifest, content)
+    location = storage.join(root, prepared_key({"content_sha256": content}, tokenizer_sha, stage_settings))
+    manifest = read_manifest(location)
+    return Found(location, manifest if manifest and manifest.get("content_sha256") == content else None, content)
+
+
 def prepared_location(source: str, tokenizer, stage: StageData, root: str, drop_duplicates: bool = False) -> tuple[str, dict | None]:
-    """Where the prepared data of `source` lives under `root`, and its manifest if it is complete."""
+    """Where the prepared data of `source` lives under `root`, and its manifest if it is complete
+    (for this very content: the file is hashed when a folder is worth checking)."""
     source = source if storage.is_uri(source) else os.path.abspath(source)
-    key = prepared_key(source_fingerprint(source), tokenizer_digest(tokenizer), settings(stage, drop_duplicates))
-    location = storage.join(root, key)
-    return location, read_manifest(location)
+    found = find_prepared(source, source_fingerprint(source), tokenizer_digest(tokenizer), settings(stage, drop_duplicates), root)
+    return found.location, found.manifest
 
 
 def prepare(source: str, tokenizer, stage: StageData, root: str, skip_bad: bool = False, drop_duplicates: bool = False,
             chunk_bytes: int = CHUNK_BYTES, read_from: str | None = None, say=print) -> Prepared:
-    """The prepared folder of `source` for `stage` under `root`: found, or made now with Ray Data (Ray
-    is started here if no one did). Bad lines raise `DataFormatError` naming file and line, unless
-    `skip_bad` (then they are counted in the manifest). `read_from`: a copy of `source` the Ray tasks
-    read instead (on storage, when `source` is on the driver's disk only)."""
+    """The prepared folder of `source` for `stage` under `root`: found, or made now with Ray tasks (Ray
+    is started here if no one did). A malformed line stops it at once with `DataFormatError` naming
+    file and line, unless `skip_bad` (then such lines are counted in the manifest). `read_from`: a copy
+    of `source` the Ray tasks read instead (on storage, when `source` is on the driver's disk only)."""
     started = time.perf_counter()
     source = source if storage.is_uri(source) else os.path.abspath(source)
     fingerprint = source_fingerprint(source)
     stage_settings = settings(stage, drop_duplicates)
     tokenizer_sha = tokenizer_digest(tokenizer)
-    location = storage.join(root, prepared_key(fingerprint, tokenizer_sha, stage_settings))
-    manifest = read_manifest(location)
+    found = find_prepared(source, fingerprint, tokenizer_sha, stage_settings, root)
+    location, manifest = found.location, found.manifest
     if manifest is not None:
         if manifest["skipped_lines"] and not skip_bad:
-            raise DataFormatError(f"{manifest['first_bad_line']} (and {manifest['skipped_lines'] - 1} more; --skip-bad skips them)")
+            raise DataFormatError(f"{manifest['first_bad_line']} (and {manifest['skipped_lines'] - 1} more; {SKIP_BAD_HINT})")
         say(f"[prepare] {source}: prepared already at {location} ({manifest['rows']:,} rows, {manifest['tokens']:,} tokens)")
         return Prepared(location, manifest, reused=True)
+    if found.content_sha256:
+        say(f"[prepare] {source}: its content differs from what was prepared for its size, time and first and last MiB")
 
-    chunks = chunk_bounds(read_from or source, fingerprint["size"], chunk_bytes)
-    say(f"[prepare] {source} ({fingerprint['size'] / 1e6:,.1f} MB) -> {location}: {len(chunks)} chunk(s) over the Ray cluster")
-    common = {"source": read_from or source, "kind": stage.kind, "size": fingerprint["size"]}
+    size = fingerprint["size"]
+    chunks = chunk_bounds(read_from or source, size, chunk_bytes)
+    say(f"[prepare] {source} ({size / 1e6:,.1f} MB) -> {location}: {len(chunks)} chunk(s) over the Ray cluster")
+    common = {"source": read_from or source, "kind": stage.kind, "size": size}
     specs = [{"index": i, "start": start, "end": end, **common} for i, (start, end) in enumerate(chunks)]
     drops: dict[int, np.ndarray] = {}
     if drop_duplicates:
-        hashed = _run(specs, {"mode": "hash", "skip_bad": skip_bad})
-        _raise_first_error(source, hashed, skip_bad)
+        hashed = _run(source, specs, {"mode": "hash", "skip_bad": skip_bad}, "finding duplicates")
         drops = _duplicates_to_drop(hashed)
     marker_ids = stage.marker_ids(tokenizer)
-    encoded = _run([{**spec, "drop": drops.get(spec["index"], np.zeros(0, np.int64)).tolist()} for spec in specs], {
-        "mode": "encode", "skip_bad": skip_bad, "tokenizer": tokenizer, "stage": stage, "marker_ids": marker_ids, "output": location})
-    first_bad = _raise_first_error(source, encoded, skip_bad)
+    encoded = _run(source, [{**spec, "drop": drops.get(spec["index"], np.zeros(0, np.int64)).tolist()} for spec in specs], {
+        "mode": "encode", "skip_bad": skip_bad, "tokenizer": tokenizer, "stage": stage, "marker_ids": marker_ids, "output": location},
+        "preparing")
+    first_bad = first_error(source, encoded)
+    blocks = [digest for summary in encoded for digest in summary["blocks"]]
+    content = combine_blocks(blocks)
+    if len(blocks) != block_count(size) or found.content_sha256 not in (None, content):
+        raise RuntimeError(f"{source} changed while it was being prepared: prepare it again")
 
     duplicates = _count_duplicates(encoded) if not drop_duplicates else sum(len(d) for d in drops.values())
     stats = data_report.merge([summary["stats"] for summary in encoded])
@@ -156,7 +224,8 @@ def prepare(source: str, tokenizer, stage: StageData, root: str, skip_bad: bool 
                                 skipped_lines=skipped, unlabelled_dropped=sum(s["unlabelled"] for s in encoded))
     manifest = {
         "format": FORMAT_VERSION, "kind": stage.kind, "seq_len": stage.seq_len, "source": source, "source_fingerprint": fingerprint,
-        "tokenizer_sha256": tokenizer_sha, "settings": stage_settings, "key": location.rstrip("/").rsplit("/", 1)[-1],
+        "content_sha256": content, "tokenizer_sha256": tokenizer_sha, "settings": stage_settings,
+        "key": location.rstrip("/").rsplit("/", 1)[-1],
         "dtype": np.dtype(token_dtype(len(tokenizer))).name, "pad_id": tokenizer.pad_token_id, "tag_sequences": marker_ids["tag_sequences"],
         "rows": rows, "tokens": tokens, "records": stats.records, "lines": sum(s["lines"] for s in encoded),
         "skipped_lines": skipped, "first_bad_line": first_bad, "duplicates_dropped": report["duplicates_dropped"],
@@ -169,41 +238,120 @@ def prepare(source: str, tokenizer, stage: StageData, root: str, skip_bad: bool 
     _publish(filesystem, f"{folder}/{MANIFEST}", json.dumps(manifest, indent=1, ensure_ascii=False))  # last: marks it complete
     seconds = time.perf_counter() - started
     say(f"[prepare] {rows:,} rows, {tokens:,} tokens from {stats.records:,} records in {seconds:.1f}s "
-        f"({fingerprint['size'] / 1e6 / max(seconds, 1e-9):.1f} MB/s)" + "".join(f"\n[prepare] flag: {flag}" for flag in report["flags"]))
+        f"({size / 1e6 / max(seconds, 1e-9):.1f} MB/s)" + "".join(f"\n[prepare] flag: {flag}" for flag in report["flags"]))
     return Prepared(location, manifest, reused=False, seconds=seconds)
 
 
-def _run(specs: list[dict], settings_: dict) -> list[dict]:
-    """One Ray Data task per chunk; their summaries in chunk order."""
+def _run(source: str, specs: list[dict], task_settings: dict, doing: str) -> list[dict]:
+    """One Ray task per chunk; their summaries in chunk order. Without `skip_bad`, the first bad line
+    to arrive stops everything: the other tasks are cancelled and `DataFormatError` names the line."""
     import ray
 
     if not ray.is_initialized():
         ray.init()
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = context.print_on_execution_start = False  # our own line per preparation says enough
-    dataset = ray.data.from_items(specs, override_num_blocks=len(specs))
-    done = dataset.map(_chunk_task, fn_kwargs={"settings": settings_}, num_cpus=1).take_all()
-    return sorted((pickle.loads(row["summary"]) for row in done), key=lambda summary: summary["index"])
+    chunk_task = ray.remote(num_cpus=1)(_chunk_task)
+    shared = ray.put(task_settings)  # the tokenizer once, not once per task
+    pending = {chunk_task.remote(spec, shared): spec for spec in specs}
+    progress = Progress(f"[prepare] {doing}", sum(spec["end"] - spec["start"] for spec in specs), len(specs))
+    summaries = gather(pending, stop_at_error=not task_settings["skip_bad"], progress=progress)
+    error = first_error(source, summaries)
+    if error and not task_settings["skip_bad"]:
+        raise DataFormatError(f"{error} ({SKIP_BAD_HINT})")
+    return summaries
 
 
-def _chunk_task(spec: dict, settings: dict) -> dict:
+def _chunk_task(spec: dict, task_settings: dict) -> dict:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one CPU per task: Ray runs the tasks side by side
-    summary = process_chunk(spec, **settings)
-    return {"summary": pickle.dumps(summary)}
+    return process_chunk(spec, **task_settings)
 
 
-def _raise_first_error(source: str, summaries: list[dict], skip_bad: bool) -> str | None:
-    """The first bad line of the file as `file:line: reason`: raised unless `skip_bad`, else returned."""
-    line_before = 0
+def gather(pending: dict, stop_at_error: bool, progress: "Progress | None" = None) -> list[dict]:
+    """The summaries of chunk tasks (a dict: Ray ObjectRef -> its chunk's spec), taken as they finish,
+    returned in chunk order. With `stop_at_error`, the first summary with a bad line ends it at once:
+    the tasks still running or waiting are cancelled, and the summaries finished by then are returned."""
+    import ray
+
+    pending, done = dict(pending), []
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        if len(pending) > 1:  # others that finished meanwhile: the earliest bad line among them is reported
+            ready += ray.wait([ref for ref in pending if ref not in ready], num_returns=len(pending) - 1, timeout=0)[0]
+        for ref in ready:
+            spec = pending.pop(ref)
+            done.append(ray.get(ref))
+            if progress:
+                progress.advance(spec["end"] - spec["start"])
+        if stop_at_error and any(summary["error"] for summary in done):
+            for ref in pending:
+                ray.cancel(ref)
+            break
+    if progress:
+        progress.close()
+    return sorted(done, key=lambda summary: summary["index"])
+
+
+def first_error(source: str, summaries: list[dict]) -> str | None:
+    """The first bad line among `summaries` (in chunk order) as `file:line: reason`. The line is counted
+    from the chunks before it, or read from the file where one of them did not finish."""
+    lines_before, expected = 0, 0
     for summary in summaries:
+        if summary["index"] != expected:
+            lines_before = None
+        expected = summary["index"] + 1
         if summary["error"]:
             local_line, reason = summary["error"]
-            message = f"{source}:{line_before + local_line}: {reason}"
-            if not skip_bad:
-                raise DataFormatError(message)
-            return message
-        line_before += summary["lines"]
+            before = lines_before if lines_before is not None else count_lines(source, summary["start"])
+            return f"{source}:{before + local_line}: {reason}"
+        if lines_before is not None:
+            lines_before += summary["lines"]
     return None
+
+
+def count_lines(source: str, end: int) -> int:
+    """Line ends in the first `end` bytes of `source`."""
+    filesystem, path = storage.filesystem_of(source)
+    with filesystem.open_input_file(path) as file:
+        return sum(file.read_at(min(16 << 20, end - start), start).count(b"\n") for start in range(0, end, 16 << 20))
+
+
+class Progress:
+    """Long work in chunks, as it goes: chunks done, MB, MB/s and ETA. On a terminal one line rewritten
+    in place at each chunk; in a log one line each `step` of the bytes. Work shorter than `quiet_s`
+    seconds says nothing."""
+
+    def __init__(self, label: str, total_bytes: int, chunks: int, stream=None, clock=time.monotonic, step: float = 0.05,
+                 quiet_s: float = 5.0):
+        self.label, self.total_bytes, self.chunks, self.step, self.quiet_s = label, total_bytes, chunks, step, quiet_s
+        self.stream, self.clock = stream or sys.stdout, clock
+        self.terminal = self.stream.isatty()
+        self.started, self.done_bytes, self.done_chunks, self.next_share, self.shown = clock(), 0, 0, step, False
+
+    def advance(self, nbytes: int) -> None:
+        self.done_bytes += nbytes
+        self.done_chunks += 1
+        share = self.done_bytes / max(1, self.total_bytes)
+        if self.clock() - self.started < self.quiet_s:
+            return
+        if self.terminal:
+            self.stream.write(f"\r{self.line()}\x1b[K")
+            self.shown = True
+        elif share >= self.next_share or self.done_chunks == self.chunks:
+            self.stream.write(self.line() + "\n")
+            self.next_share = (math.floor(share / self.step + 1e-9) + 1) * self.step
+        self.stream.flush()
+
+    def line(self) -> str:
+        seconds = max(self.clock() - self.started, 1e-9)
+        rate = self.done_bytes / seconds
+        left = (self.total_bytes - self.done_bytes) / rate if rate else float("inf")
+        eta = "?" if left == float("inf") else f"{int(left) // 60}m{int(left) % 60:02d}s"
+        return (f"{self.label}: {self.done_chunks}/{self.chunks} chunks, {self.done_bytes / 1e6:,.0f}/{self.total_bytes / 1e6:,.0f} MB "
+                f"({self.done_bytes / max(1, self.total_bytes):.0%}), {rate / 1e6:.1f} MB/s, ETA {eta}")
+
+    def close(self) -> None:
+        if self.shown:
+            self.stream.write("\n")
+            self.stream.flush()
 
 
 def _duplicates_to_drop(summaries: list[dict]) -> dict[int, np.ndarray]:
@@ -284,56 +432,102 @@ def _record_text(record: dict, kind: str) -> tuple[str, bool]:
     return "\n".join(m["content"] for m in messages), any(m["role"] == "assistant" and not m["content"].strip() for m in messages)
 
 
-def _record_hash(record: dict) -> int:
+def _record_hash(record: dict, kind: str) -> int:
     """Of the fields the stage uses, as parsed: the same record counts as a duplicate whatever its spacing or key order."""
-    text = json.dumps(record, sort_keys=True, ensure_ascii=False)
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+    if kind == "pretrain":  # its one field: the text alone says the same, without a JSON round trip
+        data = record["text"].encode("utf-8", "surrogatepass")
+    else:
+        data = json.dumps(record, sort_keys=True, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+def block_digests(source: str, raw: bytes, start: int, end: int, size: int) -> list[bytes]:
+    """The sha256 of each BLOCK_BYTES block of the file that starts in [start, end), whose bytes `raw`
+    holds (the last block's rest, past `end`, is read): every block is hashed by exactly one chunk."""
+    view, digests = memoryview(raw), []
+    for block in range(-(-start // BLOCK_BYTES), -(-end // BLOCK_BYTES)):
+        low, high = block * BLOCK_BYTES, min((block + 1) * BLOCK_BYTES, size)
+        digest = hashlib.sha256(view[low - start : min(high, end) - start])
+        if high > end:
+            digest.update(_read_range(source, end, high))
+        digests.append(digest.digest())
+    return digests
+
+
+def _lines(raw: bytes, first_in_file: bool):
+    """(line, its start as a share of the chunk) for each line of a chunk; a line is a str, or the
+    UnicodeDecodeError that decoding it raised. One decode for the whole chunk when it is valid UTF-8."""
+    if first_in_file and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]  # as utf-8-sig reads it (the positions shift by 3 bytes: the report's slices are 5% wide)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        lines, length, position = raw.split(b"\n"), max(1, len(raw)), 0
+        if lines and lines[-1] == b"":
+            lines.pop()
+        for line in lines:
+            try:
+                yield line.decode("utf-8"), position / length
+            except UnicodeDecodeError as error:
+                yield error, position / length
+            position += len(line) + 1
+        return
+    del raw
+    lines, length, position = text.split("\n"), max(1, len(text)), 0
+    if lines and lines[-1] == "":
+        lines.pop()
+    for line in lines:
+        yield line, position / length
+        position += len(line) + 1
 
 
 def process_chunk(spec: dict, mode: str, skip_bad: bool, tokenizer=None, stage: StageData | None = None, marker_ids=None,
                   output: str | None = None) -> dict:
-    """Validate (and in "encode" mode, tokenize and write) the lines of one byte range of the source.
-    Records are encoded BATCH_RECORDS at a time and kept only as arrays: a task's memory is its chunk's
-    bytes and tokens, whatever the file's size."""
-    raw = _read_range(spec["source"], spec["start"], spec["end"])
-    lines = raw.split(b"\n")
-    del raw
-    if lines and lines[-1] == b"":
-        lines.pop()
-    summary = {"index": spec["index"], "lines": len(lines), "error": None, "skipped": 0, "rows": 0, "tokens": 0, "unlabelled": 0,
-               "shard": f"shard-{spec['index']:05d}", "stats": data_report.ChunkStats()}
-    hashes, batch, position, dropped = [], [], spec["start"], set(spec.get("drop", []))
+    """Validate (and in "encode" mode, hash, tokenize and write) the lines of one byte range of the
+    source. Records are encoded BATCH_RECORDS at a time and kept only as arrays: a task's memory is its
+    chunk's bytes and tokens, whatever the file's size."""
+    start, end, kind = spec["start"], spec["end"], spec["kind"]
+    raw = _read_range(spec["source"], start, end)
+    summary = {"index": spec["index"], "start": start, "lines": 0, "error": None, "skipped": 0, "rows": 0, "tokens": 0,
+               "unlabelled": 0, "shard": f"shard-{spec['index']:05d}", "stats": data_report.ChunkStats(), "blocks": []}
+    if mode == "encode":
+        summary["blocks"] = block_digests(spec["source"], raw, start, end, spec["size"])
+    stats, span, file_size = summary["stats"], (end - start) / max(1, spec["size"]), max(1, spec["size"])
+    hashes, batch, dropped = [], [], set(spec.get("drop", []))
     encoder = _ChunkEncoder(tokenizer, stage, marker_ids, summary) if mode == "encode" else None
-    for number, line in enumerate(lines, start=1):
-        line_start, position = position, position + len(line) + 1
-        try:
-            text = line.decode("utf-8-sig" if spec["start"] == 0 and number == 1 else "utf-8")
-            if not text.strip():
-                continue
-            record = validate_record(json.loads(text), spec["kind"])
-        except UnicodeDecodeError as error:
-            reason = f"not valid UTF-8 (byte {error.start + 1} of the line: {line[error.start:error.start + 4]!r})"
-        except (json.JSONDecodeError, ValueError) as error:
-            reason = str(error)
-        else:
-            hashes.append(_record_hash(record))
-            if encoder is None or len(hashes) - 1 in dropped:
-                continue
-            recorded_text, empty = _record_text(record, spec["kind"])
-            summary["stats"].add_record(recorded_text, line_start / max(1, spec["size"]), empty=empty)
-            batch.append(record)
-            if len(batch) == BATCH_RECORDS:
-                encoder.add(batch)
-                batch = []
+    number = 0
+    for number, (line, share) in enumerate(_lines(raw, start == 0), start=1):
+        if isinstance(line, UnicodeDecodeError):
+            reason = f"not valid UTF-8 (byte {line.start + 1} of the line: {line.object[line.start:line.start + 4]!r})"
+        elif not line.strip():
             continue
+        else:
+            try:
+                record = validate_record(json.loads(line), kind)
+            except ValueError as error:  # json.JSONDecodeError is a ValueError
+                reason = str(error)
+            else:
+                hashes.append(_record_hash(record, kind))
+                if encoder is None or len(hashes) - 1 in dropped:
+                    continue
+                recorded_text, empty = _record_text(record, kind)
+                blank = is_blank(record, kind)
+                stats.add_record(recorded_text, start / file_size + share * span, empty=empty, blank=blank)
+                if not blank:
+                    batch.append(record)
+                    if len(batch) == BATCH_RECORDS:
+                        encoder.add(batch)
+                        batch = []
+                continue
         summary["skipped"] += 1
         summary["error"] = summary["error"] or (number, reason)
         if not skip_bad:
-            return {**summary, "hashes": np.zeros(0, np.uint64)}
+            return {**summary, "lines": number, "hashes": np.zeros(0, np.uint64)}
+    del raw
+    summary["lines"] = number
     summary["hashes"] = np.asarray(hashes, dtype=np.uint64)
     if encoder is None:
         return summary
-    del lines
     if batch:
         encoder.add(batch)
     filesystem, folder = storage.filesystem_of(storage.join(output, summary["shard"]))
@@ -375,10 +569,11 @@ class _ChunkEncoder:
         if self.stage.kind == "pretrain":
             bos, eos = self.tokenizer.bos_token or "", self.tokenizer.eos_token or ""
             encodings = self.tokenizer.backend_tokenizer.encode_batch([bos + r["text"] + eos for r in records], add_special_tokens=False)
-            ids = [np.asarray(encoding.ids, dtype=self.dtype) for encoding in encodings]
-            self.pieces.setdefault("input_ids", []).extend(ids)
-            self.stats.add_lengths([len(x) for x in ids])
-            self.stats.add_tokens("text", sum(len(x) for x in ids))
+            lengths = [len(encoding) for encoding in encodings]
+            ids = np.fromiter(chain.from_iterable(encoding.ids for encoding in encodings), dtype=self.dtype, count=sum(lengths))
+            self.pieces.setdefault("input_ids", []).append(ids)  # one array per batch, not one per document
+            self.stats.add_lengths(lengths)
+            self.stats.add_tokens("text", len(ids))
             return
         rows = stage_arrays(records, self.stage, self.tokenizer, self.marker_ids)
         kept = [row for row in rows if all(row[side + "supervised"].any() for side in self.sides)]  # a cut can remove every supervised token

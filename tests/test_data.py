@@ -167,7 +167,8 @@ def test_files_as_editors_save_them_are_read_and_bad_bytes_name_their_line(tmp_p
 
 
 @pytest.mark.parametrize("kind, record, complaint", [
-    ("pretrain", {"text": ""}, "non-empty string"),
+    ("pretrain", {"text": ["a list"]}, 'needs a string "text"'),
+    ("pretrain", {"txt": "a"}, 'needs a string "text"'),
     ("dpo", {"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, '"rejected"'),
     ("dpo", {"chosen": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}],
              "rejected": [{"role": "assistant", "content": "b"}]}, "end with an assistant"),
@@ -176,6 +177,12 @@ def test_files_as_editors_save_them_are_read_and_bad_bytes_name_their_line(tmp_p
 def test_each_format_is_validated(tmp_path, kind, record, complaint):
     with pytest.raises(DataFormatError, match=f"{kind}.jsonl:1: .*{complaint}"):
         list(iter_jsonl(write_jsonl(tmp_path / f"{kind}.jsonl", [record]), kind))
+
+
+def test_a_blank_pretraining_text_is_well_formed_and_left_out(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"text": "一"}, {"text": " "}, {"text": ""}, {"text": "\t\n"}, {"text": "二"}])
+    assert [(number, record["text"]) for number, record in iter_jsonl(path, "pretrain")] == [(1, "一"), (5, "二")]
+    assert len(read_jsonl_dataset(path, "pretrain")) == 2
 
 
 def test_datasets_are_memory_mapped_arrow(tmp_path):

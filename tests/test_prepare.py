@@ -62,11 +62,13 @@ def test_a_bad_line_names_the_files_line_across_chunks_or_is_skipped_and_counted
     lines.insert(250, '{"conversations": [{"role": "robot", "content": "x"}]}')  # line 251, past several chunks
     lines.insert(120, "")  # a blank line is no record, but it is a line
     source = tmp_path / "sft.jsonl"
-    source.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n" + b'{"text": "caf\xe9"}\r\n')  # BOM, CRLF, latin-1 at the end
+    source.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")  # BOM, CRLF
     stage = StageData("sft", seq_len=96)
     root = str(tmp_path / "prepared")
-    with pytest.raises(DataFormatError, match=r"sft.jsonl:252: .*role 'robot'"):
+    with pytest.raises(DataFormatError, match=r"sft.jsonl:252: .*role 'robot'.* \(--skip-bad skips and counts such lines\)"):
         prepare(str(source), tokenizer, stage, root, chunk_bytes=SMALL_CHUNKS)
+    with source.open("ab") as file:
+        file.write(b'{"text": "caf\xe9"}\r\n')  # latin-1 at the end
     prepared = prepare(str(source), tokenizer, stage, root, skip_bad=True, chunk_bytes=SMALL_CHUNKS)
     assert prepared.manifest["skipped_lines"] == 2 and prepared.manifest["records"] == 300
     assert prepared.manifest["rows"] == len(load_stage_dataset(source, tokenizer, stage, skip_bad=True))
@@ -76,6 +78,108 @@ def test_a_bad_line_names_the_files_line_across_chunks_or_is_skipped_and_counted
     latin1.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
     with pytest.raises(DataFormatError, match=r"latin1.jsonl:2: not valid UTF-8"):
         prepare(str(latin1), tokenizer, StageData("pretrain", seq_len=8), root)
+
+
+def test_a_format_error_is_an_error_but_a_blank_pretraining_text_is_left_out_and_reported(ray_cluster, demo, tmp_path):
+    _, tokenizer = demo
+    records = pretrain_records(40)
+    records[10:10] = [{"text": " "}, {"text": ""}, {"text": "\n\t"}]  # the seed's noisy tail: no text, not a broken file
+    source = write_jsonl(tmp_path / "blank.jsonl", records)
+    stage = StageData("pretrain", seq_len=32)
+    prepared = prepare(str(source), tokenizer, stage, str(tmp_path / "prepared"))
+    report = prepared.report
+    assert report["records"] == 43 and report["blank_skipped"] == 3 and prepared.manifest["skipped_lines"] == 0
+    assert any(flag.startswith("blank: 3 records") for flag in report["flags"])
+    expected = load_stage_dataset(source, tokenizer, stage)  # the in-process reader leaves them out too
+    rows = PreparedRows(prepared.location)
+    assert [rows[i] for i in range(len(rows))] == [expected[i] for i in range(len(expected))]
+
+    wrong_type = write_jsonl(tmp_path / "wrong.jsonl", [*records[:5], {"text": 5}, *records[5:]])
+    with pytest.raises(DataFormatError, match=r"wrong.jsonl:6: needs a string \"text\" \(--skip-bad skips and counts such lines\)"):
+        prepare(str(wrong_type), tokenizer, stage, str(tmp_path / "prepared"))
+
+
+def test_a_bad_line_stops_the_preparation_without_waiting_for_the_other_chunks(ray_cluster):
+    """`gather` takes chunk summaries as they finish: the first with a bad line cancels every task still
+    running or waiting. Stand-ins for the chunk tasks: one fails at once, the others would take a minute
+    (in short sleeps: a cancelled task stops when it next runs Python, as a chunk task does between batches)."""
+    import time
+
+    import ray
+
+    from minimind.prepare import gather
+
+    @ray.remote(num_cpus=1)
+    def chunk(index, error, seconds):
+        for _ in range(int(seconds / 0.1)):
+            time.sleep(0.1)
+        return {"index": index, "error": error}
+
+    slow = [chunk.remote(index, None, 60) for index in (0, 2, 3)]  # two run on the two CPUs, one waits
+    bad = chunk.options(num_cpus=0).remote(1, (7, "not JSON"), 0.2)
+    began = time.monotonic()
+    done = gather({ref: {"start": 0, "end": 1} for ref in [slow[0], bad, *slow[1:]]}, stop_at_error=True)
+    assert time.monotonic() - began < 20 and done == [{"index": 1, "error": (7, "not JSON")}]
+    for ref in slow:
+        with pytest.raises(ray.exceptions.TaskCancelledError):
+            ray.get(ref, timeout=20)
+
+
+def test_a_file_edited_in_the_middle_with_its_mtime_restored_is_prepared_again(ray_cluster, demo, tmp_path):
+    """`cp -p`, `rsync -a` and `tar x` restore the mtime: the size, mtime, first and last MiB then match
+    although the content differs. Spaces (valid JSON) put the edit 1 MiB from either end, cheaply."""
+    import os
+
+    from minimind.prepare import source_fingerprint
+
+    _, tokenizer = demo
+    padding = " " * (1 << 20)
+    source = tmp_path / "edited.jsonl"
+    source.write_text(f'{{"text": "山水 river"}}{padding}\n{{"text": "小猫 41 tea"}}\n{{"text": "故事 mountain"}}{padding}\n', encoding="utf-8")
+    original, stat = source.read_bytes(), source.stat()
+    root, stage = str(tmp_path / "prepared"), StageData("pretrain", seq_len=16)
+
+    def text_of(prepared):
+        rows = PreparedRows(prepared.location)
+        return tokenizer.decode([token for i in range(len(rows)) for token in rows[i]["input_ids"][: rows[i]["length"]]])
+
+    first = prepare(str(source), tokenizer, stage, root)
+    source.write_bytes(original.replace(b"41", b"42"))
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert source_fingerprint(str(source)) == first.manifest["source_fingerprint"]  # the cheap fingerprint cannot tell
+    edited = prepare(str(source), tokenizer, stage, root)
+    assert not edited.reused and edited.location != first.location
+    assert "42" in text_of(edited) and "41" in text_of(first)
+    assert prepare(str(source), tokenizer, stage, root).location == edited.location  # found again, by its content
+    source.write_bytes(original)
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    again = prepare(str(source), tokenizer, stage, root)
+    assert again.reused and again.location == first.location
+
+
+def test_progress_shows_chunks_rate_and_eta_in_place_on_a_terminal_and_every_few_percent_in_a_log():
+    import io
+
+    from minimind.prepare import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stream in (io.StringIO(), Terminal()):
+        now = [0.0]
+        progress = Progress("[prepare] preparing", 200_000_000, 40, stream=stream, clock=lambda: now[0], step=0.1, quiet_s=5)
+        for _ in range(40):
+            now[0] += 1
+            progress.advance(5_000_000)
+        progress.close()
+        text = stream.getvalue()
+        assert "[prepare] preparing: 5/40 chunks, 25/200 MB (12%), 5.0 MB/s, ETA 0m35s" in text  # nothing in the first 5 s
+        assert " 4/40 chunks" not in text and "40/40 chunks, 200/200 MB (100%)" in text
+        if isinstance(stream, Terminal):
+            assert text.count("\r") == 36 and text.endswith("\n")
+        else:
+            assert len(text.splitlines()) == 10  # the first once 5 s passed (12%), then one at each 10% (20%, ..., 100%)
 
 
 def test_the_same_inputs_are_prepared_once(ray_cluster, demo, tmp_path, monkeypatch):
