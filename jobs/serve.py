@@ -12,10 +12,10 @@ Then: curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: applicati
 or any OpenAI client with base_url="http://127.0.0.1:8000/v1"; the chat page is http://127.0.0.1:8000/.
 The app keeps running after this script returns with --detach; stop it with `serve shutdown -y`.
 
-Every request is bounded (body bytes, messages, characters, images, image bytes and pixels, the time
-to its last token) and each model holds a bounded queue (more: 429 with Retry-After). An app the
-cluster cannot place fails here with what is missing (e.g. "minimind needs 1 GPU per replica x 1:
-1 GPU in all; the cluster has 0") instead of Serve waiting for ever.
+Every request is bounded (header count and bytes, body bytes, messages, characters, images, image bytes,
+pixels and aspect ratio, the time to its last token) and each model holds a bounded queue (more: 429 with
+Retry-After). An app the cluster cannot place fails here with what is missing (e.g. "minimind needs 1 GPU
+per replica x 1: 1 GPU in all; the cluster has 0") instead of Serve waiting for ever.
 """
 
 from __future__ import annotations
