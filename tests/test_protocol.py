@@ -79,6 +79,22 @@ def test_bad_sampling_fields_are_refused(field, value):
     assert error.status == 400 and error.param == field
 
 
+@pytest.mark.parametrize("field, value", [
+    ("logprobs", True), ("top_logprobs", 3), ("logit_bias", {"42": 100}), ("tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("tool_choice", "required"), ("response_format", {"type": "json_object"}), ("presence_penalty", 0.5), ("frequency_penalty", -1),
+    ("modalities", ["text", "audio"]),
+])
+def test_openai_fields_this_server_does_not_implement_are_refused_not_ignored(field, value):
+    error = refused(ask(**{field: value}))
+    assert error.status == 400 and error.param == field and "not supported" in error.message
+
+
+def test_the_values_of_unimplemented_fields_that_ask_for_nothing_are_taken():
+    defaults = {"logprobs": False, "top_logprobs": None, "logit_bias": {}, "tools": [], "tool_choice": "none",
+                "response_format": {"type": "text"}, "presence_penalty": 0, "frequency_penalty": 0.0, "modalities": ["text"]}
+    assert parse_chat_request(ask(**defaults), MODELS, Limits()).messages
+
+
 def test_n_of_one_is_the_one_choice_this_server_returns():
     assert parse_chat_request(ask(n=1), MODELS, Limits()).messages and parse_chat_request(ask(n=None), MODELS, Limits())
     assert "one choice per request" in refused(ask(n=2)).message

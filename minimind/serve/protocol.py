@@ -6,7 +6,8 @@ bytes, its JSON (nesting, encoding), the characters per message and in all, the 
 and images, each image's bytes, format (PNG, JPEG, WebP, GIF only: Pillow's other parsers never see
 client bytes), pixels and aspect ratio (checked from the header, before anything is decoded) and whole
 decoding (`open_image`: the model replica decodes it with the same code, so an image passed here does not
-fail there).
+fail there). What the server does not implement (`n` other than 1, logprobs, tools, a JSON response
+format, presence and frequency penalties, ...) is refused, never silently ignored.
 """
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ import uuid
 from dataclasses import dataclass, field
 
 ROLES = ("system", "user", "assistant")
+# OpenAI fields this server does not implement, with the values that ask for nothing (clients send some of
+# them by default): any other value is refused, since a 200 that ignored it would be a wrong answer
+NOT_IMPLEMENTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}), "tools": (None, []),
+                   "tool_choice": (None, "none", "auto"), "functions": (None, []), "function_call": (None, "none", "auto"),
+                   "response_format": (None, {"type": "text"}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+                   "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,)}
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")  # an animated GIF or WebP counts by its first frame
 MAX_IMAGE_ASPECT_RATIO = 20  # long side / short side: a 224-pixel short side makes a long side of at most 4480
 
@@ -246,6 +253,9 @@ def parse_chat_request(body, models: dict[str, bool], limits: Limits, image_mark
     options = body.get("stream_options")
     if options is not None and (not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool)):
         raise APIError(400, "'stream_options' must be an object like {\"include_usage\": true}", param="stream_options")
+    for name, off in NOT_IMPLEMENTED.items():
+        if body.get(name) not in off:
+            raise APIError(400, f"'{name}' is not supported by this server (got {_show(body[name])})", param=name)
     n = body.get("n")
     if n is not None and (isinstance(n, bool) or n != 1):
         # n samples would take n batch rows (n prefills, n KV caches) for one queue slot and one request's
