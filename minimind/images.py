@@ -41,9 +41,9 @@ def load_image(source, max_pixels: int = MAX_IMAGE_PIXELS, name: str | None = No
             if max_aspect_ratio is not None and max(width, height) > max_aspect_ratio * min(width, height):
                 raise ImageOutOfShape(f"{name}: a {width}x{height} image; its long side may be at most "
                                       f"{max_aspect_ratio:g} times its short side")
-            image = ImageOps.exif_transpose(image)
             image.load()
-            return image.convert("RGB")
+            ImageOps.exif_transpose(image, in_place=True)  # in place: one decoded copy fewer
+            return image.convert("RGB")  # a new image (a copy when already RGB): this one closes with its file
     except Image.DecompressionBombError as error:  # Pillow's own, far larger limit
         raise ImageTooLarge(f"{too_large}: {error}") from None
     except FileNotFoundError:
