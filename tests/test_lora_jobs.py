@@ -66,7 +66,9 @@ def test_lora_flags_that_cannot_work_are_refused_before_anything_runs(mlflow_sto
         run_stage(PretrainConfig(**LORA), "pretrain")
     with pytest.raises(SystemExit, match="text stages"):
         run_stage(VLMConfig(**LORA), "vlm_pretrain")
-    with pytest.raises(SystemExit, match="--merge merges LoRA adapters"):
+    with pytest.raises(SystemExit, match="--merge: LoRA settings, which need --lora-rank"):
         run_stage(SFTConfig(**QUICK, merge=True), "sft")
     with pytest.raises(SystemExit, match="unknown LoRA target 'lm_head'"):
         run_stage(SFTConfig(**{**LORA, "lora_targets": "lm_head"}), "sft")
+    with pytest.raises(SystemExit, match="--lora-alpha must be positive"):  # every case: tests/test_runner.py
+        run_stage(SFTConfig(**{**LORA, "lora_alpha": 0.0}), "sft")

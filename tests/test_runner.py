@@ -136,7 +136,7 @@ def test_rank_zero_metric_logging_reports_a_failing_tracking_server_and_training
     ({"lora_rank": -1}, "--lora-rank must be positive, not -1"),
     ({"lora_rank": 4, "lora_targets": "lm_head"}, "--lora-targets: unknown LoRA target 'lm_head'"),
 ])
-def test_lora_flags_that_cannot_work_are_refused_before_anything_runs(flags, message):
+def test_check_lora_flags_refuses_each_lora_flag_that_cannot_work(flags, message):
     """run_stage calls check_lora_flags first of all: a worker would meet --lora-dropout 1.5 only after the
     data's preparation and the first evaluation, and alpha 0 or flags without --lora-rank would "succeed"."""
     from minimind.runner import check_lora_flags
