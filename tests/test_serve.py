@@ -167,8 +167,10 @@ def test_a_stop_string_ends_the_reply_before_it(server):
     client = openai_client(server)
     full = client.chat.completions.create(**ask).choices[0].message.content
     assert len(full) >= 4
-    stopped = client.chat.completions.create(**ask, stop=[full[2:4]]).choices[0]
-    assert stopped.message.content == full[: full.index(full[2:4])] and stopped.finish_reason == "stop"
+    # one character: stop strings match the text as generated, and the content does not show the invalid bytes
+    # this random model writes between some characters, so two characters adjacent in the content may not be
+    stopped = client.chat.completions.create(**ask, stop=[full[2]]).choices[0]
+    assert stopped.message.content == full[: full.index(full[2])] and stopped.finish_reason == "stop"
 
 
 def test_image_request_to_the_vision_model(server):
