@@ -191,6 +191,8 @@ class BatchingEngine:
                 for request in requests:
                     self._add(batch, [request], loop)
             return
+        for request in requests:
+            request.pixel_values = None  # in the KV cache now; the session keeps its requests until it ends
         self._deliver(list(zip(requests, first)), loop)
 
     def _deliver(self, results: list[tuple[_Request, int | None]], loop) -> None:
