@@ -20,19 +20,26 @@ What each part measures (all files and folders live under --out, default bench/r
   optional system turn, 1-3 user/assistant turns, replies 50-400 characters, like sft_mini_512), built
   from a seeded pool of sentences; at most --size-mb MiB each, whole lines (the first records do not
   depend on the size; 1024 MiB is 1.07 GB).
+  A third, token-dense pretrain file (`dense`: 200-600 CJK characters drawn uniformly from the whole
+  block, about 0.85M tokens per MiB, 3-4x the pretrain file's) weighs the work after tokenizing most.
+  --files picks which of the three the ceiling and prepare parts measure.
   Cached: a second run finds them. A 6400-token tokenizer (`train_tokenizer`) is trained on the first
   --tokenizer-lines records of the pretrain file, also cached.
 - ceiling: the HF `tokenizers` fast tokenizer alone, `encode_batch(texts, add_special_tokens=False)`
   with TOKENIZERS_PARALLELISM=true on all cores, over the first --ceiling-mb MB of each file: the text
   preparation tokenizes (pretrain: <s> + text + </s>; SFT: the chat-template rendering, rendered outside
   the timed region). MB/s counts the JSONL bytes of the records sampled, as prepare's MB/s counts the
-  file's. Its tokens are before any seq_len cut (prepare's SFT tokens are after it).
+  file's. Its tokens are before any seq_len cut (prepare's SFT tokens are after it). Also its CPU
+  seconds (`time.process_time`), and for text `encode_batch_fast` (the call prepare makes for
+  pretraining text: the same ids without offsets).
 - prepare: each file with `prepare()` in a fresh process with a fresh `ray.init(num_cpus=os.cpu_count())`
   into <out>/storage/prepared, the file's prepared folder deleted first (nothing reused), then the same
   call again (reused: its seconds are printed too). Peak RSS: a thread of that process samples every
   0.2 s itself (the driver) and every process below it (Ray's own processes and its workers: command
   line with `ray::` or `default_worker.py`), keeping each pid's largest RSS. Other Ray instances on the
-  machine are not descendants and are not counted. Targets: >= 0.6x the ceiling's MB/s, <= 2 GiB per
+  machine are not descendants and are not counted. The same thread adds up the CPU seconds of the driver
+  and the workers: "CPU vs ceiling" compares MB per CPU second with the ceiling's, a figure that holds
+  on a machine other work loads too (wall-clock MB/s does not). Targets: >= 0.6x the ceiling's MB/s, <= 2 GiB per
   process.
 - startup: `jobs/pretrain.py` once (demo preset, 1 step, the pretrain file and tokenizer: it finds the
   pretrain file prepared by the bench), then `jobs/sft.py --init models:/minimind-pretrain/latest`
@@ -81,6 +88,7 @@ BLOCK_RECORDS = 4096  # records per generated block (each block has its own seed
 MB = 1e6  # throughput in MB/s, as prepare's own line reports it
 GiB = 1 << 30
 PARTS = ("ceiling", "prepare", "startup", "train")
+FILE_KINDS = ("pretrain", "sft", "dense")  # dense: pretraining text of random CJK characters (stage "pretrain")
 
 
 # --------------------------------------------------------------------------- generated MiniMind-format files
@@ -137,9 +145,22 @@ def sentence_pool(seed: int, sentences: int = 60_000) -> tuple[list[str], list[i
     return escaped, lengths
 
 
+def _dense_lines(rng) -> list[str]:
+    """Token-dense pretraining text: 200-600 CJK characters drawn uniformly from the whole block, so most
+    are outside the tokenizer's merges (about 0.85M tokens per MiB with a 6400-token BPE, 3-4x the
+    pretrain file's): the work after tokenizing weighs most here."""
+    lengths = rng.integers(200, 600, BLOCK_RECORDS)
+    codes = rng.integers(0x4E00, 0x9FA6, int(lengths.sum()), dtype=np.uint32)
+    text = codes.astype("<u4").tobytes().decode("utf-32-le")
+    cuts = np.concatenate([[0], np.cumsum(lengths)]).tolist()
+    return ['{"text": "' + text[start:end] + '"}\n' for start, end in zip(cuts, cuts[1:])]
+
+
 def _block_lines(kind: str, block: int, seed: int, pool: tuple[list[str], list[int]]) -> list[str]:
     escaped, lengths = pool
-    rng = np.random.default_rng([seed, 1 if kind == "pretrain" else 2, block])
+    rng = np.random.default_rng([seed, FILE_KINDS.index(kind) + 1, block])
+    if kind == "dense":
+        return _dense_lines(rng)
     stream = rng.integers(0, len(escaped), BLOCK_RECORDS * 48).tolist()
     size, cursor = len(stream), 0
     lines = []
@@ -172,7 +193,7 @@ def _block_lines(kind: str, block: int, seed: int, pool: tuple[list[str], list[i
 
 
 def generate(kind: str, size_mb: int, seed: int, out: Path, pool=None) -> dict:
-    """The cached file of `kind` (`pretrain`/`sft`) of at most size_mb MiB (the whole lines that fit), written
+    """The cached file of `kind` (`pretrain`/`sft`/`dense`) of at most size_mb MiB (the whole lines that fit), written
     now if missing. At most: a file just over a multiple of prepare's chunk size puts a chunk cut in its last
     line, where `minimind.prepare.chunk_bounds` (as of this writing) loops forever."""
     path = out / f"{kind}-{size_mb}mb-s{seed}-v{GENERATOR_VERSION}.jsonl"
@@ -257,21 +278,32 @@ def ceiling(path: str, kind: str, tokenizer, sample_mb: float, batch: int = 8192
                 texts.append(tokenizer.apply_chat_template(record["conversations"], tokenize=False))
     backend, seconds, tokens = tokenizer.backend_tokenizer, 0.0, 0
     backend.encode_batch(texts[:256], add_special_tokens=False)  # warm-up: the thread pool starts
+    cpu_seconds = 0.0
     for start in range(0, len(texts), batch):
-        began = time.perf_counter()
+        began, began_cpu = time.perf_counter(), time.process_time()
         encodings = backend.encode_batch(texts[start : start + batch], add_special_tokens=False)
         seconds += time.perf_counter() - began
+        cpu_seconds += time.process_time() - began_cpu
         tokens += sum(len(encoding.ids) for encoding in encodings)
         del encodings
-    return {"records": len(texts), "mb": sampled / MB, "seconds": seconds, "tokens": tokens,
-            "mb_per_s": sampled / MB / seconds, "tokens_per_s": tokens / seconds}
+    fast = {}
+    if kind == "pretrain" and hasattr(backend, "encode_batch_fast"):  # what prepare calls for text: the same ids, no offsets
+        began, began_cpu = time.perf_counter(), time.process_time()
+        for start in range(0, len(texts), batch):
+            backend.encode_batch_fast(texts[start : start + batch], add_special_tokens=False)
+        fast = {"fast_mb_per_s": sampled / MB / (time.perf_counter() - began),
+                "fast_mb_per_cpu_s": sampled / MB / (time.process_time() - began_cpu)}
+    return {**fast, "records": len(texts), "mb": sampled / MB, "seconds": seconds, "tokens": tokens,
+            "mb_per_s": sampled / MB / seconds, "tokens_per_s": tokens / seconds, "cpu_seconds": cpu_seconds,
+            "mb_per_cpu_s": sampled / MB / cpu_seconds}
 
 
 # --------------------------------------------------------------------------- prepare, in a fresh Ray process
 
 
 class PeakRSS:
-    """A thread sampling the RSS of this process and of every process below it every `interval` seconds."""
+    """A thread sampling the RSS of this process and of every process below it every `interval` seconds,
+    and the CPU seconds each used meanwhile (the work done, whatever else loads the machine)."""
 
     def __init__(self, interval: float = 0.2):
         import psutil
@@ -282,6 +314,9 @@ class PeakRSS:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self):
+        self.sample()
+        for entry in self.peaks.values():  # processes alive before: only their CPU from now on counts
+            entry["cpu_start"] = entry["cpu"]
         self._thread.start()
         return self
 
@@ -299,11 +334,12 @@ class PeakRSS:
 
         for process in [self.root, *self.root.children(recursive=True)]:
             try:
-                rss, arguments = process.memory_info().rss, process.cmdline()
+                rss, arguments, times = process.memory_info().rss, process.cmdline(), process.cpu_times()
             except psutil.Error:
                 continue
             command = " ".join(arguments)
-            entry = self.peaks.setdefault(process.pid, {"rss": 0, "worker": False, "name": _short_name(arguments)})
+            entry = self.peaks.setdefault(process.pid, {"rss": 0, "worker": False, "name": _short_name(arguments), "cpu_start": 0.0})
+            entry["cpu"] = times.user + times.system + (times.children_user + times.children_system if process == self.root else 0)
             if "ray::" in command or "default_worker.py" in command:
                 entry["worker"] = True
             if "ray::" in command and command.strip() != "ray::IDLE":
@@ -317,7 +353,9 @@ class PeakRSS:
         top = max(workers, key=lambda entry: entry["rss"], default={"rss": 0, "name": ""})
         top_system = max(system, key=lambda entry: entry["rss"], default={"rss": 0, "name": ""})
         return {"driver_rss": driver, "worker_rss": top["rss"], "worker_name": top["name"], "workers": len(workers),
-                "system_rss": top_system["rss"], "system_name": top_system["name"]}
+                "system_rss": top_system["rss"], "system_name": top_system["name"],
+                "work_cpu_seconds": sum(e["cpu"] - e["cpu_start"] for pid, e in self.peaks.items() if e["worker"] or pid == self.root.pid),
+                "system_cpu_seconds": sum(e["cpu"] - e["cpu_start"] for e in system)}
 
 
 def _short_name(arguments: list[str]) -> str:
@@ -564,6 +602,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--chunk-mb", type=int, default=None, help="prepare's chunk size in MiB (default: the library's, 32)")
     add("--tokenizer-lines", type=int, default=20_000, help="pretrain records the tokenizer is trained on")
     add("--job-timeout", type=float, default=1800, help="seconds before a stage job is killed")
+    add("--files", nargs="+", choices=FILE_KINDS, default=list(FILE_KINDS),
+        help="which generated files the ceiling and prepare parts measure (dense: random CJK pretraining text, token-dense)")
     add("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to measure (files are always generated)")
     add("--seed", type=int, default=0)
     add("--out", type=Path, default=RESULTS_DIR / "data", help="generated files, prepared data, stores and logs")
@@ -578,34 +618,44 @@ def main(argv=None):
     from minimind.tokenizer import load_tokenizer
 
     pool, files = None, {}
-    wanted = [("pretrain", "pretrain", args.size_mb), ("sft", "sft", args.size_mb)]
+    wanted = [(kind, kind, args.size_mb) for kind in args.files]
     if args.also_mb:
         wanted.append((f"pretrain {args.also_mb} MiB", "pretrain", args.also_mb))
-    for name, kind, size in wanted:
-        if pool is None and not (out / f"{kind}-{size}mb-s{args.seed}-v{GENERATOR_VERSION}.jsonl").is_file():
+    for name, file_kind, size in wanted:
+        if pool is None and not (out / f"{file_kind}-{size}mb-s{args.seed}-v{GENERATOR_VERSION}.jsonl").is_file():
             pool = sentence_pool(args.seed)
-        files[name] = {"kind": kind, **generate(kind, size, args.seed, out, pool)}
+        stage_kind = "sft" if file_kind == "sft" else "pretrain"  # a dense file is pretraining text
+        files[name] = {"kind": stage_kind, "file_kind": file_kind, **generate(file_kind, size, args.seed, out, pool)}
+    if "pretrain" not in files:  # the tokenizer is trained on it
+        files["pretrain"] = {"kind": "pretrain", "file_kind": "pretrain", **generate("pretrain", args.size_mb, args.seed, out, pool)}
     tokenizer_dir = str(bench_tokenizer(files["pretrain"]["path"], args.tokenizer_lines, args.seed, out))
     tokenizer = load_tokenizer(tokenizer_dir)
     results: dict = {"args": {**vars(args), "out": str(out)}, "files": files, "tokenizer": tokenizer_dir}
 
     if "ceiling" in args.parts:
-        for name in ("pretrain", "sft"):
+        for name in args.files:
             c = files[name]["ceiling"] = ceiling(files[name]["path"], files[name]["kind"], tokenizer, args.ceiling_mb)
             print(f"[ceiling] {name}: {c['mb']:.0f} MB, {c['tokens']:,} tokens in {c['seconds']:.1f}s "
-                  f"({c['mb_per_s']:.1f} MB/s, {c['tokens_per_s']:,.0f} tokens/s)")
+                  f"({c['mb_per_s']:.1f} MB/s, {c['tokens_per_s']:,.0f} tokens/s, {c['mb_per_cpu_s']:.2f} MB per CPU s)"
+                  + (f"; encode_batch_fast {c['fast_mb_per_s']:.1f} MB/s, {c['fast_mb_per_cpu_s']:.2f} MB per CPU s" if "fast_mb_per_s" in c else ""))
 
     if "prepare" in args.parts:
         for name, entry in files.items():
+            if name not in args.files and not name.startswith("pretrain "):
+                continue
             p = entry["prepare"] = in_child(prepare_in_fresh_ray, entry["path"], entry["kind"], tokenizer_dir, root, args.seq_len,
                                             chunk_mb=args.chunk_mb)
             print(f"[prepare] {name}: {p['seconds']:.1f}s ({p['mb_per_s']:.1f} MB/s); reused call {p['reused_seconds']:.2f}s; "
                   f"peak RSS driver {_gib(p['driver_rss'])}, workers {_gib(p['worker_rss'])} ({p['workers']} worker processes), "
                   f"Ray's own processes {_gib(p['system_rss'])} ({p['system_name']})")
-            c = files[entry["kind"]].get("ceiling")  # the --also-mb file: the pretrain file's ceiling (the same text)
+            c = entry.get("ceiling") or files["pretrain"].get("ceiling")  # the --also-mb file: the pretrain file's (the same text)
             if c:
                 p["vs_ceiling"] = p["mb_per_s"] / c["mb_per_s"]
-            if name not in ("pretrain", "sft") and not args.keep_also:
+                p["cpu_vs_ceiling"] = p["mb"] / p["work_cpu_seconds"] / c["mb_per_cpu_s"]
+                print(f"[prepare] {name}: {p['work_cpu_seconds']:.1f} CPU s in the driver and Ray workers "
+                      f"({p['mb'] / p['work_cpu_seconds']:.2f} MB per CPU s, the ceiling {c['mb_per_cpu_s']:.2f}: "
+                      f"{p['cpu_vs_ceiling']:.2f}x), {p['system_cpu_seconds']:.1f} CPU s in Ray's own processes")
+            if name not in FILE_KINDS and not args.keep_also:
                 shutil.rmtree(p["location"], ignore_errors=True)
 
     if "startup" in args.parts:
@@ -647,11 +697,12 @@ def print_tables(results: dict, args) -> None:
             targets.append((f"{name}: peak RSS per process <= 2 GiB", max(p["driver_rss"], p["worker_rss"]) <= 2 * GiB))
             if "vs_ceiling" in p:
                 row["vs ceiling"] = f"{p['vs_ceiling']:.2f}x"
+                row["CPU vs ceiling"] = f"{p['cpu_vs_ceiling']:.2f}x"
                 targets.append((f"{name}: prepare >= 0.6x the ceiling", p["vs_ceiling"] >= 0.6))
         rows.append(row)
     print()
     print_table(rows, ["file", "MB", "ceiling MB/s", "ceiling tok/s", "prepare s", "prepare MB/s", "prepare tok/s", "vs ceiling",
-                       "reused s", "driver peak", "worker peak"])
+                       "CPU vs ceiling", "reused s", "driver peak", "worker peak"])
     if "startup" in results:
         s = results["startup"]
         print()

