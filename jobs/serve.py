@@ -37,7 +37,8 @@ LIMIT_FLAGS = {  # Limits fields with a flag each
     "max_total_chars": "characters in all messages; 413 past this",
     "max_images": "per request",
     "max_image_bytes": "per image; 413 past this",
-    "max_image_pixels": "per image, read from its header before decoding; the gateway and the model replicas apply the same limit; 413 past this",
+    "max_image_pixels": "per image, read from its header before decoding (the gateway's check and the model replicas' decoding "
+                        "apply the same limit); 413 past this",
     "remote_image_timeout_s": "for one remote image, from the name lookup to the last byte",
 }
 

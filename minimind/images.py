@@ -51,6 +51,7 @@ def load_image(source, max_pixels: int = MAX_IMAGE_PIXELS, name: str | None = No
     except ImageError:
         raise
     except UnidentifiedImageError:
-        raise UnknownImageFormat(f"{name}: not a readable image (not {', '.join(formats) if formats else 'a format Pillow reads'})") from None
+        expected = ", ".join(formats) if formats else "a format Pillow reads"
+        raise UnknownImageFormat(f"{name}: not a readable image (not {expected})") from None
     except Exception as error:  # noqa: BLE001 - Pillow's parsers raise many kinds (struct.error from a garbage EXIF block)
         raise ImageError(f"{name}: not a readable image ({type(error).__name__}: {error})") from None
