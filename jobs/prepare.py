@@ -8,7 +8,9 @@ before training.
         --seq-len 512 --storage-path s3://bucket/minimind/ray_results
     ray job submit --working-dir . -- python jobs/prepare.py --stage pretrain --data s3://bucket/pretrain_hq.jsonl ...
 
-The same file, tokenizer and settings are never prepared twice: the output folder is named after them.
+The same file, tokenizer and settings are never prepared twice: the output folder is named after them,
+and it is reused only when the file's whole content has the digest its manifest recorded. Long work shows
+its progress (chunks done, MB/s, ETA): in place on a terminal, a line per 5% in a log.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ class PrepareConfig:
     seq_len: int = field(default=256, metadata={"help": "longest row in tokens (the stage job's --seq-len)"})
     image_tokens: int = field(default=0, metadata={"help": "vlm: placeholder tokens per image (default: the --tokenizer model's tower, "
                                                            "else the demo tower's)"})
-    skip_bad: bool = field(default=False, metadata={"help": "skip malformed lines (counted) instead of failing"})
+    skip_bad: bool = field(default=False, metadata={"help": "skip malformed lines (not JSON, wrong types, missing keys; counted) "
+                                                            "instead of stopping at the first (a blank pretraining text is no "
+                                                            "error: it is left out and counted in the data report)"})
     drop_duplicates: bool = field(default=False, metadata={"help": "leave out records that exactly repeat an earlier one"})
     storage_path: str | None = field(default=None, metadata={"help": "Ray storage of the stage jobs; prepared data goes to <it>/prepared"})
     prepared: str | None = field(default=None, metadata={"help": "where prepared data is kept (default: <storage-path>/prepared)"})

@@ -192,7 +192,8 @@ def prepare(source: str, tokenizer, stage: StageData, root: str, skip_bad: bool 
         say(f"[prepare] {source}: prepared already at {location} ({manifest['rows']:,} rows, {manifest['tokens']:,} tokens)")
         return Prepared(location, manifest, reused=True)
     if found.content_sha256:
-        say(f"[prepare] {source}: its content differs from what was prepared for its size, time and first and last MiB")
+        say(f"[prepare] {source}: the folder for its size, time and first and last MiB holds other content (or a preparation "
+            "without a content digest): this content gets a folder of its own")
 
     size = fingerprint["size"]
     chunks = chunk_bounds(read_from or source, size, chunk_bytes)
@@ -272,21 +273,23 @@ def gather(pending: dict, stop_at_error: bool, progress: "Progress | None" = Non
     import ray
 
     pending, done = dict(pending), []
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        if len(pending) > 1:  # others that finished meanwhile: the earliest bad line among them is reported
-            ready += ray.wait([ref for ref in pending if ref not in ready], num_returns=len(pending) - 1, timeout=0)[0]
-        for ref in ready:
-            spec = pending.pop(ref)
-            done.append(ray.get(ref))
-            if progress:
-                progress.advance(spec["end"] - spec["start"])
-        if stop_at_error and any(summary["error"] for summary in done):
-            for ref in pending:
-                ray.cancel(ref)
-            break
-    if progress:
-        progress.close()
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            if len(pending) > 1:  # others that finished meanwhile: the earliest bad line among them is reported
+                ready += ray.wait([ref for ref in pending if ref not in ready], num_returns=len(pending) - 1, timeout=0)[0]
+            for ref in ready:
+                spec = pending.pop(ref)
+                done.append(ray.get(ref))  # a task that failed raises here: the finally cancels the others
+                if progress:
+                    progress.advance(spec["end"] - spec["start"])
+            if stop_at_error and any(summary["error"] for summary in done):
+                break
+    finally:
+        for ref in pending:
+            ray.cancel(ref)
+        if progress:
+            progress.close()
     return sorted(done, key=lambda summary: summary["index"])
 
 
