@@ -185,6 +185,17 @@ def test_a_blank_pretraining_text_is_well_formed_and_left_out(tmp_path):
     assert len(read_jsonl_dataset(path, "pretrain")) == 2
 
 
+def test_the_arrow_cache_is_not_reused_for_a_file_edited_with_its_mtime_restored(tmp_path):
+    import os
+
+    path = write_jsonl(tmp_path / "p.jsonl", [{"text": "第41行"}, {"text": "第2行"}])
+    stat = path.stat()
+    assert read_jsonl_dataset(path, "pretrain")[0]["text"] == "第41行"
+    path.write_bytes(path.read_bytes().replace(b"41", b"42"))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as `cp -p`, `rsync -a` and `tar x` leave it
+    assert read_jsonl_dataset(path, "pretrain")[0]["text"] == "第42行"
+
+
 def test_datasets_are_memory_mapped_arrow(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"text": f"第{i}行"} for i in range(50)])
     dataset = read_jsonl_dataset(path, "pretrain")
