@@ -747,3 +747,24 @@ def test_the_gateway_reads_a_body_only_up_to_its_limit():
 
     assert asyncio.run(outcome([(b"content-length", b"1000000")])).status == 413 and received == []  # refused unread
     assert asyncio.run(outcome([])).status == 413 and len(received) == 11  # counted while streaming: stops past the limit
+
+
+def test_a_replica_keeps_no_downloaded_model_on_disk(server, tmp_path):
+    """A models:/ URI is downloaded to a temporary folder that is gone once the replica has loaded it
+    (one folder per replica start was left in /tmp before)."""
+    import ray
+
+    from minimind.serve.app import ModelServer, ModelSpec
+    from minimind.serve.protocol import Limits
+
+    @ray.remote(num_cpus=0.1)
+    def start_replica(scratch: str, tracking_uri: str) -> tuple[dict, list]:
+        import tempfile
+
+        tempfile.tempdir = scratch
+        replica = ModelServer.func_or_class(asdict(ModelSpec("m", "models:/minimind-reason/latest")), asdict(Limits()), tracking_uri)
+        return replica.info(), os.listdir(scratch)
+
+    info, left = ray.get(start_replica.remote(str(tmp_path), os.environ["MLFLOW_TRACKING_URI"]), timeout=120)
+    assert left == []
+    assert info == {"takes_images": False, "context": 1024, "source": "models:/minimind-reason/latest"}

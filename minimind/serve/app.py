@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -92,8 +91,9 @@ class ModelServer:
             os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
         torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
         tracking.configure()
-        self.model_dir = tracking.resolve_model(spec.uri, Path(tempfile.mkdtemp(prefix=f"minimind-serve-{spec.name}-")))
-        self.chat_model = ChatModel(self.model_dir, Limits(**limits), spec.max_batch_size, spec.batch_wait_ms / 1000, spec.dtype)
+        self.source = spec.uri
+        with tracking.resolved_model(spec.uri) as model_dir:  # everything is in memory once loaded: nothing left on disk
+            self.chat_model = ChatModel(model_dir, Limits(**limits), spec.max_batch_size, spec.batch_wait_ms / 1000, spec.dtype)
         self.stuck_after_s = spec.stuck_after_s
 
     def check_health(self) -> None:
@@ -108,7 +108,7 @@ class ModelServer:
                 "stuck_s": round(engine.stuck_for(), 1), "ok": engine.stuck_for() <= self.stuck_after_s}
 
     def info(self) -> dict:
-        return {"takes_images": self.chat_model.takes_images, "context": self.chat_model.context, "model_dir": str(self.model_dir)}
+        return {"takes_images": self.chat_model.takes_images, "context": self.chat_model.context, "source": self.source}
 
     def stats(self) -> dict:
         engine = self.chat_model.engine
