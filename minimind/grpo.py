@@ -1,13 +1,22 @@
 """GRPO: reinforcement learning from rewards, the loop each Ray Train worker of `jobs/grpo.py` runs.
 
-Every step, on each worker:
+Every step, on each worker, in named phases:
 
-    its prompts --policy weights through Ray's object store--> rollout actor (minimind.rollout):
-    G sampled completions per prompt --rewards (minimind.rewards)--> advantages within each group
-    --policy forward--> clipped policy-gradient loss + KL to the frozen starting model --> AdamW update(s)
+    hand_over: the policy's weights (each tensor once) --Ray's object store--> rollout actor (minimind.rollout)
+    roll out:  G sampled completions per prompt at --temperature / --top-p
+    score:     rewards (minimind.rewards) -> advantages within each group; the old policy's and the
+               reference's log-probabilities (score_before_update)
+    update:    clipped policy-gradient loss (grpo) or capped importance weights (cispo) + KL to the
+               frozen starting model --> AdamW step(s)
+    report:    reward and completion statistics over every rank's rollouts (rollout_stats)
+
+Two choices keep the ratio pi / pi_old and the policy gradient those of the policy that sampled, as
+TRL's GRPO does: every log-probability is scored at the sampling temperature, softmax(logits / T), on the
+whole vocabulary (not the top-p truncation: below top-p 1 the ratios are those of the untruncated
+policy); and the policy runs with dropout off (`policy_to_train`), the rollout actor's policy exactly.
 
 The rest is the one training loop's (minimind.train): the schedule, DDP, checkpoints with optimiser,
-step and RNG state (a resumed run samples the same completions), the step line and MLflow metrics.
+step and RNG state (a resumed run samples the same completions), --compile, --val-every, the step line and MLflow metrics.
 Prompts are the prepared rows of a chat file (the reasoning kind): everything before the last reply,
 with that reply as the reference the answer reward compares to. With the answer reward and no model
 reward, only records whose reference is in <think>/<answer> form are used: the others have no answer to check.
@@ -25,11 +34,14 @@ import torch
 from minimind.data import _pad
 from minimind.flops import peak_flops
 from minimind.losses import IGNORE_INDEX, group_advantages, policy_loss, sequence_logprobs, token_logprobs
+from minimind.lora import LoRAConfig, adapter_state
 from minimind.rewards import MODEL_REWARD, Completion, parse_weights, reasoning_parts, score
+from minimind.rollout import unique_tensors
 from minimind.stages import STAGES, _frozen, unwrap
 from minimind.tokenizer import Markers
 from minimind.train import (
-    _MetricLogger, _report_checkpoint, _say, adamw, autocast_dtype, cosine_lr, ddp_options, model_to_train, resume_from_checkpoint,
+    _MetricLogger, _report_checkpoint, _say, adamw, autocast_dtype, compile_for_training, cosine_lr, ddp_options, model_to_train,
+    resume_from_checkpoint,
 )
 
 
@@ -84,17 +96,139 @@ def sequences(prompts: list[Prompt], completions: list[list[int]], finished: lis
     return _pad(rows, pad_id, width), _pad(labels, IGNORE_INDEX, width)
 
 
-def completion_logprobs(model, ids: torch.Tensor, labels: torch.Tensor, with_aux: bool = False):
-    """Log-probability of every completion token under `model` (rows, length - 1); 0 elsewhere. With
-    `with_aux`, also the forward's MoE load-balancing loss (0 for a dense model)."""
+def completion_logprobs(model, ids: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, with_aux: bool = False):
+    """Log-probability of every completion token under `model` sampling at `temperature`, softmax(logits / T),
+    (rows, length - 1); 0 elsewhere. With `with_aux`, also the forward's MoE load-balancing loss (0 for a dense model)."""
     output = model(ids, return_logits=False)
-    logps = token_logprobs(output.hidden_states, unwrap(model).lm_head.weight, labels)
+    logps = token_logprobs(output.hidden_states, unwrap(model).lm_head.weight, labels, temperature=temperature)
     return (logps, output.aux_loss) if with_aux else logps
 
 
-def _stats(prefix: str, values: list[float]) -> dict[str, float]:
-    tensor = torch.tensor(values, dtype=torch.float64)
-    return {f"{prefix}/mean": float(tensor.mean()), f"{prefix}/std": float(tensor.std(unbiased=False))}
+def policy_to_train(job, stage, device) -> tuple[torch.nn.Module, LoRAConfig | None]:
+    """The training loop's model (with fresh adapters for --lora-rank) as GRPO trains it: with dropout off
+    (eval mode; TRL's GRPO disables dropout too), so that at unchanged weights every forward gives the same
+    log-probabilities (with --lora-dropout 0.1 the ratios ranged 0.945 to 1.05) and the policy trained is
+    the one the rollout actor samples; compiled with --compile."""
+    model, lora = model_to_train(job, stage, device)
+    model.eval()
+    if job.config.compile:
+        compile_for_training(model)
+    return model, lora
+
+
+def hand_over(model, whole: bool) -> dict[str, torch.Tensor]:
+    """The policy's weights for the rollout actor, on the CPU: every tensor once (a tied head goes as the
+    embedding it is), or with `whole` False only a LoRA policy's adapters."""
+    if not whole:
+        return adapter_state(model)
+    return {name: tensor.detach().cpu() for name, tensor in unique_tensors(unwrap(model)).items()}
+
+
+def micro_batches(rows: int, grad_accum: int) -> list[torch.Tensor]:
+    """The row indices of each micro-batch of a step's `rows` completions."""
+    return list(torch.arange(rows).chunk(grad_accum))
+
+
+def _autocast(device, amp_dtype):
+    return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+
+
+def score_before_update(model, reference, ids: torch.Tensor, labels: torch.Tensor, chunks: list[torch.Tensor], config,
+                        amp_dtype=None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The old policy's log-probabilities (only with --updates-per-rollout above 1: with one update the
+    policy's own, detached, are the old ones) and the reference's, at the sampling temperature, micro-batch
+    by micro-batch as `update` scores them: the same shapes, so at unchanged weights the ratio is exactly 1."""
+    old, ref = [], []
+    with torch.no_grad(), _autocast(ids.device, amp_dtype):
+        for rows in chunks:
+            if config.updates_per_rollout > 1:
+                old.append(completion_logprobs(model, ids[rows], labels[rows], config.temperature))
+            if reference is not None:
+                ref.append(completion_logprobs(reference, ids[rows], labels[rows], config.temperature))
+    return (torch.cat(old) if old else None), (torch.cat(ref) if ref else None)
+
+
+def active_tokens(trained: torch.Tensor, world: int) -> torch.Tensor:
+    """The completion tokens of the whole step on every rank, divided by the ranks (DDP averages the
+    gradients over them): what CISPO's loss is divided by. One all-reduce, on the device, no host wait."""
+    count = trained.sum().to(torch.float32)
+    if world > 1:
+        torch.distributed.all_reduce(count)
+    return count.clamp(min=1.0) / world
+
+
+def update(model, optimizer, params: list, ids: torch.Tensor, labels: torch.Tensor, advantages: torch.Tensor,
+           old_logps: torch.Tensor | None, reference_logps: torch.Tensor | None, chunks: list[torch.Tensor], config,
+           lrs: list[float], tokens: torch.Tensor | None = None, amp_dtype=None) -> dict:
+    """--updates-per-rollout optimiser steps on one step's rollouts, each accumulated over `chunks`, at the
+    learning rates `lrs`. The micro-batch losses add up to the batch's: grpo's per-completion means are
+    summed and divided by the batch's completions, cispo's token sums by `tokens` (`active_tokens`; by
+    default this rank's). Returns the metrics as tensors, averaged over the updates (train/loss, grpo/*,
+    loss/aux for an MoE policy, the last update's train/grad_norm)."""
+    trained = labels[:, 1:] != IGNORE_INDEX  # the tokens each log-prob row scores
+    rows_total = ids.shape[0]
+    if tokens is None:
+        tokens = trained.sum().clamp(min=1).float()
+    sums: dict = {}
+    for lr in lrs:
+        for group_ in optimizer.param_groups:
+            group_["lr"] = lr
+        for number, rows in enumerate(chunks):
+            last = number == len(chunks) - 1
+            with (model.no_sync() if not last and hasattr(model, "no_sync") else nullcontext()), _autocast(ids.device, amp_dtype):
+                logps, aux_loss = completion_logprobs(model, ids[rows], labels[rows], config.temperature, with_aux=True)
+                loss, metrics = policy_loss(
+                    logps, old_logps[rows] if old_logps is not None else logps.detach(), advantages[rows], trained[rows],
+                    clip_eps=config.clip_eps, loss_type=config.loss_type, max_ratio=config.cispo_max_ratio,
+                    reference_logps=reference_logps[rows] if reference_logps is not None else None, kl_coef=config.kl_coef,
+                    completions=rows_total, tokens=tokens,
+                )
+                if unwrap(model).config.is_moe:  # the router keeps its load balancing, as in every other stage
+                    metrics["loss/aux"] = aux_loss.detach()
+                    loss = loss + aux_loss * len(rows) / rows_total
+                loss.backward()
+            sums["train/loss"] = sums.get("train/loss", 0.0) + loss.detach() / len(lrs)
+            for key, value in metrics.items():  # means over these rows, weighted by their share of the batch
+                sums[key] = sums.get(key, 0.0) + value.detach() * len(rows) / rows_total / len(lrs)
+        sums["train/grad_norm"] = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return sums
+
+
+def rollout_stats(totals: list[float], values: dict[str, list[float]], completions: list[list[int]], finished: list[bool],
+                  group_size: int, trained_tokens: int, device, world: int) -> tuple[dict[str, float], int]:
+    """The step's rollout metrics over every rank's completions: reward/<name>/mean and std (the total and
+    each reward), completion/length, completion/cut_off, grpo/equal_reward_groups; and the tokens trained
+    on, all ranks together. Every rank calls it (one all-reduce of the sums, in float64)."""
+    columns = {"reward/total": totals, **{f"reward/{name}": got for name, got in values.items()}}
+    groups = torch.tensor(totals, dtype=torch.float64).view(-1, group_size)
+    equal = int((groups.amax(dim=1) == groups.amin(dim=1)).sum())
+    counts = [len(totals), sum(len(c) for c in completions), len(finished) - sum(finished), len(groups), equal, trained_tokens]
+    moments = [m for got in columns.values() for m in (sum(got), sum(x * x for x in got))]
+    summed = torch.tensor(counts + moments, dtype=torch.float64, device=device)
+    if world > 1:
+        torch.distributed.all_reduce(summed)
+    summed = summed.tolist()
+    n, lengths, cut, group_count, equal, tokens = summed[:6]
+    stats = {"completion/length": lengths / n, "completion/cut_off": cut / n, "grpo/equal_reward_groups": equal / group_count}
+    for index, prefix in enumerate(columns):
+        total, squares = summed[6 + 2 * index : 8 + 2 * index]
+        mean = total / n
+        stats[f"{prefix}/mean"], stats[f"{prefix}/std"] = mean, max(squares / n - mean * mean, 0.0) ** 0.5
+    return stats, int(tokens)
+
+
+def held_out_loss(model, tokenizer, job, stage) -> float:
+    """--val-every's val/loss: the policy's mean cross-entropy on the held-out replies (at temperature 1,
+    as every stage's), nan without held-out data. Leaves the policy in eval mode, as GRPO trains it."""
+    from minimind.evaluate import heldout_loss
+
+    if not job.eval_path:
+        return float("nan")
+    with torch.no_grad():
+        return heldout_loss(unwrap(model), tokenizer, job.eval_path, kind=stage.data_kind, seq_len=job.config.seq_len,
+                            limit=job.config.eval_limit)
 
 
 def grpo_loop_per_worker(loop_config: dict) -> None:
@@ -103,7 +237,6 @@ def grpo_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     from ray.train.torch import get_device, prepare_model
 
-    from minimind.lora import adapter_state
     from minimind.rollout import RolloutWorker
     from minimind.shards import PreparedRows
     from minimind.tokenizer import load_tokenizer
@@ -122,7 +255,7 @@ def grpo_loop_per_worker(loop_config: dict) -> None:
     job.fetch_inputs()
     tokenizer = load_tokenizer(job.init_dir)
     markers = Markers.of(tokenizer)
-    model, lora = model_to_train(job, stage, device)
+    model, lora = policy_to_train(job, stage, device)
     reference = _frozen(job.init_dir, device) if config.kl_coef > 0 else None
     scorer = _frozen(job.reward_model_dir, device) if job.reward_model_dir else None
     weights = parse_weights(config.rewards)
@@ -153,18 +286,24 @@ def grpo_loop_per_worker(loop_config: dict) -> None:
     flops_per_token = 6 * unwrap(model).num_parameters(active=True)
     if rank == 0:
         _say(f"[{job.stage}] {len(prompts)} prompts, {config.batch_size} x {group} completions per step and worker, {total_steps} steps")
+        dropout = {"dropout": unwrap(model).config.dropout, "--lora-dropout": lora.dropout if lora else 0.0}
+        if any(dropout.values()):
+            _say(f"[{job.stage}] trained with dropout off (" + ", ".join(f"{k} {v:g}" for k, v in dropout.items() if v)
+                 + "): the ratios and the rollouts need the one policy that samples")
     started, handed_over = time.perf_counter(), 0
     try:
         while step < total_steps:
             batch = step_prompts(prompts, step, config.batch_size, rank, world, config.seed)
 
-            # the policy's weights to the rollout actor, through the object store
+            # hand_over: the policy's weights to the rollout actor, through the object store
             clock = time.perf_counter()
-            whole = not lora or handed_over == 0  # a LoRA policy's base goes over once, then only its adapters
-            weights_now = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()} if whole else adapter_state(model)
+            # a LoRA policy's base goes over once, then only its adapters
+            weights_now = hand_over(model, whole=not lora or handed_over == 0)
             handed_over += 1
             version = ray.get(rollout.load_weights.remote(ray.put(weights_now), step))
             handover_s = time.perf_counter() - clock
+
+            # roll out
             sampling = {"max_new_tokens": config.max_new_tokens, "temperature": config.temperature, "top_p": config.top_p,
                         "stop_token_ids": [eos_id], "seed": (config.seed * 1_000_003 + step) * world + rank}
             generated = ray.get(rollout.generate.remote([p.ids for p in batch], group, sampling))
@@ -173,67 +312,44 @@ def grpo_loop_per_worker(loop_config: dict) -> None:
             rollout_s = time.perf_counter() - clock - handover_s
             completions, finished = generated["completions"], generated["finished"]
 
-            # rewards and advantages
+            # score: rewards, advantages, the old policy's and the reference's log-probabilities
             ids, labels = sequences(batch, completions, finished, group, eos_id, tokenizer.pad_token_id)
+            trained_tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
             ids, labels = ids.to(device), labels.to(device)
-            trained = labels[:, 1:] != IGNORE_INDEX  # the tokens each log-prob row scores
             texts = [tokenizer.decode(c, skip_special_tokens=False) for c in completions]
             scored = [Completion(t, len(c), f, batch[i // group].reference) for i, (t, c, f) in enumerate(zip(texts, completions, finished))]
-            with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                model_scores = None
-                if scorer is not None:
+            model_scores = None
+            if scorer is not None:
+                with torch.no_grad(), _autocast(device, amp_dtype):
                     model_scores = sequence_logprobs(scorer(ids, return_logits=False).hidden_states, scorer.lm_head.weight, labels).tolist()
-                reference_logps = completion_logprobs(reference, ids, labels) if reference is not None else None
-                old_logps = completion_logprobs(model, ids, labels) if config.updates_per_rollout > 1 else None
             totals, values = score(scored, weights, markers, config.length_limit, model_scores)
-            advantages = group_advantages(torch.tensor(totals), group).to(device)
+            advantages = group_advantages(torch.tensor(totals, dtype=torch.float64), group).to(device)
+            chunks = micro_batches(ids.shape[0], config.grad_accum)
+            old_logps, reference_logps = score_before_update(model, reference, ids, labels, chunks, config, amp_dtype)
 
-            # the update(s)
+            # update
             clock = time.perf_counter()
-            sums: dict = {}
-            chunks = torch.arange(ids.shape[0]).chunk(config.grad_accum)
-            for update in range(config.updates_per_rollout):
-                lr = cosine_lr(step * config.updates_per_rollout + update, total_steps * config.updates_per_rollout,
-                               config.lr, config.warmup_steps, config.min_lr_ratio)
-                for group_ in optimizer.param_groups:
-                    group_["lr"] = lr
-                for number, rows in enumerate(chunks):
-                    last = number == len(chunks) - 1
-                    with (model.no_sync() if not last and hasattr(model, "no_sync") else nullcontext()), torch.autocast(
-                        device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
-                    ):
-                        logps, aux_loss = completion_logprobs(model, ids[rows], labels[rows], with_aux=True)
-                        loss, metrics = policy_loss(
-                            logps, old_logps[rows] if old_logps is not None else logps.detach(), advantages[rows], trained[rows],
-                            clip_eps=config.clip_eps, loss_type=config.loss_type,
-                            reference_logps=reference_logps[rows] if reference_logps is not None else None, kl_coef=config.kl_coef,
-                        )
-                        if unwrap(model).config.is_moe:  # the router keeps its load balancing, as in every other stage
-                            metrics["loss/aux"] = aux_loss.detach()
-                            loss = loss + aux_loss
-                        (loss * len(rows) / ids.shape[0]).backward()
-                    share = len(rows) / ids.shape[0] / config.updates_per_rollout
-                    for key, value in {"train/loss": loss.detach(), **metrics}.items():
-                        sums[key] = sums.get(key, 0.0) + value.detach() * share
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            sums["train/grad_norm"] = grad_norm
+            lrs = [cosine_lr(step * config.updates_per_rollout + u, total_steps * config.updates_per_rollout, config.lr,
+                             config.warmup_steps, config.min_lr_ratio) for u in range(config.updates_per_rollout)]
+            tokens = active_tokens(labels[:, 1:] != IGNORE_INDEX, world) if config.loss_type == "cispo" else None
+            sums = update(model, optimizer, params, ids, labels, advantages, old_logps, reference_logps, chunks, config, lrs,
+                          tokens, amp_dtype)
             update_s = time.perf_counter() - clock
             step += 1
 
-            if logger and (step % config.log_every == 0 or step == total_steps or step == 1):
-                trained_tokens = int(trained.sum()) * config.updates_per_rollout
-                report = {key: float(value) for key, value in sums.items()} | _stats("reward/total", totals)
-                for name, got in values.items():
-                    report |= _stats(f"reward/{name}", got)
-                groups = torch.tensor(totals).view(-1, group)
-                report |= {
-                    "train/lr": lr, "train/tokens_per_s": trained_tokens / max(update_s, 1e-9),
-                    "train/mfu": flops_per_token * trained_tokens / max(update_s, 1e-9) / peak,
-                    "completion/length": sum(len(c) for c in completions) / len(completions),
-                    "completion/cut_off": 1 - sum(finished) / len(finished),
-                    "grpo/equal_reward_groups": float((groups.max(1).values == groups.min(1).values).float().mean()),
+            # report
+            logging = step % config.log_every == 0 or step == total_steps or step == 1
+            stopping = bool(config.stop_after) and config.stop_after <= step < total_steps
+            checkpointing = step % config.checkpoint_every == 0 or step == total_steps or stopping
+            validating = bool(config.val_every) and (step % config.val_every == 0 or step == total_steps)
+            if logging or checkpointing or validating:  # on every rank: the statistics cross the ranks
+                stats, all_tokens = rollout_stats(totals, values, completions, finished, group, trained_tokens, device, world)
+                reported = {"train/loss": float(sums["train/loss"]), "reward/total/mean": stats["reward/total/mean"]}
+            if logger and logging:
+                tokens_per_s = all_tokens * config.updates_per_rollout / max(update_s, 1e-9)
+                report = {key: float(value) for key, value in sums.items()} | stats | {
+                    "train/lr": lrs[-1], "train/tokens_per_s": tokens_per_s,
+                    "train/mfu": flops_per_token * tokens_per_s / world / peak,
                     "time/handover_s": handover_s, "time/rollout_s": rollout_s, "time/update_s": update_s,
                     "rollout/handover_mb": sum(v.numel() * v.element_size() for v in weights_now.values()) / 2**20,
                 }
@@ -241,10 +357,16 @@ def grpo_loop_per_worker(loop_config: dict) -> None:
                 _say(f"[{job.stage}] step {step}: reward {report['reward/total/mean']:.3f} ± {report['reward/total/std']:.3f}"
                      f" | " + " | ".join(f"{name} {report[f'reward/{name}/mean']:.3f}" for name in values)
                      + f" | kl {report['grpo/kl']:.4f} | rollout {rollout_s:.1f}s, update {update_s:.1f}s, hand-over {handover_s * 1e3:.0f} ms")
-            stopping = bool(config.stop_after) and config.stop_after <= step < total_steps
-            if step % config.checkpoint_every == 0 or step == total_steps or stopping:
-                _report_checkpoint(stage, model, tokenizer, optimizer, step, {"train/loss": float(sums["train/loss"]),
-                                   "reward/total/mean": sum(totals) / len(totals), "finished": float(step == total_steps)}, rank, world, lora)
+            if validating:
+                # only rank 0's report counts
+                reported["val/loss"] = held_out_loss(model, tokenizer, job, stage) if rank == 0 else 0.0
+                if logger:
+                    logger.log_metrics(step, {"val/loss": reported["val/loss"]})
+            if checkpointing:
+                _report_checkpoint(stage, model, tokenizer, optimizer, step, {**reported, "finished": float(step == total_steps)},
+                                   rank, world, lora)
+            elif validating:
+                ray.train.report({**reported, "step": step, "finished": 0.0})  # every rank reports, none with a checkpoint
             if stopping:
                 break
     finally:

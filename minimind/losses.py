@@ -13,17 +13,25 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
-def token_cross_entropy(hidden_states: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 512) -> torch.Tensor:
-    """Per-token cross-entropy of `targets` under logits `hidden_states @ head_weight.T`.
+def token_cross_entropy(hidden_states: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 512,
+                        temperature: float = 1.0) -> torch.Tensor:
+    """Per-token cross-entropy of `targets` under logits `hidden_states @ head_weight.T`, divided by
+    `temperature` (in fp32) when it is not 1: the distribution softmax(logits / T) that sampling at T draws from.
 
     hidden_states (..., hidden), targets (...) -> losses (...) in fp32, 0 where the target is IGNORE_INDEX.
     """
     flat_hidden, flat_targets = hidden_states.reshape(-1, hidden_states.shape[-1]), targets.reshape(-1)
     losses = [
-        F.cross_entropy(F.linear(hidden, head_weight).float(), target, ignore_index=IGNORE_INDEX, reduction="none")
+        F.cross_entropy(_tempered(F.linear(hidden, head_weight).float(), temperature), target, ignore_index=IGNORE_INDEX, reduction="none")
         for hidden, target in zip(flat_hidden.split(chunk_size), flat_targets.split(chunk_size))
     ]
     return torch.cat(losses).view(targets.shape)
+
+
+def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    if temperature <= 0:
+        raise ValueError(f"temperature must be above 0, got {temperature}")
+    return logits if temperature == 1.0 else logits / temperature
 
 
 def causal_lm_loss(hidden_states: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -43,10 +51,10 @@ def causal_lm_loss(hidden_states: torch.Tensor, head_weight: torch.Tensor, label
     return (losses * scale).sum() / counted.sum().clamp(min=1.0)
 
 
-def token_logprobs(hidden_states: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def token_logprobs(hidden_states: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Log-probability of each next token (batch, length - 1) that `labels` (aligned with the input,
-    -100 to skip) name; 0 at the skipped ones."""
-    return -token_cross_entropy(hidden_states[:, :-1], head_weight, labels[:, 1:])
+    -100 to skip) name, under softmax(logits / temperature); 0 at the skipped ones."""
+    return -token_cross_entropy(hidden_states[:, :-1], head_weight, labels[:, 1:], temperature=temperature)
 
 
 def sequence_logprobs(hidden_states: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor, average: bool = True) -> torch.Tensor:
@@ -105,35 +113,46 @@ def kd_loss(
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
     """GRPO's advantages (Shao et al. 2024, arXiv:2402.03300): each completion's reward standardised
     within the group of completions of its prompt, (r - mean) / (std + eps), rows grouped in order. A
-    group whose rewards are all equal has nothing to prefer: its advantages are zero."""
+    group whose rewards are all equal has nothing to prefer: its advantages are exactly zero. (Computed
+    in float64, and set to zero where a group holds one value: the float mean of eight 0.6 is not 0.6,
+    and dividing that rounding by eps gave all eight the same |A| of 6e-4.)"""
     if group_size < 2:
         raise ValueError(f"a group needs at least 2 completions to compare, got {group_size}")
-    grouped = rewards.float().view(-1, group_size)
-    return ((grouped - grouped.mean(dim=1, keepdim=True)) / (grouped.std(dim=1, keepdim=True) + eps)).view(-1)
+    grouped = rewards.double().view(-1, group_size)
+    advantages = (grouped - grouped.mean(dim=1, keepdim=True)) / (grouped.std(dim=1, keepdim=True) + eps)
+    equal = grouped.amax(dim=1, keepdim=True) == grouped.amin(dim=1, keepdim=True)
+    return advantages.masked_fill(equal, 0.0).float().view(-1)
 
 
 def policy_loss(
     logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float = 0.2,
-    loss_type: str = "grpo", reference_logps: torch.Tensor | None = None, kl_coef: float = 0.0,
+    loss_type: str = "grpo", reference_logps: torch.Tensor | None = None, kl_coef: float = 0.0, max_ratio: float = 5.0,
+    completions: float | None = None, tokens: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The policy-gradient loss of GRPO on per-token log-probs (completions, tokens), per token:
 
         grpo:   -min(r A, clip(r, 1 - eps, 1 + eps) A)       PPO's clipped surrogate, r = pi / pi_old
-        cispo:  -sg(min(r, 1 + eps)) A log pi                 CISPO (MiniMax-M1, arXiv:2506.13585): the
-                                                              importance weight is clipped and detached,
-                                                              so no token loses its gradient
+        cispo:  -sg(min(r, max_ratio)) A log pi               CISPO (MiniMax-M1, arXiv:2506.13585, eq. 4): the
+                                                              importance weight is capped and detached, so no
+                                                              token loses its gradient (no lower bound: the
+                                                              paper sets its eps_low large)
         + kl_coef * (exp(ref - log pi) - (ref - log pi) - 1)  the k3 estimate of KL(pi || ref), as GRPO
 
-    averaged over each completion's `mask`ed tokens, then over completions. Metrics: the KL, the share
-    of tokens whose ratio was clipped, the mean ratio."""
+    Reduced as each paper does. grpo: averaged over each completion's `mask`ed tokens, summed over
+    completions and divided by `completions`. cispo: summed over every masked token and divided by
+    `tokens`, the token count of the whole batch, so a long completion's tokens weigh what a short one's
+    do (the length bias CISPO removes; TRL: the active tokens of the accumulated batch). When these rows
+    are one micro-batch of a larger batch, pass that batch's counts and the micro-batch losses add up to
+    its loss; by default these rows are the whole batch. Metrics: the KL (per completion), the share of
+    tokens whose ratio was clipped, the mean ratio."""
     ratio = torch.exp(logps - old_logps)
     advantage = advantages[:, None].to(logps.dtype)
     if loss_type == "grpo":
         per_token = -torch.min(ratio * advantage, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantage)
         clipped = ((ratio > 1 + clip_eps) & (advantage > 0)) | ((ratio < 1 - clip_eps) & (advantage < 0))
     elif loss_type == "cispo":
-        per_token = -torch.clamp(ratio, max=1 + clip_eps).detach() * advantage * logps
-        clipped = ratio > 1 + clip_eps
+        per_token = -torch.clamp(ratio, max=max_ratio).detach() * advantage * logps
+        clipped = ratio > max_ratio
     else:
         raise ValueError(f"unknown loss type {loss_type!r}: grpo or cispo")
     kl = torch.zeros_like(logps)
@@ -142,11 +161,15 @@ def policy_loss(
         kl = torch.exp(log_ratio) - log_ratio - 1
     mask = mask.to(logps.dtype)
     lengths = mask.sum(dim=1).clamp(min=1)
+    counted = mask.sum().clamp(min=1)
 
     def per_completion(values):
-        return ((values * mask).sum(dim=1) / lengths).mean()
+        return (values * mask).sum(dim=1) / lengths
 
-    loss = per_completion(per_token + kl_coef * kl)
-    metrics = {"grpo/kl": per_completion(kl).detach(), "grpo/clip_fraction": (clipped * mask).sum() / mask.sum().clamp(min=1),
-               "grpo/ratio": ((ratio * mask).sum() / mask.sum().clamp(min=1)).detach()}
+    if loss_type == "grpo":
+        loss = per_completion(per_token + kl_coef * kl).sum() / (logps.shape[0] if completions is None else completions)
+    else:
+        loss = ((per_token + kl_coef * kl) * mask).sum() / (counted if tokens is None else tokens)
+    metrics = {"grpo/kl": per_completion(kl).mean().detach(), "grpo/clip_fraction": (clipped * mask).sum() / counted,
+               "grpo/ratio": ((ratio * mask).sum() / counted).detach()}
     return loss, metrics

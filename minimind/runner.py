@@ -28,7 +28,7 @@ from minimind.model import MiniMindForCausalLM
 from minimind.stages import STAGES
 from minimind.tokenizer import load_tokenizer
 from minimind.lora import is_adapter_dir, load_adapter, merge_lora, trainable_count
-from minimind.train import TRAINING_STATE, StageJob, lora_settings, stage_data
+from minimind.train import TRAINING_STATE, StageJob, TrainConfig, lora_settings, stage_data
 from minimind.vision import VISION_CONFIG_NAME, VisionConfig, build_vlm, copy_vision_tower, is_vlm_dir, load_image, save_vlm
 
 DEMO_FILES = {"pretrain": "pretrain", "sft": "sft", "dpo": "dpo", "reason": "reason", "kd": "reason", "grpo": "reason",
@@ -341,6 +341,11 @@ def _check_grpo(config, stage) -> None:
         raise SystemExit("--updates-per-rollout and --max-new-tokens must be at least 1")
     if config.temperature <= 0 or not 0 < config.top_p <= 1:
         raise SystemExit("--temperature must be above 0 (greedy completions of a prompt are all alike: no advantage) and --top-p in (0, 1]")
+    if config.cispo_max_ratio <= 1:
+        raise SystemExit(f"--cispo-max-ratio caps CISPO's importance weights: it must be above 1, not {config.cispo_max_ratio:g}")
+    if config.loader_workers != TrainConfig.loader_workers:
+        raise SystemExit("--loader-workers: GRPO has no data loader to run (its prompts are read once, its completions come from "
+                         "the rollout actor, see --rollout-cpus); leave it out")
 
 
 def _with_recorded_lineage(config, stage, run_name: str):

@@ -49,17 +49,31 @@ class GRPOConfig(TrainConfig):
     reward_model: str | None = field(default=None, metadata={"help": "model (URI or folder) whose mean log-probability of a reply is the `model` reward"})
     group_size: int = field(default=8, metadata={"help": "completions sampled per prompt: the group their advantages are relative to"})
     max_new_tokens: int = field(default=128, metadata={"help": "token budget of a completion"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the rollouts"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling of the rollouts (1: off)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the rollouts; the policy's, the old policy's and the "
+                                                              "reference's log-probabilities are scored at it too (logits / T, as TRL), so the "
+                                                              "policy gradient and the ratios are those of the policy that sampled"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling of the rollouts (1: off). The log-probabilities are scored on the whole "
+                                                        "tempered distribution, not the truncated one (as TRL): below 1, the ratios and the KL "
+                                                        "are of the untruncated policy"})
     kl_coef: float = field(default=0.02, metadata={"help": "weight of the KL divergence to the starting model (0: no reference model)"})
-    clip_eps: float = field(default=0.2, metadata={"help": "clip range of the policy ratio"})
-    loss_type: str = field(default="grpo", metadata={"help": "grpo (PPO's clipped surrogate) or cispo (clipped, detached importance weights)"})
-    updates_per_rollout: int = field(default=1, metadata={"help": "optimiser steps on each batch of rollouts (more than 1: the ratio clip matters)"})
+    clip_eps: float = field(default=0.2, metadata={"help": "grpo: clip range of the policy ratio, [1 - eps, 1 + eps]"})
+    loss_type: str = field(default="grpo", metadata={"help": "grpo (PPO's clipped surrogate, averaged per completion) or cispo (MiniMax-M1's "
+                                                             "capped, detached importance weights, averaged over all the step's tokens). CISPO's "
+                                                             "weights only act with --updates-per-rollout 2 or more: with 1 the ratio is 1 and "
+                                                             "cispo is the token-averaged policy gradient"})
+    cispo_max_ratio: float = field(default=5.0, metadata={"help": "cispo: cap on the importance weight, its own (MiniMax-M1, arXiv:2506.13585, "
+                                                                  "bounds the weight above only and tunes that bound; caps of 4 to 5 are the usual "
+                                                                  "setting, far above GRPO's 1 + clip-eps)"})
+    updates_per_rollout: int = field(default=1, metadata={"help": "optimiser steps on each batch of rollouts (more than 1: the ratio and its "
+                                                                  "clip or cap matter)"})
     length_limit: int = field(default=110, metadata={"help": "the length reward's limit in tokens"})
     rollout_cpus: float = field(default=0.0, metadata={"help": "CPUs reserved for the rollout actor (0: it shares the trainer's; they take turns)"})
     rollout_gpus: float = field(default=0.5, metadata={"help": "GPUs of the rollout actor on a GPU cluster; with --gpus-per-worker 0.5 both share one GPU, "
                                                                  "with 1 each they run on separate GPUs (or nodes)"})
     answer_eval: str | None = field(default=None, metadata={"help": "held-out SFT JSONL whose answer accuracy GRPO should keep (default: the demo's, with the demo data)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "kept in the adapters' config for later stages; GRPO trains with dropout off "
+                                                               "(as TRL's GRPO), so its ratios and rollouts are of the one policy that samples"})
+    loader_workers: int = field(default=-1, metadata={"help": "not for GRPO, which refuses it: it has no data loader (its prompts are read once)"})
     # on the demo, 200 steps at 1e-5 took held-out additions from 0.77 to 0.83 in 5 minutes (3e-5 for 100 steps: 0.76)
     lr: float = 1e-5
     batch_size: int = 8  # prompts per step and worker

@@ -31,7 +31,7 @@ def test_grpo_raises_the_reward_it_is_given(mlflow_store, tmp_path):
     config = GRPOConfig(
         init=str(tmp_path / "policy"), reward_model=str(tmp_path / "judge"), rewards="length=1,model=0.01", length_limit=2,
         max_steps=14, batch_size=2, group_size=8, max_new_tokens=6, lr=1e-2, kl_coef=0.01, checkpoint_every=7, log_every=1,
-        eval_limit=4, seq_len=128, storage_path=str(tmp_path / "ray"),
+        eval_limit=4, seq_len=128, storage_path=str(tmp_path / "ray"), val_every=7,
     )
     assert run_stage(replace(config, stop_after=7), "grpo").model_uri == ""  # interrupted after its checkpoint at step 7
     result = run_stage(replace(config, resume=True), "grpo")
@@ -50,6 +50,10 @@ def test_grpo_raises_the_reward_it_is_given(mlflow_store, tmp_path):
                  "time/rollout_s", "time/update_s", "time/handover_s", "rollout/handover_mb"):
         assert name in metrics, name
     assert client().get_run(run_id).data.tags["lineage.reward_model"] == str(tmp_path / "judge")
+    handover = {m.step: m.value for m in client().get_metric_history(first.info.run_id, "rollout/handover_mb")}
+    assert handover[1] == pytest.approx(policy.num_parameters() * 4 / 2**20)  # the whole model, the tied head not twice
+    assert [m.step for m in client().get_metric_history(first.info.run_id, "val/loss")] == [7]  # --val-every is honoured
+    assert [m.step for m in client().get_metric_history(run_id, "val/loss")] == [14] and 0 < metrics["val/loss"] < 20
 
 
 def test_grpo_settings_that_cannot_work_are_refused(mlflow_store):
@@ -65,3 +69,7 @@ def test_grpo_settings_that_cannot_work_are_refused(mlflow_store):
         run_stage(GRPOConfig(temperature=0.0), "grpo")
     with pytest.raises(SystemExit, match="--top-p in"):
         run_stage(GRPOConfig(top_p=1.5), "grpo")
+    with pytest.raises(SystemExit, match="--loader-workers: GRPO has no data loader"):
+        run_stage(GRPOConfig(loader_workers=2), "grpo")
+    with pytest.raises(SystemExit, match="--cispo-max-ratio .* above 1"):
+        run_stage(GRPOConfig(loss_type="cispo", cispo_max_ratio=0.5), "grpo")

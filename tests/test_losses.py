@@ -167,6 +167,21 @@ def test_group_advantages_standardise_within_each_group_and_equal_rewards_teach_
         group_advantages(torch.ones(4), group_size=1)
 
 
+@pytest.mark.parametrize("equal", [
+    torch.tensor([0.6] * 8),  # float32, as the loop's rewards were: all eight got |A| = 6e-4, of one sign
+    torch.tensor([1 / 3] * 8),
+    torch.tensor([1e6 + 0.1] * 8),
+    torch.tensor([7.911478921803036] * 3, dtype=torch.float64),  # even in float64 the mean of three of these rounds
+])
+def test_a_group_of_equal_rewards_gets_exactly_zero_advantages(equal):
+    from minimind.losses import group_advantages
+
+    other = torch.tensor([0.0, 1.0] * len(equal), dtype=equal.dtype)[: len(equal)]
+    advantages = group_advantages(torch.cat([equal, other]), group_size=len(equal))
+    assert torch.equal(advantages[: len(equal)], torch.zeros(len(equal)))
+    assert torch.allclose(advantages[len(equal) :], ((other - other.mean()) / (other.std() + 1e-4)).float())  # as before
+
+
 def _grpo(logps, old, advantages, mask, **kwargs):
     from minimind.losses import policy_loss
 
@@ -197,10 +212,13 @@ def test_grpo_clips_the_ratio_and_cispo_keeps_the_gradient_of_clipped_tokens():
     _, negative, _ = _grpo(logps, old, -advantages, mask, clip_eps=0.2)
     assert negative["grpo/clip_fraction"] == pytest.approx(0.5)  # with A < 0 the low side clips
 
-    loss, metrics, grad = _grpo(logps, old, advantages, mask, clip_eps=0.2, loss_type="cispo")
+    loss, metrics, grad = _grpo(logps, old, advantages, mask, clip_eps=0.2, loss_type="cispo", max_ratio=1.2)
     assert loss == pytest.approx(0.0)  # -sg(w) A log pi with log pi = 0
-    assert torch.allclose(grad, torch.tensor([[-1.2 * 2 / 2, -0.5 * 2 / 2]]))  # weights clipped to 1.2, never zeroed
+    assert torch.allclose(grad, torch.tensor([[-1.2 * 2 / 2, -0.5 * 2 / 2]]))  # weights capped at 1.2, never zeroed
     assert metrics["grpo/clip_fraction"] == pytest.approx(0.5)
+    _, metrics, grad = _grpo(logps, old, advantages, mask, clip_eps=0.2, loss_type="cispo")
+    assert torch.allclose(grad, torch.tensor([[-1.5 * 2 / 2, -0.5 * 2 / 2]]))  # its own cap (5 by default), not GRPO's clip_eps
+    assert metrics["grpo/clip_fraction"] == 0
     with pytest.raises(ValueError, match="unknown loss type"):
         _grpo(logps, old, advantages, mask, loss_type="ppo2")
 
@@ -213,3 +231,58 @@ def test_the_kl_term_is_the_k3_estimate_to_the_reference():
     assert metrics["grpo/kl"].item() == pytest.approx(k3) and loss == pytest.approx(0.1 * k3)
     _, same, _ = _grpo(logps, logps, torch.zeros(1), mask, reference_logps=logps.clone(), kl_coef=0.1)
     assert same["grpo/kl"].item() == 0.0
+
+
+def test_cispo_divides_by_the_tokens_of_the_whole_batch_and_grpo_by_its_completions():
+    # MiniMax-M1's CISPO: 1 / sum|o_i| over the batch, so every token weighs alike whatever its completion's length
+    logps = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])  # lengths 3 and 1: 4 tokens
+    advantages = torch.tensor([1.0, -2.0])
+    loss, _, grad = _grpo(logps, logps, advantages, mask, loss_type="cispo")
+    assert loss == pytest.approx(-(1.0 * (-3.5) + -2.0 * (-0.3)) / 4)  # -sum A log pi / 4 tokens
+    assert torch.allclose(grad, torch.tensor([[-1 / 4] * 3, [2 / 4, 0, 0]]))  # -A / 4 for every token, long or short
+    _, _, grpo_grad = _grpo(logps, logps, advantages, mask)
+    assert torch.allclose(grpo_grad, torch.tensor([[-1 / 6] * 3, [2 / 2, 0, 0]]))  # -A / (length * completions): GRPO's length bias
+
+    # a micro-batch of an accumulated batch passes the batch's counts; the micro-batch losses add up to the batch's
+    for loss_type in ("cispo", "grpo"):
+        whole, _, whole_grad = _grpo(logps, logps, advantages, mask, loss_type=loss_type)
+        parts = [_grpo(logps[i : i + 1], logps[i : i + 1], advantages[i : i + 1], mask[i : i + 1], loss_type=loss_type,
+                       tokens=torch.tensor(4.0), completions=2) for i in range(2)]
+        assert sum(part[0] for part in parts) == pytest.approx(whole)
+        assert torch.allclose(torch.cat([part[2] for part in parts]), whole_grad)
+
+
+def test_log_probabilities_at_a_temperature_are_those_of_softmax_of_the_logits_over_it():
+    from minimind.losses import token_logprobs
+
+    torch.manual_seed(0)
+    hidden, head = torch.randn(2, 5, 8), torch.randn(11, 8)
+    labels = torch.randint(0, 11, (2, 5))
+    labels[0, :2] = IGNORE_INDEX
+    expected = F.log_softmax((hidden @ head.T)[:, :-1] / 0.5, dim=-1).gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0]
+    expected = expected.masked_fill(labels[:, 1:] == IGNORE_INDEX, 0.0)
+    torch.testing.assert_close(token_logprobs(hidden, head, labels, temperature=0.5), expected)
+    torch.testing.assert_close(token_logprobs(hidden, head, labels), token_logprobs(hidden, head, labels, temperature=1.0))
+    with pytest.raises(ValueError, match="above 0"):
+        token_logprobs(hidden, head, labels, temperature=0.0)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_a_one_token_bandit_gets_the_policy_gradient_of_the_policy_that_sampled(temperature):
+    """Rollouts at T draw a ~ softmax(z / T): REINFORCE's gradient of A log pi_T(a) in the logits z is
+    A (onehot(a) - pi_T) / T. Scored at T = 1 it was A (onehot(a) - pi_1): at T = 0.5 half as large
+    against the KL term, and pointing elsewhere."""
+    from minimind.losses import policy_loss, token_logprobs
+
+    torch.manual_seed(0)
+    vocab, action, advantage = 6, 2, 1.5
+    logits = torch.randn(vocab, requires_grad=True)
+    hidden = torch.stack([logits, torch.zeros(vocab)])[None]  # an identity head: position 0's logits are `logits`
+    labels = torch.tensor([[IGNORE_INDEX, action]])  # the one completion token
+    logps = token_logprobs(hidden, torch.eye(vocab), labels, temperature=temperature)
+    loss, _ = policy_loss(logps, logps.detach(), torch.tensor([advantage]), labels[:, 1:] != IGNORE_INDEX)
+    loss.backward()
+    sampled_from = torch.softmax(logits.detach() / temperature, dim=-1)
+    ascent = advantage * (F.one_hot(torch.tensor(action), vocab) - sampled_from) / temperature
+    torch.testing.assert_close(logits.grad, -ascent)
