@@ -21,7 +21,7 @@ What each part measures (all files and folders live under --out, default bench/r
   from a seeded pool of sentences; at most --size-mb MiB each, whole lines (the first records do not
   depend on the size; 1024 MiB is 1.07 GB).
   A third, token-dense pretrain file (`dense`: 200-600 CJK characters drawn uniformly from the whole
-  block, about 0.85M tokens per MiB, 3-4x the pretrain file's) weighs the work after tokenizing most.
+  block, about 0.65M tokens per MiB with the bench tokenizer, 2.6x the pretrain file's) weighs the work after tokenizing most.
   --files picks which of the three the ceiling and prepare parts measure.
   Cached: a second run finds them. A 6400-token tokenizer (`train_tokenizer`) is trained on the first
   --tokenizer-lines records of the pretrain file, also cached.
@@ -147,8 +147,8 @@ def sentence_pool(seed: int, sentences: int = 60_000) -> tuple[list[str], list[i
 
 def _dense_lines(rng) -> list[str]:
     """Token-dense pretraining text: 200-600 CJK characters drawn uniformly from the whole block, so most
-    are outside the tokenizer's merges (about 0.85M tokens per MiB with a 6400-token BPE, 3-4x the
-    pretrain file's): the work after tokenizing weighs most here."""
+    are outside the tokenizer's merges (about 0.65M tokens per MiB with the bench's 6400-token BPE, 2.6x the
+    pretrain file's; the demo tokenizer gives about 0.9M): the work after tokenizing weighs most here."""
     lengths = rng.integers(200, 600, BLOCK_RECORDS)
     codes = rng.integers(0x4E00, 0x9FA6, int(lengths.sum()), dtype=np.uint32)
     text = codes.astype("<u4").tobytes().decode("utf-32-le")
