@@ -244,7 +244,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"minimind {args.command}: {error}") from error
     except Exception as error:
         if type(error).__module__.startswith("mlflow."):  # the tracking store's answer, as one line rather than a traceback
-            raise SystemExit(f"minimind {args.command}: {str(error).strip().splitlines()[0]}") from error
+            from minimind.tracking import first_line
+
+            raise SystemExit(f"minimind {args.command}: {first_line(error)}") from error
         raise
 
 

@@ -48,7 +48,7 @@ def load_image(source, max_pixels: int = MAX_IMAGE_PIXELS, name: str | None = No
         raise ImageTooLarge(f"{too_large}: {error}") from None
     except FileNotFoundError:
         raise ImageError(f"{name}: no such image file") from None
-    except ImageError:
+    except (ImageError, MemoryError):  # out of memory is this process's trouble, not a corrupt image
         raise
     except UnidentifiedImageError:
         expected = ", ".join(formats) if formats else "a format Pillow reads"

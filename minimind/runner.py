@@ -339,9 +339,9 @@ def _check_grpo(config, stage) -> None:
         raise SystemExit(f"--loss-type must be grpo or cispo, not {config.loss_type!r}")
     if config.updates_per_rollout < 1 or config.max_new_tokens < 1:
         raise SystemExit("--updates-per-rollout and --max-new-tokens must be at least 1")
-    if config.temperature <= 0 or not 0 < config.top_p <= 1:
+    if not config.temperature > 0 or not 0 < config.top_p <= 1:  # written so that NaN fails too
         raise SystemExit("--temperature must be above 0 (greedy completions of a prompt are all alike: no advantage) and --top-p in (0, 1]")
-    if config.cispo_max_ratio <= 1:
+    if not config.cispo_max_ratio > 1:
         raise SystemExit(f"--cispo-max-ratio caps CISPO's importance weights: it must be above 1, not {config.cispo_max_ratio:g}")
     if config.loader_workers != TrainConfig.loader_workers:
         raise SystemExit("--loader-workers: GRPO has no data loader to run (its prompts are read once, its completions come from "

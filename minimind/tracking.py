@@ -292,7 +292,7 @@ def resolve_model(reference: str, destination: str | Path | None = None, merge_a
         try:
             downloaded = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(destination))
         except MlflowException as error:
-            raise FileNotFoundError(f"{reference} was not found: {error.message.strip().splitlines()[0]}") from None
+            raise FileNotFoundError(f"{reference} was not found: {first_line(error)}") from None
         folder = _model_folder(Path(downloaded).resolve(), reference)
     if merge_adapters and (folder / ADAPTER_CONFIG_NAME).is_file():
         return _with_adapters_merged(folder, destination or _fresh_folder())
@@ -302,6 +302,13 @@ def resolve_model(reference: str, destination: str | Path | None = None, merge_a
 def _fresh_folder() -> Path:
     """`model` in a new temporary folder: what resolve_model writes beside it stays in that folder too."""
     return Path(tempfile.mkdtemp(prefix="minimind-model-")) / "model"
+
+
+def first_line(error: BaseException) -> str:
+    """An error's message as one line (an MLflow message can run to a stack trace of the server's), or its
+    type's name when it has none."""
+    lines = str(getattr(error, "message", None) or error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 @contextmanager

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from conftest import random_model
 from minimind.checkpoint import save_model
 from minimind.grpo import (
-    Prompt, completion_logprobs, hand_over, micro_batches, policy_to_train, rollout_stats, score_before_update, sequences, update,
+    Prompt, active_tokens, completion_logprobs, hand_over, micro_batches, policy_to_train, rollout_stats, score_before_update, sequences, update,
 )
 from minimind.losses import IGNORE_INDEX
 from minimind.rollout import RolloutWorker
@@ -132,7 +132,9 @@ def _stats_on_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
     try:
         totals, values, completions, finished, tokens = RANKS[rank]
         stats, all_tokens = rollout_stats(totals, values, completions, finished, 2, tokens, torch.device("cpu"), world)
-        Path(out_dir, f"{rank}.json").write_text(json.dumps([stats, all_tokens]))
+        trained = torch.ones(1, tokens, dtype=torch.bool)  # this rank's completion tokens: 11 and 9
+        divisor = float(active_tokens(trained, world))
+        Path(out_dir, f"{rank}.json").write_text(json.dumps([stats, all_tokens, divisor]))
     finally:
         torch.distributed.destroy_process_group()
 
@@ -141,7 +143,8 @@ def test_reward_statistics_are_over_every_ranks_rollouts(tmp_path):
     torch.multiprocessing.spawn(_stats_on_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     results = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(2)]
     assert results[0] == results[1]  # every rank has the same figures
-    stats, tokens = results[0]
+    stats, tokens, cispo_divisor = results[0]
+    assert cispo_divisor == 20 / 2  # every rank divides by the step's tokens on all ranks, over the ranks DDP averages
     totals = torch.tensor(RANKS[0][0] + RANKS[1][0], dtype=torch.float64)
     answers = torch.tensor(RANKS[0][1]["answer"] + RANKS[1][1]["answer"], dtype=torch.float64)
     assert stats["reward/total/mean"] == pytest.approx(float(totals.mean()))

@@ -73,3 +73,7 @@ def test_grpo_settings_that_cannot_work_are_refused(mlflow_store):
         run_stage(GRPOConfig(loader_workers=2), "grpo")
     with pytest.raises(SystemExit, match="--cispo-max-ratio .* above 1"):
         run_stage(GRPOConfig(loss_type="cispo", cispo_max_ratio=0.5), "grpo")
+    with pytest.raises(SystemExit, match="--cispo-max-ratio .* above 1"):
+        run_stage(GRPOConfig(loss_type="cispo", cispo_max_ratio=float("nan")), "grpo")
+    with pytest.raises(SystemExit, match="--temperature must be above 0"):
+        run_stage(GRPOConfig(temperature=float("nan")), "grpo")

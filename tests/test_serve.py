@@ -757,7 +757,7 @@ def test_a_replica_keeps_no_downloaded_model_on_disk(server, tmp_path):
     from minimind.serve.app import ModelServer, ModelSpec
     from minimind.serve.protocol import Limits
 
-    @ray.remote(num_cpus=0.1)
+    @ray.remote(num_cpus=0.1, max_calls=1)  # a worker of its own: its tempfile.tempdir must not outlive the test
     def start_replica(scratch: str, tracking_uri: str) -> tuple[dict, list]:
         import tempfile
 

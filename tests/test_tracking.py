@@ -399,3 +399,12 @@ def test_an_mlflow_error_in_a_command_is_one_line_not_a_traceback(tmp_path, byte
         main(["import", str(tmp_path / "model.pth"), str(tmp_path / "imported"), "--tokenizer", str(tmp_path / "tokenizer"),
               "--preset", "tiny", "--config-overrides", f"vocab_size={len(byte_tokenizer)}", "--register-as", "a/b"])
     assert str(stopped.value).startswith("minimind import: Invalid model name ('a/b') provided.") and "\n" not in str(stopped.value)
+
+
+def test_an_error_message_is_one_line_even_when_it_is_empty():
+    from mlflow.exceptions import MlflowException
+
+    from minimind.tracking import first_line
+
+    assert first_line(MlflowException("RESOURCE_DOES_NOT_EXIST: no such run\nTraceback ...")) == "RESOURCE_DOES_NOT_EXIST: no such run"
+    assert first_line(MlflowException("")) == "MlflowException"  # an IndexError before: the traceback it was meant to avoid

@@ -229,3 +229,21 @@ def test_a_registered_vlm_answers_about_an_image_through_mlflow_pyfunc(tmp_path,
     expected = generate(reference, [prompt], prompt_inputs={"pixel_values": reference.pixel_values([picture(5)])}, max_new_tokens=5,
                         stop_token_ids=[tokenizer.eos_token_id], suppress_token_ids=[IMAGE_ID])[0]
     assert replies == [tokenizer.decode(expected, skip_special_tokens=True)] * 2
+
+
+def test_running_out_of_memory_while_decoding_is_not_called_a_corrupt_image(tmp_path, monkeypatch):
+    """The gateway answers an ImageError with 400 'invalid image': a MemoryError is the server's trouble
+    and must stay one (a 5xx), not become the client's fault."""
+    from PIL import ImageOps
+
+    from minimind.images import load_image
+
+    path = tmp_path / "fine.png"
+    Image.new("RGB", (8, 8)).save(path)
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(ImageOps, "exif_transpose", out_of_memory)
+    with pytest.raises(MemoryError):
+        load_image(path)

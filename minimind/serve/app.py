@@ -241,8 +241,9 @@ class Gateway:
         if self.takes_images is None:
             try:
                 infos = await asyncio.gather(*(handle.info.remote() for handle in self.servers.values()))
-            except Exception as error:  # noqa: BLE001 - a model replica that is not up yet
-                raise APIError(503, f"the models are not ready: {type(error).__name__}", kind="server_error") from None
+            except Exception:  # noqa: BLE001 - a model replica that is not up yet
+                logger.warning("a model replica did not answer", exc_info=True)
+                raise APIError(503, "the models are not ready", kind="server_error") from None
             self.takes_images = {name: info["takes_images"] for name, info in zip(self.servers, infos)}
         return self.takes_images
 

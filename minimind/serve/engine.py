@@ -180,13 +180,15 @@ class BatchingEngine:
         """Prefill `requests` into `batch`. When that fails, each of them is prefilled alone, so that only
         the requests that fail alone fail (one request's bad input must not fail those joining with it)."""
         params = [replace(r.sampling, stop_token_ids=None, suppress_token_ids=None) for r in requests]
+        rows_before = len(batch)
         try:
             pixels = [r.pixel_values for r in requests if r.pixel_values is not None]
             prompt_inputs = {"pixel_values": torch.cat(pixels)} if pixels else None
             first = batch.add(requests, [r.prompt_ids for r in requests], params, [r.generator for r in requests], prompt_inputs)
         except Exception as error:  # noqa: BLE001
-            if len(requests) == 1:
+            if len(requests) == 1 or len(batch) != rows_before:  # rows that joined before the failure cannot join again
                 self._fail(requests, error, loop)
+                batch.finish([r for r in requests if r in batch.keys])
             else:
                 for request in requests:
                     self._add(batch, [request], loop)
