@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from minimind import storage
 from minimind.losses import IGNORE_INDEX
 from minimind.tokenizer import Markers
 
@@ -118,17 +119,6 @@ def count_records(path: str | Path) -> int:
         return sum(1 for number, line in enumerate(lines, start=1) if (line.removeprefix(b"\xef\xbb\xbf") if number == 1 else line).strip())
 
 
-def file_sha256(path: str | Path) -> str:
-    """The sha256 of a whole file (about 1.5 GB/s): what identifies its content, whatever its mtime says."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while block := file.read(8 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _records(path: str, kind: str, skip_bad: bool, file_stamp: tuple):  # file_stamp: only for the cache key
     for _, record in iter_jsonl(path, kind, skip_bad):
         yield record
@@ -148,7 +138,7 @@ def read_jsonl_dataset(path: str | Path, kind: str, skip_bad: bool = False, cach
             _records,
             # the content digest too: `cp -p`, `rsync -a` and `tar x` keep the size and mtime of an edited file
             gen_kwargs={"path": str(path), "kind": kind, "skip_bad": skip_bad,
-                        "file_stamp": (stat.st_size, stat.st_mtime_ns, file_sha256(path))},
+                        "file_stamp": (stat.st_size, stat.st_mtime_ns, storage.file_sha256(path))},
             cache_dir=cache_dir,
         )
     except DatasetGenerationError as error:

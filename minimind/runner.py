@@ -259,7 +259,7 @@ def run_stage(config, stage_name: str, callbacks: list | None = None, register: 
         })
         tracking.log_data_file(str(inputs.data_path), prepared.manifest["key"].rsplit("-", 1)[-1], "training")  # the content key
         if inputs.eval_path:
-            tracking.log_data_file(str(inputs.eval_path), tracking.file_digest(inputs.eval_path), "evaluation")
+            tracking.log_data_file(str(inputs.eval_path), storage.file_sha256(inputs.eval_path), "evaluation")
         mlflow.log_metrics({key.replace("eval/", "eval_before/"): value for key, value in before.items()} | coverage)
         _log_data_report(prepared)
         language_model = getattr(initial, "language_model", initial)

@@ -91,3 +91,13 @@ def fetch(location: str) -> Path:
             pass
         shutil.rmtree(partial.parent, ignore_errors=True)
     return target
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a whole local file, read in 8 MiB blocks (a multi-gigabyte file never sits in memory):
+    what identifies its content, whatever its mtime says."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(8 << 20):
+            digest.update(block)
+    return digest.hexdigest()

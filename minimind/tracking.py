@@ -8,7 +8,6 @@ back to the same directory that was saved, with no MLflow flavour or pickling in
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import subprocess
@@ -497,10 +496,3 @@ def log_data_file(path: str, digest: str, context: str) -> None:
     mlflow.log_input(MetaDataset(source, name=str(path).rstrip("/").rsplit("/", 1)[-1], digest=digest[:32]), context=context)
 
 
-def file_digest(path: str | Path) -> str:
-    """sha256 of a file, read in 1 MiB chunks so multi-gigabyte datasets never sit in memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -9,7 +9,7 @@ import torch
 import pytest
 from mlflow import MlflowClient
 
-from minimind import tracking
+from minimind import storage, tracking
 
 
 @pytest.fixture(scope="session")
@@ -185,11 +185,11 @@ def test_loss_curve_and_samples_are_logged_to_the_run(tmp_path):
     assert len(table["data"]) == 2
 
 
-def test_file_digest_matches_hashlib(tmp_path):
+def test_file_sha256_matches_hashlib(tmp_path):
     path = tmp_path / "blob.bin"
     data = os.urandom(3 * (1 << 20) + 17)  # spans several chunks and a partial one
     path.write_bytes(data)
-    assert tracking.file_digest(path) == hashlib.sha256(data).hexdigest()
+    assert storage.file_sha256(path) == hashlib.sha256(data).hexdigest()
 
 
 def test_git_commit(tmp_path, monkeypatch):
