@@ -250,7 +250,9 @@ def _run(source: str, specs: list[dict], task_settings: dict, doing: str) -> lis
 
     if not ray.is_initialized():
         ray.init()
-    chunk_task = ray.remote(num_cpus=1)(_chunk_task)
+    # "DEFAULT" scheduling: the tasks use the cluster's CPUs, never the caller's placement group (a Tune
+    # trial's holds half a CPU, which a one-CPU task cannot fit in), as Ray Data's tasks did
+    chunk_task = ray.remote(num_cpus=1, scheduling_strategy="DEFAULT")(_chunk_task)
     shared = ray.put(task_settings)  # the tokenizer once, not once per task
     pending = {chunk_task.remote(spec, shared): spec for spec in specs}
     progress = Progress(f"[prepare] {doing}", sum(spec["end"] - spec["start"] for spec in specs), len(specs))

@@ -197,7 +197,7 @@ def finish(parent_run_id: str, rows: list[dict], columns: list[str], best: dict 
                                                      tags={"sweep.parent_run_id": parent_run_id, "sweep.trial_run_id": best["run_id"]})
             model_uri = f"models:/{register_as}/{version.version}"
             mlflow.set_tags({"best.run_id": best["run_id"], "best.model_uri": model_uri})
-    widths = [max(len(column), *(len(_cell(row.get(column))) for row in rows)) for column in columns]
+    widths = [max([len(column), *(len(_cell(row.get(column))) for row in rows)]) for column in columns]  # a list: no rows is fine
     print("\n" + "  ".join(column.ljust(width) for column, width in zip(columns, widths)))
     for row in rows:
         print("  ".join(_cell(row.get(column)).ljust(width) for column, width in zip(columns, widths)))
