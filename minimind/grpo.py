@@ -40,8 +40,8 @@ from minimind.rollout import unique_tensors
 from minimind.stages import STAGES, _frozen, unwrap
 from minimind.tokenizer import Markers
 from minimind.train import (
-    _MetricLogger, _report_checkpoint, _say, adamw, autocast_dtype, compile_for_training, cosine_lr, ddp_options, model_to_train,
-    resume_from_checkpoint,
+    _MetricLogger, _report_checkpoint, _say, adamw, autocast_dtype, autocast_to, compile_for_training, cosine_lr, ddp_options,
+    model_to_train, resume_from_checkpoint, validation_loss,
 )
 
 
@@ -129,17 +129,13 @@ def micro_batches(rows: int, grad_accum: int) -> list[torch.Tensor]:
     return list(torch.arange(rows).chunk(grad_accum))
 
 
-def _autocast(device, amp_dtype):
-    return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
-
-
 def score_before_update(model, reference, ids: torch.Tensor, labels: torch.Tensor, chunks: list[torch.Tensor], config,
                         amp_dtype=None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The old policy's log-probabilities (only with --updates-per-rollout above 1: with one update the
     policy's own, detached, are the old ones) and the reference's, at the sampling temperature, micro-batch
     by micro-batch as `update` scores them: the same shapes, so at unchanged weights the ratio is exactly 1."""
     old, ref = [], []
-    with torch.no_grad(), _autocast(ids.device, amp_dtype):
+    with torch.no_grad(), autocast_to(ids.device, amp_dtype):
         for rows in chunks:
             if config.updates_per_rollout > 1:
                 old.append(completion_logprobs(model, ids[rows], labels[rows], config.temperature))
@@ -175,7 +171,7 @@ def update(model, optimizer, params: list, ids: torch.Tensor, labels: torch.Tens
             group_["lr"] = lr
         for number, rows in enumerate(chunks):
             last = number == len(chunks) - 1
-            with (model.no_sync() if not last and hasattr(model, "no_sync") else nullcontext()), _autocast(ids.device, amp_dtype):
+            with (model.no_sync() if not last and hasattr(model, "no_sync") else nullcontext()), autocast_to(ids.device, amp_dtype):
                 logps, aux_loss = completion_logprobs(model, ids[rows], labels[rows], config.temperature, with_aux=True)
                 loss, metrics = policy_loss(
                     logps, old_logps[rows] if old_logps is not None else logps.detach(), advantages[rows], trained[rows],
@@ -217,18 +213,6 @@ def rollout_stats(totals: list[float], values: dict[str, list[float]], completio
         mean = total / n
         stats[f"{prefix}/mean"], stats[f"{prefix}/std"] = mean, max(squares / n - mean * mean, 0.0) ** 0.5
     return stats, int(tokens)
-
-
-def held_out_loss(model, tokenizer, job, stage) -> float:
-    """--val-every's val/loss: the policy's mean cross-entropy on the held-out replies (at temperature 1,
-    as every stage's), nan without held-out data. Leaves the policy in eval mode, as GRPO trains it."""
-    from minimind.evaluate import heldout_loss
-
-    if not job.eval_path:
-        return float("nan")
-    with torch.no_grad():
-        return heldout_loss(unwrap(model), tokenizer, job.eval_path, kind=stage.data_kind, seq_len=job.config.seq_len,
-                            limit=job.config.eval_limit)
 
 
 def grpo_loop_per_worker(loop_config: dict) -> None:
@@ -320,7 +304,7 @@ def grpo_loop_per_worker(loop_config: dict) -> None:
             scored = [Completion(t, len(c), f, batch[i // group].reference) for i, (t, c, f) in enumerate(zip(texts, completions, finished))]
             model_scores = None
             if scorer is not None:
-                with torch.no_grad(), _autocast(device, amp_dtype):
+                with torch.no_grad(), autocast_to(device, amp_dtype):
                     model_scores = sequence_logprobs(scorer(ids, return_logits=False).hidden_states, scorer.lm_head.weight, labels).tolist()
             totals, values = score(scored, weights, markers, config.length_limit, model_scores)
             advantages = group_advantages(torch.tensor(totals, dtype=torch.float64), group).to(device)
@@ -359,7 +343,7 @@ def grpo_loop_per_worker(loop_config: dict) -> None:
                      + f" | kl {report['grpo/kl']:.4f} | rollout {rollout_s:.1f}s, update {update_s:.1f}s, hand-over {handover_s * 1e3:.0f} ms")
             if validating:
                 # only rank 0's report counts
-                reported["val/loss"] = held_out_loss(model, tokenizer, job, stage) if rank == 0 else 0.0
+                reported["val/loss"] = validation_loss(stage, model, tokenizer, job) if rank == 0 else 0.0
                 if logger:
                     logger.log_metrics(step, {"val/loss": reported["val/loss"]})
             if checkpointing:

@@ -316,7 +316,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         stopping = bool(config.stop_after) and step >= config.stop_after and step < total_steps
         validating = bool(config.val_every) and (step % config.val_every == 0 or step == total_steps)
         if validating:
-            sums["val/loss"] = _validation_loss(stage, model, tokenizer, job) if rank == 0 else 0.0  # only rank 0's report counts
+            sums["val/loss"] = validation_loss(stage, model, tokenizer, job) if rank == 0 else 0.0  # only rank 0's report counts
             if logger:
                 logger.log_metrics(step, {"val/loss": sums["val/loss"]})
         if step % config.checkpoint_every == 0 or step == total_steps or stopping:
@@ -360,9 +360,7 @@ def accumulate_gradients(model, stage, batches: list[dict], companions: dict, jo
     sums: dict = {}
     for index, batch in enumerate(batches):
         sync = index == len(batches) - 1 or world == 1
-        with (model.no_sync() if not sync and hasattr(model, "no_sync") else nullcontext()), torch.autocast(
-            device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
-        ):
+        with (model.no_sync() if not sync and hasattr(model, "no_sync") else nullcontext()), autocast_to(device, amp_dtype):
             loss, metrics = stage.loss(model, batch, companions, job)
             (loss * loss_scales[index]).backward()
         for key, value in {"train/loss": loss, **metrics}.items():
@@ -399,17 +397,24 @@ def _loader_settings(stage, model, tokenizer, job: StageJob, device) -> dict:
             **({"prefetch_factor": 4, "multiprocessing_context": "fork"} if workers else {})}
 
 
-def _validation_loss(stage, model, tokenizer, job: StageJob) -> float:
-    """The held-out loss of the model being trained (the data kinds with labels per token; DPO has none)."""
+def validation_loss(stage, model, tokenizer, job: StageJob) -> float:
+    """The held-out loss of the model being trained (the data kinds with labels per token; DPO has none),
+    at temperature 1; the model is left in the mode it was in (GRPO trains in eval mode)."""
     from minimind.evaluate import heldout_loss
 
     if not job.eval_path or stage.data_kind == "dpo":
         return float("nan")
     inner = unwrap(model)
+    was_training = inner.training
     loss = heldout_loss(inner, tokenizer, job.eval_path, kind=stage.data_kind, seq_len=job.config.seq_len,
                         limit=job.config.eval_limit, images_dir=job.images)  # no_grad and eval mode inside
-    inner.train()
+    inner.train(was_training)
     return loss
+
+
+def autocast_to(device, amp_dtype: torch.dtype | None):
+    """bf16/fp16 autocast on `device`, or nothing when `amp_dtype` is None."""
+    return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
 
 
 def _report_checkpoint(stage, model, tokenizer, optimizer, step: int, metrics: dict, rank: int, world: int,
