@@ -174,11 +174,12 @@ def prepared_location(source: str, tokenizer, stage: StageData, root: str, drop_
 
 
 def prepare(source: str, tokenizer, stage: StageData, root: str, skip_bad: bool = False, drop_duplicates: bool = False,
-            chunk_bytes: int = CHUNK_BYTES, read_from: str | None = None, say=print) -> Prepared:
+            chunk_bytes: int = CHUNK_BYTES, read_from: str | None = None, copy_for_tasks=None, say=print) -> Prepared:
     """The prepared folder of `source` for `stage` under `root`: found, or made now with Ray tasks (Ray
     is started here if no one did). A malformed line stops it at once with `DataFormatError` naming
     file and line, unless `skip_bad` (then such lines are counted in the manifest). `read_from`: a copy
-    of `source` the Ray tasks read instead (on storage, when `source` is on the driver's disk only)."""
+    of `source` the Ray tasks read instead (on storage, when `source` is on the driver's disk only);
+    `copy_for_tasks`, a function that makes such a copy and returns it, called only when there is work."""
     started = time.perf_counter()
     source = source if storage.is_uri(source) else os.path.abspath(source)
     fingerprint = source_fingerprint(source)
@@ -195,6 +196,8 @@ def prepare(source: str, tokenizer, stage: StageData, root: str, skip_bad: bool 
         say(f"[prepare] {source}: the folder for its size, time and first and last MiB holds other content (or a preparation "
             "without a content digest): this content gets a folder of its own")
 
+    if copy_for_tasks is not None:
+        read_from = copy_for_tasks()
     size = fingerprint["size"]
     chunks = chunk_bounds(read_from or source, size, chunk_bytes)
     say(f"[prepare] {source} ({size / 1e6:,.1f} MB) -> {location}: {len(chunks)} chunk(s) over the Ray cluster")

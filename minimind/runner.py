@@ -13,6 +13,7 @@ import shutil
 import socket
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -401,18 +402,18 @@ def resolve_inputs(config, stage, work: Path):
 def check_data(config, stage, inputs: StageInputs, storage_path: str, run_name: str) -> tuple[Prepared, int]:
     """Prepare the training data over the Ray cluster (or find it prepared) before any worker starts: a
     bad line fails here, naming file and line. Returns (the prepared data, image tokens per image)."""
-    from minimind.prepare import prepare, prepared_location
+    from minimind.prepare import prepare
 
     image_tokens = VisionConfig.load(inputs.init_dir / VISION_CONFIG_NAME).image_tokens if is_vlm_dir(inputs.init_dir) else 1
     data = stage_data(stage, config, image_tokens)
     root = prepared_root(config.prepared, storage_path)
-    read_from = None
+    copy_for_tasks = None
     if not storage.is_uri(inputs.data_path) and not workers_see_driver_disk():
-        # the Ray Data tasks run on other nodes: they read a copy on storage, made only when there is work for them
-        if prepared_location(inputs.data_path, inputs.tokenizer, data, root, config.drop_duplicates)[1] is None:
-            read_from = storage.stage_input(inputs.data_path, storage.join(storage_path, run_name, "inputs", "source", Path(inputs.data_path).name))
+        # the preparation's tasks run on other nodes: they read a copy on storage, made only when there is work for them
+        copy_for_tasks = partial(storage.stage_input, inputs.data_path,
+                                 storage.join(storage_path, run_name, "inputs", "source", Path(inputs.data_path).name))
     prepared = prepare(inputs.data_path, inputs.tokenizer, data, root, skip_bad=config.skip_bad, drop_duplicates=config.drop_duplicates,
-                       read_from=read_from)
+                       copy_for_tasks=copy_for_tasks)
     if inputs.images_dir:
         _check_images(PreparedRows(storage.fetch(prepared.location)).image_names(), inputs.images_dir, inputs.data_path)
     manifest = prepared.manifest
