@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> list:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's number of steps (epochs) by this")
     parser.add_argument("--experiment", default="minimind")
     parser.add_argument("--eval-limit", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0, help="the demo world, the tokenizer, the vision tower and every stage's initialisation and batch order")
     parser.add_argument("--text-only", action="store_true", help="stop after the text stages")
     args = parser.parse_args(argv)
 
@@ -44,8 +45,8 @@ def main(argv: list[str] | None = None) -> list:
     from minimind.demo import demo_tokenizer
 
     started = time.perf_counter()
-    print(f"tokenizer: {demo_tokenizer()}")
-    parent = tracking.start_parent_run(tracking.configure(args.experiment), f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}", {"scale": args.scale, "eval_limit": args.eval_limit})
+    print(f"tokenizer: {demo_tokenizer(args.seed)}")
+    parent = tracking.start_parent_run(tracking.configure(args.experiment), f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}", {"scale": args.scale, "eval_limit": args.eval_limit, "seed": args.seed})
     results = []
     registered: dict[str, str] = {}
     try:
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> list:
             if args.text_only and name.startswith("vlm"):
                 break
             # the exact version the previous stage registered, never `latest`: another pipeline sharing the store cannot cut in
-            config = replace(config, experiment=args.experiment, eval_limit=args.eval_limit, init=registered.get(starts_from))
+            config = replace(config, experiment=args.experiment, eval_limit=args.eval_limit, seed=args.seed, init=registered.get(starts_from))
             if args.scale != 1.0:
                 steps_per_epoch = {"pretrain": 71, "sft": 116, "dpo": 116, "reason": 134, "vlm_pretrain": 138, "vlm_sft": 138}[name]  # the demo world's
                 config = replace(config, max_steps=max(2, int(config.epochs * steps_per_epoch * args.scale)))
@@ -70,8 +71,8 @@ def main(argv: list[str] | None = None) -> list:
         for key, value in result.after.items():
             print(f"{result.stage:13s} {result.seconds:7.0f}  {key.removeprefix('eval/'):44s} {result.before.get(key, float('nan')):7.3f}  {value:7.3f}")
     print(f"whole pipeline: {total:.0f}s")
-    answers = _show_answers({stage: by_stage[stage].model_dir for stage in TEXT_STAGES if stage in by_stage})
-    pictures = _show_pictures({stage: by_stage[stage].model_dir for stage in ("vlm_pretrain", "vlm_sft") if stage in by_stage})
+    answers = _show_answers({stage: by_stage[stage].model_dir for stage in TEXT_STAGES if stage in by_stage}, args.seed)
+    pictures = _show_pictures({stage: by_stage[stage].model_dir for stage in ("vlm_pretrain", "vlm_sft") if stage in by_stage}, args.seed)
     metrics = {"pipeline/seconds": total} | {f"{r.stage}/seconds": r.seconds for r in results}
     metrics |= {f"{r.stage}/{key.removeprefix('eval/')}": value for r in results for key, value in r.after.items()}
     metrics |= {f"{stage}/{key}": found[key] for stage, found in pictures.items() for key in ("hallucination_rate", "describing_rate", "mean_reply_chars")}
@@ -90,8 +91,8 @@ def _flat(text: str) -> str:
     return text.replace("\n", " ⏎ ")
 
 
-def _show_answers(model_dirs: dict) -> list[dict]:
-    rows = stage_answers(model_dirs)
+def _show_answers(model_dirs: dict, seed: int) -> list[dict]:
+    rows = stage_answers(model_dirs, seed)
     print("\ntraining results: the same held-out prompts after each stage (pretrain: continuing the reference's first words)")
     for row in rows:
         print(f"  [{row['task']}] {row['prompt']}")
@@ -101,10 +102,10 @@ def _show_answers(model_dirs: dict) -> list[dict]:
     return rows
 
 
-def _show_pictures(model_dirs: dict) -> dict:
+def _show_pictures(model_dirs: dict, seed: int) -> dict:
     if not model_dirs:
         return {}
-    report = describe_pictures(model_dirs)
+    report = describe_pictures(model_dirs, seed=seed)
     print("\nthe vision models describing 100 held-out pictures:")
     for stage, found in report.items():
         print(f"  {stage:13s} names a shape, colour or count in {found['describing_rate']:.0%} of replies, one not in the picture in "

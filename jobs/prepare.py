@@ -40,6 +40,7 @@ class PrepareConfig:
     storage_path: str | None = field(default=None, metadata={"help": "Ray storage of the stage jobs; prepared data goes to <it>/prepared"})
     prepared: str | None = field(default=None, metadata={"help": "where prepared data is kept (default: <storage-path>/prepared)"})
     chunk_mb: int = field(default=32, metadata={"help": "MB of the file per Ray task (one shard each)"})
+    seed: int = field(default=0, metadata={"help": "without --data: the demo world of this seed (the stage job's --seed)"})
 
 
 def main(argv: list[str] | None = None):
@@ -60,12 +61,12 @@ def main(argv: list[str] | None = None):
         raise SystemExit("--data needs --tokenizer (the one the stage trains with); only the demo data falls back to the demo tokenizer")
     from minimind.demo import demo_data, demo_tokenizer, demo_vision_tower
 
-    data = config.data or str(demo_data()[DEMO_FILES[stage.name]])
-    source = Path(tracking.resolve_model(config.tokenizer, tracking.PROJECT_ROOT / "checkpoints" / "prepare-tokenizer")) if config.tokenizer else demo_tokenizer()
+    data = config.data or str(demo_data(config.seed)[DEMO_FILES[stage.name]])
+    source = Path(tracking.resolve_model(config.tokenizer, tracking.PROJECT_ROOT / "checkpoints" / "prepare-tokenizer")) if config.tokenizer else demo_tokenizer(config.seed)
     image_tokens = config.image_tokens
     if stage.data_kind == "vlm" and not image_tokens:
         tower_config = source / VISION_CONFIG_NAME if is_vlm_dir(source) else None
-        image_tokens = VisionConfig.load(tower_config).image_tokens if tower_config else image_token_count(load_vision_tower(demo_vision_tower())[0])
+        image_tokens = VisionConfig.load(tower_config).image_tokens if tower_config else image_token_count(load_vision_tower(demo_vision_tower(config.seed))[0])
     rows_spec = stage_data(stage, config, image_tokens or 1)
     prepared = prepare(data, load_tokenizer(source), rows_spec, prepared_root(config.prepared, config.storage_path),
                        skip_bad=config.skip_bad, drop_duplicates=config.drop_duplicates, chunk_bytes=config.chunk_mb << 20)

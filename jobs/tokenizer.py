@@ -27,6 +27,7 @@ class TokenizerJobConfig:
     max_lines: int = field(default=100_000, metadata={"help": "read at most this many lines"})
     split_digits: bool = field(default=False, metadata={"help": "every digit its own token (helps arithmetic; MiniMind's tokenizer merges digits)"})
     split_han: bool = field(default=False, metadata={"help": "every Chinese character its own token (no phrase tokens: what the demo tokenizer does)"})
+    seed: int = field(default=0, metadata={"help": "without --data: the demo world of this seed"})
     output: str = field(default="checkpoints/tokenizer", metadata={"help": "directory to save the tokenizer to"})
 
 
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> Path:
     if config.data is None:
         from minimind.demo import demo_data
 
-        data = demo_data()["pretrain"]
+        data = demo_data(config.seed)["pretrain"]
     else:
         data = Path(config.data)
     texts = (record["text"] for _, record in islice(iter_jsonl(data, "pretrain"), config.max_lines))

@@ -177,7 +177,7 @@ def _starting_model(config, stage, work: Path) -> tuple[Path, dict]:
         if config.data and not config.tokenizer:  # the demo's 2,048-token vocabulary is no tokenizer for real text
             raise SystemExit("--data without --tokenizer: train one with jobs/tokenizer.py (or bring MiniMind's) and pass "
                              "--tokenizer DIR|models:/...; only the demo data falls back to the demo tokenizer")
-        tokenizer_dir = tracking.resolve_model(config.tokenizer, work / "tokenizer") if config.tokenizer else demo_tokenizer()
+        tokenizer_dir = tracking.resolve_model(config.tokenizer, work / "tokenizer") if config.tokenizer else demo_tokenizer(config.seed)
         tokenizer = load_tokenizer(tokenizer_dir)
         model_config = ModelConfig.from_name(
             config.preset, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
@@ -194,7 +194,7 @@ def _starting_model(config, stage, work: Path) -> tuple[Path, dict]:
         if config.data and not config.vision_model:  # the demo tower is random: it sees nothing in real pictures
             raise SystemExit("--data with a language model as --init needs --vision-model (a CLIP folder or hub id such as "
                              "openai/clip-vit-base-patch16); only the demo data falls back to the demo tower")
-        vision_model = config.vision_model or demo_vision_tower()
+        vision_model = config.vision_model or demo_vision_tower(config.seed)
         vlm, tokenizer = build_vlm(init_dir, vision_model, seed=config.seed)
         save_vlm(vlm, work / "vlm-init", tokenizer, vision_model=vision_model)  # the tower referenced, not copied
         init_dir, tags = work / "vlm-init", {**tags, "vision_model": str(vision_model)}
@@ -363,10 +363,10 @@ def resolve_inputs(config, stage, work: Path):
     """The stage's data files (the demo world's when --data is left out), its starting model (exact
     version, resolved once), tokenizer and KD teacher. Returns the config with pinned URIs, and the inputs."""
     demo = None
-    if config.data is None:  # the demo world's files: written once, on first use
+    if config.data is None:  # the demo world of the run's seed: written once, on first use
         from minimind.demo import demo_data
 
-        demo = demo_data()
+        demo = demo_data(config.seed)
     data_path = (config.data if storage.is_uri(config.data) else str(Path(config.data).resolve())) if config.data else str(demo[DEMO_FILES[stage.name]])
     eval_path = local_input(config.eval_data) if config.eval_data else (demo[DEMO_FILES[stage.name] + "_eval"] if config.data is None else None)
     answer_path = None
