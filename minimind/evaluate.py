@@ -68,8 +68,9 @@ def heldout_loss(model, tokenizer, path: str | Path, kind: str = "pretrain", seq
     return total / max(tokens, 1)
 
 
-def text_replier(model, tokenizer, max_new_tokens: int = 64, batch_size: int = 32) -> Replier:
-    """Greedy replies of a text model to conversations (each ending with a user turn)."""
+def text_replier(model, tokenizer, max_new_tokens: int = 64, batch_size: int = 128) -> Replier:
+    """Greedy replies of a text model to conversations (each ending with a user turn). Batches of 128: a small
+    model's decoding step costs about the same for 32 rows as for 128 (the demo's 200 held-out SFT questions: 2.6x faster)."""
 
     def reply(conversations: Sequence[list[dict]]) -> list[str]:
         replies = []
@@ -85,7 +86,7 @@ def text_replier(model, tokenizer, max_new_tokens: int = 64, batch_size: int = 3
     return reply
 
 
-def vlm_replier(vlm, tokenizer, max_new_tokens: int = 64, batch_size: int = 16):
+def vlm_replier(vlm, tokenizer, max_new_tokens: int = 64, batch_size: int = 64):
     """Greedy replies of a VLM to (conversation, image paths) queries."""
     from minimind.vision import generate_with_images, load_image, prompt_ids
 
