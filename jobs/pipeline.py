@@ -7,17 +7,23 @@ held-out prompts answered after each text stage, and how the vision models descr
 
     python jobs/pipeline.py                     # about 8 minutes on 2 CPU cores (458 s measured)
     python jobs/pipeline.py --scale 0.2         # a quick smoke run: a fifth of the steps
+    python jobs/pipeline.py --seeds 0,1,2 --report docs/demo_results.md   # once per seed, one after the
+                                                # other, then the issue's targets checked on every seed
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
+import shlex
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from minimind.demo import report  # noqa: E402
 from minimind.demo.showcase import TEXT_STAGES, describe_pictures, stage_answers  # noqa: E402
 from minimind.runner import run_stage  # noqa: E402
 from minimind.stage_configs import DistillConfig, DPOConfig, PretrainConfig, SFTConfig, VLMConfig, VLMSFTConfig  # noqa: E402
@@ -33,33 +39,72 @@ STAGES = [  # (stage, its settings, the stage whose registered version it starts
 
 
 def main(argv: list[str] | None = None) -> list:
+    """Every stage's StageResult, seed by seed."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's number of steps (epochs) by this")
     parser.add_argument("--experiment", default="minimind")
-    parser.add_argument("--eval-limit", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0, help="the demo world, the tokenizer, the vision tower and every stage's initialisation and batch order")
+    parser.add_argument("--eval-limit", type=int, default=1000, help="held-out records per evaluation (the demo's files hold up to 600: all of them)")
+    seeds = parser.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=0, help="the demo world, the tokenizer, the vision tower and every stage's initialisation and batch order")
+    seeds.add_argument("--seeds", type=_seed_list, help="comma-separated seeds (0,1,2): the whole pipeline once per seed, one after the other, each under its own MLflow parent run")
+    parser.add_argument("--report", type=Path, help="write the results of every seed as Markdown here (docs/demo_results.md) and log it to each seed's parent run")
     parser.add_argument("--text-only", action="store_true", help="stop after the text stages")
     args = parser.parse_args(argv)
+
+    from mlflow import MlflowClient
+
+    every_result, runs, parents = [], [], []
+    for seed in args.seeds or [args.seed]:
+        results, run, parent = run_pipeline(args, seed)
+        every_result += results
+        runs.append(run)
+        parents.append(parent)
+    print(f"\nthe issue's targets, every seed ({', '.join(str(run['seed']) for run in runs)}):\n{report.targets_table(runs)}")
+    if args.report:
+        command = shlex.join(["python", "jobs/pipeline.py", *(sys.argv[1:] if argv is None else argv)])
+        text = report.render(runs, command, datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), _machine())
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(text, encoding="utf-8")
+        for parent in parents:
+            MlflowClient().log_artifact(parent, str(args.report))
+        print(f"report: {args.report}")
+    return every_result
+
+
+def run_pipeline(args: argparse.Namespace, seed: int) -> tuple[list, dict, str]:
+    """The whole pipeline for one seed under its own MLflow parent run: the stage results, the plain
+    results dict minimind.demo.report reads, and the parent run's id."""
+    from mlflow import MlflowClient
 
     from minimind import tracking
     from minimind.demo import demo_tokenizer
 
     started = time.perf_counter()
-    print(f"tokenizer: {demo_tokenizer(args.seed)}")
-    parent = tracking.start_parent_run(tracking.configure(args.experiment), f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}", {"scale": args.scale, "eval_limit": args.eval_limit, "seed": args.seed})
+    print(f"tokenizer: {demo_tokenizer(seed)}")
+    parent = tracking.start_parent_run(tracking.configure(args.experiment), f"pipeline-seed{seed}-{time.strftime('%Y%m%d-%H%M%S')}",
+                                       {"scale": args.scale, "eval_limit": args.eval_limit, "seed": seed})
+    MlflowClient().set_tag(parent, "seed", str(seed))
     results = []
     registered: dict[str, str] = {}
+
+    def run(name, config, starts_from):
+        # the exact version the previous stage registered, never `latest`: another pipeline sharing the store cannot cut in
+        config = replace(config, experiment=args.experiment, eval_limit=args.eval_limit, seed=seed, init=registered.get(starts_from))
+        if args.scale != 1.0:
+            steps_per_epoch = {"pretrain": 71, "sft": 116, "dpo": 116, "reason": 134, "vlm_pretrain": 138, "vlm_sft": 138}[name]  # the demo world's
+            config = replace(config, max_steps=max(2, int(config.epochs * steps_per_epoch * args.scale)))
+        results.append(run_stage(config, name, parent_run_id=parent))
+        registered[name] = results[-1].model_uri
+
     try:
-        for name, config, starts_from in STAGES:
-            if args.text_only and name.startswith("vlm"):
-                break
-            # the exact version the previous stage registered, never `latest`: another pipeline sharing the store cannot cut in
-            config = replace(config, experiment=args.experiment, eval_limit=args.eval_limit, seed=args.seed, init=registered.get(starts_from))
-            if args.scale != 1.0:
-                steps_per_epoch = {"pretrain": 71, "sft": 116, "dpo": 116, "reason": 134, "vlm_pretrain": 138, "vlm_sft": 138}[name]  # the demo world's
-                config = replace(config, max_steps=max(2, int(config.epochs * steps_per_epoch * args.scale)))
-            results.append(run_stage(config, name, parent_run_id=parent))
-            registered[name] = results[-1].model_uri
+        for stage in STAGES:
+            if not stage[0].startswith("vlm"):
+                run(*stage)
+        if not args.text_only:
+            # The place for the vision tower's own ("clip") stage: after the text stages, before the VLM stages.
+            for stage in STAGES:
+                if stage[0].startswith("vlm"):
+                    run(*stage)
     except BaseException:
         tracking.end_parent_run(parent, {}, {}, failed=True)
         raise
@@ -71,8 +116,8 @@ def main(argv: list[str] | None = None) -> list:
         for key, value in result.after.items():
             print(f"{result.stage:13s} {result.seconds:7.0f}  {key.removeprefix('eval/'):44s} {result.before.get(key, float('nan')):7.3f}  {value:7.3f}")
     print(f"whole pipeline: {total:.0f}s")
-    answers = _show_answers({stage: by_stage[stage].model_dir for stage in TEXT_STAGES if stage in by_stage}, args.seed)
-    pictures = _show_pictures({stage: by_stage[stage].model_dir for stage in ("vlm_pretrain", "vlm_sft") if stage in by_stage}, args.seed)
+    answers = _show_answers({stage: by_stage[stage].model_dir for stage in TEXT_STAGES if stage in by_stage}, seed)
+    pictures = _show_pictures({stage: by_stage[stage].model_dir for stage in ("vlm_pretrain", "vlm_sft") if stage in by_stage}, seed)
     metrics = {"pipeline/seconds": total} | {f"{r.stage}/seconds": r.seconds for r in results}
     metrics |= {f"{r.stage}/{key.removeprefix('eval/')}": value for r in results for key, value in r.after.items()}
     metrics |= {f"{stage}/{key}": found[key] for stage, found in pictures.items() for key in ("hallucination_rate", "describing_rate", "mean_reply_chars")}
@@ -84,7 +129,73 @@ def main(argv: list[str] | None = None) -> list:
         "stage_metrics.json": stage_metrics, "training_results.json": answers,
         "picture_descriptions.json": [{"stage": stage, **sample} for stage, found in pictures.items() for sample in found["samples"]],
     })
-    return results
+    stages = {r.stage: {"before": r.before, "after": r.after, "seconds": r.seconds, **_stage_run_facts(r, seed, args.eval_limit)} for r in results}
+    run_results = {"seed": seed, "seconds": total, "seconds_with_reports": metrics["pipeline/seconds_with_reports"],
+                   "stages": stages, "answers": answers, "pictures": pictures}
+    return results, run_results, parent
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of integer seeds: {text!r}")
+    return seeds
+
+
+ACCURACY_FILES = {  # metric -> the demo's held-out file the runner measures it on (DPO and reasoning keep measuring the SFT answers)
+    "eval/answer_exact_match": "sft_eval", "eval/reasoning_format": "reason_eval", "eval/reasoning_accuracy": "reason_eval",
+    "eval/image_question_accuracy": "vlm_sft_eval",
+}
+
+
+def _stage_run_facts(result, seed: int, eval_limit: int) -> dict:
+    """From the stage's MLflow run: the workers that trained it, and how many held-out records each
+    figure is measured on. The loss and DPO's pair scores: the rows the run logged as scored
+    (eval/rows); an accuracy: the first --eval-limit records of the demo's held-out file it reads, a
+    family's: those of them naming it as their "task" (left out where the stage read other files)."""
+    from collections import Counter
+
+    from mlflow import MlflowClient
+
+    from minimind.demo import demo_data
+    from minimind.evaluate import record_tasks
+
+    stage_run = MlflowClient().get_run(result.run_id).data
+    params = stage_run.params
+    facts = {"workers": f"{params['num_workers']} worker(s) × {float(params['cpus_per_worker']):g} CPUs"} if "num_workers" in params else {}
+    on_demo_files = not {"data", "eval_data", "answer_eval"} & set(params)
+    paths = demo_data(seed) if on_demo_files else {}
+    records = {}
+    for key in result.after:
+        metric, family = "/".join(key.split("/")[:2]), "/".join(key.split("/")[2:])
+        if metric in ACCURACY_FILES:
+            if on_demo_files:
+                tasks = record_tasks(paths[ACCURACY_FILES[metric]], eval_limit)
+                records[key] = Counter(tasks)[family] if family else len(tasks)
+        elif "eval/rows" in stage_run.metrics:
+            records[key] = int(stage_run.metrics["eval/rows"])
+    return facts | {"records": records}
+
+
+def _machine() -> dict[str, str]:
+    import platform
+
+    import torch
+
+    from minimind import tracking
+
+    cpuinfo = Path("/proc/cpuinfo")
+    models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")] if cpuinfo.exists() else []
+    return {
+        "CPU": f"{models[0] if models else platform.processor() or 'unknown'}, {os.cpu_count()} logical cores",
+        "torch": f"{torch.__version__}, {torch.get_num_threads()} threads in the driver (evaluation, reports); training workers as each stage says",
+        "load average when the report was written (1, 5, 15 min)": ", ".join(f"{load:.1f}" for load in os.getloadavg()),  # other work on the CPU slows every stage
+        "Python": platform.python_version(),
+        "git commit": tracking.git_commit() or "unknown",
+    }
 
 
 def _flat(text: str) -> str:

@@ -19,7 +19,7 @@ def home(ray_cluster, tmp_path, monkeypatch):
 
 
 def test_pipeline_runs_every_stage_and_each_improves_its_heldout_metric(home, capsys):
-    results = pipeline.main(["--scale", "0.03", "--eval-limit", "8"])
+    results = pipeline.main(["--scale", "0.03", "--eval-limit", "8", "--report", str(home / "docs" / "results.md")])
     by_stage = {result.stage: result for result in results}
     assert list(by_stage) == ["pretrain", "sft", "dpo", "reason", "vlm_pretrain", "vlm_sft"]
     assert [result.model_uri for result in results] == [
@@ -37,6 +37,17 @@ def test_pipeline_runs_every_stage_and_each_improves_its_heldout_metric(home, ca
     for stage in by_stage:
         assert f"\n{stage} " in printed  # rows of the summary table per stage
     assert "answer_exact_match/held_out_phrasing" in printed and "reasoning_accuracy/addition" in printed
+    assert "the issue's targets, every seed (0):\n| held-out, every seed | seed 0 | mean |" in printed
+
+    # The report, written from this run: the targets with seed 0's figures, every stage, the machine, the command.
+    written = (home / "docs" / "results.md").read_text(encoding="utf-8")
+    assert "Written by `python jobs/pipeline.py --scale 0.03 --eval-limit 8 --report " in written
+    exact_match = next(line for line in written.splitlines() if line.startswith("| SFT answer exact match |"))
+    assert f"| {by_stage['sft'].after['eval/answer_exact_match']:.3f} |" in exact_match and exact_match.endswith(("✓ |", "✗ |"))
+    assert "| answer_exact_match | 8 |" in written  # the first --eval-limit records of SFT's held-out file
+    for stage in by_stage:
+        assert f"\n### {stage}: " in written
+    assert "- CPU: " in written and "- torch: " in written and "| 0 | vlm_pretrain |" in written
 
     # One MLflow parent run groups the stage runs and holds the side-by-side answers and the pictures' report.
     import mlflow
@@ -45,6 +56,8 @@ def test_pipeline_runs_every_stage_and_each_improves_its_heldout_metric(home, ca
     parents = [run for run in runs if run.info.run_name.startswith("pipeline-")]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0]
+    assert parent.data.tags["seed"] == "0" and parent.data.params["seed"] == "0"
+    assert [artifact.path for artifact in mlflow.MlflowClient().list_artifacts(parent.info.run_id) if artifact.path == "results.md"]
     children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(run.data.tags["stage"] for run in children) == sorted(by_stage)
     table = mlflow.load_table("training_results.json", run_ids=[parent.info.run_id])
