@@ -192,12 +192,16 @@ def _starting_model(config, stage, work: Path) -> tuple[Path, dict]:
         from minimind.demo import demo_vision_tower
 
         if config.data and not config.vision_model:  # the demo tower is random: it sees nothing in real pictures
-            raise SystemExit("--data with a language model as --init needs --vision-model (a CLIP folder or hub id such as "
+            raise SystemExit("--data with a language model as --init needs --vision-model (a CLIP folder, models:/ URI or hub id such as "
                              "openai/clip-vit-base-patch16); only the demo data falls back to the demo tower")
         vision_model = config.vision_model or demo_vision_tower(config.seed)
+        tags = {**tags, "vision_model": str(vision_model)}
+        if str(vision_model).startswith(("models:/", "runs:/")):  # e.g. models:/minimind-clip-demo/1, jobs/clip.py's tower
+            tags["vision_model"] = tracking.pin(vision_model)  # the exact version, recorded
+            vision_model = tracking.resolve_model(tags["vision_model"], work / "vision-tower")
         vlm, tokenizer = build_vlm(init_dir, vision_model, seed=config.seed)
         save_vlm(vlm, work / "vlm-init", tokenizer, vision_model=vision_model)  # the tower referenced, not copied
-        init_dir, tags = work / "vlm-init", {**tags, "vision_model": str(vision_model)}
+        init_dir = work / "vlm-init"
     return init_dir, tags
 
 
