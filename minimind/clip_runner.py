@@ -26,6 +26,7 @@ from minimind.runner import StageResult
 from minimind.tokenizer import load_tokenizer
 
 TRAINING_RECORD = "training.json"  # beside the tower's weights: how it was trained and what it scored
+DECODED_PICTURES = 20_000  # pictures a worker keeps decoded between steps (64-px: 1 GB); more are decoded per batch
 CACHE_FREE = ("experiment", "storage_path", "register_as", "alias", "reuse", "log_every", "eval_limit")  # settings that leave the weights alone
 
 
@@ -93,7 +94,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     decay = [p for p in model.parameters() if p.ndim >= 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                    {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}], lr=config.lr)
-    decoded: dict[str, torch.Tensor] = {}  # each picture decoded once per worker (the demo's 2,000 take 100 MB)
+    decoded: dict[str, torch.Tensor] = {}  # each picture decoded once per worker (the demo's 2,000 take 100 MB) ...
+    keep_decoded = len(set(job.image_names)) <= DECODED_PICTURES  # ... unless there are too many to hold
     order = torch.Generator().manual_seed(config.seed)
     history, started = [], time.perf_counter()
     for step in range(1, config.max_steps + 1):
@@ -104,8 +106,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         missing = [name for name in dict.fromkeys(names) if name not in decoded]
         if missing:
             decoded.update(zip(missing, clip.pixels(processor, images_dir, missing)))
+        pixel_values = torch.stack([decoded[n] for n in names])
+        if not keep_decoded:
+            decoded.clear()
         width = int(job.attention_mask[batch].sum(-1).max())
-        loss = clip.train_step(model, optimizer, torch.stack([decoded[n] for n in names]).to(device), job.input_ids[batch, :width].to(device),
+        loss = clip.train_step(model, optimizer, pixel_values.to(device), job.input_ids[batch, :width].to(device),
                                job.attention_mask[batch, :width].to(device), job.groups[batch].to(device))
         if step % config.log_every == 0 or step == config.max_steps:
             seconds = time.perf_counter() - started
