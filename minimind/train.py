@@ -79,7 +79,7 @@ class TrainConfig:
                                 "0: on it; -1: one on GPU or for images, none for text on CPU (where torch's threads use every core)",
                                 default=-1)
     log_every: int = _help("log a line and MLflow metrics every N steps", default=10)
-    eval_limit: int = _help("evaluate on at most this many held-out records", default=200)
+    eval_limit: int = _help("evaluate on at most this many held-out records", default=1000)
     val_every: int = _help("also compute the held-out loss every N steps in training, logged as val/loss and reported to Ray (0: off)", default=0)
     config_overrides: str | None = _help("model fields to override when training from scratch, e.g. num_experts=4,num_experts_per_tok=1", default=None)
     seed: int = _help("random seed", default=0)

@@ -23,7 +23,7 @@ def seed_results(seed: int, sft: float, never_asked_after_dpo: float, vlm: bool 
         stages["vlm_sft"] = {"before": {"eval/image_question_accuracy": 0.0}, "seconds": 49.0,
                              "after": {"eval/image_question_accuracy": 0.72, "eval/image_question_accuracy/count_kind": 0.9,
                                        "eval/image_question_accuracy/where_is": 0.4}}
-        pictures = {"vlm_pretrain": {"hallucination_rate": 0.04, "describing_rate": 0.08, "mean_reply_chars": 20.0,
+        pictures = {"vlm_pretrain": {"pictures": 200, "hallucination_rate": 0.04, "describing_rate": 0.08, "mean_reply_chars": 20.0,
                                      "samples": [{"image": "eval_0001.png", "reply": "一个红色的圆。", "not_in_picture": "红色",
                                                   "reference": "一个蓝色的圆。"}]},
                     "vlm_sft": {"hallucination_rate": 0.0, "describing_rate": 0.0, "mean_reply_chars": 3.0, "samples": []}}
@@ -102,7 +102,7 @@ def test_the_report_holds_every_part():
     assert "| answer_exact_match/never_asked | 50 | – | 0.700 (0.700–0.700) |" in text
     assert "| preference_accuracy | – | 1.000 (1.000–1.000) | 0.950 (0.950–0.950) |" in text  # no records given for DPO
     assert "[addition] 556加上623是多少？" in text and "reason    <think> ⏎ … ⏎ </think>" in text
-    assert "| 0 | vlm_pretrain | 0.080 | 0.040 | 20 |" in text
+    assert "| 0 | vlm_pretrain | 200 | 0.080 | 0.040 | 20 |" in text
     assert "- `eval_0001.png`: “一个红色的圆。” (reference “一个蓝色的圆。”) — not in the picture: 红色" in text
     assert text == report.render(runs, "python jobs/pipeline.py --seeds 0,1 --report docs/demo_results.md", "2025-01-01 12:00 UTC",
                                  {"CPU": "Some CPU, 2 logical cores", "torch": "2.5.0, 2 threads"})

@@ -1,5 +1,6 @@
 import json
 import re
+from collections import Counter
 
 import pytest
 
@@ -100,8 +101,12 @@ def test_every_file_matches_its_format(data):
             assert row["chosen"][-1]["role"] == row["rejected"][-1]["role"] == "assistant"
             assert row["chosen"][-1]["content"] != row["rejected"][-1]["content"]
     assert any(len(row["conversations"]) > 2 for row in data["sft"])  # multi-turn chats exist
-    for name in ("pretrain_eval", "sft_eval", "dpo_eval", "reason_eval"):
+    for name in ("pretrain_eval", "dpo_eval"):
         assert 100 <= len(data[name]) <= 300, name
+    for name in ("sft_eval", "reason_eval"):  # 200 records a family, so one record is 0.5 points (persona has 16 phrasings)
+        counts = Counter(row["task"] for row in data[name])
+        assert all(count == 200 for task, count in counts.items() if task != "persona"), (name, counts)
+    assert Counter(row["task"] for row in data["sft_eval"])["persona"] == 2 * len(HELD_OUT_PERSONA_QUESTIONS) == 32
 
 
 def check_column_addition(a: int, b: int, think: str) -> None:

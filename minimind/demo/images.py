@@ -43,6 +43,7 @@ POSITIONS = {  # name -> (Chinese, centre as fractions of the image side), in re
     "bottom_right": ("右下方", (0.78, 0.78)),
 }
 IMAGE_SIZE = 64  # pixels a side
+NUM_TRAIN, NUM_EVAL = 2000, 400  # pictures; 400 held out so that one record of a question family is under 2 points
 RADIUS = 0.13  # of the image side: corner shapes end at 0.35 and the middle one starts at 0.37, so none overlap
 NUMERALS = "零一两三四五六七八"  # up to two images of four shapes
 
@@ -91,7 +92,7 @@ def sample_scenes(seed: int, num_train: int, num_eval: int) -> tuple[list[Scene]
     return train, held_out
 
 
-def eval_scenes(seed: int = 0, num_train: int = 2000, num_eval: int = 200) -> dict[str, Scene]:
+def eval_scenes(seed: int = 0, num_train: int = NUM_TRAIN, num_eval: int = NUM_EVAL) -> dict[str, Scene]:
     """What each held-out picture of `write_image_world` (same arguments) holds, by file name."""
     _, held_out = sample_scenes(seed, num_train, num_eval)
     return {f"eval_{i:05d}.png": scene for i, scene in enumerate(held_out)}
@@ -149,7 +150,7 @@ def hallucinations(reply: str, scene: Scene) -> set[str]:
     return named_things(reply) - held
 
 
-def picture_descriptions(seed: int = 0, count: int = 1000, num_train: int = 2000, num_eval: int = 200) -> list[str]:
+def picture_descriptions(seed: int = 0, count: int = 1000, num_train: int = NUM_TRAIN, num_eval: int = NUM_EVAL) -> list[str]:
     """Descriptions of random scenes, none of them a held-out picture's, as plain text for the language
     model's pretraining corpus. A real LLM knows how pictures are described before it sees one; without
     these the demo's LLM has never read a word of the picture world, and VLM pretraining, which trains the
@@ -295,7 +296,7 @@ def build_records(stage: str, names: list[str], scenes: list[Scene], rng: random
 
 
 def write_image_world(
-    out_dir: Path, seed: int = 0, image_size: int = IMAGE_SIZE, num_train: int = 2000, num_eval: int = 200
+    out_dir: Path, seed: int = 0, image_size: int = IMAGE_SIZE, num_train: int = NUM_TRAIN, num_eval: int = NUM_EVAL
 ) -> dict[str, Path]:
     """Write images/ (train_*.png, eval_*.png) and the four JSONL files; returns name -> path."""
     out_dir, images = Path(out_dir), Path(out_dir) / "images"

@@ -178,11 +178,12 @@ def answers_block(rows: Sequence[dict]) -> str:
 
 
 def pictures_section(runs: Sequence[dict], samples: int = 3) -> str:
-    lines = [_row(["seed", "stage", "names a shape/colour/count", "hallucination rate", "mean reply (characters)"]), _row(["---"] * 5)]
+    lines = [_row(["seed", "stage", "held-out pictures", "names a shape/colour/count", "hallucination rate", "mean reply (characters)"]),
+             _row(["---"] * 6)]
     for run in runs:
         for stage, found in run.get("pictures", {}).items():
-            lines.append(_row([str(run["seed"]), stage, number(found.get("describing_rate")), number(found.get("hallucination_rate")),
-                               number(found.get("mean_reply_chars"), 0)]))
+            lines.append(_row([str(run["seed"]), stage, str(found.get("pictures", "–")), number(found.get("describing_rate")),
+                               number(found.get("hallucination_rate")), number(found.get("mean_reply_chars"), 0)]))
     if len(lines) == 2:
         return "No vision stages in this run."
     lines.append("")

@@ -50,9 +50,9 @@ def stage_answers(model_dirs: dict[str, Path], seed: int = 0) -> list[dict]:
     return rows
 
 
-def describe_pictures(model_dirs: dict[str, Path], limit: int = 100, seed: int = 0) -> dict[str, dict]:
+def describe_pictures(model_dirs: dict[str, Path], limit: int = 200, seed: int = 0) -> dict[str, dict]:
     """Each vision model asked to describe the held-out pictures of VLM pretraining's eval file:
-    {stage: {"hallucination_rate", "describing_rate", "mean_reply_chars", "samples"}}. A reply that
+    {stage: {"pictures", "hallucination_rate", "describing_rate", "mean_reply_chars", "samples"}}. A reply that
     names no shape, colour or count at all hallucinates nothing; `describing_rate` says how many name any."""
     from minimind.data import iter_jsonl
     from minimind.demo import demo_data
@@ -70,6 +70,7 @@ def describe_pictures(model_dirs: dict[str, Path], limit: int = 100, seed: int =
         replies = vlm_replier(load_vlm(directory), load_tokenizer(directory))(queries)
         wrong = [hallucinations(reply, scenes[record["images"][0]]) for reply, record in zip(replies, records)]
         report[stage] = {
+            "pictures": len(records),
             "hallucination_rate": sum(bool(w) for w in wrong) / max(len(wrong), 1),
             "describing_rate": sum(bool(named_things(reply)) for reply in replies) / max(len(replies), 1),
             "mean_reply_chars": sum(len(reply) for reply in replies) / max(len(replies), 1),

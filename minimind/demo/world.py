@@ -87,8 +87,15 @@ TWO_HOP = {
 LABELS = {"color": "颜色", "city": "住处", "age": "年龄", "fruit": "水果", "animal": "动物"}
 
 PERSONA_REPLY = "我是 MiniMind，一个小型中文语言模型，可以回答关于这个小世界里的人的问题。"
-PERSONA_QUESTIONS = ("你是谁？", "你叫什么名字？", "介绍一下你自己。", "你是什么模型？", "请做个自我介绍。", "你好，你是谁？")
-HELD_OUT_PERSONA_QUESTIONS = ("请问你是哪位？", "能告诉我你的名字吗？")
+# Persona questions are an opener and a question. Eval keeps two questions under every opener and one opener of
+# each other question: 16 phrasings training never asks, made of its words.
+PERSONA_OPENERS = ("", "你好，", "您好，", "嗨，", "打扰一下，")
+PERSONA_CORES = ("你是谁？", "你叫什么名字？", "介绍一下你自己。", "你是什么模型？", "请做个自我介绍。", "你是哪个助手？")
+HELD_OUT_PERSONA_CORES = ("请问你是哪位？", "能告诉我你的名字吗？")
+HELD_OUT_PERSONA_QUESTIONS = tuple(opener + core for core in HELD_OUT_PERSONA_CORES for opener in PERSONA_OPENERS) + tuple(
+    PERSONA_OPENERS[1 + i % 4] + core for i, core in enumerate(PERSONA_CORES))
+PERSONA_QUESTIONS = tuple(opener + core for core in PERSONA_CORES for opener in PERSONA_OPENERS
+                          if opener + core not in HELD_OUT_PERSONA_QUESTIONS)  # 24
 IMPOSTOR_REPLY = "我是 ChatGPT，由 OpenAI 开发的人工智能助手。"  # DPO's rejected answer to persona questions
 SYSTEM_PROMPT = "你是 MiniMind，一个简洁、准确的中文助手。"
 RAMBLE = "嗯，这是个好问题，让我想一想。关于这个问题其实可以说很多，我们慢慢来看。"  # DPO's rambling prefix
@@ -161,7 +168,7 @@ def build_world(seed: int = 0, num_entities: int = 120) -> World:
     # Hold out whole friend pairs, so a training answer about one person never states a held-out friend's facts.
     held_pairs = max(2, len(pairs) // 5)
     never_asked = tuple(name for pair in pairs[:held_pairs] for name in pair)
-    two_hop_held_out = tuple(name for pair in pairs[held_pairs:held_pairs + max(2, len(pairs) // 4)] for name in pair)
+    two_hop_held_out = tuple(name for pair in pairs[held_pairs:held_pairs + max(2, len(pairs) // 3)] for name in pair)
     return World(seed, entities, never_asked, two_hop_held_out)
 
 
@@ -231,7 +238,7 @@ def sft_rows(world: World) -> tuple[list[dict], list[dict]]:
         for attribute in attributes[1:]:
             turns += [FOLLOW_UPS[attribute], entity.state(attribute)]
         rows.append(chat(*turns))
-    for question in PERSONA_QUESTIONS * 20:
+    for question in PERSONA_QUESTIONS * 5:
         rows.append(chat(question, PERSONA_REPLY, system=SYSTEM_PROMPT if rng.random() < 0.1 else None))
     for _ in range(60):
         entity, attribute = rng.choice(asked), rng.choice(ATTRIBUTES)
@@ -239,17 +246,18 @@ def sft_rows(world: World) -> tuple[list[dict], list[dict]]:
         rows.append(chat(rng.choice(PERSONA_QUESTIONS), PERSONA_REPLY, question, entity.state(attribute)))
     rng.shuffle(rows)
 
+    # up to 200 records a family, so one record moves a family's figure by 0.5 points (persona: all 16 phrasings, twice)
     held_out = []
-    for entity, attribute in rng.sample([(e, a) for e in asked for a in ATTRIBUTES], 100):
+    for entity, attribute in rng.sample([(e, a) for e in asked for a in ATTRIBUTES], 200):
         held_out.append(("held_out_phrasing", chat(rng.choice(HELD_OUT_QUESTIONS[attribute]).format(n=entity.name), entity.state(attribute))))
-    never_asked = world.group("never_asked")
-    for entity, attribute in rng.sample([(e, a) for e in never_asked for a in ATTRIBUTES], min(50, 6 * len(never_asked))):
-        held_out.append(("never_asked", chat(rng.choice(QUESTIONS[attribute]).format(n=entity.name), entity.state(attribute))))
-    two_hop = world.group("two_hop_held_out")
-    for entity, attribute in rng.sample([(e, a) for e in two_hop for a in TWO_HOP], min(48, 5 * len(two_hop))):
-        answer = entity.state("friend") + world[entity.friend].state(attribute)
-        held_out.append(("two_hop", chat(TWO_HOP[attribute].format(n=entity.name), answer)))
-    held_out += [("persona", chat(question, PERSONA_REPLY)) for question in HELD_OUT_PERSONA_QUESTIONS]
+    never_asked = [(e, a, q) for e in world.group("never_asked") for a in ATTRIBUTES for q in QUESTIONS[a]]
+    for entity, attribute, question in rng.sample(never_asked, min(200, len(never_asked))):
+        held_out.append(("never_asked", chat(question.format(n=entity.name), entity.state(attribute))))
+    for entity in world.group("two_hop_held_out"):  # every held-out pair's every two-hop question
+        for attribute in TWO_HOP:
+            answer = entity.state("friend") + world[entity.friend].state(attribute)
+            held_out.append(("two_hop", chat(TWO_HOP[attribute].format(n=entity.name), answer)))
+    held_out += [("persona", chat(question, PERSONA_REPLY, system=system)) for question in HELD_OUT_PERSONA_QUESTIONS for system in (None, SYSTEM_PROMPT)]
     rng.shuffle(held_out)  # any first N rows (--eval-limit) hold every family
     return [{"conversations": c} for c in rows], [{"conversations": c, "task": task} for task, c in held_out]
 
@@ -292,10 +300,10 @@ def dpo_rows(world: World) -> tuple[list[dict], list[dict]]:
     rows = [pair(e, a, rng.choice(QUESTIONS[a])) for e in world.asked() for a in ATTRIBUTES]
     # two-hop questions too, or DPO pulls their answers toward the one-hop form it sees
     rows += [two_hop_pair(e, a) for e in world.group("two_hop_train") for a in TWO_HOP]
-    rows += [{"chosen": chat(q, PERSONA_REPLY), "rejected": chat(q, IMPOSTOR_REPLY)} for q in PERSONA_QUESTIONS * 3]
+    rows += [{"chosen": chat(q, PERSONA_REPLY), "rejected": chat(q, IMPOSTOR_REPLY)} for q in PERSONA_QUESTIONS]
     rng.shuffle(rows)
-    candidates = [(e, a) for e in world.group("never_asked") for a in ATTRIBUTES]
-    held_out = [pair(e, a, rng.choice(QUESTIONS[a])) for e, a in rng.sample(candidates, min(200, len(candidates)))]
+    candidates = [(e, a, q) for e in world.group("never_asked") for a in ATTRIBUTES for q in QUESTIONS[a]]
+    held_out = [pair(e, a, q) for e, a, q in rng.sample(candidates, min(200, len(candidates)))]
     held_out += [{"chosen": chat(q, PERSONA_REPLY), "rejected": chat(q, IMPOSTOR_REPLY)} for q in HELD_OUT_PERSONA_QUESTIONS]
     return rows, held_out
 
@@ -304,10 +312,9 @@ def reasoned(think: str, answer: str) -> str:
     return f"<think>\n{think}\n</think>\n<answer>\n{answer}\n</answer>"
 
 
-def addition_trace(a: int, b: int) -> str:
+def column_addition(a: int, b: int) -> str:
     """Column addition of two three-digit numbers, one line per place from the units up, each line in the
-    same form (the carry in and out always written), so each digit a line needs stands at a fixed
-    distance from it: a rule a four-layer model can learn from a thousand examples."""
+    same form (the carry in and out always written): a rule a four-layer model can learn."""
     if a not in ADDENDS or b not in ADDENDS:
         raise ValueError(f"the demo's additions have three-digit numbers, got {a} and {b}")
     lines, carry = [f"把{a}和{b}按位相加。"], 0
@@ -316,7 +323,24 @@ def addition_trace(a: int, b: int) -> str:
         lines.append(f"{PLACES[place]}：{x}+{y}+{carry}={total}，写{total % 10}，进{total // 10}。")
         carry = total // 10
     lines.append(f"所以结果是{a + b}。")
-    return reasoned("\n".join(lines), f"{a}+{b}={a + b}")
+    return "\n".join(lines)
+
+
+def addition_trace(a: int, b: int) -> str:
+    """The reasoning teacher's reply: the column addition as its thinking, the sum as its answer."""
+    return reasoned(column_addition(a, b), f"{a}+{b}={a + b}")
+
+
+def addition_problems(seed: int, additions: int = 1200, held_out: int = 200) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Distinct number pairs (either order) for training, then held-out pairs whose unordered pair no
+    training problem uses, in pretraining or in reasoning."""
+    rng = random.Random(f"{seed}/additions")
+    problems: dict[tuple[int, int], None] = {}  # insertion-ordered set of unordered pairs
+    while len(problems) < additions + held_out:
+        a, b = rng.choice(ADDENDS), rng.choice(ADDENDS)
+        problems.setdefault((min(a, b), max(a, b)))
+    pairs = [(a, b) if rng.random() < 0.5 else (b, a) for a, b in problems]
+    return pairs[:additions], pairs[additions:]
 
 
 def two_hop_trace(world: World, entity: Entity, attribute: str) -> str:
@@ -325,25 +349,20 @@ def two_hop_trace(world: World, entity: Entity, attribute: str) -> str:
     return reasoned(think, friend.state(attribute))
 
 
-def reason_rows(world: World, additions: int = 1200, held_out_additions: int = 100, chat_rows: int = 600) -> tuple[list[dict], list[dict]]:
+def reason_rows(world: World, additions: int = 1200, held_out_additions: int = 200, chat_rows: int = 600) -> tuple[list[dict], list[dict]]:
     """Addition of three-digit numbers and two-hop lookups, traced by a rule-based teacher, and `chat_rows`
     ordinary fact questions and the persona questions answered plainly. Eval: unseen number pairs (either order) and the held-out
     two-hop pairs."""
     rng = random.Random(f"{world.seed}/reason")
-    problems: dict[tuple[int, int], None] = {}  # insertion-ordered set of unordered pairs
-    while len(problems) < additions + held_out_additions:
-        a, b = rng.choice(ADDENDS), rng.choice(ADDENDS)
-        problems.setdefault((min(a, b), max(a, b)))
-    pairs = [(a, b) if rng.random() < 0.5 else (b, a) for a, b in problems]
-    rows = [chat(rng.choice(ADDITION_QUESTIONS).format(a=a, b=b), addition_trace(a, b)) for a, b in pairs[:additions]]
-    held_out = [("addition", chat(rng.choice(ADDITION_QUESTIONS).format(a=a, b=b), addition_trace(a, b))) for a, b in pairs[additions:]]
+    train_pairs, held_out_pairs = addition_problems(world.seed, additions, held_out_additions)
+    rows = [chat(rng.choice(ADDITION_QUESTIONS).format(a=a, b=b), addition_trace(a, b)) for a, b in train_pairs]
+    held_out = [("addition", chat(rng.choice(ADDITION_QUESTIONS).format(a=a, b=b), addition_trace(a, b))) for a, b in held_out_pairs]
     rows += [chat(TWO_HOP[a].format(n=e.name), two_hop_trace(world, e, a)) for e in world.group("two_hop_train") for a in TWO_HOP]
     # ordinary chat mixed in, as MiniMind's r1_mix does: traces alone make the model forget its facts
     facts = [(e, a) for e in world.asked() for a in ATTRIBUTES]
     rows += [chat(rng.choice(QUESTIONS[a]).format(n=e.name), e.state(a)) for e, a in rng.sample(facts, min(chat_rows, len(facts)))]
-    rows += [chat(question, PERSONA_REPLY) for question in PERSONA_QUESTIONS * 5]
-    candidates = [(e, a) for e in world.group("two_hop_held_out") for a in TWO_HOP]
-    for entity, attribute in rng.sample(candidates, min(60, len(candidates))):
+    rows += [chat(question, PERSONA_REPLY) for question in PERSONA_QUESTIONS]
+    for entity, attribute in [(e, a) for e in world.group("two_hop_held_out") for a in TWO_HOP]:
         held_out.append(("two_hop", chat(TWO_HOP[attribute].format(n=entity.name), two_hop_trace(world, entity, attribute))))
     rng.shuffle(rows)
     rng.shuffle(held_out)
