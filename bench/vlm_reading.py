@@ -48,8 +48,12 @@ def main(argv=None):
     parser.add_argument("--fresh-llm", action="store_true", help="replace the language model by a randomly initialised one of its shape")
     parser.add_argument("--center", action="store_true", help="subtract the training pictures' mean patch feature")
     parser.add_argument("--mlp-projector", action="store_true", help="newer MiniMind-V's projector: LayerNorm + Linear + GELU + Linear")
+    parser.add_argument("--feature-layer", type=int, default=0, help="patch tokens from this hidden state of the tower (-2: the "
+                                                                      "penultimate, as LLaVA-1.5; 0: the last, as MiniMind-V)")
     parser.add_argument("--records", type=int, default=0, help="train on the first N single-picture records only (0: all)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the demo world (and the projection's initialisation)")
+    parser.add_argument("--vision-model", default=None, help="the tower a language model --init gets: folder or models:/ URI "
+                                                              "(default: the demo's random tower)")
     args = parser.parse_args(argv)
 
     from minimind import tracking
@@ -62,9 +66,10 @@ def main(argv=None):
 
     tracking.configure()
     torch.manual_seed(args.seed)
-    paths = demo_data()
+    paths = demo_data(args.seed)
     init = tracking.resolve_model(args.init)
-    vlm = load_vlm(init) if is_vlm_dir(init) else build_vlm(init, demo_vision_tower(), seed=args.seed)[0]
+    tower = tracking.resolve_model(args.vision_model) if args.vision_model else demo_vision_tower(args.seed)
+    vlm = load_vlm(init) if is_vlm_dir(init) else build_vlm(init, tower, seed=args.seed)[0]
     tokenizer = load_tokenizer(init)
     if args.fresh_llm:
         vlm.language_model = MiniMindForCausalLM(vlm.language_model.config)
@@ -81,6 +86,14 @@ def main(argv=None):
             return vlm.projection(patches)
 
         vlm.image_features = centred_features
+    if args.feature_layer:
+
+        def layer_features(pixel_values):
+            with torch.no_grad():
+                patches = vlm.vision_tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states[args.feature_layer][:, 1:]
+            return vlm.projection(patches)
+
+        vlm.image_features = layer_features
     vlm.requires_grad_(True).vision_tower.requires_grad_(False)
     vlm.train()
 
