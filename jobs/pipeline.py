@@ -5,7 +5,7 @@ parent run. Ends with a table of every stage's held-out metrics before and after
 held-out prompts answered after each text stage, and how the vision models describe unseen pictures
 (also logged to the parent run as tables and metrics).
 
-    python jobs/pipeline.py                     # about 8 minutes on 2 CPU cores (458 s measured)
+    python jobs/pipeline.py                     # 15-17 minutes on 2 slow CPU cores (922-1027 s, docs/demo_results.md)
     python jobs/pipeline.py --scale 0.2         # a quick smoke run: a fifth of the steps
     python jobs/pipeline.py --seeds 0,1,2 --report docs/demo_results.md   # once per seed, one after the
                                                 # other, then the targets checked on every seed
