@@ -97,11 +97,12 @@ def test_saved_tower_loads_like_real_clip_with_the_same_patch_features(demo_pair
 def test_held_out_pictures_are_never_training_pairs(demo_pairs, mlflow_store, tmp_path):
     from minimind.clip_runner import ClipConfig, train_clip
     from minimind.demo import demo_tokenizer, demo_vision_tower
+    from minimind.demo.images import NUM_EVAL, NUM_TRAIN
 
     paths = demo_pairs[0]
     training = {name for name, _ in clip.read_pairs(paths["vlm_pretrain"])}
     held_out = {name for name, _ in clip.read_pairs(paths["vlm_pretrain_eval"])}
-    assert len(training) == 2000 and len(held_out) == 200 and not training & held_out
+    assert len(training) == NUM_TRAIN and len(held_out) == NUM_EVAL and not training & held_out
     assert all(name.startswith("eval_") for name in held_out)
     with pytest.raises(SystemExit, match="held-out picture"):  # the job refuses a training file that holds them
         train_clip(ClipConfig(data=str(paths["vlm_pretrain_eval"]), images=str(paths["images"]), eval_data=str(paths["vlm_pretrain_eval"]),
