@@ -86,7 +86,9 @@ class GRPOConfig(TrainConfig):
 @dataclass
 class VLMConfig(TrainConfig):
     images: str | None = field(default=None, metadata={"help": "folder (or storage URI) the JSONL's image names are relative to (default: the demo images, or the data file's folder)"})
-    vision_model: str | None = field(default=None, metadata={"help": "CLIP vision tower: a local folder or hub id, used when --init is a language model (default: the demo tower, with the demo data)"})
+    vision_model: str | None = field(default=None, metadata={"help": "CLIP vision tower: a local folder, hub id or models:/ URI (e.g. jobs/clip.py's "
+                                                                  "minimind-clip-demo), used when --init is a language model (default: the demo's "
+                                                                  "random tower, with the demo data)"})
     link_vision: bool = field(default=False, metadata={"help": "reference the vision tower by its path instead of copying it into the registered model"})
     lr: float = 1e-3
     epochs: int = 1
