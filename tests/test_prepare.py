@@ -120,9 +120,9 @@ def test_a_bad_line_stops_the_preparation_without_waiting_for_the_other_chunks(r
     began = time.monotonic()
     done = gather({ref: {"start": 0, "end": 1} for ref in [slow[0], bad, *slow[1:]]}, stop_at_error=True)
     assert time.monotonic() - began < 20 and done == [{"index": 1, "error": (7, "not JSON")}]
-    for ref in slow:
+    for ref in slow:  # a cancelled task that was waiting may first need a worker process started (slow in a long session)
         with pytest.raises(ray.exceptions.TaskCancelledError):
-            ray.get(ref, timeout=20)
+            ray.get(ref, timeout=50)  # under the 60 s an uncancelled task takes: one that ran to the end still fails this
 
 
 def test_a_file_edited_in_the_middle_with_its_mtime_restored_is_prepared_again(ray_cluster, demo, tmp_path):
