@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from minimind.data import iter_jsonl
 from minimind.images import load_image
+from minimind.stages import unwrap
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps its temperature so logits never exceed 100
 
@@ -119,17 +120,13 @@ def warmup_cosine(step: int, total: int, peak: float, warmup: int, floor: float 
 
 def train_step(clip, optimizer, pixel_values, input_ids, attention_mask, groups=None) -> float:
     loss = contrastive_loss(image_embeddings(clip, pixel_values), text_embeddings(clip, input_ids, attention_mask),
-                            _unwrap(clip).logit_scale, groups)
+                            unwrap(clip).logit_scale, groups)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     with torch.no_grad():
-        _unwrap(clip).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        unwrap(clip).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
     return loss.item()
-
-
-def _unwrap(model):
-    return getattr(model, "module", model)  # DDP
 
 
 @torch.no_grad()
@@ -138,7 +135,7 @@ def retrieval(clip, pixel_values: torch.Tensor, input_ids: torch.Tensor, attenti
     """Image -> caption retrieval among the given pairs' captions: the share of images whose most similar
     caption (top-1), or one of the five most similar (top-5), is their own caption's text. Chance is
     about 1 / (distinct captions)."""
-    clip = _unwrap(clip)
+    clip = unwrap(clip)
     was_training = clip.training
     clip.eval()
     images = torch.cat([image_embeddings(clip, pixel_values[i : i + batch_size]) for i in range(0, len(pixel_values), batch_size)])
@@ -155,6 +152,6 @@ def save_tower(clip, processor, folder: str | Path) -> Path:
     """Only the vision tower, exactly as the demo's random tower is saved: `minimind.vision.load_vision_tower`
     and `build_vlm` read the folder like real CLIP weights."""
     folder = Path(folder)
-    _unwrap(clip).vision_model.save_pretrained(str(folder))  # a CLIPVisionModel of its own
+    unwrap(clip).vision_model.save_pretrained(str(folder))  # a CLIPVisionModel of its own
     processor.save_pretrained(str(folder))
     return folder

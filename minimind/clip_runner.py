@@ -23,6 +23,7 @@ import torch
 from minimind import clip, storage, tracking
 from minimind.cluster import local_input, placement, workers_see_driver_disk
 from minimind.runner import StageResult
+from minimind.stages import unwrap
 from minimind.tokenizer import load_tokenizer
 
 TRAINING_RECORD = "training.json"  # beside the tower's weights: how it was trained and what it scored
@@ -114,7 +115,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                job.attention_mask[batch, :width].to(device), job.groups[batch].to(device))
         if step % config.log_every == 0 or step == config.max_steps:
             seconds = time.perf_counter() - started
-            scale = getattr(model, "module", model).logit_scale.exp().item()
+            scale = unwrap(model).logit_scale.exp().item()
             history.append({"step": step, "train/loss": loss, "train/lr": _lr(step, config), "train/logit_scale": scale,
                             "train/steps_per_s": step / seconds})
             if rank == 0:
@@ -125,7 +126,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
         if rank == 0:
-            getattr(model, "module", model).save_pretrained(directory)
+            unwrap(model).save_pretrained(directory)
             (Path(directory) / "history.json").write_text(json.dumps(history))
             checkpoint = ray.train.Checkpoint.from_directory(directory)
         ray.train.report({"step": config.max_steps, "loss": history[-1]["train/loss"]}, checkpoint=checkpoint)
