@@ -8,11 +8,18 @@ their own pictures against the loss with each given another record's picture.
     python bench/vlm_reading.py --init models:/minimind-sft/latest --center --steps 750     # features minus their mean
     python bench/vlm_reading.py --init models:/minimind-sft/latest --mlp-projector           # newer MiniMind-V's projector
     python bench/vlm_reading.py --init models:/minimind-sft/latest --fresh-llm --records 64 --steps 400 --eval-every 100
+    python bench/vlm_reading.py --init models:/minimind-sft/latest --read-captions --steps 900 --eval-every 300  # no pictures
 
 A language model (not a VLM folder) as --init gets the demo tower and a fresh projection. --center
 subtracts the mean patch feature of 400 training pictures from every patch before the projection (in
 the demo tower's features it has norm 12.6; what varies around it, 4.4). --records N trains on the first N
 single-picture records only: can the model fit them, and does it use the pictures to?
+
+--read-captions takes the pictures away: each <image> becomes its caption's text, in brackets, and the
+language model alone trains on the same records (the SFT loop, same learning rate and batch) and answers
+the held-out questions with the caption of the held-out picture in its prompt. A perfect tower could
+give the language model no more than those words; if it cannot answer from them, the tower is not what
+fails.
 """
 
 from __future__ import annotations
@@ -52,6 +59,8 @@ def main(argv=None):
                                                                       "penultimate, as LLaVA-1.5; 0: the last, as MiniMind-V)")
     parser.add_argument("--records", type=int, default=0, help="train on the first N single-picture records only (0: all)")
     parser.add_argument("--seed", type=int, default=0, help="the demo world (and the projection's initialisation)")
+    parser.add_argument("--read-captions", action="store_true", help="no pictures: each <image> replaced by its caption's text "
+                                                                       "(the language model alone, --init a language model)")
     parser.add_argument("--vision-model", default=None, help="the tower a language model --init gets: folder or models:/ URI "
                                                               "(default: the demo's random tower)")
     args = parser.parse_args(argv)
@@ -67,6 +76,8 @@ def main(argv=None):
     tracking.configure()
     torch.manual_seed(args.seed)
     paths = demo_data(args.seed)
+    if args.read_captions:
+        return read_captions(args, paths)
     init = tracking.resolve_model(args.init)
     tower = tracking.resolve_model(args.vision_model) if args.vision_model else demo_vision_tower(args.seed)
     vlm = load_vlm(init) if is_vlm_dir(init) else build_vlm(init, tower, seed=args.seed)[0]
@@ -133,6 +144,69 @@ def main(argv=None):
             families = " ".join(f"{task} {value:.2f}" for task, value in result["by_task"].items())
             print(f"step {step:5d} | {time.perf_counter() - started:4.0f}s | train loss {loss.item():.3f} | sample loss, own pictures "
                   f"{right:.3f}, shuffled {shuffled:.3f} | held-out accuracy {result['accuracy']:.3f} ({families})", flush=True)
+
+
+def captions_as_text(path: Path, captions: dict[str, str], out: Path) -> Path:
+    """The VLM JSONL at `path` with each <image> of a record replaced by its picture's caption, in brackets."""
+    import json
+
+    from minimind.demo.images import IMAGE
+
+    with open(path, encoding="utf-8") as source, open(out, "w", encoding="utf-8") as target:
+        for line in source:
+            record = json.loads(line)
+            text = record["conversations"][0]["content"]
+            for name in record.pop("image", "").split(",") if record.get("image") else []:
+                text = text.replace(f"{IMAGE}\n", f"[{captions[name]}]\n", 1)
+            record["conversations"][0]["content"] = text
+            target.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return out
+
+
+def read_captions(args, paths: dict) -> None:
+    import tempfile
+
+    from minimind import tracking
+    from minimind.checkpoint import load_model
+    from minimind.data import StageData, collate, load_stage_dataset
+    from minimind.demo.images import NUM_EVAL, NUM_TRAIN, caption, sample_scenes
+    from minimind.evaluate import image_question_accuracy, text_replier
+    from minimind.tokenizer import load_tokenizer
+
+    init = tracking.resolve_model(args.init)
+    model, tokenizer = load_model(init), load_tokenizer(init)
+    train, held_out = sample_scenes(args.seed, NUM_TRAIN, NUM_EVAL)
+    captions = {f"train_{i:05d}.png": caption(scene) for i, scene in enumerate(train)}
+    captions |= {f"eval_{i:05d}.png": caption(scene) for i, scene in enumerate(held_out)}
+    folder = Path(tempfile.mkdtemp(prefix="read-captions-"))
+    train_file = captions_as_text(paths["vlm_sft"], captions, folder / "train.jsonl")
+    eval_file = captions_as_text(paths["vlm_sft_eval"], captions, folder / "eval.jsonl")
+    rows = load_stage_dataset(train_file, tokenizer, StageData("sft", seq_len=256))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    replier = text_replier(model, tokenizer, max_new_tokens=16)
+    order, rng, position, started = list(range(len(rows))), random.Random(args.seed), len(rows), time.perf_counter()
+    model.train()
+    for step in range(1, args.steps + 1):
+        if position + args.batch_size > len(order):
+            rng.shuffle(order)
+            position = 0
+        batch = collate([rows[i] for i in order[position : position + args.batch_size]], tokenizer.pad_token_id)
+        position += args.batch_size
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(batch["input_ids"], batch.get("attention_mask"), labels=batch["labels"]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        if step % args.eval_every == 0 or step == args.steps:
+            model.eval()
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                result = image_question_accuracy(lambda queries: replier([conversation for conversation, _ in queries]), eval_file,
+                                                 paths["images"], limit=args.eval_limit)
+            model.train()
+            families = " ".join(f"{task} {value:.2f}" for task, value in result["by_task"].items())
+            print(f"step {step:5d} | {time.perf_counter() - started:4.0f}s | train loss {loss.item():.3f} | held-out accuracy, "
+                  f"captions as text {result['accuracy']:.3f} ({families})", flush=True)
 
 
 if __name__ == "__main__":
