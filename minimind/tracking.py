@@ -38,6 +38,10 @@ _REGISTERED_BY = {  # for "not registered yet" errors
     "minimind-sft": "jobs/sft.py",
     "minimind-dpo": "jobs/dpo.py",
     "minimind-reason": "jobs/distill.py",
+    "minimind-grpo": "jobs/grpo.py",
+    "minimind-clip-demo": "jobs/clip.py",
+    "minimind-vlm-pretrain": "jobs/pretrain_vlm.py",
+    "minimind-vlm-sft": "jobs/sft_vlm.py",
 }
 _LOGGED_MODEL_ID = re.compile(r"^m-[0-9a-f]{32}$")  # `models:/m-...`: a LoggedModel, not a registered name
 
