@@ -20,7 +20,7 @@ from contextlib import nullcontext
 
 import torch
 
-from minimind.generate import RowSampler, SamplingParams, _one_row_kernels, left_pad, suppress
+from minimind.generate import RowSampler, SamplingParams, left_pad, one_row_kernels, suppress
 from minimind.model import KVCache
 
 
@@ -77,7 +77,7 @@ class ContinuousBatch:
         padded = not bool(self.mask.all())
         self.mask = torch.cat([self.mask, torch.ones_like(self.last)], dim=1)
         one_row = self.device.type == "cpu" and len(self) == 1
-        with _one_row_kernels() if one_row else nullcontext():
+        with one_row_kernels() if one_row else nullcontext():
             logits = self.model(self.last, self.mask if padded else None, kv_cache=self.cache, logits_to_keep=1).logits[:, -1].float()
         return list(zip(self.keys, self._sample(logits, rows=slice(0, len(self)))))
 

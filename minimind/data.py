@@ -18,8 +18,8 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Iterator
-from itertools import chain
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -462,7 +462,7 @@ class LengthGroupedBatches:
         return len(self._batches())
 
 
-def _pad(rows: list[list], value, length: int) -> torch.Tensor:
+def right_pad(rows: list[list], value, length: int) -> torch.Tensor:
     return torch.tensor([row + [value] * (length - len(row)) for row in rows])
 
 
@@ -482,12 +482,12 @@ def collate(rows: list[dict], pad_id: int, pad_to_multiple_of: int = 8) -> dict:
         else:
             real = [len(x) for x in ids]
             labels = [row[prefix + "labels"] for row in rows]
-        batch[prefix + "input_ids"] = _pad(ids, pad_id, longest)
-        batch[prefix + "labels"] = _pad(labels, IGNORE_INDEX, longest)
+        batch[prefix + "input_ids"] = right_pad(ids, pad_id, longest)
+        batch[prefix + "labels"] = right_pad(labels, IGNORE_INDEX, longest)
         batch[prefix + "attention_mask"] = (torch.arange(longest)[None, :] < torch.tensor(real)[:, None]).long()
         batch["tokens"] += sum(real)
         if "loss_weights" in rows[0]:
-            batch[prefix + "loss_weights"] = _pad([row["loss_weights"] for row in rows], 0.0, longest)
+            batch[prefix + "loss_weights"] = right_pad([row["loss_weights"] for row in rows], 0.0, longest)
     if "images" in rows[0]:
         batch["images"] = [row["images"] for row in rows]
     return batch

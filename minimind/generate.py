@@ -199,7 +199,7 @@ def stream_batch(model: MiniMindForCausalLM, prompts: Sequence[Sequence[int]], p
         for step in range(max_new_tokens):
             extra = (prompt_inputs or {}) if step == 0 or kv_cache is None else {}
             forward = decode_step if decode_step is not None and step > 0 else model
-            with _one_row_kernels() if device.type == "cpu" and step_input.shape == (1, 1) else nullcontext():
+            with one_row_kernels() if device.type == "cpu" and step_input.shape == (1, 1) else nullcontext():
                 logits = forward(step_input, mask, kv_cache=kv_cache, logits_to_keep=1, **extra).logits[:, -1].float()
             if params.suppress_token_ids:
                 logits = suppress(logits, params.suppress_token_ids)
@@ -251,7 +251,7 @@ def inference_dtype(name: str, device) -> torch.dtype:
 
 
 @contextmanager
-def _one_row_kernels():
+def one_row_kernels():
     """torch's own CPU kernels instead of oneDNN's for matmuls of one row (decoding one sequence): oneDNN,
     torch's default for bf16, spends ~10 µs setting up each call, up to half the time of a one-row product,
     while torch's GEMV reads the weights at full speed (about 1.4x faster decoding here, bench/generate.py).

@@ -31,17 +31,17 @@ from dataclasses import dataclass
 
 import torch
 
-from minimind.data import _pad
+from minimind.data import right_pad
 from minimind.flops import peak_flops
-from minimind.losses import IGNORE_INDEX, group_advantages, policy_loss, sequence_logprobs, token_logprobs
 from minimind.lora import LoRAConfig, adapter_state
+from minimind.losses import IGNORE_INDEX, group_advantages, policy_loss, sequence_logprobs, token_logprobs
 from minimind.rewards import MODEL_REWARD, Completion, parse_weights, reasoning_parts, score
 from minimind.rollout import unique_tensors
-from minimind.stages import STAGES, _frozen, unwrap
+from minimind.stages import STAGES, load_frozen, unwrap
 from minimind.tokenizer import Markers
 from minimind.train import (
-    _MetricLogger, _report_checkpoint, _say, adamw, autocast_dtype, autocast_to, compile_for_training, cosine_lr, ddp_options,
-    model_to_train, resume_from_checkpoint, validation_loss,
+    MetricLogger, adamw, autocast_dtype, autocast_to, compile_for_training, cosine_lr, ddp_options, model_to_train, report_checkpoint,
+    resume_from_checkpoint, say, validation_loss,
 )
 
 
@@ -93,7 +93,7 @@ def sequences(prompts: list[Prompt], completions: list[list[int]], finished: lis
         rows.append(prompt + reply)
         labels.append([IGNORE_INDEX] * len(prompt) + reply)
     width = max(len(row) for row in rows)
-    return _pad(rows, pad_id, width), _pad(labels, IGNORE_INDEX, width)
+    return right_pad(rows, pad_id, width), right_pad(labels, IGNORE_INDEX, width)
 
 
 def completion_logprobs(model, ids: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, with_aux: bool = False):
@@ -240,8 +240,8 @@ def grpo_loop_per_worker(loop_config: dict) -> None:
     tokenizer = load_tokenizer(job.init_dir)
     markers = Markers.of(tokenizer)
     model, lora = policy_to_train(job, stage, device)
-    reference = _frozen(job.init_dir, device) if config.kl_coef > 0 else None
-    scorer = _frozen(job.reward_model_dir, device) if job.reward_model_dir else None
+    reference = load_frozen(job.init_dir, device) if config.kl_coef > 0 else None
+    scorer = load_frozen(job.reward_model_dir, device) if job.reward_model_dir else None
     weights = parse_weights(config.rewards)
     checked = "answer" in weights and MODEL_REWARD not in weights
     prompts = training_prompts(PreparedRows(job.data_path), tokenizer, markers, keep_all=not checked)
@@ -262,18 +262,18 @@ def grpo_loop_per_worker(loop_config: dict) -> None:
         unwrap(model).config.to_dict(), lora, threads=threads, bf16=amp_dtype is not None)
     ready, _ = ray.wait([rollout.__ray_ready__.remote()], timeout=60)
     if not ready:  # outside Ray Train's placement group: it waits for free resources, maybe a node the autoscaler adds
-        _say(f"[{job.stage}] rank {rank}: the rollout actor is still waiting for {config.rollout_cpus:g} CPU and {rollout_gpus:g} GPU; "
-             "on one GPU, trainer and actors must fit it together (--gpus-per-worker 0.5 --rollout-gpus 0.5 per worker)")
+        say(f"[{job.stage}] rank {rank}: the rollout actor is still waiting for {config.rollout_cpus:g} CPU and {rollout_gpus:g} GPU; "
+            "on one GPU, trainer and actors must fit it together (--gpus-per-worker 0.5 --rollout-gpus 0.5 per worker)")
         ray.get(rollout.__ray_ready__.remote())
-    logger = _MetricLogger(job, total_steps) if rank == 0 else None
+    logger = MetricLogger(job, total_steps) if rank == 0 else None
     peak = peak_flops(device, amp_dtype or torch.float32)[0] if rank == 0 else 0.0
     flops_per_token = 6 * unwrap(model).num_parameters(active=True)
     if rank == 0:
-        _say(f"[{job.stage}] {len(prompts)} prompts, {config.batch_size} x {group} completions per step and worker, {total_steps} steps")
+        say(f"[{job.stage}] {len(prompts)} prompts, {config.batch_size} x {group} completions per step and worker, {total_steps} steps")
         dropout = {"dropout": unwrap(model).config.dropout, "--lora-dropout": lora.dropout if lora else 0.0}
         if any(dropout.values()):
-            _say(f"[{job.stage}] trained with dropout off (" + ", ".join(f"{k} {v:g}" for k, v in dropout.items() if v)
-                 + "): the ratios and the rollouts need the one policy that samples")
+            say(f"[{job.stage}] trained with dropout off (" + ", ".join(f"{k} {v:g}" for k, v in dropout.items() if v)
+                + "): the ratios and the rollouts need the one policy that samples")
     started, handed_over = time.perf_counter(), 0
     try:
         while step < total_steps:
@@ -338,16 +338,16 @@ def grpo_loop_per_worker(loop_config: dict) -> None:
                     "rollout/handover_mb": sum(v.numel() * v.element_size() for v in weights_now.values()) / 2**20,
                 }
                 logger.log(step, report, time.perf_counter() - started)
-                _say(f"[{job.stage}] step {step}: reward {report['reward/total/mean']:.3f} ± {report['reward/total/std']:.3f}"
-                     f" | " + " | ".join(f"{name} {report[f'reward/{name}/mean']:.3f}" for name in values)
-                     + f" | kl {report['grpo/kl']:.4f} | rollout {rollout_s:.1f}s, update {update_s:.1f}s, hand-over {handover_s * 1e3:.0f} ms")
+                say(f"[{job.stage}] step {step}: reward {report['reward/total/mean']:.3f} ± {report['reward/total/std']:.3f}"
+                    f" | " + " | ".join(f"{name} {report[f'reward/{name}/mean']:.3f}" for name in values)
+                    + f" | kl {report['grpo/kl']:.4f} | rollout {rollout_s:.1f}s, update {update_s:.1f}s, hand-over {handover_s * 1e3:.0f} ms")
             if validating:
                 # only rank 0's report counts
                 reported["val/loss"] = validation_loss(stage, model, tokenizer, job) if rank == 0 else 0.0
                 if logger:
                     logger.log_metrics(step, {"val/loss": reported["val/loss"]})
             if checkpointing:
-                _report_checkpoint(stage, model, tokenizer, optimizer, step, {**reported, "finished": float(step == total_steps)},
+                report_checkpoint(stage, model, tokenizer, optimizer, step, {**reported, "finished": float(step == total_steps)},
                                    rank, world, lora)
             elif validating:
                 ray.train.report({**reported, "step": step, "finished": 0.0})  # every rank reports, none with a checkpoint

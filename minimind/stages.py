@@ -63,7 +63,7 @@ class Stage:
         return output.loss, metrics
 
 
-def _frozen(directory, device):
+def load_frozen(directory, device):
     model = load_model(directory, device=device)
     model.requires_grad_(False)
     return model.eval()
@@ -77,7 +77,7 @@ class DPOStage(Stage):
         return ids.new_full((), ids.shape[0])  # a fill on the device, not a copy from the host
 
     def companions(self, job, device) -> dict:
-        return {"reference": _frozen(job.init_dir, device)}  # the initial policy, frozen
+        return {"reference": load_frozen(job.init_dir, device)}  # the initial policy, frozen
 
     def loss(self, model, batch, companions, job):
         # Chosen and rejected rows go through the model as one batch of 2B rows.
@@ -97,7 +97,7 @@ class DPOStage(Stage):
 
 class KDStage(Stage):
     def companions(self, job, device) -> dict:
-        return {"teacher": _frozen(job.teacher_dir, device)}
+        return {"teacher": load_frozen(job.teacher_dir, device)}
 
     def loss(self, model, batch, companions, job):
         output = model(batch["input_ids"])

@@ -180,7 +180,7 @@ def on_host(metrics: dict) -> dict[str, float]:
     return {**{key: float(value) for key, value in metrics.items() if key not in names}, **dict(zip(names, fetched))}
 
 
-def _say(line: str) -> None:
+def say(line: str) -> None:
     """One line to the worker's stdout, which Ray forwards to the driver. Not print(): Train V2 patches
     print in workers to also log each message, so every line reached the driver twice."""
     sys.stdout.write(line + "\n")
@@ -246,7 +246,7 @@ def resume_from_checkpoint(job: StageJob, stage, model, optimizer, lora: LoRACon
         optimizer.load_state_dict(state["optimizer"])
         _restore_rng(state["rng"], rank)
     if rank == 0:
-        _say(f"[{job.stage}] resumed from step {state['step']}")
+        say(f"[{job.stage}] resumed from step {state['step']}")
     return state["step"]
 
 
@@ -286,8 +286,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     peak = 0.0
     if rank == 0:
         peak, peak_source = peak_flops(device, amp_dtype or torch.float32)
-        _say(f"[{job.stage}] MFU is measured against {peak_source}")
-    logger = _MetricLogger(job, total_steps) if rank == 0 else None
+        say(f"[{job.stage}] MFU is measured against {peak_source}")
+    logger = MetricLogger(job, total_steps) if rank == 0 else None
 
     loader = _loader_settings(stage, model, tokenizer, job, device)
 
@@ -320,7 +320,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if logger:
                 logger.log_metrics(step, {"val/loss": sums["val/loss"]})
         if step % config.checkpoint_every == 0 or step == total_steps or stopping:
-            _report_checkpoint(stage, model, tokenizer, optimizer, step, {**on_host(sums), "finished": float(step == total_steps)}, rank, world, lora)
+            report_checkpoint(stage, model, tokenizer, optimizer, step, {**on_host(sums), "finished": float(step == total_steps)}, rank, world, lora)
         elif validating:
             import ray.train
 
@@ -417,7 +417,7 @@ def autocast_to(device, amp_dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
 
 
-def _report_checkpoint(stage, model, tokenizer, optimizer, step: int, metrics: dict, rank: int, world: int,
+def report_checkpoint(stage, model, tokenizer, optimizer, step: int, metrics: dict, rank: int, world: int,
                        lora: LoRAConfig | None = None) -> None:
     import ray.train
 
@@ -435,7 +435,7 @@ def _report_checkpoint(stage, model, tokenizer, optimizer, step: int, metrics: d
         ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-class _MetricLogger:
+class MetricLogger:
     """Rank 0's compact step line, a progress bar on terminals, and metrics batched to the MLflow run.
     MLflow calls run on a background thread: a slow or briefly unreachable tracking server neither
     stalls nor kills training; a failed batch is reported in the log and training goes on."""
@@ -450,8 +450,8 @@ class _MetricLogger:
         uri = job.mlflow_tracking_uri or ""
         local_store = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
         if job.mlflow_run_id and local_store is not None and not local_store.is_file():
-            _say(f"[{job.stage}] the MLflow store {uri} is a file on the driver's machine, not this node's: step metrics go to "
-                 "the driver's log only (set MLFLOW_TRACKING_URI to a tracking server to record them)")
+            say(f"[{job.stage}] the MLflow store {uri} is a file on the driver's machine, not this node's: step metrics go to "
+                "the driver's log only (set MLFLOW_TRACKING_URI to a tracking server to record them)")
         elif job.mlflow_run_id:
             from mlflow.tracking import MlflowClient
 
@@ -476,10 +476,10 @@ class _MetricLogger:
             self.client.log_batch(self.job.mlflow_run_id, metrics=batch)
         except Exception as error:  # report, never raise into training
             self.failures += 1
-            _say(f"[{self.job.stage}] MLflow metrics of step {step} not logged ({type(error).__name__}: {error}); training goes on")
+            say(f"[{self.job.stage}] MLflow metrics of step {step} not logged ({type(error).__name__}: {error}); training goes on")
 
     def log(self, step: int, metrics: dict, elapsed: float) -> None:
-        _say(
+        say(
             f"[{self.job.stage}] step {step:5d}/{self.total_steps} | loss {metrics['train/loss']:.4f} | lr {metrics['train/lr']:.2e}"
             f" | {metrics['train/tokens_per_s']:,.0f} tok/s | MFU {metrics['train/mfu']:.1%} | {elapsed:.0f}s"
         )

@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from minimind.serve import fetch
-from minimind.serve.protocol import APIError, Limits, check_image, decode_image, parse_chat_body, parse_chat_request, read_json
+from minimind.serve.errors import APIError
+from minimind.serve.protocol import Limits, check_image, decode_image, parse_chat_body, parse_chat_request, read_json
 
 MODELS = {"minimind": False, "minimind-v": True}
 

@@ -104,9 +104,9 @@ def test_a_job_unpacked_by_ray_keeps_its_results_in_the_home_folder(tmp_path, mo
 def test_rank_zero_metric_logging_reports_a_failing_tracking_server_and_training_goes_on(capsys):
     from types import SimpleNamespace
 
-    from minimind.train import _MetricLogger
+    from minimind.train import MetricLogger
 
-    logger = _MetricLogger(SimpleNamespace(stage="sft", mlflow_run_id=None, mlflow_tracking_uri=None), total_steps=2)
+    logger = MetricLogger(SimpleNamespace(stage="sft", mlflow_run_id=None, mlflow_tracking_uri=None), total_steps=2)
     sent = []
 
     class FlakyServer:

@@ -683,7 +683,7 @@ def test_the_gateway_ends_late_replies_with_504_and_full_queues_with_429():
     from ray.serve.exceptions import BackPressureError
 
     from minimind.serve.app import _next_event
-    from minimind.serve.protocol import APIError
+    from minimind.serve.errors import APIError
 
     async def outcome(reply, timeout_s=0.05):
         try:
@@ -731,7 +731,7 @@ def test_the_gateway_reads_a_body_only_up_to_its_limit():
     from starlette.requests import Request
 
     from minimind.serve.app import _read_body
-    from minimind.serve.protocol import APIError
+    from minimind.serve.errors import APIError
 
     received = []
 

@@ -8,7 +8,8 @@ import torch
 from conftest import random_model
 from minimind.generate import SamplingParams, generate
 from minimind.serve.engine import BatchingEngine, releasable
-from minimind.serve.protocol import APIError, Limits, parse_chat_request, split_reasoning
+from minimind.serve.errors import APIError
+from minimind.serve.protocol import Limits, parse_chat_request, split_reasoning
 
 THINK, ANSWER = ("<think>", "</think>"), ("<answer>", "</answer>")
 MODELS = {"minimind": False, "minimind-v": True}

@@ -62,8 +62,8 @@ def test_a_training_step_reads_nothing_from_the_device_except_at_log_steps(ray_c
             return super().step(*args, **kwargs)
 
     monkeypatch.setattr(torch.optim, "AdamW", FusedAdamW)
-    logger_log = train_module._MetricLogger.log
-    monkeypatch.setattr(train_module._MetricLogger, "log", lambda self, step, *a: (events.append(f"log {step}"), logger_log(self, step, *a))[1])
+    logger_log = train_module.MetricLogger.log
+    monkeypatch.setattr(train_module.MetricLogger, "log", lambda self, step, *a: (events.append(f"log {step}"), logger_log(self, step, *a))[1])
     for name in HOST_READS:
         original = getattr(torch.Tensor, name)
         monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _name=name, _original=original: (events.append(_name), _original(self, *a))[1])

@@ -30,7 +30,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
-from minimind.serve.protocol import APIError, ChatRequest, Limits, completion_id, now, parse_chat_body
+from minimind.serve.errors import APIError
+from minimind.serve.protocol import ChatRequest, Limits, completion_id, now, parse_chat_body
 
 PAGE = Path(__file__).with_name("chat.html")
 logger = logging.getLogger("ray.serve")

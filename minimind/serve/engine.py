@@ -26,7 +26,8 @@ import torch
 
 from minimind.continuous import ContinuousBatch
 from minimind.generate import SamplingParams
-from minimind.serve.protocol import APIError, ChatRequest, Limits, open_image, split_reasoning
+from minimind.serve.errors import APIError
+from minimind.serve.protocol import ChatRequest, Limits, open_image, split_reasoning
 
 
 @dataclass(eq=False)

@@ -18,7 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
-from minimind.serve.protocol import APIError
+from minimind.serve.errors import APIError
 
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _lookups = ThreadPoolExecutor(max_workers=4, thread_name_prefix="image-url-lookup")  # getaddrinfo has no timeout of its own

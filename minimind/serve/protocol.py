@@ -22,6 +22,9 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from minimind.serve.errors import APIError
+from minimind.serve.fetch import fetch_image
+
 ROLES = ("system", "user", "assistant")
 # OpenAI fields this server does not implement, with the values that ask for nothing (clients send some of
 # them by default): any other value is refused, since a 200 that ignored it would be a wrong answer
@@ -31,19 +34,6 @@ NOT_IMPLEMENTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "logit_
                    "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,)}
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")  # an animated GIF or WebP counts by its first frame
 MAX_IMAGE_ASPECT_RATIO = 20  # long side / short side: a 224-pixel short side makes a long side of at most 4480
-
-
-class APIError(Exception):
-    """A request the server refuses: HTTP status + OpenAI's error object."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error", headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
 @dataclass
@@ -138,8 +128,6 @@ def decode_image(url: str, limits: Limits, param: str) -> bytes:
     if url.startswith(("http://", "https://")):
         if not limits.allow_remote_images:
             raise APIError(400, "remote image URLs are disabled on this server; send the image as a data: URL", param=param)
-        from minimind.serve.fetch import fetch_image
-
         data = fetch_image(url, limits.max_image_bytes, limits.remote_image_timeout_s, param)
     else:
         match = re.fullmatch(r"data:(image/[\w.+-]+)?;base64,(.*)", url, re.DOTALL)
