@@ -107,28 +107,3 @@ def test_held_out_pictures_are_never_training_pairs(demo_pairs, mlflow_store, tm
     with pytest.raises(SystemExit, match="held-out picture"):  # the job refuses a training file that holds them
         train_clip(ClipConfig(data=str(paths["vlm_pretrain_eval"]), images=str(paths["images"]), eval_data=str(paths["vlm_pretrain_eval"]),
                               tokenizer=str(demo_tokenizer(0)), vision_model=str(demo_vision_tower(0)), storage_path=str(tmp_path)))
-
-
-def test_the_ray_job_registers_the_tower_and_reuses_it_for_the_same_seed_and_settings(mlflow_store, tmp_path):
-    from mlflow.tracking import MlflowClient
-
-    from minimind import tracking
-    from minimind.clip_runner import ClipConfig, train_clip
-    from minimind.vision import load_vision_tower
-
-    config = ClipConfig(max_steps=3, batch_size=8, log_every=1, eval_limit=20, storage_path=str(tmp_path / "ray"))
-    first = train_clip(config)
-    assert first.stage == "clip" and first.model_uri == "models:/minimind-clip-demo/1"
-    assert first.model_dir.name.startswith("clip-demo-") and first.model_dir.parent.name.startswith("seed0-")
-    assert set(first.after) == {"eval/image_to_caption_top1", "eval/image_to_caption_top5", "eval/chance"}
-    assert first.after["eval/chance"] == pytest.approx(1 / 20)
-    client = MlflowClient()
-    run = client.get_run(first.run_id)
-    assert run.data.tags["clip.reused"] == "false" and "eval_before/image_to_caption_top1" in run.data.metrics
-    assert sorted(m.step for m in client.get_metric_history(first.run_id, "train/loss")) == [1, 2, 3]
-
-    second = train_clip(config)  # same seed and settings: the cached tower, registered again
-    assert second.model_uri == "models:/minimind-clip-demo/2" and second.model_dir == first.model_dir
-    assert client.get_run(second.run_id).data.tags["clip.reused"] == "true" and second.after == first.after
-    tower, _ = load_vision_tower(tracking.resolve_model(second.model_uri, tmp_path / "download"))
-    assert tower.config.hidden_size == 128 and tower.config.image_size == 64

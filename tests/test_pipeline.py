@@ -1,10 +1,14 @@
-"""The README's first command, shortened: the whole text pipeline on the demo world, every stage a real
-Ray Train run registered in MLflow, and every stage's held-out metric better after it than before."""
+"""The README's first command, shortened: the whole pipeline on the demo world, every stage a real Ray
+Train run registered in MLflow, and every stage's held-out metric better after it than before. The one
+run also serves as every stage's registration and hand-over test: what each run records, the clip
+stage's cache, and white-box KD from the pipeline's own models."""
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
 
@@ -18,7 +22,8 @@ def home(ray_cluster, tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_pipeline_runs_every_stage_and_each_improves_its_heldout_metric(home, capsys):
+def test_pipeline_runs_every_stage_and_each_improves_its_heldout_metric(home, capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
     results = pipeline.main(["--scale", "0.03", "--eval-limit", "8", "--report", str(home / "docs" / "results.md")])
     by_stage = {result.stage: result for result in results}
     assert list(by_stage) == ["pretrain", "sft", "dpo", "reason", "clip", "vlm_pretrain", "vlm_sft"]
@@ -64,3 +69,52 @@ def test_pipeline_runs_every_stage_and_each_improves_its_heldout_metric(home, ca
     assert {"task", "prompt", "pretrain", "sft", "dpo", "reason", "reference"} <= set(table.columns) and len(table) == 5
     # at 3% of the steps a model may well answer nothing: the pictures' report is checked for being there, not for its values
     assert 0.0 <= parent.data.metrics["vlm_sft/hallucination_rate"] <= 1.0 and parent.data.metrics["vlm_pretrain/mean_reply_chars"] >= 0
+
+    # What each stage run records, on the SFT run: where it started, its settings, the loss at every logged
+    # step, held-out metrics before and after, the loss curve and samples, the prepared data's report, the
+    # files as MLflow dataset inputs and the host's load as system metrics; and its weights moved.
+    from minimind.checkpoint import load_model
+
+    client = mlflow.MlflowClient()
+    sft_run = client.get_run(client.get_model_version("minimind-sft", "1").run_id)
+    assert sft_run.data.tags["source.name"] == "minimind-pretrain" and sft_run.data.tags["source.version"] == "1"
+    assert sft_run.data.params["lr"] == str(next(config for name, config, _ in pipeline.STAGES if name == "sft").lr)
+    steps = [m.step for m in client.get_metric_history(sft_run.info.run_id, "train/loss")]
+    assert steps == sorted(set(steps)) and steps[0] == 1 and steps[-1] == int(sft_run.data.params["max_steps"])
+    assert "eval/answer_exact_match" in sft_run.data.metrics and "eval_before/answer_exact_match" in sft_run.data.metrics
+    assert {"loss_curve.png", "samples.json"} <= {a.path for a in client.list_artifacts(sft_run.info.run_id)}
+    assert {"data/report.json", "data/report.png"} <= {a.path for a in client.list_artifacts(sft_run.info.run_id, "data")}
+    assert sft_run.data.metrics["data/rows"] > 0 and "data/duplicate_rate" in sft_run.data.metrics and sft_run.data.tags["data.prepared"]
+    assert {(d.dataset.name, d.tags[0].value) for d in sft_run.inputs.dataset_inputs} == {("sft.jsonl", "training"), ("sft_eval.jsonl", "evaluation")}
+    assert any(key.startswith("system/") for key in sft_run.data.metrics)
+    assert not torch.equal(load_model(by_stage["sft"].model_dir).lm_head.weight, load_model(by_stage["pretrain"].model_dir).lm_head.weight)
+    assert client.get_metric_history(by_stage["dpo"].run_id, "rewards/accuracies") and "eval/preference_accuracy" in dpo.after
+    assert "eval/reasoning_format" in by_stage["reason"].after and "eval/answer_exact_match" in by_stage["reason"].after
+
+    # The clip stage: the tower folder is cached per seed and settings, so the same settings again reuse it
+    # and register it as the next version.
+    from minimind import tracking
+    from minimind.clip_runner import train_clip
+    from minimind.vision import load_vision_tower
+
+    clip_stage = by_stage["clip"]
+    assert clip_stage.model_dir.name.startswith("clip-demo-") and clip_stage.model_dir.parent.name.startswith("seed0-")
+    assert set(clip_stage.after) == {"eval/image_to_caption_top1", "eval/image_to_caption_top5", "eval/chance"}
+    assert clip_stage.after["eval/chance"] == pytest.approx(1 / 8)  # --eval-limit 8 held-out pairs, 8 distinct captions
+    clip_run = client.get_run(clip_stage.run_id)
+    assert clip_run.data.tags["clip.reused"] == "false" and "eval_before/image_to_caption_top1" in clip_run.data.metrics
+    clip_config = next(config for name, config, _ in pipeline.STAGES if name == "clip")
+    again = train_clip(replace(clip_config, eval_limit=8, max_steps=max(2, int(clip_config.max_steps * 0.03))))  # the pipeline's settings
+    assert again.model_uri == "models:/minimind-clip-demo/2" and again.model_dir == clip_stage.model_dir
+    assert client.get_run(again.run_id).data.tags["clip.reused"] == "true" and again.after == clip_stage.after
+    tower, _ = load_vision_tower(tracking.resolve_model(again.model_uri, home / "download"))
+    assert tower.config.hidden_size == 128 and tower.config.image_size == 64
+
+    # White-box KD on the teacher's soft labels, from the pipeline's DPO model with its SFT model as teacher.
+    from minimind.runner import run_stage
+    from minimind.stage_configs import DistillConfig
+
+    quick = dict(max_steps=4, checkpoint_every=2, log_every=1, eval_limit=4, batch_size=4, seq_len=128)
+    kd = run_stage(DistillConfig(**quick, mode="kd", init="models:/minimind-dpo/1", teacher="models:/minimind-sft/1"), "kd")
+    assert kd.model_uri == "models:/minimind-reason/2"
+    assert client.get_metric_history(kd.run_id, "loss/kd") and client.get_metric_history(kd.run_id, "loss/ce")

@@ -1,4 +1,5 @@
-"""Real Ray Train runs of every stage on tiny settings, chained through a real MLflow registry."""
+"""Real Ray Train runs of the stage jobs on tiny settings: resume, faults, bad input, DDP, `ray job submit`, the
+VLM stages. Every stage's registration and hand-over is checked on the pipeline's run (tests/test_pipeline.py)."""
 
 import json
 import sys
@@ -14,49 +15,13 @@ from conftest import mlflow_client as client  # noqa: E402
 from minimind.checkpoint import load_model  # noqa: E402
 from minimind.data import DataFormatError  # noqa: E402
 from minimind.runner import run_stage  # noqa: E402
-from minimind.stage_configs import DistillConfig, DPOConfig, PretrainConfig, SFTConfig, VLMConfig, VLMSFTConfig  # noqa: E402
+from minimind.stage_configs import PretrainConfig, SFTConfig, VLMConfig, VLMSFTConfig  # noqa: E402
 
 QUICK = dict(max_steps=4, checkpoint_every=2, log_every=1, eval_limit=4, batch_size=4, seq_len=128, preset="tiny")
 
 
 def versions(name):
     return sorted(int(v.version) for v in client().search_model_versions(f"name='{name}'"))
-
-
-def test_every_stage_trains_registers_and_hands_over(mlflow_store, monkeypatch):
-    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
-    pretrain = run_stage(PretrainConfig(**QUICK), "pretrain")
-    assert pretrain.model_uri == "models:/minimind-pretrain/1"
-    assert pretrain.after["eval/heldout_loss"] < pretrain.before["eval/heldout_loss"]
-
-    sft = run_stage(SFTConfig(**QUICK), "sft")
-    run = client().get_run(client().get_model_version("minimind-sft", "1").run_id)
-    assert run.data.tags["source.name"] == "minimind-pretrain" and run.data.tags["source.version"] == "1"
-    assert run.data.params["lr"] == str(SFTConfig.lr)
-    assert [m.step for m in client().get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3, 4]
-    assert "eval/answer_exact_match" in run.data.metrics and "eval_before/answer_exact_match" in run.data.metrics
-    assert {"loss_curve.png", "samples.json"} <= {a.path for a in client().list_artifacts(run.info.run_id)}
-    # the data report of the prepared data, on the run that trained on it
-    assert {"data/report.json", "data/report.png"} <= {a.path for a in client().list_artifacts(run.info.run_id, "data")}
-    assert run.data.metrics["data/rows"] > 0 and "data/duplicate_rate" in run.data.metrics and run.data.tags["data.prepared"]
-    # the files it used, as MLflow dataset inputs; the host's load as system metrics (sampled every second here)
-    datasets = {(d.dataset.name, d.tags[0].value) for d in run.inputs.dataset_inputs}
-    assert datasets == {("sft.jsonl", "training"), ("sft_eval.jsonl", "evaluation")}
-    assert any(key.startswith("system/") for key in run.data.metrics)
-    # the SFT result moved away from the pretrain model it started from
-    assert not torch.equal(load_model(sft.model_dir).lm_head.weight, load_model(pretrain.model_dir).lm_head.weight)
-
-    dpo = run_stage(DPOConfig(**QUICK), "dpo")
-    history = client().get_metric_history(client().get_model_version("minimind-dpo", "1").run_id, "rewards/accuracies")
-    assert len(history) == 4 and "eval/preference_accuracy" in dpo.after
-
-    reason = run_stage(DistillConfig(**QUICK), "reason")
-    assert reason.model_uri == "models:/minimind-reason/1" and "eval/reasoning_format" in reason.after
-    assert "eval/answer_exact_match" in reason.after  # the SFT answers distillation must not make it forget
-    kd = run_stage(DistillConfig(**QUICK, mode="kd", teacher="models:/minimind-sft/latest"), "kd")
-    assert kd.model_uri == "models:/minimind-reason/2"
-    kd_run = client().get_model_version("minimind-reason", "2").run_id
-    assert client().get_metric_history(kd_run, "loss/kd") and client().get_metric_history(kd_run, "loss/ce")
 
 
 def test_resume_continues_exactly_where_it_stopped_never_from_a_torn_checkpoint(mlflow_store, tmp_path):
