@@ -44,6 +44,24 @@ class MLPProjector(torch.nn.Sequential):
         return self[1].weight
 
 
+def shuffled_batches(order: list[int], batch_size: int, rng: random.Random):
+    """Batches of indices without end: each pass over `order` in a new random order, a short tail dropped."""
+    position = len(order)
+    while True:
+        if position + batch_size > len(order):
+            rng.shuffle(order)
+            position = 0
+        yield order[position : position + batch_size]
+        position += batch_size
+
+
+def optimiser_step(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--init", default="models:/minimind-vlm-pretrain/latest", help="a VLM or language model: folder or models:/ URI")
@@ -113,7 +131,7 @@ def main(argv=None):
     order = single[: args.records] if args.records else list(range(len(rows)))
     probe = [rows[i] for i in single[:64]]  # the right-vs-shuffled pictures sample
     optimizer = torch.optim.AdamW([p for p in vlm.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
-    rng, position, started = random.Random(args.seed), len(order), time.perf_counter()
+    batches, started = shuffled_batches(order, args.batch_size, random.Random(args.seed)), time.perf_counter()
 
     def loss_of(batch_rows, shuffled=False):
         batch = collate(batch_rows, tokenizer.pad_token_id)
@@ -124,15 +142,8 @@ def main(argv=None):
             return vlm(batch["input_ids"], pixel_values=pixels, labels=batch["labels"]).loss
 
     for step in range(1, args.steps + 1):
-        if position + args.batch_size > len(order):
-            rng.shuffle(order)
-            position = 0
-        loss = loss_of([rows[i] for i in order[position : position + args.batch_size]])
-        position += args.batch_size
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vlm.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
+        loss = loss_of([rows[i] for i in next(batches)])
+        optimiser_step(loss, vlm, optimizer)
         if step % args.eval_every == 0 or step == args.steps:
             vlm.eval()
             with torch.no_grad():
@@ -184,20 +195,13 @@ def read_captions(args, paths: dict) -> None:
     rows = load_stage_dataset(train_file, tokenizer, StageData("sft", seq_len=256))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     replier = text_replier(model, tokenizer, max_new_tokens=16)
-    order, rng, position, started = list(range(len(rows))), random.Random(args.seed), len(rows), time.perf_counter()
+    batches, started = shuffled_batches(list(range(len(rows))), args.batch_size, random.Random(args.seed)), time.perf_counter()
     model.train()
     for step in range(1, args.steps + 1):
-        if position + args.batch_size > len(order):
-            rng.shuffle(order)
-            position = 0
-        batch = collate([rows[i] for i in order[position : position + args.batch_size]], tokenizer.pad_token_id)
-        position += args.batch_size
+        batch = collate([rows[i] for i in next(batches)], tokenizer.pad_token_id)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(batch["input_ids"], batch.get("attention_mask"), labels=batch["labels"]).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
+        optimiser_step(loss, model, optimizer)
         if step % args.eval_every == 0 or step == args.steps:
             model.eval()
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
