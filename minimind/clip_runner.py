@@ -15,13 +15,14 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 from minimind import clip, storage, tracking
 from minimind.cluster import local_input, placement, workers_see_driver_disk
+from minimind.flags import option
 from minimind.runner import StageResult
 from minimind.stages import unwrap
 from minimind.tokenizer import load_tokenizer
@@ -31,38 +32,34 @@ DECODED_PICTURES = 20_000  # pictures a worker keeps decoded between steps (64-p
 CACHE_FREE = ("experiment", "storage_path", "register_as", "alias", "reuse", "log_every", "eval_limit")  # settings that leave the weights alone
 
 
-def _help(text: str, default, **metadata):
-    return field(default=default, metadata={"help": text, **metadata})
-
-
 @dataclass
 class ClipConfig:
-    data: str | None = _help("MiniMind-V pretrain JSONL of image-caption records (default: the demo world's training pictures)", None)
-    images: str | None = _help("folder the JSONL's image names are relative to (default: the demo images, or the data file's folder)", None)
-    eval_data: str | None = _help("held-out JSONL for image->caption retrieval (default: the demo's; none with --data)", None)
-    vision_model: str | None = _help("tower to start from: a folder, models:/ URI or hub id (default: the demo's random tower of --seed)", None)
-    tokenizer: str | None = _help("tokenizer of the text encoder: a folder or models:/ URI (default: the demo tokenizer)", None)
-    max_text_len: int = _help("caption tokens, eos included (longer captions are cut)", 64)
-    text_width: int = _help("hidden size of the text encoder", 128)
-    text_layers: int = _help("layers of the text encoder", 2)
-    projection_dim: int = _help("size of the shared image-text embedding", 128)
-    batch_size: int = _help("pairs per step and worker: the negatives each image is told apart from", 64)
-    lr: float = _help("peak learning rate (AdamW, warmup then cosine to a tenth)", 5e-4)
-    warmup_steps: int = _help("linear warmup steps (without them the towers can collapse to one embedding)", 50)
-    weight_decay: float = _help("AdamW weight decay of the matrices (not of norms, biases or the temperature)", 0.01)
-    max_steps: int = _help("optimiser steps", 200)
-    log_every: int = _help("print and record the loss every N steps", 25)
-    seed: int = _help("the demo world, its tower and tokenizer, the text encoder's initialisation and the batch order", 0)
-    eval_limit: int = _help("held-out pairs scored for retrieval", 200)
-    num_workers: int = _help("Ray Train workers (DDP; each contrasts its own batch)", 1)
-    use_gpu: bool | None = _help("GPUs for the workers (default: when the cluster has or can launch GPU nodes)", None, off_flag="--cpu")
-    gpus_per_worker: float = _help("GPUs per worker", 1.0)
-    cpus_per_worker: float = _help("CPUs per worker (torch threads); 0: as the stage jobs decide", 0.0)
-    storage_path: str | None = _help("where Ray Train keeps the run's checkpoint and staged inputs", None)
-    experiment: str = _help("MLflow experiment", "minimind")
-    register_as: str | None = _help("registered model name (default: minimind-clip-demo on the demo world, minimind-clip with --data)", None)
-    alias: str | None = _help("also point this alias of the registered model at the new version", None)
-    reuse: bool = _help("on the demo world, reuse the tower an earlier run trained with the same settings", True)
+    data: str | None = option("MiniMind-V pretrain JSONL of image-caption records (default: the demo world's training pictures)", default=None)
+    images: str | None = option("folder the JSONL's image names are relative to (default: the demo images, or the data file's folder)", default=None)
+    eval_data: str | None = option("held-out JSONL for image->caption retrieval (default: the demo's; none with --data)", default=None)
+    vision_model: str | None = option("tower to start from: a folder, models:/ URI or hub id (default: the demo's random tower of --seed)", default=None)
+    tokenizer: str | None = option("tokenizer of the text encoder: a folder or models:/ URI (default: the demo tokenizer)", default=None)
+    max_text_len: int = option("caption tokens, eos included (longer captions are cut)", default=64)
+    text_width: int = option("hidden size of the text encoder", default=128)
+    text_layers: int = option("layers of the text encoder", default=2)
+    projection_dim: int = option("size of the shared image-text embedding", default=128)
+    batch_size: int = option("pairs per step and worker: the negatives each image is told apart from", default=64)
+    lr: float = option("peak learning rate (AdamW, warmup then cosine to a tenth)", default=5e-4)
+    warmup_steps: int = option("linear warmup steps (without them the towers can collapse to one embedding)", default=50)
+    weight_decay: float = option("AdamW weight decay of the matrices (not of norms, biases or the temperature)", default=0.01)
+    max_steps: int = option("optimiser steps", default=200)
+    log_every: int = option("print and record the loss every N steps", default=25)
+    seed: int = option("the demo world, its tower and tokenizer, the text encoder's initialisation and the batch order", default=0)
+    eval_limit: int = option("held-out pairs scored for retrieval", default=200)
+    num_workers: int = option("Ray Train workers (DDP; each contrasts its own batch)", default=1)
+    use_gpu: bool | None = option("GPUs for the workers (default: when the cluster has or can launch GPU nodes)", off_flag="--cpu", default=None)
+    gpus_per_worker: float = option("GPUs per worker", default=1.0)
+    cpus_per_worker: float = option("CPUs per worker (torch threads); 0: as the stage jobs decide", default=0.0)
+    storage_path: str | None = option("where Ray Train keeps the run's checkpoint and staged inputs", default=None)
+    experiment: str = option("MLflow experiment", default="minimind")
+    register_as: str | None = option("registered model name (default: minimind-clip-demo on the demo world, minimind-clip with --data)", default=None)
+    alias: str | None = option("also point this alias of the registered model at the new version", default=None)
+    reuse: bool = option("on the demo world, reuse the tower an earlier run trained with the same settings", default=True)
 
 
 @dataclass

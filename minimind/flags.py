@@ -10,6 +10,12 @@ import types
 import typing
 
 
+def option(text: str, off_flag: str | None = None, **field_kwargs):
+    """A config field with its `--help` text (and a shorter way to say no, for a bool): `default=` or
+    `default_factory=` as for `dataclasses.field`."""
+    return dataclasses.field(metadata={"help": text, **({"off_flag": off_flag} if off_flag else {})}, **field_kwargs)
+
+
 def _flag_type(annotation):
     """int, float, str, bool or `X | None` -> the argparse type (None for bool)."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
