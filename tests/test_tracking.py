@@ -122,6 +122,10 @@ def test_unknown_names_versions_and_aliases_say_what_exists(tmp_path):
     with pytest.raises(ValueError, match="minimind-dpo, minimind-pretrain") as error:
         tracking.resolve_model("models:/minimind-sft/latest")
     assert "jobs/sft.py" in str(error.value)
+    for name, job in (("minimind-grpo", "jobs/grpo.py"), ("minimind-clip-demo", "jobs/clip.py"),
+                      ("minimind-vlm-pretrain", "jobs/pretrain_vlm.py"), ("minimind-vlm-sft", "jobs/sft_vlm.py")):
+        with pytest.raises(ValueError, match=f"{name} is registered by {job} when it finishes"):
+            tracking.resolve_model(f"models:/{name}/latest")
     with pytest.raises(ValueError, match="versions: 1"):
         tracking.resolve_model("models:/minimind-pretrain/7")
     with pytest.raises(ValueError, match="@best -> v1"):
