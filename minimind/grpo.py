@@ -40,8 +40,8 @@ from minimind.rollout import unique_tensors
 from minimind.stages import STAGES, load_frozen, unwrap
 from minimind.tokenizer import Markers
 from minimind.train import (
-    MetricLogger, adamw, autocast_dtype, autocast_to, compile_for_training, cosine_lr, ddp_options, model_to_train, report_checkpoint,
-    resume_from_checkpoint, say, validation_loss,
+    MetricLogger, adamw, autocast_dtype, autocast_to, compile_for_training, cosine_lr, ddp_options, model_to_train,
+    report_checkpoint, resume_from_checkpoint, say, validation_loss,
 )
 
 

@@ -52,6 +52,6 @@ def test_the_check_sees_both_ways_of_reaching_a_private_name(tmp_path):
     (tmp_path / "minimind" / "grpo.py").write_text(
         "from minimind.data import _pad, collate\nfrom minimind import train\ntrain._say('x')\n_own = 1\n")
     (tmp_path / "minimind" / "data.py").write_text("def _pad(): ...\nprint(_pad)\n")
-    assert private_uses(tmp_path / "minimind" / "grpo.py", tmp_path / "minimind") == ["minimind.grpo:1 imports minimind.data._pad",
-                                                               "minimind.grpo:3 uses minimind.train._say"]
+    found = private_uses(tmp_path / "minimind" / "grpo.py", tmp_path / "minimind")
+    assert found == ["minimind.grpo:1 imports minimind.data._pad", "minimind.grpo:3 uses minimind.train._say"]
     assert private_uses(tmp_path / "minimind" / "data.py", tmp_path / "minimind") == []

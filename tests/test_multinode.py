@@ -125,7 +125,8 @@ def test_every_input_reaches_a_worker_node_that_cannot_see_the_driver_disk(tmp_p
                                 capture_output=True, text=True, timeout=900, cwd=tmp_path)
         output = driver.stdout + driver.stderr
         assert driver.returncode == 0, output[-6000:] + "\nworker node:\n" + (tmp_path / "worker.log").read_text()[-2000:]
-        for name, registered in (("pretrain", "minimind-pretrain"), ("sft", "minimind-sft"), ("vlm_pretrain", "minimind-vlm-pretrain")):
+        for name, registered in (("pretrain", "minimind-pretrain"), ("sft", "minimind-sft"),
+                                 ("vlm_pretrain", "minimind-vlm-pretrain")):
             assert f"REGISTERED {name} models:/{registered}/1" in output
         assert "inputs for the workers staged under" in output
         assert "SWEEP 2 models:/minimind-dpo/1" in output  # two trials; the best registered from its LoggedModel

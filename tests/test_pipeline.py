@@ -84,10 +84,13 @@ def test_pipeline_runs_every_stage_and_each_improves_its_heldout_metric(home, ca
     assert "eval/answer_exact_match" in sft_run.data.metrics and "eval_before/answer_exact_match" in sft_run.data.metrics
     assert {"loss_curve.png", "samples.json"} <= {a.path for a in client.list_artifacts(sft_run.info.run_id)}
     assert {"data/report.json", "data/report.png"} <= {a.path for a in client.list_artifacts(sft_run.info.run_id, "data")}
-    assert sft_run.data.metrics["data/rows"] > 0 and "data/duplicate_rate" in sft_run.data.metrics and sft_run.data.tags["data.prepared"]
-    assert {(d.dataset.name, d.tags[0].value) for d in sft_run.inputs.dataset_inputs} == {("sft.jsonl", "training"), ("sft_eval.jsonl", "evaluation")}
+    assert sft_run.data.metrics["data/rows"] > 0 and "data/duplicate_rate" in sft_run.data.metrics
+    assert sft_run.data.tags["data.prepared"]
+    datasets = {(d.dataset.name, d.tags[0].value) for d in sft_run.inputs.dataset_inputs}
+    assert datasets == {("sft.jsonl", "training"), ("sft_eval.jsonl", "evaluation")}
     assert any(key.startswith("system/") for key in sft_run.data.metrics)
-    assert not torch.equal(load_model(by_stage["sft"].model_dir).lm_head.weight, load_model(by_stage["pretrain"].model_dir).lm_head.weight)
+    sft_head, pretrain_head = (load_model(by_stage[stage].model_dir).lm_head.weight for stage in ("sft", "pretrain"))
+    assert not torch.equal(sft_head, pretrain_head)
     assert client.get_metric_history(by_stage["dpo"].run_id, "rewards/accuracies") and "eval/preference_accuracy" in dpo.after
     assert "eval/reasoning_format" in by_stage["reason"].after and "eval/answer_exact_match" in by_stage["reason"].after
 
@@ -104,7 +107,8 @@ def test_pipeline_runs_every_stage_and_each_improves_its_heldout_metric(home, ca
     clip_run = client.get_run(clip_stage.run_id)
     assert clip_run.data.tags["clip.reused"] == "false" and "eval_before/image_to_caption_top1" in clip_run.data.metrics
     clip_config = next(config for name, config, _ in pipeline.STAGES if name == "clip")
-    again = train_clip(replace(clip_config, eval_limit=8, max_steps=max(2, int(clip_config.max_steps * 0.03))))  # the pipeline's settings
+    pipeline_settings = replace(clip_config, eval_limit=8, max_steps=max(2, int(clip_config.max_steps * 0.03)))
+    again = train_clip(pipeline_settings)
     assert again.model_uri == "models:/minimind-clip-demo/2" and again.model_dir == clip_stage.model_dir
     assert client.get_run(again.run_id).data.tags["clip.reused"] == "true" and again.after == clip_stage.after
     tower, _ = load_vision_tower(tracking.resolve_model(again.model_uri, home / "download"))
