@@ -35,7 +35,7 @@ def autocast(device: str, dtype: str):
 def peak_matmul_flops(device: str, dtype: torch.dtype, size: int | None = None) -> float:
     """The training loop's own roof: the datasheet bf16 peak of a known GPU, else a measured matmul
     (2048² on CPU, larger and more stable than the loop's quick 1024²)."""
-    from minimind.flops import peak_flops
+    from minimind.training.flops import peak_flops
 
     return peak_flops(device, dtype, size=size or (2048 if device == "cpu" else None))[0]
 
@@ -71,7 +71,7 @@ def hf_llama_twin(config):
     """transformers' LlamaForCausalLM with exactly our shape (and, once weights are copied, our math)."""
     from transformers import LlamaForCausalLM
 
-    from minimind.checkpoint import llama_config
+    from minimind.model.checkpoint import llama_config
 
     return LlamaForCausalLM(llama_config(config))
 

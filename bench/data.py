@@ -1,5 +1,5 @@
 """Data preparation at MiniMind's scale: generated MiniMind-format files of --size-mb each, prepared over
-Ray (minimind.prepare) against the tokenizer's own ceiling, peak memory per process while preparing, an
+Ray (minimind.data.prepare) against the tokenizer's own ceiling, peak memory per process while preparing, an
 SFT job's start-up when its data is prepared already, and training tokens/s with the prepared-shard
 reader vs the in-process `datasets` reader.
 
@@ -195,7 +195,7 @@ def _block_lines(kind: str, block: int, seed: int, pool: tuple[list[str], list[i
 def generate(kind: str, size_mb: int, seed: int, out: Path, pool=None) -> dict:
     """The cached file of `kind` (`pretrain`/`sft`/`dense`) of at most size_mb MiB (the whole lines that fit), written
     now if missing. At most: a file just over a multiple of prepare's chunk size puts a chunk cut in its last
-    line, where `minimind.prepare.chunk_bounds` (as of this writing) loops forever."""
+    line, where `minimind.data.prepare.chunk_bounds` (as of this writing) loops forever."""
     path = out / f"{kind}-{size_mb}mb-s{seed}-v{GENERATOR_VERSION}.jsonl"
     if path.is_file():
         return {"path": str(path), "bytes": path.stat().st_size, "seconds": None}
@@ -249,7 +249,7 @@ def bench_tokenizer(pretrain: str, lines: int, seed: int, out: Path) -> Path:
     folder = out / f"tokenizer-s{seed}-v{GENERATOR_VERSION}-{len(texts)}lines"
     if (folder / "tokenizer.json").is_file():
         return folder
-    from minimind.tokenizer import train_tokenizer
+    from minimind.model.tokenizer import train_tokenizer
 
     started = time.perf_counter()
     tokenizer = train_tokenizer(texts, vocab_size=6400)
@@ -374,9 +374,9 @@ def prepare_in_fresh_ray(path: str, kind: str, tokenizer_dir: str, root: str, se
     deleted first when `fresh`), sampled for peak RSS; then the same call again, which reuses it."""
     import ray
 
-    from minimind.data import StageData
-    from minimind.prepare import prepare, prepared_location
-    from minimind.tokenizer import load_tokenizer
+    from minimind.data.rows import StageData
+    from minimind.data.prepare import prepare, prepared_location
+    from minimind.model.tokenizer import load_tokenizer
 
     tokenizer, stage = load_tokenizer(tokenizer_dir), StageData(kind, seq_len=seq_len)
     location, _ = prepared_location(path, tokenizer, stage, root)
@@ -492,13 +492,13 @@ def train_readers(small: str, prepared_location: str, tokenizer_dir: str, preset
     import datasets
     import torch
 
-    from minimind.config import ModelConfig
-    from minimind.data import LengthGroupedBatches, StageData, collate, load_stage_dataset, row_lengths
-    from minimind.model import MiniMindForCausalLM
-    from minimind.shards import PreparedRows
-    from minimind.stages import STAGES
-    from minimind.tokenizer import load_tokenizer
-    from minimind.train import batch_tokens, micro_batches
+    from minimind.model.config import ModelConfig
+    from minimind.data.rows import LengthGroupedBatches, StageData, collate, load_stage_dataset, row_lengths
+    from minimind.model.model import MiniMindForCausalLM
+    from minimind.data.shards import PreparedRows
+    from minimind.training.stages import STAGES
+    from minimind.model.tokenizer import load_tokenizer
+    from minimind.training.loop import batch_tokens, micro_batches
 
     datasets.disable_progress_bars()
     datasets.config.HF_DATASETS_CACHE = Path(scratch)
@@ -527,7 +527,7 @@ def train_readers(small: str, prepared_location: str, tokenizer_dir: str, preset
     new_batches = LengthGroupedBatches(rows.lengths().tolist(), batch_size, seed=0)
     new_open = time.perf_counter() - started
     loader = {"collate_fn": partial(collate, pad_id=pad), "num_workers": loader_workers, "pin_memory": False,
-              **({"prefetch_factor": 4, "multiprocessing_context": "fork"} if loader_workers else {})}  # as minimind.train's
+              **({"prefetch_factor": 4, "multiprocessing_context": "fork"} if loader_workers else {})}  # as minimind.training.loop's
     same = row_lengths(dataset) == rows.lengths().tolist()
 
     config = ModelConfig.from_name(preset, vocab_size=len(tokenizer), pad_token_id=pad, bos_token_id=tokenizer.bos_token_id,
@@ -615,7 +615,7 @@ def main(argv=None):
     out = args.out.resolve()
     root = str(out / "storage" / "prepared")  # the jobs' <storage-path>/prepared: what the bench prepares, they reuse
 
-    from minimind.tokenizer import load_tokenizer
+    from minimind.model.tokenizer import load_tokenizer
 
     pool, files = None, {}
     wanted = [(kind, kind, args.size_mb) for kind in args.files]

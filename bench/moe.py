@@ -31,8 +31,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
 
-    from minimind.config import ModelConfig
-    from minimind.model import MiniMindForCausalLM
+    from minimind.model.config import ModelConfig
+    from minimind.model.model import MiniMindForCausalLM
 
     layouts = {"dense": {}}
     for experts in args.experts:

@@ -25,13 +25,13 @@ from bench.common import print_table, write_results  # noqa: E402
 
 
 def bare_tokens_per_s(steps: int, warmup: int, config) -> float:
-    from minimind.config import ModelConfig
-    from minimind.data import LengthGroupedBatches, StageData, collate, load_stage_dataset, row_lengths
+    from minimind.model.config import ModelConfig
+    from minimind.data.rows import LengthGroupedBatches, StageData, collate, load_stage_dataset, row_lengths
     from minimind.demo import demo_data, demo_tokenizer
-    from minimind.model import MiniMindForCausalLM
-    from minimind.stages import STAGES
-    from minimind.tokenizer import load_tokenizer
-    from minimind.train import batch_tokens
+    from minimind.model.model import MiniMindForCausalLM
+    from minimind.training.stages import STAGES
+    from minimind.model.tokenizer import load_tokenizer
+    from minimind.training.loop import batch_tokens
 
     threads = int(config.cpus_per_worker) or os.cpu_count()
     torch.set_num_threads(threads)
@@ -72,9 +72,9 @@ def main() -> None:
     os.environ.update(MINIMIND_HOME=home, MLFLOW_TRACKING_URI=f"sqlite:///{home}/mlflow.db", RAY_USAGE_STATS_ENABLED="0")
 
     from mlflow.tracking import MlflowClient
-    from minimind.stage_configs import PretrainConfig
+    from minimind.training.configs import PretrainConfig
 
-    from minimind.runner import run_stage
+    from minimind.driver.runner import run_stage
 
     config = PretrainConfig(max_steps=args.steps, log_every=1, checkpoint_every=args.steps, eval_limit=1, warmup_steps=0)
     started = time.perf_counter()

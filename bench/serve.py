@@ -31,11 +31,11 @@ from bench.common import print_table, write_results  # noqa: E402
 def random_demo_model(directory: Path, preset: str = "demo") -> str:
     import torch
 
-    from minimind.checkpoint import save_model
-    from minimind.config import ModelConfig
+    from minimind.model.checkpoint import save_model
+    from minimind.model.config import ModelConfig
     from minimind.demo import demo_tokenizer
-    from minimind.model import MiniMindForCausalLM
-    from minimind.tokenizer import load_tokenizer
+    from minimind.model.model import MiniMindForCausalLM
+    from minimind.model.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(demo_tokenizer())
     torch.manual_seed(0)

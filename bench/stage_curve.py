@@ -1,5 +1,5 @@
 """Learning curves of a demo text stage: the stage's own loop (its model, data, loss, batch order,
-AdamW, warmup + cosine schedule and bf16 autocast, from minimind.train) outside Ray, printing the
+AdamW, warmup + cosine schedule and bf16 autocast, from minimind.training.loop) outside Ray, printing the
 stage's held-out metrics every --eval-every steps. It shows where a skill appears in a run and how far
 that moves with the seed, the thread count or the optimiser's kernel: what makes a demo result fragile.
 
@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 
 def held_out_metrics(stage_name: str, model, tokenizer, paths: dict, limit: int, show: int = 0) -> dict:
-    from minimind.evaluate import answer_exact_match, reasoning_scores, text_replier
+    from minimind.driver.evaluate import answer_exact_match, reasoning_scores, text_replier
 
     model.eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -59,14 +59,14 @@ def main(argv=None):
     from pipeline import STAGES
 
     from minimind import tracking
-    from minimind.data import StageData, collate, load_stage_dataset, row_lengths
+    from minimind.data.rows import StageData, collate, load_stage_dataset, row_lengths
     from minimind.demo import demo_data
-    from minimind.checkpoint import load_model
-    from minimind.runner import DEMO_FILES
-    from minimind.stages import STAGES as STAGE_KINDS
-    from minimind.tokenizer import load_tokenizer
-    from minimind.data import LengthGroupedBatches
-    from minimind.train import accumulate_gradients, cosine_lr
+    from minimind.model.checkpoint import load_model
+    from minimind.driver.runner import DEMO_FILES
+    from minimind.training.stages import STAGES as STAGE_KINDS
+    from minimind.model.tokenizer import load_tokenizer
+    from minimind.data.rows import LengthGroupedBatches
+    from minimind.training.loop import accumulate_gradients, cosine_lr
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (  # noqa: E402
     autocast, device_name, hf_llama_twin, median, peak_matmul_flops, print_table, time_calls, write_results,
 )
-from minimind.config import ModelConfig  # noqa: E402
-from minimind.model import MiniMindForCausalLM  # noqa: E402
+from minimind.model.config import ModelConfig  # noqa: E402
+from minimind.model.model import MiniMindForCausalLM  # noqa: E402
 
 
 def flops_per_token(model: MiniMindForCausalLM, seq_len: int) -> float:

@@ -84,12 +84,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     from minimind import tracking
-    from minimind.data import StageData, collate, load_stage_dataset
+    from minimind.data.rows import StageData, collate, load_stage_dataset
     from minimind.demo import demo_data, demo_vision_tower
-    from minimind.evaluate import image_question_accuracy, vlm_replier
-    from minimind.model import MiniMindForCausalLM
-    from minimind.tokenizer import load_tokenizer
-    from minimind.vision import batch_pixel_values, build_vlm, is_vlm_dir, load_vlm
+    from minimind.driver.evaluate import image_question_accuracy, vlm_replier
+    from minimind.model.model import MiniMindForCausalLM
+    from minimind.model.tokenizer import load_tokenizer
+    from minimind.model.vision import batch_pixel_values, build_vlm, is_vlm_dir, load_vlm
 
     tracking.configure()
     torch.manual_seed(args.seed)
@@ -178,11 +178,11 @@ def read_captions(args, paths: dict) -> None:
     import tempfile
 
     from minimind import tracking
-    from minimind.checkpoint import load_model
-    from minimind.data import StageData, collate, load_stage_dataset
+    from minimind.model.checkpoint import load_model
+    from minimind.data.rows import StageData, collate, load_stage_dataset
     from minimind.demo.images import NUM_EVAL, NUM_TRAIN, caption, sample_scenes
-    from minimind.evaluate import image_question_accuracy, text_replier
-    from minimind.tokenizer import load_tokenizer
+    from minimind.driver.evaluate import image_question_accuracy, text_replier
+    from minimind.model.tokenizer import load_tokenizer
 
     init = tracking.resolve_model(args.init)
     model, tokenizer = load_model(init), load_tokenizer(init)

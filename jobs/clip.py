@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minimind.clip_runner import ClipConfig, main, train_clip  # noqa: E402
+from minimind.driver.clip_runner import ClipConfig, main, train_clip  # noqa: E402
 
 __all__ = ["ClipConfig", "main", "train_clip"]  # train_clip(config, parent_run_id=None): what the pipeline calls
 

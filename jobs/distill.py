@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minimind.flags import parse_config  # noqa: E402
-from minimind.runner import run_stage  # noqa: E402
-from minimind.stage_configs import DistillConfig  # noqa: E402
+from minimind.training.flags import parse_config  # noqa: E402
+from minimind.driver.runner import run_stage  # noqa: E402
+from minimind.training.configs import DistillConfig  # noqa: E402
 
 
 def main(argv=None):

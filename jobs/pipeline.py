@@ -25,9 +25,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minimind.demo import report  # noqa: E402
 from minimind.demo.showcase import TEXT_STAGES, describe_pictures, stage_answers  # noqa: E402
-from minimind.clip_runner import ClipConfig, train_clip  # noqa: E402
-from minimind.runner import run_stage  # noqa: E402
-from minimind.stage_configs import DistillConfig, DPOConfig, PretrainConfig, SFTConfig, VLMConfig, VLMSFTConfig  # noqa: E402
+from minimind.driver.clip_runner import ClipConfig, train_clip  # noqa: E402
+from minimind.driver.runner import run_stage  # noqa: E402
+from minimind.training.configs import DistillConfig, DPOConfig, PretrainConfig, SFTConfig, VLMConfig, VLMSFTConfig  # noqa: E402
 
 STAGES = [  # (stage, its settings, the stage whose registered version it starts from)
     ("pretrain", PretrainConfig(epochs=10, lr=3e-3), None),
@@ -171,7 +171,7 @@ def _stage_run_facts(result, seed: int, eval_limit: int) -> dict:
     from mlflow import MlflowClient
 
     from minimind.demo import demo_data
-    from minimind.evaluate import record_tasks
+    from minimind.driver.evaluate import record_tasks
 
     stage_run = MlflowClient().get_run(result.run_id).data
     params = stage_run.params

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minimind.flags import parse_config  # noqa: E402
+from minimind.training.flags import parse_config  # noqa: E402
 
 
 @dataclass
@@ -45,12 +45,12 @@ class PrepareConfig:
 
 def main(argv: list[str] | None = None):
     from minimind import tracking
-    from minimind.prepare import prepare
-    from minimind.runner import DEMO_FILES, prepared_root
-    from minimind.stages import STAGES
-    from minimind.tokenizer import load_tokenizer
-    from minimind.train import stage_data
-    from minimind.vision import VISION_CONFIG_NAME, VisionConfig, image_token_count, is_vlm_dir, load_vision_tower
+    from minimind.data.prepare import prepare
+    from minimind.driver.runner import DEMO_FILES, prepared_root
+    from minimind.training.stages import STAGES
+    from minimind.model.tokenizer import load_tokenizer
+    from minimind.training.loop import stage_data
+    from minimind.model.vision import VISION_CONFIG_NAME, VisionConfig, image_token_count, is_vlm_dir, load_vision_tower
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     config = parse_config(PrepareConfig, argv, __doc__)

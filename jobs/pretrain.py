@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minimind.runner import main  # noqa: E402
-from minimind.stage_configs import PretrainConfig  # noqa: E402
+from minimind.driver.runner import main  # noqa: E402
+from minimind.training.configs import PretrainConfig  # noqa: E402
 
 
 if __name__ == "__main__":

@@ -15,9 +15,9 @@ from itertools import islice
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minimind.data import iter_jsonl  # noqa: E402
-from minimind.flags import parse_config  # noqa: E402
-from minimind.tokenizer import train_tokenizer  # noqa: E402
+from minimind.data.rows import iter_jsonl  # noqa: E402
+from minimind.training.flags import parse_config  # noqa: E402
+from minimind.model.tokenizer import train_tokenizer  # noqa: E402
 
 
 @dataclass

@@ -84,11 +84,11 @@ class _Session:
     def __init__(self, args):
         from contextlib import ExitStack
 
-        from minimind.checkpoint import load_model
-        from minimind.tokenizer import load_tokenizer
-        from minimind.generate import SamplingParams, compile_for_decoding, inference_dtype
-        from minimind.lora import is_adapter_dir
-        from minimind.vision import is_vlm_dir, load_image, load_vlm
+        from minimind.model.checkpoint import load_model
+        from minimind.model.tokenizer import load_tokenizer
+        from minimind.inference.generate import SamplingParams, compile_for_decoding, inference_dtype
+        from minimind.model.lora import is_adapter_dir
+        from minimind.model.vision import is_vlm_dir, load_image, load_vlm
 
         with ExitStack() as loading:
             model_dir = args.model
@@ -116,7 +116,7 @@ class _Session:
         )
 
     def reply(self, prompt_ids: list[int]) -> str:
-        from minimind.generate import stream_generate
+        from minimind.inference.generate import stream_generate
 
         out = sys.stdout
         tokens, printed = [], ""
@@ -135,8 +135,8 @@ class _Session:
         if not getattr(self.tokenizer, "chat_template", None):
             raise SystemExit("this model's tokenizer has no chat template; use `minimind generate` for raw text")
         if self.is_vlm:
-            from minimind.data import IMAGE_MARKER
-            from minimind.vision import prompt_ids
+            from minimind.data.rows import IMAGE_MARKER
+            from minimind.model.vision import prompt_ids
 
             first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
             missing = self.image_count - sum(m["content"].count(IMAGE_MARKER) for m in messages)
@@ -181,7 +181,7 @@ def _read_turns():
 
 
 def run_export(args) -> None:
-    from minimind.checkpoint import export_hf
+    from minimind.model.checkpoint import export_hf
 
     destination = export_hf(args.source, args.destination)
     print(f"wrote {destination}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(destination)!r})")
@@ -191,7 +191,7 @@ def run_merge_lora(args) -> None:
     import tempfile
 
     from minimind import tracking
-    from minimind.lora import ADAPTER_CONFIG_NAME, LoRAConfig, is_adapter_dir, merge_adapter_dir
+    from minimind.model.lora import ADAPTER_CONFIG_NAME, LoRAConfig, is_adapter_dir, merge_adapter_dir
 
     with tempfile.TemporaryDirectory(prefix="minimind-merge-") as scratch:  # the downloads, removed however this ends
         work = Path(scratch)
@@ -208,9 +208,9 @@ def run_merge_lora(args) -> None:
 def run_import(args) -> None:
     from dataclasses import asdict
 
-    from minimind.config import PRESETS
-    from minimind.importer import import_model
-    from minimind.runner import parse_overrides
+    from minimind.model.config import PRESETS
+    from minimind.model.hf import import_model
+    from minimind.driver.runner import parse_overrides
 
     overrides = {k: v for k, v in asdict(PRESETS[args.preset]).items() if k != "extra"} if args.preset else {}
     overrides.update(parse_overrides(args.config_overrides))

@@ -7,8 +7,8 @@ import torch
 # Keep `datasets`' Arrow cache out of the user's home and fresh for every run.
 os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="minimind-test-datasets-"))
 
-from minimind.config import ModelConfig
-from minimind.model import MiniMindForCausalLM
+from minimind.model.config import ModelConfig
+from minimind.model.model import MiniMindForCausalLM
 
 
 def pytest_sessionfinish(session, exitstatus):

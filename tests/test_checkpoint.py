@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import random_model
-from minimind.checkpoint import export_hf, load_model, save_model
-from minimind.generate import generate
+from minimind.model.checkpoint import export_hf, load_model, save_model
+from minimind.inference.generate import generate
 
 YARN = {"factor": 4.0, "original_max_position_embeddings": 256, "beta_fast": 32, "beta_slow": 1}
 

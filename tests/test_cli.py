@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from conftest import random_model
-from minimind.checkpoint import save_model
+from minimind.model.checkpoint import save_model
 from minimind.cli import main
 
 
@@ -65,8 +65,8 @@ def test_chat_with_an_image_needs_a_vlm_and_answers_with_one(tmp_path, model_dir
     from PIL import Image
 
     from test_vision import clip_tower
-    from minimind.tokenizer import train_tokenizer
-    from minimind.vision import MiniMindVLM, save_vlm
+    from minimind.model.tokenizer import train_tokenizer
+    from minimind.model.vision import MiniMindVLM, save_vlm
 
     Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "red.png")
     with pytest.raises(SystemExit, match="--image needs a MiniMind-V model"):

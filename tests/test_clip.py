@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from minimind import clip
+from minimind.training import clip
 
 
 def test_contrastive_loss_is_clips_symmetric_infonce_by_hand():
@@ -30,7 +30,7 @@ def test_contrastive_loss_is_clips_symmetric_infonce_by_hand():
 
 def test_text_embedding_is_the_eos_state_whatever_the_padding():
     from minimind.demo import demo_tokenizer, demo_vision_tower
-    from minimind.tokenizer import load_tokenizer
+    from minimind.model.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(demo_tokenizer(0))
     model, _ = clip.new_clip(demo_vision_tower(0), tokenizer)
@@ -44,7 +44,7 @@ def test_text_embedding_is_the_eos_state_whatever_the_padding():
 @pytest.fixture(scope="module")
 def demo_pairs():
     from minimind.demo import demo_data, demo_tokenizer
-    from minimind.tokenizer import load_tokenizer
+    from minimind.model.tokenizer import load_tokenizer
 
     paths = demo_data(0)
     pairs = {}
@@ -76,8 +76,8 @@ def test_a_few_steps_lower_the_loss_and_retrieve_above_chance(demo_pairs):
 
 def test_saved_tower_loads_like_real_clip_with_the_same_patch_features(demo_pairs, tmp_path):
     from minimind.demo import demo_vision_tower
-    from minimind.images import load_image
-    from minimind.vision import image_token_count, load_vision_tower
+    from minimind.data.images import load_image
+    from minimind.model.vision import image_token_count, load_vision_tower
 
     paths, tokenizer, names, captions = demo_pairs
     model, processor = clip.new_clip(demo_vision_tower(0), tokenizer, seed=0)
@@ -95,7 +95,7 @@ def test_saved_tower_loads_like_real_clip_with_the_same_patch_features(demo_pair
 
 
 def test_held_out_pictures_are_never_training_pairs(demo_pairs, mlflow_store, tmp_path):
-    from minimind.clip_runner import ClipConfig, train_clip
+    from minimind.driver.clip_runner import ClipConfig, train_clip
     from minimind.demo import demo_tokenizer, demo_vision_tower
     from minimind.demo.images import NUM_EVAL, NUM_TRAIN
 

@@ -113,7 +113,7 @@ def test_the_head_trains_nothing():
 def test_the_gpu_workers_are_what_the_driver_on_the_head_can_launch(tmp_path):
     """The driver decides to train on GPU from the launcher config the head keeps (~/ray_bootstrap_config.yaml),
     before any GPU node is up."""
-    from minimind.cluster import launchable_gpu_node_types
+    from minimind.driver.cluster import launchable_gpu_node_types
 
     prepared = validate(load())
     worker = prepared["available_node_types"]["gpu_worker"]

@@ -3,12 +3,9 @@ import json
 import pytest
 import torch
 
-from minimind.data import (
-    DataFormatError, LengthGroupedBatches, StageData, collate, count_records, iter_jsonl, load_stage_dataset, pack_documents,
-    read_jsonl_dataset, row_lengths, tokenize_conversation,
-)
-from minimind.losses import IGNORE_INDEX
-from minimind.tokenizer import Markers, train_tokenizer
+from minimind.data.rows import DataFormatError, LengthGroupedBatches, StageData, collate, count_records, iter_jsonl, load_stage_dataset, pack_documents, read_jsonl_dataset, row_lengths, tokenize_conversation
+from minimind.model.losses import IGNORE_INDEX
+from minimind.model.tokenizer import Markers, train_tokenizer
 
 CORPUS = ["小明喜欢红色。小红住在北京。", "What is 12 + 30? It is 42.", "<think> 先想一想 </think> <answer> 答案 </answer>"] * 20
 CONVERSATION = [
@@ -70,7 +67,7 @@ def test_tags_of_several_tokens_weight_exactly_their_own_positions(byte_tokenize
     where a tag stands, and a `<` or `think` elsewhere in the reply gets none (MiniMind2's x10 hit those)."""
     import numpy as np
 
-    from minimind.data import tag_mask
+    from minimind.data.rows import tag_mask
 
     sequences = Markers.of(byte_tokenizer).tag_sequences(byte_tokenizer)
     assert all(len(ids) > 1 for ids in sequences)
@@ -95,7 +92,7 @@ def test_vlm_rows_expand_each_image_placeholder(tokenizer, tmp_path):
 
 
 def test_vlm_rows_are_never_cut_through_an_image(tokenizer):
-    from minimind.data import stage_row
+    from minimind.data.rows import stage_row
 
     record = {"conversations": [{"role": "user", "content": "看<image><image>"}, {"role": "assistant", "content": "一样。"}],
               "images": ["a.png", "b.png"]}

@@ -1,6 +1,6 @@
-from minimind.data import StageData, count_records, load_stage_dataset
+from minimind.data.rows import StageData, count_records, load_stage_dataset
 from minimind.demo import demo_data
-from minimind.tokenizer import train_tokenizer
+from minimind.model.tokenizer import train_tokenizer
 
 KIND_OF = {"pretrain": "pretrain", "sft": "sft", "dpo": "dpo", "reason": "reason", "vlm_pretrain": "vlm", "vlm_sft": "vlm"}
 
@@ -24,7 +24,7 @@ def test_demo_tokenizer_knows_every_word_of_the_demo_and_pretraining_describes_p
 
     from minimind.demo import demo_tokenizer
     from minimind.demo.images import caption, eval_scenes, picture_descriptions
-    from minimind.tokenizer import load_tokenizer
+    from minimind.model.tokenizer import load_tokenizer
 
     paths = demo_data(root=tmp_path)
     tokenizer = load_tokenizer(demo_tokenizer(root=tmp_path))

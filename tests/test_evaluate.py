@@ -5,10 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import random_model
-from minimind.evaluate import (
-    answer_exact_match, heldout_loss, image_question_accuracy, preference_accuracy, reasoning_scores, text_replier,
-)
-from minimind.tokenizer import train_tokenizer
+from minimind.driver.evaluate import answer_exact_match, heldout_loss, image_question_accuracy, preference_accuracy, reasoning_scores, text_replier
+from minimind.model.tokenizer import train_tokenizer
 
 
 @pytest.fixture(scope="module")

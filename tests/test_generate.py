@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from conftest import random_model
-from minimind.generate import SamplingParams, generate, next_tokens, stream_batch, stream_generate
+from minimind.inference.generate import SamplingParams, generate, next_tokens, stream_batch, stream_generate
 
 PROMPTS = [[5, 17, 99, 1024, 7, 300], [42, 8], [6000, 12, 13, 14]]
 
@@ -84,7 +84,7 @@ def test_each_row_samples_with_its_own_settings_and_random_stream():
     """One batch, four settings: greedy, top-k 2, top-p 0.8 (found among the best candidates) and top-p
     0.9999 over a flat tail (which needs the whole sorted vocabulary); a seeded row's tokens do not
     depend on which rows share its batch."""
-    from minimind.generate import RowSampler
+    from minimind.inference.generate import RowSampler
 
     peaked = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0] + [-9.0] * 195)
     flat = torch.zeros(200)

@@ -1,4 +1,4 @@
-"""The pieces of GRPO's loop (minimind.grpo), in-process on tiny models: the policy scored at the sampling
+"""The pieces of GRPO's loop (minimind.rl.grpo), in-process on tiny models: the policy scored at the sampling
 temperature, its update's gradient, ratios at unchanged weights, the hand-over to the rollout actor, and
 the reward statistics over every rank."""
 
@@ -12,15 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from conftest import random_model
-from minimind.checkpoint import save_model
-from minimind.grpo import (
-    Prompt, active_tokens, completion_logprobs, hand_over, micro_batches, policy_to_train, rollout_stats, score_before_update, sequences, update,
-)
-from minimind.losses import IGNORE_INDEX
-from minimind.rollout import RolloutWorker
-from minimind.stage_configs import GRPOConfig
-from minimind.stages import STAGES, unwrap
-from minimind.train import StageJob, adamw
+from minimind.model.checkpoint import save_model
+from minimind.rl.grpo import Prompt, active_tokens, completion_logprobs, hand_over, micro_batches, policy_to_train, rollout_stats, score_before_update, sequences, update
+from minimind.model.losses import IGNORE_INDEX
+from minimind.rl.rollout import RolloutWorker
+from minimind.training.configs import GRPOConfig
+from minimind.training.stages import STAGES, unwrap
+from minimind.training.loop import StageJob, adamw
 
 EOS, PAD = 2, 0
 CPU = torch.device("cpu")

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import random_model
-from minimind.checkpoint import export_hf, load_model
+from minimind.model.checkpoint import export_hf, load_model
 from minimind.cli import main
-from minimind.importer import LEGACY_NAMES, import_model
+from minimind.model.hf import LEGACY_NAMES, import_model
 
 IDS = torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(0))
 
@@ -86,10 +86,10 @@ def test_a_minimind_transformers_folder_maps_its_config_moe_included(tmp_path, t
 
 
 def test_a_llama_folder_imports_and_what_cannot_map_is_refused_by_name(tmp_path, tokenizer_dir):
-    from minimind.checkpoint import save_model
+    from minimind.model.checkpoint import save_model
 
     model = random_model("tiny", vocab_size=512)
-    save_model(model, tmp_path / "ours", tokenizer=__import__("minimind.tokenizer", fromlist=["x"]).load_tokenizer(tokenizer_dir))
+    save_model(model, tmp_path / "ours", tokenizer=__import__("minimind.model.tokenizer", fromlist=["x"]).load_tokenizer(tokenizer_dir))
     export_hf(tmp_path / "ours", tmp_path / "llama")
     imported = load_model(import_model(tmp_path / "llama", tmp_path / "imported"))
     torch.testing.assert_close(logits(imported), logits(model), rtol=0, atol=1e-5)
@@ -152,13 +152,13 @@ def test_an_imported_model_with_minimind_tokenizer_trains_sft_and_reasoning_and_
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from minimind.data import StageData
+    from minimind.data.rows import StageData
     from minimind.demo import demo_data
-    from minimind.prepare import prepare
+    from minimind.data.prepare import prepare
     from minimind.serve.engine import ChatModel
     from minimind.serve.protocol import ChatRequest
-    from minimind.stage_configs import DistillConfig, SFTConfig
-    from minimind.train import StageJob, train_loop_per_worker
+    from minimind.training.configs import DistillConfig, SFTConfig
+    from minimind.training.loop import StageJob, train_loop_per_worker
 
     tokenizer = byte_tokenizer if template == "seed" else chatml_tokenizer()
     tokenizer.save_pretrained(str(tmp_path / "tokenizer"))

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from minimind.flags import parse_config
-from minimind.tokenizer import Markers, load_tokenizer
+from minimind.training.flags import parse_config
+from minimind.model.tokenizer import Markers, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +30,7 @@ def test_flags_are_generated_from_the_dataclass():
 
 
 def test_training_jobs_take_cpu_as_the_short_no_use_gpu():
-    from minimind.train import TrainConfig
+    from minimind.training.loop import TrainConfig
 
     assert parse_config(TrainConfig, []).use_gpu is None  # decided from the cluster
     assert parse_config(TrainConfig, ["--cpu"]).use_gpu is False

@@ -10,10 +10,10 @@ from safetensors.torch import load_file
 
 from conftest import mlflow_client as client
 from minimind import tracking
-from minimind.checkpoint import load_model
-from minimind.lora import LoRAConfig, load_adapter
-from minimind.runner import run_stage
-from minimind.stage_configs import PretrainConfig, SFTConfig, VLMConfig
+from minimind.model.checkpoint import load_model
+from minimind.model.lora import LoRAConfig, load_adapter
+from minimind.driver.runner import run_stage
+from minimind.training.configs import PretrainConfig, SFTConfig, VLMConfig
 
 QUICK = dict(max_steps=4, checkpoint_every=2, log_every=1, eval_limit=4, batch_size=4, seq_len=128, preset="tiny")
 LORA = dict(QUICK, lora_rank=4, lora_alpha=8.0, lora_targets="q_proj,v_proj,ffn")

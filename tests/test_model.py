@@ -5,12 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import random_model
-from minimind.config import PRESETS, ModelConfig, minimind_ffn_size
-import minimind.model
-from minimind.model import (
-    FeedForward, KVCache, MiniMindForCausalLM, MoEFeedForward, attention_mask_for, grouped_query_attention, position_ids_for,
-    precompute_rope,
-)
+from minimind.model.config import PRESETS, ModelConfig, minimind_ffn_size
+import minimind.model.model
+from minimind.model.model import FeedForward, KVCache, MiniMindForCausalLM, MoEFeedForward, attention_mask_for, grouped_query_attention, position_ids_for, precompute_rope
 
 
 def count_parameters(preset: str, active: bool = False) -> int:
@@ -96,7 +93,7 @@ def test_attention_equals_sdpa_reference():
 @pytest.mark.parametrize("mask_batch", [2, 1])
 def test_sdpa_path_with_a_mask_equals_the_reference(monkeypatch, mask_batch):
     """With a mask, the SDPA path stacks each K/V head's query group (no K/V copy, the efficient kernel on CUDA)."""
-    monkeypatch.setattr(minimind.model, "ATTENTION_KERNEL", "sdpa")
+    monkeypatch.setattr(minimind.model.model, "ATTENTION_KERNEL", "sdpa")
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 8, 3, 16), torch.randn(2, 2, 7, 16), torch.randn(2, 2, 7, 16)
     allowed = torch.rand(mask_batch, 3, 7) > 0.3
@@ -127,7 +124,7 @@ def test_sdpa_path_gives_the_cpu_kernels_outputs_and_gradients(monkeypatch, pres
         return loss, grads, padded, torch.cat(steps, dim=1)
 
     cpu_kernel = run()
-    monkeypatch.setattr(minimind.model, "ATTENTION_KERNEL", "sdpa")
+    monkeypatch.setattr(minimind.model.model, "ATTENTION_KERNEL", "sdpa")
     sdpa = run()
     torch.testing.assert_close(sdpa[0], cpu_kernel[0], rtol=1e-5, atol=1e-5)
     for ours, theirs in zip(sdpa[1], cpu_kernel[1]):

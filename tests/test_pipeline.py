@@ -73,7 +73,7 @@ def test_pipeline_runs_every_stage_and_each_improves_its_heldout_metric(home, ca
     # What each stage run records, on the SFT run: where it started, its settings, the loss at every logged
     # step, held-out metrics before and after, the loss curve and samples, the prepared data's report, the
     # files as MLflow dataset inputs and the host's load as system metrics; and its weights moved.
-    from minimind.checkpoint import load_model
+    from minimind.model.checkpoint import load_model
 
     client = mlflow.MlflowClient()
     sft_run = client.get_run(client.get_model_version("minimind-sft", "1").run_id)
@@ -97,8 +97,8 @@ def test_pipeline_runs_every_stage_and_each_improves_its_heldout_metric(home, ca
     # The clip stage: the tower folder is cached per seed and settings, so the same settings again reuse it
     # and register it as the next version.
     from minimind import tracking
-    from minimind.clip_runner import train_clip
-    from minimind.vision import load_vision_tower
+    from minimind.driver.clip_runner import train_clip
+    from minimind.model.vision import load_vision_tower
 
     clip_stage = by_stage["clip"]
     assert clip_stage.model_dir.name.startswith("clip-demo-") and clip_stage.model_dir.parent.name.startswith("seed0-")
@@ -115,8 +115,8 @@ def test_pipeline_runs_every_stage_and_each_improves_its_heldout_metric(home, ca
     assert tower.config.hidden_size == 128 and tower.config.image_size == 64
 
     # White-box KD on the teacher's soft labels, from the pipeline's DPO model with its SFT model as teacher.
-    from minimind.runner import run_stage
-    from minimind.stage_configs import DistillConfig
+    from minimind.driver.runner import run_stage
+    from minimind.training.configs import DistillConfig
 
     quick = dict(max_steps=4, checkpoint_every=2, log_every=1, eval_limit=4, batch_size=4, seq_len=128)
     kd = run_stage(DistillConfig(**quick, mode="kd", init="models:/minimind-dpo/1", teacher="models:/minimind-sft/1"), "kd")

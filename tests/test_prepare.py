@@ -9,10 +9,10 @@ from itertools import islice
 import numpy as np
 import pytest
 
-from minimind import prepare as prepare_module
-from minimind.data import DataFormatError, LengthGroupedBatches, StageData, collate, load_stage_dataset
-from minimind.prepare import prepare
-from minimind.shards import PreparedRows
+from minimind.data import prepare as prepare_module
+from minimind.data.rows import DataFormatError, LengthGroupedBatches, StageData, collate, load_stage_dataset
+from minimind.data.prepare import prepare
+from minimind.data.shards import PreparedRows
 
 SMALL_CHUNKS = 20_000  # bytes: several shards even for the small files here
 
@@ -20,7 +20,7 @@ SMALL_CHUNKS = 20_000  # bytes: several shards even for the small files here
 @pytest.fixture(scope="module")
 def demo():
     from minimind.demo import demo_data, demo_tokenizer
-    from minimind.tokenizer import load_tokenizer
+    from minimind.model.tokenizer import load_tokenizer
 
     return demo_data(), load_tokenizer(demo_tokenizer())
 
@@ -107,7 +107,7 @@ def test_a_bad_line_stops_the_preparation_without_waiting_for_the_other_chunks(r
 
     import ray
 
-    from minimind.prepare import gather
+    from minimind.data.prepare import gather
 
     @ray.remote(num_cpus=1)
     def chunk(index, error, seconds):
@@ -130,7 +130,7 @@ def test_a_file_edited_in_the_middle_with_its_mtime_restored_is_prepared_again(r
     although the content differs. Spaces (valid JSON) put the edit 1 MiB from either end, cheaply."""
     import os
 
-    from minimind.prepare import source_fingerprint
+    from minimind.data.prepare import source_fingerprint
 
     _, tokenizer = demo
     padding = " " * (1 << 20)
@@ -160,7 +160,7 @@ def test_a_file_edited_in_the_middle_with_its_mtime_restored_is_prepared_again(r
 def test_progress_shows_chunks_rate_and_eta_in_place_on_a_terminal_and_every_few_percent_in_a_log():
     import io
 
-    from minimind.prepare import Progress
+    from minimind.data.prepare import Progress
 
     class Terminal(io.StringIO):
         def isatty(self):
@@ -198,7 +198,7 @@ def test_the_same_inputs_are_prepared_once(ray_cluster, demo, tmp_path, monkeypa
 
 
 def test_resuming_mid_epoch_continues_at_the_exact_micro_batch_across_shards_and_epochs(ray_cluster, demo, tmp_path):
-    from minimind.train import micro_batches
+    from minimind.training.loop import micro_batches
 
     paths, tokenizer = demo
     source = head(paths["pretrain"], tmp_path / "pretrain.jsonl", 400)
@@ -258,8 +258,8 @@ def test_the_prepare_job_prepares_what_the_stage_job_then_finds(ray_cluster, dem
     from pathlib import Path
 
     from minimind.demo import demo_tokenizer
-    from minimind.runner import prepare_data
-    from minimind.stage_configs import PretrainConfig
+    from minimind.driver.runner import prepare_data
+    from minimind.training.configs import PretrainConfig
 
     spec = importlib.util.spec_from_file_location("prepare_job", Path(__file__).resolve().parents[1] / "jobs" / "prepare.py")
     job = importlib.util.module_from_spec(spec)
@@ -279,7 +279,7 @@ def test_the_prepare_job_prepares_what_the_stage_job_then_finds(ray_cluster, dem
 
 @pytest.mark.parametrize("chunk_bytes", [1, 50, 100, 150, 180, 185, 186, 1000])
 def test_chunks_start_at_line_starts_and_cover_the_file_whatever_the_cut(tmp_path, chunk_bytes):
-    from minimind.prepare import chunk_bounds
+    from minimind.data.prepare import chunk_bounds
 
     source = tmp_path / "two.jsonl"
     source.write_bytes(b'{"text": "' + b"a" * 80 + b'"}\n{"text": "' + b"b" * 90 + b'"}')  # 186 bytes, no final newline

@@ -5,9 +5,9 @@ import ray
 import torch
 
 from conftest import random_model
-from minimind.generate import generate
-from minimind.lora import LoRAConfig, adapter_state, add_lora
-from minimind.rollout import RolloutWorker
+from minimind.inference.generate import generate
+from minimind.model.lora import LoRAConfig, adapter_state, add_lora
+from minimind.rl.rollout import RolloutWorker
 
 PROMPTS = [[5, 6, 7], [9, 10]]
 GREEDY = {"max_new_tokens": 6, "temperature": 0.0}
@@ -42,7 +42,7 @@ def test_the_rollout_actor_generates_with_the_weights_of_the_latest_update(ray_c
 
 
 def test_a_lora_policy_hands_over_only_its_adapters(ray_cluster):
-    from minimind.grpo import hand_over
+    from minimind.rl.grpo import hand_over
 
     config = LoRAConfig(rank=2, targets=["q_proj", "v_proj"])
     policy = add_lora(random_model(seed=1), config)
@@ -63,7 +63,7 @@ def test_a_lora_policy_hands_over_only_its_adapters(ray_cluster):
 
 
 def test_the_hand_over_sends_each_tensor_once_and_a_missing_one_is_refused():
-    from minimind.grpo import hand_over
+    from minimind.rl.grpo import hand_over
 
     policy = random_model(seed=1)
     state = hand_over(policy, whole=True)

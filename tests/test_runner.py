@@ -5,9 +5,9 @@ import json
 import pytest
 
 from conftest import random_model
-from minimind.evaluate import heldout_loss, pair_logps, preference_wins
-from minimind.runner import eval_coverage, evaluate
-from minimind.tokenizer import train_tokenizer
+from minimind.driver.evaluate import heldout_loss, pair_logps, preference_wins
+from minimind.driver.runner import eval_coverage, evaluate
+from minimind.model.tokenizer import train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +57,8 @@ def test_dpo_pairs_are_scored_at_the_stage_seq_len(tmp_path, tokenizer, model):
 def test_gpu_placement_follows_the_flag_the_cluster_and_what_the_autoscaler_can_launch(ray_cluster, tmp_path, monkeypatch):
     from dataclasses import replace
 
-    from minimind.cluster import GPU_WORKER_CPUS, placement
-    from minimind.train import TrainConfig
+    from minimind.driver.cluster import GPU_WORKER_CPUS, placement
+    from minimind.training.loop import TrainConfig
 
     monkeypatch.setenv("HOME", str(tmp_path))  # no launcher config here: this cluster has 2 CPUs and no GPU
     config = TrainConfig(num_workers=2)
@@ -75,8 +75,8 @@ def test_gpu_placement_follows_the_flag_the_cluster_and_what_the_autoscaler_can_
 def test_grpo_placement_counts_the_rollout_actors_gpus(ray_cluster, tmp_path, monkeypatch):
     import ray
 
-    from minimind.cluster import placement
-    from minimind.stage_configs import GRPOConfig, SFTConfig
+    from minimind.driver.cluster import placement
+    from minimind.training.configs import GRPOConfig, SFTConfig
 
     monkeypatch.setenv("HOME", str(tmp_path))  # no launcher config: no GPU node can be launched
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "GPU": 1.0})  # one GPU up
@@ -104,7 +104,7 @@ def test_a_job_unpacked_by_ray_keeps_its_results_in_the_home_folder(tmp_path, mo
 def test_rank_zero_metric_logging_reports_a_failing_tracking_server_and_training_goes_on(capsys):
     from types import SimpleNamespace
 
-    from minimind.train import MetricLogger
+    from minimind.training.loop import MetricLogger
 
     logger = MetricLogger(SimpleNamespace(stage="sft", mlflow_run_id=None, mlflow_tracking_uri=None), total_steps=2)
     sent = []
@@ -139,9 +139,9 @@ def test_rank_zero_metric_logging_reports_a_failing_tracking_server_and_training
 def test_check_lora_flags_refuses_each_lora_flag_that_cannot_work(flags, message):
     """run_stage calls check_lora_flags first of all: a worker would meet --lora-dropout 1.5 only after the
     data's preparation and the first evaluation, and alpha 0 or flags without --lora-rank would "succeed"."""
-    from minimind.runner import check_lora_flags
-    from minimind.stage_configs import SFTConfig
-    from minimind.stages import STAGES
+    from minimind.driver.runner import check_lora_flags
+    from minimind.training.configs import SFTConfig
+    from minimind.training.stages import STAGES
 
     with pytest.raises(SystemExit, match=message):
         check_lora_flags(SFTConfig(**flags), STAGES["sft"])
@@ -150,7 +150,7 @@ def test_check_lora_flags_refuses_each_lora_flag_that_cannot_work(flags, message
 
 
 def test_lora_settings_that_cannot_work_are_refused_by_the_adapter_config_too():
-    from minimind.lora import LoRAConfig
+    from minimind.model.lora import LoRAConfig
 
     for settings, message in [({"rank": 0}, "rank is a positive integer, not 0"), ({"rank": 4, "alpha": 0.0}, "alpha must be positive"),
                               ({"rank": 4, "alpha": float("nan")}, "alpha must be positive"),

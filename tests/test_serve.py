@@ -40,12 +40,12 @@ def server(ray_cluster, tmp_path_factory, monkeypatch_module):
 
     from conftest import random_model
     from minimind import tracking
-    from minimind.checkpoint import save_model
+    from minimind.model.checkpoint import save_model
     from minimind.demo import demo_tokenizer, demo_vision_tower
     from minimind.serve.app import ModelSpec, ServeSettings, build
     from minimind.serve.protocol import Limits
-    from minimind.tokenizer import load_tokenizer
-    from minimind.vision import build_vlm, save_vlm
+    from minimind.model.tokenizer import load_tokenizer
+    from minimind.model.vision import build_vlm, save_vlm
 
     home = tmp_path_factory.mktemp("serve-home")
     monkeypatch_module.setenv("MINIMIND_HOME", str(home))
@@ -63,7 +63,7 @@ def server(ray_cluster, tmp_path_factory, monkeypatch_module):
     save_vlm(vlm, home / "vlm", tokenizer)
     tracking.register_model_dir(home / "vlm", "minimind-vlm-sft")
     # what a MiniMind user brings: a half-precision .pth and MiniMind2's ChatML tokenizer (no tag, no image token)
-    from minimind.importer import import_model
+    from minimind.model.hf import import_model
     from test_importer import chatml_tokenizer
 
     chatml = chatml_tokenizer()

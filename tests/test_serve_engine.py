@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import random_model
-from minimind.generate import SamplingParams, generate
+from minimind.inference.generate import SamplingParams, generate
 from minimind.serve.engine import BatchingEngine, releasable
 from minimind.serve.errors import APIError
 from minimind.serve.protocol import Limits, parse_chat_request, split_reasoning
@@ -124,7 +124,7 @@ def test_requests_with_any_settings_join_the_running_batch_and_seeded_ones_sampl
 
 def test_released_text_never_shows_part_of_a_stop_string_or_half_a_character():
     from minimind.demo import demo_tokenizer
-    from minimind.tokenizer import load_tokenizer
+    from minimind.model.tokenizer import load_tokenizer
 
     assert releasable("答案是 4", ["42"]) == ("答案是 ", False)  # "4" may begin "42": held back
     assert releasable("答案是 43", ["42"]) == ("答案是 43", False)
@@ -299,8 +299,8 @@ def test_a_vlm_counts_image_markers_in_the_prompt_ids_whatever_spells_them(tmp_p
     from minimind.demo import demo_tokenizer
     from minimind.serve.engine import ChatModel
     from minimind.serve.protocol import ChatRequest
-    from minimind.tokenizer import Markers, load_tokenizer
-    from minimind.vision import MiniMindVLM, save_vlm
+    from minimind.model.tokenizer import Markers, load_tokenizer
+    from minimind.model.vision import MiniMindVLM, save_vlm
     from test_protocol import image_bytes
     from test_vision import clip_tower
 

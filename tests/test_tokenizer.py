@@ -1,6 +1,6 @@
 import pytest
 
-from minimind.tokenizer import DEFAULT_SYSTEM_PROMPT, SPECIAL_TOKENS, Markers, load_tokenizer, train_tokenizer
+from minimind.model.tokenizer import DEFAULT_SYSTEM_PROMPT, SPECIAL_TOKENS, Markers, load_tokenizer, train_tokenizer
 
 CORPUS = [
     "从前有座山，山里有座庙，庙里有个老和尚。",
@@ -89,7 +89,7 @@ def test_a_minimind_layout_tokenizer_serves_a_text_model_and_names_what_a_vlm_ne
     """MiniMind's own tokenizers have no <image> token: a text model never needs one; a VLM says what to set,
     and a marker named in the tokenizer's config travels with the model folder."""
     from conftest import random_model
-    from minimind.checkpoint import save_model
+    from minimind.model.checkpoint import save_model
     from minimind.serve.engine import ChatModel
 
     save_model(random_model("tiny", vocab_size=len(byte_tokenizer)), tmp_path / "model", tokenizer=byte_tokenizer)

@@ -233,7 +233,7 @@ def test_new_store_is_opened_under_the_lock(tmp_path, monkeypatch):
 
 
 def test_resume_finds_earlier_runs_in_local_folders_and_storage_uris(tmp_path):
-    from minimind.runner import _earlier_runs
+    from minimind.driver.runner import _earlier_runs
 
     for name in ["pretrain-20261128-010000-1", "pretrain-20261128-020000-2", "sft-20261128-030000-3"]:
         (tmp_path / name).mkdir()
@@ -246,7 +246,7 @@ def test_pin_turns_latest_and_aliases_into_the_exact_version_and_resume_finds_it
     import mlflow
 
     from conftest import random_model
-    from minimind.checkpoint import save_model
+    from minimind.model.checkpoint import save_model
 
     tracking.configure("pin-test")
     save_model(random_model(), tmp_path / "m")
@@ -280,8 +280,8 @@ def test_a_registered_version_answers_through_mlflows_own_tools(tmp_path, byte_t
     import urllib.request
 
     from conftest import random_model
-    from minimind.checkpoint import save_model
-    from minimind.generate import generate
+    from minimind.model.checkpoint import save_model
+    from minimind.inference.generate import generate
 
     model = random_model("tiny", vocab_size=len(byte_tokenizer))
     save_model(model, tmp_path / "model", tokenizer=byte_tokenizer)
@@ -340,8 +340,8 @@ def test_a_parent_run_groups_runs_and_is_closed_with_its_tables_or_as_failed():
 def _adapter_on_a_folder_base(root: Path, tokenizer) -> Path:
     """A LoRA adapter folder whose adapter_config.json names a base model folder."""
     from conftest import random_model
-    from minimind.checkpoint import save_model
-    from minimind.lora import LoRAConfig, add_lora, save_adapter
+    from minimind.model.checkpoint import save_model
+    from minimind.model.lora import LoRAConfig, add_lora, save_adapter
 
     save_model(random_model("tiny", vocab_size=len(tokenizer)), root / "base", tokenizer=tokenizer)
     config = LoRAConfig(rank=2, base=str(root / "base"))
@@ -354,7 +354,7 @@ def test_loading_an_adapter_leaves_no_temporary_folder_behind(tmp_path, monkeypa
     temporary folder the caller then owns (it left four per pyfunc load)."""
     import tempfile
 
-    from minimind.mlflow_model import load_predictor
+    from minimind.tracking.pyfunc import load_predictor
 
     adapter = _adapter_on_a_folder_base(tmp_path, byte_tokenizer)
     scratch = tmp_path / "tmp"

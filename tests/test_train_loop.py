@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from conftest import random_model
-from minimind.checkpoint import save_model
-from minimind.data import StageData
-from minimind.prepare import prepare
-from minimind.stage_configs import DistillConfig, DPOConfig, SFTConfig
-from minimind.train import StageJob, train_loop_per_worker
+from minimind.model.checkpoint import save_model
+from minimind.data.rows import StageData
+from minimind.data.prepare import prepare
+from minimind.training.configs import DistillConfig, DPOConfig, SFTConfig
+from minimind.training.loop import StageJob, train_loop_per_worker
 
 HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__")
 
@@ -17,7 +17,7 @@ HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__")
 @pytest.fixture(scope="module")
 def demo_model(tmp_path_factory):
     from minimind.demo import demo_data, demo_tokenizer
-    from minimind.tokenizer import load_tokenizer
+    from minimind.model.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(demo_tokenizer())
     directory = tmp_path_factory.mktemp("model")
@@ -38,7 +38,7 @@ def test_a_training_step_reads_nothing_from_the_device_except_at_log_steps(ray_c
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    import minimind.train as train_module
+    import minimind.training.loop as train_module
 
     model_dir, tokenizer, paths = demo_model
     kind = "dpo" if stage == "dpo" else "sft"
@@ -84,9 +84,9 @@ def _train_steps(rank: int, world: int, init_file: str, state: dict, config, bat
     each rank takes its share of every batch under DDP, in two micro-batches."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from minimind.model import MiniMindForCausalLM
-    from minimind.stages import STAGES
-    from minimind.train import accumulate_gradients, ddp_options
+    from minimind.model.model import MiniMindForCausalLM
+    from minimind.training.stages import STAGES
+    from minimind.training.loop import accumulate_gradients, ddp_options
 
     torch.set_num_threads(1)
     model = MiniMindForCausalLM(config)
@@ -146,7 +146,7 @@ def test_compiled_training_trains_and_checkpoints_under_the_same_names(ray_clust
     from ray.train.torch import TorchTrainer
     from safetensors.torch import load_file
 
-    from minimind import stages
+    from minimind.training import stages
 
     compiled = []
     real_compile = torch.compile
@@ -168,7 +168,7 @@ def test_compiled_training_trains_and_checkpoints_under_the_same_names(ray_clust
 
 
 def test_mfu_divides_by_the_datasheet_peak_of_known_gpus_and_measures_the_rest():
-    from minimind.flops import known_peak_flops, peak_flops
+    from minimind.training.flops import known_peak_flops, peak_flops
 
     assert known_peak_flops("NVIDIA H100 80GB HBM3") == 989.4e12
     assert known_peak_flops("NVIDIA H100 PCIe") == 756.5e12  # not the SXM number
@@ -185,9 +185,9 @@ def test_mfu_divides_by_the_datasheet_peak_of_known_gpus_and_measures_the_rest()
 
 def _reasoning_rows(count: int) -> tuple[list[dict], object]:
     """Reasoning rows (and their tokenizer) whose supervised replies grow from a few tokens to dozens."""
-    from minimind.data import StageData, stage_rows
+    from minimind.data.rows import StageData, stage_rows
     from minimind.demo import demo_tokenizer
-    from minimind.tokenizer import load_tokenizer
+    from minimind.model.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(demo_tokenizer())
     records = [{"conversations": [{"role": "user", "content": f"{n} 加 {n} 等于几？"},
@@ -198,8 +198,8 @@ def _reasoning_rows(count: int) -> tuple[list[dict], object]:
 
 
 def _step_gradient(model, stage_name: str, batches: list[dict]) -> tuple[dict, dict]:
-    from minimind.stages import STAGES
-    from minimind.train import accumulate_gradients
+    from minimind.training.stages import STAGES
+    from minimind.training.loop import accumulate_gradients
 
     model.zero_grad(set_to_none=True)
     metrics = accumulate_gradients(model, STAGES[stage_name], batches, {}, None, torch.device("cpu"))
@@ -211,7 +211,7 @@ def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch_with_une
     four (as length-grouped batches fall: short rows together) give the gradient and the loss of one
     batch of sixteen, tag weights included. Dividing each micro-batch's mean by 4 would weigh a token
     of the first micro-batch about 8 times more than one of the last."""
-    from minimind.data import collate
+    from minimind.data.rows import collate
 
     rows, tokenizer = _reasoning_rows(16)
     supervised = [sum(label != -100 for label in row["labels"]) for row in rows]
@@ -225,7 +225,7 @@ def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch_with_une
 
 
 def test_dpo_steps_weigh_each_preference_pair_alike():
-    from minimind.stages import STAGES
+    from minimind.training.stages import STAGES
 
     batch = {"chosen_input_ids": torch.zeros(3, 7, dtype=torch.long), "rejected_input_ids": torch.zeros(3, 5, dtype=torch.long)}
     assert STAGES["dpo"].normalised_over == "preference pairs" and STAGES["dpo"].loss_count(batch) == 3

@@ -8,17 +8,15 @@ import torch
 from PIL import Image
 
 from conftest import random_model
-from minimind.checkpoint import save_model
-from minimind.vision import (
-    ImageError, MiniMindVLM, generate_with_images, is_vlm_dir, load_image, load_vision_tower, load_vlm, prompt_ids, save_vlm,
-)
+from minimind.model.checkpoint import save_model
+from minimind.model.vision import ImageError, MiniMindVLM, generate_with_images, is_vlm_dir, load_image, load_vision_tower, load_vlm, prompt_ids, save_vlm
 
-IMAGE_ID = 7  # <image> among the special tokens of minimind.tokenizer
+IMAGE_ID = 7  # <image> among the special tokens of minimind.model.tokenizer
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from minimind.tokenizer import Markers, train_tokenizer
+    from minimind.model.tokenizer import Markers, train_tokenizer
 
     tokenizer = train_tokenizer(["图中有一个红色的圆形。", "hello world"] * 20, vocab_size=300)
     assert Markers.of(tokenizer).ids(tokenizer)["image"] == IMAGE_ID
@@ -123,8 +121,8 @@ def test_a_linked_vision_tower_is_referenced_not_copied(tmp_path, tokenizer):
 
 
 def test_checkpoints_reference_the_tower_and_the_final_model_holds_one_copy(tmp_path, tokenizer):
-    from minimind.stages import STAGES
-    from minimind.vision import VISION_CONFIG_NAME, VisionConfig, copy_vision_tower
+    from minimind.training.stages import STAGES
+    from minimind.model.vision import VISION_CONFIG_NAME, VisionConfig, copy_vision_tower
 
     vlm = MiniMindVLM(random_model(vocab_size=len(tokenizer)), *clip_tower(), image_token_id=IMAGE_ID)
     save_vlm(vlm, tmp_path / "init", tokenizer)  # self-contained, as a registered version is
@@ -153,7 +151,7 @@ def test_a_text_only_batch_still_gives_the_projection_a_gradient(tokenizer):
 
 
 def test_the_language_model_of_a_vlm_directory_still_loads_alone(tmp_path, tokenizer):
-    from minimind.checkpoint import load_model
+    from minimind.model.checkpoint import load_model
 
     vlm = MiniMindVLM(random_model(vocab_size=len(tokenizer)), *clip_tower(), image_token_id=IMAGE_ID)
     save_vlm(vlm, tmp_path / "vlm", tokenizer)
@@ -210,7 +208,7 @@ def test_a_registered_vlm_answers_about_an_image_through_mlflow_pyfunc(tmp_path,
     import mlflow
 
     from minimind import tracking
-    from minimind.generate import generate
+    from minimind.inference.generate import generate
 
     vlm = MiniMindVLM(random_model(vocab_size=len(tokenizer)), *clip_tower(), image_token_id=IMAGE_ID)
     torch.nn.init.normal_(vlm.projection.weight, std=0.5)
@@ -236,7 +234,7 @@ def test_running_out_of_memory_while_decoding_is_not_called_a_corrupt_image(tmp_
     and must stay one (a 5xx), not become the client's fault."""
     from PIL import ImageOps
 
-    from minimind.images import load_image
+    from minimind.data.images import load_image
 
     path = tmp_path / "fine.png"
     Image.new("RGB", (8, 8)).save(path)

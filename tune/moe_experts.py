@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sweep import Sweep, finish, run_sweep, trial_row, trial_runs  # noqa: E402
 
-from minimind.stage_configs import PretrainConfig  # noqa: E402
+from minimind.training.configs import PretrainConfig  # noqa: E402
 
 COLUMNS = ["trial", "num_experts", "top_k", "shared", "total_params", "active_params", "tokens_per_s", "heldout_loss", "status"]
 

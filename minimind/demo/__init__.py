@@ -62,7 +62,7 @@ DEMO_VOCAB_SIZE = 2048
 
 def demo_texts(paths: dict[str, Path]):
     """Every text of the demo's training files: the pretraining corpus and each message of the chat files."""
-    from minimind.data import iter_jsonl
+    from minimind.data.rows import iter_jsonl
 
     yield from (record["text"] for _, record in iter_jsonl(paths["pretrain"], "pretrain"))
     for name, kind in (("sft", "sft"), ("dpo", "dpo"), ("reason", "reason"), ("vlm_pretrain", "vlm"), ("vlm_sft", "vlm")):
@@ -76,7 +76,7 @@ def demo_tokenizer(seed: int = 0, root: str | Path | None = None) -> Path:
     world, so the questions and traces of the later stages are words of the vocabulary too. One token per
     Chinese character and per digit: the demo's templated sentences would otherwise merge into phrase
     tokens that hide the facts from a small model (see `train_tokenizer`)."""
-    from minimind.tokenizer import train_tokenizer
+    from minimind.model.tokenizer import train_tokenizer
 
     paths = demo_data(seed, root)
     folder = paths["pretrain"].parent / f"tokenizer-{DEMO_VOCAB_SIZE}-han-digits"

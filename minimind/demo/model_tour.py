@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from minimind.checkpoint import export_hf, load_model, save_model
-from minimind.config import PRESETS, ModelConfig
-from minimind.generate import generate
-from minimind.model import MiniMindForCausalLM
+from minimind.model.checkpoint import export_hf, load_model, save_model
+from minimind.model.config import PRESETS, ModelConfig
+from minimind.inference.generate import generate
+from minimind.model.model import MiniMindForCausalLM
 
 FIRST_ID, ALPHABET = 3, 64  # sequence tokens are ids 3..66; 0-2 stay pad / <s> / </s>
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from minimind.continuous import ContinuousBatch
-from minimind.generate import SamplingParams
+from minimind.inference.continuous import ContinuousBatch
+from minimind.inference.generate import SamplingParams
 from minimind.serve.errors import APIError
 from minimind.serve.protocol import ChatRequest, Limits, open_image, split_reasoning
 
@@ -265,10 +265,10 @@ class ChatModel:
 
     def __init__(self, model_dir: str | Path, limits: Limits | None = None, max_batch_size: int = 16,
                  batch_wait_s: float = 0.01, dtype: str = "bf16", device: str | None = None):
-        from minimind.checkpoint import load_model
-        from minimind.generate import inference_dtype
-        from minimind.tokenizer import Markers, load_tokenizer
-        from minimind.vision import is_vlm_dir, load_vlm
+        from minimind.model.checkpoint import load_model
+        from minimind.inference.generate import inference_dtype
+        from minimind.model.tokenizer import Markers, load_tokenizer
+        from minimind.model.vision import is_vlm_dir, load_vlm
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.takes_images = is_vlm_dir(model_dir)
@@ -288,7 +288,7 @@ class ChatModel:
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         if self.takes_images:
-            from minimind.vision import prompt_ids
+            from minimind.model.vision import prompt_ids
 
             return prompt_ids(self.model, self.tokenizer, messages)
         return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
@@ -298,7 +298,7 @@ class ChatModel:
         return self.model.pixel_values([open_image(data, self.limits.max_image_pixels, "messages") for data in images])
 
     async def chat(self, request: ChatRequest) -> AsyncIterator[dict]:
-        from minimind.data import IMAGE_MARKER
+        from minimind.data.rows import IMAGE_MARKER
 
         prompt = self.prompt_ids(request.messages)
         if self.takes_images:  # counted in the prompt's ids: the text may also spell the tokenizer's own image marker

@@ -19,18 +19,18 @@ from pathlib import Path
 import torch
 
 from minimind import storage, tracking
-from minimind.cluster import local_input, placement, stage_inputs, workers_see_driver_disk
-from minimind.checkpoint import CONFIG_NAME, save_model
-from minimind.config import ModelConfig
-from minimind.data import StageData
-from minimind.prepare import Prepared
-from minimind.shards import PreparedRows
-from minimind.model import MiniMindForCausalLM
-from minimind.stages import STAGES
-from minimind.tokenizer import load_tokenizer
-from minimind.lora import is_adapter_dir, load_adapter, merge_lora, trainable_count
-from minimind.train import TRAINING_STATE, StageJob, TrainConfig, lora_settings, stage_data
-from minimind.vision import VISION_CONFIG_NAME, VisionConfig, build_vlm, copy_vision_tower, is_vlm_dir, load_image, save_vlm
+from minimind.driver.cluster import local_input, placement, stage_inputs, workers_see_driver_disk
+from minimind.model.checkpoint import CONFIG_NAME, save_model
+from minimind.model.config import ModelConfig
+from minimind.data.rows import StageData
+from minimind.data.prepare import Prepared
+from minimind.data.shards import PreparedRows
+from minimind.model.model import MiniMindForCausalLM
+from minimind.training.stages import STAGES
+from minimind.model.tokenizer import load_tokenizer
+from minimind.model.lora import is_adapter_dir, load_adapter, merge_lora, trainable_count
+from minimind.training.loop import TRAINING_STATE, StageJob, TrainConfig, lora_settings, stage_data
+from minimind.model.vision import VISION_CONFIG_NAME, VisionConfig, build_vlm, copy_vision_tower, is_vlm_dir, load_image, save_vlm
 
 DEMO_FILES = {"pretrain": "pretrain", "sft": "sft", "dpo": "dpo", "reason": "reason", "kd": "reason", "grpo": "reason",
               "vlm_pretrain": "vlm_pretrain", "vlm_sft": "vlm_sft"}
@@ -49,13 +49,11 @@ class StageResult:
 
 def evaluate(stage_name: str, model, tokenizer, eval_path: Path | None, limit: int, seq_len: int, reference=None,
              images_dir: Path | None = None, answer_path: Path | None = None) -> tuple[dict, list[dict]]:
-    """The held-out metrics of a stage (see minimind.evaluate) and a few sample replies. Every stage
+    """The held-out metrics of a stage (see minimind.driver.evaluate) and a few sample replies. Every stage
     reports the cross-entropy of its held-out text, with rows cut at the stage's own `seq_len` as in
     training; DPO the implicit reward against `reference` (its starting model), the chat stages what the
     greedy replies get right."""
-    from minimind.evaluate import (
-        answer_exact_match, heldout_loss, image_question_accuracy, pair_logps, preference_wins, reasoning_scores, text_replier, vlm_replier,
-    )
+    from minimind.driver.evaluate import answer_exact_match, heldout_loss, image_question_accuracy, pair_logps, preference_wins, reasoning_scores, text_replier, vlm_replier
 
     if eval_path is None:
         return {}, []
@@ -105,7 +103,7 @@ def _with_tasks(name: str, result: dict) -> dict:
 
 def eval_coverage(stage_name: str, tokenizer, eval_path: Path | None, limit: int, seq_len: int, image_tokens: int = 1) -> dict:
     """How the stage's `seq_len` treats its held-out rows, as metrics: rows scored, cut short, dropped."""
-    from minimind.evaluate import heldout_rows
+    from minimind.driver.evaluate import heldout_rows
 
     if eval_path is None:
         return {}
@@ -329,7 +327,7 @@ def _check_grpo(config, stage) -> None:
     """GRPO settings that cannot work, refused before anything runs."""
     if stage.name != "grpo":
         return
-    from minimind.rewards import MODEL_REWARD, parse_weights
+    from minimind.rl.rewards import MODEL_REWARD, parse_weights
 
     try:
         weights = parse_weights(config.rewards)
@@ -406,7 +404,7 @@ def resolve_inputs(config, stage, work: Path):
 def check_data(config, stage, inputs: StageInputs, storage_path: str, run_name: str) -> tuple[Prepared, int]:
     """Prepare the training data over the Ray cluster (or find it prepared) before any worker starts: a
     bad line fails here, naming file and line. Returns (the prepared data, image tokens per image)."""
-    from minimind.prepare import prepare
+    from minimind.data.prepare import prepare
 
     image_tokens = VisionConfig.load(inputs.init_dir / VISION_CONFIG_NAME).image_tokens if is_vlm_dir(inputs.init_dir) else 1
     data = stage_data(stage, config, image_tokens)
@@ -457,7 +455,7 @@ def _log_data_report(prepared: Prepared) -> None:
     """The data report on the stage's run: its numbers as data/* metrics, the JSON and the plot as artifacts."""
     import mlflow
 
-    from minimind import data_report
+    from minimind.data import report as data_report
 
     mlflow.log_metrics(data_report.metrics(prepared.report))
     mlflow.log_dict(prepared.report, "data/report.json")
@@ -563,7 +561,7 @@ def _log_curve(run_id: str) -> None:
 
 
 def main(config_class, stage_name: str, argv=None, description: str | None = None) -> StageResult:
-    from minimind.flags import parse_config
+    from minimind.training.flags import parse_config
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     return run_stage(parse_config(config_class, argv, description), stage_name)

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from minimind.data import StageData, collate, has_labels, iter_jsonl, load_stage_dataset
-from minimind.generate import generate
-from minimind.losses import causal_lm_loss, sequence_logprobs
-from minimind.rewards import reasoning_parts
-from minimind.tokenizer import Markers
+from minimind.data.rows import StageData, collate, has_labels, iter_jsonl, load_stage_dataset
+from minimind.inference.generate import generate
+from minimind.model.losses import causal_lm_loss, sequence_logprobs
+from minimind.rl.rewards import reasoning_parts
+from minimind.model.tokenizer import Markers
 
 Replier = Callable[[Sequence[list[dict]]], list[str]]
 
@@ -51,7 +51,7 @@ def heldout_loss(model, tokenizer, path: str | Path, kind: str = "pretrain", seq
     """Mean cross-entropy per predicted token: every token of packed text for `pretrain`, the assistant
     replies (unweighted) for the chat kinds `sft`, `reason` and `vlm` (a VLM with its images). Rows are
     cut at `seq_len` as in training, so this is the training loop's `val/loss`."""
-    from minimind.vision import batch_pixel_values
+    from minimind.model.vision import batch_pixel_values
 
     stage_data = StageData(kind, seq_len=seq_len, image_tokens=getattr(model, "image_tokens", 1))
     rows, _ = heldout_rows(path, tokenizer, stage_data, limit)
@@ -88,7 +88,7 @@ def text_replier(model, tokenizer, max_new_tokens: int = 64, batch_size: int = 1
 
 def vlm_replier(vlm, tokenizer, max_new_tokens: int = 64, batch_size: int = 64):
     """Greedy replies of a VLM to (conversation, image paths) queries."""
-    from minimind.vision import generate_with_images, load_image, prompt_ids
+    from minimind.model.vision import generate_with_images, load_image, prompt_ids
 
     def reply(queries: Sequence[tuple[list[dict], list[Path]]]) -> list[str]:
         replies = []

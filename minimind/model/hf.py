@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from minimind.config import ModelConfig
+from minimind.model.config import ModelConfig
 
 LEGACY_NAMES = (  # MiniMind before 2025-04 -> MiniMind2 (= ours)
     (r"^tok_embeddings\.", "model.embed_tokens."),
@@ -150,11 +150,11 @@ def import_model(source: str | Path, destination: str | Path, tokenizer_dir: str
                  overrides: dict | None = None, markers: dict[str, str] | None = None) -> Path:
     """Write `destination` as a model folder from a MiniMind `.pth`, a MiniMind `transformers` folder or a
     Llama folder; its logits equal the source model's. `markers` name the tokenizer's strings for the
-    tags and the image placeholder (`minimind.tokenizer.Markers`), kept in the folder's tokenizer config.
+    tags and the image placeholder (`minimind.model.tokenizer.Markers`), kept in the folder's tokenizer config.
     Returns the folder."""
-    from minimind.checkpoint import TIED_KEYS, save_model
-    from minimind.model import MiniMindForCausalLM
-    from minimind.tokenizer import Markers, load_tokenizer
+    from minimind.model.checkpoint import TIED_KEYS, save_model
+    from minimind.model.model import MiniMindForCausalLM
+    from minimind.model.tokenizer import Markers, load_tokenizer
 
     source, overrides = Path(source), dict(overrides or {})
     state = rename_legacy(read_weights(source))

@@ -27,10 +27,10 @@ from mlflow.exceptions import MlflowException
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
 
-CONFIG_NAME = "config.json"  # the file that marks a model directory (see minimind.checkpoint)
-ADAPTER_CONFIG_NAME = "adapter_config.json"  # ... and a LoRA adapter directory (see minimind.lora)
+CONFIG_NAME = "config.json"  # the file that marks a model directory (see minimind.model.checkpoint)
+ADAPTER_CONFIG_NAME = "adapter_config.json"  # ... and a LoRA adapter directory (see minimind.model.lora)
 MODEL_MARKERS = (CONFIG_NAME, ADAPTER_CONFIG_NAME)
-_PACKAGE_DIR = Path(__file__).resolve().parent
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]  # minimind/
 _ALIAS_PATTERN = re.compile(r"^[\w-]+$")  # what MLflow accepts as an alias name
 _RESERVED_ALIAS = re.compile(r"^(latest|v\d+)$", re.IGNORECASE)  # MLflow reserves these for versions
 _REGISTERED_BY = {  # for "not registered yet" errors
@@ -239,7 +239,7 @@ def _model_folder(root: Path, reference: str) -> Path:
 def _with_adapters_merged(adapter_dir: Path, destination: Path) -> Path:
     """A LoRA adapter folder as the plain model it stands for: its base (resolved like any reference, into
     a temporary folder removed once merged) with the adapters merged in, written beside `destination`."""
-    from minimind.lora import LoRAConfig, merge_adapter_dir
+    from minimind.model.lora import LoRAConfig, merge_adapter_dir
 
     base = LoRAConfig.load(adapter_dir / ADAPTER_CONFIG_NAME).base
     if not base:
@@ -354,15 +354,15 @@ def _check_alias(alias: str) -> None:
 def log_model_dir(directory: str | Path, name: str, run_id: str | None = None) -> str:
     """Log a model directory as an MLflow LoggedModel of the run (default: the active run), READY but not
     registered, and return its id: `models:/<id>` downloads it from any node that reaches the tracking
-    server. It is an MLflow pyfunc model (`minimind.mlflow_model`) with the folder as its data, so
+    server. It is an MLflow pyfunc model (`minimind.tracking.pyfunc`) with the folder as its data, so
     `mlflow.pyfunc.load_model` and `mlflow models serve` answer chats with it. MLflow marks a failure
     midway FAILED."""
-    from minimind.mlflow_model import log_chat_model
+    from minimind.tracking.pyfunc import log_chat_model
 
     directory = Path(directory)
     if not any((directory / marker).is_file() for marker in MODEL_MARKERS):
-        raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}; log a directory written by minimind.checkpoint.save_model "
-                                "(or LoRA adapters written by minimind.lora.save_adapter)")
+        raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}; log a directory written by minimind.model.checkpoint.save_model "
+                                "(or LoRA adapters written by minimind.model.lora.save_adapter)")
     _client()  # the store, set up
     active = mlflow.active_run()
     if run_id is not None and (active is None or active.info.run_id != run_id):

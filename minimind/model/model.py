@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minimind.config import ModelConfig
-from minimind.losses import causal_lm_loss
+from minimind.model.config import ModelConfig
+from minimind.model.losses import causal_lm_loss
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -420,11 +420,11 @@ class MiniMindForCausalLM(nn.Module):
 
     def generate(self, prompts=None, attention_mask: torch.Tensor | None = None, *, input_ids: torch.Tensor | None = None,
                  do_sample: bool | None = None, **sampling):
-        """`minimind.generate.generate(self, prompts, ...)`: lists of ids in, the new ids out. As in
+        """`minimind.inference.generate.generate(self, prompts, ...)`: lists of ids in, the new ids out. As in
         `transformers`, an `input_ids` tensor (with its `attention_mask`, padding on either side) gives a
         tensor back: each row's input followed by its new ids, right-padded with the pad id;
         `do_sample=False` means greedy."""
-        from minimind.generate import generate
+        from minimind.inference.generate import generate
 
         if do_sample is False:
             sampling["temperature"] = 0.0

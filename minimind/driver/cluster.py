@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from minimind import storage
-from minimind.vision import VISION_CONFIG_NAME, VISION_DIR, VisionConfig, is_vlm_dir
+from minimind.model.vision import VISION_CONFIG_NAME, VISION_DIR, VisionConfig, is_vlm_dir
 
 
 def local_input(location: str) -> Path:

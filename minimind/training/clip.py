@@ -6,8 +6,8 @@ so that MiniMind-V's frozen vision tower has seen pictures with words before the
     loss: symmetric InfoNCE over the batch, logits scaled by a learned temperature (CLIP's logit_scale)
 
 The text side is a small transformer over the project's own tokenizer; only the vision tower is kept
-(`save_tower`: `CLIPVisionModel.save_pretrained` + the image processor), and `minimind.vision` loads it
-like real CLIP weights. Pure torch + transformers: the Ray job is minimind.clip_runner.
+(`save_tower`: `CLIPVisionModel.save_pretrained` + the image processor), and `minimind.model.vision` loads it
+like real CLIP weights. Pure torch + transformers: the Ray job is minimind.driver.clip_runner.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from minimind.data import iter_jsonl
-from minimind.images import load_image
-from minimind.stages import unwrap
+from minimind.data.rows import iter_jsonl
+from minimind.data.images import load_image
+from minimind.training.stages import unwrap
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps its temperature so logits never exceed 100
 
@@ -65,7 +65,7 @@ def new_clip(tower_dir: str | Path, tokenizer, max_text_len: int = 64, text_widt
     whose text side is a new small encoder over `tokenizer`. Returns (model, the tower's image processor)."""
     from transformers import CLIPConfig, CLIPModel
 
-    from minimind.vision import load_vision_tower
+    from minimind.model.vision import load_vision_tower
 
     tower, processor = load_vision_tower(tower_dir)
     text_config = dict(vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=2 * text_width,
@@ -149,7 +149,7 @@ def retrieval(clip, pixel_values: torch.Tensor, input_ids: torch.Tensor, attenti
 
 
 def save_tower(clip, processor, folder: str | Path) -> Path:
-    """Only the vision tower, exactly as the demo's random tower is saved: `minimind.vision.load_vision_tower`
+    """Only the vision tower, exactly as the demo's random tower is saved: `minimind.model.vision.load_vision_tower`
     and `build_vlm` read the folder like real CLIP weights."""
     folder = Path(folder)
     unwrap(clip).vision_model.save_pretrained(str(folder))  # a CLIPVisionModel of its own

@@ -20,8 +20,8 @@ from contextlib import nullcontext
 
 import torch
 
-from minimind.generate import RowSampler, SamplingParams, left_pad, one_row_kernels, suppress
-from minimind.model import KVCache
+from minimind.inference.generate import RowSampler, SamplingParams, left_pad, one_row_kernels, suppress
+from minimind.model.model import KVCache
 
 
 class ContinuousBatch:

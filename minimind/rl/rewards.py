@@ -8,7 +8,7 @@
 - length: 0 up to `length_limit` tokens, then falling linearly to -1 at twice the limit; a reply cut off
   at the token budget (no end of turn) gets -1.
 - model: a registered model's score of the reply (mean log-probability of its tokens given the prompt),
-  computed by the training loop (minimind.grpo), which holds that model.
+  computed by the training loop (minimind.rl.grpo), which holds that model.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from minimind.tokenizer import Markers
+from minimind.model.tokenizer import Markers
 
 MODEL_REWARD = "model"
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minimind.model import KVCache, MiniMindForCausalLM
+from minimind.model.model import KVCache, MiniMindForCausalLM
 
 
 @dataclass
@@ -162,7 +162,7 @@ def stream_batch(model: MiniMindForCausalLM, prompts: Sequence[Sequence[int]], p
     have finished or after `max_new_tokens` steps. A seed seeds the batch's one random stream.
     `prompt_inputs` are extra forward arguments that belong to the prompt tokens, such as a VLM's
     `pixel_values`: given at prefill (and at every step without a KV cache, which recomputes the
-    prompt). A server whose rows come and go uses `minimind.continuous.ContinuousBatch` instead.
+    prompt). A server whose rows come and go uses `minimind.inference.continuous.ContinuousBatch` instead.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")

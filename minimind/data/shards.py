@@ -2,7 +2,7 @@
 
     <prepared>/<key>/manifest.json            rows, tokens, settings, digests, shards (written last: it
                                              marks the folder complete)
-    <prepared>/<key>/report.json, report.png the data report (minimind.data_report)
+    <prepared>/<key>/report.json, report.png the data report (minimind.data.report)
     <prepared>/<key>/shard-00000/            one per chunk of the source file, in file order:
         input_ids.npy      every row's token ids, end to end (uint16 when the vocabulary fits)
         offsets.npy        where each row starts in input_ids (rows + 1 entries)
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from minimind.data import tag_weights
-from minimind.losses import IGNORE_INDEX
+from minimind.data.rows import tag_weights
+from minimind.model.losses import IGNORE_INDEX
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -50,7 +50,7 @@ def write_text(filesystem, path: str, text: str) -> None:
 
 
 def pack_rows(rows: list[dict], prefix: str, dtype) -> dict[str, np.ndarray]:
-    """The columns of a batch of rows (`minimind.data.stage_arrays`) for one side (prefix "" or
+    """The columns of a batch of rows (`minimind.data.rows.stage_arrays`) for one side (prefix "" or
     "chosen_"/"rejected_"): ids end to end, row offsets, the supervised mask (packed to bits by the writer)."""
     ids = [row[prefix + "input_ids"] for row in rows]
     offsets = np.zeros(len(ids) + 1, dtype=np.int64)

@@ -2,9 +2,9 @@
 
 Every step, on each worker, in named phases:
 
-    hand_over: the policy's weights (each tensor once) --Ray's object store--> rollout actor (minimind.rollout)
+    hand_over: the policy's weights (each tensor once) --Ray's object store--> rollout actor (minimind.rl.rollout)
     roll out:  G sampled completions per prompt at --temperature / --top-p
-    score:     rewards (minimind.rewards) -> advantages within each group; the old policy's and the
+    score:     rewards (minimind.rl.rewards) -> advantages within each group; the old policy's and the
                reference's log-probabilities (score_before_update)
     update:    clipped policy-gradient loss (grpo) or capped importance weights (cispo) + KL to the
                frozen starting model --> AdamW step(s)
@@ -15,7 +15,7 @@ TRL's GRPO does: every log-probability is scored at the sampling temperature, so
 whole vocabulary (not the top-p truncation: below top-p 1 the ratios are those of the untruncated
 policy); and the policy runs with dropout off (`policy_to_train`), the rollout actor's policy exactly.
 
-The rest is the one training loop's (minimind.train): the schedule, DDP, checkpoints with optimiser,
+The rest is the one training loop's (minimind.training.loop): the schedule, DDP, checkpoints with optimiser,
 step and RNG state (a resumed run samples the same completions), --compile, --val-every, the step line and MLflow metrics.
 Prompts are the prepared rows of a chat file (the reasoning kind): everything before the last reply,
 with that reply as the reference the answer reward compares to. With the answer reward and no model
@@ -31,18 +31,15 @@ from dataclasses import dataclass
 
 import torch
 
-from minimind.data import right_pad
-from minimind.flops import peak_flops
-from minimind.lora import LoRAConfig, adapter_state
-from minimind.losses import IGNORE_INDEX, group_advantages, policy_loss, sequence_logprobs, token_logprobs
-from minimind.rewards import MODEL_REWARD, Completion, parse_weights, reasoning_parts, score
-from minimind.rollout import unique_tensors
-from minimind.stages import STAGES, load_frozen, unwrap
-from minimind.tokenizer import Markers
-from minimind.train import (
-    MetricLogger, adamw, autocast_dtype, autocast_to, compile_for_training, cosine_lr, ddp_options, model_to_train,
-    report_checkpoint, resume_from_checkpoint, say, validation_loss,
-)
+from minimind.data.rows import right_pad
+from minimind.training.flops import peak_flops
+from minimind.model.lora import LoRAConfig, adapter_state
+from minimind.model.losses import IGNORE_INDEX, group_advantages, policy_loss, sequence_logprobs, token_logprobs
+from minimind.rl.rewards import MODEL_REWARD, Completion, parse_weights, reasoning_parts, score
+from minimind.rl.rollout import unique_tensors
+from minimind.training.stages import STAGES, load_frozen, unwrap
+from minimind.model.tokenizer import Markers
+from minimind.training.loop import MetricLogger, adamw, autocast_dtype, autocast_to, compile_for_training, cosine_lr, ddp_options, model_to_train, report_checkpoint, resume_from_checkpoint, say, validation_loss
 
 
 @dataclass(frozen=True)
@@ -221,9 +218,9 @@ def grpo_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     from ray.train.torch import get_device, prepare_model
 
-    from minimind.rollout import RolloutWorker
-    from minimind.shards import PreparedRows
-    from minimind.tokenizer import load_tokenizer
+    from minimind.rl.rollout import RolloutWorker
+    from minimind.data.shards import PreparedRows
+    from minimind.model.tokenizer import load_tokenizer
 
     job = loop_config["job"]
     config = job.config

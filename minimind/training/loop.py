@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from minimind.data import LengthGroupedBatches, StageData, collate
-from minimind.flags import option
-from minimind.flops import peak_flops
-from minimind.lora import LoRAConfig, add_lora, load_adapter, parse_targets, save_adapter
-from minimind.shards import PreparedRows
-from minimind.stages import STAGES, unwrap
+from minimind.data.rows import LengthGroupedBatches, StageData, collate
+from minimind.training.flags import option
+from minimind.training.flops import peak_flops
+from minimind.model.lora import LoRAConfig, add_lora, load_adapter, parse_targets, save_adapter
+from minimind.data.shards import PreparedRows
+from minimind.training.stages import STAGES, unwrap
 from minimind.storage import fetch
 
 TRAINING_STATE = "training_state.pt"
@@ -252,7 +252,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     from ray.train.torch import get_device, prepare_model
 
-    from minimind.tokenizer import load_tokenizer
+    from minimind.model.tokenizer import load_tokenizer
 
     job: StageJob = loop_config["job"]
     config = job.config
@@ -382,7 +382,7 @@ def _loader_settings(stage, model, tokenizer, job: StageJob, device) -> dict:
     pinned memory on CUDA so the copies to the GPU overlap compute."""
     from functools import partial
 
-    from minimind.vision import BatchWithPixels
+    from minimind.model.vision import BatchWithPixels
 
     workers = job.config.loader_workers
     if workers < 0:  # a CPU worker's cores all run torch: a collating process would only take time from them
@@ -397,7 +397,7 @@ def _loader_settings(stage, model, tokenizer, job: StageJob, device) -> dict:
 def validation_loss(stage, model, tokenizer, job: StageJob) -> float:
     """The held-out loss of the model being trained (the data kinds with labels per token; DPO has none),
     at temperature 1; the model is left in the mode it was in (GRPO trains in eval mode)."""
-    from minimind.evaluate import heldout_loss
+    from minimind.driver.evaluate import heldout_loss
 
     if not job.eval_path or stage.data_kind == "dpo":
         return float("nan")

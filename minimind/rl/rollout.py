@@ -1,7 +1,7 @@
 """The rollout worker of reinforcement learning: a copy of the policy that samples a group of
-completions per prompt with the project's batched, KV-cached decoder (minimind.generate).
+completions per prompt with the project's batched, KV-cached decoder (minimind.inference.generate).
 
-The GRPO loop (minimind.grpo) runs it as a Ray actor and, after every update, hands it the policy's new
+The GRPO loop (minimind.rl.grpo) runs it as a Ray actor and, after every update, hands it the policy's new
 weights through Ray's object store (only the adapters for a LoRA policy). It is built from the model's
 config alone and reads no file: on a cluster it may run on any node, on one machine it shares it with
 the trainer (they take turns: the trainer waits for the rollouts, the rollouts wait for the update).
@@ -14,10 +14,10 @@ from contextlib import nullcontext
 
 import torch
 
-from minimind.config import ModelConfig
-from minimind.generate import SamplingParams, stream_batch
-from minimind.lora import LoRAConfig, add_lora
-from minimind.model import MiniMindForCausalLM
+from minimind.model.config import ModelConfig
+from minimind.inference.generate import SamplingParams, stream_batch
+from minimind.model.lora import LoRAConfig, add_lora
+from minimind.model.model import MiniMindForCausalLM
 
 
 def unique_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -39,7 +39,7 @@ class RolloutWorker:
         self.model = MiniMindForCausalLM(ModelConfig.from_dict(model_config))
         if lora:
             add_lora(self.model, lora)
-        self.model.to(self.device).eval()  # dropout off, as the policy GRPO trains (minimind.grpo.policy_to_train)
+        self.model.to(self.device).eval()  # dropout off, as the policy GRPO trains (minimind.rl.grpo.policy_to_train)
         self.bf16 = bf16 and (self.device.type == "cpu" or torch.cuda.is_bf16_supported())
         self.version = -1  # the policy update whose weights it holds; -1: none yet
 

@@ -21,9 +21,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from minimind.checkpoint import load_model, save_model
-from minimind.images import MAX_IMAGE_PIXELS, ImageError, load_image  # noqa: F401 - part of this module's API
-from minimind.model import CausalLMOutput, MiniMindForCausalLM
+from minimind.model.checkpoint import load_model, save_model
+from minimind.data.images import MAX_IMAGE_PIXELS, ImageError, load_image  # noqa: F401 - part of this module's API
+from minimind.model.model import CausalLMOutput, MiniMindForCausalLM
 
 VISION_CONFIG_NAME = "vision.json"
 PROJECTION_NAME = "projection.safetensors"
@@ -155,8 +155,8 @@ class BatchWithPixels:
 
 def prompt_ids(vlm: MiniMindVLM, tokenizer, messages: list[dict]) -> list[int]:
     """A chat prompt (ending with the user's turn) as ids, each <image> expanded to the tower's token count."""
-    from minimind.data import IMAGE_MARKER, expand_image_placeholders
-    from minimind.tokenizer import Markers
+    from minimind.data.rows import IMAGE_MARKER, expand_image_placeholders
+    from minimind.model.tokenizer import Markers
 
     marker = Markers.of(tokenizer).image
     if marker != IMAGE_MARKER:
@@ -167,7 +167,7 @@ def prompt_ids(vlm: MiniMindVLM, tokenizer, messages: list[dict]) -> list[int]:
 
 def generate_with_images(vlm: MiniMindVLM, prompts: list[list[int]], images: list[Image.Image], **sampling) -> list[list[int]]:
     """Batched, KV-cached generation; `images` are every prompt's images, prompt by prompt, in order."""
-    from minimind.generate import generate
+    from minimind.inference.generate import generate
 
     pixel_values = vlm.pixel_values(images) if images else None
     return generate(vlm, prompts, prompt_inputs={"pixel_values": pixel_values}, suppress_token_ids=[vlm.image_token_id], **sampling)
@@ -175,7 +175,7 @@ def generate_with_images(vlm: MiniMindVLM, prompts: list[list[int]], images: lis
 
 def build_vlm(language_model_dir: str | Path, vision_model: str | Path, seed: int = 0) -> tuple[MiniMindVLM, object]:
     """A fresh VLM: a trained language model, a CLIP tower, and a new projection. Returns (vlm, tokenizer)."""
-    from minimind.tokenizer import Markers, load_tokenizer
+    from minimind.model.tokenizer import Markers, load_tokenizer
 
     tokenizer = load_tokenizer(language_model_dir)
     tower, processor = load_vision_tower(vision_model)
@@ -238,7 +238,7 @@ def is_vlm_dir(directory: str | Path) -> bool:
 
 
 def load_vlm(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> MiniMindVLM:
-    from minimind.tokenizer import Markers, load_tokenizer
+    from minimind.model.tokenizer import Markers, load_tokenizer
 
     directory = Path(directory)
     if not is_vlm_dir(directory):

@@ -34,7 +34,7 @@ def log_chat_model(directory: str | Path, name: str) -> str:
     import mlflow
 
     import minimind
-    from minimind.vision import is_vlm_dir
+    from minimind.model.vision import is_vlm_dir
 
     info = mlflow.pyfunc.log_model(
         name=name, loader_module=__name__, data_path=str(directory), code_paths=[str(Path(minimind.__file__).parent)],
@@ -48,10 +48,10 @@ class ChatPredictor:
     """A model folder answering chats greedily or sampled, with its tokenizer's template and stop token."""
 
     def __init__(self, model_dir: str | Path):
-        from minimind.checkpoint import load_model
-        from minimind.generate import inference_dtype
-        from minimind.tokenizer import load_tokenizer
-        from minimind.vision import is_vlm_dir, load_vlm
+        from minimind.model.checkpoint import load_model
+        from minimind.inference.generate import inference_dtype
+        from minimind.model.tokenizer import load_tokenizer
+        from minimind.model.vision import is_vlm_dir, load_vlm
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.takes_images = is_vlm_dir(model_dir)
@@ -60,7 +60,7 @@ class ChatPredictor:
         self.stop_ids = sorted({self.model.config.eos_token_id, self.tokenizer.eos_token_id} - {None})
 
     def predict(self, model_input, params: dict | None = None) -> list[str]:
-        from minimind.generate import SamplingParams, generate
+        from minimind.inference.generate import SamplingParams, generate
 
         params = {**PARAMS, **(params or {})}
         replies = []
@@ -79,7 +79,7 @@ class ChatPredictor:
         messages = [{"role": m["role"], "content": m["content"]} for m in chat["messages"]]
         if not self.takes_images:
             return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)), None
-        from minimind.vision import load_image, prompt_ids
+        from minimind.model.vision import load_image, prompt_ids
 
         images = [load_image(io.BytesIO(base64.b64decode(data)), name="image") for data in chat.get("images") or []]
         return prompt_ids(self.model, self.tokenizer, messages), ({"pixel_values": self.model.pixel_values(images)} if images else None)
@@ -103,7 +103,7 @@ def _chats(model_input) -> list[dict]:
 def load_predictor(data_path: str | Path) -> ChatPredictor:
     """The predictor of a model folder; LoRA adapters are merged into their base first, in a temporary
     folder removed once the merged model is loaded."""
-    from minimind.lora import is_adapter_dir
+    from minimind.model.lora import is_adapter_dir
 
     if not is_adapter_dir(data_path):
         return ChatPredictor(data_path)

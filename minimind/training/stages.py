@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from minimind.checkpoint import load_model, save_model
-from minimind.losses import IGNORE_INDEX, dpo_loss, kd_loss, sequence_logprobs
+from minimind.model.checkpoint import load_model, save_model
+from minimind.model.losses import IGNORE_INDEX, dpo_loss, kd_loss, sequence_logprobs
 
 
 def unwrap(model):
@@ -22,7 +22,7 @@ def unwrap(model):
 @dataclass(frozen=True)
 class Stage:
     name: str  # the job and the run name prefix
-    data_kind: str  # minimind.data kind
+    data_kind: str  # minimind.data.rows kind
     registered_name: str  # MLflow registered model of its result
     previous: str | None  # registered model the stage starts from by default
 
@@ -40,8 +40,8 @@ class Stage:
         return {}
 
     def train_loop(self):
-        """The function every Ray Train worker runs: the one loop of minimind.train."""
-        from minimind.train import train_loop_per_worker
+        """The function every Ray Train worker runs: the one loop of minimind.training.loop."""
+        from minimind.training.loop import train_loop_per_worker
 
         return train_loop_per_worker
 
@@ -115,7 +115,7 @@ class VLMStage(Stage):
     train_language_model: bool = False
 
     def load(self, directory, device):
-        from minimind.vision import load_vlm
+        from minimind.model.vision import load_vlm
 
         vlm = load_vlm(directory, device=device).requires_grad_(False)
         vlm.projection.requires_grad_(True)
@@ -125,7 +125,7 @@ class VLMStage(Stage):
     def save(self, model, directory, tokenizer) -> None:
         """A checkpoint references the frozen tower the model was loaded with instead of copying it
         (hundreds of MB for ViT-B/16); the registered model gets its copy once, at the end."""
-        from minimind.vision import save_vlm
+        from minimind.model.vision import save_vlm
 
         vlm = unwrap(model)
         save_vlm(vlm, directory, tokenizer=tokenizer, vision_model=vlm.vision_source)
@@ -139,7 +139,7 @@ class GRPOStage(Stage):
     which normalises its policy loss itself."""
 
     def train_loop(self):
-        from minimind.grpo import grpo_loop_per_worker
+        from minimind.rl.grpo import grpo_loop_per_worker
 
         return grpo_loop_per_worker
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from minimind.config import ModelConfig
-from minimind.model import MiniMindForCausalLM
+from minimind.model.config import ModelConfig
+from minimind.model.model import MiniMindForCausalLM
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"

@@ -1,11 +1,11 @@
-"""Each stage job's settings: `TrainConfig` (minimind.train) with the stage's own defaults and fields.
+"""Each stage job's settings: `TrainConfig` (minimind.training.loop) with the stage's own defaults and fields.
 The job scripts in jobs/ turn these into flags; tune/ and the pipeline build them directly."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from minimind.train import TrainConfig
+from minimind.training.loop import TrainConfig
 
 
 @dataclass
@@ -45,7 +45,7 @@ class DistillConfig(TrainConfig):
 
 @dataclass
 class GRPOConfig(TrainConfig):
-    rewards: str = field(default="answer=1,format=0.5", metadata={"help": "rewards and their weights: answer, format, length, model (minimind.rewards)"})
+    rewards: str = field(default="answer=1,format=0.5", metadata={"help": "rewards and their weights: answer, format, length, model (minimind.rl.rewards)"})
     reward_model: str | None = field(default=None, metadata={"help": "model (URI or folder) whose mean log-probability of a reply is the `model` reward"})
     group_size: int = field(default=8, metadata={"help": "completions sampled per prompt: the group their advantages are relative to"})
     max_new_tokens: int = field(default=128, metadata={"help": "token budget of a completion"})

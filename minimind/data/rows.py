@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from minimind import storage
-from minimind.losses import IGNORE_INDEX
-from minimind.tokenizer import Markers
+from minimind.model.losses import IGNORE_INDEX
+from minimind.model.tokenizer import Markers
 
 KINDS = ("pretrain", "sft", "reason", "dpo", "vlm")
 ROLES = ("system", "user", "assistant")

@@ -143,8 +143,8 @@ def trainable_count(model: nn.Module, config: LoRAConfig) -> int:
 
 def merge_adapter_dir(adapter_dir: str | Path, base_dir: str | Path, destination: str | Path) -> Path:
     """A plain model folder: the base model of `base_dir` with the adapters of `adapter_dir` merged in."""
-    from minimind.checkpoint import load_model, save_model
-    from minimind.tokenizer import load_tokenizer
+    from minimind.model.checkpoint import load_model, save_model
+    from minimind.model.tokenizer import load_tokenizer
 
     model = load_adapter(load_model(base_dir), adapter_dir)
     return save_model(merge_lora(model), destination, tokenizer=load_tokenizer(adapter_dir))

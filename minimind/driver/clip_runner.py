@@ -1,4 +1,4 @@
-"""The CLIP job, driver and workers: contrastive pretraining of MiniMind-V's vision tower (minimind.clip)
+"""The CLIP job, driver and workers: contrastive pretraining of MiniMind-V's vision tower (minimind.training.clip)
 as a Ray Train run, image->caption retrieval on held-out pictures before and after, and the tower
 registered in MLflow (`minimind-clip-demo` on the demo world).
 
@@ -20,12 +20,13 @@ from pathlib import Path
 
 import torch
 
-from minimind import clip, storage, tracking
-from minimind.cluster import local_input, placement, workers_see_driver_disk
-from minimind.flags import option
-from minimind.runner import StageResult
-from minimind.stages import unwrap
-from minimind.tokenizer import load_tokenizer
+from minimind.training import clip
+from minimind import storage, tracking
+from minimind.driver.cluster import local_input, placement, workers_see_driver_disk
+from minimind.training.flags import option
+from minimind.driver.runner import StageResult
+from minimind.training.stages import unwrap
+from minimind.model.tokenizer import load_tokenizer
 
 TRAINING_RECORD = "training.json"  # beside the tower's weights: how it was trained and what it scored
 DECODED_PICTURES = 20_000  # pictures a worker keeps decoded between steps (64-px: 1 GB); more are decoded per batch
@@ -310,7 +311,7 @@ def train_clip(config: ClipConfig, parent_run_id: str | None = None) -> StageRes
 
 
 def main(argv: list[str] | None = None, description: str | None = None) -> StageResult:
-    from minimind.flags import parse_config
+    from minimind.training.flags import parse_config
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     return train_clip(parse_config(ClipConfig, argv, description))
