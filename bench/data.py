@@ -496,7 +496,7 @@ def train_readers(small: str, prepared_location: str, tokenizer_dir: str, preset
     from minimind.data.rows import LengthGroupedBatches, StageData, collate, load_stage_dataset, row_lengths
     from minimind.model.model import MiniMindForCausalLM
     from minimind.data.shards import PreparedRows
-    from minimind.training.stages import STAGES
+    from minimind.driver.stages import STAGES
     from minimind.model.tokenizer import load_tokenizer
     from minimind.training.loop import batch_tokens, micro_batches
 

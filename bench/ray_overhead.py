@@ -29,7 +29,7 @@ def bare_tokens_per_s(steps: int, warmup: int, config) -> float:
     from minimind.data.rows import LengthGroupedBatches, StageData, collate, load_stage_dataset, row_lengths
     from minimind.demo import demo_data, demo_tokenizer
     from minimind.model.model import MiniMindForCausalLM
-    from minimind.training.stages import STAGES
+    from minimind.driver.stages import STAGES
     from minimind.model.tokenizer import load_tokenizer
     from minimind.training.loop import batch_tokens
 

@@ -62,8 +62,7 @@ def main(argv=None):
     from minimind.data.rows import StageData, collate, load_stage_dataset, row_lengths
     from minimind.demo import demo_data
     from minimind.model.checkpoint import load_model
-    from minimind.driver.runner import DEMO_FILES
-    from minimind.training.stages import STAGES as STAGE_KINDS
+    from minimind.driver.stages import STAGES as STAGE_KINDS
     from minimind.model.tokenizer import load_tokenizer
     from minimind.data.rows import LengthGroupedBatches
     from minimind.training.loop import accumulate_gradients, cosine_lr
@@ -78,7 +77,7 @@ def main(argv=None):
     init = tracking.resolve_model(args.init)
     model, tokenizer = load_model(init), load_tokenizer(init)
     stage = STAGE_KINDS[args.stage]
-    rows = load_stage_dataset(paths[DEMO_FILES[args.stage]], tokenizer,
+    rows = load_stage_dataset(paths[stage.demo_file], tokenizer,
                               StageData(stage.data_kind, seq_len=config.seq_len, tag_weight=getattr(config, "tag_weight", StageData.tag_weight)))
     batches = LengthGroupedBatches(row_lengths(rows), config.batch_size, seed=config.seed)
     total = config.epochs * len(batches)

@@ -89,7 +89,8 @@ def main(argv=None):
     from minimind.driver.evaluate import image_question_accuracy, vlm_replier
     from minimind.model.model import MiniMindForCausalLM
     from minimind.model.tokenizer import load_tokenizer
-    from minimind.model.vision import batch_pixel_values, build_vlm, is_vlm_dir, load_vlm
+    from minimind.data.pixels import batch_pixel_values
+    from minimind.model.vision import build_vlm, is_vlm_dir, load_vlm
 
     tracking.configure()
     torch.manual_seed(args.seed)

@@ -46,8 +46,8 @@ class PrepareConfig:
 def main(argv: list[str] | None = None):
     from minimind import tracking
     from minimind.data.prepare import prepare
-    from minimind.driver.runner import DEMO_FILES, prepared_root
-    from minimind.training.stages import STAGES
+    from minimind.driver.runner import prepared_root
+    from minimind.driver.stages import STAGES
     from minimind.model.tokenizer import load_tokenizer
     from minimind.training.loop import stage_data
     from minimind.model.vision import VISION_CONFIG_NAME, VisionConfig, image_token_count, is_vlm_dir, load_vision_tower
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None):
         raise SystemExit("--data needs --tokenizer (the one the stage trains with); only the demo data falls back to the demo tokenizer")
     from minimind.demo import demo_data, demo_tokenizer, demo_vision_tower
 
-    data = config.data or str(demo_data(config.seed)[DEMO_FILES[stage.name]])
+    data = config.data or str(demo_data(config.seed)[stage.demo_file])
     source = Path(tracking.resolve_model(config.tokenizer, tracking.PROJECT_ROOT / "checkpoints" / "prepare-tokenizer")) if config.tokenizer else demo_tokenizer(config.seed)
     image_tokens = config.image_tokens
     if stage.data_kind == "vlm" and not image_tokens:

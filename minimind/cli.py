@@ -88,7 +88,8 @@ class _Session:
         from minimind.model.tokenizer import load_tokenizer
         from minimind.inference.generate import SamplingParams, compile_for_decoding, inference_dtype
         from minimind.model.lora import is_adapter_dir
-        from minimind.model.vision import is_vlm_dir, load_image, load_vlm
+        from minimind.model.vision import is_vlm_dir, load_vlm
+        from minimind.data.images import load_image
 
         with ExitStack() as loading:
             model_dir = args.model
@@ -136,7 +137,7 @@ class _Session:
             raise SystemExit("this model's tokenizer has no chat template; use `minimind generate` for raw text")
         if self.is_vlm:
             from minimind.data.rows import IMAGE_MARKER
-            from minimind.model.vision import prompt_ids
+            from minimind.inference.chat import prompt_ids
 
             first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
             missing = self.image_count - sum(m["content"].count(IMAGE_MARKER) for m in messages)

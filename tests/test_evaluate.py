@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import random_model
-from minimind.driver.evaluate import answer_exact_match, heldout_loss, image_question_accuracy, preference_accuracy, reasoning_scores, text_replier
+from minimind.driver.evaluate import answer_exact_match, image_question_accuracy, preference_accuracy, reasoning_scores, text_replier
+from minimind.training.heldout import heldout_loss
 from minimind.model.tokenizer import train_tokenizer
 
 

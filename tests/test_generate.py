@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from conftest import random_model
-from minimind.inference.generate import SamplingParams, generate, next_tokens, stream_batch, stream_generate
+from minimind.inference.generate import SamplingParams, generate, generate_tensors, next_tokens, stream_batch, stream_generate
 
 PROMPTS = [[5, 17, 99, 1024, 7, 300], [42, 8], [6000, 12, 13, 14]]
 
@@ -127,25 +127,25 @@ def test_generation_never_runs_past_the_context_window():
 
 def test_generate_restores_training_mode(tiny_model):
     tiny_model.train()
-    tiny_model.generate([PROMPTS[1]], max_new_tokens=2)
+    generate(tiny_model, [PROMPTS[1]], max_new_tokens=2)
     assert tiny_model.training
 
 
 def test_generate_takes_and_returns_tensors_as_transformers_does(tiny_model):
     """input_ids + attention_mask (left or right padding) -> prompt + new ids, right-padded with pad."""
-    lists = tiny_model.generate(PROMPTS, max_new_tokens=6, stop_token_ids=[3])
+    lists = generate(tiny_model, PROMPTS, max_new_tokens=6, stop_token_ids=[3])
     width = max(map(len, PROMPTS))
     left = torch.zeros(len(PROMPTS), width, dtype=torch.long)
     mask = torch.zeros_like(left)
     for row, prompt in enumerate(PROMPTS):
         left[row, width - len(prompt):], mask[row, width - len(prompt):] = torch.tensor(prompt), 1
-    out = tiny_model.generate(input_ids=left, attention_mask=mask, max_new_tokens=6, stop_token_ids=[3], do_sample=False)
+    out = generate_tensors(tiny_model, left, attention_mask=mask, max_new_tokens=6, stop_token_ids=[3], do_sample=False)
     assert out.shape == (len(PROMPTS), width + max(map(len, lists)))
     assert torch.equal(out[:, :width], left)
     for row, new in enumerate(lists):
         assert out[row, width:].tolist() == new + [tiny_model.config.pad_token_id] * (out.shape[1] - width - len(new))
     right = torch.stack([torch.tensor(p + [0] * (width - len(p))) for p in PROMPTS])
-    again = tiny_model.generate(right, (right != 0).long(), max_new_tokens=6, stop_token_ids=[3])  # right padding
+    again = generate_tensors(tiny_model, right, (right != 0).long(), max_new_tokens=6, stop_token_ids=[3])  # right padding
     assert [again[row, width:width + len(new)].tolist() for row, new in enumerate(lists)] == lists
 
 

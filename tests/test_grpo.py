@@ -17,7 +17,8 @@ from minimind.rl.grpo import Prompt, active_tokens, completion_logprobs, hand_ov
 from minimind.model.losses import IGNORE_INDEX
 from minimind.rl.rollout import RolloutWorker
 from minimind.training.configs import GRPOConfig
-from minimind.training.stages import STAGES, unwrap
+from minimind.driver.stages import STAGES
+from minimind.training.stages import unwrap
 from minimind.training.loop import StageJob, adamw
 
 EOS, PAD = 2, 0
@@ -81,7 +82,7 @@ def policy_dir(tmp_path):
 def test_ratios_are_exactly_one_at_unchanged_weights_and_the_rollout_actor_samples_the_trained_policy(policy_dir):
     config = GRPOConfig(lora_rank=4, lora_dropout=0.1, lora_targets="all", updates_per_rollout=2, grad_accum=2, temperature=0.7,
                         clip_eps=1e-6, kl_coef=0.1, lr=0.0)
-    job = StageJob("grpo", config, init_dir=str(policy_dir), data_path="")
+    job = StageJob(STAGES["grpo"], config, init_dir=str(policy_dir), data_path="")
     policy, lora = policy_to_train(job, STAGES["grpo"], CPU)
     with torch.no_grad():
         for name, param in policy.named_parameters():
@@ -112,7 +113,7 @@ def test_ratios_are_exactly_one_at_unchanged_weights_and_the_rollout_actor_sampl
 
 
 def test_compile_is_honoured(policy_dir):
-    job = StageJob("grpo", GRPOConfig(compile=True), init_dir=str(policy_dir), data_path="")
+    job = StageJob(STAGES["grpo"], GRPOConfig(compile=True), init_dir=str(policy_dir), data_path="")
     policy, _ = policy_to_train(job, STAGES["grpo"], CPU)
     assert hasattr(policy.forward, "_torchdynamo_orig_callable")  # compiled on its first call
     plain, _ = policy_to_train(replace(job, config=GRPOConfig()), STAGES["grpo"], CPU)

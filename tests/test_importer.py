@@ -158,6 +158,7 @@ def test_an_imported_model_with_minimind_tokenizer_trains_sft_and_reasoning_and_
     from minimind.serve.engine import ChatModel
     from minimind.serve.protocol import ChatRequest
     from minimind.training.configs import DistillConfig, SFTConfig
+    from minimind.driver.stages import STAGES
     from minimind.training.loop import StageJob, train_loop_per_worker
 
     tokenizer = byte_tokenizer if template == "seed" else chatml_tokenizer()
@@ -176,7 +177,7 @@ def test_an_imported_model_with_minimind_tokenizer_trains_sft_and_reasoning_and_
         if stage == "reason":  # every tag is several tokens here, and they are weighted
             assert all(len(ids) > 1 for ids in prepared.manifest["tag_sequences"])
         config.cpus_per_worker, config.checkpoint_every = 1, 100
-        job = StageJob(stage, config, init_dir=folder, data_path=prepared.location)
+        job = StageJob(STAGES[stage], config, init_dir=folder, data_path=prepared.location)
         result = TorchTrainer(train_loop_per_worker, train_loop_config={"job": job}, scaling_config=ScalingConfig(num_workers=0)).fit()
         assert result.metrics["step"] == 2 and 0 < result.metrics["train/loss"] < 20
 

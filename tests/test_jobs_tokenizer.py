@@ -30,7 +30,7 @@ def test_flags_are_generated_from_the_dataclass():
 
 
 def test_training_jobs_take_cpu_as_the_short_no_use_gpu():
-    from minimind.training.loop import TrainConfig
+    from minimind.training.configs import TrainConfig
 
     assert parse_config(TrainConfig, []).use_gpu is None  # decided from the cluster
     assert parse_config(TrainConfig, ["--cpu"]).use_gpu is False

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minimind.model.losses import IGNORE_INDEX, causal_lm_loss, dpo_loss, kd_loss, sequence_logprobs, token_cross_entropy
+from minimind.model.losses import IGNORE_INDEX, causal_lm_loss, sequence_logprobs, token_cross_entropy
+from minimind.training.losses import dpo_loss, kd_loss
 
 
 def test_chunked_token_cross_entropy_equals_the_full_computation():
@@ -156,7 +157,7 @@ def test_rpo_adds_the_chosen_replies_negative_log_likelihood():
 
 
 def test_group_advantages_standardise_within_each_group_and_equal_rewards_teach_nothing():
-    from minimind.model.losses import group_advantages
+    from minimind.rl.losses import group_advantages
 
     advantages = group_advantages(torch.tensor([1.0, 0.0, 0.5, 0.5, 2.0, 0.0, 0.0, 1.0]), group_size=4)
     first = torch.tensor([1.0, 0.0, 0.5, 0.5])
@@ -174,7 +175,7 @@ def test_group_advantages_standardise_within_each_group_and_equal_rewards_teach_
     torch.tensor([7.911478921803036] * 3, dtype=torch.float64),  # even in float64 the mean of three of these rounds
 ])
 def test_a_group_of_equal_rewards_gets_exactly_zero_advantages(equal):
-    from minimind.model.losses import group_advantages
+    from minimind.rl.losses import group_advantages
 
     other = torch.tensor([0.0, 1.0] * len(equal), dtype=equal.dtype)[: len(equal)]
     advantages = group_advantages(torch.cat([equal, other]), group_size=len(equal))
@@ -183,7 +184,7 @@ def test_a_group_of_equal_rewards_gets_exactly_zero_advantages(equal):
 
 
 def _grpo(logps, old, advantages, mask, **kwargs):
-    from minimind.model.losses import policy_loss
+    from minimind.rl.losses import policy_loss
 
     logps = logps.clone().requires_grad_(True)
     loss, metrics = policy_loss(logps, old, advantages, mask, **kwargs)
@@ -273,7 +274,8 @@ def test_a_one_token_bandit_gets_the_policy_gradient_of_the_policy_that_sampled(
     """Rollouts at T draw a ~ softmax(z / T): REINFORCE's gradient of A log pi_T(a) in the logits z is
     A (onehot(a) - pi_T) / T. Scored at T = 1 it was A (onehot(a) - pi_1): at T = 0.5 half as large
     against the KL term, and pointing elsewhere."""
-    from minimind.model.losses import policy_loss, token_logprobs
+    from minimind.rl.losses import policy_loss
+    from minimind.model.losses import token_logprobs
 
     torch.manual_seed(0)
     vocab, action, advantage = 6, 2, 1.5

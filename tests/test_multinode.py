@@ -42,8 +42,8 @@ exec "$@"
 DRIVER = textwrap.dedent("""
     import sys
     from dataclasses import replace
-    from minimind.runner import run_stage
-    from minimind.stage_configs import PretrainConfig, SFTConfig, VLMConfig
+    from minimind.driver.runner import run_stage
+    from minimind.training.configs import PretrainConfig, SFTConfig, VLMConfig
 
     quick = dict(max_steps=2, checkpoint_every=2, log_every=1, eval_limit=4, batch_size=4, seq_len=128, storage_path="{storage}")
     registered = {{}}

@@ -5,8 +5,10 @@ import json
 import pytest
 
 from conftest import random_model
-from minimind.driver.evaluate import heldout_loss, pair_logps, preference_wins
+from minimind.training.heldout import heldout_loss
+from minimind.driver.evaluate import pair_logps, preference_wins
 from minimind.driver.runner import eval_coverage, evaluate
+from minimind.driver.stages import STAGES
 from minimind.model.tokenizer import train_tokenizer
 
 
@@ -58,7 +60,7 @@ def test_gpu_placement_follows_the_flag_the_cluster_and_what_the_autoscaler_can_
     from dataclasses import replace
 
     from minimind.driver.cluster import GPU_WORKER_CPUS, placement
-    from minimind.training.loop import TrainConfig
+    from minimind.training.configs import TrainConfig
 
     monkeypatch.setenv("HOME", str(tmp_path))  # no launcher config here: this cluster has 2 CPUs and no GPU
     config = TrainConfig(num_workers=2)
@@ -106,7 +108,7 @@ def test_rank_zero_metric_logging_reports_a_failing_tracking_server_and_training
 
     from minimind.training.loop import MetricLogger
 
-    logger = MetricLogger(SimpleNamespace(stage="sft", mlflow_run_id=None, mlflow_tracking_uri=None), total_steps=2)
+    logger = MetricLogger(SimpleNamespace(stage=STAGES["sft"], mlflow_run_id=None, mlflow_tracking_uri=None), total_steps=2)
     sent = []
 
     class FlakyServer:
@@ -141,7 +143,6 @@ def test_check_lora_flags_refuses_each_lora_flag_that_cannot_work(flags, message
     data's preparation and the first evaluation, and alpha 0 or flags without --lora-rank would "succeed"."""
     from minimind.driver.runner import check_lora_flags
     from minimind.training.configs import SFTConfig
-    from minimind.training.stages import STAGES
 
     with pytest.raises(SystemExit, match=message):
         check_lora_flags(SFTConfig(**flags), STAGES["sft"])

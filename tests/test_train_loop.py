@@ -9,6 +9,7 @@ from minimind.model.checkpoint import save_model
 from minimind.data.rows import StageData
 from minimind.data.prepare import prepare
 from minimind.training.configs import DistillConfig, DPOConfig, SFTConfig
+from minimind.driver.stages import STAGES
 from minimind.training.loop import StageJob, train_loop_per_worker
 
 HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__")
@@ -47,7 +48,7 @@ def test_a_training_step_reads_nothing_from_the_device_except_at_log_steps(ray_c
         source.write_text("".join(next(file) for _ in range(200)), encoding="utf-8")
     prepared = prepare(str(source), tokenizer, StageData(kind, seq_len=config.seq_len), str(tmp_path / "prepared"))
     config.max_steps, config.log_every, config.checkpoint_every, config.cpus_per_worker = 6, 1000, 1000, 1
-    job = StageJob(stage, config, init_dir=model_dir, data_path=prepared.location, teacher_dir=model_dir)
+    job = StageJob(STAGES[stage], config, init_dir=model_dir, data_path=prepared.location, teacher_dir=model_dir)
 
     events = []
 
@@ -85,7 +86,7 @@ def _train_steps(rank: int, world: int, init_file: str, state: dict, config, bat
     from torch.nn.parallel import DistributedDataParallel
 
     from minimind.model.model import MiniMindForCausalLM
-    from minimind.training.stages import STAGES
+
     from minimind.training.loop import accumulate_gradients, ddp_options
 
     torch.set_num_threads(1)
@@ -157,7 +158,7 @@ def test_compiled_training_trains_and_checkpoints_under_the_same_names(ray_clust
         source.write_text("".join(next(file) for _ in range(100)), encoding="utf-8")
     prepared = prepare(str(source), tokenizer, StageData("pretrain", seq_len=64), str(tmp_path / "prepared"))
     config = SFTConfig(batch_size=4, seq_len=64, max_steps=3, compile=True, cpus_per_worker=1)
-    job = StageJob("pretrain", config, init_dir=model_dir, data_path=prepared.location)
+    job = StageJob(STAGES["pretrain"], config, init_dir=model_dir, data_path=prepared.location)
     saved = []
     real_save = stages.save_model
     monkeypatch.setattr(stages, "save_model", lambda model, directory, **kw: saved.append(set(load_file(f"{real_save(model, directory, **kw)}/model.safetensors"))))
@@ -198,7 +199,7 @@ def _reasoning_rows(count: int) -> tuple[list[dict], object]:
 
 
 def _step_gradient(model, stage_name: str, batches: list[dict]) -> tuple[dict, dict]:
-    from minimind.training.stages import STAGES
+
     from minimind.training.loop import accumulate_gradients
 
     model.zero_grad(set_to_none=True)
@@ -225,7 +226,7 @@ def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch_with_une
 
 
 def test_dpo_steps_weigh_each_preference_pair_alike():
-    from minimind.training.stages import STAGES
+
 
     batch = {"chosen_input_ids": torch.zeros(3, 7, dtype=torch.long), "rejected_input_ids": torch.zeros(3, 5, dtype=torch.long)}
     assert STAGES["dpo"].normalised_over == "preference pairs" and STAGES["dpo"].loss_count(batch) == 3

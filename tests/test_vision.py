@@ -9,7 +9,10 @@ from PIL import Image
 
 from conftest import random_model
 from minimind.model.checkpoint import save_model
-from minimind.model.vision import ImageError, MiniMindVLM, generate_with_images, is_vlm_dir, load_image, load_vision_tower, load_vlm, prompt_ids, save_vlm
+from minimind.data.images import ImageError, load_image
+from minimind.model.vision import MiniMindVLM, is_vlm_dir, load_vision_tower, load_vlm, save_vlm
+from minimind.inference.generate import generate_with_images
+from minimind.inference.chat import prompt_ids
 
 IMAGE_ID = 7  # <image> among the special tokens of minimind.model.tokenizer
 
@@ -121,7 +124,7 @@ def test_a_linked_vision_tower_is_referenced_not_copied(tmp_path, tokenizer):
 
 
 def test_checkpoints_reference_the_tower_and_the_final_model_holds_one_copy(tmp_path, tokenizer):
-    from minimind.training.stages import STAGES
+    from minimind.driver.stages import STAGES
     from minimind.model.vision import VISION_CONFIG_NAME, VisionConfig, copy_vision_tower
 
     vlm = MiniMindVLM(random_model(vocab_size=len(tokenizer)), *clip_tower(), image_token_id=IMAGE_ID)

@@ -74,7 +74,7 @@ def run_sweep(sweep: Sweep, stage: str, base_config, param_space: dict, tune_con
 
     from minimind import storage
     from minimind.driver.runner import prepare_data
-    from minimind.training.stages import STAGES
+    from minimind.driver.stages import STAGES
 
     experiment_id = tracking.configure(sweep.experiment)
     storage_path = sweep.storage_path or str((tracking.PROJECT_ROOT / "tune_results").resolve())

@@ -17,55 +17,14 @@ from pathlib import Path
 
 import torch
 
-from minimind.data.rows import StageData, collate, has_labels, iter_jsonl, load_stage_dataset
+from minimind.data.rows import StageData, collate, iter_jsonl
 from minimind.inference.generate import generate
-from minimind.model.losses import causal_lm_loss, sequence_logprobs
+from minimind.training.heldout import batches_of, device_of, heldout_rows
+from minimind.model.losses import sequence_logprobs
 from minimind.rl.rewards import reasoning_parts
 from minimind.model.tokenizer import Markers
 
 Replier = Callable[[Sequence[list[dict]]], list[str]]
-
-
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _batches(rows, batch_size: int):
-    for start in range(0, len(rows), batch_size):
-        yield [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
-
-
-def heldout_rows(path: str | Path, tokenizer, stage_data: StageData, limit: int | None = None):
-    """The first `limit` held-out rows of a stage at its own `seq_len`, and what that length did to them:
-    {"rows": evaluated, "cut": rows cut short, "dropped": rows whose cut left nothing to score}."""
-    rows = load_stage_dataset(path, tokenizer, stage_data, drop_unlabelled=False)
-    rows = rows.select(range(min(limit, len(rows)))) if limit else rows
-    cut = sum(rows["truncated"]) if "truncated" in rows.column_names else 0  # packed pretraining text is never cut
-    kept = rows.filter(has_labels)
-    return kept, {"rows": len(kept), "cut": int(cut), "dropped": len(rows) - len(kept)}
-
-
-@torch.no_grad()
-def heldout_loss(model, tokenizer, path: str | Path, kind: str = "pretrain", seq_len: int = 256, batch_size: int = 16,
-                 limit: int | None = None, images_dir: str | Path | None = None) -> float:
-    """Mean cross-entropy per predicted token: every token of packed text for `pretrain`, the assistant
-    replies (unweighted) for the chat kinds `sft`, `reason` and `vlm` (a VLM with its images). Rows are
-    cut at `seq_len` as in training, so this is the training loop's `val/loss`."""
-    from minimind.model.vision import batch_pixel_values
-
-    stage_data = StageData(kind, seq_len=seq_len, image_tokens=getattr(model, "image_tokens", 1))
-    rows, _ = heldout_rows(path, tokenizer, stage_data, limit)
-    total, tokens = 0.0, 0
-    model.eval()
-    for rows_batch in _batches(rows, batch_size):
-        batch = collate(rows_batch, tokenizer.pad_token_id)
-        labels = batch["labels"].to(_device(model))
-        images = {"pixel_values": batch_pixel_values(model, batch["images"], images_dir)} if kind == "vlm" else {}
-        hidden = model(batch["input_ids"].to(_device(model)), return_logits=False, **images).hidden_states
-        loss = causal_lm_loss(hidden, model.lm_head.weight, labels)  # without the MoE aux term
-        counted = int((labels[:, 1:] != -100).sum())
-        total, tokens = total + float(loss) * counted, tokens + counted
-    return total / max(tokens, 1)
 
 
 def text_replier(model, tokenizer, max_new_tokens: int = 64, batch_size: int = 128) -> Replier:
@@ -88,7 +47,9 @@ def text_replier(model, tokenizer, max_new_tokens: int = 64, batch_size: int = 1
 
 def vlm_replier(vlm, tokenizer, max_new_tokens: int = 64, batch_size: int = 64):
     """Greedy replies of a VLM to (conversation, image paths) queries."""
-    from minimind.model.vision import generate_with_images, load_image, prompt_ids
+    from minimind.inference.generate import generate_with_images
+    from minimind.data.images import load_image
+    from minimind.inference.chat import prompt_ids
 
     def reply(queries: Sequence[tuple[list[dict], list[Path]]]) -> list[str]:
         replies = []
@@ -183,10 +144,10 @@ def pair_logps(model, tokenizer, path: str | Path, seq_len: int = 512, batch_siz
     """Mean per-token log-prob of each held-out pair's chosen and rejected reply under `model`."""
     rows, _ = heldout_rows(path, tokenizer, StageData("dpo", seq_len=seq_len), limit)
     sides: dict[str, list[torch.Tensor]] = {"chosen": [], "rejected": []}
-    for rows_batch in _batches(rows, batch_size):
+    for rows_batch in batches_of(rows, batch_size):
         batch = collate(rows_batch, tokenizer.pad_token_id)
         for side, scores in sides.items():
-            ids, mask, labels = (batch[f"{side}_{key}"].to(_device(model)) for key in ("input_ids", "attention_mask", "labels"))
+            ids, mask, labels = (batch[f"{side}_{key}"].to(device_of(model)) for key in ("input_ids", "attention_mask", "labels"))
             scores.append(_mean_logps(model, ids, mask, labels).float().cpu())
     return tuple(torch.cat(scores) if scores else torch.zeros(0) for scores in sides.values())
 

@@ -26,15 +26,14 @@ from minimind.data.rows import StageData
 from minimind.data.prepare import Prepared
 from minimind.data.shards import PreparedRows
 from minimind.model.model import MiniMindForCausalLM
-from minimind.training.stages import STAGES
+from minimind.driver.stages import STAGES
 from minimind.model.tokenizer import load_tokenizer
 from minimind.model.lora import is_adapter_dir, load_adapter, merge_lora, trainable_count
-from minimind.training.loop import TRAINING_STATE, StageJob, TrainConfig, lora_settings, stage_data
-from minimind.model.vision import VISION_CONFIG_NAME, VisionConfig, build_vlm, copy_vision_tower, is_vlm_dir, load_image, save_vlm
-
-DEMO_FILES = {"pretrain": "pretrain", "sft": "sft", "dpo": "dpo", "reason": "reason", "kd": "reason", "grpo": "reason",
-              "vlm_pretrain": "vlm_pretrain", "vlm_sft": "vlm_sft"}
-
+from minimind.training.loop import TRAINING_STATE, StageJob, lora_settings, stage_data
+from minimind.training.heldout import heldout_rows
+from minimind.demo import demo_data, demo_tokenizer, demo_vision_tower
+from minimind.model.vision import VISION_CONFIG_NAME, VisionConfig, build_vlm, copy_vision_tower, is_vlm_dir, save_vlm
+from minimind.data.images import load_image
 
 @dataclass
 class StageResult:
@@ -49,62 +48,20 @@ class StageResult:
 
 def evaluate(stage_name: str, model, tokenizer, eval_path: Path | None, limit: int, seq_len: int, reference=None,
              images_dir: Path | None = None, answer_path: Path | None = None) -> tuple[dict, list[dict]]:
-    """The held-out metrics of a stage (see minimind.driver.evaluate) and a few sample replies. Every stage
-    reports the cross-entropy of its held-out text, with rows cut at the stage's own `seq_len` as in
-    training; DPO the implicit reward against `reference` (its starting model), the chat stages what the
-    greedy replies get right."""
-    from minimind.driver.evaluate import answer_exact_match, heldout_loss, image_question_accuracy, pair_logps, preference_wins, reasoning_scores, text_replier, vlm_replier
-
+    """The held-out metrics of a stage (its `evaluate`, minimind.driver.stages) and a few sample replies.
+    Every stage reports the cross-entropy of its held-out text, with rows cut at the stage's own `seq_len`
+    as in training; DPO the implicit reward against `reference` (its starting model), the chat stages
+    what the greedy replies get right."""
     if eval_path is None:
         return {}, []
     model.eval()
-    if stage_name == "dpo":
-        policy = pair_logps(model, tokenizer, eval_path, seq_len=seq_len, limit=limit)  # once, for both views below
-        own = preference_wins(*policy)
-        implicit = {}
-        if reference is not model:
-            reference_chosen, reference_rejected = pair_logps(reference, tokenizer, eval_path, seq_len=seq_len, limit=limit)
-            implicit = preference_wins(policy[0] - reference_chosen, policy[1] - reference_rejected, with_drift=True)
-        metrics = {
-            "eval/preference_accuracy": own["accuracy"],
-            "eval/rewards_accuracy": implicit.get("accuracy", 0.0),  # all 0 before training: policy == reference
-            "eval/rewards_margin": implicit.get("margin", 0.0),
-            "eval/drift": implicit.get("drift", 0.0),
-        }
-        if answer_path is not None:  # what DPO must not lose: the SFT answers
-            metrics |= _with_tasks("eval/answer_exact_match", answer_exact_match(text_replier(model, tokenizer), answer_path, limit))
-        return metrics, []
-    kind = STAGES[stage_name].data_kind
-    metrics = {"eval/heldout_loss": heldout_loss(model, tokenizer, eval_path, kind=kind, seq_len=seq_len, limit=limit, images_dir=images_dir)}
-    if stage_name == "pretrain":
-        return metrics, []
-    if kind == "vlm":
-        result = image_question_accuracy(vlm_replier(model, tokenizer), eval_path, images_dir, limit)
-        metrics |= _with_tasks("eval/image_question_accuracy", result)
-        samples = [{"image": ", ".join(str(p) for p in images), "prompt": conversation[-1]["content"], "reply": reply, "reference": reference}
-                   for (conversation, images), reply, reference in result["samples"]]
-        return metrics, samples
-    if stage_name == "sft":
-        result = answer_exact_match(text_replier(model, tokenizer), eval_path, limit)
-        metrics |= _with_tasks("eval/answer_exact_match", result)
-    else:
-        result = reasoning_scores(text_replier(model, tokenizer, max_new_tokens=160), eval_path, tokenizer, limit)
-        metrics |= {"eval/reasoning_format": result["format"]} | _with_tasks("eval/reasoning_accuracy", result)
-        if answer_path is not None:  # what distillation must not make the model forget: the SFT answers
-            metrics |= _with_tasks("eval/answer_exact_match", answer_exact_match(text_replier(model, tokenizer), answer_path, limit))
-    samples = [{"prompt": conversation[-1]["content"], "reply": reply} for conversation, reply, *_ in result["samples"]]
-    return metrics, samples
-
-
-def _with_tasks(name: str, result: dict) -> dict:
-    """An accuracy as metric `name`, and its value within each task of the held-out file as `name/task`."""
-    return {name: result["accuracy"]} | {f"{name}/{task}": value for task, value in result.get("by_task", {}).items()}
+    stage = STAGES[stage_name]
+    return stage.evaluate(stage, model, tokenizer, eval_path, limit, seq_len, reference=reference, images_dir=images_dir,
+                          answer_path=answer_path)
 
 
 def eval_coverage(stage_name: str, tokenizer, eval_path: Path | None, limit: int, seq_len: int, image_tokens: int = 1) -> dict:
     """How the stage's `seq_len` treats its held-out rows, as metrics: rows scored, cut short, dropped."""
-    from minimind.driver.evaluate import heldout_rows
-
     if eval_path is None:
         return {}
     _, coverage = heldout_rows(eval_path, tokenizer, StageData(STAGES[stage_name].data_kind, seq_len=seq_len, image_tokens=image_tokens), limit)
@@ -169,9 +126,7 @@ def _earlier_runs(stage: str, storage_path: str) -> list[str]:
 
 def _starting_model(config, stage, work: Path) -> tuple[Path, dict]:
     """The directory the stage starts from, and MLflow tags saying where it came from."""
-    if stage.name == "pretrain" and config.init is None:
-        from minimind.demo import demo_tokenizer
-
+    if stage.previous is None and config.init is None:
         if config.data and not config.tokenizer:  # the demo's 2,048-token vocabulary is no tokenizer for real text
             raise SystemExit("--data without --tokenizer: train one with jobs/tokenizer.py (or bring MiniMind's) and pass "
                              "--tokenizer DIR|models:/...; only the demo data falls back to the demo tokenizer")
@@ -187,8 +142,6 @@ def _starting_model(config, stage, work: Path) -> tuple[Path, dict]:
     reference = tracking.pin(config.init or f"models:/{stage.previous}/latest")  # resolved once, recorded as lineage.init
     init_dir, tags = tracking.resolve_model(reference, work / "init"), {**tracking.model_source(reference), "lineage.init": reference}
     if stage.data_kind == "vlm" and not is_vlm_dir(init_dir):  # a language model: give it eyes
-        from minimind.demo import demo_vision_tower
-
         if config.data and not config.vision_model:  # the demo tower is random: it sees nothing in real pictures
             raise SystemExit("--data with a language model as --init needs --vision-model (a CLIP folder, models:/ URI or hub id such as "
                              "openai/clip-vit-base-patch16); only the demo data falls back to the demo tower")
@@ -237,7 +190,8 @@ def run_stage(config, stage_name: str, callbacks: list | None = None, register: 
     started = time.perf_counter()
     stage = STAGES[stage_name]
     check_lora_flags(config, stage)
-    _check_grpo(config, stage)
+    if stage.check:
+        stage.check(config)
     tracking.configure(config.experiment)
     storage_path = _storage_path(config.storage_path)
     run_name = run_name or _run_name(stage.name, storage_path, config.resume)
@@ -269,7 +223,7 @@ def run_stage(config, stage_name: str, callbacks: list | None = None, register: 
         mlflow.log_metrics({"model/parameters": language_model.num_parameters(), "model/active_parameters": language_model.num_parameters(active=True)})
         if lora := lora_settings(config):
             mlflow.log_metric("model/trainable_parameters", trainable_count(initial, lora))
-        job = StageJob(stage.name, config, **{key: str(value) if value else None for key, value in worker_inputs.items()},
+        job = StageJob(stage, config, **{key: str(value) if value else None for key, value in worker_inputs.items()},
                        mlflow_run_id=run.info.run_id, mlflow_tracking_uri=mlflow.get_tracking_uri())
         result = _train(job, use_gpu, storage_path, run_name, callbacks)
         if not result.metrics.get("finished"):
@@ -315,40 +269,12 @@ def check_lora_flags(config, stage) -> None:
         raise SystemExit(f"--lora-dropout is the probability of dropping an input of the LoRA branch: in [0, 1), not {config.lora_dropout:g}")
     if stage.data_kind == "vlm":
         raise SystemExit("--lora-rank is for the text stages (pretrain, sft, dpo, reason, kd, grpo), not the VLM's")
-    if stage.name == "pretrain" and config.init is None:
+    if stage.previous is None and config.init is None:
         raise SystemExit("--lora-rank adapts a trained model: pretraining from scratch has none, so pass --init")
     try:
         lora_settings(config)
     except ValueError as error:
         raise SystemExit(f"--lora-targets: {error}") from None
-
-
-def _check_grpo(config, stage) -> None:
-    """GRPO settings that cannot work, refused before anything runs."""
-    if stage.name != "grpo":
-        return
-    from minimind.rl.rewards import MODEL_REWARD, parse_weights
-
-    try:
-        weights = parse_weights(config.rewards)
-    except ValueError as error:
-        raise SystemExit(f"--rewards: {error}") from None
-    if (MODEL_REWARD in weights) != bool(config.reward_model):
-        raise SystemExit("the model reward and --reward-model go together: name the model whose score is the reward, and "
-                         f"give it a weight in --rewards (e.g. {config.rewards},model=1)")
-    if config.group_size < 2:
-        raise SystemExit(f"--group-size must be at least 2 (advantages compare the completions of a prompt), not {config.group_size}")
-    if config.loss_type not in ("grpo", "cispo"):
-        raise SystemExit(f"--loss-type must be grpo or cispo, not {config.loss_type!r}")
-    if config.updates_per_rollout < 1 or config.max_new_tokens < 1:
-        raise SystemExit("--updates-per-rollout and --max-new-tokens must be at least 1")
-    if not config.temperature > 0 or not 0 < config.top_p <= 1:  # written so that NaN fails too
-        raise SystemExit("--temperature must be above 0 (greedy completions of a prompt are all alike: no advantage) and --top-p in (0, 1]")
-    if not config.cispo_max_ratio > 1:
-        raise SystemExit(f"--cispo-max-ratio caps CISPO's importance weights: it must be above 1, not {config.cispo_max_ratio:g}")
-    if config.loader_workers != TrainConfig.loader_workers:
-        raise SystemExit("--loader-workers: GRPO has no data loader to run (its prompts are read once, its completions come from "
-                         "the rollout actor, see --rollout-cpus); leave it out")
 
 
 def _with_recorded_lineage(config, stage, run_name: str):
@@ -366,13 +292,11 @@ def resolve_inputs(config, stage, work: Path):
     version, resolved once), tokenizer and KD teacher. Returns the config with pinned URIs, and the inputs."""
     demo = None
     if config.data is None:  # the demo world of the run's seed: written once, on first use
-        from minimind.demo import demo_data
-
         demo = demo_data(config.seed)
-    data_path = (config.data if storage.is_uri(config.data) else str(Path(config.data).resolve())) if config.data else str(demo[DEMO_FILES[stage.name]])
-    eval_path = local_input(config.eval_data) if config.eval_data else (demo[DEMO_FILES[stage.name] + "_eval"] if config.data is None else None)
+    data_path = (config.data if storage.is_uri(config.data) else str(Path(config.data).resolve())) if config.data else str(demo[stage.demo_file])
+    eval_path = local_input(config.eval_data) if config.eval_data else (demo[stage.demo_file + "_eval"] if config.data is None else None)
     answer_path = None
-    if stage.name in ("dpo", "reason", "grpo") and (getattr(config, "answer_eval", None) or config.data is None):
+    if stage.keeps_answers and (getattr(config, "answer_eval", None) or config.data is None):
         answer_path = local_input(config.answer_eval) if getattr(config, "answer_eval", None) else demo["sft_eval"]
     images_dir = None
     if stage.data_kind == "vlm":
@@ -387,7 +311,7 @@ def resolve_inputs(config, stage, work: Path):
     if len(tokenizer) > model_config.vocab_size:
         raise SystemExit(f"the tokenizer in {init_dir} has {len(tokenizer)} tokens but the model only {model_config.vocab_size}")
     teacher_dir = None
-    if stage.name == "kd":
+    if stage.needs_teacher:
         if not config.teacher:
             raise SystemExit("--mode kd needs --teacher (a registered model URI or a model directory with the same vocabulary)")
         config = replace(config, teacher=tracking.pin(config.teacher))
@@ -500,7 +424,7 @@ def _train(job: StageJob, use_gpu: bool, storage_path: str, run_name: str, callb
 
     config = job.config
     trainer = TorchTrainer(
-        STAGES[job.stage].train_loop(),
+        job.stage.loop,
         train_loop_config={"job": job},
         scaling_config=ScalingConfig(
             num_workers=config.num_workers, use_gpu=use_gpu,

@@ -12,8 +12,10 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 
 from minimind.model.model import KVCache, MiniMindForCausalLM
+from minimind.model.vision import MiniMindVLM
 
 
 @dataclass
@@ -275,6 +277,22 @@ def generate(model: MiniMindForCausalLM, prompts: Sequence[Sequence[int]], param
     return outputs
 
 
+def generate_tensors(model: MiniMindForCausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                     do_sample: bool | None = None, **sampling) -> torch.Tensor:
+    """`generate` as `transformers` takes and returns it: an `input_ids` tensor (with its
+    `attention_mask`, padding on either side) in, each row's input followed by its new ids out,
+    right-padded with the pad id; `do_sample=False` means greedy."""
+    if do_sample is False:
+        sampling["temperature"] = 0.0
+    real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+    new = generate(model, [row[keep].tolist() for row, keep in zip(input_ids, real)], **sampling)
+    out = input_ids.new_full((input_ids.shape[0], input_ids.shape[1] + max(map(len, new), default=0)), model.config.pad_token_id)
+    out[:, : input_ids.shape[1]] = input_ids
+    for row, tokens in enumerate(new):
+        out[row, input_ids.shape[1] : input_ids.shape[1] + len(tokens)] = torch.as_tensor(tokens, dtype=input_ids.dtype)
+    return out
+
+
 def stream_generate(model: MiniMindForCausalLM, prompt: Sequence[int], params: SamplingParams | None = None,
                     prompt_inputs: dict | None = None, **sampling) -> Iterator[int]:
     """Yield the new tokens of one prompt as they are produced."""
@@ -282,3 +300,9 @@ def stream_generate(model: MiniMindForCausalLM, prompt: Sequence[int], params: S
         if token is None:
             return
         yield token
+
+
+def generate_with_images(vlm: MiniMindVLM, prompts: list[list[int]], images: list[Image.Image], **sampling) -> list[list[int]]:
+    """Batched, KV-cached generation; `images` are every prompt's images, prompt by prompt, in order."""
+    pixel_values = vlm.pixel_values(images) if images else None
+    return generate(vlm, prompts, prompt_inputs={"pixel_values": pixel_values}, suppress_token_ids=[vlm.image_token_id], **sampling)

@@ -417,24 +417,3 @@ class MiniMindForCausalLM(nn.Module):
             idle_experts = self.config.num_experts - self.config.num_experts_per_tok
             total -= idle_experts * per_expert * self.config.num_hidden_layers
         return total
-
-    def generate(self, prompts=None, attention_mask: torch.Tensor | None = None, *, input_ids: torch.Tensor | None = None,
-                 do_sample: bool | None = None, **sampling):
-        """`minimind.inference.generate.generate(self, prompts, ...)`: lists of ids in, the new ids out. As in
-        `transformers`, an `input_ids` tensor (with its `attention_mask`, padding on either side) gives a
-        tensor back: each row's input followed by its new ids, right-padded with the pad id;
-        `do_sample=False` means greedy."""
-        from minimind.inference.generate import generate
-
-        if do_sample is False:
-            sampling["temperature"] = 0.0
-        ids = input_ids if input_ids is not None else prompts
-        if not torch.is_tensor(ids):
-            return generate(self, ids, **sampling)
-        real = attention_mask.bool() if attention_mask is not None else torch.ones_like(ids, dtype=torch.bool)
-        new = generate(self, [row[keep].tolist() for row, keep in zip(ids, real)], **sampling)
-        out = ids.new_full((ids.shape[0], ids.shape[1] + max(map(len, new), default=0)), self.config.pad_token_id)
-        out[:, : ids.shape[1]] = ids
-        for row, tokens in enumerate(new):
-            out[row, ids.shape[1] : ids.shape[1] + len(tokens)] = torch.as_tensor(tokens, dtype=ids.dtype)
-        return out

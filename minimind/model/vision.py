@@ -22,7 +22,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from minimind.model.checkpoint import load_model, save_model
-from minimind.data.images import MAX_IMAGE_PIXELS, ImageError, load_image  # noqa: F401 - part of this module's API
 from minimind.model.model import CausalLMOutput, MiniMindForCausalLM
 
 VISION_CONFIG_NAME = "vision.json"
@@ -126,51 +125,6 @@ class MiniMindVLM(nn.Module):
     def num_parameters(self, active: bool = False) -> int:
         """Parameters the forward spends FLOPs on in the language model and projection (MFU's basis)."""
         return self.language_model.num_parameters(active) + self.projection.weight.numel()
-
-
-def batch_pixel_values(vlm: MiniMindVLM, images: list[list[str]], images_dir: str | Path | None) -> torch.Tensor | None:
-    """Pixels for every image of a batch, row by row, in placeholder order (None for a text-only batch)."""
-    return _pixels(vlm.image_processor, images, images_dir)
-
-
-def _pixels(image_processor, images: list[list[str]], images_dir) -> torch.Tensor | None:
-    names = [name for row in images for name in row]
-    if not names:
-        return None
-    return image_processor(images=[load_image(Path(images_dir or ".") / name) for name in names], return_tensors="pt")["pixel_values"]
-
-
-class BatchWithPixels:
-    """A collate function that also decodes and resizes the batch's images (in a DataLoader process,
-    off the training thread): the batch gets `pixel_values`, or none when it holds no image."""
-
-    def __init__(self, collate_fn, image_processor, images_dir):
-        self.collate_fn, self.image_processor, self.images_dir = collate_fn, image_processor, images_dir
-
-    def __call__(self, rows: list[dict]) -> dict:
-        batch = self.collate_fn(rows)
-        pixels = _pixels(self.image_processor, batch["images"], self.images_dir)
-        return {**batch, **({"pixel_values": pixels} if pixels is not None else {})}
-
-
-def prompt_ids(vlm: MiniMindVLM, tokenizer, messages: list[dict]) -> list[int]:
-    """A chat prompt (ending with the user's turn) as ids, each <image> expanded to the tower's token count."""
-    from minimind.data.rows import IMAGE_MARKER, expand_image_placeholders
-    from minimind.model.tokenizer import Markers
-
-    marker = Markers.of(tokenizer).image
-    if marker != IMAGE_MARKER:
-        messages = [{**m, "content": m["content"].replace(IMAGE_MARKER, marker)} for m in messages]
-    ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
-    return expand_image_placeholders(ids, ids, vlm.image_token_id, vlm.image_tokens)[0]
-
-
-def generate_with_images(vlm: MiniMindVLM, prompts: list[list[int]], images: list[Image.Image], **sampling) -> list[list[int]]:
-    """Batched, KV-cached generation; `images` are every prompt's images, prompt by prompt, in order."""
-    from minimind.inference.generate import generate
-
-    pixel_values = vlm.pixel_values(images) if images else None
-    return generate(vlm, prompts, prompt_inputs={"pixel_values": pixel_values}, suppress_token_ids=[vlm.image_token_id], **sampling)
 
 
 def build_vlm(language_model_dir: str | Path, vision_model: str | Path, seed: int = 0) -> tuple[MiniMindVLM, object]:

@@ -34,10 +34,11 @@ import torch
 from minimind.data.rows import right_pad
 from minimind.training.flops import peak_flops
 from minimind.model.lora import LoRAConfig, adapter_state
-from minimind.model.losses import IGNORE_INDEX, group_advantages, policy_loss, sequence_logprobs, token_logprobs
+from minimind.model.losses import IGNORE_INDEX, sequence_logprobs, token_logprobs
+from minimind.rl.losses import group_advantages, policy_loss
 from minimind.rl.rewards import MODEL_REWARD, Completion, parse_weights, reasoning_parts, score
 from minimind.rl.rollout import unique_tensors
-from minimind.training.stages import STAGES, load_frozen, unwrap
+from minimind.training.stages import load_frozen, unwrap
 from minimind.model.tokenizer import Markers
 from minimind.training.loop import MetricLogger, adamw, autocast_dtype, autocast_to, compile_for_training, cosine_lr, ddp_options, model_to_train, report_checkpoint, resume_from_checkpoint, say, validation_loss
 
@@ -227,7 +228,7 @@ def grpo_loop_per_worker(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = get_device()
-    stage = STAGES[job.stage]
+    stage = job.stage
     threads = max(1, int(config.cpus_per_worker))
     torch.set_num_threads(threads)
     random.seed(config.seed + rank)
@@ -259,17 +260,17 @@ def grpo_loop_per_worker(loop_config: dict) -> None:
         unwrap(model).config.to_dict(), lora, threads=threads, bf16=amp_dtype is not None)
     ready, _ = ray.wait([rollout.__ray_ready__.remote()], timeout=60)
     if not ready:  # outside Ray Train's placement group: it waits for free resources, maybe a node the autoscaler adds
-        say(f"[{job.stage}] rank {rank}: the rollout actor is still waiting for {config.rollout_cpus:g} CPU and {rollout_gpus:g} GPU; "
+        say(f"[{job.stage.name}] rank {rank}: the rollout actor is still waiting for {config.rollout_cpus:g} CPU and {rollout_gpus:g} GPU; "
             "on one GPU, trainer and actors must fit it together (--gpus-per-worker 0.5 --rollout-gpus 0.5 per worker)")
         ray.get(rollout.__ray_ready__.remote())
     logger = MetricLogger(job, total_steps) if rank == 0 else None
     peak = peak_flops(device, amp_dtype or torch.float32)[0] if rank == 0 else 0.0
     flops_per_token = 6 * unwrap(model).num_parameters(active=True)
     if rank == 0:
-        say(f"[{job.stage}] {len(prompts)} prompts, {config.batch_size} x {group} completions per step and worker, {total_steps} steps")
+        say(f"[{job.stage.name}] {len(prompts)} prompts, {config.batch_size} x {group} completions per step and worker, {total_steps} steps")
         dropout = {"dropout": unwrap(model).config.dropout, "--lora-dropout": lora.dropout if lora else 0.0}
         if any(dropout.values()):
-            say(f"[{job.stage}] trained with dropout off (" + ", ".join(f"{k} {v:g}" for k, v in dropout.items() if v)
+            say(f"[{job.stage.name}] trained with dropout off (" + ", ".join(f"{k} {v:g}" for k, v in dropout.items() if v)
                 + "): the ratios and the rollouts need the one policy that samples")
     started, handed_over = time.perf_counter(), 0
     try:
@@ -335,7 +336,7 @@ def grpo_loop_per_worker(loop_config: dict) -> None:
                     "rollout/handover_mb": sum(v.numel() * v.element_size() for v in weights_now.values()) / 2**20,
                 }
                 logger.log(step, report, time.perf_counter() - started)
-                say(f"[{job.stage}] step {step}: reward {report['reward/total/mean']:.3f} ± {report['reward/total/std']:.3f}"
+                say(f"[{job.stage.name}] step {step}: reward {report['reward/total/mean']:.3f} ± {report['reward/total/std']:.3f}"
                     f" | " + " | ".join(f"{name} {report[f'reward/{name}/mean']:.3f}" for name in values)
                     + f" | kl {report['grpo/kl']:.4f} | rollout {rollout_s:.1f}s, update {update_s:.1f}s, hand-over {handover_s * 1e3:.0f} ms")
             if validating:

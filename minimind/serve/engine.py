@@ -288,7 +288,7 @@ class ChatModel:
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         if self.takes_images:
-            from minimind.model.vision import prompt_ids
+            from minimind.inference.chat import prompt_ids
 
             return prompt_ids(self.model, self.tokenizer, messages)
         return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))

@@ -79,7 +79,8 @@ class ChatPredictor:
         messages = [{"role": m["role"], "content": m["content"]} for m in chat["messages"]]
         if not self.takes_images:
             return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)), None
-        from minimind.model.vision import load_image, prompt_ids
+        from minimind.data.images import load_image
+        from minimind.inference.chat import prompt_ids
 
         images = [load_image(io.BytesIO(base64.b64decode(data)), name="image") for data in chat.get("images") or []]
         return prompt_ids(self.model, self.tokenizer, messages), ({"pixel_values": self.model.pixel_values(images)} if images else None)

@@ -1,11 +1,66 @@
-"""Each stage job's settings: `TrainConfig` (minimind.training.loop) with the stage's own defaults and fields.
+"""Each stage job's settings: `TrainConfig`, the flags every stage shares, and each stage's own defaults and fields.
 The job scripts in jobs/ turn these into flags; tune/ and the pipeline build them directly."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from minimind.training.loop import TrainConfig
+from minimind.training.flags import option
+
+
+@dataclass
+class TrainConfig:
+    """Flags shared by every stage job; each job subclasses it with its own defaults."""
+
+    data: str | None = option("training JSONL (default: the demo world's file for this stage)", default=None)
+    eval_data: str | None = option("held-out JSONL for the stage's evaluation (default: the demo's)", default=None)
+    init: str | None = option("model to start from: models:/NAME/latest|VERSION, models:/NAME@ALIAS, runs:/..., or a directory", default=None)
+    preset: str = option("model shape when training from scratch (pretrain)", default="demo")
+    tokenizer: str | None = option("tokenizer directory or models:/ URI when training from scratch (default: the demo tokenizer)", default=None)
+    seq_len: int = option("longest row in tokens", default=256)
+    batch_size: int = option("rows per micro-batch per worker", default=16)
+    grad_accum: int = option("micro-batches per optimiser step", default=1)
+    lr: float = option("peak learning rate", default=1e-3)
+    min_lr_ratio: float = option("the cosine schedule ends at this fraction of lr", default=0.1)
+    warmup_steps: int = option("linear warmup steps", default=0)
+    weight_decay: float = option("AdamW weight decay", default=0.01)
+    grad_clip: float = option("clip the global gradient norm to this (0: off)", default=1.0)
+    epochs: int = option("passes over the data (ignored when --max-steps is set)", default=1)
+    max_steps: int = option("stop after this many optimiser steps (0: --epochs decide)", default=0)
+    dtype: str = option("bf16 (autocast) or fp32", default="bf16")
+    num_workers: int = option("Ray Train workers (DDP when > 1)", default=1)
+    use_gpu: bool | None = option("GPUs for the workers, waiting for the autoscaler to provide them (default: when the cluster has or "
+                                 "can launch GPU nodes)", off_flag="--cpu", default=None)
+    gpus_per_worker: float = option("GPUs per worker; a fraction lets Tune trials share one GPU", default=1.0)
+    cpus_per_worker: float = option("CPUs per worker (torch threads: at least one); 0: 2 for a GPU worker, a CPU node's CPUs shared among the workers", default=0.0)
+    checkpoint_every: int = option("report a checkpoint every N optimiser steps (and at the end)", default=50)
+    max_failures: int = option("worker failures Ray recovers from by restarting from the last checkpoint", default=2)
+    resume: bool = option("continue the newest run of this stage from its last checkpoint", default=False)
+    stop_after: int = option("stop this invocation after N steps with a checkpoint, to continue later with --resume (0: run to the end)", default=0)
+    storage_path: str | None = option("where Ray Train keeps checkpoints (shared storage for several nodes)", default=None)
+    experiment: str = option("MLflow experiment", default="minimind")
+    register_as: str | None = option("registered model name (default: the stage's own)", default=None)
+    alias: str | None = option("also point this alias of the registered model at the new version", default=None)
+    skip_bad: bool = option("skip malformed data lines (counted) instead of failing", default=False)
+    drop_duplicates: bool = option("leave out records that exactly repeat an earlier one of the file", default=False)
+    prepared: str | None = option("where prepared data (token shards + manifest + data report) is kept: a folder or storage URI every "
+                                 "node reads (default: <storage-path>/prepared)", default=None)
+    compile: bool = option("torch.compile the model being trained (inductor): faster steps on a GPU after a one-off compile", default=False)
+    loader_workers: int = option("DataLoader processes per worker that collate batches (and decode images) off the training thread; "
+                                "0: on it; -1: one on GPU or for images, none for text on CPU (where torch's threads use every core)",
+                                default=-1)
+    log_every: int = option("log a line and MLflow metrics every N steps", default=10)
+    eval_limit: int = option("evaluate on at most this many held-out records", default=1000)
+    val_every: int = option("also compute the held-out loss every N steps in training, logged as val/loss and reported to Ray (0: off)", default=0)
+    config_overrides: str | None = option("model fields to override when training from scratch, e.g. num_experts=4,num_experts_per_tok=1", default=None)
+    seed: int = option("random seed", default=0)
+    lora_rank: int = option("train low-rank adapters of this rank on the --lora-targets projections, the model itself frozen; "
+                           "checkpoints and the registered version hold only the adapters and name their base (0: train the whole model)",
+                           default=0)
+    lora_alpha: float = option("LoRA's scale: the adapters add alpha/rank * B A to each weight", default=16.0)
+    lora_dropout: float = option("dropout on the LoRA branch's input", default=0.0)
+    lora_targets: str = option("projections that get adapters: attention, ffn, all, or names such as q_proj,v_proj", default="all")
+    merge: bool = option("with --lora-rank: register the base with the adapters merged in, a plain model folder", default=False)
 
 
 @dataclass

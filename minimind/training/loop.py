@@ -24,69 +24,14 @@ from pathlib import Path
 import torch
 
 from minimind.data.rows import LengthGroupedBatches, StageData, collate
-from minimind.training.flags import option
+from minimind.training.configs import TrainConfig
 from minimind.training.flops import peak_flops
 from minimind.model.lora import LoRAConfig, add_lora, load_adapter, parse_targets, save_adapter
 from minimind.data.shards import PreparedRows
-from minimind.training.stages import STAGES, unwrap
+from minimind.training.stages import Stage, unwrap
 from minimind.storage import fetch
 
 TRAINING_STATE = "training_state.pt"
-
-
-@dataclass
-class TrainConfig:
-    """Flags shared by every stage job; each job subclasses it with its own defaults."""
-
-    data: str | None = option("training JSONL (default: the demo world's file for this stage)", default=None)
-    eval_data: str | None = option("held-out JSONL for the stage's evaluation (default: the demo's)", default=None)
-    init: str | None = option("model to start from: models:/NAME/latest|VERSION, models:/NAME@ALIAS, runs:/..., or a directory", default=None)
-    preset: str = option("model shape when training from scratch (pretrain)", default="demo")
-    tokenizer: str | None = option("tokenizer directory or models:/ URI when training from scratch (default: the demo tokenizer)", default=None)
-    seq_len: int = option("longest row in tokens", default=256)
-    batch_size: int = option("rows per micro-batch per worker", default=16)
-    grad_accum: int = option("micro-batches per optimiser step", default=1)
-    lr: float = option("peak learning rate", default=1e-3)
-    min_lr_ratio: float = option("the cosine schedule ends at this fraction of lr", default=0.1)
-    warmup_steps: int = option("linear warmup steps", default=0)
-    weight_decay: float = option("AdamW weight decay", default=0.01)
-    grad_clip: float = option("clip the global gradient norm to this (0: off)", default=1.0)
-    epochs: int = option("passes over the data (ignored when --max-steps is set)", default=1)
-    max_steps: int = option("stop after this many optimiser steps (0: --epochs decide)", default=0)
-    dtype: str = option("bf16 (autocast) or fp32", default="bf16")
-    num_workers: int = option("Ray Train workers (DDP when > 1)", default=1)
-    use_gpu: bool | None = option("GPUs for the workers, waiting for the autoscaler to provide them (default: when the cluster has or "
-                                 "can launch GPU nodes)", off_flag="--cpu", default=None)
-    gpus_per_worker: float = option("GPUs per worker; a fraction lets Tune trials share one GPU", default=1.0)
-    cpus_per_worker: float = option("CPUs per worker (torch threads: at least one); 0: 2 for a GPU worker, a CPU node's CPUs shared among the workers", default=0.0)
-    checkpoint_every: int = option("report a checkpoint every N optimiser steps (and at the end)", default=50)
-    max_failures: int = option("worker failures Ray recovers from by restarting from the last checkpoint", default=2)
-    resume: bool = option("continue the newest run of this stage from its last checkpoint", default=False)
-    stop_after: int = option("stop this invocation after N steps with a checkpoint, to continue later with --resume (0: run to the end)", default=0)
-    storage_path: str | None = option("where Ray Train keeps checkpoints (shared storage for several nodes)", default=None)
-    experiment: str = option("MLflow experiment", default="minimind")
-    register_as: str | None = option("registered model name (default: the stage's own)", default=None)
-    alias: str | None = option("also point this alias of the registered model at the new version", default=None)
-    skip_bad: bool = option("skip malformed data lines (counted) instead of failing", default=False)
-    drop_duplicates: bool = option("leave out records that exactly repeat an earlier one of the file", default=False)
-    prepared: str | None = option("where prepared data (token shards + manifest + data report) is kept: a folder or storage URI every "
-                                 "node reads (default: <storage-path>/prepared)", default=None)
-    compile: bool = option("torch.compile the model being trained (inductor): faster steps on a GPU after a one-off compile", default=False)
-    loader_workers: int = option("DataLoader processes per worker that collate batches (and decode images) off the training thread; "
-                                "0: on it; -1: one on GPU or for images, none for text on CPU (where torch's threads use every core)",
-                                default=-1)
-    log_every: int = option("log a line and MLflow metrics every N steps", default=10)
-    eval_limit: int = option("evaluate on at most this many held-out records", default=1000)
-    val_every: int = option("also compute the held-out loss every N steps in training, logged as val/loss and reported to Ray (0: off)", default=0)
-    config_overrides: str | None = option("model fields to override when training from scratch, e.g. num_experts=4,num_experts_per_tok=1", default=None)
-    seed: int = option("random seed", default=0)
-    lora_rank: int = option("train low-rank adapters of this rank on the --lora-targets projections, the model itself frozen; "
-                           "checkpoints and the registered version hold only the adapters and name their base (0: train the whole model)",
-                           default=0)
-    lora_alpha: float = option("LoRA's scale: the adapters add alpha/rank * B A to each weight", default=16.0)
-    lora_dropout: float = option("dropout on the LoRA branch's input", default=0.0)
-    lora_targets: str = option("projections that get adapters: attention, ffn, all, or names such as q_proj,v_proj", default="all")
-    merge: bool = option("with --lora-rank: register the base with the adapters merged in, a plain model folder", default=False)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -113,7 +58,7 @@ class StageJob:
     is. Inputs are URIs on storage every node reaches, or the driver's own paths when the driver started
     the Ray instance itself (then every worker runs on its machine); each worker fetches them."""
 
-    stage: str
+    stage: Stage
     config: TrainConfig  # the stage job's own config class (DPOConfig, DistillConfig, ...)
     init_dir: str
     data_path: str
@@ -243,7 +188,7 @@ def resume_from_checkpoint(job: StageJob, stage, model, optimizer, lora: LoRACon
         optimizer.load_state_dict(state["optimizer"])
         _restore_rng(state["rng"], rank)
     if rank == 0:
-        say(f"[{job.stage}] resumed from step {state['step']}")
+        say(f"[{job.stage.name}] resumed from step {state['step']}")
     return state["step"]
 
 
@@ -259,7 +204,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = get_device()
-    stage = STAGES[job.stage]
+    stage = job.stage
     torch.set_num_threads(max(1, int(config.cpus_per_worker)))  # Ray pins workers to one thread unless told otherwise
     random.seed(config.seed + rank)
     torch.manual_seed(config.seed + rank)
@@ -283,7 +228,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     peak = 0.0
     if rank == 0:
         peak, peak_source = peak_flops(device, amp_dtype or torch.float32)
-        say(f"[{job.stage}] MFU is measured against {peak_source}")
+        say(f"[{job.stage.name}] MFU is measured against {peak_source}")
     logger = MetricLogger(job, total_steps) if rank == 0 else None
 
     loader = _loader_settings(stage, model, tokenizer, job, device)
@@ -382,7 +327,7 @@ def _loader_settings(stage, model, tokenizer, job: StageJob, device) -> dict:
     pinned memory on CUDA so the copies to the GPU overlap compute."""
     from functools import partial
 
-    from minimind.model.vision import BatchWithPixels
+    from minimind.data.pixels import BatchWithPixels
 
     workers = job.config.loader_workers
     if workers < 0:  # a CPU worker's cores all run torch: a collating process would only take time from them
@@ -397,7 +342,7 @@ def _loader_settings(stage, model, tokenizer, job: StageJob, device) -> dict:
 def validation_loss(stage, model, tokenizer, job: StageJob) -> float:
     """The held-out loss of the model being trained (the data kinds with labels per token; DPO has none),
     at temperature 1; the model is left in the mode it was in (GRPO trains in eval mode)."""
-    from minimind.driver.evaluate import heldout_loss
+    from minimind.training.heldout import heldout_loss
 
     if not job.eval_path or stage.data_kind == "dpo":
         return float("nan")
@@ -447,7 +392,7 @@ class MetricLogger:
         uri = job.mlflow_tracking_uri or ""
         local_store = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
         if job.mlflow_run_id and local_store is not None and not local_store.is_file():
-            say(f"[{job.stage}] the MLflow store {uri} is a file on the driver's machine, not this node's: step metrics go to "
+            say(f"[{job.stage.name}] the MLflow store {uri} is a file on the driver's machine, not this node's: step metrics go to "
                 "the driver's log only (set MLFLOW_TRACKING_URI to a tracking server to record them)")
         elif job.mlflow_run_id:
             from mlflow.tracking import MlflowClient
@@ -458,7 +403,7 @@ class MetricLogger:
         if sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, desc=job.stage, leave=False)
+            self.bar = tqdm(total=total_steps, desc=job.stage.name, leave=False)
 
     def log_metrics(self, step: int, metrics: dict) -> None:
         if self.client:
@@ -473,11 +418,11 @@ class MetricLogger:
             self.client.log_batch(self.job.mlflow_run_id, metrics=batch)
         except Exception as error:  # report, never raise into training
             self.failures += 1
-            say(f"[{self.job.stage}] MLflow metrics of step {step} not logged ({type(error).__name__}: {error}); training goes on")
+            say(f"[{self.job.stage.name}] MLflow metrics of step {step} not logged ({type(error).__name__}: {error}); training goes on")
 
     def log(self, step: int, metrics: dict, elapsed: float) -> None:
         say(
-            f"[{self.job.stage}] step {step:5d}/{self.total_steps} | loss {metrics['train/loss']:.4f} | lr {metrics['train/lr']:.2e}"
+            f"[{self.job.stage.name}] step {step:5d}/{self.total_steps} | loss {metrics['train/loss']:.4f} | lr {metrics['train/lr']:.2e}"
             f" | {metrics['train/tokens_per_s']:,.0f} tok/s | MFU {metrics['train/mfu']:.1%} | {elapsed:.0f}s"
         )
         if self.bar:

@@ -1,5 +1,6 @@
-"""What differs between training stages: the data kind, the loss, and any frozen companion model.
-Everything else (optimiser, schedule, precision, checkpoints, reporting) is the one loop in train.py.
+"""What differs between training stages on a worker: the data kind, the loss, and any frozen companion
+model. Everything else (optimiser, schedule, precision, checkpoints, reporting) is the one loop in
+minimind.training.loop; the table of stages, with what the driver needs of each, is minimind.driver.stages.
 
 Right-padded batches need no attention mask in a causal model (real tokens never look ahead at the
 padding), so the losses below skip it and keep attention on its fast path.
@@ -7,12 +8,15 @@ padding), so the losses below skip it and keep attention on its fast path.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from minimind.model.checkpoint import load_model, save_model
-from minimind.model.losses import IGNORE_INDEX, dpo_loss, kd_loss, sequence_logprobs
+from minimind.model.vision import load_vlm, save_vlm
+from minimind.model.losses import IGNORE_INDEX, sequence_logprobs
+from minimind.training.losses import dpo_loss, kd_loss
 
 
 def unwrap(model):
@@ -24,9 +28,16 @@ class Stage:
     name: str  # the job and the run name prefix
     data_kind: str  # minimind.data.rows kind
     registered_name: str  # MLflow registered model of its result
-    previous: str | None  # registered model the stage starts from by default
+    previous: str | None  # registered model the stage starts from by default; None: it can start from scratch
+    config_class: type  # its settings (minimind.training.configs), hence its job's flags
+    demo_file: str  # the demo world's training file (and `<demo_file>_eval`, its held-out one)
+    loop: Callable  # the function every Ray Train worker runs
+    evaluate: Callable  # (stage, model, tokenizer, eval_path, limit, seq_len, ...) -> (metrics, samples)
+    check: Callable | None = None  # refuses settings that cannot work, before anything runs
+    keeps_answers: bool = False  # also scored on the SFT answers it must not forget
 
     normalised_over = "supervised tokens"  # what `loss` is a mean over (`loss_count` counts them in a batch)
+    needs_teacher = False  # a frozen teacher model (--teacher) besides the one being trained
 
     def load(self, directory, device):
         """The model to train, its trainable parameters marked with requires_grad."""
@@ -38,12 +49,6 @@ class Stage:
     def companions(self, job, device) -> dict:
         """Frozen models the loss needs besides the one being trained (`job`: the worker's train.StageJob)."""
         return {}
-
-    def train_loop(self):
-        """The function every Ray Train worker runs: the one loop of minimind.training.loop."""
-        from minimind.training.loop import train_loop_per_worker
-
-        return train_loop_per_worker
 
     def model_inputs(self, model, batch: dict, job) -> dict:
         """Forward arguments besides the tokens (a VLM's pixels)."""
@@ -96,6 +101,8 @@ class DPOStage(Stage):
 
 
 class KDStage(Stage):
+    needs_teacher = True
+
     def companions(self, job, device) -> dict:
         return {"teacher": load_frozen(job.teacher_dir, device)}
 
@@ -115,8 +122,6 @@ class VLMStage(Stage):
     train_language_model: bool = False
 
     def load(self, directory, device):
-        from minimind.model.vision import load_vlm
-
         vlm = load_vlm(directory, device=device).requires_grad_(False)
         vlm.projection.requires_grad_(True)
         vlm.language_model.requires_grad_(self.train_language_model)
@@ -125,8 +130,6 @@ class VLMStage(Stage):
     def save(self, model, directory, tokenizer) -> None:
         """A checkpoint references the frozen tower the model was loaded with instead of copying it
         (hundreds of MB for ViT-B/16); the registered model gets its copy once, at the end."""
-        from minimind.model.vision import save_vlm
-
         vlm = unwrap(model)
         save_vlm(vlm, directory, tokenizer=tokenizer, vision_model=vlm.vision_source)
 
@@ -134,27 +137,5 @@ class VLMStage(Stage):
         return {"pixel_values": batch.get("pixel_values")}  # decoded by the loader's collate (vision.BatchWithPixels); none: no image
 
 
-class GRPOStage(Stage):
-    """Reinforcement learning from rewards: its own loop (rollouts, rewards, policy-gradient updates),
-    which normalises its policy loss itself."""
-
-    def train_loop(self):
-        from minimind.rl.grpo import grpo_loop_per_worker
-
-        return grpo_loop_per_worker
-
-
 def _pad_to(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:
     return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=value)
-
-
-STAGES = {
-    "pretrain": Stage("pretrain", "pretrain", "minimind-pretrain", None),
-    "sft": Stage("sft", "sft", "minimind-sft", "minimind-pretrain"),
-    "dpo": DPOStage("dpo", "dpo", "minimind-dpo", "minimind-sft"),
-    "reason": Stage("reason", "reason", "minimind-reason", "minimind-dpo"),  # black-box: SFT on teacher traces
-    "kd": KDStage("kd", "sft", "minimind-reason", "minimind-dpo"),  # white-box: the teacher's soft labels
-    "grpo": GRPOStage("grpo", "reason", "minimind-grpo", "minimind-reason"),  # rewards: prompts of the reasoning kind
-    "vlm_pretrain": VLMStage("vlm_pretrain", "vlm", "minimind-vlm-pretrain", "minimind-sft"),  # projection only
-    "vlm_sft": VLMStage("vlm_sft", "vlm", "minimind-vlm-sft", "minimind-vlm-pretrain", train_language_model=True),
-}
