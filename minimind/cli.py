@@ -17,6 +17,19 @@ from pathlib import Path
 
 import torch
 
+from minimind.data.images import load_image
+from minimind.data.rows import IMAGE_MARKER
+from minimind.demo import model_tour
+from minimind.inference.chat import prompt_ids
+from minimind.inference.generate import SamplingParams, compile_for_decoding, inference_dtype, stream_generate
+from minimind.model.checkpoint import export_hf, load_model
+from minimind.model.config import PRESETS
+from minimind.model.hf import import_model
+from minimind.model.lora import ADAPTER_CONFIG_NAME, LoRAConfig, is_adapter_dir, merge_adapter_dir
+from minimind.model.tokenizer import load_tokenizer
+from minimind.model.vision import is_vlm_dir, load_vlm
+from minimind.training.flags import parse_overrides
+
 
 def _sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a model directory written by save_model (with tokenizer files)")
@@ -84,17 +97,10 @@ class _Session:
     def __init__(self, args):
         from contextlib import ExitStack
 
-        from minimind.model.checkpoint import load_model
-        from minimind.model.tokenizer import load_tokenizer
-        from minimind.inference.generate import SamplingParams, compile_for_decoding, inference_dtype
-        from minimind.model.lora import is_adapter_dir
-        from minimind.model.vision import is_vlm_dir, load_vlm
-        from minimind.data.images import load_image
-
         with ExitStack() as loading:
             model_dir = args.model
             if is_adapter_dir(args.model):  # LoRA adapters: merged into the base they name, in a folder removed once loaded
-                from minimind import tracking
+                from minimind import tracking  # MLflow, imported only when a command needs it (seconds)
 
                 model_dir = loading.enter_context(tracking.resolved_model(args.model))
             self.is_vlm = is_vlm_dir(model_dir)
@@ -117,8 +123,6 @@ class _Session:
         )
 
     def reply(self, prompt_ids: list[int]) -> str:
-        from minimind.inference.generate import stream_generate
-
         out = sys.stdout
         tokens, printed = [], ""
         for token in stream_generate(self.model, prompt_ids, self.params, self.prompt_inputs):
@@ -136,9 +140,6 @@ class _Session:
         if not getattr(self.tokenizer, "chat_template", None):
             raise SystemExit("this model's tokenizer has no chat template; use `minimind generate` for raw text")
         if self.is_vlm:
-            from minimind.data.rows import IMAGE_MARKER
-            from minimind.inference.chat import prompt_ids
-
             first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
             missing = self.image_count - sum(m["content"].count(IMAGE_MARKER) for m in messages)
             if missing > 0:  # images not placed by the user go before the first question
@@ -182,8 +183,6 @@ def _read_turns():
 
 
 def run_export(args) -> None:
-    from minimind.model.checkpoint import export_hf
-
     destination = export_hf(args.source, args.destination)
     print(f"wrote {destination}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(destination)!r})")
 
@@ -191,8 +190,7 @@ def run_export(args) -> None:
 def run_merge_lora(args) -> None:
     import tempfile
 
-    from minimind import tracking
-    from minimind.model.lora import ADAPTER_CONFIG_NAME, LoRAConfig, is_adapter_dir, merge_adapter_dir
+    from minimind import tracking  # MLflow, imported only when a command needs it (seconds)
 
     with tempfile.TemporaryDirectory(prefix="minimind-merge-") as scratch:  # the downloads, removed however this ends
         work = Path(scratch)
@@ -209,10 +207,6 @@ def run_merge_lora(args) -> None:
 def run_import(args) -> None:
     from dataclasses import asdict
 
-    from minimind.model.config import PRESETS
-    from minimind.model.hf import import_model
-    from minimind.driver.runner import parse_overrides
-
     overrides = {k: v for k, v in asdict(PRESETS[args.preset]).items() if k != "extra"} if args.preset else {}
     overrides.update(parse_overrides(args.config_overrides))
     markers = dict(item.split("=", 1) for item in (args.markers or "").split(",") if item)
@@ -220,8 +214,7 @@ def run_import(args) -> None:
     print(f"wrote {destination}: use it as --init {destination} for any stage, or with chat, export-hf and Serve")
     if args.register_as:
         import mlflow
-
-        from minimind import tracking
+        from minimind import tracking  # MLflow, imported only when a command needs it (seconds)
 
         tracking.configure()
         with mlflow.start_run(run_name=f"import-{Path(args.source).name}") as run:
@@ -231,9 +224,7 @@ def run_import(args) -> None:
 
 
 def run_demo(args) -> None:
-    from minimind.demo.model_tour import run
-
-    run(preset=args.preset, steps=args.steps, output=Path(args.output))
+    model_tour.run(preset=args.preset, steps=args.steps, output=Path(args.output))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,10 +4,10 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import random_model
-from minimind.model.checkpoint import save_model
+
 from minimind.cli import main
+from minimind.model.checkpoint import save_model
 
 
 @pytest.fixture
@@ -63,8 +63,8 @@ def test_demo_learns_and_round_trips(tmp_path, capsys):
 
 def test_chat_with_an_image_needs_a_vlm_and_answers_with_one(tmp_path, model_dir, capsys):
     from PIL import Image
-
     from test_vision import clip_tower
+
     from minimind.model.tokenizer import train_tokenizer
     from minimind.model.vision import MiniMindVLM, save_vlm
 

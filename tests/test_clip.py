@@ -75,8 +75,8 @@ def test_a_few_steps_lower_the_loss_and_retrieve_above_chance(demo_pairs):
 
 
 def test_saved_tower_loads_like_real_clip_with_the_same_patch_features(demo_pairs, tmp_path):
-    from minimind.demo import demo_vision_tower
     from minimind.data.images import load_image
+    from minimind.demo import demo_vision_tower
     from minimind.model.vision import image_token_count, load_vision_tower
 
     paths, tokenizer, names, captions = demo_pairs
@@ -95,9 +95,9 @@ def test_saved_tower_loads_like_real_clip_with_the_same_patch_features(demo_pair
 
 
 def test_held_out_pictures_are_never_training_pairs(demo_pairs, mlflow_store, tmp_path):
-    from minimind.driver.clip_runner import ClipConfig, train_clip
     from minimind.demo import demo_tokenizer, demo_vision_tower
     from minimind.demo.images import NUM_EVAL, NUM_TRAIN
+    from minimind.driver.clip_runner import ClipConfig, train_clip
 
     paths = demo_pairs[0]
     training = {name for name, _ in clip.read_pairs(paths["vlm_pretrain"])}

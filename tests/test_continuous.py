@@ -1,8 +1,8 @@
 """Continuous batching: rows that join a running batch, or leave it, decode exactly as they would alone."""
 
 import pytest
-
 from conftest import random_model
+
 from minimind.inference.continuous import ContinuousBatch
 from minimind.inference.generate import SamplingParams, generate
 

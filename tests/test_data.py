@@ -3,7 +3,19 @@ import json
 import pytest
 import torch
 
-from minimind.data.rows import DataFormatError, LengthGroupedBatches, StageData, collate, count_records, iter_jsonl, load_stage_dataset, pack_documents, read_jsonl_dataset, row_lengths, tokenize_conversation
+from minimind.data.rows import (
+    DataFormatError,
+    LengthGroupedBatches,
+    StageData,
+    collate,
+    count_records,
+    iter_jsonl,
+    load_stage_dataset,
+    pack_documents,
+    read_jsonl_dataset,
+    row_lengths,
+    tokenize_conversation,
+)
 from minimind.model.losses import IGNORE_INDEX
 from minimind.model.tokenizer import Markers, train_tokenizer
 

@@ -7,7 +7,18 @@ import pytest
 from PIL import Image
 
 from minimind.demo.images import (
-    BACKGROUND, COLOURS, IMAGE, KINDS, PAIR_TASKS, POSITIONS, SINGLE_TASKS, TEMPLATES, Scene, Shape, draw_scene, sample_scenes,
+    BACKGROUND,
+    COLOURS,
+    IMAGE,
+    KINDS,
+    PAIR_TASKS,
+    POSITIONS,
+    SINGLE_TASKS,
+    TEMPLATES,
+    Scene,
+    Shape,
+    draw_scene,
+    sample_scenes,
     write_image_world,
 )
 

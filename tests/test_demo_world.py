@@ -5,8 +5,17 @@ from collections import Counter
 import pytest
 
 from minimind.demo.world import (
-    ATTRIBUTES, HELD_OUT_PERSONA_QUESTIONS, HELD_OUT_QUESTIONS, QUESTIONS, STATEMENTS, PERSONA_QUESTIONS, PERSONA_REPLY,
-    TWO_HOP, addition_trace, build_world, write_text_world,
+    ATTRIBUTES,
+    HELD_OUT_PERSONA_QUESTIONS,
+    HELD_OUT_QUESTIONS,
+    PERSONA_QUESTIONS,
+    PERSONA_REPLY,
+    QUESTIONS,
+    STATEMENTS,
+    TWO_HOP,
+    addition_trace,
+    build_world,
+    write_text_world,
 )
 
 NAMES = ["pretrain", "sft", "dpo", "reason"]

@@ -3,11 +3,17 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import random_model
-from minimind.driver.evaluate import answer_exact_match, image_question_accuracy, preference_accuracy, reasoning_scores, text_replier
-from minimind.training.heldout import heldout_loss
+
+from minimind.driver.evaluate import (
+    answer_exact_match,
+    image_question_accuracy,
+    preference_accuracy,
+    reasoning_scores,
+    text_replier,
+)
 from minimind.model.tokenizer import train_tokenizer
+from minimind.training.heldout import heldout_loss
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import random_model
+
 from minimind.inference.generate import SamplingParams, generate, generate_tensors, next_tokens, stream_batch, stream_generate
 
 PROMPTS = [[5, 17, 99, 1024, 7, 300], [42, 8], [6000, 12, 13, 14]]

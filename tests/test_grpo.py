@@ -10,16 +10,27 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import random_model
+
+from minimind.driver.stages import STAGES
 from minimind.model.checkpoint import save_model
-from minimind.rl.grpo import Prompt, active_tokens, completion_logprobs, hand_over, micro_batches, policy_to_train, rollout_stats, score_before_update, sequences, update
 from minimind.model.losses import IGNORE_INDEX
+from minimind.rl.grpo import (
+    Prompt,
+    active_tokens,
+    completion_logprobs,
+    hand_over,
+    micro_batches,
+    policy_to_train,
+    rollout_stats,
+    score_before_update,
+    sequences,
+    update,
+)
 from minimind.rl.rollout import RolloutWorker
 from minimind.training.configs import GRPOConfig
-from minimind.driver.stages import STAGES
-from minimind.training.stages import unwrap
 from minimind.training.loop import StageJob, adamw
+from minimind.training.stages import unwrap
 
 EOS, PAD = 2, 0
 CPU = torch.device("cpu")

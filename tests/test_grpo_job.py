@@ -5,15 +5,15 @@ from dataclasses import replace
 
 import pytest
 import torch
-
 from conftest import mlflow_client as client
 from conftest import random_model
+
+from minimind.driver.runner import run_stage
 from minimind.model.checkpoint import save_model
 from minimind.model.config import ModelConfig
 from minimind.model.model import MiniMindForCausalLM
-from minimind.driver.runner import run_stage
-from minimind.training.configs import GRPOConfig
 from minimind.model.tokenizer import load_tokenizer
+from minimind.training.configs import GRPOConfig
 
 
 def test_grpo_raises_the_reward_it_is_given(mlflow_store, tmp_path):

@@ -7,11 +7,11 @@ import re
 
 import pytest
 import torch
+from conftest import random_model
 from safetensors.torch import save_file
 
-from conftest import random_model
-from minimind.model.checkpoint import export_hf, load_model
 from minimind.cli import main
+from minimind.model.checkpoint import export_hf, load_model
 from minimind.model.hf import LEGACY_NAMES, import_model
 
 IDS = torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -152,13 +152,13 @@ def test_an_imported_model_with_minimind_tokenizer_trains_sft_and_reasoning_and_
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from minimind.data.prepare import prepare
     from minimind.data.rows import StageData
     from minimind.demo import demo_data
-    from minimind.data.prepare import prepare
+    from minimind.driver.stages import STAGES
     from minimind.serve.engine import ChatModel
     from minimind.serve.protocol import ChatRequest
     from minimind.training.configs import DistillConfig, SFTConfig
-    from minimind.driver.stages import STAGES
     from minimind.training.loop import StageJob, train_loop_per_worker
 
     tokenizer = byte_tokenizer if template == "seed" else chatml_tokenizer()

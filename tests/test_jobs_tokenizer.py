@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from minimind.training.flags import parse_config
 from minimind.model.tokenizer import Markers, load_tokenizer
+from minimind.training.flags import parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,5 +1,6 @@
-"""The package's own rules about itself, checked on its source: a module's private names (`_name`) stay
-in that module. A walk over the AST of every module of `minimind/`; nothing is imported."""
+"""The package's own rules about itself, checked on its source: dependencies run one way (no import
+cycle, even one hidden in a function, and no subpackage importing one above it), and a module's private
+names (`_name`) stay in that module. A walk over the AST of every module of `minimind/`; nothing is imported."""
 
 import ast
 from pathlib import Path
@@ -39,9 +40,101 @@ def private_uses(path: Path, package: Path = PACKAGE) -> list[str]:
     return found
 
 
+# Each part of the package may import only from the parts below it (and itself). Parts on one level
+# never import each other.
+LEVELS = {
+    "storage": 0,
+    "model": 1,  # the network, its config, LoRA, the VLM, checkpoints, the tokenizer every model folder holds
+    "data": 2,  # JSONL records -> rows and batches, prepared shards, pictures
+    "inference": 3,  # sampling, decoding, the continuous batch, chat prompts
+    "tracking": 4, "training": 4, "demo": 4,  # MLflow; the loop every worker runs; the demo world
+    "rl": 5,  # GRPO: its own loop on top of the training one
+    "driver": 6, "serve": 6,  # the driver side of a stage job; Ray Serve
+    "cli": 7,
+}
+
+
+def imports_of(path: Path, package: Path = PACKAGE) -> set[str]:
+    """The package's modules that `path` imports anywhere (at the top or inside a function)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == package.name:
+            for alias in node.names:
+                module = f"{node.module}.{alias.name}"
+                is_module = any((package.parent / module.replace(".", "/")).with_suffix(suffix).exists() for suffix in (".py", ""))
+                found.add(module if is_module else node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.split(".")[0] == package.name)
+    return found - {module_name(path, package)}
+
+
+def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
+    return {module_name(path, package): imports_of(path, package) for path in sorted(package.rglob("*.py"))}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every strongly connected group of more than one module (Tarjan), each sorted."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(node):
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for successor in graph.get(node, ()):
+            if successor not in index:
+                visit(successor)
+                low[node] = min(low[node], low[successor])
+            elif successor in on_stack:
+                low[node] = min(low[node], index[successor])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def part(module: str) -> str:
+    return module.split(".")[1] if "." in module else ""
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return [f"{module} imports {target}" for module, targets in sorted(graph.items()) for target in sorted(targets)
+            if part(target) and part(module) != part(target) and LEVELS[part(target)] >= LEVELS[part(module)]]
+
+
+def test_the_package_has_no_import_cycle_and_every_part_imports_only_parts_below_it():
+    graph = import_graph()
+    assert len(graph) > 40 and graph["minimind.training.loop"]  # the walk found the package and its imports
+    assert {part(module) for module in graph} - {""} == set(LEVELS)  # every part has its level
+    assert cycles(graph) == []
+    assert upward_imports(graph) == []
+
+
+def test_the_checks_see_a_cycle_hidden_in_a_function_and_an_upward_import(tmp_path):
+    package = tmp_path / "minimind"
+    for folder in ("model", "inference"):
+        (package / folder).mkdir(parents=True)
+    (package / "model" / "model.py").write_text("def generate(self):\n    from minimind.inference.generate import generate\n")
+    (package / "inference" / "generate.py").write_text("from minimind.model import model\n")
+    graph = import_graph(package)
+    assert graph == {"minimind.model.model": {"minimind.inference.generate"}, "minimind.inference.generate": {"minimind.model.model"}}
+    assert cycles(graph) == [["minimind.inference.generate", "minimind.model.model"]]
+    assert upward_imports(graph) == ["minimind.model.model imports minimind.inference.generate"]
+
+
 def test_no_module_uses_another_modules_private_names():
     modules = sorted(PACKAGE.rglob("*.py"))
-    assert len(modules) > 30  # the walk found the package
+    assert len(modules) > 40  # the walk found the package
     assert [use for path in modules for use in private_uses(path)] == []
 
 

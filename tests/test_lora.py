@@ -4,10 +4,22 @@ import copy
 
 import pytest
 import torch
-
 from conftest import random_model
+
 from minimind.model.checkpoint import load_model, save_model
-from minimind.model.lora import LoRAConfig, LoRALinear, add_lora, adapter_state, is_adapter_dir, load_adapter, merge_adapter_dir, merge_lora, parse_targets, save_adapter, trainable_count
+from minimind.model.lora import (
+    LoRAConfig,
+    LoRALinear,
+    adapter_state,
+    add_lora,
+    is_adapter_dir,
+    load_adapter,
+    merge_adapter_dir,
+    merge_lora,
+    parse_targets,
+    save_adapter,
+    trainable_count,
+)
 
 IDS = torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(0))
 

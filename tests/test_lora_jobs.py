@@ -3,16 +3,16 @@
 
 from pathlib import Path
 
-import mlflow
 import pytest
 import torch
+from conftest import mlflow_client as client
 from safetensors.torch import load_file
 
-from conftest import mlflow_client as client
+import mlflow
 from minimind import tracking
+from minimind.driver.runner import run_stage
 from minimind.model.checkpoint import load_model
 from minimind.model.lora import LoRAConfig, load_adapter
-from minimind.driver.runner import run_stage
 from minimind.training.configs import PretrainConfig, SFTConfig, VLMConfig
 
 QUICK = dict(max_steps=4, checkpoint_every=2, log_every=1, eval_limit=4, batch_size=4, seq_len=128, preset="tiny")

@@ -274,8 +274,8 @@ def test_a_one_token_bandit_gets_the_policy_gradient_of_the_policy_that_sampled(
     """Rollouts at T draw a ~ softmax(z / T): REINFORCE's gradient of A log pi_T(a) in the logits z is
     A (onehot(a) - pi_T) / T. Scored at T = 1 it was A (onehot(a) - pi_1): at T = 0.5 half as large
     against the KL term, and pointing elsewhere."""
-    from minimind.rl.losses import policy_loss
     from minimind.model.losses import token_logprobs
+    from minimind.rl.losses import policy_loss
 
     torch.manual_seed(0)
     vocab, action, advantage = 6, 2, 1.5

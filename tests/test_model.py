@@ -3,11 +3,20 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import random_model
-from minimind.model.config import PRESETS, ModelConfig, minimind_ffn_size
+
 import minimind.model.model
-from minimind.model.model import FeedForward, KVCache, MiniMindForCausalLM, MoEFeedForward, attention_mask_for, grouped_query_attention, position_ids_for, precompute_rope
+from minimind.model.config import PRESETS, ModelConfig, minimind_ffn_size
+from minimind.model.model import (
+    FeedForward,
+    KVCache,
+    MiniMindForCausalLM,
+    MoEFeedForward,
+    attention_mask_for,
+    grouped_query_attention,
+    position_ids_for,
+    precompute_rope,
+)
 
 
 def count_parameters(preset: str, active: bool = False) -> int:

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from minimind.data import prepare as prepare_module
-from minimind.data.rows import DataFormatError, LengthGroupedBatches, StageData, collate, load_stage_dataset
 from minimind.data.prepare import prepare
+from minimind.data.rows import DataFormatError, LengthGroupedBatches, StageData, collate, load_stage_dataset
 from minimind.data.shards import PreparedRows
 
 SMALL_CHUNKS = 20_000  # bytes: several shards even for the small files here

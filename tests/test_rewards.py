@@ -2,8 +2,8 @@
 
 import pytest
 
-from minimind.rl.rewards import Completion, answer_reward, format_reward, length_reward, parse_weights, reasoning_parts, score
 from minimind.model.tokenizer import Markers
+from minimind.rl.rewards import Completion, answer_reward, format_reward, length_reward, parse_weights, reasoning_parts, score
 
 M = Markers()
 GOOD = "<think>\n个位：9+7+0=16，写6，进1。\n</think>\n<answer>\n669+827=1496\n</answer>"

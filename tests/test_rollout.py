@@ -3,10 +3,10 @@
 import pytest
 import ray
 import torch
-
 from conftest import random_model
+
 from minimind.inference.generate import generate
-from minimind.model.lora import LoRAConfig, adapter_state, add_lora
+from minimind.model.lora import LoRAConfig, add_lora
 from minimind.rl.rollout import RolloutWorker
 
 PROMPTS = [[5, 6, 7], [9, 10]]

@@ -3,13 +3,13 @@
 import json
 
 import pytest
-
 from conftest import random_model
-from minimind.training.heldout import heldout_loss
+
 from minimind.driver.evaluate import pair_logps, preference_wins
 from minimind.driver.runner import eval_coverage, evaluate
 from minimind.driver.stages import STAGES
 from minimind.model.tokenizer import train_tokenizer
+from minimind.training.heldout import heldout_loss
 
 
 @pytest.fixture(scope="module")

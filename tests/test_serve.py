@@ -36,16 +36,16 @@ def png_data_url(size=(64, 64), colour=(220, 30, 30)) -> str:
 
 @pytest.fixture(scope="module")
 def server(ray_cluster, tmp_path_factory, monkeypatch_module):
+    from conftest import random_model
     from ray import serve
 
-    from conftest import random_model
     from minimind import tracking
-    from minimind.model.checkpoint import save_model
     from minimind.demo import demo_tokenizer, demo_vision_tower
-    from minimind.serve.app import ModelSpec, ServeSettings, build
-    from minimind.serve.protocol import Limits
+    from minimind.model.checkpoint import save_model
     from minimind.model.tokenizer import load_tokenizer
     from minimind.model.vision import build_vlm, save_vlm
+    from minimind.serve.app import ModelSpec, ServeSettings, build
+    from minimind.serve.protocol import Limits
 
     home = tmp_path_factory.mktemp("serve-home")
     monkeypatch_module.setenv("MINIMIND_HOME", str(home))
@@ -63,8 +63,9 @@ def server(ray_cluster, tmp_path_factory, monkeypatch_module):
     save_vlm(vlm, home / "vlm", tokenizer)
     tracking.register_model_dir(home / "vlm", "minimind-vlm-sft")
     # what a MiniMind user brings: a half-precision .pth and MiniMind2's ChatML tokenizer (no tag, no image token)
-    from minimind.model.hf import import_model
     from test_importer import chatml_tokenizer
+
+    from minimind.model.hf import import_model
 
     chatml = chatml_tokenizer()
     chatml.save_pretrained(str(home / "chatml"))
@@ -354,9 +355,9 @@ def test_a_bad_image_fails_its_own_request_only_and_the_replica_applies_the_gate
     each request's images are decoded before it joins the batch, so a bad one is that request's 400 (413 over
     the app's pixel limit, 100,000 here), never a failure of the requests joining the batch with it."""
     from ray import serve
+    from test_protocol import image_bytes, with_garbage_exif
 
     from minimind.serve.protocol import ChatRequest
-    from test_protocol import image_bytes, with_garbage_exif
 
     handle = serve.get_deployment_handle("minimind-v", "minimind")
     images = [with_garbage_exif(), image_bytes(size=(400, 400))] + [image_bytes(size=(64, 64))] * 6
@@ -709,10 +710,10 @@ def test_the_gateway_ends_late_replies_with_504_and_full_queues_with_429():
 
 
 def test_a_stream_past_its_deadline_ends_with_an_error_event():
+    from types import SimpleNamespace
+
     from minimind.serve.app import Gateway
     from minimind.serve.protocol import ChatRequest
-
-    from types import SimpleNamespace
 
     gateway = SimpleNamespace(request_timeout_s=0.05)  # what _sse reads of its replica
     reply = FakeReply(events=[{"type": "delta", "reasoning": "", "content": "你"}], stall_s=10)

@@ -4,8 +4,8 @@ import asyncio
 
 import pytest
 import torch
-
 from conftest import random_model
+
 from minimind.inference.generate import SamplingParams, generate
 from minimind.serve.engine import BatchingEngine, releasable
 from minimind.serve.errors import APIError
@@ -296,13 +296,14 @@ def test_a_request_the_model_cannot_prefill_fails_alone_not_with_those_joining_b
 def test_a_vlm_counts_image_markers_in_the_prompt_ids_whatever_spells_them(tmp_path):
     """A tokenizer may name another token its image marker (MiniMind-V's is <|image_pad|>; here <answer>):
     a user who types it sends image placeholders without an image, refused with a 400 before the batch."""
-    from minimind.demo import demo_tokenizer
-    from minimind.serve.engine import ChatModel
-    from minimind.serve.protocol import ChatRequest
-    from minimind.model.tokenizer import Markers, load_tokenizer
-    from minimind.model.vision import MiniMindVLM, save_vlm
     from test_protocol import image_bytes
     from test_vision import clip_tower
+
+    from minimind.demo import demo_tokenizer
+    from minimind.model.tokenizer import Markers, load_tokenizer
+    from minimind.model.vision import MiniMindVLM, save_vlm
+    from minimind.serve.engine import ChatModel
+    from minimind.serve.protocol import ChatRequest
 
     tokenizer = load_tokenizer(demo_tokenizer())
     marker = Markers.configure(tokenizer, {"image": "<answer>"})

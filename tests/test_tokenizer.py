@@ -89,6 +89,7 @@ def test_a_minimind_layout_tokenizer_serves_a_text_model_and_names_what_a_vlm_ne
     """MiniMind's own tokenizers have no <image> token: a text model never needs one; a VLM says what to set,
     and a marker named in the tokenizer's config travels with the model folder."""
     from conftest import random_model
+
     from minimind.model.checkpoint import save_model
     from minimind.serve.engine import ChatModel
 

@@ -4,12 +4,12 @@ import os
 import shutil
 from pathlib import Path
 
-import mlflow
-import torch
 import pytest
-from mlflow import MlflowClient
+import torch
 
+import mlflow
 from minimind import storage, tracking
+from mlflow import MlflowClient
 
 
 @pytest.fixture(scope="session")
@@ -227,7 +227,7 @@ def test_new_store_is_opened_under_the_lock(tmp_path, monkeypatch):
                 held.append(True)
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(tracking, "MlflowClient", Client)
+    monkeypatch.setattr(tracking.store, "MlflowClient", Client)  # where the store is opened
     assert tracking.configure("race") == "1"
     assert held and held[0]
 
@@ -243,9 +243,9 @@ def test_resume_finds_earlier_runs_in_local_folders_and_storage_uris(tmp_path):
 
 
 def test_pin_turns_latest_and_aliases_into_the_exact_version_and_resume_finds_it_again(mlflow_store, tmp_path):
-    import mlflow
-
     from conftest import random_model
+
+    import mlflow
     from minimind.model.checkpoint import save_model
 
     tracking.configure("pin-test")
@@ -280,8 +280,9 @@ def test_a_registered_version_answers_through_mlflows_own_tools(tmp_path, byte_t
     import urllib.request
 
     from conftest import random_model
-    from minimind.model.checkpoint import save_model
+
     from minimind.inference.generate import generate
+    from minimind.model.checkpoint import save_model
 
     model = random_model("tiny", vocab_size=len(byte_tokenizer))
     save_model(model, tmp_path / "model", tokenizer=byte_tokenizer)
@@ -340,6 +341,7 @@ def test_a_parent_run_groups_runs_and_is_closed_with_its_tables_or_as_failed():
 def _adapter_on_a_folder_base(root: Path, tokenizer) -> Path:
     """A LoRA adapter folder whose adapter_config.json names a base model folder."""
     from conftest import random_model
+
     from minimind.model.checkpoint import save_model
     from minimind.model.lora import LoRAConfig, add_lora, save_adapter
 
@@ -395,6 +397,7 @@ def test_a_reference_mlflow_cannot_find_is_one_line_naming_it_and_merge_lora_cle
 
 def test_an_mlflow_error_in_a_command_is_one_line_not_a_traceback(tmp_path, byte_tokenizer):
     from conftest import random_model
+
     from minimind.cli import main
 
     torch.save(random_model("tiny", vocab_size=len(byte_tokenizer)).state_dict(), tmp_path / "model.pth")

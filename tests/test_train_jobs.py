@@ -12,9 +12,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 from conftest import mlflow_client as client  # noqa: E402
-from minimind.model.checkpoint import load_model  # noqa: E402
+
 from minimind.data.rows import DataFormatError  # noqa: E402
 from minimind.driver.runner import run_stage  # noqa: E402
+from minimind.model.checkpoint import load_model  # noqa: E402
 from minimind.training.configs import PretrainConfig, SFTConfig, VLMConfig, VLMSFTConfig  # noqa: E402
 
 QUICK = dict(max_steps=4, checkpoint_every=2, log_every=1, eval_limit=4, batch_size=4, seq_len=128, preset="tiny")
@@ -174,8 +175,9 @@ def test_a_killed_worker_is_restarted_and_resumes_from_its_checkpoint(mlflow_sto
 
 def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(mlflow_store, tmp_path):
     from conftest import random_model
-    from minimind.model.checkpoint import save_model
+
     from minimind.demo import demo_tokenizer
+    from minimind.model.checkpoint import save_model
     from minimind.model.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(demo_tokenizer())
@@ -186,8 +188,9 @@ def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(mlflow_store, t
 
 def test_vlm_stages_train_what_each_should_and_never_the_vision_tower(mlflow_store, tmp_path):
     from conftest import random_model
-    from minimind.model.checkpoint import save_model
+
     from minimind.demo import demo_tokenizer, demo_vision_tower
+    from minimind.model.checkpoint import save_model
     from minimind.model.tokenizer import load_tokenizer
     from minimind.model.vision import build_vlm, load_vlm
 
@@ -225,8 +228,9 @@ def test_vlm_stages_train_what_each_should_and_never_the_vision_tower(mlflow_sto
 
 def test_vlm_data_naming_a_missing_image_fails_before_training(mlflow_store, tmp_path):
     from conftest import random_model
-    from minimind.model.checkpoint import save_model
+
     from minimind.demo import demo_tokenizer, demo_vision_tower
+    from minimind.model.checkpoint import save_model
     from minimind.model.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(demo_tokenizer())
@@ -245,9 +249,10 @@ def test_vlm_sft_on_text_only_batches_with_two_ddp_workers_and_a_linked_tower(ml
     """MiniMind-V mixes text-only samples into VLM SFT: a micro-batch without images must not leave the
     projection out of DDP's step. With --link-vision no checkpoint and no registered version copies the tower."""
     from conftest import random_model
+
     from minimind import tracking
-    from minimind.model.checkpoint import save_model
     from minimind.demo import demo_tokenizer, demo_vision_tower
+    from minimind.model.checkpoint import save_model
     from minimind.model.tokenizer import load_tokenizer
     from minimind.model.vision import VISION_CONFIG_NAME, VisionConfig
 

@@ -3,13 +3,13 @@ steps, DDP settings that need no buffer broadcast and no unused-parameter walk, 
 
 import pytest
 import torch
-
 from conftest import random_model
-from minimind.model.checkpoint import save_model
-from minimind.data.rows import StageData
+
 from minimind.data.prepare import prepare
-from minimind.training.configs import DistillConfig, DPOConfig, SFTConfig
+from minimind.data.rows import StageData
 from minimind.driver.stages import STAGES
+from minimind.model.checkpoint import save_model
+from minimind.training.configs import DistillConfig, DPOConfig, SFTConfig
 from minimind.training.loop import StageJob, train_loop_per_worker
 
 HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__")
@@ -86,7 +86,6 @@ def _train_steps(rank: int, world: int, init_file: str, state: dict, config, bat
     from torch.nn.parallel import DistributedDataParallel
 
     from minimind.model.model import MiniMindForCausalLM
-
     from minimind.training.loop import accumulate_gradients, ddp_options
 
     torch.set_num_threads(1)

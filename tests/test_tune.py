@@ -53,8 +53,9 @@ def test_moe_sweep_stops_trials_with_asha_on_the_heldout_loss():
 
 def test_dpo_beta_sweep_picks_by_the_stated_rule_and_registers_it(mlflow_store):
     from conftest import random_model
-    from minimind.model.checkpoint import save_model
+
     from minimind.demo import demo_tokenizer
+    from minimind.model.checkpoint import save_model
     from minimind.model.tokenizer import load_tokenizer
 
     sft_dir = mlflow_store / "sft-model"
@@ -71,8 +72,9 @@ def test_dpo_beta_sweep_picks_by_the_stated_rule_and_registers_it(mlflow_store):
 
 def test_grpo_sweep_crosses_group_sizes_with_kl_coefficients_and_registers_the_pick(mlflow_store):
     from conftest import random_model
-    from minimind.model.checkpoint import save_model
+
     from minimind.demo import demo_tokenizer
+    from minimind.model.checkpoint import save_model
     from minimind.model.tokenizer import load_tokenizer
 
     start = mlflow_store / "reason-model"

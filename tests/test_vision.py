@@ -5,14 +5,14 @@ import shutil
 
 import pytest
 import torch
+from conftest import random_model
 from PIL import Image
 
-from conftest import random_model
-from minimind.model.checkpoint import save_model
 from minimind.data.images import ImageError, load_image
-from minimind.model.vision import MiniMindVLM, is_vlm_dir, load_vision_tower, load_vlm, save_vlm
-from minimind.inference.generate import generate_with_images
 from minimind.inference.chat import prompt_ids
+from minimind.inference.generate import generate_with_images
+from minimind.model.checkpoint import save_model
+from minimind.model.vision import MiniMindVLM, is_vlm_dir, load_vision_tower, load_vlm, save_vlm
 
 IMAGE_ID = 7  # <image> among the special tokens of minimind.model.tokenizer
 
@@ -209,7 +209,6 @@ def test_a_registered_vlm_answers_about_an_image_through_mlflow_pyfunc(tmp_path,
     import base64
 
     import mlflow
-
     from minimind import tracking
     from minimind.inference.generate import generate
 

@@ -41,10 +41,11 @@ from itertools import chain
 
 import numpy as np
 
-from minimind.data import report as data_report
 from minimind import storage
+from minimind.data import report as data_report
 from minimind.data.rows import DataFormatError, StageData, is_blank, stage_arrays, validate_record
 from minimind.data.shards import FORMAT_VERSION, MANIFEST, pack_rows, token_dtype, write_array, write_text
+from minimind.model.tokenizer import Markers
 
 CHUNK_BYTES = 32 << 20  # one task's share of the file: bounds a task's memory, gives the cluster enough tasks
 BATCH_RECORDS = 512  # records tokenized per call inside a task
@@ -109,8 +110,6 @@ def content_sha256(source: str, size: int) -> str:
 
 
 def tokenizer_digest(tokenizer) -> str:
-    from minimind.model.tokenizer import Markers
-
     digest = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
     digest.update(json.dumps([getattr(tokenizer, "chat_template", None), tokenizer.pad_token_id, tokenizer.bos_token,
                               tokenizer.eos_token, asdict(Markers.of(tokenizer))], sort_keys=True).encode())

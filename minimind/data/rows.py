@@ -169,7 +169,9 @@ def _spans_by_prefixes(tokenizer, messages: list[dict], only_last: bool) -> tupl
 def _render(messages: list[dict], tokenizer) -> str:
     """The chat template rendered straight from its compiled form, as `apply_chat_template` renders it
     for plain messages without its per-call conversion of every message (a third of the time)."""
-    from transformers.utils.chat_template_utils import _compile_jinja_template  # private (and cached): checked against apply_chat_template
+    from transformers.utils.chat_template_utils import (
+        _compile_jinja_template,  # private (and cached): checked against apply_chat_template
+    )
 
     compiled = _compile_jinja_template(tokenizer.chat_template)
     return compiled.render(messages=messages, tools=None, documents=None, add_generation_prompt=False, **tokenizer.special_tokens_map)

@@ -12,6 +12,11 @@ import os
 import shutil
 from pathlib import Path
 
+from minimind.data.rows import iter_jsonl
+from minimind.demo.images import IMAGE_SIZE, picture_descriptions, write_image_world
+from minimind.demo.world import write_text_world
+from minimind.model.tokenizer import train_tokenizer
+
 GENERATORS = ("world.py", "images.py")
 
 
@@ -37,13 +42,9 @@ def _generator_hash() -> str:
 def demo_data(seed: int = 0, root: str | Path | None = None) -> dict[str, Path]:
     """Absolute paths of the demo files: pretrain, sft, dpo, reason, vlm_pretrain, vlm_sft (each with
     an `_eval` twin) and `images`."""
-    from minimind.demo.images import picture_descriptions, write_image_world
-    from minimind.demo.world import write_text_world
-
     root = Path(root or os.environ.get("MINIMIND_DEMO_DIR", Path.home() / ".cache" / "minimind" / "demo"))
     folder = (root / f"seed{seed}-{_generator_hash()}").resolve()
     if not (folder / ".complete").exists():
-
         def write(partial: Path) -> None:
             write_text_world(partial, seed=seed, other_pretraining=picture_descriptions(seed))
             write_image_world(partial, seed=seed)
@@ -62,8 +63,6 @@ DEMO_VOCAB_SIZE = 2048
 
 def demo_texts(paths: dict[str, Path]):
     """Every text of the demo's training files: the pretraining corpus and each message of the chat files."""
-    from minimind.data.rows import iter_jsonl
-
     yield from (record["text"] for _, record in iter_jsonl(paths["pretrain"], "pretrain"))
     for name, kind in (("sft", "sft"), ("dpo", "dpo"), ("reason", "reason"), ("vlm_pretrain", "vlm"), ("vlm_sft", "vlm")):
         for _, record in iter_jsonl(paths[name], kind):
@@ -76,8 +75,6 @@ def demo_tokenizer(seed: int = 0, root: str | Path | None = None) -> Path:
     world, so the questions and traces of the later stages are words of the vocabulary too. One token per
     Chinese character and per digit: the demo's templated sentences would otherwise merge into phrase
     tokens that hide the facts from a small model (see `train_tokenizer`)."""
-    from minimind.model.tokenizer import train_tokenizer
-
     paths = demo_data(seed, root)
     folder = paths["pretrain"].parent / f"tokenizer-{DEMO_VOCAB_SIZE}-han-digits"
     if not (folder / "tokenizer.json").is_file():
@@ -93,8 +90,6 @@ def demo_vision_tower(seed: int = 0, root: str | Path | None = None) -> Path:
     are fixed random functions of the patches: they tell colours and places apart, they know nothing."""
     import torch
     from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
-
-    from minimind.demo.images import IMAGE_SIZE
 
     folder = demo_data(seed, root)["images"].parent / "clip-vision-demo"
     if not (folder / "config.json").is_file():

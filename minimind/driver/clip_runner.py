@@ -20,13 +20,14 @@ from pathlib import Path
 
 import torch
 
-from minimind.training import clip
 from minimind import storage, tracking
+from minimind.demo import demo_data, demo_tokenizer, demo_vision_tower
 from minimind.driver.cluster import local_input, placement, workers_see_driver_disk
-from minimind.training.flags import option
 from minimind.driver.runner import StageResult
-from minimind.training.stages import unwrap
 from minimind.model.tokenizer import load_tokenizer
+from minimind.training import clip
+from minimind.training.flags import option, parse_config
+from minimind.training.stages import unwrap
 
 TRAINING_RECORD = "training.json"  # beside the tower's weights: how it was trained and what it scored
 DECODED_PICTURES = 20_000  # pictures a worker keeps decoded between steps (64-px: 1 GB); more are decoded per batch
@@ -155,8 +156,6 @@ class _Inputs:
 def _resolve(config: ClipConfig, work: Path) -> _Inputs:
     demo = None
     if config.data is None:
-        from minimind.demo import demo_data, demo_tokenizer, demo_vision_tower
-
         demo = demo_data(config.seed)
     elif not config.tokenizer:
         raise SystemExit("--data without --tokenizer: name the tokenizer the text encoder reads captions with (a folder or models:/ URI)")
@@ -207,9 +206,10 @@ def _publish_tower(trained, processor, folder: Path, record: dict) -> None:
 def _register_tower(folder: Path, name: str, run_id: str, alias: str | None, tags: dict) -> str:
     """The tower folder as a LoggedModel of plain files (a tower is no chat model, so not the pyfunc the
     stages log) registered as the next version of `name`. Returns its models:/NAME/VERSION URI."""
-    import mlflow
     from mlflow.entities import LoggedModelStatus
     from mlflow.tracking import MlflowClient
+
+    import mlflow
 
     logged = mlflow.initialize_logged_model(name=name, source_run_id=run_id)
     MlflowClient().log_model_artifacts(logged.model_id, str(folder))
@@ -311,7 +311,5 @@ def train_clip(config: ClipConfig, parent_run_id: str | None = None) -> StageRes
 
 
 def main(argv: list[str] | None = None, description: str | None = None) -> StageResult:
-    from minimind.training.flags import parse_config
-
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     return train_clip(parse_config(ClipConfig, argv, description))

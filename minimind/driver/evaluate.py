@@ -17,12 +17,14 @@ from pathlib import Path
 
 import torch
 
+from minimind.data.images import load_image
 from minimind.data.rows import StageData, collate, iter_jsonl
-from minimind.inference.generate import generate
-from minimind.training.heldout import batches_of, device_of, heldout_rows
+from minimind.inference.chat import prompt_ids
+from minimind.inference.generate import generate, generate_with_images
 from minimind.model.losses import sequence_logprobs
-from minimind.rl.rewards import reasoning_parts
 from minimind.model.tokenizer import Markers
+from minimind.rl.rewards import reasoning_parts
+from minimind.training.heldout import batches_of, device_of, heldout_rows
 
 Replier = Callable[[Sequence[list[dict]]], list[str]]
 
@@ -47,10 +49,6 @@ def text_replier(model, tokenizer, max_new_tokens: int = 64, batch_size: int = 1
 
 def vlm_replier(vlm, tokenizer, max_new_tokens: int = 64, batch_size: int = 64):
     """Greedy replies of a VLM to (conversation, image paths) queries."""
-    from minimind.inference.generate import generate_with_images
-    from minimind.data.images import load_image
-    from minimind.inference.chat import prompt_ids
-
     def reply(queries: Sequence[tuple[list[dict], list[Path]]]) -> list[str]:
         replies = []
         for start in range(0, len(queries), batch_size):

@@ -19,21 +19,24 @@ from pathlib import Path
 import torch
 
 from minimind import storage, tracking
+from minimind.data import report as data_report
+from minimind.data.images import load_image
+from minimind.data.prepare import Prepared, prepare
+from minimind.data.rows import StageData
+from minimind.data.shards import PreparedRows
+from minimind.demo import demo_data, demo_tokenizer, demo_vision_tower
 from minimind.driver.cluster import local_input, placement, stage_inputs, workers_see_driver_disk
+from minimind.driver.stages import STAGES
 from minimind.model.checkpoint import CONFIG_NAME, save_model
 from minimind.model.config import ModelConfig
-from minimind.data.rows import StageData
-from minimind.data.prepare import Prepared
-from minimind.data.shards import PreparedRows
-from minimind.model.model import MiniMindForCausalLM
-from minimind.driver.stages import STAGES
-from minimind.model.tokenizer import load_tokenizer
 from minimind.model.lora import is_adapter_dir, load_adapter, merge_lora, trainable_count
-from minimind.training.loop import TRAINING_STATE, StageJob, lora_settings, stage_data
-from minimind.training.heldout import heldout_rows
-from minimind.demo import demo_data, demo_tokenizer, demo_vision_tower
+from minimind.model.model import MiniMindForCausalLM
+from minimind.model.tokenizer import load_tokenizer
 from minimind.model.vision import VISION_CONFIG_NAME, VisionConfig, build_vlm, copy_vision_tower, is_vlm_dir, save_vlm
-from minimind.data.images import load_image
+from minimind.training.flags import parse_config, parse_overrides
+from minimind.training.heldout import heldout_rows
+from minimind.training.loop import TRAINING_STATE, StageJob, lora_settings, stage_data
+
 
 @dataclass
 class StageResult:
@@ -69,25 +72,6 @@ def eval_coverage(stage_name: str, tokenizer, eval_path: Path | None, limit: int
         print(f"[{stage_name}] held-out rows at --seq-len {seq_len}: {coverage['rows']} scored, {coverage['cut']} cut short, "
               f"{coverage['dropped']} dropped (nothing left to score)")
     return {"eval/rows": coverage["rows"], "eval/rows_cut": coverage["cut"], "eval/rows_dropped": coverage["dropped"]}
-
-
-def parse_overrides(text: str | None) -> dict:
-    """"num_experts=4,num_experts_per_tok=1" -> {"num_experts": 4, "num_experts_per_tok": 1}, typed by ModelConfig."""
-    import dataclasses
-    import typing
-
-    if not text:
-        return {}
-    types = typing.get_type_hints(ModelConfig)
-    known = {field.name for field in dataclasses.fields(ModelConfig)}
-    overrides = {}
-    for item in text.split(","):
-        key, _, value = (part.strip() for part in item.partition("="))
-        if key not in known or not value:
-            raise SystemExit(f"--config-overrides: {item!r} is not FIELD=VALUE with a field of ModelConfig ({', '.join(sorted(known))})")
-        kind = types[key]
-        overrides[key] = float(value) if kind is float else int(value) if kind is int else value
-    return overrides
 
 
 def _check_images(names: set[str], images_dir: Path, data_path: str, decode: int = 200) -> None:
@@ -328,8 +312,6 @@ def resolve_inputs(config, stage, work: Path):
 def check_data(config, stage, inputs: StageInputs, storage_path: str, run_name: str) -> tuple[Prepared, int]:
     """Prepare the training data over the Ray cluster (or find it prepared) before any worker starts: a
     bad line fails here, naming file and line. Returns (the prepared data, image tokens per image)."""
-    from minimind.data.prepare import prepare
-
     image_tokens = VisionConfig.load(inputs.init_dir / VISION_CONFIG_NAME).image_tokens if is_vlm_dir(inputs.init_dir) else 1
     data = stage_data(stage, config, image_tokens)
     root = prepared_root(config.prepared, storage_path)
@@ -378,8 +360,6 @@ def _storage_path(storage_path: str | None) -> str:
 def _log_data_report(prepared: Prepared) -> None:
     """The data report on the stage's run: its numbers as data/* metrics, the JSON and the plot as artifacts."""
     import mlflow
-
-    from minimind.data import report as data_report
 
     mlflow.log_metrics(data_report.metrics(prepared.report))
     mlflow.log_dict(prepared.report, "data/report.json")
@@ -485,8 +465,6 @@ def _log_curve(run_id: str) -> None:
 
 
 def main(config_class, stage_name: str, argv=None, description: str | None = None) -> StageResult:
-    from minimind.training.flags import parse_config
-
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     return run_stage(parse_config(config_class, argv, description), stage_name)
 

@@ -8,6 +8,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from minimind.data.rows import iter_jsonl
+from minimind.demo import demo_data
+from minimind.demo.images import eval_scenes, hallucinations, named_things
+from minimind.demo.world import build_world, showcase
+from minimind.driver.evaluate import text_replier, vlm_replier
+from minimind.inference.generate import generate
+from minimind.model.checkpoint import load_model
+from minimind.model.tokenizer import load_tokenizer
+from minimind.model.vision import load_vlm
+
 TEXT_STAGES = ("pretrain", "sft", "dpo", "reason")
 SENTENCE_ENDS = "。？！\n"
 
@@ -15,8 +25,6 @@ SENTENCE_ENDS = "。？！\n"
 def continue_text(model, tokenizer, prefixes: list[str], max_new_tokens: int = 32) -> list[str]:
     """Greedy continuations of raw text, as pretraining saw it (after `<s>`), up to the end of the
     sentence the prefix is in."""
-    from minimind.inference.generate import generate
-
     prompts = [[tokenizer.bos_token_id, *tokenizer(prefix, add_special_tokens=False)["input_ids"]] for prefix in prefixes]
     outputs = generate(model, prompts, max_new_tokens=max_new_tokens, stop_token_ids=[tokenizer.eos_token_id])
     texts = []
@@ -30,11 +38,6 @@ def continue_text(model, tokenizer, prefixes: list[str], max_new_tokens: int = 3
 def stage_answers(model_dirs: dict[str, Path], seed: int = 0) -> list[dict]:
     """One row per showcase prompt (minimind.demo.world.showcase): its task, prompt and reference, and
     the reply of each stage's model in a column named after the stage."""
-    from minimind.model.checkpoint import load_model
-    from minimind.demo.world import build_world, showcase
-    from minimind.driver.evaluate import text_replier
-    from minimind.model.tokenizer import load_tokenizer
-
     prompts = showcase(build_world(seed))
     rows = [{"task": p["task"], "prompt": p["question"]} for p in prompts]
     for stage, directory in model_dirs.items():
@@ -54,13 +57,6 @@ def describe_pictures(model_dirs: dict[str, Path], limit: int = 200, seed: int =
     """Each vision model asked to describe the held-out pictures of VLM pretraining's eval file:
     {stage: {"pictures", "hallucination_rate", "describing_rate", "mean_reply_chars", "samples"}}. A reply that
     names no shape, colour or count at all hallucinates nothing; `describing_rate` says how many name any."""
-    from minimind.data.rows import iter_jsonl
-    from minimind.demo import demo_data
-    from minimind.demo.images import eval_scenes, hallucinations, named_things
-    from minimind.driver.evaluate import vlm_replier
-    from minimind.model.tokenizer import load_tokenizer
-    from minimind.model.vision import load_vlm
-
     paths = demo_data(seed)
     scenes = eval_scenes(seed)
     records = [record for _, record in iter_jsonl(paths["vlm_pretrain_eval"], "vlm") if len(record["images"]) == 1][:limit]

@@ -24,7 +24,10 @@ from pathlib import Path
 
 import torch
 
+from minimind.model.checkpoint import TIED_KEYS, save_model
 from minimind.model.config import ModelConfig
+from minimind.model.model import MiniMindForCausalLM
+from minimind.model.tokenizer import Markers, load_tokenizer
 
 LEGACY_NAMES = (  # MiniMind before 2025-04 -> MiniMind2 (= ours)
     (r"^tok_embeddings\.", "model.embed_tokens."),
@@ -152,10 +155,6 @@ def import_model(source: str | Path, destination: str | Path, tokenizer_dir: str
     Llama folder; its logits equal the source model's. `markers` name the tokenizer's strings for the
     tags and the image placeholder (`minimind.model.tokenizer.Markers`), kept in the folder's tokenizer config.
     Returns the folder."""
-    from minimind.model.checkpoint import TIED_KEYS, save_model
-    from minimind.model.model import MiniMindForCausalLM
-    from minimind.model.tokenizer import Markers, load_tokenizer
-
     source, overrides = Path(source), dict(overrides or {})
     state = rename_legacy(read_weights(source))
     state = {key: tensor for key, tensor in state.items() if not IGNORED_KEYS.search(key)}

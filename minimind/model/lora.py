@@ -22,6 +22,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from minimind.model.checkpoint import load_model, save_model
+from minimind.model.tokenizer import load_tokenizer
+
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter.safetensors"
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -143,9 +146,6 @@ def trainable_count(model: nn.Module, config: LoRAConfig) -> int:
 
 def merge_adapter_dir(adapter_dir: str | Path, base_dir: str | Path, destination: str | Path) -> Path:
     """A plain model folder: the base model of `base_dir` with the adapters of `adapter_dir` merged in."""
-    from minimind.model.checkpoint import load_model, save_model
-    from minimind.model.tokenizer import load_tokenizer
-
     model = load_adapter(load_model(base_dir), adapter_dir)
     return save_model(merge_lora(model), destination, tokenizer=load_tokenizer(adapter_dir))
 

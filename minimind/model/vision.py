@@ -21,8 +21,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from minimind import storage
 from minimind.model.checkpoint import load_model, save_model
 from minimind.model.model import CausalLMOutput, MiniMindForCausalLM
+from minimind.model.tokenizer import Markers, load_tokenizer
 
 VISION_CONFIG_NAME = "vision.json"
 PROJECTION_NAME = "projection.safetensors"
@@ -129,8 +131,6 @@ class MiniMindVLM(nn.Module):
 
 def build_vlm(language_model_dir: str | Path, vision_model: str | Path, seed: int = 0) -> tuple[MiniMindVLM, object]:
     """A fresh VLM: a trained language model, a CLIP tower, and a new projection. Returns (vlm, tokenizer)."""
-    from minimind.model.tokenizer import Markers, load_tokenizer
-
     tokenizer = load_tokenizer(language_model_dir)
     tower, processor = load_vision_tower(vision_model)
     image_token_id = Markers.of(tokenizer).image_id(tokenizer)
@@ -179,8 +179,6 @@ def _locate_tower(directory: Path, reference: str) -> tuple[str | Path, str]:
     """Where to load a VLM directory's tower from here, and how its checkpoints should reference it:
     `vision/` inside it, an absolute folder, a storage URI (fetched into this node's cache; the
     reference stays the URI, which every node reaches) or a hub id."""
-    from minimind import storage
-
     if storage.is_uri(reference):
         return storage.fetch(reference), reference
     local = Path(reference) if Path(reference).is_absolute() else directory / reference
@@ -192,8 +190,6 @@ def is_vlm_dir(directory: str | Path) -> bool:
 
 
 def load_vlm(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> MiniMindVLM:
-    from minimind.model.tokenizer import Markers, load_tokenizer
-
     directory = Path(directory)
     if not is_vlm_dir(directory):
         raise FileNotFoundError(f"{directory} is not a MiniMind-V directory: {VISION_CONFIG_NAME} is missing")

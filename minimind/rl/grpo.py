@@ -1,7 +1,6 @@
 """GRPO: reinforcement learning from rewards, the loop each Ray Train worker of `jobs/grpo.py` runs.
 
 Every step, on each worker, in named phases:
-
     hand_over: the policy's weights (each tensor once) --Ray's object store--> rollout actor (minimind.rl.rollout)
     roll out:  G sampled completions per prompt at --temperature / --top-p
     score:     rewards (minimind.rl.rewards) -> advantages within each group; the old policy's and the
@@ -32,15 +31,29 @@ from dataclasses import dataclass
 import torch
 
 from minimind.data.rows import right_pad
-from minimind.training.flops import peak_flops
+from minimind.data.shards import PreparedRows
 from minimind.model.lora import LoRAConfig, adapter_state
 from minimind.model.losses import IGNORE_INDEX, sequence_logprobs, token_logprobs
+from minimind.model.tokenizer import Markers, load_tokenizer
 from minimind.rl.losses import group_advantages, policy_loss
 from minimind.rl.rewards import MODEL_REWARD, Completion, parse_weights, reasoning_parts, score
-from minimind.rl.rollout import unique_tensors
+from minimind.rl.rollout import RolloutWorker, unique_tensors
+from minimind.training.flops import peak_flops
+from minimind.training.loop import (
+    MetricLogger,
+    adamw,
+    autocast_dtype,
+    autocast_to,
+    compile_for_training,
+    cosine_lr,
+    ddp_options,
+    model_to_train,
+    report_checkpoint,
+    resume_from_checkpoint,
+    say,
+    validation_loss,
+)
 from minimind.training.stages import load_frozen, unwrap
-from minimind.model.tokenizer import Markers
-from minimind.training.loop import MetricLogger, adamw, autocast_dtype, autocast_to, compile_for_training, cosine_lr, ddp_options, model_to_train, report_checkpoint, resume_from_checkpoint, say, validation_loss
 
 
 @dataclass(frozen=True)
@@ -218,10 +231,6 @@ def grpo_loop_per_worker(loop_config: dict) -> None:
     import ray
     import ray.train
     from ray.train.torch import get_device, prepare_model
-
-    from minimind.rl.rollout import RolloutWorker
-    from minimind.data.shards import PreparedRows
-    from minimind.model.tokenizer import load_tokenizer
 
     job = loop_config["job"]
     config = job.config

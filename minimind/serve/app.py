@@ -26,9 +26,9 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 from ray.serve.exceptions import BackPressureError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from minimind.serve.errors import APIError
 from minimind.serve.protocol import ChatRequest, Limits, completion_id, now, parse_chat_body
@@ -84,6 +84,7 @@ class ModelServer:
         import ray
         import torch
 
+        # the model replica's own: the gateway's replicas, which import this module too, need neither torch nor MLflow
         from minimind import tracking
         from minimind.serve.engine import ChatModel
 

@@ -24,8 +24,13 @@ from pathlib import Path
 
 import torch
 
+from minimind.data.rows import IMAGE_MARKER
+from minimind.inference.chat import prompt_ids
 from minimind.inference.continuous import ContinuousBatch
-from minimind.inference.generate import SamplingParams
+from minimind.inference.generate import SamplingParams, inference_dtype
+from minimind.model.checkpoint import load_model
+from minimind.model.tokenizer import Markers, load_tokenizer
+from minimind.model.vision import is_vlm_dir, load_vlm
 from minimind.serve.errors import APIError
 from minimind.serve.protocol import ChatRequest, Limits, open_image, split_reasoning
 
@@ -265,11 +270,6 @@ class ChatModel:
 
     def __init__(self, model_dir: str | Path, limits: Limits | None = None, max_batch_size: int = 16,
                  batch_wait_s: float = 0.01, dtype: str = "bf16", device: str | None = None):
-        from minimind.model.checkpoint import load_model
-        from minimind.inference.generate import inference_dtype
-        from minimind.model.tokenizer import Markers, load_tokenizer
-        from minimind.model.vision import is_vlm_dir, load_vlm
-
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.takes_images = is_vlm_dir(model_dir)
         weights = inference_dtype(dtype, device)  # bf16: half the bytes read per decoded token
@@ -288,8 +288,6 @@ class ChatModel:
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         if self.takes_images:
-            from minimind.inference.chat import prompt_ids
-
             return prompt_ids(self.model, self.tokenizer, messages)
         return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
 
@@ -298,8 +296,6 @@ class ChatModel:
         return self.model.pixel_values([open_image(data, self.limits.max_image_pixels, "messages") for data in images])
 
     async def chat(self, request: ChatRequest) -> AsyncIterator[dict]:
-        from minimind.data.rows import IMAGE_MARKER
-
         prompt = self.prompt_ids(request.messages)
         if self.takes_images:  # counted in the prompt's ids: the text may also spell the tokenizer's own image marker
             placeholders = prompt.count(self.model.image_token_id) // self.model.image_tokens

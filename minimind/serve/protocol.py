@@ -22,6 +22,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from minimind.data.images import ImageError, ImageOutOfShape, ImageTooLarge, UnknownImageFormat, load_image
 from minimind.serve.errors import APIError
 from minimind.serve.fetch import fetch_image
 
@@ -150,8 +151,6 @@ def open_image(data: bytes, max_pixels: int, param: str):
     Pillow parser, such as EPS's, which runs Ghostscript, ever sees client bytes), more than `max_pixels`
     (read from the header, before any pixel is decoded), or a long side more than MAX_IMAGE_ASPECT_RATIO
     times the short one (the processor would scale it up by as much)."""
-    from minimind.data.images import ImageError, ImageOutOfShape, ImageTooLarge, UnknownImageFormat, load_image
-
     try:
         return load_image(io.BytesIO(data), max_pixels, name="the image", formats=IMAGE_FORMATS, max_aspect_ratio=MAX_IMAGE_ASPECT_RATIO)
     except ImageTooLarge:

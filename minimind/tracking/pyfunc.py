@@ -15,8 +15,24 @@ from __future__ import annotations
 import base64
 import io
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+import minimind
+import mlflow
+from minimind.data.images import load_image
+from minimind.inference.chat import prompt_ids
+from minimind.inference.generate import SamplingParams, generate, inference_dtype
+from minimind.model.checkpoint import load_model
+from minimind.model.lora import is_adapter_dir
+from minimind.model.tokenizer import load_tokenizer
+from minimind.model.vision import is_vlm_dir, load_vlm
+from minimind.tracking.registry import CONFIG_NAME, MODEL_MARKERS, check_alias, mark_failed, register_logged_model, resolved_model
+from minimind.tracking.store import mlflow_client
+
+if TYPE_CHECKING:
+    from mlflow.entities.model_registry import ModelVersion
 
 PARAMS = {"max_tokens": 256, "temperature": 0.0, "top_p": 1.0, "seed": -1}  # seed -1: none
 
@@ -33,9 +49,6 @@ def log_chat_model(directory: str | Path, name: str) -> str:
     """Log a model folder as this pyfunc model in the active run (or none); returns the LoggedModel's id."""
     import mlflow
 
-    import minimind
-    from minimind.model.vision import is_vlm_dir
-
     info = mlflow.pyfunc.log_model(
         name=name, loader_module=__name__, data_path=str(directory), code_paths=[str(Path(minimind.__file__).parent)],
         signature=chat_signature(is_vlm_dir(directory)),
@@ -48,11 +61,6 @@ class ChatPredictor:
     """A model folder answering chats greedily or sampled, with its tokenizer's template and stop token."""
 
     def __init__(self, model_dir: str | Path):
-        from minimind.model.checkpoint import load_model
-        from minimind.inference.generate import inference_dtype
-        from minimind.model.tokenizer import load_tokenizer
-        from minimind.model.vision import is_vlm_dir, load_vlm
-
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.takes_images = is_vlm_dir(model_dir)
         self.model = (load_vlm if self.takes_images else load_model)(model_dir, device=device, dtype=inference_dtype("bf16", device))
@@ -60,8 +68,6 @@ class ChatPredictor:
         self.stop_ids = sorted({self.model.config.eos_token_id, self.tokenizer.eos_token_id} - {None})
 
     def predict(self, model_input, params: dict | None = None) -> list[str]:
-        from minimind.inference.generate import SamplingParams, generate
-
         params = {**PARAMS, **(params or {})}
         replies = []
         for chat in _chats(model_input):
@@ -79,8 +85,6 @@ class ChatPredictor:
         messages = [{"role": m["role"], "content": m["content"]} for m in chat["messages"]]
         if not self.takes_images:
             return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)), None
-        from minimind.data.images import load_image
-        from minimind.inference.chat import prompt_ids
 
         images = [load_image(io.BytesIO(base64.b64decode(data)), name="image") for data in chat.get("images") or []]
         return prompt_ids(self.model, self.tokenizer, messages), ({"pixel_values": self.model.pixel_values(images)} if images else None)
@@ -104,11 +108,8 @@ def _chats(model_input) -> list[dict]:
 def load_predictor(data_path: str | Path) -> ChatPredictor:
     """The predictor of a model folder; LoRA adapters are merged into their base first, in a temporary
     folder removed once the merged model is loaded."""
-    from minimind.model.lora import is_adapter_dir
-
     if not is_adapter_dir(data_path):
         return ChatPredictor(data_path)
-    from minimind.tracking import resolved_model
 
     with resolved_model(str(data_path)) as model_dir:
         return ChatPredictor(model_dir)
@@ -117,3 +118,45 @@ def load_predictor(data_path: str | Path) -> ChatPredictor:
 def _load_pyfunc(data_path: str) -> ChatPredictor:
     """MLflow's entry point: `data_path` is the model folder."""
     return load_predictor(data_path)
+
+
+def log_model_dir(directory: str | Path, name: str, run_id: str | None = None) -> str:
+    """Log a model directory as an MLflow LoggedModel of the run (default: the active run), READY but not
+    registered, and return its id: `models:/<id>` downloads it from any node that reaches the tracking
+    server. It is an MLflow pyfunc model (`minimind.tracking.pyfunc`) with the folder as its data, so
+    `mlflow.pyfunc.load_model` and `mlflow models serve` answer chats with it. MLflow marks a failure
+    midway FAILED."""
+    directory = Path(directory)
+    if not any((directory / marker).is_file() for marker in MODEL_MARKERS):
+        raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}; log a directory written by minimind.model.checkpoint.save_model "
+                                "(or LoRA adapters written by minimind.model.lora.save_adapter)")
+    mlflow_client()  # the store, set up
+    active = mlflow.active_run()
+    if run_id is not None and (active is None or active.info.run_id != run_id):
+        with mlflow.start_run(run_id=run_id, nested=active is not None):
+            return log_chat_model(directory, name)
+    return log_chat_model(directory, name)
+
+
+def register_model_dir(
+    directory: str | Path,
+    name: str,
+    run_id: str | None = None,
+    alias: str | None = None,
+    tags: dict | None = None,
+) -> "ModelVersion":
+    """Register a model directory as the next version of `name`: a LoggedModel (linked to `run_id`, default
+    the active run) whose artifacts are the directory's files, then a registry version pointing at it.
+
+    MLflow 3 cannot register `runs:/ID/dir` of plain files; the LoggedModel flow is the way that works.
+    Arguments are checked before anything is logged, and a failure midway marks the LoggedModel FAILED
+    and removes a version already created, so a registered version is always complete.
+    """
+    if alias is not None:
+        check_alias(alias)
+    model_id = log_model_dir(directory, name, run_id)
+    try:
+        return register_logged_model(model_id, name, alias, tags)
+    except BaseException:
+        mark_failed(model_id)
+        raise

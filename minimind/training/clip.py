@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from minimind.data.rows import iter_jsonl
 from minimind.data.images import load_image
+from minimind.data.rows import iter_jsonl
+from minimind.model.vision import load_vision_tower
 from minimind.training.stages import unwrap
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps its temperature so logits never exceed 100
@@ -64,8 +65,6 @@ def new_clip(tower_dir: str | Path, tokenizer, max_text_len: int = 64, text_widt
     """A `transformers.CLIPModel` whose vision side is the tower in `tower_dir` (weights and config) and
     whose text side is a new small encoder over `tokenizer`. Returns (model, the tower's image processor)."""
     from transformers import CLIPConfig, CLIPModel
-
-    from minimind.model.vision import load_vision_tower
 
     tower, processor = load_vision_tower(tower_dir)
     text_config = dict(vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=2 * text_width,

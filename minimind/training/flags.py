@@ -9,6 +9,8 @@ import dataclasses
 import types
 import typing
 
+from minimind.model.config import ModelConfig
+
 
 def option(text: str, off_flag: str | None = None, **field_kwargs):
     """A config field with its `--help` text (and a shorter way to say no, for a bool): `default=` or
@@ -51,3 +53,19 @@ def parse_config(config_class, argv: list[str] | None = None, description: str |
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flags(parser, config_class)
     return config_class(**vars(parser.parse_args(argv)))
+
+
+def parse_overrides(text: str | None) -> dict:
+    """"num_experts=4,num_experts_per_tok=1" -> {"num_experts": 4, "num_experts_per_tok": 1}, typed by ModelConfig."""
+    if not text:
+        return {}
+    types = typing.get_type_hints(ModelConfig)
+    known = {field.name for field in dataclasses.fields(ModelConfig)}
+    overrides = {}
+    for item in text.split(","):
+        key, _, value = (part.strip() for part in item.partition("="))
+        if key not in known or not value:
+            raise SystemExit(f"--config-overrides: {item!r} is not FIELD=VALUE with a field of ModelConfig ({', '.join(sorted(known))})")
+        kind = types[key]
+        overrides[key] = float(value) if kind is float else int(value) if kind is int else value
+    return overrides

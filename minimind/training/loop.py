@@ -23,13 +23,16 @@ from pathlib import Path
 
 import torch
 
+from minimind.data.pixels import BatchWithPixels
 from minimind.data.rows import LengthGroupedBatches, StageData, collate
+from minimind.data.shards import PreparedRows
+from minimind.model.lora import LoRAConfig, add_lora, load_adapter, parse_targets, save_adapter
+from minimind.model.tokenizer import load_tokenizer
+from minimind.storage import fetch
 from minimind.training.configs import TrainConfig
 from minimind.training.flops import peak_flops
-from minimind.model.lora import LoRAConfig, add_lora, load_adapter, parse_targets, save_adapter
-from minimind.data.shards import PreparedRows
+from minimind.training.heldout import heldout_loss
 from minimind.training.stages import Stage, unwrap
-from minimind.storage import fetch
 
 TRAINING_STATE = "training_state.pt"
 
@@ -197,8 +200,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     from ray.train.torch import get_device, prepare_model
 
-    from minimind.model.tokenizer import load_tokenizer
-
     job: StageJob = loop_config["job"]
     config = job.config
     context = ray.train.get_context()
@@ -327,8 +328,6 @@ def _loader_settings(stage, model, tokenizer, job: StageJob, device) -> dict:
     pinned memory on CUDA so the copies to the GPU overlap compute."""
     from functools import partial
 
-    from minimind.data.pixels import BatchWithPixels
-
     workers = job.config.loader_workers
     if workers < 0:  # a CPU worker's cores all run torch: a collating process would only take time from them
         workers = 1 if device.type == "cuda" or stage.data_kind == "vlm" else 0
@@ -342,8 +341,6 @@ def _loader_settings(stage, model, tokenizer, job: StageJob, device) -> dict:
 def validation_loss(stage, model, tokenizer, job: StageJob) -> float:
     """The held-out loss of the model being trained (the data kinds with labels per token; DPO has none),
     at temperature 1; the model is left in the mode it was in (GRPO trains in eval mode)."""
-    from minimind.training.heldout import heldout_loss
-
     if not job.eval_path or stage.data_kind == "dpo":
         return float("nan")
     inner = unwrap(model)

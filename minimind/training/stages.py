@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from minimind.model.checkpoint import load_model, save_model
-from minimind.model.vision import load_vlm, save_vlm
 from minimind.model.losses import IGNORE_INDEX, sequence_logprobs
+from minimind.model.vision import load_vlm, save_vlm
 from minimind.training.losses import dpo_loss, kd_loss
 
 
