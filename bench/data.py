@@ -374,8 +374,8 @@ def prepare_in_fresh_ray(path: str, kind: str, tokenizer_dir: str, root: str, se
     deleted first when `fresh`), sampled for peak RSS; then the same call again, which reuses it."""
     import ray
 
-    from minimind.data.rows import StageData
     from minimind.data.prepare import prepare, prepared_location
+    from minimind.data.rows import StageData
     from minimind.model.tokenizer import load_tokenizer
 
     tokenizer, stage = load_tokenizer(tokenizer_dir), StageData(kind, seq_len=seq_len)
@@ -492,11 +492,11 @@ def train_readers(small: str, prepared_location: str, tokenizer_dir: str, preset
     import datasets
     import torch
 
-    from minimind.model.config import ModelConfig
     from minimind.data.rows import LengthGroupedBatches, StageData, collate, load_stage_dataset, row_lengths
-    from minimind.model.model import MiniMindForCausalLM
     from minimind.data.shards import PreparedRows
     from minimind.driver.stages import STAGES
+    from minimind.model.config import ModelConfig
+    from minimind.model.model import MiniMindForCausalLM
     from minimind.model.tokenizer import load_tokenizer
     from minimind.training.loop import batch_tokens, micro_batches
 

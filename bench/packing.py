@@ -31,9 +31,9 @@ def main(argv=None):
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     args = parser.parse_args(argv)
 
-    from minimind.model.config import ModelConfig
     from minimind.data.rows import LengthGroupedBatches, StageData, collate, load_stage_dataset, row_lengths
     from minimind.demo import demo_data, demo_tokenizer
+    from minimind.model.config import ModelConfig
     from minimind.model.model import MiniMindForCausalLM
     from minimind.model.tokenizer import load_tokenizer
 

@@ -25,11 +25,11 @@ from bench.common import print_table, write_results  # noqa: E402
 
 
 def bare_tokens_per_s(steps: int, warmup: int, config) -> float:
-    from minimind.model.config import ModelConfig
     from minimind.data.rows import LengthGroupedBatches, StageData, collate, load_stage_dataset, row_lengths
     from minimind.demo import demo_data, demo_tokenizer
-    from minimind.model.model import MiniMindForCausalLM
     from minimind.driver.stages import STAGES
+    from minimind.model.config import ModelConfig
+    from minimind.model.model import MiniMindForCausalLM
     from minimind.model.tokenizer import load_tokenizer
     from minimind.training.loop import batch_tokens
 
@@ -72,9 +72,9 @@ def main() -> None:
     os.environ.update(MINIMIND_HOME=home, MLFLOW_TRACKING_URI=f"sqlite:///{home}/mlflow.db", RAY_USAGE_STATS_ENABLED="0")
 
     from mlflow.tracking import MlflowClient
-    from minimind.training.configs import PretrainConfig
 
     from minimind.driver.runner import run_stage
+    from minimind.training.configs import PretrainConfig
 
     config = PretrainConfig(max_steps=args.steps, log_every=1, checkpoint_every=args.steps, eval_limit=1, warmup_steps=0)
     started = time.perf_counter()

@@ -31,9 +31,9 @@ from bench.common import print_table, write_results  # noqa: E402
 def random_demo_model(directory: Path, preset: str = "demo") -> str:
     import torch
 
+    from minimind.demo import demo_tokenizer
     from minimind.model.checkpoint import save_model
     from minimind.model.config import ModelConfig
-    from minimind.demo import demo_tokenizer
     from minimind.model.model import MiniMindForCausalLM
     from minimind.model.tokenizer import load_tokenizer
 
@@ -119,12 +119,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     import ray
+    import torch
     from ray import serve
 
     from minimind.serve.app import ModelSpec, ServeSettings, build
     from minimind.serve.protocol import Limits
-
-    import torch
 
     model = args.model or random_demo_model(Path(tempfile.mkdtemp(prefix="bench-serve-")) / "model", args.preset)
     num_gpus = args.num_gpus if args.num_gpus is not None else float(torch.cuda.is_available())

@@ -59,12 +59,11 @@ def main(argv=None):
     from pipeline import STAGES
 
     from minimind import tracking
-    from minimind.data.rows import StageData, collate, load_stage_dataset, row_lengths
+    from minimind.data.rows import LengthGroupedBatches, StageData, collate, load_stage_dataset, row_lengths
     from minimind.demo import demo_data
-    from minimind.model.checkpoint import load_model
     from minimind.driver.stages import STAGES as STAGE_KINDS
+    from minimind.model.checkpoint import load_model
     from minimind.model.tokenizer import load_tokenizer
-    from minimind.data.rows import LengthGroupedBatches
     from minimind.training.loop import accumulate_gradients, cosine_lr
 
     if args.threads:

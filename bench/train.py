@@ -20,7 +20,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (  # noqa: E402
-    autocast, device_name, hf_llama_twin, median, peak_matmul_flops, print_table, time_calls, write_results,
+    autocast,
+    device_name,
+    hf_llama_twin,
+    median,
+    peak_matmul_flops,
+    print_table,
+    time_calls,
+    write_results,
 )
 from minimind.model.config import ModelConfig  # noqa: E402
 from minimind.model.model import MiniMindForCausalLM  # noqa: E402

@@ -84,12 +84,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     from minimind import tracking
+    from minimind.data.pixels import batch_pixel_values
     from minimind.data.rows import StageData, collate, load_stage_dataset
     from minimind.demo import demo_data, demo_vision_tower
     from minimind.driver.evaluate import image_question_accuracy, vlm_replier
     from minimind.model.model import MiniMindForCausalLM
     from minimind.model.tokenizer import load_tokenizer
-    from minimind.data.pixels import batch_pixel_values
     from minimind.model.vision import build_vlm, is_vlm_dir, load_vlm
 
     tracking.configure()
@@ -179,10 +179,10 @@ def read_captions(args, paths: dict) -> None:
     import tempfile
 
     from minimind import tracking
-    from minimind.model.checkpoint import load_model
     from minimind.data.rows import StageData, collate, load_stage_dataset
     from minimind.demo.images import NUM_EVAL, NUM_TRAIN, caption, sample_scenes
     from minimind.driver.evaluate import image_question_accuracy, text_replier
+    from minimind.model.checkpoint import load_model
     from minimind.model.tokenizer import load_tokenizer
 
     init = tracking.resolve_model(args.init)

@@ -12,11 +12,7 @@ again). Held-out retrieval (each held-out picture's most similar held-out captio
 before and after.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minimind.driver.clip_runner import ClipConfig, main, train_clip  # noqa: E402
+from minimind.driver.clip_runner import ClipConfig, main, train_clip
 
 __all__ = ["ClipConfig", "main", "train_clip"]  # train_clip(config, parent_run_id=None): what the pipeline calls
 

@@ -7,13 +7,9 @@ reason weights the tag tokens by --tag-weight (10, as MiniMind). kd mixes cross-
 divergence to a teacher's temperature-softened distribution (same vocabulary). Registers `minimind-reason`.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minimind.training.flags import parse_config  # noqa: E402
-from minimind.driver.runner import run_stage  # noqa: E402
-from minimind.training.configs import DistillConfig  # noqa: E402
+from minimind.driver.runner import run_stage
+from minimind.training.configs import DistillConfig
+from minimind.training.flags import parse_config
 
 
 def main(argv=None):

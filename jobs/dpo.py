@@ -6,13 +6,8 @@
 Logs TRL's rewards/* and logps/* metrics. Registers `minimind-dpo`.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minimind.driver.runner import main  # noqa: E402
-from minimind.training.configs import DPOConfig  # noqa: E402
-
+from minimind.driver.runner import main
+from minimind.training.configs import DPOConfig
 
 if __name__ == "__main__":
     main(DPOConfig, "dpo", description=__doc__)

@@ -13,13 +13,8 @@ Log-probabilities are scored at the sampling --temperature (on the untruncated d
 Registers `minimind-grpo`.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minimind.driver.runner import main  # noqa: E402
-from minimind.training.configs import GRPOConfig  # noqa: E402
-
+from minimind.driver.runner import main
+from minimind.training.configs import GRPOConfig
 
 if __name__ == "__main__":
     main(GRPOConfig, "grpo", description=__doc__)

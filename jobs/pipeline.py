@@ -22,12 +22,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minimind.demo import report  # noqa: E402
-from minimind.driver.showcase import TEXT_STAGES, describe_pictures, stage_answers  # noqa: E402
-from minimind.driver.clip_runner import ClipConfig, train_clip  # noqa: E402
-from minimind.driver.runner import run_stage  # noqa: E402
-from minimind.training.configs import DistillConfig, DPOConfig, PretrainConfig, SFTConfig, VLMConfig, VLMSFTConfig  # noqa: E402
+from minimind.demo import report
+from minimind.driver.clip_runner import ClipConfig, train_clip
+from minimind.driver.runner import run_stage
+from minimind.driver.showcase import TEXT_STAGES, describe_pictures, stage_answers
+from minimind.training.configs import DistillConfig, DPOConfig, PretrainConfig, SFTConfig, VLMConfig, VLMSFTConfig
 
 STAGES = [  # (stage, its settings, the stage whose registered version it starts from)
     ("pretrain", PretrainConfig(epochs=10, lr=3e-3), None),

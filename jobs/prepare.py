@@ -16,12 +16,10 @@ its progress (chunks done, MB/s, ETA): in place on a terminal, a line per 5% in 
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minimind.training.flags import parse_config  # noqa: E402
+from minimind.training.flags import parse_config
 
 
 @dataclass
@@ -49,8 +47,8 @@ def main(argv: list[str] | None = None):
     from minimind.driver.runner import prepared_root
     from minimind.driver.stages import STAGES
     from minimind.model.tokenizer import load_tokenizer
-    from minimind.training.loop import stage_data
     from minimind.model.vision import VISION_CONFIG_NAME, VisionConfig, image_token_count, is_vlm_dir, load_vision_tower
+    from minimind.training.loop import stage_data
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     config = parse_config(PrepareConfig, argv, __doc__)

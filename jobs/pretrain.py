@@ -8,13 +8,8 @@
 Registers `minimind-pretrain`.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minimind.driver.runner import main  # noqa: E402
-from minimind.training.configs import PretrainConfig  # noqa: E402
-
+from minimind.driver.runner import main
+from minimind.training.configs import PretrainConfig
 
 if __name__ == "__main__":
     main(PretrainConfig, "pretrain", description=__doc__)

@@ -9,13 +9,8 @@ Without --vision-model the demo's small random CLIP tower is used (no weights ar
 name a hub id such as openai/clip-vit-base-patch16). Registers `minimind-vlm-pretrain`.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minimind.driver.runner import main  # noqa: E402
-from minimind.training.configs import VLMConfig  # noqa: E402
-
+from minimind.driver.runner import main
+from minimind.training.configs import VLMConfig
 
 if __name__ == "__main__":
     main(VLMConfig, "vlm_pretrain", description=__doc__)

@@ -24,10 +24,6 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 
 LIMIT_FLAGS = {  # Limits fields with a flag each
     "max_tokens": "the most new tokens a request may ask for",

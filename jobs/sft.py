@@ -7,13 +7,8 @@
 Registers `minimind-sft`.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minimind.driver.runner import main  # noqa: E402
-from minimind.training.configs import SFTConfig  # noqa: E402
-
+from minimind.driver.runner import main
+from minimind.training.configs import SFTConfig
 
 if __name__ == "__main__":
     main(SFTConfig, "sft", description=__doc__)

@@ -7,13 +7,8 @@ vision tower stays frozen.
 Registers `minimind-vlm-sft`.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minimind.driver.runner import main  # noqa: E402
-from minimind.training.configs import VLMSFTConfig  # noqa: E402
-
+from minimind.driver.runner import main
+from minimind.training.configs import VLMSFTConfig
 
 if __name__ == "__main__":
     main(VLMSFTConfig, "vlm_sft", description=__doc__)

@@ -9,15 +9,13 @@ MiniMind trained its 6400-token vocabulary on about 10k lines; --max-lines bound
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minimind.data.rows import iter_jsonl  # noqa: E402
-from minimind.training.flags import parse_config  # noqa: E402
-from minimind.model.tokenizer import train_tokenizer  # noqa: E402
+from minimind.data.rows import iter_jsonl
+from minimind.model.tokenizer import train_tokenizer
+from minimind.training.flags import parse_config
 
 
 @dataclass

@@ -214,6 +214,7 @@ def run_import(args) -> None:
     print(f"wrote {destination}: use it as --init {destination} for any stage, or with chat, export-hf and Serve")
     if args.register_as:
         import mlflow
+
         from minimind import tracking  # MLflow, imported only when a command needs it (seconds)
 
         tracking.configure()

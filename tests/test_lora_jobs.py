@@ -3,12 +3,12 @@
 
 from pathlib import Path
 
+import mlflow
 import pytest
 import torch
 from conftest import mlflow_client as client
 from safetensors.torch import load_file
 
-import mlflow
 from minimind import tracking
 from minimind.driver.runner import run_stage
 from minimind.model.checkpoint import load_model

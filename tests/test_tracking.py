@@ -4,12 +4,12 @@ import os
 import shutil
 from pathlib import Path
 
+import mlflow
 import pytest
 import torch
-
-import mlflow
-from minimind import storage, tracking
 from mlflow import MlflowClient
+
+from minimind import storage, tracking
 
 
 @pytest.fixture(scope="session")
@@ -243,9 +243,9 @@ def test_resume_finds_earlier_runs_in_local_folders_and_storage_uris(tmp_path):
 
 
 def test_pin_turns_latest_and_aliases_into_the_exact_version_and_resume_finds_it_again(mlflow_store, tmp_path):
+    import mlflow
     from conftest import random_model
 
-    import mlflow
     from minimind.model.checkpoint import save_model
 
     tracking.configure("pin-test")

@@ -209,6 +209,7 @@ def test_a_registered_vlm_answers_about_an_image_through_mlflow_pyfunc(tmp_path,
     import base64
 
     import mlflow
+
     from minimind import tracking
     from minimind.inference.generate import generate
 

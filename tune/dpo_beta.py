@@ -20,13 +20,9 @@ training-time metric predicts.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sweep import Sweep, finish, mark_keepers, run_sweep, trial_row, trial_runs  # noqa: E402
-
-from minimind.training.configs import DPOConfig  # noqa: E402
+from minimind.driver.sweep import Sweep, finish, mark_keepers, run_sweep, trial_row, trial_runs
+from minimind.training.configs import DPOConfig
 
 COLUMNS = ["trial", "beta", "rewards_accuracy", "rewards_margin", "drift", "answer_exact_match", "answer_before", "status", "keeps_answers"]
 

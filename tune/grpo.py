@@ -15,13 +15,9 @@ then the smaller group, which costs less). It is registered as `minimind-grpo` w
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sweep import Sweep, finish, mark_keepers, run_sweep, trial_row, trial_runs  # noqa: E402
-
-from minimind.training.configs import GRPOConfig  # noqa: E402
+from minimind.driver.sweep import Sweep, finish, mark_keepers, run_sweep, trial_row, trial_runs
+from minimind.training.configs import GRPOConfig
 
 COLUMNS = ["trial", "group_size", "kl_coef", "reasoning_accuracy", "accuracy_before", "answer_exact_match", "answer_before", "status",
            "keeps_answers"]

@@ -16,13 +16,9 @@ trial (lowest final held-out loss) is registered as `minimind-moe` with alias `b
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sweep import Sweep, finish, run_sweep, trial_row, trial_runs  # noqa: E402
-
-from minimind.training.configs import PretrainConfig  # noqa: E402
+from minimind.driver.sweep import Sweep, finish, run_sweep, trial_row, trial_runs
+from minimind.training.configs import PretrainConfig
 
 COLUMNS = ["trial", "num_experts", "top_k", "shared", "total_params", "active_params", "tokens_per_s", "heldout_loss", "status"]
 

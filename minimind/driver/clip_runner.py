@@ -206,10 +206,9 @@ def _publish_tower(trained, processor, folder: Path, record: dict) -> None:
 def _register_tower(folder: Path, name: str, run_id: str, alias: str | None, tags: dict) -> str:
     """The tower folder as a LoggedModel of plain files (a tower is no chat model, so not the pyfunc the
     stages log) registered as the next version of `name`. Returns its models:/NAME/VERSION URI."""
+    import mlflow
     from mlflow.entities import LoggedModelStatus
     from mlflow.tracking import MlflowClient
-
-    import mlflow
 
     logged = mlflow.initialize_logged_model(name=name, source_run_id=run_id)
     MlflowClient().log_model_artifacts(logged.model_id, str(folder))

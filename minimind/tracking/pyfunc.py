@@ -17,10 +17,10 @@ import io
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import mlflow
 import torch
 
 import minimind
-import mlflow
 from minimind.data.images import load_image
 from minimind.inference.chat import prompt_ids
 from minimind.inference.generate import SamplingParams, generate, inference_dtype

@@ -12,11 +12,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mlflow.entities import LoggedModelStatus
-from mlflow.exceptions import MlflowException
-
 import mlflow
 from mlflow import MlflowClient
+from mlflow.entities import LoggedModelStatus
+from mlflow.exceptions import MlflowException
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion

@@ -8,8 +8,9 @@ import warnings
 from typing import TYPE_CHECKING
 
 import mlflow
-from minimind.tracking.store import project_root
 from mlflow import MlflowClient
+
+from minimind.tracking.store import project_root
 
 if TYPE_CHECKING:
     pass

@@ -7,11 +7,10 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from filelock import FileLock
-from mlflow.exceptions import MlflowException
-
 import mlflow
+from filelock import FileLock
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 if TYPE_CHECKING:
     pass

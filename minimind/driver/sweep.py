@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from minimind import tracking  # noqa: E402
-from minimind.training.flags import add_flags, option  # noqa: E402
+from minimind import storage, tracking
+from minimind.driver.runner import prepare_data, run_stage
+from minimind.driver.stages import STAGES
+from minimind.model.config import ModelConfig
+from minimind.training.flags import add_flags, option
 
 TRIAL_FUNCTION_CPUS = 0.5  # the trial's own process: evaluation before/after and the Train controller
 
@@ -50,9 +49,6 @@ def trial(params: dict, stage: str, base_config, parent_run_id: str, environment
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from minimind.model.config import ModelConfig
-    from minimind.driver.runner import run_stage
-
     os.environ.update(environment)  # the driver's tracking store, wherever this runs
     trial_id = ray.tune.get_context().get_trial_id()
     settings = {key: value for key, value in params.items() if key in {f.name for f in fields(base_config)}}
@@ -71,10 +67,6 @@ def run_sweep(sweep: Sweep, stage: str, base_config, param_space: dict, tune_con
     import mlflow
     import ray
     from ray import tune
-
-    from minimind import storage
-    from minimind.driver.runner import prepare_data
-    from minimind.driver.stages import STAGES
 
     experiment_id = tracking.configure(sweep.experiment)
     storage_path = sweep.storage_path or str((tracking.PROJECT_ROOT / "tune_results").resolve())
@@ -100,11 +92,6 @@ def run_sweep(sweep: Sweep, stage: str, base_config, param_space: dict, tune_con
     environment = {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
     if not ray.is_initialized():
         ray.init()
-    # Trials run in other processes, maybe on other nodes, where tune/ is not importable: ship this
-    # module's trial function by value (the configs are the package's own).
-    from ray import cloudpickle
-
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
     worker_cpus = max(sweep.cpus_per_trial - TRIAL_FUNCTION_CPUS, 0.25)
     gpus = {"gpus_per_worker": sweep.gpus_per_trial or 1.0}
     if hasattr(base_config, "rollout_gpus"):  # GRPO: the trial's GPU share is split between its trainer and its rollout actor
