@@ -26,7 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import autocast, device_name, median, memory_bandwidth, print_table, time_calls, write_results  # noqa: E402
-from minimind.inference.generate import SamplingParams, compile_for_decoding, generate  # noqa: E402
+from minimind.inference.generate import compile_for_decoding, generate  # noqa: E402
+from minimind.inference.sampling import SamplingParams
 from minimind.model.checkpoint import export_hf, save_model  # noqa: E402
 from minimind.model.config import ModelConfig  # noqa: E402
 from minimind.model.model import MiniMindForCausalLM  # noqa: E402

@@ -21,7 +21,8 @@ from minimind.data.images import load_image
 from minimind.data.rows import IMAGE_MARKER
 from minimind.demo import model_tour
 from minimind.inference.chat import prompt_ids
-from minimind.inference.generate import SamplingParams, compile_for_decoding, inference_dtype, stream_generate
+from minimind.inference.generate import compile_for_decoding, inference_dtype, stream_generate
+from minimind.inference.sampling import SamplingParams
 from minimind.model.checkpoint import export_hf, load_model
 from minimind.model.config import PRESETS
 from minimind.model.hf import import_model

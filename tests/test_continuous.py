@@ -4,7 +4,8 @@ import pytest
 from conftest import random_model
 
 from minimind.inference.continuous import ContinuousBatch
-from minimind.inference.generate import SamplingParams, generate
+from minimind.inference.generate import generate
+from minimind.inference.sampling import SamplingParams
 
 PROMPTS = {"short": [5, 17], "long": [6000, 12, 13, 14, 99, 1024, 7, 300, 8], "mid": [42, 8, 9, 77], "late": [3000, 31, 32, 33, 34, 35]}
 

@@ -14,7 +14,7 @@ from minimind.data.rows import (
     pack_documents,
     read_jsonl_dataset,
     row_lengths,
-    tokenize_conversation,
+    tokenize_conversations,
 )
 from minimind.model.losses import IGNORE_INDEX
 from minimind.model.tokenizer import Markers, train_tokenizer
@@ -44,7 +44,7 @@ def supervised_text(tokenizer, ids, labels):
 
 
 def test_sft_labels_cover_exactly_every_assistant_reply_and_its_end_of_turn(tokenizer):
-    ids, labels = tokenize_conversation(tokenizer, CONVERSATION)
+    ids, labels = tokenize_conversations(tokenizer, [CONVERSATION])[0]
     assert supervised_text(tokenizer, ids, labels) == "小明喜欢红色。</s>小红住在北京。</s>"
     assert all(label in (token, IGNORE_INDEX) for token, label in zip(ids, labels))
     runs = sum(1 for i, label in enumerate(labels) if label != IGNORE_INDEX and (i == 0 or labels[i - 1] == IGNORE_INDEX))

@@ -2,7 +2,8 @@ import pytest
 import torch
 from conftest import random_model
 
-from minimind.inference.generate import SamplingParams, generate, generate_tensors, next_tokens, stream_batch, stream_generate
+from minimind.inference.generate import generate, generate_tensors, stream_batch, stream_generate
+from minimind.inference.sampling import RowSampler, SamplingParams
 
 PROMPTS = [[5, 17, 99, 1024, 7, 300], [42, 8], [6000, 12, 13, 14]]
 
@@ -73,19 +74,17 @@ def test_top_k_one_and_tiny_top_p_are_greedy(tiny_model):
 def test_top_k_and_top_p_only_sample_from_the_kept_tokens():
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).repeat(2000, 1)
     generator = torch.Generator().manual_seed(0)
-    top2 = next_tokens(logits, SamplingParams(temperature=1.0, top_k=2), None, generator)
+    top2 = RowSampler([SamplingParams(temperature=1.0, top_k=2)] * len(logits), shared=generator)(logits, None)
     assert set(top2.tolist()) == {0, 1}
     # softmax mass: 0.64, 0.24, 0.09, ... -> top_p 0.8 keeps the first two tokens, 0.9 the first three
-    assert set(next_tokens(logits, SamplingParams(temperature=1.0, top_p=0.8), None, generator).tolist()) == {0, 1}
-    assert set(next_tokens(logits, SamplingParams(temperature=1.0, top_p=0.9), None, generator).tolist()) == {0, 1, 2}
+    assert set(RowSampler([SamplingParams(temperature=1.0, top_p=0.8)] * len(logits), shared=generator)(logits, None).tolist()) == {0, 1}
+    assert set(RowSampler([SamplingParams(temperature=1.0, top_p=0.9)] * len(logits), shared=generator)(logits, None).tolist()) == {0, 1, 2}
 
 
 def test_each_row_samples_with_its_own_settings_and_random_stream():
     """One batch, four settings: greedy, top-k 2, top-p 0.8 (found among the best candidates) and top-p
     0.9999 over a flat tail (which needs the whole sorted vocabulary); a seeded row's tokens do not
     depend on which rows share its batch."""
-    from minimind.inference.generate import RowSampler
-
     peaked = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0] + [-9.0] * 195)
     flat = torch.zeros(200)
     logits = torch.stack([peaked, peaked, peaked, flat])
@@ -105,8 +104,8 @@ def test_each_row_samples_with_its_own_settings_and_random_stream():
 def test_repetition_penalty_discourages_seen_tokens():
     logits = torch.tensor([[2.0, 1.9, -1.0]])
     seen = torch.tensor([[True, False, False]])
-    assert next_tokens(logits, SamplingParams(), seen).item() == 0
-    assert next_tokens(logits, SamplingParams(repetition_penalty=1.3), seen).item() == 1
+    assert RowSampler([SamplingParams()])(logits, seen).item() == 0
+    assert RowSampler([SamplingParams(repetition_penalty=1.3)])(logits, seen).item() == 1
 
 
 def test_invalid_sampling_values_are_refused(tiny_model):

@@ -15,6 +15,7 @@ from conftest import random_model
 from minimind.driver.stages import STAGES
 from minimind.model.checkpoint import save_model
 from minimind.model.losses import IGNORE_INDEX
+from minimind.model.model import unwrap
 from minimind.rl.grpo import (
     Prompt,
     active_tokens,
@@ -30,7 +31,6 @@ from minimind.rl.grpo import (
 from minimind.rl.rollout import RolloutWorker
 from minimind.training.configs import GRPOConfig
 from minimind.training.loop import StageJob, adamw
-from minimind.training.stages import unwrap
 
 EOS, PAD = 2, 0
 CPU = torch.device("cpu")

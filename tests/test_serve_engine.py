@@ -6,7 +6,8 @@ import pytest
 import torch
 from conftest import random_model
 
-from minimind.inference.generate import SamplingParams, generate
+from minimind.inference.generate import generate
+from minimind.inference.sampling import SamplingParams
 from minimind.serve.engine import BatchingEngine, releasable
 from minimind.serve.errors import APIError
 from minimind.serve.protocol import Limits, parse_chat_request, split_reasoning

@@ -246,11 +246,6 @@ def tokenize_conversations(tokenizer, conversations: list[list[dict]], only_last
             for ids, supervised in encode_conversations(tokenizer, conversations, only_last)]
 
 
-def tokenize_conversation(tokenizer, messages: list[dict], only_last: bool = False) -> tuple[list[int], list[int]]:
-    """input_ids and labels: labels copy the ids inside assistant replies and are -100 elsewhere."""
-    return tokenize_conversations(tokenizer, [messages], only_last)[0]
-
-
 def tag_mask(ids: np.ndarray, sequences: list[list[int]]) -> np.ndarray:
     """True at every position inside an occurrence of one of `sequences` (the tags, each one token or
     several: a tag spelled `<`,`th`,`ink`,`>` marks those four positions, not every `<` of the text)."""

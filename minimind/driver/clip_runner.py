@@ -24,10 +24,10 @@ from minimind import storage, tracking
 from minimind.demo import demo_data, demo_tokenizer, demo_vision_tower
 from minimind.driver.cluster import local_input, placement, workers_see_driver_disk
 from minimind.driver.runner import StageResult
+from minimind.model.model import unwrap
 from minimind.model.tokenizer import load_tokenizer
 from minimind.training import clip
 from minimind.training.flags import option, parse_config
-from minimind.training.stages import unwrap
 
 TRAINING_RECORD = "training.json"  # beside the tower's weights: how it was trained and what it scored
 DECODED_PICTURES = 20_000  # pictures a worker keeps decoded between steps (64-px: 1 GB); more are decoded per batch

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -163,7 +162,3 @@ def _mean_logps(model, ids, mask, labels):
     model.eval()
     hidden = model(ids, mask, return_logits=False).hidden_states
     return sequence_logprobs(hidden, model.lm_head.weight, labels)
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(min(loss, 50.0))

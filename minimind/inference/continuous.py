@@ -20,7 +20,8 @@ from contextlib import nullcontext
 
 import torch
 
-from minimind.inference.generate import RowSampler, SamplingParams, left_pad, one_row_kernels, suppress
+from minimind.inference.generate import left_pad, one_row_kernels
+from minimind.inference.sampling import RowSampler, SamplingParams, suppress
 from minimind.model.model import KVCache
 
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from minimind.model.config import ModelConfig
-from minimind.model.model import MiniMindForCausalLM
+from minimind.model.model import MiniMindForCausalLM, unwrap
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -29,8 +29,7 @@ def _replace_atomically(write, path: Path) -> None:
 def save_model(model: MiniMindForCausalLM, directory: str | Path, tokenizer=None) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    model = getattr(model, "module", model)  # unwrap DDP
-    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    model = unwrap(model)
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items() if name not in TIED_KEYS}
     _replace_atomically(lambda path: save_file(state, str(path), metadata={"format": "pt"}), directory / WEIGHTS_NAME)
     _replace_atomically(model.config.save, directory / CONFIG_NAME)

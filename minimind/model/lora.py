@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from minimind.model.checkpoint import load_model, save_model
+from minimind.model.model import unwrap
 from minimind.model.tokenizer import load_tokenizer
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -155,7 +156,7 @@ def has_lora(model: nn.Module) -> bool:
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    model = getattr(model, "module", model)  # unwrap DDP
+    model = unwrap(model)
     model = getattr(model, "_orig_mod", model)  # and torch.compile
     return {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items() if ".lora_" in name}
 

@@ -417,3 +417,9 @@ class MiniMindForCausalLM(nn.Module):
             idle_experts = self.config.num_experts - self.config.num_experts_per_tok
             total -= idle_experts * per_expert * self.config.num_hidden_layers
         return total
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP's wrapper (`.module`) and torch.compile's (`._orig_mod`)."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)

@@ -23,7 +23,7 @@ from torch import nn
 
 from minimind import storage
 from minimind.model.checkpoint import load_model, save_model
-from minimind.model.model import CausalLMOutput, MiniMindForCausalLM
+from minimind.model.model import CausalLMOutput, MiniMindForCausalLM, unwrap
 from minimind.model.tokenizer import Markers, load_tokenizer
 
 VISION_CONFIG_NAME = "vision.json"
@@ -150,7 +150,7 @@ def save_vlm(vlm: MiniMindVLM, directory: str | Path, tokenizer=None, vision_mod
     `vision/`, or with `vision_model` only referenced by that folder or hub id (the tower is frozen, so
     checkpoints and linked models need no copy of their own)."""
     directory = Path(directory)
-    vlm = getattr(vlm, "module", vlm)
+    vlm = unwrap(vlm)
     save_model(vlm.language_model, directory, tokenizer=tokenizer)
     save_file({"weight": vlm.projection.weight.detach().cpu().contiguous()}, str(directory / PROJECTION_NAME))
     if vision_model is None:

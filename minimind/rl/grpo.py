@@ -34,6 +34,7 @@ from minimind.data.rows import right_pad
 from minimind.data.shards import PreparedRows
 from minimind.model.lora import LoRAConfig, adapter_state
 from minimind.model.losses import IGNORE_INDEX, sequence_logprobs, token_logprobs
+from minimind.model.model import unwrap
 from minimind.model.tokenizer import Markers, load_tokenizer
 from minimind.rl.losses import group_advantages, policy_loss
 from minimind.rl.rewards import MODEL_REWARD, Completion, parse_weights, reasoning_parts, score
@@ -53,7 +54,7 @@ from minimind.training.loop import (
     say,
     validation_loss,
 )
-from minimind.training.stages import load_frozen, unwrap
+from minimind.training.stages import load_frozen
 
 
 @dataclass(frozen=True)

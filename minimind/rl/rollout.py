@@ -14,7 +14,8 @@ from contextlib import nullcontext
 
 import torch
 
-from minimind.inference.generate import SamplingParams, stream_batch
+from minimind.inference.generate import stream_batch
+from minimind.inference.sampling import SamplingParams
 from minimind.model.config import ModelConfig
 from minimind.model.lora import LoRAConfig, add_lora
 from minimind.model.model import MiniMindForCausalLM

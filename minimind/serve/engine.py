@@ -27,7 +27,8 @@ import torch
 from minimind.data.rows import IMAGE_MARKER
 from minimind.inference.chat import prompt_ids
 from minimind.inference.continuous import ContinuousBatch
-from minimind.inference.generate import SamplingParams, inference_dtype
+from minimind.inference.generate import inference_dtype
+from minimind.inference.sampling import SamplingParams
 from minimind.model.checkpoint import load_model
 from minimind.model.tokenizer import Markers, load_tokenizer
 from minimind.model.vision import is_vlm_dir, load_vlm

@@ -23,7 +23,8 @@ import torch
 import minimind
 from minimind.data.images import load_image
 from minimind.inference.chat import prompt_ids
-from minimind.inference.generate import SamplingParams, generate, inference_dtype
+from minimind.inference.generate import generate, inference_dtype
+from minimind.inference.sampling import SamplingParams
 from minimind.model.checkpoint import load_model
 from minimind.model.lora import is_adapter_dir
 from minimind.model.tokenizer import load_tokenizer

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from minimind.data.images import load_image
 from minimind.data.rows import iter_jsonl
+from minimind.model.model import unwrap
 from minimind.model.vision import load_vision_tower
-from minimind.training.stages import unwrap
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps its temperature so logits never exceed 100
 

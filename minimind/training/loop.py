@@ -27,12 +27,13 @@ from minimind.data.pixels import BatchWithPixels
 from minimind.data.rows import LengthGroupedBatches, StageData, collate
 from minimind.data.shards import PreparedRows
 from minimind.model.lora import LoRAConfig, add_lora, load_adapter, parse_targets, save_adapter
+from minimind.model.model import unwrap
 from minimind.model.tokenizer import load_tokenizer
 from minimind.storage import fetch
 from minimind.training.configs import TrainConfig
 from minimind.training.flops import peak_flops
 from minimind.training.heldout import heldout_loss
-from minimind.training.stages import Stage, unwrap
+from minimind.training.stages import Stage
 
 TRAINING_STATE = "training_state.pt"
 

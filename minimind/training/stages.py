@@ -15,12 +15,9 @@ import torch
 
 from minimind.model.checkpoint import load_model, save_model
 from minimind.model.losses import IGNORE_INDEX, sequence_logprobs
+from minimind.model.model import unwrap
 from minimind.model.vision import load_vlm, save_vlm
 from minimind.training.losses import dpo_loss, kd_loss
-
-
-def unwrap(model):
-    return getattr(model, "module", model)  # DDP keeps the model in .module
 
 
 @dataclass(frozen=True)
