@@ -20,15 +20,13 @@ import torch
 from minimind.data.images import load_image
 from minimind.data.rows import IMAGE_MARKER
 from minimind.demo import model_tour
-from minimind.inference.chat import prompt_ids
-from minimind.inference.generate import compile_for_decoding, inference_dtype, stream_generate
-from minimind.inference.sampling import SamplingParams
-from minimind.model.checkpoint import export_hf, load_model
+from minimind.inference.chat import Chat
+from minimind.inference.generate import compile_for_decoding, stream_generate
+from minimind.model.checkpoint import export_hf
 from minimind.model.config import PRESETS
 from minimind.model.hf import import_model
 from minimind.model.lora import ADAPTER_CONFIG_NAME, LoRAConfig, is_adapter_dir, merge_adapter_dir
-from minimind.model.tokenizer import load_tokenizer
-from minimind.model.vision import is_vlm_dir, load_vlm
+from minimind.model.vision import is_vlm_dir
 from minimind.training.flags import parse_overrides
 
 
@@ -104,23 +102,18 @@ class _Session:
                 from minimind import tracking  # MLflow, imported only when a command needs it (seconds)
 
                 model_dir = loading.enter_context(tracking.resolved_model(args.model))
-            self.is_vlm = is_vlm_dir(model_dir)
-            if getattr(args, "image", None) and not self.is_vlm:
+            if getattr(args, "image", None) and not is_vlm_dir(model_dir):
                 raise SystemExit(f"--image needs a MiniMind-V model directory; {args.model} is a text-only model")
-            self.model = (load_vlm if self.is_vlm else load_model)(model_dir, device=args.device, dtype=inference_dtype(args.dtype, args.device))
-            self.tokenizer = load_tokenizer(model_dir)
+            self.chat = Chat.load(model_dir, device=args.device, dtype=args.dtype)
+        self.model, self.tokenizer = self.chat.model, self.chat.tokenizer
         images = [load_image(path) for path in getattr(args, "image", None) or []]
-        self.prompt_inputs = {"pixel_values": self.model.pixel_values(images)} if images else None
+        self.prompt_inputs = {"pixel_values": self.chat.pixel_values(images)} if images else None
         self.image_count = len(images)
         if args.compile:
             compile_for_decoding(self.model)
-        stop_ids = {self.model.config.eos_token_id}
-        if self.tokenizer.eos_token_id is not None:
-            stop_ids.add(self.tokenizer.eos_token_id)
-        self.params = SamplingParams(
+        self.params = self.chat.sampling(
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-            repetition_penalty=args.repetition_penalty, seed=args.seed, stop_token_ids=sorted(stop_ids),
-            suppress_token_ids=[self.model.image_token_id] if self.is_vlm else None,
+            repetition_penalty=args.repetition_penalty, seed=args.seed,
         )
 
     def reply(self, prompt_ids: list[int]) -> str:
@@ -140,14 +133,13 @@ class _Session:
     def chat_ids(self, messages: list[dict]) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise SystemExit("this model's tokenizer has no chat template; use `minimind generate` for raw text")
-        if self.is_vlm:
+        if self.chat.takes_images:
             first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
             missing = self.image_count - sum(m["content"].count(IMAGE_MARKER) for m in messages)
             if missing > 0:  # images not placed by the user go before the first question
                 messages = [*messages]
                 messages[first_user] = {**messages[first_user], "content": IMAGE_MARKER * missing + "\n" + messages[first_user]["content"]}
-            return prompt_ids(self.model, self.tokenizer, messages)
-        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+        return self.chat.prompt_ids(messages)
 
 
 def run_generate(args) -> None:

@@ -2,6 +2,7 @@
 
 import io
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,8 +10,8 @@ from conftest import random_model
 from PIL import Image
 
 from minimind.data.images import ImageError, load_image
-from minimind.inference.chat import prompt_ids
-from minimind.inference.generate import generate_with_images
+from minimind.inference.chat import Chat, prompt_ids
+from minimind.inference.generate import generate
 from minimind.model.checkpoint import save_model
 from minimind.model.vision import MiniMindVLM, is_vlm_dir, load_vision_tower, load_vlm, save_vlm
 
@@ -93,9 +94,14 @@ def test_generation_with_images_matches_without_cache_and_one_by_one():
     n = vlm.image_tokens
     prompts = [[1, 9] + [IMAGE_ID] * n + [10], [1, 3, 4, 5] + [IMAGE_ID] * n + [12, 13, 14] + [IMAGE_ID] * n + [15]]
     images = [picture(0), picture(1), picture(2)]
-    batched = generate_with_images(vlm, prompts, images, max_new_tokens=8)
-    uncached = generate_with_images(vlm, prompts, images, max_new_tokens=8, use_cache=False)
-    alone = generate_with_images(vlm, prompts[:1], images[:1], max_new_tokens=8) + generate_with_images(vlm, prompts[1:], images[1:], max_new_tokens=8)
+    chat = Chat(vlm, SimpleNamespace(eos_token_id=None))  # the loader's sampling: stop at the model's EOS, no placeholder
+
+    def generate_with_images(prompts, images, **settings):
+        return generate(vlm, prompts, chat.sampling(max_new_tokens=8, **settings), {"pixel_values": chat.pixel_values(images)})
+
+    batched = generate_with_images(prompts, images)
+    uncached = generate_with_images(prompts, images, use_cache=False)
+    alone = generate_with_images(prompts[:1], images[:1]) + generate_with_images(prompts[1:], images[1:])
     assert batched == uncached == alone and all(len(tokens) == 8 for tokens in batched)
     assert all(IMAGE_ID not in tokens for tokens in batched)  # the placeholder is never generated
 

@@ -11,11 +11,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 
 import torch
-from PIL import Image
 
 from minimind.inference.sampling import RowSampler, SamplingParams, suppress
 from minimind.model.model import KVCache, MiniMindForCausalLM
-from minimind.model.vision import MiniMindVLM
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -175,9 +173,3 @@ def stream_generate(model: MiniMindForCausalLM, prompt: Sequence[int], params: S
         if token is None:
             return
         yield token
-
-
-def generate_with_images(vlm: MiniMindVLM, prompts: list[list[int]], images: list[Image.Image], **sampling) -> list[list[int]]:
-    """Batched, KV-cached generation; `images` are every prompt's images, prompt by prompt, in order."""
-    pixel_values = vlm.pixel_values(images) if images else None
-    return generate(vlm, prompts, prompt_inputs={"pixel_values": pixel_values}, suppress_token_ids=[vlm.image_token_id], **sampling)

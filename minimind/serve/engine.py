@@ -1,17 +1,15 @@
-"""Serving a model to many clients at once, without Ray: a batching engine over the library's KV-cached
-batched decoder, and `ChatModel`, which turns an OpenAI-style request into a stream of events.
+"""Serving a model to many clients at once, without Ray: a batching engine over the library's continuous
+batch (minimind.inference.continuous), and `ChatModel`, which turns an OpenAI-style request into a stream
+of events.
 
-Batching is continuous at step granularity: requests decode together as one left-padded, KV-cached
-batch of up to `max_batch_size`, each row with its own sampling parameters (temperature, top-p, top-k,
-repetition penalty, seed). A request arriving while a batch decodes joins it at the next step, whatever
-its settings, first come first served: the batch is re-formed from each row's prompt plus the tokens it
-has so far and prefilled again (a prefill of the whole batch costs about as much as a few decode steps
-of it, and spares the newcomer a wait for the whole batch). A request whose client goes away, or that
-has its tokens or hit a stop string, leaves at the next step. A seeded request decodes in a lane of its
-own within the same steps, with its own random generator, so it samples the same tokens alone or in any
-company (see `BatchingEngine._decode`).
+Batching is continuous at step granularity: requests decode together in one KV-cached batch of up to
+`max_batch_size`, each row with its own sampling parameters (temperature, top-p, top-k, repetition
+penalty). A request arriving while the batch decodes joins it at the next step, first come first
+served: only the newcomers are prefilled, and the rows already decoding are never computed again. A
+request whose client goes away, or that has its tokens or hit a stop string, leaves at the next step. A
+seeded request decodes in a batch of its own within the same steps, with its own random generator, so it
+samples the same tokens alone or in any company (see `BatchingEngine._decode`).
 """
-
 from __future__ import annotations
 
 import asyncio
@@ -25,13 +23,10 @@ from pathlib import Path
 import torch
 
 from minimind.data.rows import IMAGE_MARKER
-from minimind.inference.chat import prompt_ids
+from minimind.inference.chat import Chat
 from minimind.inference.continuous import ContinuousBatch
-from minimind.inference.generate import inference_dtype
 from minimind.inference.sampling import SamplingParams
-from minimind.model.checkpoint import load_model
-from minimind.model.tokenizer import Markers, load_tokenizer
-from minimind.model.vision import is_vlm_dir, load_vlm
+from minimind.model.tokenizer import Markers
 from minimind.serve.errors import APIError
 from minimind.serve.protocol import ChatRequest, Limits, open_image, split_reasoning
 
@@ -271,33 +266,24 @@ class ChatModel:
 
     def __init__(self, model_dir: str | Path, limits: Limits | None = None, max_batch_size: int = 16,
                  batch_wait_s: float = 0.01, dtype: str = "bf16", device: str | None = None):
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.takes_images = is_vlm_dir(model_dir)
-        weights = inference_dtype(dtype, device)  # bf16: half the bytes read per decoded token
-        self.model = (load_vlm if self.takes_images else load_model)(model_dir, device=device, dtype=weights).eval()
-        self.tokenizer = load_tokenizer(model_dir)
+        self.loaded = Chat.load(model_dir, device=device, dtype=dtype)
+        self.model, self.tokenizer, self.takes_images = self.loaded.model, self.loaded.tokenizer, self.loaded.takes_images
         self.markers = Markers.of(self.tokenizer)
         self.limits = limits or Limits()
         self.context = self.model.config.max_position_embeddings
-        stops = sorted({self.model.config.eos_token_id, self.tokenizer.eos_token_id} - {None})
         # a VLM never samples its placeholder; a text model needs no image token at all
         image_id = [self.model.image_token_id] if self.takes_images else []
-        self.engine = BatchingEngine(self.model, stops, image_id, max_batch_size, batch_wait_s)
+        self.engine = BatchingEngine(self.model, self.loaded.stop_ids, image_id, max_batch_size, batch_wait_s)
         # decoding and resizing images happens here, before a request joins the batch; two threads bound
         # the memory that images being decoded take
         self.image_decoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode-images")
-
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
-        if self.takes_images:
-            return prompt_ids(self.model, self.tokenizer, messages)
-        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
 
     def pixel_values(self, images: list[bytes]) -> torch.Tensor:
         """The model's input for a request's images, decoded the way the gateway checked them."""
         return self.model.pixel_values([open_image(data, self.limits.max_image_pixels, "messages") for data in images])
 
     async def chat(self, request: ChatRequest) -> AsyncIterator[dict]:
-        prompt = self.prompt_ids(request.messages)
+        prompt = self.loaded.prompt_ids(request.messages)
         if self.takes_images:  # counted in the prompt's ids: the text may also spell the tokenizer's own image marker
             placeholders = prompt.count(self.model.image_token_id) // self.model.image_tokens
             if placeholders != len(request.images):

@@ -18,17 +18,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import mlflow
-import torch
 
 import minimind
 from minimind.data.images import load_image
-from minimind.inference.chat import prompt_ids
-from minimind.inference.generate import generate, inference_dtype
-from minimind.inference.sampling import SamplingParams
-from minimind.model.checkpoint import load_model
+from minimind.inference.chat import Chat
+from minimind.inference.generate import generate
 from minimind.model.lora import is_adapter_dir
-from minimind.model.tokenizer import load_tokenizer
-from minimind.model.vision import is_vlm_dir, load_vlm
+from minimind.model.vision import is_vlm_dir
 from minimind.tracking.registry import CONFIG_NAME, MODEL_MARKERS, check_alias, mark_failed, register_logged_model, resolved_model
 from minimind.tracking.store import mlflow_client
 
@@ -62,33 +58,23 @@ class ChatPredictor:
     """A model folder answering chats greedily or sampled, with its tokenizer's template and stop token."""
 
     def __init__(self, model_dir: str | Path):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.takes_images = is_vlm_dir(model_dir)
-        self.model = (load_vlm if self.takes_images else load_model)(model_dir, device=device, dtype=inference_dtype("bf16", device))
-        self.tokenizer = load_tokenizer(model_dir)
-        self.stop_ids = sorted({self.model.config.eos_token_id, self.tokenizer.eos_token_id} - {None})
+        self.chat = Chat.load(model_dir)
 
     def predict(self, model_input, params: dict | None = None) -> list[str]:
         params = {**PARAMS, **(params or {})}
         replies = []
         for chat in _chats(model_input):
-            prompt, inputs = self._prompt(chat)
-            sampling = SamplingParams(
+            messages = [{"role": m["role"], "content": m["content"]} for m in chat["messages"]]
+            pictures = chat.get("images") or [] if self.chat.takes_images else []  # a text model has no use for them
+            images = [load_image(io.BytesIO(base64.b64decode(data)), name="image") for data in pictures]
+            sampling = self.chat.sampling(
                 max_new_tokens=int(params["max_tokens"]), temperature=float(params["temperature"]), top_p=float(params["top_p"]),
-                seed=None if int(params["seed"]) < 0 else int(params["seed"]), stop_token_ids=self.stop_ids,
-                suppress_token_ids=[self.model.image_token_id] if self.takes_images else None,
+                seed=None if int(params["seed"]) < 0 else int(params["seed"]),
             )
-            tokens = generate(self.model, [prompt], sampling, prompt_inputs=inputs)[0]
-            replies.append(self.tokenizer.decode(tokens, skip_special_tokens=True))
+            inputs = {"pixel_values": self.chat.pixel_values(images)} if images else None
+            tokens = generate(self.chat.model, [self.chat.prompt_ids(messages)], sampling, prompt_inputs=inputs)[0]
+            replies.append(self.chat.tokenizer.decode(tokens, skip_special_tokens=True))
         return replies
-
-    def _prompt(self, chat: dict) -> tuple[list[int], dict | None]:
-        messages = [{"role": m["role"], "content": m["content"]} for m in chat["messages"]]
-        if not self.takes_images:
-            return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)), None
-
-        images = [load_image(io.BytesIO(base64.b64decode(data)), name="image") for data in chat.get("images") or []]
-        return prompt_ids(self.model, self.tokenizer, messages), ({"pixel_values": self.model.pixel_values(images)} if images else None)
 
 
 def _chats(model_input) -> list[dict]:
