@@ -339,7 +339,9 @@ class PeakRSS:
                 continue
             command = " ".join(arguments)
             entry = self.peaks.setdefault(process.pid, {"rss": 0, "worker": False, "name": _short_name(arguments), "cpu_start": 0.0})
-            entry["cpu"] = times.user + times.system + (times.children_user + times.children_system if process == self.root else 0)
+            entry["cpu"] = (
+                times.user + times.system + (times.children_user + times.children_system if process == self.root else 0)
+            )
             if "ray::" in command or "default_worker.py" in command:
                 entry["worker"] = True
             if "ray::" in command and command.strip() != "ray::IDLE":
@@ -352,10 +354,18 @@ class PeakRSS:
         system = [entry for pid, entry in self.peaks.items() if pid != self.root.pid and not entry["worker"]]
         top = max(workers, key=lambda entry: entry["rss"], default={"rss": 0, "name": ""})
         top_system = max(system, key=lambda entry: entry["rss"], default={"rss": 0, "name": ""})
-        return {"driver_rss": driver, "worker_rss": top["rss"], "worker_name": top["name"], "workers": len(workers),
-                "system_rss": top_system["rss"], "system_name": top_system["name"],
-                "work_cpu_seconds": sum(e["cpu"] - e["cpu_start"] for pid, e in self.peaks.items() if e["worker"] or pid == self.root.pid),
-                "system_cpu_seconds": sum(e["cpu"] - e["cpu_start"] for e in system)}
+        return {
+            "driver_rss": driver,
+            "worker_rss": top["rss"],
+            "worker_name": top["name"],
+            "workers": len(workers),
+            "system_rss": top_system["rss"],
+            "system_name": top_system["name"],
+            "work_cpu_seconds": sum(
+                e["cpu"] - e["cpu_start"] for pid, e in self.peaks.items() if e["worker"] or pid == self.root.pid
+            ),
+            "system_cpu_seconds": sum(e["cpu"] - e["cpu_start"] for e in system),
+        }
 
 
 def _short_name(arguments: list[str]) -> str:
@@ -368,8 +378,16 @@ def _short_name(arguments: list[str]) -> str:
     return scripts[0] if "python" in Path(arguments[0]).name and scripts else Path(arguments[0]).name
 
 
-def prepare_in_fresh_ray(path: str, kind: str, tokenizer_dir: str, root: str, seq_len: int, fresh: bool = True,
-                         chunk_mb: int | None = None, again: bool = True) -> dict:
+def prepare_in_fresh_ray(
+    path: str,
+    kind: str,
+    tokenizer_dir: str,
+    root: str,
+    seq_len: int,
+    fresh: bool = True,
+    chunk_mb: int | None = None,
+    again: bool = True,
+) -> dict:
     """In a process of its own (spawned): a fresh local Ray instance, `prepare()` of `path` (its folder
     deleted first when `fresh`), sampled for peak RSS; then the same call again, which reuses it."""
     import ray
@@ -399,11 +417,25 @@ def prepare_in_fresh_ray(path: str, kind: str, tokenizer_dir: str, root: str, se
     ray.shutdown()
     manifest = prepared.manifest
     size = os.path.getsize(path)
-    return {"path": path, "kind": kind, "location": prepared.location, "reused": prepared.reused, "ray_init_seconds": ray_seconds,
-            "seconds": seconds, "prepare_seconds": prepared.seconds, "reused_seconds": reused_seconds, "mb": size / MB,
-            "mb_per_s": size / MB / seconds, "tokens": manifest["tokens"], "tokens_per_s": manifest["tokens"] / seconds,
-            "rows": manifest["rows"], "records": manifest["records"], "shards": len(manifest["shards"]),
-            "truncated": manifest["report"].get("truncated"), **memory.summary()}
+    return {
+        "path": path,
+        "kind": kind,
+        "location": prepared.location,
+        "reused": prepared.reused,
+        "ray_init_seconds": ray_seconds,
+        "seconds": seconds,
+        "prepare_seconds": prepared.seconds,
+        "reused_seconds": reused_seconds,
+        "mb": size / MB,
+        "mb_per_s": size / MB / seconds,
+        "tokens": manifest["tokens"],
+        "tokens_per_s": manifest["tokens"] / seconds,
+        "rows": manifest["rows"],
+        "records": manifest["records"],
+        "shards": len(manifest["shards"]),
+        "truncated": manifest["report"].get("truncated"),
+        **memory.summary(),
+    }
 
 
 def in_child(function, *args, **kwargs):
@@ -417,8 +449,14 @@ def in_child(function, *args, **kwargs):
 
 def ray_startup_seconds() -> float:
     command = "import ray, time; t=time.time(); ray.init(); print(time.time()-t)"
-    done = subprocess.run([sys.executable, "-c", command], capture_output=True, text=True, check=True, cwd=ROOT,
-                          env={**os.environ, "TOKENIZERS_PARALLELISM": ""})
+    done = subprocess.run(
+        [sys.executable, "-c", command],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": ""},
+    )
     return float(done.stdout.strip().splitlines()[-1])
 
 
@@ -426,12 +464,24 @@ def run_job(arguments: list[str], env: dict, log: Path, timeout: float) -> dict:
     """Run a stage job to its end, streaming its output to `log`; when each marker line first appeared."""
     started = time.perf_counter()
     seen: dict[str, float] = {}
-    markers = {"ray_started": "Started a local Ray instance", "prepared_already": "prepared already",
-               "prepared_now": "chunk(s) over the Ray cluster", "data_checked": "training rows", "first_step": "step     1/"}
+    markers = {
+        "ray_started": "Started a local Ray instance",
+        "prepared_already": "prepared already",
+        "prepared_now": "chunk(s) over the Ray cluster",
+        "data_checked": "training rows",
+        "first_step": "step     1/",
+    }
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as out:
-        process = subprocess.Popen([sys.executable, *arguments], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True, bufsize=1)
+        process = subprocess.Popen(
+            [sys.executable, *arguments],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        )
         timer = threading.Timer(timeout, process.kill)
         timer.start()
         try:
@@ -447,43 +497,77 @@ def run_job(arguments: list[str], env: dict, log: Path, timeout: float) -> dict:
     total = time.perf_counter() - started
     if code != 0:
         tail = log.read_text().splitlines()[-15:]
-        raise RuntimeError(f"{' '.join(arguments)} exited with {code} after {total:.0f}s; its log {log} ends:\n"
-                           + "\n".join(tail))
+        raise RuntimeError(
+            f"{' '.join(arguments)} exited with {code} after {total:.0f}s; its log {log} ends:\n" + "\n".join(tail)
+        )
     return {"seconds": total, **{f"{name}_at": seen.get(name) for name in markers}, "log": str(log)}
 
 
 def startup(pretrain: str, sft: str, tokenizer_dir: str, out: Path, seq_len: int, timeout: float) -> dict:
     storage, home = out / "storage", out / "home"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{(out / 'mlflow.db').resolve()}",
-           "MINIMIND_HOME": str(home.resolve()), "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{(out / 'mlflow.db').resolve()}",
+        "MINIMIND_HOME": str(home.resolve()),
+        "PYTHONUNBUFFERED": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
     env.pop("TOKENIZERS_PARALLELISM")  # the jobs as a user runs them
     common = ["--seq-len", str(seq_len), "--log-every", "1", "--storage-path", str(storage.resolve())]
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    pretrain_job = run_job(["jobs/pretrain.py", "--data", pretrain, "--tokenizer", tokenizer_dir, "--preset", "demo",
-                            "--max-steps", "1", *common], env, out / "logs" / f"pretrain-{stamp}.log", timeout)
-    print(f"[startup] jobs/pretrain.py (1 step) took {pretrain_job['seconds']:.0f}s; "
-          f"its data {'was prepared already' if pretrain_job['prepared_already_at'] is not None else 'was NOT found prepared'}")
+    pretrain_job = run_job(
+        ["jobs/pretrain.py", "--data", pretrain, "--tokenizer", tokenizer_dir, "--preset", "demo", "--max-steps", "1", *common],
+        env,
+        out / "logs" / f"pretrain-{stamp}.log",
+        timeout,
+    )
+    print(
+        f"[startup] jobs/pretrain.py (1 step) took {pretrain_job['seconds']:.0f}s; "
+        f"its data {'was prepared already' if pretrain_job['prepared_already_at'] is not None else 'was NOT found prepared'}"
+    )
     ray_seconds = ray_startup_seconds()
-    sft_job = run_job(["jobs/sft.py", "--data", sft, "--init", "models:/minimind-pretrain/latest", "--max-steps", "5", *common],
-                      env, out / "logs" / f"sft-{stamp}.log", timeout)
+    sft_job = run_job(
+        ["jobs/sft.py", "--data", sft, "--init", "models:/minimind-pretrain/latest", "--max-steps", "5", *common],
+        env,
+        out / "logs" / f"sft-{stamp}.log",
+        timeout,
+    )
     first = sft_job["first_step_at"]
 
     def at(name: str) -> str:
         return "never" if sft_job[f"{name}_at"] is None else f"{sft_job[f'{name}_at']:.1f}s"
 
-    print(f"[startup] jobs/sft.py: Ray started at {at('ray_started')}, data checked at {at('data_checked')}, step 1 logged at "
-          f"{at('first_step')} (a bare ray.init() takes {ray_seconds:.1f}s); whole job {sft_job['seconds']:.0f}s")
-    return {"ray_init_seconds": ray_seconds, "sft_first_step_seconds": first,
-            "beyond_ray_seconds": None if first is None else first - ray_seconds,
-            "sft_prepared_already": sft_job["prepared_already_at"] is not None, "sft_job": sft_job, "pretrain_job": pretrain_job,
-            "pretrain_prepared_already": pretrain_job["prepared_already_at"] is not None}
+    print(
+        f"[startup] jobs/sft.py: Ray started at {at('ray_started')}, data checked at {at('data_checked')}, step 1 logged at "
+        f"{at('first_step')} (a bare ray.init() takes {ray_seconds:.1f}s); whole job {sft_job['seconds']:.0f}s"
+    )
+    return {
+        "ray_init_seconds": ray_seconds,
+        "sft_first_step_seconds": first,
+        "beyond_ray_seconds": None if first is None else first - ray_seconds,
+        "sft_prepared_already": sft_job["prepared_already_at"] is not None,
+        "sft_job": sft_job,
+        "pretrain_job": pretrain_job,
+        "pretrain_prepared_already": pretrain_job["prepared_already_at"] is not None,
+    }
 
 
 # --------------------------------------------------------------------------- training: today's reader vs the shards
 
 
-def train_readers(small: str, prepared_location: str, tokenizer_dir: str, preset: str, seq_len: int, batch_size: int,
-                  steps: int, warmup: int, rounds: int, loader_workers: int, scratch: str) -> dict:
+def train_readers(
+    small: str,
+    prepared_location: str,
+    tokenizer_dir: str,
+    preset: str,
+    seq_len: int,
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    rounds: int,
+    loader_workers: int,
+    scratch: str,
+) -> dict:
     """In a process of its own (spawned): the same model trained from both readers, rounds alternating."""
     os.environ["HF_DATASETS_CACHE"] = scratch  # a fresh cache: the old path really tokenizes
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the new path forks DataLoader processes
@@ -526,12 +610,21 @@ def train_readers(small: str, prepared_location: str, tokenizer_dir: str, preset
     rows = PreparedRows(prepared_location)
     new_batches = LengthGroupedBatches(rows.lengths().tolist(), batch_size, seed=0)
     new_open = time.perf_counter() - started
-    loader = {"collate_fn": partial(collate, pad_id=pad), "num_workers": loader_workers, "pin_memory": False,
-              **({"prefetch_factor": 4, "multiprocessing_context": "fork"} if loader_workers else {})}  # as minimind.training.loop's
+    loader = {
+        "collate_fn": partial(collate, pad_id=pad),
+        "num_workers": loader_workers,
+        "pin_memory": False,
+        **({"prefetch_factor": 4, "multiprocessing_context": "fork"} if loader_workers else {}),
+    }  # as minimind.training.loop's
     same = row_lengths(dataset) == rows.lengths().tolist()
 
-    config = ModelConfig.from_name(preset, vocab_size=len(tokenizer), pad_token_id=pad, bos_token_id=tokenizer.bos_token_id,
-                                   eos_token_id=tokenizer.eos_token_id)
+    config = ModelConfig.from_name(
+        preset,
+        vocab_size=len(tokenizer),
+        pad_token_id=pad,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     stage = STAGES["sft"]
     trainers = {}
     for name in ("old", "new"):
@@ -565,8 +658,14 @@ def train_readers(small: str, prepared_location: str, tokenizer_dir: str, preset
         stream.close()
         measured["new"].append((tokens, seconds))
         consumed += warmup + steps
-    result = {"rows": len(rows), "old_rows": len(dataset), "same_rows": same, "old_load_seconds": old_load,
-              "new_open_seconds": new_open, "first_batch_tokens": batch_tokens(first)}
+    result = {
+        "rows": len(rows),
+        "old_rows": len(dataset),
+        "same_rows": same,
+        "old_load_seconds": old_load,
+        "new_open_seconds": new_open,
+        "first_batch_tokens": batch_tokens(first),
+    }
     for name, pairs in measured.items():
         result[f"{name}_tokens_per_s"] = sum(t for t, _ in pairs) / sum(s for _, s in pairs)
         result[f"{name}_round_tokens_per_s"] = [t / s for t, s in pairs]
@@ -598,12 +697,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--steps", type=int, default=20, help="timed training steps per reader per round")
     add("--warmup", type=int, default=3, help="untimed steps at the start of each round")
     add("--rounds", type=int, default=3)
-    add("--loader-workers", type=int, default=0, help="DataLoader processes of the new reader (0: the training loop's default for text on a CPU)")
+    add(
+        "--loader-workers",
+        type=int,
+        default=0,
+        help="DataLoader processes of the new reader (0: the training loop's default for text on a CPU)",
+    )
     add("--chunk-mb", type=int, default=None, help="prepare's chunk size in MiB (default: the library's, 32)")
     add("--tokenizer-lines", type=int, default=20_000, help="pretrain records the tokenizer is trained on")
     add("--job-timeout", type=float, default=1800, help="seconds before a stage job is killed")
-    add("--files", nargs="+", choices=FILE_KINDS, default=list(FILE_KINDS),
-        help="which generated files the ceiling and prepare parts measure (dense: random CJK pretraining text, token-dense)")
+    add(
+        "--files",
+        nargs="+",
+        choices=FILE_KINDS,
+        default=list(FILE_KINDS),
+        help="which generated files the ceiling and prepare parts measure (dense: random CJK pretraining text, token-dense)",
+    )
     add("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to measure (files are always generated)")
     add("--seed", type=int, default=0)
     add("--out", type=Path, default=RESULTS_DIR / "data", help="generated files, prepared data, stores and logs")
@@ -627,7 +736,11 @@ def main(argv=None):
         stage_kind = "sft" if file_kind == "sft" else "pretrain"  # a dense file is pretraining text
         files[name] = {"kind": stage_kind, "file_kind": file_kind, **generate(file_kind, size, args.seed, out, pool)}
     if "pretrain" not in files:  # the tokenizer is trained on it
-        files["pretrain"] = {"kind": "pretrain", "file_kind": "pretrain", **generate("pretrain", args.size_mb, args.seed, out, pool)}
+        files["pretrain"] = {
+            "kind": "pretrain",
+            "file_kind": "pretrain",
+            **generate("pretrain", args.size_mb, args.seed, out, pool),
+        }
     tokenizer_dir = str(bench_tokenizer(files["pretrain"]["path"], args.tokenizer_lines, args.seed, out))
     tokenizer = load_tokenizer(tokenizer_dir)
     results: dict = {"args": {**vars(args), "out": str(out)}, "files": files, "tokenizer": tokenizer_dir}
@@ -635,46 +748,89 @@ def main(argv=None):
     if "ceiling" in args.parts:
         for name in args.files:
             c = files[name]["ceiling"] = ceiling(files[name]["path"], files[name]["kind"], tokenizer, args.ceiling_mb)
-            print(f"[ceiling] {name}: {c['mb']:.0f} MB, {c['tokens']:,} tokens in {c['seconds']:.1f}s "
-                  f"({c['mb_per_s']:.1f} MB/s, {c['tokens_per_s']:,.0f} tokens/s, {c['mb_per_cpu_s']:.2f} MB per CPU s)"
-                  + (f"; encode_batch_fast {c['fast_mb_per_s']:.1f} MB/s, {c['fast_mb_per_cpu_s']:.2f} MB per CPU s" if "fast_mb_per_s" in c else ""))
+            print(
+                f"[ceiling] {name}: {c['mb']:.0f} MB, {c['tokens']:,} tokens in {c['seconds']:.1f}s "
+                f"({c['mb_per_s']:.1f} MB/s, {c['tokens_per_s']:,.0f} tokens/s, {c['mb_per_cpu_s']:.2f} MB per CPU s)"
+                + (
+                    f"; encode_batch_fast {c['fast_mb_per_s']:.1f} MB/s, {c['fast_mb_per_cpu_s']:.2f} MB per CPU s"
+                    if "fast_mb_per_s" in c
+                    else ""
+                )
+            )
 
     if "prepare" in args.parts:
         for name, entry in files.items():
             if name not in args.files and not name.startswith("pretrain "):
                 continue
-            p = entry["prepare"] = in_child(prepare_in_fresh_ray, entry["path"], entry["kind"], tokenizer_dir, root, args.seq_len,
-                                            chunk_mb=args.chunk_mb)
-            print(f"[prepare] {name}: {p['seconds']:.1f}s ({p['mb_per_s']:.1f} MB/s); reused call {p['reused_seconds']:.2f}s; "
-                  f"peak RSS driver {_gib(p['driver_rss'])}, workers {_gib(p['worker_rss'])} ({p['workers']} worker processes), "
-                  f"Ray's own processes {_gib(p['system_rss'])} ({p['system_name']})")
-            c = entry.get("ceiling") or files["pretrain"].get("ceiling")  # the --also-mb file: the pretrain file's (the same text)
+            p = entry["prepare"] = in_child(
+                prepare_in_fresh_ray, entry["path"], entry["kind"], tokenizer_dir, root, args.seq_len, chunk_mb=args.chunk_mb
+            )
+            print(
+                f"[prepare] {name}: {p['seconds']:.1f}s ({p['mb_per_s']:.1f} MB/s); reused call {p['reused_seconds']:.2f}s; "
+                f"peak RSS driver {_gib(p['driver_rss'])}, workers {_gib(p['worker_rss'])} ({p['workers']} worker processes), "
+                f"Ray's own processes {_gib(p['system_rss'])} ({p['system_name']})"
+            )
+            c = entry.get("ceiling") or files["pretrain"].get(
+                "ceiling"
+            )  # the --also-mb file: the pretrain file's (the same text)
             if c:
                 p["vs_ceiling"] = p["mb_per_s"] / c["mb_per_s"]
                 p["cpu_vs_ceiling"] = p["mb"] / p["work_cpu_seconds"] / c["mb_per_cpu_s"]
-                print(f"[prepare] {name}: {p['work_cpu_seconds']:.1f} CPU s in the driver and Ray workers "
-                      f"({p['mb'] / p['work_cpu_seconds']:.2f} MB per CPU s, the ceiling {c['mb_per_cpu_s']:.2f}: "
-                      f"{p['cpu_vs_ceiling']:.2f}x), {p['system_cpu_seconds']:.1f} CPU s in Ray's own processes")
+                print(
+                    f"[prepare] {name}: {p['work_cpu_seconds']:.1f} CPU s in the driver and Ray workers "
+                    f"({p['mb'] / p['work_cpu_seconds']:.2f} MB per CPU s, the ceiling {c['mb_per_cpu_s']:.2f}: "
+                    f"{p['cpu_vs_ceiling']:.2f}x), {p['system_cpu_seconds']:.1f} CPU s in Ray's own processes"
+                )
             if name not in FILE_KINDS and not args.keep_also:
                 shutil.rmtree(p["location"], ignore_errors=True)
 
     if "startup" in args.parts:
         if "prepare" not in args.parts:  # the jobs must find both files prepared at --seq-len in their root
             for name in ("pretrain", "sft"):
-                in_child(prepare_in_fresh_ray, files[name]["path"], files[name]["kind"], tokenizer_dir, root, args.seq_len,
-                         fresh=False, again=False, chunk_mb=args.chunk_mb)
-        results["startup"] = startup(files["pretrain"]["path"], files["sft"]["path"], tokenizer_dir, out, args.seq_len,
-                                     args.job_timeout)
+                in_child(
+                    prepare_in_fresh_ray,
+                    files[name]["path"],
+                    files[name]["kind"],
+                    tokenizer_dir,
+                    root,
+                    args.seq_len,
+                    fresh=False,
+                    again=False,
+                    chunk_mb=args.chunk_mb,
+                )
+        results["startup"] = startup(
+            files["pretrain"]["path"], files["sft"]["path"], tokenizer_dir, out, args.seq_len, args.job_timeout
+        )
 
     if "train" in args.parts:
         source = files["sft"]["path"]
         small = first_records(source, args.train_records, out / f"{Path(source).stem}-first{args.train_records}.jsonl")
-        prepared = in_child(prepare_in_fresh_ray, str(small), "sft", tokenizer_dir, str(out / "train-prepared"), args.seq_len,
-                            again=False, chunk_mb=args.chunk_mb)
+        prepared = in_child(
+            prepare_in_fresh_ray,
+            str(small),
+            "sft",
+            tokenizer_dir,
+            str(out / "train-prepared"),
+            args.seq_len,
+            again=False,
+            chunk_mb=args.chunk_mb,
+        )
         scratch = out / f"hf-cache-{os.getpid()}"
         try:
-            trained = in_child(train_readers, str(small), prepared["location"], tokenizer_dir, args.preset, args.seq_len,
-                               args.batch_size, args.steps, args.warmup, args.rounds, args.loader_workers, str(scratch))
+            trained = in_child(
+                train_readers,
+                str(small),
+                prepared["location"],
+                tokenizer_dir,
+                args.preset,
+                args.seq_len,
+                args.batch_size,
+                args.steps,
+                args.warmup,
+                args.rounds,
+                args.loader_workers,
+                str(scratch),
+            )
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         results["train"] = {**trained, "records": args.train_records, "prepare_seconds": prepared["seconds"], "prepare": prepared}
@@ -691,9 +847,14 @@ def print_tables(results: dict, args) -> None:
         if c:
             row |= {"ceiling MB/s": f"{c['mb_per_s']:.1f}", "ceiling tok/s": f"{c['tokens_per_s']:,.0f}"}
         if p:
-            row |= {"prepare s": f"{p['seconds']:.1f}", "prepare MB/s": f"{p['mb_per_s']:.1f}",
-                    "prepare tok/s": f"{p['tokens_per_s']:,.0f}", "reused s": f"{p['reused_seconds']:.2f}",
-                    "driver peak": _gib(p["driver_rss"]), "worker peak": _gib(p["worker_rss"])}
+            row |= {
+                "prepare s": f"{p['seconds']:.1f}",
+                "prepare MB/s": f"{p['mb_per_s']:.1f}",
+                "prepare tok/s": f"{p['tokens_per_s']:,.0f}",
+                "reused s": f"{p['reused_seconds']:.2f}",
+                "driver peak": _gib(p["driver_rss"]),
+                "worker peak": _gib(p["worker_rss"]),
+            }
             targets.append((f"{name}: peak RSS per process <= 2 GiB", max(p["driver_rss"], p["worker_rss"]) <= 2 * GiB))
             if "vs_ceiling" in p:
                 row["vs ceiling"] = f"{p['vs_ceiling']:.2f}x"
@@ -701,31 +862,65 @@ def print_tables(results: dict, args) -> None:
                 targets.append((f"{name}: prepare >= 0.6x the ceiling", p["vs_ceiling"] >= 0.6))
         rows.append(row)
     print()
-    print_table(rows, ["file", "MB", "ceiling MB/s", "ceiling tok/s", "prepare s", "prepare MB/s", "prepare tok/s", "vs ceiling",
-                       "CPU vs ceiling", "reused s", "driver peak", "worker peak"])
+    print_table(
+        rows,
+        [
+            "file",
+            "MB",
+            "ceiling MB/s",
+            "ceiling tok/s",
+            "prepare s",
+            "prepare MB/s",
+            "prepare tok/s",
+            "vs ceiling",
+            "CPU vs ceiling",
+            "reused s",
+            "driver peak",
+            "worker peak",
+        ],
+    )
     if "startup" in results:
         s = results["startup"]
         print()
-        print_table([{"ray.init() alone": _seconds(s["ray_init_seconds"]),
-                      "sft.py to step 1": _seconds(s["sft_first_step_seconds"]), "beyond Ray": _seconds(s["beyond_ray_seconds"]),
-                      "data prepared already": "yes" if s["sft_prepared_already"] else "NO",
-                      "whole sft.py": _seconds(s["sft_job"]["seconds"], 0)}],
-                    ["ray.init() alone", "sft.py to step 1", "beyond Ray", "data prepared already", "whole sft.py"])
+        print_table(
+            [
+                {
+                    "ray.init() alone": _seconds(s["ray_init_seconds"]),
+                    "sft.py to step 1": _seconds(s["sft_first_step_seconds"]),
+                    "beyond Ray": _seconds(s["beyond_ray_seconds"]),
+                    "data prepared already": "yes" if s["sft_prepared_already"] else "NO",
+                    "whole sft.py": _seconds(s["sft_job"]["seconds"], 0),
+                }
+            ],
+            ["ray.init() alone", "sft.py to step 1", "beyond Ray", "data prepared already", "whole sft.py"],
+        )
         beyond = s["beyond_ray_seconds"]
         targets.append(("sft.py: first step <= 15 s beyond Ray's start-up", beyond is not None and beyond <= 15))
     if "train" in results:
         t = results["train"]
         print()
-        print_table([
-            {"reader": "today's: load_stage_dataset + collate in the loop", "tokens/s": f"{t['old_tokens_per_s']:,.0f}",
-             "one-off": f"{t['old_load_seconds']:.1f} s to the first batch", "rows": t["old_rows"]},
-            {"reader": f"prepared shards + DataLoader ({args.loader_workers} worker)",
-             "tokens/s": f"{t['new_tokens_per_s']:,.0f}",
-             "one-off": f"{t['prepare_seconds']:.1f} s prepare (Ray) + {t['new_open_seconds']:.2f} s open", "rows": t["rows"]},
-        ], ["reader", "tokens/s", "one-off", "rows"])
+        print_table(
+            [
+                {
+                    "reader": "today's: load_stage_dataset + collate in the loop",
+                    "tokens/s": f"{t['old_tokens_per_s']:,.0f}",
+                    "one-off": f"{t['old_load_seconds']:.1f} s to the first batch",
+                    "rows": t["old_rows"],
+                },
+                {
+                    "reader": f"prepared shards + DataLoader ({args.loader_workers} worker)",
+                    "tokens/s": f"{t['new_tokens_per_s']:,.0f}",
+                    "one-off": f"{t['prepare_seconds']:.1f} s prepare (Ray) + {t['new_open_seconds']:.2f} s open",
+                    "rows": t["rows"],
+                },
+            ],
+            ["reader", "tokens/s", "one-off", "rows"],
+        )
         rounds = {name: [round(x) for x in t[f"{name}_round_tokens_per_s"]] for name in ("old", "new")}
-        print(f"new/old: {t['new_tokens_per_s'] / t['old_tokens_per_s']:.2f}x; the same rows in both: {t['same_rows']}; "
-              f"tokens/s per round: today's {rounds['old']}, new {rounds['new']}")
+        print(
+            f"new/old: {t['new_tokens_per_s'] / t['old_tokens_per_s']:.2f}x; the same rows in both: {t['same_rows']}; "
+            f"tokens/s per round: today's {rounds['old']}, new {rounds['new']}"
+        )
     if targets:
         print()
         for text, met in targets:

@@ -45,8 +45,11 @@ def main() -> None:
     parser.add_argument("--prefill-len", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-cache-max-batch", type=int, default=1, help="largest batch timed without KV cache (slow)")
-    parser.add_argument("--compile", action="store_true", help="also time ours with --compile (CUDA graphs over a static cache on a GPU, "
-                        "inductor with frozen weights on CPU)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time ours with --compile (CUDA graphs over a static cache on a GPU, inductor with frozen weights on CPU)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = args.device
@@ -61,8 +64,10 @@ def main() -> None:
         export_hf(Path(tmp) / "ours", Path(tmp) / "hf")
         hf_fp32 = AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf").to(device).eval()
     bandwidth = memory_bandwidth(device)
-    print(f"device: {device_name(device)}; {args.preset}: {model_fp32.num_parameters() / 1e6:.2f}M parameters; "
-          f"memory bandwidth (1 GiB copy, read + write): {bandwidth / 1e9:.1f} GB/s")
+    print(
+        f"device: {device_name(device)}; {args.preset}: {model_fp32.num_parameters() / 1e6:.2f}M parameters; "
+        f"memory bandwidth (1 GiB copy, read + write): {bandwidth / 1e9:.1f} GB/s"
+    )
 
     rows, hf_fp32_rate = [], {}
     for precision in [p for p in PRECISIONS if p in args.precisions]:  # fp32 first: the others compare with it
@@ -96,13 +101,19 @@ def main() -> None:
             bound = bandwidth / weight_bytes  # steps/s if every step only read the weights at full bandwidth
             for name, values in seconds.items():
                 rate = batch * args.new_tokens / median(values)
-                rows.append({
-                    "precision": precision, "batch": batch, "decoder": name, "new tokens/s": f"{rate:.0f}",
-                    "ms/token step": f"{median(values) / args.new_tokens * 1000:.1f}", "vs hf": f"{rate / hf_rate:.2f}x",
-                    "vs hf fp32": f"{rate / hf_fp32_rate[batch]:.2f}x" if batch in hf_fp32_rate else "",
-                    "of bandwidth bound": f"{rate / batch / bound:.0%}" if batch == 1 else "",
-                })
-            print_table(rows[-len(runs):], list(rows[-1]))
+                rows.append(
+                    {
+                        "precision": precision,
+                        "batch": batch,
+                        "decoder": name,
+                        "new tokens/s": f"{rate:.0f}",
+                        "ms/token step": f"{median(values) / args.new_tokens * 1000:.1f}",
+                        "vs hf": f"{rate / hf_rate:.2f}x",
+                        "vs hf fp32": f"{rate / hf_fp32_rate[batch]:.2f}x" if batch in hf_fp32_rate else "",
+                        "of bandwidth bound": f"{rate / batch / bound:.0%}" if batch == 1 else "",
+                    }
+                )
+            print_table(rows[-len(runs) :], list(rows[-1]))
 
     prefill_rows = []
     for precision in args.precisions:
@@ -113,20 +124,40 @@ def main() -> None:
         for name, run in runs.items():
             with torch.inference_mode(), autocast(device, dtype):
                 rate = args.prefill_len / median(time_calls(run, device, warmup=1, repeats=args.rounds))
-            prefill_rows.append({"precision": precision, "model": name, "prefill tokens": args.prefill_len, "prefill tokens/s": f"{rate:.0f}"})
+            prefill_rows.append(
+                {"precision": precision, "model": name, "prefill tokens": args.prefill_len, "prefill tokens/s": f"{rate:.0f}"}
+            )
     print()
     print_table(rows, list(rows[0]))
     print()
     print_table(prefill_rows, list(prefill_rows[0]))
     weights_mb = sum(p.numel() * p.element_size() for p in model_fp32.parameters()) / 2**20
     largest = max(args.batch_sizes)
-    kv_mb = 2 * config.num_hidden_layers * largest * config.num_key_value_heads * config.head_dim * (args.prompt_len + args.new_tokens) * 4 / 2**20
+    kv_mb = (
+        2
+        * config.num_hidden_layers
+        * largest
+        * config.num_key_value_heads
+        * config.head_dim
+        * (args.prompt_len + args.new_tokens)
+        * 4
+        / 2**20
+    )
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"\nmemory: weights {weights_mb:.0f} MB fp32; KV cache at batch {largest} fp32 {kv_mb:.1f} MB; peak process RSS {peak_rss_mb:.0f} MB")
-    path = write_results("generate", {
-        "device": device_name(device), "args": vars(args), "memory_bandwidth_bytes_per_s": bandwidth, "rows": rows, "prefill": prefill_rows,
-        "memory_mb": {"weights": weights_mb, "kv_cache": kv_mb, "peak_rss": peak_rss_mb},
-    })
+    print(
+        f"\nmemory: weights {weights_mb:.0f} MB fp32; KV cache at batch {largest} fp32 {kv_mb:.1f} MB; peak process RSS {peak_rss_mb:.0f} MB"
+    )
+    path = write_results(
+        "generate",
+        {
+            "device": device_name(device),
+            "args": vars(args),
+            "memory_bandwidth_bytes_per_s": bandwidth,
+            "rows": rows,
+            "prefill": prefill_rows,
+            "memory_mb": {"weights": weights_mb, "kv_cache": kv_mb, "peak_rss": peak_rss_mb},
+        },
+    )
     print(f"wrote {path}")
 
 
@@ -134,8 +165,12 @@ def main() -> None:
 def hf_generate(hf, prompts, new_tokens: int, device: str):
     input_ids = torch.tensor(prompts, device=device)
     return hf.generate(
-        input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-        do_sample=False, pad_token_id=0,
+        input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
     )
 
 

@@ -52,7 +52,10 @@ def main(argv=None):
         return {"input_ids": pad(batch["input_ids"], tokenizer.pad_token_id), "labels": pad(batch["labels"], -100),
                 "attention_mask": pad(batch["attention_mask"], 0)}
 
-    modes = {"length-grouped, padded to batch max": (grouped, lambda b: b), f"naive, padded to {args.seq_len}": (naive, pad_to_seq_len)}
+    modes = {
+        "length-grouped, padded to batch max": (grouped, lambda b: b),
+        f"naive, padded to {args.seq_len}": (naive, pad_to_seq_len),
+    }
     results = []
     for name, (batches, shape) in modes.items():
         torch.manual_seed(0)
@@ -72,11 +75,19 @@ def main(argv=None):
                 seconds += time.perf_counter() - started
                 useful += int(batch["attention_mask"].sum())
                 computed += batch["input_ids"].numel()
-        results.append({"batches": name, "useful tokens/s": round(useful / seconds), "computed tokens/s": round(computed / seconds),
-                        "padding": f"{1 - useful / computed:.0%}"})
+        results.append(
+            {
+                "batches": name,
+                "useful tokens/s": round(useful / seconds),
+                "computed tokens/s": round(computed / seconds),
+                "padding": f"{1 - useful / computed:.0%}",
+            }
+        )
     results[0]["vs naive"] = f"{results[0]['useful tokens/s'] / results[1]['useful tokens/s']:.2f}x"
     print_table(results, ["batches", "useful tokens/s", "computed tokens/s", "padding", "vs naive"])
-    print(f"wrote {write_results('packing', {'args': vars(args), 'lengths': {'quartiles': quartiles, 'max': max(lengths)}, 'rows': results})}")
+    print(
+        f"wrote {write_results('packing', {'args': vars(args), 'lengths': {'quartiles': quartiles, 'max': max(lengths)}, 'rows': results})}"
+    )
 
 
 if __name__ == "__main__":

@@ -99,11 +99,21 @@ def run_setting(base: str, clients: int, max_tokens: int, timeout: float) -> dic
     tokens = sum(r["tokens"] for r in done)
     ttft = [r["arrivals"][0] - r["started"] for r in done if r["arrivals"]]
     gaps = [b - a for r in done for a, b in zip(r["arrivals"], r["arrivals"][1:])]
-    quantile = lambda values, q: statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else (values[0] if values else float("nan"))  # noqa: E731
-    return {"clients": clients, "ok": len(done), "errors": len(errors), "wall_s": round(wall, 2),
-            "tokens": tokens, "tokens_per_s": round(tokens / wall, 1),
-            "ttft_p50_ms": round(1000 * statistics.median(ttft), 1) if ttft else None, "ttft_p99_ms": round(1000 * quantile(ttft, 99), 1) if ttft else None,
-            "itl_p50_ms": round(1000 * statistics.median(gaps), 1) if gaps else None, "itl_p99_ms": round(1000 * quantile(gaps, 99), 1) if gaps else None}
+    quantile = lambda values, q: (
+        statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else (values[0] if values else float("nan"))
+    )  # noqa: E731
+    return {
+        "clients": clients,
+        "ok": len(done),
+        "errors": len(errors),
+        "wall_s": round(wall, 2),
+        "tokens": tokens,
+        "tokens_per_s": round(tokens / wall, 1),
+        "ttft_p50_ms": round(1000 * statistics.median(ttft), 1) if ttft else None,
+        "ttft_p99_ms": round(1000 * quantile(ttft, 99), 1) if ttft else None,
+        "itl_p50_ms": round(1000 * statistics.median(gaps), 1) if gaps else None,
+        "itl_p99_ms": round(1000 * quantile(gaps, 99), 1) if gaps else None,
+    }
 
 
 def main(argv=None):
@@ -131,8 +141,14 @@ def main(argv=None):
     rows = []
     try:
         for batch_size in args.batch_sizes:
-            spec = ModelSpec("minimind", model, num_cpus=args.num_cpus, num_gpus=num_gpus, max_batch_size=batch_size, batch_wait_ms=10)
-            serve.run(build(ServeSettings(models=[spec], limits=Limits(max_tokens=max(args.max_tokens, 512)))), name="bench", route_prefix="/")
+            spec = ModelSpec(
+                "minimind", model, num_cpus=args.num_cpus, num_gpus=num_gpus, max_batch_size=batch_size, batch_wait_ms=10
+            )
+            serve.run(
+                build(ServeSettings(models=[spec], limits=Limits(max_tokens=max(args.max_tokens, 512)))),
+                name="bench",
+                route_prefix="/",
+            )
             run_setting(base, 1, 8, args.timeout)  # warm-up
             for clients in args.clients:
                 row = {"max_batch": batch_size, **run_setting(base, clients, args.max_tokens, args.timeout)}
@@ -143,12 +159,31 @@ def main(argv=None):
         ray.shutdown()
     single = {r["max_batch"]: r["tokens_per_s"] for r in rows if r["clients"] == 1}
     for row in rows:
-        row["x_single_client"] = round(row["tokens_per_s"] / single[row["max_batch"]], 2) if single.get(row["max_batch"]) else None
+        row["x_single_client"] = (
+            round(row["tokens_per_s"] / single[row["max_batch"]], 2) if single.get(row["max_batch"]) else None
+        )
     print()
-    print_table(rows, ["max_batch", "clients", "ok", "errors", "wall_s", "tokens", "tokens_per_s", "x_single_client", "ttft_p50_ms",
-                       "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"])
+    print_table(
+        rows,
+        [
+            "max_batch",
+            "clients",
+            "ok",
+            "errors",
+            "wall_s",
+            "tokens",
+            "tokens_per_s",
+            "x_single_client",
+            "ttft_p50_ms",
+            "ttft_p99_ms",
+            "itl_p50_ms",
+            "itl_p99_ms",
+        ],
+    )
     print("(tokens from each reply's usage; latencies between streamed text deltas)")
-    print(f"results: {write_results('serve', {'model': model, 'preset': args.preset if not args.model else None, 'num_gpus': num_gpus, 'max_tokens': args.max_tokens, 'rows': rows})}")
+    print(
+        f"results: {write_results('serve', {'model': model, 'preset': args.preset if not args.model else None, 'num_gpus': num_gpus, 'max_tokens': args.max_tokens, 'rows': rows})}"
+    )
 
 
 if __name__ == "__main__":

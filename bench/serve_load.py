@@ -70,7 +70,9 @@ def one_request(url: str, client: int, setting: str, stream: bool, max_tokens: i
             "ttft": (first - started) if first else None, "latency": ended - started}
 
 
-def run_load(base: str, clients: int, duration: float, max_tokens: int, timeout: float, settings: list[str]) -> tuple[list[dict], float]:
+def run_load(
+    base: str, clients: int, duration: float, max_tokens: int, timeout: float, settings: list[str]
+) -> tuple[list[dict], float]:
     url, results, lock = base + "/v1/chat/completions", [], threading.Lock()
     deadline = time.perf_counter() + duration
 
@@ -78,7 +80,9 @@ def run_load(base: str, clients: int, duration: float, max_tokens: int, timeout:
         setting, sent, lengths = settings[index % len(settings)], 0, random.Random(index)
         while time.perf_counter() < deadline:
             length = lengths.randint(max(1, max_tokens // 4), max_tokens * 7 // 4)
-            result = one_request(url, index, setting, stream=(index // len(settings) + sent) % 2 == 0, max_tokens=length, timeout=timeout)
+            result = one_request(
+                url, index, setting, stream=(index // len(settings) + sent) % 2 == 0, max_tokens=length, timeout=timeout
+            )
             sent += 1
             with lock:
                 results.append(result)
@@ -104,24 +108,51 @@ def summarise(results: list[dict], wall: float, phase: str) -> list[dict]:
         mine = [r for r in results if r["setting"] == setting]
         ok = [r for r in mine if r["status"] == 200]
         ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
-        rows.append({"phase": phase, "setting": setting, "requests": len(mine), "ok": len(ok),
-                     "429": sum(r["status"] == 429 for r in mine),
-                     "5xx": sum(isinstance(r["status"], int) and r["status"] >= 500 for r in mine),
-                     "other_4xx": sum(isinstance(r["status"], int) and 400 <= r["status"] < 500 and r["status"] != 429 for r in mine),
-                     "timeouts": sum(r["status"] == "timeout" for r in mine), "tokens": sum(r["tokens"] for r in ok),
-                     "ttft_p50_ms": round(1000 * statistics.median(ttft)) if ttft else None,
-                     "ttft_p99_ms": round(1000 * quantile(ttft, 99)) if ttft else None,
-                     "latency_p99_ms": round(1000 * quantile([r["latency"] for r in ok], 99)) if ok else None})
-    total = {"phase": phase, "setting": "all", "requests": len(results), "ok": sum(r["ok"] for r in rows),
-             **{key: sum(r[key] for r in rows) for key in ("429", "5xx", "other_4xx", "timeouts", "tokens")},
-             "tokens_per_s": round(sum(r["tokens"] for r in rows) / wall, 1)}
+        rows.append(
+            {
+                "phase": phase,
+                "setting": setting,
+                "requests": len(mine),
+                "ok": len(ok),
+                "429": sum(r["status"] == 429 for r in mine),
+                "5xx": sum(isinstance(r["status"], int) and r["status"] >= 500 for r in mine),
+                "other_4xx": sum(isinstance(r["status"], int) and 400 <= r["status"] < 500 and r["status"] != 429 for r in mine),
+                "timeouts": sum(r["status"] == "timeout" for r in mine),
+                "tokens": sum(r["tokens"] for r in ok),
+                "ttft_p50_ms": round(1000 * statistics.median(ttft)) if ttft else None,
+                "ttft_p99_ms": round(1000 * quantile(ttft, 99)) if ttft else None,
+                "latency_p99_ms": round(1000 * quantile([r["latency"] for r in ok], 99)) if ok else None,
+            }
+        )
+    total = {
+        "phase": phase,
+        "setting": "all",
+        "requests": len(results),
+        "ok": sum(r["ok"] for r in rows),
+        **{key: sum(r[key] for r in rows) for key in ("429", "5xx", "other_4xx", "timeouts", "tokens")},
+        "tokens_per_s": round(sum(r["tokens"] for r in rows) / wall, 1),
+    }
     p99s = [r["ttft_p99_ms"] for r in rows if r["ttft_p99_ms"]]
     total["starvation_ratio"] = round(max(p99s) / min(p99s), 2) if p99s else None
     return rows + [total]
 
 
-COLUMNS = ["phase", "setting", "requests", "ok", "429", "5xx", "other_4xx", "timeouts", "tokens", "ttft_p50_ms", "ttft_p99_ms",
-           "latency_p99_ms", "tokens_per_s", "starvation_ratio"]
+COLUMNS = [
+    "phase",
+    "setting",
+    "requests",
+    "ok",
+    "429",
+    "5xx",
+    "other_4xx",
+    "timeouts",
+    "tokens",
+    "ttft_p50_ms",
+    "ttft_p99_ms",
+    "latency_p99_ms",
+    "tokens_per_s",
+    "starvation_ratio",
+]
 
 
 def main(argv=None):
@@ -145,23 +176,31 @@ def main(argv=None):
 
     model = args.model or random_demo_model(Path(tempfile.mkdtemp(prefix="bench-serve-load-")) / "model")
     base = start_local_serve(args.num_cpus)
-    spec = ModelSpec("minimind", model, num_cpus=args.num_cpus, num_gpus=float(torch.cuda.is_available()), max_batch_size=args.max_batch_size)
+    spec = ModelSpec(
+        "minimind", model, num_cpus=args.num_cpus, num_gpus=float(torch.cuda.is_available()), max_batch_size=args.max_batch_size
+    )
     rows = []
     try:
-        serve.run(build(ServeSettings(models=[spec], limits=Limits(max_tokens=max(args.max_tokens, 512)))), name="bench", route_prefix="/")
+        serve.run(
+            build(ServeSettings(models=[spec], limits=Limits(max_tokens=max(args.max_tokens, 512)))),
+            name="bench",
+            route_prefix="/",
+        )
         one_request(base + "/v1/chat/completions", 0, "greedy", True, 8, args.timeout)  # warm-up
         phases = [("mixed", list(SETTINGS))] + ([] if args.no_uniform else [("uniform", ["greedy"])])
         for phase, settings in phases:
             results, wall = run_load(base, args.clients, args.duration, args.max_tokens, args.timeout, settings)
             rows += summarise(results, wall, phase)
-            print_table(rows[-len(settings) - 1:], COLUMNS)
+            print_table(rows[-len(settings) - 1 :], COLUMNS)
     finally:
         serve.shutdown()
         ray.shutdown()
     print()
     print_table(rows, COLUMNS)
     print("(TTFT: first text delta of the streaming requests; starvation: max/min per-setting p99 TTFT)")
-    print(f"results: {write_results('serve_load', {'model': model, 'clients': args.clients, 'duration_s': args.duration, 'max_tokens': args.max_tokens, 'max_batch_size': args.max_batch_size, 'rows': rows})}")
+    print(
+        f"results: {write_results('serve_load', {'model': model, 'clients': args.clients, 'duration_s': args.duration, 'max_tokens': args.max_tokens, 'max_batch_size': args.max_batch_size, 'rows': rows})}"
+    )
 
 
 if __name__ == "__main__":

@@ -32,7 +32,9 @@ def held_out_metrics(stage_name: str, model, tokenizer, paths: dict, limit: int,
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         metrics = {}
         if stage_name == "reason":
-            scores = reasoning_scores(text_replier(model, tokenizer, max_new_tokens=160, batch_size=64), paths["reason_eval"], tokenizer, limit)
+            scores = reasoning_scores(
+                text_replier(model, tokenizer, max_new_tokens=160, batch_size=64), paths["reason_eval"], tokenizer, limit
+            )
             metrics |= {"format": scores["format"], **{f"acc/{task}": value for task, value in scores["by_task"].items()}}
             for prompt, reply in scores["samples"][:show]:
                 print(f"    {prompt!r} -> {reply!r}")
@@ -76,14 +78,20 @@ def main(argv=None):
     init = tracking.resolve_model(args.init)
     model, tokenizer = load_model(init), load_tokenizer(init)
     stage = STAGE_KINDS[args.stage]
-    rows = load_stage_dataset(paths[stage.demo_file], tokenizer,
-                              StageData(stage.data_kind, seq_len=config.seq_len, tag_weight=getattr(config, "tag_weight", StageData.tag_weight)))
+    rows = load_stage_dataset(
+        paths[stage.demo_file],
+        tokenizer,
+        StageData(stage.data_kind, seq_len=config.seq_len, tag_weight=getattr(config, "tag_weight", StageData.tag_weight)),
+    )
     batches = LengthGroupedBatches(row_lengths(rows), config.batch_size, seed=config.seed)
     total = config.epochs * len(batches)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay, fused=args.fused)
-    print(f"{args.stage} from {args.init}, seed {args.seed}: {config.epochs} epochs x {len(batches)} steps at lr {config.lr}, "
-          f"{torch.get_num_threads()} threads, {'fused' if args.fused else 'foreach'} AdamW", flush=True)
+    print(
+        f"{args.stage} from {args.init}, seed {args.seed}: {config.epochs} epochs x {len(batches)} steps at lr {config.lr}, "
+        f"{torch.get_num_threads()} threads, {'fused' if args.fused else 'foreach'} AdamW",
+        flush=True,
+    )
     print(f"step     0 | {held_out_metrics(args.stage, model, tokenizer, paths, args.eval_limit)}", flush=True)
     model.train()
     step, started = 0, time.perf_counter()
@@ -101,7 +109,10 @@ def main(argv=None):
             if step % args.eval_every == 0 or step == total:
                 metrics = held_out_metrics(args.stage, model, tokenizer, paths, args.eval_limit, args.show)
                 shown = " ".join(f"{key} {value:.2f}" for key, value in metrics.items())
-                print(f"step {step:5d} | {time.perf_counter() - started:4.0f}s | loss {sums['train/loss'].item():.3f} | {shown}", flush=True)
+                print(
+                    f"step {step:5d} | {time.perf_counter() - started:4.0f}s | loss {sums['train/loss'].item():.3f} | {shown}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

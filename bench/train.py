@@ -68,7 +68,9 @@ def main() -> None:
 
     device = args.device
     peaks = {name: peak_matmul_flops(device, dt) for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32))}
-    print(f"device: {device_name(device)}; MFU roof: bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s, fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s")
+    print(
+        f"device: {device_name(device)}; MFU roof: bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s, fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s"
+    )
     rows = []
     for preset in args.presets:
         config = ModelConfig.from_name(preset)
@@ -98,13 +100,19 @@ def main() -> None:
             for name, values in round_seconds.items():
                 rate = tokens / median(values)
                 ratios = [hf / ours for ours, hf in zip(values, round_seconds["hf-llama"])] if "hf-llama" in round_seconds else []
-                rows.append({
-                    "preset": preset, "model": name, "dtype": dtype, "ms/step": f"{median(values) * 1000:.0f}",
-                    "tokens/s": f"{rate:.0f}", "MFU": f"{flops_per_token(ours, args.seq_len) * rate / peaks[dtype]:.1%}",
-                    "vs hf (median of rounds)": f"{median(ratios):.2f}x" if ratios else "",
-                    "spread over rounds": f"{min(ratios):.2f}-{max(ratios):.2f}x" if ratios else "",
-                })
-            print_table(rows[-len(round_seconds):], list(rows[-1]))
+                rows.append(
+                    {
+                        "preset": preset,
+                        "model": name,
+                        "dtype": dtype,
+                        "ms/step": f"{median(values) * 1000:.0f}",
+                        "tokens/s": f"{rate:.0f}",
+                        "MFU": f"{flops_per_token(ours, args.seq_len) * rate / peaks[dtype]:.1%}",
+                        "vs hf (median of rounds)": f"{median(ratios):.2f}x" if ratios else "",
+                        "spread over rounds": f"{min(ratios):.2f}-{max(ratios):.2f}x" if ratios else "",
+                    }
+                )
+            print_table(rows[-len(round_seconds) :], list(rows[-1]))
     print()
     print_table(rows, list(rows[0]))
     path = write_results("train", {"device": device_name(device), "args": vars(args), "peak_flops": peaks, "rows": rows})

@@ -37,7 +37,9 @@ import torch  # noqa: E402
 
 class MLPProjector(torch.nn.Sequential):
     def __init__(self, vision_width: int, width: int):
-        super().__init__(torch.nn.LayerNorm(vision_width), torch.nn.Linear(vision_width, width), torch.nn.GELU(), torch.nn.Linear(width, width))
+        super().__init__(
+            torch.nn.LayerNorm(vision_width), torch.nn.Linear(vision_width, width), torch.nn.GELU(), torch.nn.Linear(width, width)
+        )
 
     @property
     def weight(self):  # what MiniMindVLM reads for the projection's device, dtype and trainability
@@ -64,23 +66,39 @@ def optimiser_step(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--init", default="models:/minimind-vlm-pretrain/latest", help="a VLM or language model: folder or models:/ URI")
+    parser.add_argument(
+        "--init", default="models:/minimind-vlm-pretrain/latest", help="a VLM or language model: folder or models:/ URI"
+    )
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--eval-limit", type=int, default=200)
-    parser.add_argument("--fresh-llm", action="store_true", help="replace the language model by a randomly initialised one of its shape")
+    parser.add_argument(
+        "--fresh-llm", action="store_true", help="replace the language model by a randomly initialised one of its shape"
+    )
     parser.add_argument("--center", action="store_true", help="subtract the training pictures' mean patch feature")
-    parser.add_argument("--mlp-projector", action="store_true", help="newer MiniMind-V's projector: LayerNorm + Linear + GELU + Linear")
-    parser.add_argument("--feature-layer", type=int, default=0, help="patch tokens from this hidden state of the tower (-2: the "
-                                                                      "penultimate, as LLaVA-1.5; 0: the last, as MiniMind-V)")
+    parser.add_argument(
+        "--mlp-projector", action="store_true", help="newer MiniMind-V's projector: LayerNorm + Linear + GELU + Linear"
+    )
+    parser.add_argument(
+        "--feature-layer",
+        type=int,
+        default=0,
+        help="patch tokens from this hidden state of the tower (-2: the penultimate, as LLaVA-1.5; 0: the last, as MiniMind-V)",
+    )
     parser.add_argument("--records", type=int, default=0, help="train on the first N single-picture records only (0: all)")
     parser.add_argument("--seed", type=int, default=0, help="the demo world (and the projection's initialisation)")
-    parser.add_argument("--read-captions", action="store_true", help="no pictures: each <image> replaced by its caption's text "
-                                                                       "(the language model alone, --init a language model)")
-    parser.add_argument("--vision-model", default=None, help="the tower a language model --init gets: folder or models:/ URI "
-                                                              "(default: the demo's random tower)")
+    parser.add_argument(
+        "--read-captions",
+        action="store_true",
+        help="no pictures: each <image> replaced by its caption's text (the language model alone, --init a language model)",
+    )
+    parser.add_argument(
+        "--vision-model",
+        default=None,
+        help="the tower a language model --init gets: folder or models:/ URI (default: the demo's random tower)",
+    )
     args = parser.parse_args(argv)
 
     from minimind import tracking
@@ -120,7 +138,9 @@ def main(argv=None):
 
         def layer_features(pixel_values):
             with torch.no_grad():
-                patches = vlm.vision_tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states[args.feature_layer][:, 1:]
+                patches = vlm.vision_tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states[
+                    args.feature_layer
+                ][:, 1:]
             return vlm.projection(patches)
 
         vlm.image_features = layer_features
@@ -150,12 +170,19 @@ def main(argv=None):
             with torch.no_grad():
                 right, shuffled = loss_of(probe).item(), loss_of(probe, shuffled=True).item()
                 with torch.autocast("cpu", dtype=torch.bfloat16):
-                    result = image_question_accuracy(vlm_replier(vlm, tokenizer, max_new_tokens=16, batch_size=50), paths["vlm_sft_eval"],
-                                                     paths["images"], limit=args.eval_limit)
+                    result = image_question_accuracy(
+                        vlm_replier(vlm, tokenizer, max_new_tokens=16, batch_size=50),
+                        paths["vlm_sft_eval"],
+                        paths["images"],
+                        limit=args.eval_limit,
+                    )
             vlm.train()
             families = " ".join(f"{task} {value:.2f}" for task, value in result["by_task"].items())
-            print(f"step {step:5d} | {time.perf_counter() - started:4.0f}s | train loss {loss.item():.3f} | sample loss, own pictures "
-                  f"{right:.3f}, shuffled {shuffled:.3f} | held-out accuracy {result['accuracy']:.3f} ({families})", flush=True)
+            print(
+                f"step {step:5d} | {time.perf_counter() - started:4.0f}s | train loss {loss.item():.3f} | sample loss, own pictures "
+                f"{right:.3f}, shuffled {shuffled:.3f} | held-out accuracy {result['accuracy']:.3f} ({families})",
+                flush=True,
+            )
 
 
 def captions_as_text(path: Path, captions: dict[str, str], out: Path) -> Path:
@@ -206,12 +233,19 @@ def read_captions(args, paths: dict) -> None:
         if step % args.eval_every == 0 or step == args.steps:
             model.eval()
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-                result = image_question_accuracy(lambda queries: replier([conversation for conversation, _ in queries]), eval_file,
-                                                 paths["images"], limit=args.eval_limit)
+                result = image_question_accuracy(
+                    lambda queries: replier([conversation for conversation, _ in queries]),
+                    eval_file,
+                    paths["images"],
+                    limit=args.eval_limit,
+                )
             model.train()
             families = " ".join(f"{task} {value:.2f}" for task, value in result["by_task"].items())
-            print(f"step {step:5d} | {time.perf_counter() - started:4.0f}s | train loss {loss.item():.3f} | held-out accuracy, "
-                  f"captions as text {result['accuracy']:.3f} ({families})", flush=True)
+            print(
+                f"step {step:5d} | {time.perf_counter() - started:4.0f}s | train loss {loss.item():.3f} | held-out accuracy, "
+                f"captions as text {result['accuracy']:.3f} ({families})",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

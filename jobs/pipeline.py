@@ -48,11 +48,29 @@ def main(argv: list[str] | None = None) -> list:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's number of steps (epochs) by this")
     parser.add_argument("--experiment", default="minimind")
-    parser.add_argument("--eval-limit", type=int, default=1000, help="held-out records per evaluation (the demo's files hold up to 600: all of them)")
+    parser.add_argument(
+        "--eval-limit",
+        type=int,
+        default=1000,
+        help="held-out records per evaluation (the demo's files hold up to 600: all of them)",
+    )
     seeds = parser.add_mutually_exclusive_group()
-    seeds.add_argument("--seed", type=int, default=0, help="the demo world, the tokenizer, the vision tower and every stage's initialisation and batch order")
-    seeds.add_argument("--seeds", type=_seed_list, help="comma-separated seeds (0,1,2): the whole pipeline once per seed, one after the other, each under its own MLflow parent run")
-    parser.add_argument("--report", type=Path, help="write the results of every seed as Markdown here (docs/demo_results.md) and log it to each seed's parent run")
+    seeds.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="the demo world, the tokenizer, the vision tower and every stage's initialisation and batch order",
+    )
+    seeds.add_argument(
+        "--seeds",
+        type=_seed_list,
+        help="comma-separated seeds (0,1,2): the whole pipeline once per seed, one after the other, each under its own MLflow parent run",
+    )
+    parser.add_argument(
+        "--report",
+        type=Path,
+        help="write the results of every seed as Markdown here (docs/demo_results.md) and log it to each seed's parent run",
+    )
     parser.add_argument("--text-only", action="store_true", help="stop after the text stages")
     args = parser.parse_args(argv)
 
@@ -86,8 +104,11 @@ def run_pipeline(args: argparse.Namespace, seed: int) -> tuple[list, dict, str]:
 
     started = time.perf_counter()
     print(f"tokenizer: {demo_tokenizer(seed)}")
-    parent = tracking.start_parent_run(tracking.configure(args.experiment), f"pipeline-seed{seed}-{time.strftime('%Y%m%d-%H%M%S')}",
-                                       {"scale": args.scale, "eval_limit": args.eval_limit, "seed": seed})
+    parent = tracking.start_parent_run(
+        tracking.configure(args.experiment),
+        f"pipeline-seed{seed}-{time.strftime('%Y%m%d-%H%M%S')}",
+        {"scale": args.scale, "eval_limit": args.eval_limit, "seed": seed},
+    )
     MlflowClient().set_tag(parent, "seed", str(seed))
     results = []
     registered: dict[str, str] = {}
@@ -104,7 +125,9 @@ def run_pipeline(args: argparse.Namespace, seed: int) -> tuple[list, dict, str]:
             if name == "vlm_pretrain":
                 config = replace(config, vision_model=registered.get("clip"))
             if args.scale != 1.0:
-                steps_per_epoch = {"pretrain": 71, "sft": 113, "dpo": 110, "reason": 130, "vlm_pretrain": 138, "vlm_sft": 138}[name]  # the demo world's
+                steps_per_epoch = {"pretrain": 71, "sft": 113, "dpo": 110, "reason": 130, "vlm_pretrain": 138, "vlm_sft": 138}[
+                    name
+                ]  # the demo world's
                 config = replace(config, max_steps=max(2, int(config.epochs * steps_per_epoch * args.scale)))
             results.append(run_stage(config, name, parent_run_id=parent))
         registered[name] = results[-1].model_uri
@@ -123,24 +146,51 @@ def run_pipeline(args: argparse.Namespace, seed: int) -> tuple[list, dict, str]:
     print("\nstage         seconds  held-out metric                               before    after")
     for result in results:
         for key, value in result.after.items():
-            print(f"{result.stage:13s} {result.seconds:7.0f}  {key.removeprefix('eval/'):44s} {result.before.get(key, float('nan')):7.3f}  {value:7.3f}")
+            print(
+                f"{result.stage:13s} {result.seconds:7.0f}  {key.removeprefix('eval/'):44s} {result.before.get(key, float('nan')):7.3f}  {value:7.3f}"
+            )
     print(f"whole pipeline: {total:.0f}s")
     answers = _show_answers({stage: by_stage[stage].model_dir for stage in TEXT_STAGES if stage in by_stage}, seed)
-    pictures = _show_pictures({stage: by_stage[stage].model_dir for stage in ("vlm_pretrain", "vlm_sft") if stage in by_stage}, seed)
+    pictures = _show_pictures(
+        {stage: by_stage[stage].model_dir for stage in ("vlm_pretrain", "vlm_sft") if stage in by_stage}, seed
+    )
     metrics = {"pipeline/seconds": total} | {f"{r.stage}/seconds": r.seconds for r in results}
     metrics |= {f"{r.stage}/{key.removeprefix('eval/')}": value for r in results for key, value in r.after.items()}
-    metrics |= {f"{stage}/{key}": found[key] for stage, found in pictures.items() for key in ("hallucination_rate", "describing_rate", "mean_reply_chars")}
-    stage_metrics = [{"stage": r.stage, "model": r.model_uri, "metric": key.removeprefix("eval/"), "before": r.before.get(key), "after": value}
-                     for r in results for key, value in r.after.items()]
+    metrics |= {
+        f"{stage}/{key}": found[key]
+        for stage, found in pictures.items()
+        for key in ("hallucination_rate", "describing_rate", "mean_reply_chars")
+    }
+    stage_metrics = [
+        {"stage": r.stage, "model": r.model_uri, "metric": key.removeprefix("eval/"), "before": r.before.get(key), "after": value}
+        for r in results
+        for key, value in r.after.items()
+    ]
     metrics["pipeline/seconds_with_reports"] = time.perf_counter() - started
     print(f"\nwhole pipeline with these reports: {metrics['pipeline/seconds_with_reports']:.0f}s")
-    tracking.end_parent_run(parent, metrics, {
-        "stage_metrics.json": stage_metrics, "training_results.json": answers,
-        "picture_descriptions.json": [{"stage": stage, **sample} for stage, found in pictures.items() for sample in found["samples"]],
-    })
-    stages = {r.stage: {"before": r.before, "after": r.after, "seconds": r.seconds, **_stage_run_facts(r, seed, args.eval_limit)} for r in results}
-    run_results = {"seed": seed, "seconds": total, "seconds_with_reports": metrics["pipeline/seconds_with_reports"],
-                   "stages": stages, "answers": answers, "pictures": pictures}
+    tracking.end_parent_run(
+        parent,
+        metrics,
+        {
+            "stage_metrics.json": stage_metrics,
+            "training_results.json": answers,
+            "picture_descriptions.json": [
+                {"stage": stage, **sample} for stage, found in pictures.items() for sample in found["samples"]
+            ],
+        },
+    )
+    stages = {
+        r.stage: {"before": r.before, "after": r.after, "seconds": r.seconds, **_stage_run_facts(r, seed, args.eval_limit)}
+        for r in results
+    }
+    run_results = {
+        "seed": seed,
+        "seconds": total,
+        "seconds_with_reports": metrics["pipeline/seconds_with_reports"],
+        "stages": stages,
+        "answers": answers,
+        "pictures": pictures,
+    }
     return results, run_results, parent
 
 
@@ -155,7 +205,9 @@ def _seed_list(text: str) -> list[int]:
 
 
 ACCURACY_FILES = {  # metric -> the demo's held-out file the runner measures it on (DPO and reasoning keep measuring the SFT answers)
-    "eval/answer_exact_match": "sft_eval", "eval/reasoning_format": "reason_eval", "eval/reasoning_accuracy": "reason_eval",
+    "eval/answer_exact_match": "sft_eval",
+    "eval/reasoning_format": "reason_eval",
+    "eval/reasoning_accuracy": "reason_eval",
     "eval/image_question_accuracy": "vlm_sft_eval",
 }
 
@@ -174,7 +226,11 @@ def _stage_run_facts(result, seed: int, eval_limit: int) -> dict:
 
     stage_run = MlflowClient().get_run(result.run_id).data
     params = stage_run.params
-    facts = {"workers": f"{params['num_workers']} worker(s) × {float(params['cpus_per_worker']):g} CPUs"} if "num_workers" in params else {}
+    facts = (
+        {"workers": f"{params['num_workers']} worker(s) × {float(params['cpus_per_worker']):g} CPUs"}
+        if "num_workers" in params
+        else {}
+    )
     on_demo_files = not {"data", "eval_data", "answer_eval"} & set(params)
     paths = demo_data(seed) if on_demo_files else {}
     records = {}
@@ -197,11 +253,17 @@ def _machine() -> dict[str, str]:
     from minimind import tracking
 
     cpuinfo = Path("/proc/cpuinfo")
-    models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")] if cpuinfo.exists() else []
+    models = (
+        [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        if cpuinfo.exists()
+        else []
+    )
     return {
         "CPU": f"{models[0] if models else platform.processor() or 'unknown'}, {os.cpu_count()} logical cores",
         "torch": f"{torch.__version__}, {torch.get_num_threads()} threads in the driver (evaluation, reports); training workers as each stage says",
-        "load average when the report was written (1, 5, 15 min)": ", ".join(f"{load:.1f}" for load in os.getloadavg()),  # other work on the CPU slows every stage
+        "load average when the report was written (1, 5, 15 min)": ", ".join(
+            f"{load:.1f}" for load in os.getloadavg()
+        ),  # other work on the CPU slows every stage
         "Python": platform.python_version(),
         "git commit": tracking.git_commit() or "unknown",
     }
@@ -228,10 +290,15 @@ def _show_pictures(model_dirs: dict, seed: int) -> dict:
     report = describe_pictures(model_dirs, seed=seed)
     print(f"\nthe vision models describing {next(iter(report.values()))['pictures']} held-out pictures:")
     for stage, found in report.items():
-        print(f"  {stage:13s} names a shape, colour or count in {found['describing_rate']:.0%} of replies, one not in the picture in "
-              f"{found['hallucination_rate']:.0%}; mean reply {found['mean_reply_chars']:.0f} characters")
+        print(
+            f"  {stage:13s} names a shape, colour or count in {found['describing_rate']:.0%} of replies, one not in the picture in "
+            f"{found['hallucination_rate']:.0%}; mean reply {found['mean_reply_chars']:.0f} characters"
+        )
         for sample in found["samples"][:2]:
-            print(f"    [{sample['image']}] {sample['reply']}" + (f"  (not in the picture: {sample['not_in_picture']})" if sample["not_in_picture"] else ""))
+            print(
+                f"    [{sample['image']}] {sample['reply']}"
+                + (f"  (not in the picture: {sample['not_in_picture']})" if sample["not_in_picture"] else "")
+            )
     return report
 
 

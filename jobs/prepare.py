@@ -24,19 +24,38 @@ from minimind.training.flags import parse_config
 
 @dataclass
 class PrepareConfig:
-    stage: str = field(default="sft", metadata={"help": "the stage whose rows to prepare: pretrain, sft, dpo, reason, kd, vlm_pretrain, vlm_sft"})
-    data: str | None = field(default=None, metadata={"help": "JSONL: a path or storage URI (default: the demo world's file for the stage)"})
-    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer or model directory, or a models:/ URI (default: the demo "
-                                                                     "tokenizer, with the demo data only)"})
+    stage: str = field(
+        default="sft", metadata={"help": "the stage whose rows to prepare: pretrain, sft, dpo, reason, kd, vlm_pretrain, vlm_sft"}
+    )
+    data: str | None = field(
+        default=None, metadata={"help": "JSONL: a path or storage URI (default: the demo world's file for the stage)"}
+    )
+    tokenizer: str | None = field(
+        default=None,
+        metadata={
+            "help": "tokenizer or model directory, or a models:/ URI (default: the demo tokenizer, with the demo data only)"
+        },
+    )
     seq_len: int = field(default=256, metadata={"help": "longest row in tokens (the stage job's --seq-len)"})
-    image_tokens: int = field(default=0, metadata={"help": "vlm: placeholder tokens per image (default: the --tokenizer model's tower, "
-                                                           "else the demo tower's)"})
-    skip_bad: bool = field(default=False, metadata={"help": "skip malformed lines (not JSON, wrong types, missing keys; counted) "
-                                                            "instead of stopping at the first (a blank pretraining text is no "
-                                                            "error: it is left out and counted in the data report)"})
+    image_tokens: int = field(
+        default=0,
+        metadata={"help": "vlm: placeholder tokens per image (default: the --tokenizer model's tower, else the demo tower's)"},
+    )
+    skip_bad: bool = field(
+        default=False,
+        metadata={
+            "help": "skip malformed lines (not JSON, wrong types, missing keys; counted) "
+            "instead of stopping at the first (a blank pretraining text is no "
+            "error: it is left out and counted in the data report)"
+        },
+    )
     drop_duplicates: bool = field(default=False, metadata={"help": "leave out records that exactly repeat an earlier one"})
-    storage_path: str | None = field(default=None, metadata={"help": "Ray storage of the stage jobs; prepared data goes to <it>/prepared"})
-    prepared: str | None = field(default=None, metadata={"help": "where prepared data is kept (default: <storage-path>/prepared)"})
+    storage_path: str | None = field(
+        default=None, metadata={"help": "Ray storage of the stage jobs; prepared data goes to <it>/prepared"}
+    )
+    prepared: str | None = field(
+        default=None, metadata={"help": "where prepared data is kept (default: <storage-path>/prepared)"}
+    )
     chunk_mb: int = field(default=32, metadata={"help": "MB of the file per Ray task (one shard each)"})
     seed: int = field(default=0, metadata={"help": "without --data: the demo world of this seed (the stage job's --seed)"})
 
@@ -56,19 +75,39 @@ def main(argv: list[str] | None = None):
         raise SystemExit(f"--stage {config.stage!r}: expected one of {', '.join(STAGES)}")
     stage = STAGES[config.stage]
     if config.data and not config.tokenizer:
-        raise SystemExit("--data needs --tokenizer (the one the stage trains with); only the demo data falls back to the demo tokenizer")
+        raise SystemExit(
+            "--data needs --tokenizer (the one the stage trains with); only the demo data falls back to the demo tokenizer"
+        )
     from minimind.demo import demo_data, demo_tokenizer, demo_vision_tower
 
     data = config.data or str(demo_data(config.seed)[stage.demo_file])
-    source = Path(tracking.resolve_model(config.tokenizer, tracking.PROJECT_ROOT / "checkpoints" / "prepare-tokenizer")) if config.tokenizer else demo_tokenizer(config.seed)
+    source = (
+        Path(tracking.resolve_model(config.tokenizer, tracking.PROJECT_ROOT / "checkpoints" / "prepare-tokenizer"))
+        if config.tokenizer
+        else demo_tokenizer(config.seed)
+    )
     image_tokens = config.image_tokens
     if stage.data_kind == "vlm" and not image_tokens:
         tower_config = source / VISION_CONFIG_NAME if is_vlm_dir(source) else None
-        image_tokens = VisionConfig.load(tower_config).image_tokens if tower_config else image_token_count(load_vision_tower(demo_vision_tower(config.seed))[0])
+        image_tokens = (
+            VisionConfig.load(tower_config).image_tokens
+            if tower_config
+            else image_token_count(load_vision_tower(demo_vision_tower(config.seed))[0])
+        )
     rows_spec = stage_data(stage, config, image_tokens or 1)
-    prepared = prepare(data, load_tokenizer(source), rows_spec, prepared_root(config.prepared, config.storage_path),
-                       skip_bad=config.skip_bad, drop_duplicates=config.drop_duplicates, chunk_bytes=config.chunk_mb << 20)
-    print(f"prepared data: {prepared.location}" + ("" if prepared.reused else f" (report: {prepared.location}/report.json, report.png)"))
+    prepared = prepare(
+        data,
+        load_tokenizer(source),
+        rows_spec,
+        prepared_root(config.prepared, config.storage_path),
+        skip_bad=config.skip_bad,
+        drop_duplicates=config.drop_duplicates,
+        chunk_bytes=config.chunk_mb << 20,
+    )
+    print(
+        f"prepared data: {prepared.location}"
+        + ("" if prepared.reused else f" (report: {prepared.location}/report.json, report.png)")
+    )
     return prepared
 
 

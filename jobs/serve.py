@@ -45,39 +45,91 @@ def parse(argv=None):
 
     limits, spec, settings = Limits(), ModelSpec("", ""), ServeSettings()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--text", default="models:/minimind-reason/latest", help="the text model `minimind` (default: %(default)s)")
-    parser.add_argument("--vision", default="models:/minimind-vlm-sft/latest", help="the vision model `minimind-v` (default: %(default)s)")
+    parser.add_argument(
+        "--text", default="models:/minimind-reason/latest", help="the text model `minimind` (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--vision", default="models:/minimind-vlm-sft/latest", help="the vision model `minimind-v` (default: %(default)s)"
+    )
     parser.add_argument("--no-vision", action="store_true", help="serve the text model only")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s; 0.0.0.0 exposes it)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--api-key-file", default=None, help="require 'Authorization: Bearer KEY' with KEY read from this file on the "
-                        "gateway's node (the key itself is never a flag: flags show in `ps`)")
-    parser.add_argument("--api-key-env", default="MINIMIND_API_KEY", help="else read KEY from this environment variable of the "
-                        "gateway's node (default: %(default)s; unset: no key)")
+    parser.add_argument(
+        "--api-key-file",
+        default=None,
+        help="require 'Authorization: Bearer KEY' with KEY read from this file on the "
+        "gateway's node (the key itself is never a flag: flags show in `ps`)",
+    )
+    parser.add_argument(
+        "--api-key-env",
+        default="MINIMIND_API_KEY",
+        help="else read KEY from this environment variable of the gateway's node (default: %(default)s; unset: no key)",
+    )
     scale = parser.add_argument_group("replicas and resources")
     scale.add_argument("--replicas", default="1", help="replicas per model, or 'auto' for autoscaling (default: %(default)s)")
     scale.add_argument("--max-replicas", type=int, default=2, help="autoscaling ceiling (default: %(default)s)")
-    scale.add_argument("--gateway-replicas", type=int, default=settings.gateway_replicas,
-                       help="replicas of the HTTP gateway, 0.1 CPU each (default: %(default)s)")
-    scale.add_argument("--num-cpus", type=float, default=None, help="CPUs per replica, also its torch threads (default: 1, less when the "
-                       "cluster has fewer CPUs than one per model replica plus the gateways' 0.1 each)")
-    scale.add_argument("--num-gpus", type=float, default=None, help="GPUs per replica (default: 1 when the cluster has a GPU, else 0)")
-    scale.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together in a replica (default: %(default)s)")
-    scale.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a batch waits for more requests (default: %(default)s)")
-    scale.add_argument("--max-queued-requests", type=int, default=spec.max_queued_requests, help="requests waiting for a model's "
-                       "replicas, per gateway replica, beyond 4 x --max-batch-size in each replica; more get 429 (default: %(default)s)")
-    scale.add_argument("--placement-timeout-s", type=float, default=None, help="fail when by then replicas are still unplaced for "
-                       "want of resources; placed replicas loading a model are waited for (default: 60, or 900 with --wait-for-nodes)")
-    scale.add_argument("--wait-for-nodes", action="store_true", help="the resources may come with nodes an autoscaler starts: "
-                       "wait for them instead of failing at once when the nodes up now lack them")
+    scale.add_argument(
+        "--gateway-replicas",
+        type=int,
+        default=settings.gateway_replicas,
+        help="replicas of the HTTP gateway, 0.1 CPU each (default: %(default)s)",
+    )
+    scale.add_argument(
+        "--num-cpus",
+        type=float,
+        default=None,
+        help="CPUs per replica, also its torch threads (default: 1, less when the "
+        "cluster has fewer CPUs than one per model replica plus the gateways' 0.1 each)",
+    )
+    scale.add_argument(
+        "--num-gpus", type=float, default=None, help="GPUs per replica (default: 1 when the cluster has a GPU, else 0)"
+    )
+    scale.add_argument(
+        "--max-batch-size", type=int, default=16, help="requests decoded together in a replica (default: %(default)s)"
+    )
+    scale.add_argument(
+        "--batch-wait-ms", type=float, default=10.0, help="how long a batch waits for more requests (default: %(default)s)"
+    )
+    scale.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=spec.max_queued_requests,
+        help="requests waiting for a model's "
+        "replicas, per gateway replica, beyond 4 x --max-batch-size in each replica; more get 429 (default: %(default)s)",
+    )
+    scale.add_argument(
+        "--placement-timeout-s",
+        type=float,
+        default=None,
+        help="fail when by then replicas are still unplaced for "
+        "want of resources; placed replicas loading a model are waited for (default: 60, or 900 with --wait-for-nodes)",
+    )
+    scale.add_argument(
+        "--wait-for-nodes",
+        action="store_true",
+        help="the resources may come with nodes an autoscaler starts: "
+        "wait for them instead of failing at once when the nodes up now lack them",
+    )
     bounds = parser.add_argument_group("request limits (each refused with OpenAI's error shape)")
-    bounds.add_argument("--request-timeout-s", type=float, default=settings.request_timeout_s, help="from a request's arrival to "
-                        "its reply's last token; later: 504, and the replica stops decoding it (default: %(default)s)")
+    bounds.add_argument(
+        "--request-timeout-s",
+        type=float,
+        default=settings.request_timeout_s,
+        help="from a request's arrival to "
+        "its reply's last token; later: 504, and the replica stops decoding it (default: %(default)s)",
+    )
     for name, what in LIMIT_FLAGS.items():
-        bounds.add_argument("--" + name.replace("_", "-"), type=type(getattr(limits, name)), default=getattr(limits, name),
-                            help=f"{what} (default: %(default)s)")
-    bounds.add_argument("--allow-remote-images", action="store_true", help="let requests name http(s) image URLs for the server to "
-                        "fetch (public addresses only, no redirects)")
+        bounds.add_argument(
+            "--" + name.replace("_", "-"),
+            type=type(getattr(limits, name)),
+            default=getattr(limits, name),
+            help=f"{what} (default: %(default)s)",
+        )
+    bounds.add_argument(
+        "--allow-remote-images",
+        action="store_true",
+        help="let requests name http(s) image URLs for the server to fetch (public addresses only, no redirects)",
+    )
     parser.add_argument("--detach", action="store_true", help="return once the app is up instead of serving until Ctrl-C")
     return parser.parse_args(argv)
 
@@ -94,9 +146,15 @@ def settings_from(args):
     if cpus is None:  # every replica must fit beside the gateways, or Serve waits for ever to place one
         replicas = (1 if args.no_vision else 2) * (1 if args.replicas == "auto" else int(args.replicas))
         cpus = max(0.1, min(1.0, (resources.get("CPU", 1) - GATEWAY_CPUS * args.gateway_replicas) / replicas))
-    common = dict(num_replicas=args.replicas if args.replicas == "auto" else int(args.replicas), max_replicas=args.max_replicas,
-                  num_cpus=cpus, num_gpus=gpus, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
-                  max_queued_requests=args.max_queued_requests)
+    common = dict(
+        num_replicas=args.replicas if args.replicas == "auto" else int(args.replicas),
+        max_replicas=args.max_replicas,
+        num_cpus=cpus,
+        num_gpus=gpus,
+        max_batch_size=args.max_batch_size,
+        batch_wait_ms=args.batch_wait_ms,
+        max_queued_requests=args.max_queued_requests,
+    )
     models = [ModelSpec("minimind", args.text, **common)]
     if not args.no_vision:
         models.append(ModelSpec("minimind-v", args.vision, **common))
@@ -106,12 +164,21 @@ def settings_from(args):
     from minimind import tracking
 
     tracking.configure()
-    settings = ServeSettings(models=models, limits=limits, api_key_file=args.api_key_file, api_key_env=args.api_key_env,
-                             tracking_uri=mlflow.get_tracking_uri(), gateway_replicas=args.gateway_replicas,
-                             request_timeout_s=args.request_timeout_s)
+    settings = ServeSettings(
+        models=models,
+        limits=limits,
+        api_key_file=args.api_key_file,
+        api_key_env=args.api_key_env,
+        tracking_uri=mlflow.get_tracking_uri(),
+        gateway_replicas=args.gateway_replicas,
+        request_timeout_s=args.request_timeout_s,
+    )
     if args.host not in ("127.0.0.1", "localhost", "::1") and not read_api_key(args.api_key_file, args.api_key_env):
-        print(f"WARNING: serving on {args.host} without an API key: anyone who reaches it can use the models "
-              f"(set ${args.api_key_env} or --api-key-file)", file=sys.stderr)
+        print(
+            f"WARNING: serving on {args.host} without an API key: anyone who reaches it can use the models "
+            f"(set ${args.api_key_env} or --api-key-file)",
+            file=sys.stderr,
+        )
     return settings
 
 
@@ -137,8 +204,11 @@ def shortfall(settings, totals: dict, nodes: list[dict]) -> str | None:
             missing.append(f"{who}: {total:g} {resource} in all; the cluster has {totals.get(resource, 0):g}")
             continue
         largest = max((node.get(resource, 0) for node in nodes), default=0)
-        missing += [f"{name} needs {each:g} {resource} per replica; the largest node has {largest:g}"
-                    for name, (count, each) in wanted.items() if each > largest + 1e-6]
+        missing += [
+            f"{name} needs {each:g} {resource} per replica; the largest node has {largest:g}"
+            for name, (count, each) in wanted.items()
+            if each > largest + 1e-6
+        ]
     return "; ".join(missing) or None
 
 
@@ -154,14 +224,18 @@ def deploy(app, settings, timeout_s: float, name: str = "minimind", route_prefix
     loading its model is waited for."""
     from ray import serve
 
-    serve.run_many([serve.RunTarget(app, name=name, route_prefix=route_prefix)], wait_for_ingress_deployment_creation=False,
-                   wait_for_applications_running=False)
+    serve.run_many(
+        [serve.RunTarget(app, name=name, route_prefix=route_prefix)],
+        wait_for_ingress_deployment_creation=False,
+        wait_for_applications_running=False,
+    )
     deadline = time.monotonic() + timeout_s
     while (status := serve.status().applications.get(name)) is None or status.status != "RUNNING":
         problem = None
         if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
             problem = f"the app failed to start: {status.message or ''} " + " ".join(
-                f"{deployment}: {overview.message}" for deployment, overview in status.deployments.items() if overview.message)
+                f"{deployment}: {overview.message}" for deployment, overview in status.deployments.items() if overview.message
+            )
         elif time.monotonic() > deadline:
             overviews = status.deployments.values() if status else ()
             unscheduled = [overview.message for overview in overviews if "to be scheduled" in overview.message]

@@ -23,8 +23,12 @@ class TokenizerJobConfig:
     data: str | None = field(default=None, metadata={"help": "pretraining JSONL; default: the demo world's pretrain.jsonl"})
     vocab_size: int = field(default=6400, metadata={"help": "vocabulary size, special tokens included"})
     max_lines: int = field(default=100_000, metadata={"help": "read at most this many lines"})
-    split_digits: bool = field(default=False, metadata={"help": "every digit its own token (helps arithmetic; MiniMind's tokenizer merges digits)"})
-    split_han: bool = field(default=False, metadata={"help": "every Chinese character its own token (no phrase tokens: what the demo tokenizer does)"})
+    split_digits: bool = field(
+        default=False, metadata={"help": "every digit its own token (helps arithmetic; MiniMind's tokenizer merges digits)"}
+    )
+    split_han: bool = field(
+        default=False, metadata={"help": "every Chinese character its own token (no phrase tokens: what the demo tokenizer does)"}
+    )
     seed: int = field(default=0, metadata={"help": "without --data: the demo world of this seed"})
     output: str = field(default="checkpoints/tokenizer", metadata={"help": "directory to save the tokenizer to"})
 

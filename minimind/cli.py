@@ -73,14 +73,22 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("destination", help="output model folder")
     merge.add_argument("--base", default=None, help="base model folder or URI (default: the one the adapters name)")
 
-    imported = commands.add_parser("import", help="a MiniMind .pth, MiniMind transformers folder or Llama folder as a model folder")
+    imported = commands.add_parser(
+        "import", help="a MiniMind .pth, MiniMind transformers folder or Llama folder as a model folder"
+    )
     imported.add_argument("source", help="MiniMind .pth state dict (either naming era), or a MiniMind/Llama transformers folder")
     imported.add_argument("destination", help="output model folder")
     imported.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the source folder's own)")
-    imported.add_argument("--preset", default=None, help="take the fields the weights cannot show (heads, rope theta, context) from this preset")
+    imported.add_argument(
+        "--preset", default=None, help="take the fields the weights cannot show (heads, rope theta, context) from this preset"
+    )
     imported.add_argument("--config-overrides", default=None, help="fields to set, e.g. num_attention_heads=8,rope_theta=10000")
-    imported.add_argument("--markers", default=None, help="the tokenizer's strings for the tags and the image placeholder, e.g. "
-                          "image=<|image_pad|>,think_start=<think> (default: its config's, else <think> </think> <answer> </answer> <image>)")
+    imported.add_argument(
+        "--markers",
+        default=None,
+        help="the tokenizer's strings for the tags and the image placeholder, e.g. "
+        "image=<|image_pad|>,think_start=<think> (default: its config's, else <think> </think> <answer> </answer> <image>)",
+    )
     imported.add_argument("--register-as", default=None, help="also register the folder as the next version of this MLflow model")
 
     demo = commands.add_parser("demo", help="build, train briefly, save, reload, generate and export a tiny model")
@@ -112,8 +120,12 @@ class _Session:
         if args.compile:
             compile_for_decoding(self.model)
         self.params = self.chat.sampling(
-            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-            repetition_penalty=args.repetition_penalty, seed=args.seed,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            repetition_penalty=args.repetition_penalty,
+            seed=args.seed,
         )
 
     def reply(self, prompt_ids: list[int]) -> str:
@@ -123,11 +135,11 @@ class _Session:
             tokens.append(token)
             text = self.tokenizer.decode(tokens, skip_special_tokens=False)
             if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                out.write(text[len(printed):])
+                out.write(text[len(printed) :])
                 out.flush()
                 printed = text
         text = self.tokenizer.decode(tokens, skip_special_tokens=False)
-        out.write(text[len(printed):] + "\n")
+        out.write(text[len(printed) :] + "\n")
         return text
 
     def chat_ids(self, messages: list[dict]) -> list[int]:
@@ -138,7 +150,10 @@ class _Session:
             missing = self.image_count - sum(m["content"].count(IMAGE_MARKER) for m in messages)
             if missing > 0:  # images not placed by the user go before the first question
                 messages = [*messages]
-                messages[first_user] = {**messages[first_user], "content": IMAGE_MARKER * missing + "\n" + messages[first_user]["content"]}
+                messages[first_user] = {
+                    **messages[first_user],
+                    "content": IMAGE_MARKER * missing + "\n" + messages[first_user]["content"],
+                }
         return self.chat.prompt_ids(messages)
 
 
@@ -224,8 +239,14 @@ def run_demo(args) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        {"generate": run_generate, "chat": run_chat, "export-hf": run_export, "merge-lora": run_merge_lora, "import": run_import,
-         "demo": run_demo}[args.command](args)
+        {
+            "generate": run_generate,
+            "chat": run_chat,
+            "export-hf": run_export,
+            "merge-lora": run_merge_lora,
+            "import": run_import,
+            "demo": run_demo,
+        }[args.command](args)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"minimind {args.command}: {error}") from error
     except Exception as error:

@@ -83,7 +83,9 @@ def fetch(location: str) -> Path:
         partial = Path(tempfile.mkdtemp(dir=node_cache(), prefix=".partial-")) / info.base_name
         if info.type == pyarrow.fs.FileType.Directory:
             partial.mkdir()
-        pyarrow.fs.copy_files(path, str(partial), source_filesystem=filesystem, destination_filesystem=pyarrow.fs.LocalFileSystem())
+        pyarrow.fs.copy_files(
+            path, str(partial), source_filesystem=filesystem, destination_filesystem=pyarrow.fs.LocalFileSystem()
+        )
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.replace(partial, target)

@@ -75,7 +75,19 @@ def test_chat_with_an_image_needs_a_vlm_and_answers_with_one(tmp_path, model_dir
     tokenizer = train_tokenizer(["图中有一个红色的圆形。"] * 20, vocab_size=300)
     save_vlm(MiniMindVLM(random_model(vocab_size=len(tokenizer)), *clip_tower(), image_token_id=7), tmp_path / "vlm", tokenizer)
     for prompt in ("图中有什么？", "<image>\n图中有什么？"):  # the image goes first unless the prompt places it
-        main(["chat", "--model", str(tmp_path / "vlm"), "--image", str(tmp_path / "red.png"), "--prompt", prompt, "--max-new-tokens", "4"])
+        main(
+            [
+                "chat",
+                "--model",
+                str(tmp_path / "vlm"),
+                "--image",
+                str(tmp_path / "red.png"),
+                "--prompt",
+                prompt,
+                "--max-new-tokens",
+                "4",
+            ]
+        )
         assert capsys.readouterr().out.strip()
     (tmp_path / "broken.png").write_bytes(b"\x89PNG broken")
     with pytest.raises(SystemExit, match="broken.png: not a readable image"):

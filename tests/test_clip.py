@@ -91,7 +91,9 @@ def test_saved_tower_loads_like_real_clip_with_the_same_patch_features(demo_pair
         expected = model.vision_model.eval()(pixel_values=pixel_values).last_hidden_state[:, 1:]
         assert torch.allclose(tower(pixel_values=pixel_values).last_hidden_state[:, 1:], expected)
     assert image_token_count(tower) == 16
-    assert not torch.equal(tower.embeddings.patch_embedding.weight, load_vision_tower(demo_vision_tower(0))[0].embeddings.patch_embedding.weight)
+    assert not torch.equal(
+        tower.embeddings.patch_embedding.weight, load_vision_tower(demo_vision_tower(0))[0].embeddings.patch_embedding.weight
+    )
 
 
 def test_held_out_pictures_are_never_training_pairs(demo_pairs, mlflow_store, tmp_path):
@@ -105,5 +107,13 @@ def test_held_out_pictures_are_never_training_pairs(demo_pairs, mlflow_store, tm
     assert len(training) == NUM_TRAIN and len(held_out) == NUM_EVAL and not training & held_out
     assert all(name.startswith("eval_") for name in held_out)
     with pytest.raises(SystemExit, match="held-out picture"):  # the job refuses a training file that holds them
-        train_clip(ClipConfig(data=str(paths["vlm_pretrain_eval"]), images=str(paths["images"]), eval_data=str(paths["vlm_pretrain_eval"]),
-                              tokenizer=str(demo_tokenizer(0)), vision_model=str(demo_vision_tower(0)), storage_path=str(tmp_path)))
+        train_clip(
+            ClipConfig(
+                data=str(paths["vlm_pretrain_eval"]),
+                images=str(paths["images"]),
+                eval_data=str(paths["vlm_pretrain_eval"]),
+                tokenizer=str(demo_tokenizer(0)),
+                vision_model=str(demo_vision_tower(0)),
+                storage_path=str(tmp_path),
+            )
+        )

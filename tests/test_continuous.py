@@ -7,7 +7,12 @@ from minimind.inference.continuous import ContinuousBatch
 from minimind.inference.generate import generate
 from minimind.inference.sampling import SamplingParams
 
-PROMPTS = {"short": [5, 17], "long": [6000, 12, 13, 14, 99, 1024, 7, 300, 8], "mid": [42, 8, 9, 77], "late": [3000, 31, 32, 33, 34, 35]}
+PROMPTS = {
+    "short": [5, 17],
+    "long": [6000, 12, 13, 14, 99, 1024, 7, 300, 8],
+    "mid": [42, 8, 9, 77],
+    "late": [3000, 31, 32, 33, 34, 35],
+}
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
@@ -16,8 +21,12 @@ def test_rows_that_join_and_leave_a_running_batch_get_the_tokens_they_get_alone(
     limits = {"short": 12, "long": 5, "mid": 9, "late": 7}
     penalised = {"mid": 1.3}
     params = {name: SamplingParams(limits[name], repetition_penalty=penalised.get(name, 1.0)) for name in PROMPTS}
-    alone = {name: generate(model, [PROMPTS[name]], SamplingParams(limits[name], repetition_penalty=penalised.get(name, 1.0),
-                                                                  stop_token_ids=[]))[0] for name in PROMPTS}
+    alone = {
+        name: generate(
+            model, [PROMPTS[name]], SamplingParams(limits[name], repetition_penalty=penalised.get(name, 1.0), stop_token_ids=[])
+        )[0]
+        for name in PROMPTS
+    }
     batch = ContinuousBatch(model, stop_token_ids=[])
     got = {name: [] for name in PROMPTS}
 
@@ -42,8 +51,11 @@ def test_rows_that_join_and_leave_a_running_batch_get_the_tokens_they_get_alone(
 def test_a_row_ends_at_its_stop_token_its_limit_or_when_finished_by_the_caller(tiny_model):
     free = generate(tiny_model, [PROMPTS["long"]], max_new_tokens=8, stop_token_ids=[])[0]
     batch = ContinuousBatch(tiny_model, stop_token_ids=[free[3]])
-    first = batch.add(["stops", "limit", "cancelled"], [PROMPTS["long"], PROMPTS["short"], PROMPTS["mid"]],
-                      [SamplingParams(8), SamplingParams(2), SamplingParams(50)])
+    first = batch.add(
+        ["stops", "limit", "cancelled"],
+        [PROMPTS["long"], PROMPTS["short"], PROMPTS["mid"]],
+        [SamplingParams(8), SamplingParams(2), SamplingParams(50)],
+    )
     tokens = {"stops": [first[0]], "limit": [first[1]], "cancelled": [first[2]]}
     ended = {}
     step = 1

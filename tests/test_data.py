@@ -35,7 +35,9 @@ def tokenizer():
 
 
 def write_jsonl(path, records):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in records), encoding="utf-8")
+    path.write_text(
+        "".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in records), encoding="utf-8"
+    )
     return path
 
 
@@ -54,7 +56,10 @@ def test_sft_labels_cover_exactly_every_assistant_reply_and_its_end_of_turn(toke
 
 def test_dpo_rows_supervise_only_the_final_reply(tokenizer, tmp_path):
     prompt = CONVERSATION[:4]
-    record = {"chosen": prompt + [{"role": "assistant", "content": "北京。"}], "rejected": prompt + [{"role": "assistant", "content": "上海吧，大概。"}]}
+    record = {
+        "chosen": prompt + [{"role": "assistant", "content": "北京。"}],
+        "rejected": prompt + [{"role": "assistant", "content": "上海吧，大概。"}],
+    }
     rows = load_stage_dataset(write_jsonl(tmp_path / "dpo.jsonl", [record]), tokenizer, StageData("dpo", seq_len=256))
     row = rows[0]
     assert supervised_text(tokenizer, row["chosen_input_ids"], row["chosen_labels"]) == "北京。</s>"
@@ -64,7 +69,9 @@ def test_dpo_rows_supervise_only_the_final_reply(tokenizer, tmp_path):
 def test_reasoning_tag_weights_land_on_the_tag_tokens_only(tokenizer, tmp_path):
     reply = "<think>\n12 加 30 等于 42\n</think>\n<answer>\n42\n</answer>"
     record = {"conversations": [{"role": "user", "content": "<think> 12+30？"}, {"role": "assistant", "content": reply}]}
-    row = load_stage_dataset(write_jsonl(tmp_path / "r.jsonl", [record]), tokenizer, StageData("reason", seq_len=256, tag_weight=10))[0]
+    row = load_stage_dataset(
+        write_jsonl(tmp_path / "r.jsonl", [record]), tokenizer, StageData("reason", seq_len=256, tag_weight=10)
+    )[0]
     tag_ids = {ids[0] for ids in Markers.of(tokenizer).tag_sequences(tokenizer)}  # single tokens in our tokenizer
     for token, label, weight in zip(row["input_ids"], row["labels"], row["loss_weights"]):
         if label == IGNORE_INDEX:
@@ -85,7 +92,9 @@ def test_tags_of_several_tokens_weight_exactly_their_own_positions(byte_tokenize
     assert all(len(ids) > 1 for ids in sequences)
     reply = "<think>\n3 < 5, think twice\n</think>\n<answer>\n5\n</answer>"
     record = {"conversations": [{"role": "user", "content": "3 < 5？"}, {"role": "assistant", "content": reply}]}
-    row = load_stage_dataset(write_jsonl(tmp_path / "r.jsonl", [record]), byte_tokenizer, StageData("reason", seq_len=256, tag_weight=10))[0]
+    row = load_stage_dataset(
+        write_jsonl(tmp_path / "r.jsonl", [record]), byte_tokenizer, StageData("reason", seq_len=256, tag_weight=10)
+    )[0]
     weighted = [token for token, weight in zip(row["input_ids"], row["loss_weights"]) if weight == 10.0]
     assert byte_tokenizer.decode(weighted) == "<think></think><answer></answer>"
     assert len(weighted) == sum(map(len, sequences))
@@ -94,9 +103,16 @@ def test_tags_of_several_tokens_weight_exactly_their_own_positions(byte_tokenize
 
 
 def test_vlm_rows_expand_each_image_placeholder(tokenizer, tmp_path):
-    record = {"conversations": [{"role": "user", "content": "<image>\n<image>\n两张图一样吗？"}, {"role": "assistant", "content": "一样。"}],
-              "image": "a.png, b.png"}
-    row = load_stage_dataset(write_jsonl(tmp_path / "v.jsonl", [record]), tokenizer, StageData("vlm", seq_len=256, image_tokens=5))[0]
+    record = {
+        "conversations": [
+            {"role": "user", "content": "<image>\n<image>\n两张图一样吗？"},
+            {"role": "assistant", "content": "一样。"},
+        ],
+        "image": "a.png, b.png",
+    }
+    row = load_stage_dataset(
+        write_jsonl(tmp_path / "v.jsonl", [record]), tokenizer, StageData("vlm", seq_len=256, image_tokens=5)
+    )[0]
     image_id = Markers.of(tokenizer).ids(tokenizer)["image"]
     positions = [i for i, token in enumerate(row["input_ids"]) if token == image_id]
     assert len(positions) == 10 and all(row["labels"][i] == IGNORE_INDEX for i in positions)
@@ -106,8 +122,10 @@ def test_vlm_rows_expand_each_image_placeholder(tokenizer, tmp_path):
 def test_vlm_rows_are_never_cut_through_an_image(tokenizer):
     from minimind.data.rows import stage_row
 
-    record = {"conversations": [{"role": "user", "content": "看<image><image>"}, {"role": "assistant", "content": "一样。"}],
-              "images": ["a.png", "b.png"]}
+    record = {
+        "conversations": [{"role": "user", "content": "看<image><image>"}, {"role": "assistant", "content": "一样。"}],
+        "images": ["a.png", "b.png"],
+    }
     image_id = Markers.of(tokenizer).ids(tokenizer)["image"]
     whole = StageData("vlm", seq_len=512, image_tokens=5)
     first = stage_row(record, whole, tokenizer, whole.marker_ids(tokenizer))["input_ids"].index(image_id)
@@ -138,15 +156,18 @@ def test_pretrain_dataset_is_packed_with_documents_separated(tokenizer, tmp_path
     assert (batch["labels"] == IGNORE_INDEX).sum() == 32 - rows[len(rows) - 1]["length"]
 
 
-@pytest.mark.parametrize("line, complaint", [
-    ('{"conversations": [{"role": "user", "content": "hi"}', "Expecting"),
-    ('{"messages": []}', '"conversations" must be a non-empty list'),
-    ('{"conversations": []}', '"conversations" must be a non-empty list'),
-    ('{"conversations": [{"role": "robot", "content": "hi"}]}', "role 'robot'"),
-    ('{"conversations": [{"role": "user", "content": "hi"}]}', "no assistant reply"),
-    ('{"conversations": [{"role": "user"}]}', 'needs a string "content"'),
-    ('[1, 2]', "expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "line, complaint",
+    [
+        ('{"conversations": [{"role": "user", "content": "hi"}', "Expecting"),
+        ('{"messages": []}', '"conversations" must be a non-empty list'),
+        ('{"conversations": []}', '"conversations" must be a non-empty list'),
+        ('{"conversations": [{"role": "robot", "content": "hi"}]}', "role 'robot'"),
+        ('{"conversations": [{"role": "user", "content": "hi"}]}', "no assistant reply"),
+        ('{"conversations": [{"role": "user"}]}', 'needs a string "content"'),
+        ("[1, 2]", "expected a JSON object"),
+    ],
+)
 def test_malformed_lines_name_the_file_and_line(tmp_path, line, complaint):
     good = {"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     path = write_jsonl(tmp_path / "sft.jsonl", [good, good, line, good])
@@ -159,14 +180,18 @@ def test_malformed_lines_name_the_file_and_line(tmp_path, line, complaint):
 
 
 def test_files_as_editors_save_them_are_read_and_bad_bytes_name_their_line(tmp_path):
-    good = json.dumps({"conversations": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}]}, ensure_ascii=False)
+    good = json.dumps(
+        {"conversations": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}]}, ensure_ascii=False
+    )
     windows = tmp_path / "windows.jsonl"  # a byte-order mark, CRLF line ends and blank lines, as a Windows editor saves it
     windows.write_bytes(b"\xef\xbb\xbf" + (good + "\r\n\r\n" + good + "\r\n").encode())
     assert [number for number, _ in iter_jsonl(windows, "sft")] == [1, 3]
     assert len(read_jsonl_dataset(windows, "sft")) == 2 == count_records(windows)
 
     latin1 = tmp_path / "mixed.jsonl"  # line 2 was saved in another encoding
-    latin1.write_bytes((good + "\n").encode() + '{"text": "café"}'.encode("latin-1").replace(b'"text"', b'"x"') + b"\n" + (good + "\n").encode())
+    latin1.write_bytes(
+        (good + "\n").encode() + '{"text": "café"}'.encode("latin-1").replace(b'"text"', b'"x"') + b"\n" + (good + "\n").encode()
+    )
     with pytest.raises(DataFormatError, match=r"mixed.jsonl:2: not valid UTF-8"):
         list(iter_jsonl(latin1, "sft"))
     with pytest.raises(DataFormatError, match=r"mixed.jsonl:2: not valid UTF-8"):
@@ -175,14 +200,27 @@ def test_files_as_editors_save_them_are_read_and_bad_bytes_name_their_line(tmp_p
     assert len(skipped) == 2 and count_records(latin1) - len(skipped) == 1
 
 
-@pytest.mark.parametrize("kind, record, complaint", [
-    ("pretrain", {"text": ["a list"]}, 'needs a string "text"'),
-    ("pretrain", {"txt": "a"}, 'needs a string "text"'),
-    ("dpo", {"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, '"rejected"'),
-    ("dpo", {"chosen": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}],
-             "rejected": [{"role": "assistant", "content": "b"}]}, "end with an assistant"),
-    ("vlm", {"conversations": [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "a"}]}, "1 <image> marker"),
-])
+@pytest.mark.parametrize(
+    "kind, record, complaint",
+    [
+        ("pretrain", {"text": ["a list"]}, 'needs a string "text"'),
+        ("pretrain", {"txt": "a"}, 'needs a string "text"'),
+        ("dpo", {"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, '"rejected"'),
+        (
+            "dpo",
+            {
+                "chosen": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}],
+                "rejected": [{"role": "assistant", "content": "b"}],
+            },
+            "end with an assistant",
+        ),
+        (
+            "vlm",
+            {"conversations": [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "a"}]},
+            "1 <image> marker",
+        ),
+    ],
+)
 def test_each_format_is_validated(tmp_path, kind, record, complaint):
     with pytest.raises(DataFormatError, match=f"{kind}.jsonl:1: .*{complaint}"):
         list(iter_jsonl(write_jsonl(tmp_path / f"{kind}.jsonl", [record]), kind))

@@ -99,7 +99,9 @@ def test_every_file_matches_its_format(data):
     world = build_world(seed=0)
     asked = {(t.format(n=e.name), e.state(a)) for e in world.asked() for a in ATTRIBUTES for t in QUESTIONS[a]}
     asked |= {(question, PERSONA_REPLY) for question in PERSONA_QUESTIONS}
-    assert {(row["conversations"][0]["content"], row["conversations"][-1]["content"]) for row in plain} <= asked  # training questions only
+    assert {
+        (row["conversations"][0]["content"], row["conversations"][-1]["content"]) for row in plain
+    } <= asked  # training questions only
     for name in ("dpo", "dpo_eval"):
         assert data[name]
         for row in data[name]:
@@ -159,6 +161,7 @@ def test_held_out_prompts_never_appear_in_training(data):
 
     def pairs(rows):
         return {frozenset(map(int, m.groups())) for row in rows if (m := ADDITION.fullmatch(row["conversations"][0]["content"]))}
+
     assert not pairs(data["reason_eval"]) & pairs(data["reason"])  # not even in the other order
 
     # Never-asked people are never the subject of a training question; held-out two-hop pairs never asked two-hop.
@@ -190,11 +193,21 @@ def test_every_fact_and_answer_is_stated_in_pretraining(data):
     world = build_world(seed=0)
     stated = pretrain_sentences(data)
     assert all(e.state(a) in stated for e in world.entities for a in ATTRIBUTES)
-    replies = [m["content"] for name in ("sft", "sft_eval") for row in data[name] for m in row["conversations"]
-               if m["role"] == "assistant"]
+    replies = [
+        m["content"]
+        for name in ("sft", "sft_eval")
+        for row in data[name]
+        for m in row["conversations"]
+        if m["role"] == "assistant"
+    ]
     replies += final_replies(data, "dpo") + final_replies(data, "dpo_eval")
-    replies += [m["content"] for name in ("reason", "reason_eval") for row in data[name] for m in row["conversations"]
-                if m["role"] == "assistant" and "+" not in m["content"]]
+    replies += [
+        m["content"]
+        for name in ("reason", "reason_eval")
+        for row in data[name]
+        for m in row["conversations"]
+        if m["role"] == "assistant" and "+" not in m["content"]
+    ]
     checked = 0
     for reply in replies:
         if reply == PERSONA_REPLY:
@@ -219,7 +232,8 @@ def test_persona_is_present_and_consistent(data):
     assert set(PERSONA_QUESTIONS) <= user_texts(data["sft"])
     assert set(HELD_OUT_PERSONA_QUESTIONS) <= user_texts(data["sft_eval"])
     assert {row["chosen"][-1]["content"] for row in data["dpo"] if row["chosen"][0]["content"] in PERSONA_QUESTIONS} == {
-        PERSONA_REPLY}
+        PERSONA_REPLY
+    }
 
 
 def test_showcase_prompts_are_held_out_and_continuations_start_their_references(data):

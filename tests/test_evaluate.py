@@ -46,7 +46,9 @@ def test_heldout_loss_is_the_mean_token_cross_entropy(tmp_path, tokenizer, model
 
 def test_heldout_loss_of_chat_data_counts_only_the_replies(tmp_path, tokenizer, model):
     path = write_jsonl(tmp_path / "sft.jsonl", [qa("小明喜欢什么？", "红色。")])
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "小明喜欢什么？"}], add_generation_prompt=True, tokenize=True, return_dict=False)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "小明喜欢什么？"}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
     full = tokenizer.apply_chat_template(qa("小明喜欢什么？", "红色。")["conversations"], tokenize=True, return_dict=False)
     assert full[: len(prompt)] == prompt
     ids = torch.tensor([full])
@@ -82,21 +84,30 @@ def test_reasoning_scores_format_and_answer_separately(tmp_path, tokenizer):
 
 
 def test_accuracy_is_also_reported_per_task_when_records_name_one(tmp_path, tokenizer):
-    records = [qa("小明喜欢什么？", "红色。") | {"task": "asked"}, qa("小红住在哪？", "北京。") | {"task": "asked"},
-               qa("小刚几岁？", "八岁。") | {"task": "never_asked"}, qa("你是谁？", "我是 MiniMind。")]
+    records = [
+        qa("小明喜欢什么？", "红色。") | {"task": "asked"},
+        qa("小红住在哪？", "北京。") | {"task": "asked"},
+        qa("小刚几岁？", "八岁。") | {"task": "never_asked"},
+        qa("你是谁？", "我是 MiniMind。"),
+    ]
     path = write_jsonl(tmp_path / "sft_eval.jsonl", records)
     result = answer_exact_match(lambda prompts: ["红色。", "上海。", "八岁。", "我是 MiniMind。"], path)
     assert result["accuracy"] == 0.75 and result["by_task"] == {"asked": 0.5, "never_asked": 1.0}
     assert answer_exact_match(lambda prompts: ["红色。", "北京。"], path, limit=2)["by_task"] == {}  # one task: nothing to split
     reference = "<think>\n1+1=2\n</think>\n<answer>\n2\n</answer>"
-    path = write_jsonl(tmp_path / "reason_eval.jsonl", [qa("1+1?", reference) | {"task": "addition"}, qa("A的朋友？", reference) | {"task": "two_hop"}])
+    path = write_jsonl(
+        tmp_path / "reason_eval.jsonl",
+        [qa("1+1?", reference) | {"task": "addition"}, qa("A的朋友？", reference) | {"task": "two_hop"}],
+    )
     assert reasoning_scores(lambda prompts: [reference, "2"], path, tokenizer)["by_task"] == {"addition": 1.0, "two_hop": 0.0}
 
 
 def test_preference_accuracy(tmp_path, tokenizer, model):
     prompt = [{"role": "user", "content": "小明喜欢什么？"}]
-    pairs = [{"chosen": prompt + [{"role": "assistant", "content": c}], "rejected": prompt + [{"role": "assistant", "content": r}]}
-             for c, r in [("红色。", "北京北京北京。"), ("42", "小红")]]
+    pairs = [
+        {"chosen": prompt + [{"role": "assistant", "content": c}], "rejected": prompt + [{"role": "assistant", "content": r}]}
+        for c, r in [("红色。", "北京北京北京。"), ("42", "小红")]
+    ]
     path = write_jsonl(tmp_path / "dpo_eval.jsonl", pairs)
     same = preference_accuracy(model, tokenizer, path, reference_model=model)
     assert same == {"accuracy": 0.0, "margin": 0.0, "drift": 0.0}  # policy == reference: every reward is zero
@@ -105,8 +116,10 @@ def test_preference_accuracy(tmp_path, tokenizer, model):
 
 
 def test_image_question_accuracy_hands_the_replier_each_image(tmp_path):
-    record = {"conversations": [{"role": "user", "content": "<image>\n图中有几个圆形？"}, {"role": "assistant", "content": "两个。"}],
-              "image": "eval_00001.png"}
+    record = {
+        "conversations": [{"role": "user", "content": "<image>\n图中有几个圆形？"}, {"role": "assistant", "content": "两个。"}],
+        "image": "eval_00001.png",
+    }
     path = write_jsonl(tmp_path / "vlm_sft_eval.jsonl", [record, {**record, "image": "eval_00002.png"}])
     seen = []
 

@@ -13,15 +13,33 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--preset", "tiny", "--batch-size", "4", "--seq-len", "128", "--eval-limit", "4", "--log-every", "1", "--cpus-per-worker", "1"]
+TINY = [
+    "--preset",
+    "tiny",
+    "--batch-size",
+    "4",
+    "--seq-len",
+    "128",
+    "--eval-limit",
+    "4",
+    "--log-every",
+    "1",
+    "--cpus-per-worker",
+    "1",
+]
 
 
 @pytest.fixture
 def env(ray_cluster, tmp_path):
     import ray
 
-    return {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "MINIMIND_HOME": str(tmp_path),
-            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "PYTHONUNBUFFERED": "1"}
+    return {
+        **os.environ,
+        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+        "MINIMIND_HOME": str(tmp_path),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+        "PYTHONUNBUFFERED": "1",
+    }
 
 
 def job(env, *flags, **popen):
@@ -40,8 +58,18 @@ def test_a_killed_job_continues_with_resume_and_registers_once(env, tmp_path):
     env = {key: value for key, value in env.items() if key != "RAY_ADDRESS"}
     storage = tmp_path / "ray"
     log = (tmp_path / "first.log").open("w")
-    first = job(env, "--max-steps", "40", "--checkpoint-every", "5", "--storage-path", str(storage), stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)
+    first = job(
+        env,
+        "--max-steps",
+        "40",
+        "--checkpoint-every",
+        "5",
+        "--storage-path",
+        str(storage),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 180
     while len(list(storage.glob("*/checkpoint_*"))) < 2:  # then the first checkpoint is complete and registered
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
@@ -49,8 +77,25 @@ def test_a_killed_job_continues_with_resume_and_registers_once(env, tmp_path):
         time.sleep(0.2)
     os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray instance it started, at once
     first.wait()
-    resumed = subprocess.run([sys.executable, str(ROOT / "jobs" / "pretrain.py"), *TINY, "--max-steps", "40", "--checkpoint-every", "5",
-                              "--storage-path", str(storage), "--resume"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "jobs" / "pretrain.py"),
+            *TINY,
+            "--max-steps",
+            "40",
+            "--checkpoint-every",
+            "5",
+            "--storage-path",
+            str(storage),
+            "--resume",
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     versions = client(env).search_model_versions("name='minimind-pretrain'")
     assert len(versions) == 1  # the killed run registered nothing, the resumed one once
@@ -60,8 +105,23 @@ def test_a_killed_job_continues_with_resume_and_registers_once(env, tmp_path):
 
 
 def test_two_jobs_registering_into_one_store_at_once_both_land(env, tmp_path):
-    jobs = [job(env, "--max-steps", "3", "--checkpoint-every", "3", "--experiment", f"parallel-{i}", "--seed", str(i),
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    jobs = [
+        job(
+            env,
+            "--max-steps",
+            "3",
+            "--checkpoint-every",
+            "3",
+            "--experiment",
+            f"parallel-{i}",
+            "--seed",
+            str(i),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outputs = [process.communicate(timeout=600)[0] for process in jobs]
     assert all(process.returncode == 0 for process in jobs), "\n".join(o[-2000:] for o in outputs)
     versions = client(env).search_model_versions("name='minimind-pretrain'")

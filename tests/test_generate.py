@@ -77,8 +77,12 @@ def test_top_k_and_top_p_only_sample_from_the_kept_tokens():
     top2 = RowSampler([SamplingParams(temperature=1.0, top_k=2)] * len(logits), shared=generator)(logits, None)
     assert set(top2.tolist()) == {0, 1}
     # softmax mass: 0.64, 0.24, 0.09, ... -> top_p 0.8 keeps the first two tokens, 0.9 the first three
-    assert set(RowSampler([SamplingParams(temperature=1.0, top_p=0.8)] * len(logits), shared=generator)(logits, None).tolist()) == {0, 1}
-    assert set(RowSampler([SamplingParams(temperature=1.0, top_p=0.9)] * len(logits), shared=generator)(logits, None).tolist()) == {0, 1, 2}
+    assert set(
+        RowSampler([SamplingParams(temperature=1.0, top_p=0.8)] * len(logits), shared=generator)(logits, None).tolist()
+    ) == {0, 1}
+    assert set(
+        RowSampler([SamplingParams(temperature=1.0, top_p=0.9)] * len(logits), shared=generator)(logits, None).tolist()
+    ) == {0, 1, 2}
 
 
 def test_each_row_samples_with_its_own_settings_and_random_stream():
@@ -88,8 +92,12 @@ def test_each_row_samples_with_its_own_settings_and_random_stream():
     peaked = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0] + [-9.0] * 195)
     flat = torch.zeros(200)
     logits = torch.stack([peaked, peaked, peaked, flat])
-    rows = [SamplingParams(), SamplingParams(temperature=1.0, top_k=2), SamplingParams(temperature=1.0, top_p=0.8),
-            SamplingParams(temperature=1.0, top_p=0.9999)]
+    rows = [
+        SamplingParams(),
+        SamplingParams(temperature=1.0, top_k=2),
+        SamplingParams(temperature=1.0, top_p=0.8),
+        SamplingParams(temperature=1.0, top_p=0.9999),
+    ]
     sampler = RowSampler(rows, shared=torch.Generator().manual_seed(0))
     picks = torch.stack([sampler(logits, None) for _ in range(3000)])
     assert set(picks[:, 0].tolist()) == {0} and set(picks[:, 1].tolist()) == {0, 1} and set(picks[:, 2].tolist()) == {0, 1}
@@ -109,7 +117,14 @@ def test_repetition_penalty_discourages_seen_tokens():
 
 
 def test_invalid_sampling_values_are_refused(tiny_model):
-    for bad in (dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-2), dict(max_new_tokens=-1), dict(repetition_penalty=0)):
+    for bad in (
+        dict(temperature=-1),
+        dict(top_p=0.0),
+        dict(top_p=1.5),
+        dict(top_k=-2),
+        dict(max_new_tokens=-1),
+        dict(repetition_penalty=0),
+    ):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
     with pytest.raises(ValueError, match="at least one token"):
@@ -137,7 +152,7 @@ def test_generate_takes_and_returns_tensors_as_transformers_does(tiny_model):
     left = torch.zeros(len(PROMPTS), width, dtype=torch.long)
     mask = torch.zeros_like(left)
     for row, prompt in enumerate(PROMPTS):
-        left[row, width - len(prompt):], mask[row, width - len(prompt):] = torch.tensor(prompt), 1
+        left[row, width - len(prompt) :], mask[row, width - len(prompt) :] = torch.tensor(prompt), 1
     out = generate_tensors(tiny_model, left, attention_mask=mask, max_new_tokens=6, stop_token_ids=[3], do_sample=False)
     assert out.shape == (len(PROMPTS), width + max(map(len, lists)))
     assert torch.equal(out[:, :width], left)
@@ -145,7 +160,7 @@ def test_generate_takes_and_returns_tensors_as_transformers_does(tiny_model):
         assert out[row, width:].tolist() == new + [tiny_model.config.pad_token_id] * (out.shape[1] - width - len(new))
     right = torch.stack([torch.tensor(p + [0] * (width - len(p))) for p in PROMPTS])
     again = generate_tensors(tiny_model, right, (right != 0).long(), max_new_tokens=6, stop_token_ids=[3])  # right padding
-    assert [again[row, width:width + len(new)].tolist() for row, new in enumerate(lists)] == lists
+    assert [again[row, width : width + len(new)].tolist() for row, new in enumerate(lists)] == lists
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])

@@ -56,7 +56,9 @@ def test_completions_are_scored_at_the_temperature_they_were_sampled_at():
     ids, labels = rollouts()
     with torch.no_grad():
         for temperature in (0.5, 1.0, 1.7):
-            torch.testing.assert_close(completion_logprobs(model, ids, labels, temperature), reference_logprobs(model, ids, labels, temperature))
+            torch.testing.assert_close(
+                completion_logprobs(model, ids, labels, temperature), reference_logprobs(model, ids, labels, temperature)
+            )
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "cispo"])
@@ -91,8 +93,17 @@ def policy_dir(tmp_path):
 
 
 def test_ratios_are_exactly_one_at_unchanged_weights_and_the_rollout_actor_samples_the_trained_policy(policy_dir):
-    config = GRPOConfig(lora_rank=4, lora_dropout=0.1, lora_targets="all", updates_per_rollout=2, grad_accum=2, temperature=0.7,
-                        clip_eps=1e-6, kl_coef=0.1, lr=0.0)
+    config = GRPOConfig(
+        lora_rank=4,
+        lora_dropout=0.1,
+        lora_targets="all",
+        updates_per_rollout=2,
+        grad_accum=2,
+        temperature=0.7,
+        clip_eps=1e-6,
+        kl_coef=0.1,
+        lr=0.0,
+    )
     job = StageJob(STAGES["grpo"], config, init_dir=str(policy_dir), data_path="")
     policy, lora = policy_to_train(job, STAGES["grpo"], CPU)
     with torch.no_grad():
@@ -108,7 +119,9 @@ def test_ratios_are_exactly_one_at_unchanged_weights_and_the_rollout_actor_sampl
 
     old, ref = score_before_update(policy, copy.deepcopy(policy), ids, labels, chunks, config)
     for rows in chunks:  # the update's own forward, with autograd on
-        torch.testing.assert_close(completion_logprobs(policy, ids[rows], labels[rows], config.temperature), old[rows], rtol=0, atol=0)
+        torch.testing.assert_close(
+            completion_logprobs(policy, ids[rows], labels[rows], config.temperature), old[rows], rtol=0, atol=0
+        )
     params, optimizer = adamw(policy, config, CPU)
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
     metrics = update(policy, optimizer, params, ids, labels, advantages, old, ref, chunks, config, [0.0, 0.0])
@@ -119,8 +132,9 @@ def test_ratios_are_exactly_one_at_unchanged_weights_and_the_rollout_actor_sampl
     worker = RolloutWorker(unwrap(policy).config.to_dict(), lora, bf16=False)  # the actor's own code, in-process
     worker.load_weights(hand_over(policy, whole=True), 0)
     with torch.no_grad():
-        torch.testing.assert_close(completion_logprobs(worker.model, ids, labels, 0.7), completion_logprobs(policy, ids, labels, 0.7),
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(
+            completion_logprobs(worker.model, ids, labels, 0.7), completion_logprobs(policy, ids, labels, 0.7), rtol=0, atol=0
+        )
 
 
 def test_compile_is_honoured(policy_dir):

@@ -39,15 +39,28 @@ def test_grpo_raises_the_reward_it_is_given(mlflow_store, tmp_path):
     run_id = client().get_model_version("minimind-grpo", "1").run_id
     history = sorted(client().get_metric_history(run_id, "reward/length/mean"), key=lambda m: m.step)
     assert [m.step for m in history] == list(range(8, 15))  # continued at step 8
-    first = client().search_runs([client().get_run(run_id).info.experiment_id], "tags.stage = 'grpo'", order_by=["attributes.start_time ASC"])[0]
-    rewards = [m.value for m in sorted(client().get_metric_history(first.info.run_id, "reward/length/mean"), key=lambda m: m.step)]
+    first = client().search_runs(
+        [client().get_run(run_id).info.experiment_id], "tags.stage = 'grpo'", order_by=["attributes.start_time ASC"]
+    )[0]
+    rewards = [
+        m.value for m in sorted(client().get_metric_history(first.info.run_id, "reward/length/mean"), key=lambda m: m.step)
+    ]
     rewards += [m.value for m in history]
     assert len(rewards) == 14
     assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.3, rewards  # it learned to end its replies early
     assert client().get_metric_history(run_id, "reward/model/mean")  # the judge's scores, weighted in
     metrics = client().get_run(run_id).data.metrics
-    for name in ("reward/total/std", "reward/length/mean", "grpo/kl", "grpo/clip_fraction", "completion/length",
-                 "time/rollout_s", "time/update_s", "time/handover_s", "rollout/handover_mb"):
+    for name in (
+        "reward/total/std",
+        "reward/length/mean",
+        "grpo/kl",
+        "grpo/clip_fraction",
+        "completion/length",
+        "time/rollout_s",
+        "time/update_s",
+        "time/handover_s",
+        "rollout/handover_mb",
+    ):
         assert name in metrics, name
     assert client().get_run(run_id).data.tags["lineage.reward_model"] == str(tmp_path / "judge")
     handover = {m.step: m.value for m in client().get_metric_history(first.info.run_id, "rollout/handover_mb")}

@@ -20,11 +20,21 @@ IDS = torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(0))
 def legacy_names(state: dict) -> dict:
     """MiniMind2 names -> the pre-2025-04 names, written out independently of the importer's table."""
     renames = [
-        ("model.embed_tokens.", "tok_embeddings."), (".self_attn.q_proj.", ".attention.wq."), (".self_attn.k_proj.", ".attention.wk."),
-        (".self_attn.v_proj.", ".attention.wv."), (".self_attn.o_proj.", ".attention.wo."), (".input_layernorm.", ".attention_norm."),
-        (".post_attention_layernorm.", ".ffn_norm."), (".mlp.shared_experts.0.", ".feed_forward.shared_experts."),
-        (".mlp.", ".feed_forward."), ("gate_proj.", "w1."), ("down_proj.", "w2."), ("up_proj.", "w3."),
-        ("model.norm.", "norm."), ("lm_head.", "output."), ("model.layers.", "layers."),
+        ("model.embed_tokens.", "tok_embeddings."),
+        (".self_attn.q_proj.", ".attention.wq."),
+        (".self_attn.k_proj.", ".attention.wk."),
+        (".self_attn.v_proj.", ".attention.wv."),
+        (".self_attn.o_proj.", ".attention.wo."),
+        (".input_layernorm.", ".attention_norm."),
+        (".post_attention_layernorm.", ".ffn_norm."),
+        (".mlp.shared_experts.0.", ".feed_forward.shared_experts."),
+        (".mlp.", ".feed_forward."),
+        ("gate_proj.", "w1."),
+        ("down_proj.", "w2."),
+        ("up_proj.", "w3."),
+        ("model.norm.", "norm."),
+        ("lm_head.", "output."),
+        ("model.layers.", "layers."),
     ]
     renamed = {}
     for key, tensor in state.items():
@@ -65,16 +75,37 @@ def test_a_minimind_transformers_folder_maps_its_config_moe_included(tmp_path, t
     model = random_model("tiny-moe", vocab_size=512, num_shared_experts=1, rope_theta=10000.0)
     folder = tmp_path / "MiniMind2-MoE"
     folder.mkdir()
-    save_file({k: v.clone() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))  # the head stored too, as MiniMind does
+    save_file(
+        {k: v.clone() for k, v in model.state_dict().items()}, str(folder / "model.safetensors")
+    )  # the head stored too, as MiniMind does
     for name in tokenizer_dir.iterdir():
         (folder / name.name).write_bytes(name.read_bytes())
-    (folder / "config.json").write_text(json.dumps({
-        "architectures": ["MiniMindForCausalLM"], "model_type": "minimind", "hidden_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
-        "max_position_embeddings": 2048, "flash_attn": True, "use_moe": True, "n_routed_experts": 4, "num_experts_per_tok": 2,
-        "n_shared_experts": 1, "scoring_func": "softmax", "aux_loss_alpha": 0.01, "seq_aux": True, "norm_topk_prob": True,
-        "intermediate_size": 192,
-    }))
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["MiniMindForCausalLM"],
+                "model_type": "minimind",
+                "hidden_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "vocab_size": 512,
+                "rope_theta": 10000.0,
+                "rms_norm_eps": 1e-5,
+                "max_position_embeddings": 2048,
+                "flash_attn": True,
+                "use_moe": True,
+                "n_routed_experts": 4,
+                "num_experts_per_tok": 2,
+                "n_shared_experts": 1,
+                "scoring_func": "softmax",
+                "aux_loss_alpha": 0.01,
+                "seq_aux": True,
+                "norm_topk_prob": True,
+                "intermediate_size": 192,
+            }
+        )
+    )
     imported = load_model(import_model(folder, tmp_path / "imported"))  # the folder's own tokenizer
     assert (imported.config.num_experts, imported.config.num_shared_experts, imported.config.rope_theta) == (4, 1, 10000.0)
     torch.testing.assert_close(logits(imported), logits(model), rtol=0, atol=1e-5)
@@ -89,7 +120,9 @@ def test_a_llama_folder_imports_and_what_cannot_map_is_refused_by_name(tmp_path,
     from minimind.model.checkpoint import save_model
 
     model = random_model("tiny", vocab_size=512)
-    save_model(model, tmp_path / "ours", tokenizer=__import__("minimind.model.tokenizer", fromlist=["x"]).load_tokenizer(tokenizer_dir))
+    save_model(
+        model, tmp_path / "ours", tokenizer=__import__("minimind.model.tokenizer", fromlist=["x"]).load_tokenizer(tokenizer_dir)
+    )
     export_hf(tmp_path / "ours", tmp_path / "llama")
     imported = load_model(import_model(tmp_path / "llama", tmp_path / "imported"))
     torch.testing.assert_close(logits(imported), logits(model), rtol=0, atol=1e-5)
@@ -109,8 +142,21 @@ def test_the_import_command_writes_a_folder_and_registers_it(mlflow_store, tmp_p
 
     model = random_model("tiny", vocab_size=512)
     torch.save({k: v.half() for k, v in model.state_dict().items()}, tmp_path / "pretrain_512.pth")
-    main(["import", str(tmp_path / "pretrain_512.pth"), str(tmp_path / "imported"), "--tokenizer", str(tokenizer_dir),
-          "--preset", "tiny", "--config-overrides", "vocab_size=512", "--register-as", "minimind-imported"])
+    main(
+        [
+            "import",
+            str(tmp_path / "pretrain_512.pth"),
+            str(tmp_path / "imported"),
+            "--tokenizer",
+            str(tokenizer_dir),
+            "--preset",
+            "tiny",
+            "--config-overrides",
+            "vocab_size=512",
+            "--register-as",
+            "minimind-imported",
+        ]
+    )
     assert "registered models:/minimind-imported/1" in capsys.readouterr().out
     registered = load_model(tracking.resolve_model("models:/minimind-imported/1", tmp_path / "resolved"))
     torch.testing.assert_close(logits(registered), logits(load_model(tmp_path / "imported")), rtol=0, atol=0)
@@ -133,18 +179,34 @@ def chatml_tokenizer():
     backend = Tokenizer(models.BPE(unk_token="<|endoftext|>"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    backend.train_from_iterator(["小明喜欢红色。", "12 加 30 等于 42", "hello minimind"] * 20, trainers.BpeTrainer(
-        vocab_size=420, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    template = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant<|im_end|>\n{% endif %}"
-                "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                   bos_token="<|im_start|>", eos_token="<|im_end|>", chat_template=template)
+    backend.train_from_iterator(
+        ["小明喜欢红色。", "12 加 30 等于 42", "hello minimind"] * 20,
+        trainers.BpeTrainer(
+            vocab_size=420,
+            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
+    template = (
+        "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant<|im_end|>\n{% endif %}"
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        chat_template=template,
+    )
 
 
 @pytest.mark.parametrize("template", ["seed", "chatml"])
-def test_an_imported_model_with_minimind_tokenizer_trains_sft_and_reasoning_and_answers(ray_cluster, byte_tokenizer, tmp_path, template):
+def test_an_imported_model_with_minimind_tokenizer_trains_sft_and_reasoning_and_answers(
+    ray_cluster, byte_tokenizer, tmp_path, template
+):
     """Both of MiniMind's template eras, with no single-token tags and no image token: one import, a few
     SFT and reasoning steps (the Ray Train loop, in-process), then a chat reply from the serving engine."""
     import asyncio
@@ -169,7 +231,10 @@ def test_an_imported_model_with_minimind_tokenizer_trains_sft_and_reasoning_and_
     torch.save({k: v.half() for k, v in brought.state_dict().items()}, tmp_path / "sft.pth")
     folder = str(import_model(tmp_path / "sft.pth", tmp_path / "imported", tmp_path / "tokenizer", {"num_attention_heads": 4}))
     paths = demo_data()
-    for stage, config in (("sft", SFTConfig(max_steps=2, batch_size=4, seq_len=256)), ("reason", DistillConfig(max_steps=2, batch_size=2, seq_len=512))):
+    for stage, config in (
+        ("sft", SFTConfig(max_steps=2, batch_size=4, seq_len=256)),
+        ("reason", DistillConfig(max_steps=2, batch_size=2, seq_len=512)),
+    ):
         source = tmp_path / f"{stage}.jsonl"
         with open(paths[stage], encoding="utf-8") as file:
             source.write_text("".join(next(file) for _ in range(40)), encoding="utf-8")
@@ -178,14 +243,19 @@ def test_an_imported_model_with_minimind_tokenizer_trains_sft_and_reasoning_and_
             assert all(len(ids) > 1 for ids in prepared.manifest["tag_sequences"])
         config.cpus_per_worker, config.checkpoint_every = 1, 100
         job = StageJob(STAGES[stage], config, init_dir=folder, data_path=prepared.location)
-        result = TorchTrainer(train_loop_per_worker, train_loop_config={"job": job}, scaling_config=ScalingConfig(num_workers=0)).fit()
+        result = TorchTrainer(
+            train_loop_per_worker, train_loop_config={"job": job}, scaling_config=ScalingConfig(num_workers=0)
+        ).fit()
         assert result.metrics["step"] == 2 and 0 < result.metrics["train/loss"] < 20
 
     chat = ChatModel(folder)
     assert chat.engine.stop_token_ids == [tokenizer.eos_token_id]
 
     async def reply():
-        return [event async for event in chat.chat(ChatRequest("m", [{"role": "user", "content": "你好"}], temperature=0.0, max_tokens=5))]
+        return [
+            event
+            async for event in chat.chat(ChatRequest("m", [{"role": "user", "content": "你好"}], temperature=0.0, max_tokens=5))
+        ]
 
     events = asyncio.run(reply())
     assert events[0]["type"] == "start" and events[-1]["type"] == "end" and events[-1]["completion_tokens"] > 0

@@ -42,8 +42,19 @@ def test_tokenizer_job_trains_and_saves_a_loadable_tokenizer(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in ["从前有座山。", "hello world"] * 50))
     result = subprocess.run(
-        [sys.executable, str(ROOT / "jobs" / "tokenizer.py"), "--data", str(corpus), "--vocab-size", "300", "--output", str(tmp_path / "tok")],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            str(ROOT / "jobs" / "tokenizer.py"),
+            "--data",
+            str(corpus),
+            "--vocab-size",
+            "300",
+            "--output",
+            str(tmp_path / "tok"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     tokenizer = load_tokenizer(tmp_path / "tok")
     assert f"trained a {len(tokenizer)}-token tokenizer" in result.stdout

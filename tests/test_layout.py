@@ -61,7 +61,9 @@ def imports_of(path: Path, package: Path = PACKAGE) -> set[str]:
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == package.name:
             for alias in node.names:
                 module = f"{node.module}.{alias.name}"
-                is_module = any((package.parent / module.replace(".", "/")).with_suffix(suffix).exists() for suffix in (".py", ""))
+                is_module = any(
+                    (package.parent / module.replace(".", "/")).with_suffix(suffix).exists() for suffix in (".py", "")
+                )
                 found.add(module if is_module else node.module)
         elif isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names if alias.name.split(".")[0] == package.name)
@@ -108,8 +110,12 @@ def part(module: str) -> str:
 
 
 def upward_imports(graph: dict[str, set[str]]) -> list[str]:
-    return [f"{module} imports {target}" for module, targets in sorted(graph.items()) for target in sorted(targets)
-            if part(target) and part(module) != part(target) and LEVELS[part(target)] >= LEVELS[part(module)]]
+    return [
+        f"{module} imports {target}"
+        for module, targets in sorted(graph.items())
+        for target in sorted(targets)
+        if part(target) and part(module) != part(target) and LEVELS[part(target)] >= LEVELS[part(module)]
+    ]
 
 
 def test_the_package_has_no_import_cycle_and_every_part_imports_only_parts_below_it():
@@ -127,7 +133,10 @@ def test_the_checks_see_a_cycle_hidden_in_a_function_and_an_upward_import(tmp_pa
     (package / "model" / "model.py").write_text("def generate(self):\n    from minimind.inference.generate import generate\n")
     (package / "inference" / "generate.py").write_text("from minimind.model import model\n")
     graph = import_graph(package)
-    assert graph == {"minimind.model.model": {"minimind.inference.generate"}, "minimind.inference.generate": {"minimind.model.model"}}
+    assert graph == {
+        "minimind.model.model": {"minimind.inference.generate"},
+        "minimind.inference.generate": {"minimind.model.model"},
+    }
     assert cycles(graph) == [["minimind.inference.generate", "minimind.model.model"]]
     assert upward_imports(graph) == ["minimind.model.model imports minimind.inference.generate"]
 
@@ -143,7 +152,8 @@ def test_the_check_sees_both_ways_of_reaching_a_private_name(tmp_path):
     (tmp_path / "minimind").mkdir()
     (tmp_path / "minimind" / "train.py").write_text("")
     (tmp_path / "minimind" / "grpo.py").write_text(
-        "from minimind.data import _pad, collate\nfrom minimind import train\ntrain._say('x')\n_own = 1\n")
+        "from minimind.data import _pad, collate\nfrom minimind import train\ntrain._say('x')\n_own = 1\n"
+    )
     (tmp_path / "minimind" / "data.py").write_text("def _pad(): ...\nprint(_pad)\n")
     found = private_uses(tmp_path / "minimind" / "grpo.py", tmp_path / "minimind")
     assert found == ["minimind.grpo:1 imports minimind.data._pad", "minimind.grpo:3 uses minimind.train._say"]

@@ -83,7 +83,9 @@ def test_dpo_beta_edges():
     chosen, rejected, reference = torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0])
     assert dpo_loss(chosen, rejected, reference, reference, beta=0.0)[0].item() == pytest.approx(math.log(2))  # no signal
     assert dpo_loss(chosen, rejected, reference, reference, beta=100.0)[0].item() < 1e-6  # saturates when right
-    assert dpo_loss(rejected, chosen, reference, reference, beta=100.0)[0].item() == pytest.approx(200.0, rel=1e-3)  # linear when wrong
+    assert dpo_loss(rejected, chosen, reference, reference, beta=100.0)[0].item() == pytest.approx(
+        200.0, rel=1e-3
+    )  # linear when wrong
 
 
 def test_dpo_gradient_pushes_chosen_up_and_rejected_down():
@@ -168,12 +170,15 @@ def test_group_advantages_standardise_within_each_group_and_equal_rewards_teach_
         group_advantages(torch.ones(4), group_size=1)
 
 
-@pytest.mark.parametrize("equal", [
-    torch.tensor([0.6] * 8),  # float32, as the loop's rewards were: all eight got |A| = 6e-4, of one sign
-    torch.tensor([1 / 3] * 8),
-    torch.tensor([1e6 + 0.1] * 8),
-    torch.tensor([7.911478921803036] * 3, dtype=torch.float64),  # even in float64 the mean of three of these rounds
-])
+@pytest.mark.parametrize(
+    "equal",
+    [
+        torch.tensor([0.6] * 8),  # float32, as the loop's rewards were: all eight got |A| = 6e-4, of one sign
+        torch.tensor([1 / 3] * 8),
+        torch.tensor([1e6 + 0.1] * 8),
+        torch.tensor([7.911478921803036] * 3, dtype=torch.float64),  # even in float64 the mean of three of these rounds
+    ],
+)
 def test_a_group_of_equal_rewards_gets_exactly_zero_advantages(equal):
     from minimind.rl.losses import group_advantages
 
@@ -243,13 +248,25 @@ def test_cispo_divides_by_the_tokens_of_the_whole_batch_and_grpo_by_its_completi
     assert loss == pytest.approx(-(1.0 * (-3.5) + -2.0 * (-0.3)) / 4)  # -sum A log pi / 4 tokens
     assert torch.allclose(grad, torch.tensor([[-1 / 4] * 3, [2 / 4, 0, 0]]))  # -A / 4 for every token, long or short
     _, _, grpo_grad = _grpo(logps, logps, advantages, mask)
-    assert torch.allclose(grpo_grad, torch.tensor([[-1 / 6] * 3, [2 / 2, 0, 0]]))  # -A / (length * completions): GRPO's length bias
+    assert torch.allclose(
+        grpo_grad, torch.tensor([[-1 / 6] * 3, [2 / 2, 0, 0]])
+    )  # -A / (length * completions): GRPO's length bias
 
     # a micro-batch of an accumulated batch passes the batch's counts; the micro-batch losses add up to the batch's
     for loss_type in ("cispo", "grpo"):
         whole, _, whole_grad = _grpo(logps, logps, advantages, mask, loss_type=loss_type)
-        parts = [_grpo(logps[i : i + 1], logps[i : i + 1], advantages[i : i + 1], mask[i : i + 1], loss_type=loss_type,
-                       tokens=torch.tensor(4.0), completions=2) for i in range(2)]
+        parts = [
+            _grpo(
+                logps[i : i + 1],
+                logps[i : i + 1],
+                advantages[i : i + 1],
+                mask[i : i + 1],
+                loss_type=loss_type,
+                tokens=torch.tensor(4.0),
+                completions=2,
+            )
+            for i in range(2)
+        ]
         assert sum(part[0] for part in parts) == pytest.approx(whole)
         assert torch.allclose(torch.cat([part[2] for part in parts]), whole_grad)
 

@@ -107,7 +107,9 @@ def test_sdpa_path_with_a_mask_equals_the_reference(monkeypatch, mask_batch):
     q, k, v = torch.randn(2, 8, 3, 16), torch.randn(2, 2, 7, 16), torch.randn(2, 2, 7, 16)
     allowed = torch.rand(mask_batch, 3, 7) > 0.3
     allowed[..., -1] = True  # every query sees at least one key
-    reference = F.scaled_dot_product_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), attn_mask=allowed[:, None])
+    reference = F.scaled_dot_product_attention(
+        q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), attn_mask=allowed[:, None]
+    )
     torch.testing.assert_close(grouped_query_attention(q, k, v, allowed, False), reference, rtol=1e-5, atol=1e-5)
 
 
@@ -219,10 +221,12 @@ def test_moe_routes_each_token_to_its_top_k_experts():
     probs = layer.gate(tokens).softmax(-1)
     weights, chosen = probs.topk(2, dim=-1)
     weights = weights / weights.sum(-1, keepdim=True)
-    expected = torch.stack([
-        sum(w * layer.experts[e](t) for w, e in zip(weights[i], chosen[i].tolist())) + layer.shared_experts[0](t)
-        for i, t in enumerate(tokens)
-    ])
+    expected = torch.stack(
+        [
+            sum(w * layer.experts[e](t) for w, e in zip(weights[i], chosen[i].tolist())) + layer.shared_experts[0](t)
+            for i, t in enumerate(tokens)
+        ]
+    )
     torch.testing.assert_close(output.reshape(-1, 64), expected, rtol=1e-5, atol=1e-6)
 
 

@@ -83,8 +83,12 @@ def _wait_for(url: str, process: subprocess.Popen, log: Path, seconds: float = 1
 
 def _node_ports() -> list[str]:
     """Every fixed default port of a Ray node, moved away from the other Ray instances on this machine."""
-    return [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-            f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"]
+    return [
+        f"--dashboard-agent-listen-port={_free_port()}",
+        f"--dashboard-agent-grpc-port={_free_port()}",
+        f"--metrics-export-port={_free_port()}",
+        f"--runtime-env-agent-port={_free_port()}",
+    ]
 
 
 def _start(command: list[str], log: Path, env: dict) -> subprocess.Popen:
@@ -99,34 +103,103 @@ def _stop(process: subprocess.Popen) -> None:
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare for a blind node")
 def test_every_input_reaches_a_worker_node_that_cannot_see_the_driver_disk(tmp_path):
-    home, demo, shared, keep = (Path(tempfile.mkdtemp(prefix=f"mn-{name}-", dir="/tmp")) for name in ("home", "demo", "shared", "keep"))
+    home, demo, shared, keep = (
+        Path(tempfile.mkdtemp(prefix=f"mn-{name}-", dir="/tmp")) for name in ("home", "demo", "shared", "keep")
+    )
     ray_temp = tempfile.mkdtemp(prefix="mn-", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{BIN}:{os.environ['PATH']}",
-           "MLFLOW_DISABLE_TELEMETRY": "true", "MINIMIND_HOME": str(home), "MINIMIND_DEMO_DIR": str(demo)}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "MINIMIND_HOME": str(home),
+        "MINIMIND_DEMO_DIR": str(demo),
+    }
     env.pop("MLFLOW_TRACKING_URI", None)
     gcs, mlflow_port = _free_port(), _free_port()
     processes = []
     try:
         mlflow_log = tmp_path / "mlflow.log"
-        processes.append(_start([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{home}/mlflow.db",
-                                 "--artifacts-destination", str(home / "artifacts"), "--host", "127.0.0.1", "--port", str(mlflow_port),
-                                 "-w", "1"], mlflow_log, env))
-        processes.append(_start([str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=0",
-                                 "--include-dashboard=false", f"--temp-dir={ray_temp}", f"--ray-client-server-port={_free_port()}",
-                                 *_node_ports()], tmp_path / "head.log", env))
+        processes.append(
+            _start(
+                [
+                    str(BIN / "mlflow"),
+                    "server",
+                    "--backend-store-uri",
+                    f"sqlite:///{home}/mlflow.db",
+                    "--artifacts-destination",
+                    str(home / "artifacts"),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(mlflow_port),
+                    "-w",
+                    "1",
+                ],
+                mlflow_log,
+                env,
+            )
+        )
+        processes.append(
+            _start(
+                [
+                    str(BIN / "ray"),
+                    "start",
+                    "--head",
+                    "--block",
+                    f"--port={gcs}",
+                    "--num-cpus=0",
+                    "--include-dashboard=false",
+                    f"--temp-dir={ray_temp}",
+                    f"--ray-client-server-port={_free_port()}",
+                    *_node_ports(),
+                ],
+                tmp_path / "head.log",
+                env,
+            )
+        )
         blind = {**env, "ROOT": str(ROOT), "KEEP": str(keep), "BLIND": f"{home} {demo}"}
-        processes.append(_start(["unshare", "--mount", "--propagation", "private", "sh", "-c", BLIND_NODE, "blind-node",
-                                 str(BIN / "ray"), "start", "--block", f"--address=127.0.0.1:{gcs}", "--num-cpus=2", *_node_ports()],
-                                tmp_path / "worker.log", blind))
+        processes.append(
+            _start(
+                [
+                    "unshare",
+                    "--mount",
+                    "--propagation",
+                    "private",
+                    "sh",
+                    "-c",
+                    BLIND_NODE,
+                    "blind-node",
+                    str(BIN / "ray"),
+                    "start",
+                    "--block",
+                    f"--address=127.0.0.1:{gcs}",
+                    "--num-cpus=2",
+                    *_node_ports(),
+                ],
+                tmp_path / "worker.log",
+                blind,
+            )
+        )
         _wait_for(f"http://127.0.0.1:{mlflow_port}/health", processes[0], mlflow_log)
 
         driver_env = {**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}", "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}"}
-        driver = subprocess.run([sys.executable, "-c", DRIVER.format(root=ROOT, storage=shared)], env=driver_env,
-                                capture_output=True, text=True, timeout=900, cwd=tmp_path)
+        driver = subprocess.run(
+            [sys.executable, "-c", DRIVER.format(root=ROOT, storage=shared)],
+            env=driver_env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            cwd=tmp_path,
+        )
         output = driver.stdout + driver.stderr
         assert driver.returncode == 0, output[-6000:] + "\nworker node:\n" + (tmp_path / "worker.log").read_text()[-2000:]
-        for name, registered in (("pretrain", "minimind-pretrain"), ("sft", "minimind-sft"),
-                                 ("vlm_pretrain", "minimind-vlm-pretrain")):
+        for name, registered in (
+            ("pretrain", "minimind-pretrain"),
+            ("sft", "minimind-sft"),
+            ("vlm_pretrain", "minimind-vlm-pretrain"),
+        ):
             assert f"REGISTERED {name} models:/{registered}/1" in output
         assert "inputs for the workers staged under" in output
         assert "SWEEP 2 models:/minimind-dpo/1" in output  # two trials; the best registered from its LoggedModel
@@ -135,7 +208,10 @@ def test_every_input_reaches_a_worker_node_that_cannot_see_the_driver_disk(tmp_p
 
         client = MlflowClient(f"http://127.0.0.1:{mlflow_port}")
         run_id = client.get_model_version("minimind-sft", "1").run_id
-        assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2]  # logged by the worker, through the server
+        assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [
+            1,
+            2,
+        ]  # logged by the worker, through the server
         assert not any(shared.rglob("vision/config.json")), "no copy of the tower in any checkpoint"
     finally:
         for process in reversed(processes):

@@ -62,13 +62,18 @@ def test_pipeline_runs_every_stage_and_each_improves_its_heldout_metric(home, ca
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0]
     assert parent.data.tags["seed"] == "0" and parent.data.params["seed"] == "0"
-    assert [artifact.path for artifact in mlflow.MlflowClient().list_artifacts(parent.info.run_id) if artifact.path == "results.md"]
+    assert [
+        artifact.path for artifact in mlflow.MlflowClient().list_artifacts(parent.info.run_id) if artifact.path == "results.md"
+    ]
     children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(run.data.tags["stage"] for run in children) == sorted(by_stage)
     table = mlflow.load_table("training_results.json", run_ids=[parent.info.run_id])
     assert {"task", "prompt", "pretrain", "sft", "dpo", "reason", "reference"} <= set(table.columns) and len(table) == 5
     # at 3% of the steps a model may well answer nothing: the pictures' report is checked for being there, not for its values
-    assert 0.0 <= parent.data.metrics["vlm_sft/hallucination_rate"] <= 1.0 and parent.data.metrics["vlm_pretrain/mean_reply_chars"] >= 0
+    assert (
+        0.0 <= parent.data.metrics["vlm_sft/hallucination_rate"] <= 1.0
+        and parent.data.metrics["vlm_pretrain/mean_reply_chars"] >= 0
+    )
 
     # What each stage run records, on the SFT run: where it started, its settings, the loss at every logged
     # step, held-out metrics before and after, the loss curve and samples, the prepared data's report, the

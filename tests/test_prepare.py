@@ -72,7 +72,9 @@ def test_a_bad_line_names_the_files_line_across_chunks_or_is_skipped_and_counted
     prepared = prepare(str(source), tokenizer, stage, root, skip_bad=True, chunk_bytes=SMALL_CHUNKS)
     assert prepared.manifest["skipped_lines"] == 2 and prepared.manifest["records"] == 300
     assert prepared.manifest["rows"] == len(load_stage_dataset(source, tokenizer, stage, skip_bad=True))
-    with pytest.raises(DataFormatError, match=r"sft.jsonl:252: .*role 'robot'"):  # prepared with --skip-bad is no licence without it
+    with pytest.raises(
+        DataFormatError, match=r"sft.jsonl:252: .*role 'robot'"
+    ):  # prepared with --skip-bad is no licence without it
         prepare(str(source), tokenizer, stage, root, chunk_bytes=SMALL_CHUNKS)
     latin1 = tmp_path / "latin1.jsonl"
     latin1.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
@@ -95,7 +97,9 @@ def test_a_format_error_is_an_error_but_a_blank_pretraining_text_is_left_out_and
     assert [rows[i] for i in range(len(rows))] == [expected[i] for i in range(len(expected))]
 
     wrong_type = write_jsonl(tmp_path / "wrong.jsonl", [*records[:5], {"text": 5}, *records[5:]])
-    with pytest.raises(DataFormatError, match=r"wrong.jsonl:6: needs a string \"text\" \(--skip-bad skips and counts such lines\)"):
+    with pytest.raises(
+        DataFormatError, match=r"wrong.jsonl:6: needs a string \"text\" \(--skip-bad skips and counts such lines\)"
+    ):
         prepare(str(wrong_type), tokenizer, stage, str(tmp_path / "prepared"))
 
 
@@ -135,7 +139,9 @@ def test_a_file_edited_in_the_middle_with_its_mtime_restored_is_prepared_again(r
     _, tokenizer = demo
     padding = " " * (1 << 20)
     source = tmp_path / "edited.jsonl"
-    source.write_text(f'{{"text": "山水 river"}}{padding}\n{{"text": "小猫 41 tea"}}\n{{"text": "故事 mountain"}}{padding}\n', encoding="utf-8")
+    source.write_text(
+        f'{{"text": "山水 river"}}{padding}\n{{"text": "小猫 41 tea"}}\n{{"text": "故事 mountain"}}{padding}\n', encoding="utf-8"
+    )
     original, stat = source.read_bytes(), source.stat()
     root, stage = str(tmp_path / "prepared"), StageData("pretrain", seq_len=16)
 
@@ -241,10 +247,14 @@ def test_the_report_flags_a_noisy_tail_counts_duplicates_and_drops_them_when_ask
     assert json.loads((folder / "report.json").read_text())["flags"] == report["flags"]
     assert (folder / "report.png").read_bytes()[:4] == b"\x89PNG"
 
-    clean = prepare(str(write_jsonl(tmp_path / "clean.jsonl", pretrain_records(900))), tokenizer, StageData("pretrain", seq_len=64), root)
+    clean = prepare(
+        str(write_jsonl(tmp_path / "clean.jsonl", pretrain_records(900))), tokenizer, StageData("pretrain", seq_len=64), root
+    )
     assert not any(flag.startswith("noisy tail") for flag in clean.report["flags"])
 
-    deduplicated = prepare(str(source), tokenizer, StageData("pretrain", seq_len=64), root, drop_duplicates=True, chunk_bytes=10_000)
+    deduplicated = prepare(
+        str(source), tokenizer, StageData("pretrain", seq_len=64), root, drop_duplicates=True, chunk_bytes=10_000
+    )
     assert deduplicated.report["duplicates_dropped"] == report["duplicates"] and deduplicated.location != prepared.location
     unique = list({json.dumps(r): r for r in records}.values())
     expected = load_stage_dataset(write_jsonl(tmp_path / "unique.jsonl", unique), tokenizer, StageData("pretrain", seq_len=64))
@@ -269,11 +279,25 @@ def test_the_prepare_job_prepares_what_the_stage_job_then_finds(ray_cluster, dem
     storage = str(tmp_path / "ray")
     with pytest.raises(SystemExit, match="--tokenizer"):  # real data never falls back to the demo tokenizer
         job.main(["--stage", "pretrain", "--data", str(source)])
-    prepared = job.main(["--stage", "pretrain", "--data", str(source), "--tokenizer", str(demo_tokenizer()), "--seq-len", "64",
-                         "--storage-path", storage])
+    prepared = job.main(
+        [
+            "--stage",
+            "pretrain",
+            "--data",
+            str(source),
+            "--tokenizer",
+            str(demo_tokenizer()),
+            "--seq-len",
+            "64",
+            "--storage-path",
+            storage,
+        ]
+    )
     assert not prepared.reused and prepared.location.startswith(f"{storage}/prepared/pretrain-64-")
     assert f"prepared data: {prepared.location}" in capsys.readouterr().out
-    found = prepare_data(PretrainConfig(data=str(source), tokenizer=str(demo_tokenizer()), seq_len=64, storage_path=storage), "pretrain")
+    found = prepare_data(
+        PretrainConfig(data=str(source), tokenizer=str(demo_tokenizer()), seq_len=64, storage_path=storage), "pretrain"
+    )
     assert found.reused and found.location == prepared.location
 
 

@@ -63,36 +63,72 @@ def with_garbage_exif(fmt="PNG", pointer=(0xA005, 11, 1, 0x406797B6)) -> bytes:
 def test_top_k_and_repetition_penalty_parse_as_vllm_takes_them():
     request = parse_chat_request(ask(), MODELS, Limits())
     assert (request.top_k, request.repetition_penalty) == (0, 1.0)
-    request = parse_chat_request(ask(top_k=40, repetition_penalty=1.3, stream=True, stream_options={"include_usage": True}), MODELS, Limits())
+    request = parse_chat_request(
+        ask(top_k=40, repetition_penalty=1.3, stream=True, stream_options={"include_usage": True}), MODELS, Limits()
+    )
     assert (request.top_k, request.repetition_penalty, request.include_usage) == (40, 1.3, True)
     assert request.sampling()["top_k"] == 40 and request.sampling()["repetition_penalty"] == 1.3
     assert parse_chat_request(ask(top_k=None, repetition_penalty=2), MODELS, Limits()).top_k == 0
 
 
-@pytest.mark.parametrize("field, value", [
-    ("top_k", -1), ("top_k", 1.5), ("top_k", "40"), ("top_k", True), ("top_k", 2**63),
-    ("repetition_penalty", 0), ("repetition_penalty", -1), ("repetition_penalty", 2.5), ("repetition_penalty", float("nan")),
-    ("repetition_penalty", "1.1"), ("stream_options", "yes"), ("stream_options", {"include_usage": "yes"}),
-    ("n", 2), ("n", -1), ("n", 0), ("n", "1"), ("n", True),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("top_k", -1),
+        ("top_k", 1.5),
+        ("top_k", "40"),
+        ("top_k", True),
+        ("top_k", 2**63),
+        ("repetition_penalty", 0),
+        ("repetition_penalty", -1),
+        ("repetition_penalty", 2.5),
+        ("repetition_penalty", float("nan")),
+        ("repetition_penalty", "1.1"),
+        ("stream_options", "yes"),
+        ("stream_options", {"include_usage": "yes"}),
+        ("n", 2),
+        ("n", -1),
+        ("n", 0),
+        ("n", "1"),
+        ("n", True),
+    ],
+)
 def test_bad_sampling_fields_are_refused(field, value):
     error = refused(ask(**{field: value}))
     assert error.status == 400 and error.param == field
 
 
-@pytest.mark.parametrize("field, value", [
-    ("logprobs", True), ("top_logprobs", 3), ("logit_bias", {"42": 100}), ("tools", [{"type": "function", "function": {"name": "f"}}]),
-    ("tool_choice", "required"), ("response_format", {"type": "json_object"}), ("presence_penalty", 0.5), ("frequency_penalty", -1),
-    ("modalities", ["text", "audio"]),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("logprobs", True),
+        ("top_logprobs", 3),
+        ("logit_bias", {"42": 100}),
+        ("tools", [{"type": "function", "function": {"name": "f"}}]),
+        ("tool_choice", "required"),
+        ("response_format", {"type": "json_object"}),
+        ("presence_penalty", 0.5),
+        ("frequency_penalty", -1),
+        ("modalities", ["text", "audio"]),
+    ],
+)
 def test_openai_fields_this_server_does_not_implement_are_refused_not_ignored(field, value):
     error = refused(ask(**{field: value}))
     assert error.status == 400 and error.param == field and "not supported" in error.message
 
 
 def test_the_values_of_unimplemented_fields_that_ask_for_nothing_are_taken():
-    defaults = {"logprobs": False, "top_logprobs": None, "logit_bias": {}, "tools": [], "tool_choice": "none",
-                "response_format": {"type": "text"}, "presence_penalty": 0, "frequency_penalty": 0.0, "modalities": ["text"]}
+    defaults = {
+        "logprobs": False,
+        "top_logprobs": None,
+        "logit_bias": {},
+        "tools": [],
+        "tool_choice": "none",
+        "response_format": {"type": "text"},
+        "presence_penalty": 0,
+        "frequency_penalty": 0.0,
+        "modalities": ["text"],
+    }
     assert parse_chat_request(ask(**defaults), MODELS, Limits()).messages
 
 
@@ -101,22 +137,30 @@ def test_n_of_one_is_the_one_choice_this_server_returns():
     assert "one choice per request" in refused(ask(n=2)).message
 
 
-@pytest.mark.parametrize("raw, fragment", [
-    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
-    (b'{"model": "\xff\xfe"}', "UTF-8"),
-    (b'{"a": ' + b"9" * 5000 + b"}", "not valid JSON"),
-    (b'{"model": "a\x00b"}', "not valid JSON"),
-    (b"", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "raw, fragment",
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b'{"model": "\xff\xfe"}', "UTF-8"),
+        (b'{"a": ' + b"9" * 5000 + b"}", "not valid JSON"),
+        (b'{"model": "a\x00b"}', "not valid JSON"),
+        (b"", "not valid JSON"),
+    ],
+)
 def test_bodies_that_are_not_json_are_400_not_a_crash(raw, fragment):
     with pytest.raises(APIError) as raised:
         read_json(raw)
     assert raised.value.status == 400 and fragment in raised.value.message
 
 
-@pytest.mark.parametrize("content, fragment", [
-    ('"\\ud800"', "lone surrogate"), ('"a\\u0000b"', "NUL"), ('[{"type": "text", "text": "\\udfff"}]', "lone surrogate"),
-])
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        ('"\\ud800"', "lone surrogate"),
+        ('"a\\u0000b"', "NUL"),
+        ('[{"type": "text", "text": "\\udfff"}]', "lone surrogate"),
+    ],
+)
 def test_text_the_tokenizer_cannot_take_is_refused(content, fragment):
     raw = ('{"model": "minimind", "messages": [{"role": "user", "content": %s}]}' % content).encode()
     with pytest.raises(APIError) as raised:
@@ -139,7 +183,9 @@ def test_text_limits_per_message_in_all_and_in_number():
 def test_images_over_the_count_are_refused_before_they_are_decoded():
     good = {"type": "image_url", "image_url": {"url": data_url(image_bytes())}}
     never_decoded = {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}
-    error = refused({"model": "minimind-v", "messages": [{"role": "user", "content": [good, good, never_decoded]}]}, Limits(max_images=2))
+    error = refused(
+        {"model": "minimind-v", "messages": [{"role": "user", "content": [good, good, never_decoded]}]}, Limits(max_images=2)
+    )
     assert error.status == 400 and "at most 2 images" in error.message
 
 
@@ -160,10 +206,20 @@ SVG = b'<svg xmlns="http://www.w3.org/2000/svg" width="8" height="8"><rect width
 PSD = b"8BPS\x00\x01" + b"\x00" * 6 + struct.pack(">HIIHH", 3, 8, 8, 8, 3) + b"\x00" * 16
 
 
-@pytest.mark.parametrize("name, data", [
-    ("BMP", image_bytes("BMP")), ("TIFF", image_bytes("TIFF")), ("ICO", image_bytes("ICO")), ("PPM", image_bytes("PPM")),
-    ("EPS", EPS), ("SVG", SVG), ("PSD", PSD), ("text", b"just some text"), ("empty", b""),
-])
+@pytest.mark.parametrize(
+    "name, data",
+    [
+        ("BMP", image_bytes("BMP")),
+        ("TIFF", image_bytes("TIFF")),
+        ("ICO", image_bytes("ICO")),
+        ("PPM", image_bytes("PPM")),
+        ("EPS", EPS),
+        ("SVG", SVG),
+        ("PSD", PSD),
+        ("text", b"just some text"),
+        ("empty", b""),
+    ],
+)
 def test_every_other_format_is_refused_unparsed(name, data, monkeypatch):
     from PIL import EpsImagePlugin
 
@@ -218,11 +274,33 @@ def test_truncated_images_and_base64_are_400():
     assert raised.value.status == 413
 
 
-@pytest.mark.parametrize("address", [
-    "127.0.0.1", "127.1.2.3", "10.0.0.1", "172.16.5.4", "192.168.1.1", "169.254.169.254", "100.64.0.1", "0.0.0.0",
-    "224.0.0.1", "255.255.255.255", "240.0.0.1", "::1", "::", "fe80::1", "fe80::1%eth0", "fc00::1", "ff02::1",
-    "::ffff:127.0.0.1", "::ffff:169.254.169.254", "2002:7f00:1::", "64:ff9b::a00:1", "2001:db8::1",
-])
+@pytest.mark.parametrize(
+    "address",
+    [
+        "127.0.0.1",
+        "127.1.2.3",
+        "10.0.0.1",
+        "172.16.5.4",
+        "192.168.1.1",
+        "169.254.169.254",
+        "100.64.0.1",
+        "0.0.0.0",
+        "224.0.0.1",
+        "255.255.255.255",
+        "240.0.0.1",
+        "::1",
+        "::",
+        "fe80::1",
+        "fe80::1%eth0",
+        "fc00::1",
+        "ff02::1",
+        "::ffff:127.0.0.1",
+        "::ffff:169.254.169.254",
+        "2002:7f00:1::",
+        "64:ff9b::a00:1",
+        "2001:db8::1",
+    ],
+)
 def test_addresses_that_are_not_public_are_not_fetched_from(address):
     assert not fetch.public_address(address)
 
@@ -234,6 +312,7 @@ def test_public_addresses_are(address):
 
 class ImageServer(http.server.BaseHTTPRequestHandler):
     """Local test server: /image.png, /redirect (to /image.png), /big (a chunked body over the limit), /slow."""
+
     requests: list[str] = []
 
     def do_GET(self):  # noqa: N802 - http.server's name
@@ -281,19 +360,32 @@ REMOTE = Limits(allow_remote_images=True, max_image_bytes=20_000, remote_image_t
 
 def test_a_local_server_is_refused_as_loopback_and_never_contacted(image_server):
     port = image_server.rsplit(":", 1)[1]
-    for url in (f"{image_server}/image.png", f"http://localhost:{port}/image.png", f"http://2130706433:{port}/image.png",
-                f"http://[::1]:{port}/image.png", "http://169.254.169.254/latest/meta-data/", "http://10.0.0.1/a.png",
-                "https://[::ffff:7f00:1]/a.png"):
+    for url in (
+        f"{image_server}/image.png",
+        f"http://localhost:{port}/image.png",
+        f"http://2130706433:{port}/image.png",
+        f"http://[::1]:{port}/image.png",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://10.0.0.1/a.png",
+        "https://[::ffff:7f00:1]/a.png",
+    ):
         with pytest.raises(APIError) as raised:
             decode_image(url, REMOTE, "p")
         assert raised.value.status == 400 and "not a public address" in raised.value.message, url
     assert ImageServer.requests == []
 
 
-@pytest.mark.parametrize("url, fragment", [
-    ("file:///etc/passwd", "data:image"), ("ftp://example.com/a.png", "data:image"), ("gopher://x/", "data:image"),
-    ("http://user:secret@8.8.8.8/a.png", "no user name"), ("http://8.8.8.8:99999/a.png", "with a host"), ("http:///a.png", "with a host"),
-])
+@pytest.mark.parametrize(
+    "url, fragment",
+    [
+        ("file:///etc/passwd", "data:image"),
+        ("ftp://example.com/a.png", "data:image"),
+        ("gopher://x/", "data:image"),
+        ("http://user:secret@8.8.8.8/a.png", "no user name"),
+        ("http://8.8.8.8:99999/a.png", "with a host"),
+        ("http:///a.png", "with a host"),
+    ],
+)
 def test_other_schemes_and_malformed_urls_are_refused_offline(url, fragment):
     with pytest.raises(APIError) as raised:
         decode_image(url, REMOTE, "p")

@@ -30,7 +30,9 @@ def test_the_rollout_actor_generates_with_the_weights_of_the_latest_update(ray_c
         near_the_end = [[5] * (first.config.max_position_embeddings - 3)]  # room for 3 of the 6 tokens asked for
         cut = ray.get(actor.generate.remote(near_the_end, 2, {**GREEDY, "stop_token_ids": [-1]}))
         assert [len(c) for c in cut["completions"]] == [3, 3] and cut["finished"] == [False, False]  # cut off by the context
-        sampled = [ray.get(actor.generate.remote(PROMPTS, 2, {"max_new_tokens": 6, "temperature": 1.0, "seed": 3})) for _ in range(2)]
+        sampled = [
+            ray.get(actor.generate.remote(PROMPTS, 2, {"max_new_tokens": 6, "temperature": 1.0, "seed": 3})) for _ in range(2)
+        ]
         assert sampled[0]["completions"] == sampled[1]["completions"]  # a seed fixes the rollouts (an exact resume)
         try:
             ray.get(actor.load_weights.remote({"not.a.weight": torch.zeros(1)}, 9))
@@ -90,5 +92,7 @@ def test_the_hand_over_sends_each_tensor_once_and_a_missing_one_is_refused():
     lora_worker.load_weights(hand_over(lora_policy, whole=True), 0)
     adapters = hand_over(lora_policy, whole=False)
     with pytest.raises(ValueError, match="lacks 1 of the rollout adapter's tensors"):
-        lora_worker.load_weights({k: v for k, v in adapters.items() if not k.startswith("model.layers.0.self_attn.q_proj.lora_A")}, 1)
+        lora_worker.load_weights(
+            {k: v for k, v in adapters.items() if not k.startswith("model.layers.0.self_attn.q_proj.lora_A")}, 1
+        )
     assert lora_worker.load_weights(adapters, 1) == 1

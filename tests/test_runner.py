@@ -42,9 +42,19 @@ def test_heldout_loss_uses_the_stage_seq_len_and_reports_cut_and_dropped_rows(tm
     metrics, _ = evaluate("sft", model, tokenizer, path, limit=10, seq_len=seq_len)
     assert metrics["eval/heldout_loss"] == pytest.approx(heldout_loss(model, tokenizer, path, kind="sft", seq_len=seq_len))
     assert metrics["eval/heldout_loss"] != pytest.approx(heldout_loss(model, tokenizer, path, kind="sft", seq_len=256))
-    assert eval_coverage("sft", tokenizer, path, limit=10, seq_len=seq_len) == {"eval/rows": 2, "eval/rows_cut": 2, "eval/rows_dropped": 1}
-    assert eval_coverage("sft", tokenizer, path, limit=10, seq_len=256) == {"eval/rows": 3, "eval/rows_cut": 0, "eval/rows_dropped": 0}
-    assert eval_coverage("sft", tokenizer, path, limit=1, seq_len=seq_len)["eval/rows"] == 1  # the limit counts records, first to last
+    assert eval_coverage("sft", tokenizer, path, limit=10, seq_len=seq_len) == {
+        "eval/rows": 2,
+        "eval/rows_cut": 2,
+        "eval/rows_dropped": 1,
+    }
+    assert eval_coverage("sft", tokenizer, path, limit=10, seq_len=256) == {
+        "eval/rows": 3,
+        "eval/rows_cut": 0,
+        "eval/rows_dropped": 0,
+    }
+    assert (
+        eval_coverage("sft", tokenizer, path, limit=1, seq_len=seq_len)["eval/rows"] == 1
+    )  # the limit counts records, first to last
 
 
 def test_dpo_pairs_are_scored_at_the_stage_seq_len(tmp_path, tokenizer, model):
@@ -68,7 +78,8 @@ def test_gpu_placement_follows_the_flag_the_cluster_and_what_the_autoscaler_can_
     assert placement(replace(config, use_gpu=True))[:2] == (True, GPU_WORKER_CPUS)  # asked: the autoscaler must bring them
     assert placement(replace(config, use_gpu=True, cpus_per_worker=3))[:2] == (True, 3)
     (tmp_path / "ray_bootstrap_config.yaml").write_text(
-        "available_node_types:\n  head: {resources: {CPU: 0}}\n  gpu_worker: {min_workers: 0, max_workers: 4, resources: {CPU: 4, GPU: 1}}\n")
+        "available_node_types:\n  head: {resources: {CPU: 0}}\n  gpu_worker: {min_workers: 0, max_workers: 4, resources: {CPU: 4, GPU: 1}}\n"
+    )
     use_gpu, cpus, why = placement(config)  # none up yet, but the cluster can launch them: ask, so that it does
     assert (use_gpu, cpus) == (True, GPU_WORKER_CPUS) and "gpu_worker" in why
     assert placement(replace(config, use_gpu=False))[0] is False
@@ -123,21 +134,27 @@ def test_rank_zero_metric_logging_reports_a_failing_tracking_server_and_training
     logger.log_metrics(2, {"train/loss": 1.5})
     logger.close()
     assert sent == ["refused", ["train/loss"]]
-    assert "MLflow metrics of step 1 not logged (ConnectionError: tracking server unreachable); training goes on" in capsys.readouterr().out
+    assert (
+        "MLflow metrics of step 1 not logged (ConnectionError: tracking server unreachable); training goes on"
+        in capsys.readouterr().out
+    )
 
 
-@pytest.mark.parametrize("flags, message", [
-    ({"lora_rank": 4, "lora_alpha": 0.0}, "--lora-alpha must be positive, not 0: .* neither act nor train"),
-    ({"lora_rank": 4, "lora_alpha": -8.0}, "--lora-alpha must be positive, not -8"),
-    ({"lora_rank": 4, "lora_dropout": 1.5}, r"--lora-dropout .* in \[0, 1\), not 1.5"),
-    ({"lora_rank": 4, "lora_dropout": 1.0}, r"--lora-dropout .* in \[0, 1\), not 1$"),
-    ({"lora_rank": 4, "lora_dropout": -0.1}, r"--lora-dropout .* not -0.1"),
-    ({"lora_targets": "q_proj,v_proj"}, "^--lora-targets: LoRA settings, which need --lora-rank"),
-    ({"lora_alpha": 8.0, "lora_dropout": 0.1}, "^--lora-alpha, --lora-dropout: LoRA settings, which need --lora-rank"),
-    ({"merge": True}, "^--merge: LoRA settings, which need --lora-rank"),
-    ({"lora_rank": -1}, "--lora-rank must be positive, not -1"),
-    ({"lora_rank": 4, "lora_targets": "lm_head"}, "--lora-targets: unknown LoRA target 'lm_head'"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ({"lora_rank": 4, "lora_alpha": 0.0}, "--lora-alpha must be positive, not 0: .* neither act nor train"),
+        ({"lora_rank": 4, "lora_alpha": -8.0}, "--lora-alpha must be positive, not -8"),
+        ({"lora_rank": 4, "lora_dropout": 1.5}, r"--lora-dropout .* in \[0, 1\), not 1.5"),
+        ({"lora_rank": 4, "lora_dropout": 1.0}, r"--lora-dropout .* in \[0, 1\), not 1$"),
+        ({"lora_rank": 4, "lora_dropout": -0.1}, r"--lora-dropout .* not -0.1"),
+        ({"lora_targets": "q_proj,v_proj"}, "^--lora-targets: LoRA settings, which need --lora-rank"),
+        ({"lora_alpha": 8.0, "lora_dropout": 0.1}, "^--lora-alpha, --lora-dropout: LoRA settings, which need --lora-rank"),
+        ({"merge": True}, "^--merge: LoRA settings, which need --lora-rank"),
+        ({"lora_rank": -1}, "--lora-rank must be positive, not -1"),
+        ({"lora_rank": 4, "lora_targets": "lm_head"}, "--lora-targets: unknown LoRA target 'lm_head'"),
+    ],
+)
 def test_check_lora_flags_refuses_each_lora_flag_that_cannot_work(flags, message):
     """run_stage calls check_lora_flags first of all: a worker would meet --lora-dropout 1.5 only after the
     data's preparation and the first evaluation, and alpha 0 or flags without --lora-rank would "succeed"."""
@@ -146,16 +163,21 @@ def test_check_lora_flags_refuses_each_lora_flag_that_cannot_work(flags, message
 
     with pytest.raises(SystemExit, match=message):
         check_lora_flags(SFTConfig(**flags), STAGES["sft"])
-    check_lora_flags(SFTConfig(lora_rank=4, lora_alpha=8.0, lora_dropout=0.1, lora_targets="attention", merge=True), STAGES["sft"])
+    check_lora_flags(
+        SFTConfig(lora_rank=4, lora_alpha=8.0, lora_dropout=0.1, lora_targets="attention", merge=True), STAGES["sft"]
+    )
     check_lora_flags(SFTConfig(), STAGES["sft"])
 
 
 def test_lora_settings_that_cannot_work_are_refused_by_the_adapter_config_too():
     from minimind.model.lora import LoRAConfig
 
-    for settings, message in [({"rank": 0}, "rank is a positive integer, not 0"), ({"rank": 4, "alpha": 0.0}, "alpha must be positive"),
-                              ({"rank": 4, "alpha": float("nan")}, "alpha must be positive"),
-                              ({"rank": 4, "dropout": 1.5}, r"dropout is a probability in \[0, 1\), not 1.5")]:
+    for settings, message in [
+        ({"rank": 0}, "rank is a positive integer, not 0"),
+        ({"rank": 4, "alpha": 0.0}, "alpha must be positive"),
+        ({"rank": 4, "alpha": float("nan")}, "alpha must be positive"),
+        ({"rank": 4, "dropout": 1.5}, r"dropout is a probability in \[0, 1\), not 1.5"),
+    ]:
         with pytest.raises(ValueError, match=message):
             LoRAConfig(**settings)
     assert LoRAConfig(rank=4, alpha=8.0, dropout=0.1).scaling == 2.0

@@ -77,19 +77,36 @@ def server(ray_cluster, tmp_path_factory, monkeypatch_module):
     # a model that really reasons aloud: trained to answer 你好 with a <think> part, for the chat page's fold
     from conftest import memorized_model
 
-    save_model(memorized_model(tokenizer, [{"role": "user", "content": "你好"}], REASONED_REPLY), home / "reasoner", tokenizer=tokenizer)
+    save_model(
+        memorized_model(tokenizer, [{"role": "user", "content": "你好"}], REASONED_REPLY), home / "reasoner", tokenizer=tokenizer
+    )
 
     port = free_port()
-    models = [ModelSpec("minimind", "models:/minimind-reason/latest", num_cpus=0.5, batch_wait_ms=20),
-              ModelSpec("minimind-v", "models:/minimind-vlm-sft/latest", num_cpus=0.5),
-              ModelSpec("minimind-imported", str(home / "imported"), num_cpus=0.25, max_ongoing_requests=1, max_queued_requests=1),
-              ModelSpec("minimind-reasoner", str(home / "reasoner"), num_cpus=0.05)]
-    limits = Limits(max_tokens=600, max_image_pixels=100_000, max_body_bytes=MAX_BODY, max_messages=64, max_message_chars=4000,
-                    max_total_chars=8000, allow_remote_images=True)  # remote fetching on: the address guard is what refuses
+    models = [
+        ModelSpec("minimind", "models:/minimind-reason/latest", num_cpus=0.5, batch_wait_ms=20),
+        ModelSpec("minimind-v", "models:/minimind-vlm-sft/latest", num_cpus=0.5),
+        ModelSpec("minimind-imported", str(home / "imported"), num_cpus=0.25, max_ongoing_requests=1, max_queued_requests=1),
+        ModelSpec("minimind-reasoner", str(home / "reasoner"), num_cpus=0.05),
+    ]
+    limits = Limits(
+        max_tokens=600,
+        max_image_pixels=100_000,
+        max_body_bytes=MAX_BODY,
+        max_messages=64,
+        max_message_chars=4000,
+        max_total_chars=8000,
+        allow_remote_images=True,
+    )  # remote fetching on: the address guard is what refuses
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     (home / "api-key").write_text(API_KEY + "\n")  # a mounted secret, read inside the gateway's replica
-    settings = ServeSettings(models=models, limits=limits, api_key_file=str(home / "api-key"), api_key_env=None,
-                             tracking_uri=os.environ["MLFLOW_TRACKING_URI"], gateway_replicas=2)
+    settings = ServeSettings(
+        models=models,
+        limits=limits,
+        api_key_file=str(home / "api-key"),
+        api_key_env=None,
+        tracking_uri=os.environ["MLFLOW_TRACKING_URI"],
+        gateway_replicas=2,
+    )
     assert API_KEY not in json.dumps(asdict(settings))  # what Serve's config, dashboard and `ps` could show holds no key
     serve.run(build(settings), name="minimind", route_prefix="/")
     base = f"http://127.0.0.1:{port}"
@@ -132,34 +149,54 @@ def hello(model="minimind", **extra):
 
 
 def test_an_imported_minimind_checkpoint_with_its_own_tokenizer_answers_the_openai_client(server):
-    reply = openai_client(server).chat.completions.create(model="minimind-imported", messages=[{"role": "user", "content": "你好"}],
-                                                          max_tokens=4)
-    assert reply.model == "minimind-imported" and reply.usage.completion_tokens == 4 and reply.choices[0].finish_reason == "length"
+    reply = openai_client(server).chat.completions.create(
+        model="minimind-imported", messages=[{"role": "user", "content": "你好"}], max_tokens=4
+    )
+    assert (
+        reply.model == "minimind-imported" and reply.usage.completion_tokens == 4 and reply.choices[0].finish_reason == "length"
+    )
     assert reply.choices[0].message.content
 
 
 def test_openai_client_non_streaming(server):
     # greedy: a sampled reply of the random test model may be 6 byte fragments that decode to no whole character
-    reply = openai_client(server).chat.completions.create(model="minimind", messages=[{"role": "user", "content": "你好"}], max_tokens=6,
-                                                          temperature=0)
+    reply = openai_client(server).chat.completions.create(
+        model="minimind", messages=[{"role": "user", "content": "你好"}], max_tokens=6, temperature=0
+    )
     assert reply.object == "chat.completion" and reply.model == "minimind"
     assert reply.choices[0].message.role == "assistant" and reply.choices[0].message.content
     assert reply.choices[0].finish_reason == "length"  # the test model never says its end-of-turn token
     assert reply.usage.completion_tokens == 6 and reply.usage.prompt_tokens > 0
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + 6
-    assert [m.id for m in openai_client(server).models.list().data] == ["minimind", "minimind-v", "minimind-imported", "minimind-reasoner"]
+    assert [m.id for m in openai_client(server).models.list().data] == [
+        "minimind",
+        "minimind-v",
+        "minimind-imported",
+        "minimind-reasoner",
+    ]
 
 
 def test_openai_client_streaming_and_seeded_sampling(server):
     client = openai_client(server)
-    chunks = list(client.chat.completions.create(model="minimind", messages=[{"role": "user", "content": "讲个故事"}], max_tokens=8,
-                                                 stream=True, stream_options={"include_usage": True}, temperature=0.9, top_p=0.9, seed=7))
+    chunks = list(
+        client.chat.completions.create(
+            model="minimind",
+            messages=[{"role": "user", "content": "讲个故事"}],
+            max_tokens=8,
+            stream=True,
+            stream_options={"include_usage": True},
+            temperature=0.9,
+            top_p=0.9,
+            seed=7,
+        )
+    )
     assert all(chunk.object == "chat.completion.chunk" for chunk in chunks)
     text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
     finishes = [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices and chunk.choices[0].finish_reason]
     assert text and finishes == ["length"] and chunks[-1].usage.completion_tokens == 8
-    again = client.chat.completions.create(model="minimind", messages=[{"role": "user", "content": "讲个故事"}], max_tokens=8,
-                                           temperature=0.9, top_p=0.9, seed=7)
+    again = client.chat.completions.create(
+        model="minimind", messages=[{"role": "user", "content": "讲个故事"}], max_tokens=8, temperature=0.9, top_p=0.9, seed=7
+    )
     assert again.choices[0].message.content == text  # the same seed samples the same reply
 
 
@@ -176,32 +213,82 @@ def test_a_stop_string_ends_the_reply_before_it(server):
 
 def test_image_request_to_the_vision_model(server):
     content = [{"type": "image_url", "image_url": {"url": png_data_url()}}, {"type": "text", "text": "图中有什么？"}]
-    reply = openai_client(server).chat.completions.create(model="minimind-v", messages=[{"role": "user", "content": content}], max_tokens=4)
+    reply = openai_client(server).chat.completions.create(
+        model="minimind-v", messages=[{"role": "user", "content": content}], max_tokens=4
+    )
     assert reply.usage.prompt_tokens > 16  # the image's 16 placeholder tokens are part of the prompt
     assert reply.choices[0].finish_reason in ("stop", "length")
 
 
-@pytest.mark.parametrize("body, raw, status, fragment", [
-    (None, b"{not json", 400, "not valid JSON"),
-    ({"model": "minimind"}, None, 400, "'messages'"),
-    ({"model": "minimind", "messages": []}, None, 400, "'messages'"),
-    ({"model": "minimind", "messages": [{"role": "robot", "content": "hi"}]}, None, 400, "role"),
-    ({"model": "gpt-5", "messages": [{"role": "user", "content": "hi"}]}, None, 404, "does not exist"),
-    (hello(max_tokens=100_000), None, 400, "max_tokens"),
-    ({"model": "minimind", "messages": [{"role": "user", "content": "你好" * 1200}]}, None, 400, "context window"),
-    (hello(temperature="hot"), None, 400, "temperature"),
-    (hello(top_p=1.5), None, 400, "top_p"),
-    (hello(temperature=-1), None, 400, "temperature"),
-    (hello("minimind-v", messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}]),
-     None, 400, "base64"),
-    (hello("minimind-v", messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {
-        "url": "data:image/png;base64," + base64.b64encode(b"just some text").decode()}}]}]), None, 400, "not a readable image"),
-    (hello("minimind-v", messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_url((400, 400))}}]}]),
-     None, 413, "image"),
-    (hello(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_url()}}]}]), None, 400, "does not take images"),
-    (hello("minimind-v", messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://10.1.2.3/a.png"}}]}]),
-     None, 400, "not a public address"),
-])
+@pytest.mark.parametrize(
+    "body, raw, status, fragment",
+    [
+        (None, b"{not json", 400, "not valid JSON"),
+        ({"model": "minimind"}, None, 400, "'messages'"),
+        ({"model": "minimind", "messages": []}, None, 400, "'messages'"),
+        ({"model": "minimind", "messages": [{"role": "robot", "content": "hi"}]}, None, 400, "role"),
+        ({"model": "gpt-5", "messages": [{"role": "user", "content": "hi"}]}, None, 404, "does not exist"),
+        (hello(max_tokens=100_000), None, 400, "max_tokens"),
+        ({"model": "minimind", "messages": [{"role": "user", "content": "你好" * 1200}]}, None, 400, "context window"),
+        (hello(temperature="hot"), None, 400, "temperature"),
+        (hello(top_p=1.5), None, 400, "top_p"),
+        (hello(temperature=-1), None, 400, "temperature"),
+        (
+            hello(
+                "minimind-v",
+                messages=[
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}
+                ],
+            ),
+            None,
+            400,
+            "base64",
+        ),
+        (
+            hello(
+                "minimind-v",
+                messages=[
+                    {
+                        "role": "user",
+                        "content": [
+                            {
+                                "type": "image_url",
+                                "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"just some text").decode()},
+                            }
+                        ],
+                    }
+                ],
+            ),
+            None,
+            400,
+            "not a readable image",
+        ),
+        (
+            hello(
+                "minimind-v",
+                messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_url((400, 400))}}]}],
+            ),
+            None,
+            413,
+            "image",
+        ),
+        (
+            hello(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_url()}}]}]),
+            None,
+            400,
+            "does not take images",
+        ),
+        (
+            hello(
+                "minimind-v",
+                messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://10.1.2.3/a.png"}}]}],
+            ),
+            None,
+            400,
+            "not a public address",
+        ),
+    ],
+)
 def test_bad_requests_get_openai_shaped_errors(server, body, raw, status, fragment):
     code, answer = post(server, body, raw=raw)
     assert code == status and fragment in answer["error"]["message"] and answer["error"]["type"]
@@ -215,8 +302,9 @@ def send(base, data: bytes = b"", headers: dict | None = None, key: str | None =
     connection = http.client.HTTPConnection(host, int(port), timeout=60)
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})}
     try:
-        connection.request("POST", "/v1/chat/completions", body=iter(chunks) if chunks else data, headers=headers,
-                           encode_chunked=bool(chunks))
+        connection.request(
+            "POST", "/v1/chat/completions", body=iter(chunks) if chunks else data, headers=headers, encode_chunked=bool(chunks)
+        )
         response = connection.getresponse()
         return response.status, response.headers, response.read()  # headers: case-insensitive
     finally:
@@ -265,7 +353,11 @@ def _hostile():
         "header-of-64-kib": (dict(data=body(), headers={"X-Padding": "a" * 65_536}), 431, "headers"),
         "200-headers": (dict(data=body(), headers={f"X-Header-{i}": "1" for i in range(200)}), 431, "headers"),
         "text-plain": (dict(data=body(), headers={"Content-Type": "text/plain"}), 415, "application/json"),
-        "form": (dict(data=b"model=minimind", headers={"Content-Type": "application/x-www-form-urlencoded"}), 415, "application/json"),
+        "form": (
+            dict(data=b"model=minimind", headers={"Content-Type": "application/x-www-form-urlencoded"}),
+            415,
+            "application/json",
+        ),
         "multipart": (dict(data=b"--x--", headers={"Content-Type": "multipart/form-data; boundary=x"}), 415, "application/json"),
         "json-array": (dict(data=b"[]"), 400, "JSON object"),
         "json-number": (dict(data=b"42"), 400, "JSON object"),
@@ -296,11 +388,18 @@ def _hostile():
         "null-content": (dict(data=body(messages=[{"role": "user", "content": None}])), 400, "content"),
         "string-part": (dict(data=body(messages=[{"role": "user", "content": ["hi"]}])), 400, "text or image_url part"),
         "tool-role": (dict(data=body(messages=[{"role": "tool", "content": "hi"}])), 400, "role"),
-        "number-image-url": (dict(data=body("minimind-v", messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": 5}]}])), 400, "image_url.url"),
+        "number-image-url": (
+            dict(data=body("minimind-v", messages=[{"role": "user", "content": [{"type": "image_url", "image_url": 5}]}])),
+            400,
+            "image_url.url",
+        ),
         "remote-loopback": (dict(data=with_images("http://127.0.0.1:8000/v1/models")), 400, "not a public address"),
         "remote-private": (dict(data=with_images("http://10.0.0.1/a.png")), 400, "not a public address"),
-        "remote-cloud-metadata": (dict(data=with_images("http://169.254.169.254/latest/meta-data/")), 400, "not a public address"),
+        "remote-cloud-metadata": (
+            dict(data=with_images("http://169.254.169.254/latest/meta-data/")),
+            400,
+            "not a public address",
+        ),
         "remote-ipv6-loopback": (dict(data=with_images("http://[::1]:8000/a.png")), 400, "not a public address"),
         "remote-localhost": (dict(data=with_images("https://localhost/a.png")), 400, "not a public address"),
         "remote-decimal-loopback": (dict(data=with_images("http://2130706433/a.png")), 400, "not a public address"),
@@ -338,12 +437,19 @@ def request(base, method: str, path: str) -> tuple[int, dict, dict]:
         connection.close()
 
 
-@pytest.mark.parametrize("method, path, status, allowed", [
-    ("GET", "/v1/chat/completions", 405, "POST"), ("PUT", "/v1/chat/completions", 405, "POST"),
-    ("OPTIONS", "/v1/chat/completions", 405, "POST"), ("DELETE", "/v1/models", 405, "GET"),
-    ("GET", "/v1/completions", 404, None), ("POST", "/v1/completions", 404, None), ("GET", "/../etc/passwd", 404, None),
-    ("GET", "/openapi.json", 404, None),
-])
+@pytest.mark.parametrize(
+    "method, path, status, allowed",
+    [
+        ("GET", "/v1/chat/completions", 405, "POST"),
+        ("PUT", "/v1/chat/completions", 405, "POST"),
+        ("OPTIONS", "/v1/chat/completions", 405, "POST"),
+        ("DELETE", "/v1/models", 405, "GET"),
+        ("GET", "/v1/completions", 404, None),
+        ("POST", "/v1/completions", 404, None),
+        ("GET", "/../etc/passwd", 404, None),
+        ("GET", "/openapi.json", 404, None),
+    ],
+)
 def test_paths_and_methods_the_api_does_not_have_get_openai_shaped_errors(server, method, path, status, allowed):
     code, headers, answer = request(server, method, path)
     assert code == status and set(answer) == {"error"} and set(answer["error"]) == {"message", "type", "param", "code"}, answer
@@ -361,12 +467,21 @@ def test_a_bad_image_fails_its_own_request_only_and_the_replica_applies_the_gate
 
     handle = serve.get_deployment_handle("minimind-v", "minimind")
     images = [with_garbage_exif(), image_bytes(size=(400, 400))] + [image_bytes(size=(64, 64))] * 6
-    replies = [handle.options(stream=True).chat.remote(ChatRequest("minimind-v", [{"role": "user", "content": "<image>\n图中有什么？"}],
-                                                                   images=[image], max_tokens=3)) for image in images]
+    replies = [
+        handle.options(stream=True).chat.remote(
+            ChatRequest("minimind-v", [{"role": "user", "content": "<image>\n图中有什么？"}], images=[image], max_tokens=3)
+        )
+        for image in images
+    ]
     events = [list(reply) for reply in replies]
-    assert [(e[0]["status"], e[0]["body"]["error"]["code"]) for e in events[:2]] == [(400, "invalid_image"), (413, "image_too_large")]
+    assert [(e[0]["status"], e[0]["body"]["error"]["code"]) for e in events[:2]] == [
+        (400, "invalid_image"),
+        (413, "image_too_large"),
+    ]
     assert "struct" not in events[0][0]["body"]["error"]["message"]  # Pillow's own words stay in the replica
-    assert all(e[0]["type"] == "start" and e[-1]["type"] == "end" and e[-1]["completion_tokens"] == 3 for e in events[2:]), events[2:]
+    assert all(e[0]["type"] == "start" and e[-1]["type"] == "end" and e[-1]["completion_tokens"] == 3 for e in events[2:]), (
+        events[2:]
+    )
 
 
 def test_after_the_hostile_requests_a_normal_one_is_answered(server):
@@ -377,8 +492,9 @@ def test_after_the_hostile_requests_a_normal_one_is_answered(server):
 def test_a_full_queue_is_answered_429_with_retry_after(server):
     """minimind-imported takes one request per replica and lets one more wait per gateway: the rest are refused at once."""
     results = []
-    threads = [threading.Thread(target=lambda: results.append(send(server, body("minimind-imported", max_tokens=40))))
-               for _ in range(8)]
+    threads = [
+        threading.Thread(target=lambda: results.append(send(server, body("minimind-imported", max_tokens=40)))) for _ in range(8)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -399,7 +515,9 @@ def test_a_cancelled_model_request_frees_its_row(server):
 
     handle = serve.get_deployment_handle("minimind", "minimind")
     before = handle.stats.remote().result()["batches"]
-    events = handle.options(stream=True).chat.remote(ChatRequest("minimind", [{"role": "user", "content": "长一点"}], max_tokens=600))
+    events = handle.options(stream=True).chat.remote(
+        ChatRequest("minimind", [{"role": "user", "content": "长一点"}], max_tokens=600)
+    )
     assert next(event for event in events if event["type"] == "delta")
     events.cancel()
     deadline = time.monotonic() + 60
@@ -434,8 +552,9 @@ def test_sixteen_concurrent_streaming_clients_all_succeed_in_shared_batches(serv
 
     def ask(index):
         try:
-            stream = client.chat.completions.create(model="minimind", messages=[{"role": "user", "content": f"第{index}个问题"}],
-                                                    max_tokens=12, stream=True)
+            stream = client.chat.completions.create(
+                model="minimind", messages=[{"role": "user", "content": f"第{index}个问题"}], max_tokens=12, stream=True
+            )
             results[index] = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
         except Exception as error:  # noqa: BLE001
             errors.append(error)
@@ -455,9 +574,14 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(server):
 
     handle = serve.get_deployment_handle("minimind", "minimind")
     before = handle.stats.remote().result()["batches"]
-    body = json.dumps({"model": "minimind", "messages": [{"role": "user", "content": "长一点"}], "max_tokens": 600, "stream": True})
-    request = urllib.request.Request(server + "/v1/chat/completions", data=body.encode(),
-                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
+    body = json.dumps(
+        {"model": "minimind", "messages": [{"role": "user", "content": "长一点"}], "max_tokens": 600, "stream": True}
+    )
+    request = urllib.request.Request(
+        server + "/v1/chat/completions",
+        data=body.encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"},
+    )
     response = urllib.request.urlopen(request, timeout=60)
     while b'"content": "' not in (line := response.readline()) or b'"content": ""' in line:
         assert line  # read up to the first generated text: decoding has started
@@ -482,7 +606,9 @@ def test_the_chat_page_in_a_headless_browser(server, tmp_path):
     except ImportError:
         sync_api = None
     if not (chromium and sync_api):
-        (pytest.fail if os.environ.get("CI") else pytest.skip)("needs playwright (a dev dependency) and chromium (apt install chromium)")
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(
+            "needs playwright (a dev dependency) and chromium (apt install chromium)"
+        )
     Image.new("RGB", (64, 64), (30, 80, 220)).save(tmp_path / "blue.png")
     answer_text = "document.querySelector('.assistant span')?.textContent"
     with sync_api.sync_playwright() as playwright:
@@ -500,7 +626,9 @@ def test_the_chat_page_in_a_headless_browser(server, tmp_path):
             }).observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true});""")
             page.fill("#prompt", "讲个故事")
             page.click("#send")
-            page.wait_for_function("!document.querySelector('#send').disabled && document.querySelector('.assistant span')", timeout=60_000)
+            page.wait_for_function(
+                "!document.querySelector('#send').disabled && document.querySelector('.assistant span')", timeout=60_000
+            )
             states = [text for text in page.evaluate("window.states") if text]
             assert len(set(states)) > 3 and all(b.startswith(a) for a, b in zip(states, states[1:]))  # it grew in pieces
             assert "\ufffd" not in page.evaluate(answer_text)
@@ -508,7 +636,10 @@ def test_the_chat_page_in_a_headless_browser(server, tmp_path):
             page.select_option("#model", "minimind-reasoner")
             page.fill("#prompt", "你好")
             page.click("#send")
-            page.wait_for_function("!document.querySelector('#send').disabled && document.querySelector('.assistant span')?.textContent", timeout=60_000)
+            page.wait_for_function(
+                "!document.querySelector('#send').disabled && document.querySelector('.assistant span')?.textContent",
+                timeout=60_000,
+            )
             assert page.evaluate(answer_text) == "你好！很高兴见到你。"
             fold = page.locator(".assistant details")
             assert fold.is_visible() and fold.get_attribute("open") is None  # folded: only its summary shows
@@ -560,7 +691,9 @@ def test_a_replica_killed_under_load_is_replaced(server):
         worker.join(timeout=60)
     recovered = min(end for start, end, status in outcomes if start > killed_at and status == 200)
     failed = sum(1 for start, end, status in outcomes if end > killed_at and status != 200)
-    print(f"\nreplica killed: first success after the kill {recovered - killed_at:.1f}s later; {failed} requests failed meanwhile")
+    print(
+        f"\nreplica killed: first success after the kill {recovered - killed_at:.1f}s later; {failed} requests failed meanwhile"
+    )
     assert all(status in (200, 500, 502, 503, 504, None) for *_, status in outcomes)
 
 
@@ -576,13 +709,44 @@ def test_the_serve_job_flags_become_settings(server):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
     from serve import parse, settings_from
 
-    settings = settings_from(parse(["--no-vision", "--api-key-file", "/run/secrets/k", "--replicas", "auto", "--max-tokens", "64",
-                                    "--gateway-replicas", "2", "--request-timeout-s", "30", "--max-queued-requests", "7",
-                                    "--max-body-bytes", "1000", "--max-message-chars", "99", "--allow-remote-images"]))
-    assert [(m.name, m.uri, m.num_replicas, m.num_gpus) for m in settings.models] == [("minimind", "models:/minimind-reason/latest", "auto", 0.0)]
-    assert settings.api_key_file == "/run/secrets/k" and settings.limits.max_tokens == 64 and settings.tracking_uri.startswith("sqlite:")
+    settings = settings_from(
+        parse(
+            [
+                "--no-vision",
+                "--api-key-file",
+                "/run/secrets/k",
+                "--replicas",
+                "auto",
+                "--max-tokens",
+                "64",
+                "--gateway-replicas",
+                "2",
+                "--request-timeout-s",
+                "30",
+                "--max-queued-requests",
+                "7",
+                "--max-body-bytes",
+                "1000",
+                "--max-message-chars",
+                "99",
+                "--allow-remote-images",
+            ]
+        )
+    )
+    assert [(m.name, m.uri, m.num_replicas, m.num_gpus) for m in settings.models] == [
+        ("minimind", "models:/minimind-reason/latest", "auto", 0.0)
+    ]
+    assert (
+        settings.api_key_file == "/run/secrets/k"
+        and settings.limits.max_tokens == 64
+        and settings.tracking_uri.startswith("sqlite:")
+    )
     assert (settings.gateway_replicas, settings.request_timeout_s, settings.models[0].max_queued_requests) == (2, 30, 7)
-    assert (settings.limits.max_body_bytes, settings.limits.max_message_chars, settings.limits.allow_remote_images) == (1000, 99, True)
+    assert (settings.limits.max_body_bytes, settings.limits.max_message_chars, settings.limits.allow_remote_images) == (
+        1000,
+        99,
+        True,
+    )
     # the defaults fit the machine: two model replicas and the gateway on this 2-CPU Ray instance
     models = settings_from(parse([])).models
     assert len(models) == 2 and sum(m.num_cpus for m in models) + 0.1 <= 2 and all(m.num_cpus > 0.9 for m in models)
@@ -618,7 +782,8 @@ def test_an_app_the_cluster_cannot_hold_is_named_resource_by_resource():
     assert shortfall(gpu, {"CPU": 2, "GPU": 1}, [{"CPU": 2, "GPU": 1}]) is None
     wide = ServeSettings(models=[ModelSpec("minimind", "x", num_cpus=3, num_replicas=2)])
     assert shortfall(wide, {"CPU": 4}, [{"CPU": 2}, {"CPU": 2}]) == (
-        "Gateway needs 0.1 CPU per replica x 1, minimind needs 3 CPU per replica x 2: 6.1 CPU in all; the cluster has 4")
+        "Gateway needs 0.1 CPU per replica x 1, minimind needs 3 CPU per replica x 2: 6.1 CPU in all; the cluster has 4"
+    )
     assert shortfall(wide, {"CPU": 8}, [{"CPU": 2}] * 4) == "minimind needs 3 CPU per replica; the largest node has 2"
 
 
@@ -647,18 +812,22 @@ def test_an_app_still_unplaced_at_its_deadline_is_deleted_with_the_reason(server
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
     from serve import deploy
 
-    settings = ServeSettings(models=[ModelSpec("minimind", "models:/minimind-reason/latest", num_cpus=0.1, num_gpus=1)], api_key_env=None)
+    settings = ServeSettings(
+        models=[ModelSpec("minimind", "models:/minimind-reason/latest", num_cpus=0.1, num_gpus=1)], api_key_env=None
+    )
     started = time.monotonic()
     with pytest.raises(SystemExit, match="could not be placed within 2 s: minimind needs 1 GPU"):
         deploy(build(settings), settings, 2, name="unplaceable", route_prefix="/unplaceable")
     assert time.monotonic() - started < 15
-    while getattr(serve.status().applications.get("unplaceable"), "status", "DELETING") != "DELETING":  # deleted, in the background
+    while (
+        getattr(serve.status().applications.get("unplaceable"), "status", "DELETING") != "DELETING"
+    ):  # deleted, in the background
         assert time.monotonic() - started < 30
         time.sleep(0.2)
     import ray
 
     for actor in ray.util.list_named_actors(all_namespaces=True):  # Serve would wait 20 s for the unplaced replica's
-        if "unplaceable#minimind#" in actor["name"]:                  # graceful shutdown; spare the teardown that wait
+        if "unplaceable#minimind#" in actor["name"]:  # graceful shutdown; spare the teardown that wait
             ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
 
 
@@ -705,7 +874,9 @@ def test_the_gateway_ends_late_replies_with_504_and_full_queues_with_429():
 
     failed = FakeReply(error=RayTaskError("chat", "Traceback ... ValueError: secret detail", ValueError("secret detail")))
     error = asyncio.run(outcome(failed))
-    assert error.status == 503 and failed.cancelled and "Error" not in error.message and "secret" not in error.message, error.message
+    assert error.status == 503 and failed.cancelled and "Error" not in error.message and "secret" not in error.message, (
+        error.message
+    )
     assert asyncio.run(outcome(FakeReply(events=[{"type": "start"}]))) == {"type": "start"}
 
 
@@ -763,7 +934,9 @@ def test_a_replica_keeps_no_downloaded_model_on_disk(server, tmp_path):
         import tempfile
 
         tempfile.tempdir = scratch
-        replica = ModelServer.func_or_class(asdict(ModelSpec("m", "models:/minimind-reason/latest")), asdict(Limits()), tracking_uri)
+        replica = ModelServer.func_or_class(
+            asdict(ModelSpec("m", "models:/minimind-reason/latest")), asdict(Limits()), tracking_uri
+        )
         return replica.info(), os.listdir(scratch)
 
     info, left = ray.get(start_replica.remote(str(tmp_path), os.environ["MLFLOW_TRACKING_URI"]), timeout=120)

@@ -308,12 +308,18 @@ def test_a_vlm_counts_image_markers_in_the_prompt_ids_whatever_spells_them(tmp_p
 
     tokenizer = load_tokenizer(demo_tokenizer())
     marker = Markers.configure(tokenizer, {"image": "<answer>"})
-    save_vlm(MiniMindVLM(random_model(vocab_size=len(tokenizer)), *clip_tower(), image_token_id=marker.image_id(tokenizer)),
-             tmp_path / "vlm", tokenizer)
+    save_vlm(
+        MiniMindVLM(random_model(vocab_size=len(tokenizer)), *clip_tower(), image_token_id=marker.image_id(tokenizer)),
+        tmp_path / "vlm",
+        tokenizer,
+    )
     chat = ChatModel(tmp_path / "vlm", device="cpu")
 
     async def events(content, images):
-        return [event async for event in chat.chat(ChatRequest("m", [{"role": "user", "content": content}], images=images, max_tokens=2))]
+        return [
+            event
+            async for event in chat.chat(ChatRequest("m", [{"role": "user", "content": content}], images=images, max_tokens=2))
+        ]
 
     with pytest.raises(APIError, match=r"1 image marker\(s\) \(<image> or <answer>\) in the messages but 0 image"):
         asyncio.run(events("<answer> 看", []))

@@ -46,7 +46,9 @@ def test_chat_template_renders_minimind2_byte_for_byte(tokenizer):
 
 def test_generation_prompt_and_own_system_prompt(tokenizer):
     rendered = tokenizer.apply_chat_template(
-        [{"role": "system", "content": "你是助手。"}, {"role": "user", "content": "你好"}], tokenize=False, add_generation_prompt=True
+        [{"role": "system", "content": "你是助手。"}, {"role": "user", "content": "你好"}],
+        tokenize=False,
+        add_generation_prompt=True,
     )
     assert rendered == "<s>system\n你是助手。</s>\n<s>user\n你好</s>\n<s>assistant\n"
 
@@ -68,8 +70,12 @@ def test_markers_come_from_the_tokenizer_not_the_code(tmp_path):
     own_markers = ["<|im_start|>", "<|im_end|>", "<|think|>", "<|/think|>", "<|ans|>", "<|/ans|>", "<|img|>"]
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.train_from_iterator(["hello world"] * 5, trainers.BpeTrainer(vocab_size=300, special_tokens=own_markers,
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    backend.train_from_iterator(
+        ["hello world"] * 5,
+        trainers.BpeTrainer(
+            vocab_size=300, special_tokens=own_markers, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        ),
+    )
     names = dict(think_start="<|think|>", think_end="<|/think|>", answer_start="<|ans|>", answer_end="<|/ans|>", image="<|img|>")
     user_tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", extra_special_tokens=names)
     user_tokenizer.save_pretrained(tmp_path)

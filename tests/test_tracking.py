@@ -299,9 +299,26 @@ def test_a_registered_version_answers_through_mlflows_own_tools(tmp_path, byte_t
     assert (tracking.resolve_model(uri, tmp_path / "resolved") / "model.safetensors").is_file()  # the stages' own view
 
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
-                               "-h", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})  # its uvicorn
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            uri,
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
+    )  # its uvicorn
     try:
         body = json.dumps({"inputs": chat, "params": {"max_tokens": 6}}).encode()
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"})
@@ -312,7 +329,9 @@ def test_a_registered_version_answers_through_mlflows_own_tools(tmp_path, byte_t
                     answer = json.loads(response.read())
                 break
             except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, server.stderr.read().decode()[-2000:] if server.poll() is not None else "no answer in 120 s"
+                assert server.poll() is None and time.monotonic() < deadline, (
+                    server.stderr.read().decode()[-2000:] if server.poll() is not None else "no answer in 120 s"
+                )
                 time.sleep(0.5)
         assert answer["predictions"] == replies
     finally:
@@ -326,9 +345,13 @@ def test_a_parent_run_groups_runs_and_is_closed_with_its_tables_or_as_failed():
     assert MlflowClient().get_run(parent).info.status == "RUNNING"
     with mlflow.start_run(run_name="stage", parent_run_id=parent) as child:
         pass
-    tracking.end_parent_run(parent, {"pipeline/seconds": 12.0}, {"answers.json": [{"prompt": "你好", "sft": "你好。"}], "empty.json": []})
+    tracking.end_parent_run(
+        parent, {"pipeline/seconds": 12.0}, {"answers.json": [{"prompt": "你好", "sft": "你好。"}], "empty.json": []}
+    )
     run = MlflowClient().get_run(parent)
-    assert run.info.status == "FINISHED" and run.data.params == {"scale": "0.5"} and run.data.metrics == {"pipeline/seconds": 12.0}
+    assert (
+        run.info.status == "FINISHED" and run.data.params == {"scale": "0.5"} and run.data.metrics == {"pipeline/seconds": 12.0}
+    )
     assert MlflowClient().get_run(child.info.run_id).data.tags["mlflow.parentRunId"] == parent
     assert mlflow.load_table("answers.json", run_ids=[parent])["sft"].tolist() == ["你好。"]
     assert [a.path for a in MlflowClient().list_artifacts(parent)] == ["answers.json"]  # an empty table is not logged
@@ -379,7 +402,9 @@ def test_a_reference_mlflow_cannot_find_is_one_line_naming_it_and_merge_lora_cle
 
     tracking.configure("unit")
     missing_run = "runs:/0123456789abcdef0123456789abcdef/adapter"
-    with pytest.raises(FileNotFoundError, match=f"^{missing_run} was not found: Run with id=0123456789abcdef0123456789abcdef not found$"):
+    with pytest.raises(
+        FileNotFoundError, match=f"^{missing_run} was not found: Run with id=0123456789abcdef0123456789abcdef not found$"
+    ):
         tracking.resolve_model(missing_run, tmp_path / "download")
     with mlflow.start_run() as run:
         mlflow.log_text("{}", "other/config.json")
@@ -391,7 +416,10 @@ def test_a_reference_mlflow_cannot_find_is_one_line_naming_it_and_merge_lora_cle
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     with pytest.raises(SystemExit) as stopped:
         main(["merge-lora", missing_run, str(tmp_path / "merged")])
-    assert str(stopped.value) == f"minimind merge-lora: {missing_run} was not found: Run with id=0123456789abcdef0123456789abcdef not found"
+    assert (
+        str(stopped.value)
+        == f"minimind merge-lora: {missing_run} was not found: Run with id=0123456789abcdef0123456789abcdef not found"
+    )
     assert list(scratch.glob("minimind-*")) == [] and not (tmp_path / "merged").exists()
 
 
@@ -403,9 +431,24 @@ def test_an_mlflow_error_in_a_command_is_one_line_not_a_traceback(tmp_path, byte
     torch.save(random_model("tiny", vocab_size=len(byte_tokenizer)).state_dict(), tmp_path / "model.pth")
     byte_tokenizer.save_pretrained(tmp_path / "tokenizer")
     with pytest.raises(SystemExit) as stopped:
-        main(["import", str(tmp_path / "model.pth"), str(tmp_path / "imported"), "--tokenizer", str(tmp_path / "tokenizer"),
-              "--preset", "tiny", "--config-overrides", f"vocab_size={len(byte_tokenizer)}", "--register-as", "a/b"])
-    assert str(stopped.value).startswith("minimind import: Invalid model name ('a/b') provided.") and "\n" not in str(stopped.value)
+        main(
+            [
+                "import",
+                str(tmp_path / "model.pth"),
+                str(tmp_path / "imported"),
+                "--tokenizer",
+                str(tmp_path / "tokenizer"),
+                "--preset",
+                "tiny",
+                "--config-overrides",
+                f"vocab_size={len(byte_tokenizer)}",
+                "--register-as",
+                "a/b",
+            ]
+        )
+    assert str(stopped.value).startswith("minimind import: Invalid model name ('a/b') provided.") and "\n" not in str(
+        stopped.value
+    )
 
 
 def test_an_error_message_is_one_line_even_when_it_is_empty():
@@ -413,5 +456,8 @@ def test_an_error_message_is_one_line_even_when_it_is_empty():
 
     from minimind.tracking import first_line
 
-    assert first_line(MlflowException("RESOURCE_DOES_NOT_EXIST: no such run\nTraceback ...")) == "RESOURCE_DOES_NOT_EXIST: no such run"
+    assert (
+        first_line(MlflowException("RESOURCE_DOES_NOT_EXIST: no such run\nTraceback ..."))
+        == "RESOURCE_DOES_NOT_EXIST: no such run"
+    )
     assert first_line(MlflowException("")) == "MlflowException"  # an IndexError before: the traceback it was meant to avoid

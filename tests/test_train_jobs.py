@@ -28,7 +28,9 @@ def versions(name):
 def test_resume_continues_exactly_where_it_stopped_never_from_a_torn_checkpoint(mlflow_store, tmp_path):
     storage = str(tmp_path / "ray")
     straight = run_stage(PretrainConfig(**{**QUICK, "max_steps": 6, "checkpoint_every": 3}), "pretrain")
-    stopped = run_stage(PretrainConfig(**{**QUICK, "max_steps": 6, "checkpoint_every": 3, "stop_after": 3, "storage_path": storage}), "pretrain")
+    stopped = run_stage(
+        PretrainConfig(**{**QUICK, "max_steps": 6, "checkpoint_every": 3, "stop_after": 3, "storage_path": storage}), "pretrain"
+    )
     assert stopped.model_uri == ""  # nothing registered for an unfinished run
     (run_dir,) = Path(storage).glob("pretrain-*")
     complete = max(path for path in run_dir.glob("checkpoint_*") if path.is_dir())
@@ -36,7 +38,9 @@ def test_resume_continues_exactly_where_it_stopped_never_from_a_torn_checkpoint(
     torn.mkdir()
     for path in complete.iterdir():
         (torn / path.name).write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    resumed = run_stage(PretrainConfig(**{**QUICK, "max_steps": 6, "checkpoint_every": 3, "resume": True, "storage_path": storage}), "pretrain")
+    resumed = run_stage(
+        PretrainConfig(**{**QUICK, "max_steps": 6, "checkpoint_every": 3, "resume": True, "storage_path": storage}), "pretrain"
+    )
     resumed_run = client().get_model_version("minimind-pretrain", resumed.model_uri.rsplit("/", 1)[1]).run_id
     assert [m.step for m in client().get_metric_history(resumed_run, "train/loss")] == [4, 5, 6]  # none twice, none skipped
     a, b = load_model(straight.model_dir).state_dict(), load_model(resumed.model_dir).state_dict()
@@ -89,12 +93,26 @@ def test_ray_job_submit_trains_into_the_same_mlflow_store(mlflow_store, tmp_path
     dashboard = _free_port()
     short_temp = tempfile.mkdtemp(prefix="rj-", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
     head = subprocess.Popen(
-        [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={_free_port()}", f"--dashboard-port={dashboard}",
-         "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={short_temp}",
-         # every fixed default port of a second node on this machine, away from the tests' own Ray
-         f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-         f"--metrics-export-port={_free_port()}", f"--ray-client-server-port={_free_port()}"],
-        env=env, stdout=(tmp_path / "head.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            str(bin_dir / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={_free_port()}",
+            f"--dashboard-port={dashboard}",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            f"--temp-dir={short_temp}",
+            # every fixed default port of a second node on this machine, away from the tests' own Ray
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}",
+            f"--ray-client-server-port={_free_port()}",
+        ],
+        env=env,
+        stdout=(tmp_path / "head.log").open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         address = f"http://127.0.0.1:{dashboard}"
@@ -108,12 +126,35 @@ def test_ray_job_submit_trains_into_the_same_mlflow_store(mlflow_store, tmp_path
                     raise RuntimeError("the Ray head did not start:\n" + (tmp_path / "head.log").read_text()[-3000:]) from None
                 time.sleep(1)
         before = versions("minimind-pretrain")
-        runtime_env = {"env_vars": {key: os.environ[key] for key in ("MLFLOW_TRACKING_URI", "MINIMIND_HOME", "MINIMIND_DEMO_DIR")}}
+        runtime_env = {
+            "env_vars": {key: os.environ[key] for key in ("MLFLOW_TRACKING_URI", "MINIMIND_HOME", "MINIMIND_DEMO_DIR")}
+        }
         command = [
-            str(bin_dir / "ray"), "job", "submit", f"--address={address}", "--working-dir", str(ROOT),
-            "--runtime-env-json", json.dumps(runtime_env), "--",
-            "python", "jobs/pretrain.py", "--max-steps", "2", "--checkpoint-every", "2", "--preset", "tiny", "--batch-size", "4",
-            "--seq-len", "128", "--eval-limit", "4", "--experiment", "submitted",
+            str(bin_dir / "ray"),
+            "job",
+            "submit",
+            f"--address={address}",
+            "--working-dir",
+            str(ROOT),
+            "--runtime-env-json",
+            json.dumps(runtime_env),
+            "--",
+            "python",
+            "jobs/pretrain.py",
+            "--max-steps",
+            "2",
+            "--checkpoint-every",
+            "2",
+            "--preset",
+            "tiny",
+            "--batch-size",
+            "4",
+            "--seq-len",
+            "128",
+            "--eval-limit",
+            "4",
+            "--experiment",
+            "submitted",
         ]
         while True:  # the job agent comes up a little after the dashboard; it says so explicitly
             submitted = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
@@ -143,7 +184,15 @@ def test_a_killed_worker_is_restarted_and_resumes_from_its_checkpoint(mlflow_sto
 
     import psutil
 
-    settings = {**QUICK, "preset": "demo", "batch_size": 16, "seq_len": 256, "max_steps": 30, "checkpoint_every": 5, "log_every": 5}
+    settings = {
+        **QUICK,
+        "preset": "demo",
+        "batch_size": 16,
+        "seq_len": 256,
+        "max_steps": 30,
+        "checkpoint_every": 5,
+        "log_every": 5,
+    }
     storage = tmp_path / "ray"
     killed = []
 
@@ -202,7 +251,9 @@ def test_vlm_stages_train_what_each_should_and_never_the_vision_tower(mlflow_sto
         a, b = a.state_dict(), b.state_dict()
         return all(torch.equal(a[k], b[k]) for k in a)
 
-    pretrain = run_stage(VLMConfig(**{**QUICK, "init": str(tmp_path / "llm"), "storage_path": str(tmp_path / "ray")}), "vlm_pretrain")
+    pretrain = run_stage(
+        VLMConfig(**{**QUICK, "init": str(tmp_path / "llm"), "storage_path": str(tmp_path / "ray")}), "vlm_pretrain"
+    )
     assert pretrain.model_uri == "models:/minimind-vlm-pretrain/1"
     checkpoints = list((tmp_path / "ray").glob("vlm_pretrain-*/checkpoint_*"))
     assert checkpoints and not any((checkpoint / "vision").exists() for checkpoint in checkpoints)  # the frozen tower: referenced
@@ -235,14 +286,25 @@ def test_vlm_data_naming_a_missing_image_fails_before_training(mlflow_store, tmp
 
     tokenizer = load_tokenizer(demo_tokenizer())
     save_model(random_model(vocab_size=len(tokenizer)), tmp_path / "llm", tokenizer=tokenizer)
-    record = {"conversations": [{"role": "user", "content": "<image>\n这是什么？"}, {"role": "assistant", "content": "圆形。"}],
-              "image": "missing.png"}
+    record = {
+        "conversations": [{"role": "user", "content": "<image>\n这是什么？"}, {"role": "assistant", "content": "圆形。"}],
+        "image": "missing.png",
+    }
     (tmp_path / "vlm.jsonl").write_text(json.dumps(record, ensure_ascii=False) + "\n")
     with pytest.raises(SystemExit, match="needs --vision-model"):  # real data never falls back to the demo's random tower
         run_stage(VLMConfig(**{**QUICK, "data": str(tmp_path / "vlm.jsonl"), "init": str(tmp_path / "llm")}), "vlm_pretrain")
     with pytest.raises(SystemExit, match=r"1 image\(s\) named in .*vlm.jsonl are not under .*missing.png"):
-        run_stage(VLMConfig(**{**QUICK, "data": str(tmp_path / "vlm.jsonl"), "init": str(tmp_path / "llm"),
-                               "vision_model": str(demo_vision_tower())}), "vlm_pretrain")
+        run_stage(
+            VLMConfig(
+                **{
+                    **QUICK,
+                    "data": str(tmp_path / "vlm.jsonl"),
+                    "init": str(tmp_path / "llm"),
+                    "vision_model": str(demo_vision_tower()),
+                }
+            ),
+            "vlm_pretrain",
+        )
 
 
 def test_vlm_sft_on_text_only_batches_with_two_ddp_workers_and_a_linked_tower(mlflow_store, tmp_path):
@@ -258,14 +320,31 @@ def test_vlm_sft_on_text_only_batches_with_two_ddp_workers_and_a_linked_tower(ml
 
     tokenizer = load_tokenizer(demo_tokenizer())
     save_model(random_model(vocab_size=len(tokenizer), std=0.02), tmp_path / "llm", tokenizer=tokenizer)
-    records = [{"conversations": [{"role": "user", "content": f"小明几岁？{i}"}, {"role": "assistant", "content": "十岁。"}]} for i in range(16)]
+    records = [
+        {"conversations": [{"role": "user", "content": f"小明几岁？{i}"}, {"role": "assistant", "content": "十岁。"}]}
+        for i in range(16)
+    ]
     (tmp_path / "text.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     storage = tmp_path / "ray"
-    result = run_stage(VLMSFTConfig(**{
-        **QUICK, "init": str(tmp_path / "llm"), "data": str(tmp_path / "text.jsonl"), "vision_model": str(demo_vision_tower()),
-        "num_workers": 2, "cpus_per_worker": 1,
-        "batch_size": 2, "max_steps": 3, "checkpoint_every": 1, "max_failures": 0, "link_vision": True, "storage_path": str(storage),
-    }), "vlm_sft")
+    result = run_stage(
+        VLMSFTConfig(
+            **{
+                **QUICK,
+                "init": str(tmp_path / "llm"),
+                "data": str(tmp_path / "text.jsonl"),
+                "vision_model": str(demo_vision_tower()),
+                "num_workers": 2,
+                "cpus_per_worker": 1,
+                "batch_size": 2,
+                "max_steps": 3,
+                "checkpoint_every": 1,
+                "max_failures": 0,
+                "link_vision": True,
+                "storage_path": str(storage),
+            }
+        ),
+        "vlm_sft",
+    )
     assert result.model_uri.startswith("models:/minimind-vlm-sft/")
     run = client().get_run(client().get_model_version("minimind-vlm-sft", result.model_uri.rsplit("/", 1)[1]).run_id)
     assert run.data.params["num_workers"] == "2"  # a DDP job of two workers

@@ -31,7 +31,9 @@ def demo_model(tmp_path_factory):
     ("dpo", DPOConfig(batch_size=2, seq_len=256)),
     ("kd", DistillConfig(mode="kd", batch_size=4, seq_len=256)),
 ])
-def test_a_training_step_reads_nothing_from_the_device_except_at_log_steps(ray_cluster, demo_model, tmp_path, monkeypatch, stage, config):
+def test_a_training_step_reads_nothing_from_the_device_except_at_log_steps(
+    ray_cluster, demo_model, tmp_path, monkeypatch, stage, config
+):
     """Every Tensor.item/tolist/float/int/bool call is recorded (on a GPU each one waits for the device);
     steps 2-5 of 6 log nothing, report nothing and checkpoint nothing, so they must make none. (Waits
     inside torch's own kernels, such as boolean-mask indexing, are not visible from Python: the losses
@@ -64,17 +66,23 @@ def test_a_training_step_reads_nothing_from_the_device_except_at_log_steps(ray_c
 
     monkeypatch.setattr(torch.optim, "AdamW", FusedAdamW)
     logger_log = train_module.MetricLogger.log
-    monkeypatch.setattr(train_module.MetricLogger, "log", lambda self, step, *a: (events.append(f"log {step}"), logger_log(self, step, *a))[1])
+    monkeypatch.setattr(
+        train_module.MetricLogger, "log", lambda self, step, *a: (events.append(f"log {step}"), logger_log(self, step, *a))[1]
+    )
     for name in HOST_READS:
         original = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _name=name, _original=original: (events.append(_name), _original(self, *a))[1])
+        monkeypatch.setattr(
+            torch.Tensor, name, lambda self, *a, _name=name, _original=original: (events.append(_name), _original(self, *a))[1]
+        )
 
     TorchTrainer(train_loop_per_worker, train_loop_config={"job": job}, scaling_config=ScalingConfig(num_workers=0)).fit()
     monkeypatch.undo()
 
     assert events.count("step") == 6 and "log 1" in events and "log 6" in events
-    after_first_log = events[events.index("log 1") + 1:]
-    before_last_step = after_first_log[: [i for i, e in enumerate(after_first_log) if e == "step"][4]]  # steps 2..5 and step 6's micro-batches
+    after_first_log = events[events.index("log 1") + 1 :]
+    before_last_step = after_first_log[
+        : [i for i, e in enumerate(after_first_log) if e == "step"][4]
+    ]  # steps 2..5 and step 6's micro-batches
     assert before_last_step.count("step") == 4
     assert [e for e in before_last_step if e in HOST_READS] == []
     assert any(e in HOST_READS for e in events[: events.index("log 1")])  # the recording works: the first log step reads
@@ -160,11 +168,19 @@ def test_compiled_training_trains_and_checkpoints_under_the_same_names(ray_clust
     job = StageJob(STAGES["pretrain"], config, init_dir=model_dir, data_path=prepared.location)
     saved = []
     real_save = stages.save_model
-    monkeypatch.setattr(stages, "save_model", lambda model, directory, **kw: saved.append(set(load_file(f"{real_save(model, directory, **kw)}/model.safetensors"))))
-    result = TorchTrainer(train_loop_per_worker, train_loop_config={"job": job}, scaling_config=ScalingConfig(num_workers=0)).fit()
+    monkeypatch.setattr(
+        stages,
+        "save_model",
+        lambda model, directory, **kw: saved.append(set(load_file(f"{real_save(model, directory, **kw)}/model.safetensors"))),
+    )
+    result = TorchTrainer(
+        train_loop_per_worker, train_loop_config={"job": job}, scaling_config=ScalingConfig(num_workers=0)
+    ).fit()
     assert len(compiled) == 1
     assert result.metrics["step"] == 3 and 0 < result.metrics["train/loss"] < 20
-    assert saved == [set(load_file(f"{model_dir}/model.safetensors"))]  # the checkpoint's names as before: no "_orig_mod." prefixes
+    assert saved == [
+        set(load_file(f"{model_dir}/model.safetensors"))
+    ]  # the checkpoint's names as before: no "_orig_mod." prefixes
 
 
 def test_mfu_divides_by_the_datasheet_peak_of_known_gpus_and_measures_the_rest():
@@ -190,9 +206,15 @@ def _reasoning_rows(count: int) -> tuple[list[dict], object]:
     from minimind.model.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(demo_tokenizer())
-    records = [{"conversations": [{"role": "user", "content": f"{n} 加 {n} 等于几？"},
-                                  {"role": "assistant", "content": f"<think>{'想' * (n * n // 4)}</think><answer>{2 * n}</answer>"}]}
-               for n in range(count)]
+    records = [
+        {
+            "conversations": [
+                {"role": "user", "content": f"{n} 加 {n} 等于几？"},
+                {"role": "assistant", "content": f"<think>{'想' * (n * n // 4)}</think><answer>{2 * n}</answer>"},
+            ]
+        }
+        for n in range(count)
+    ]
     stage = StageData("reason", seq_len=128)
     return stage_rows(records, stage, tokenizer, stage.marker_ids(tokenizer)), tokenizer
 
@@ -218,14 +240,17 @@ def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch_with_une
     assert sum(supervised[:4]) * 5 < sum(supervised[12:])  # really uneven
     model = random_model("tiny", vocab_size=len(tokenizer), std=0.02).train()
     whole, whole_metrics = _step_gradient(model, "reason", [collate(rows, tokenizer.pad_token_id)])
-    accumulated, metrics = _step_gradient(model, "reason", [collate(rows[i:i + 4], tokenizer.pad_token_id) for i in range(0, 16, 4)])
+    accumulated, metrics = _step_gradient(
+        model, "reason", [collate(rows[i : i + 4], tokenizer.pad_token_id) for i in range(0, 16, 4)]
+    )
     for name, gradient in whole.items():
-        torch.testing.assert_close(accumulated[name], gradient, rtol=1e-4, atol=1e-7, msg=lambda text, name=name: f"{name}: {text}")
+        torch.testing.assert_close(
+            accumulated[name], gradient, rtol=1e-4, atol=1e-7, msg=lambda text, name=name: f"{name}: {text}"
+        )
     torch.testing.assert_close(metrics["train/loss"], whole_metrics["train/loss"])  # the logged loss is the step's too
 
 
 def test_dpo_steps_weigh_each_preference_pair_alike():
-
 
     batch = {"chosen_input_ids": torch.zeros(3, 7, dtype=torch.long), "rejected_input_ids": torch.zeros(3, 5, dtype=torch.long)}
     assert STAGES["dpo"].normalised_over == "preference pairs" and STAGES["dpo"].loss_count(batch) == 3

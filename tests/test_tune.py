@@ -19,20 +19,38 @@ def children(parent_run_id):
 
 
 def test_moe_sweep_nests_trials_ranks_them_and_registers_the_best(mlflow_store, capsys):
-    model_uri, rows = moe_experts.main([
-        "--experts", "1", "2", "--top-k", "1", "--shared", "0", "--preset", "tiny", "--steps", "4", "--reports", "2", "--name", "moe-test",
-    ])
+    model_uri, rows = moe_experts.main(
+        [
+            "--experts",
+            "1",
+            "2",
+            "--top-k",
+            "1",
+            "--shared",
+            "0",
+            "--preset",
+            "tiny",
+            "--steps",
+            "4",
+            "--reports",
+            "2",
+            "--name",
+            "moe-test",
+        ]
+    )
     assert model_uri == "models:/minimind-moe/1"
     best = client().get_model_version_by_alias("minimind-moe", "best")
     assert str(best.version) == "1"
     parent_run_id = client().get_run(best.run_id).data.tags["mlflow.parentRunId"]
     runs = children(parent_run_id)
     assert sorted(run.data.params["config_overrides"] for run in runs) == [
-        "num_experts=1,num_experts_per_tok=1,num_shared_experts=0", "num_experts=2,num_experts_per_tok=1,num_shared_experts=0",
+        "num_experts=1,num_experts_per_tok=1,num_shared_experts=0",
+        "num_experts=2,num_experts_per_tok=1,num_shared_experts=0",
     ]
     # each swept value is a param of its own, as MLflow's compare and parallel-coordinates views need
-    assert sorted((r.data.params["num_experts"], r.data.params["num_experts_per_tok"], r.data.params["num_shared_experts"]) for r in runs) == [
-        ("1", "1", "0"), ("2", "1", "0")]
+    assert sorted(
+        (r.data.params["num_experts"], r.data.params["num_experts_per_tok"], r.data.params["num_shared_experts"]) for r in runs
+    ) == [("1", "1", "0"), ("2", "1", "0")]
     # the best is registered from the trial's LoggedModel in MLflow, not from a folder on the trial's node
     assert best.source == f"models:/{client().get_run(best.run_id).data.tags['model_id']}"
     for run in runs:  # what the table compares: size, speed and held-out loss, per trial
@@ -60,7 +78,9 @@ def test_dpo_beta_sweep_picks_by_the_stated_rule_and_registers_it(mlflow_store):
 
     sft_dir = mlflow_store / "sft-model"
     save_model(random_model(vocab_size=2048, std=0.02), sft_dir, tokenizer=load_tokenizer(demo_tokenizer()))
-    model_uri, rows = dpo_beta.main(["--grid", "0.05", "0.5", "--init", str(sft_dir), "--steps", "4", "--eval-limit", "8", "--name", "dpo-test"])
+    model_uri, rows = dpo_beta.main(
+        ["--grid", "0.05", "0.5", "--init", str(sft_dir), "--steps", "4", "--eval-limit", "8", "--name", "dpo-test"]
+    )
     assert sorted(row["beta"] for row in rows) == [0.05, 0.5]
     keepers = [row for row in rows if row["keeps_answers"]]
     assert keepers and model_uri == "models:/minimind-dpo/1"
@@ -79,11 +99,28 @@ def test_grpo_sweep_crosses_group_sizes_with_kl_coefficients_and_registers_the_p
 
     start = mlflow_store / "reason-model"
     save_model(random_model(vocab_size=2048, std=0.02), start, tokenizer=load_tokenizer(demo_tokenizer()))
-    model_uri, rows = grpo_sweep.main(["--group-sizes", "2", "4", "--kl-coefs", "0.05", "--init", str(start), "--steps", "2",
-                                       "--eval-limit", "4", "--name", "grpo-test"])
+    model_uri, rows = grpo_sweep.main(
+        [
+            "--group-sizes",
+            "2",
+            "4",
+            "--kl-coefs",
+            "0.05",
+            "--init",
+            str(start),
+            "--steps",
+            "2",
+            "--eval-limit",
+            "4",
+            "--name",
+            "grpo-test",
+        ]
+    )
     assert sorted((row["group_size"], row["kl_coef"]) for row in rows) == [(2, 0.05), (4, 0.05)]
     assert model_uri == "models:/minimind-grpo/1" and all(row["status"] == "finished" for row in rows)
     best = client().get_model_version_by_alias("minimind-grpo", "best")
     assert best.run_id == rows[0]["run_id"]  # the ranking's first
     for run in children(client().get_run(best.run_id).data.tags["mlflow.parentRunId"]):
-        assert {"eval/reasoning_accuracy", "eval/answer_exact_match", "reward/total/mean", "time/rollout_s"} <= set(run.data.metrics)
+        assert {"eval/reasoning_accuracy", "eval/answer_exact_match", "reward/total/mean", "time/rollout_s"} <= set(
+            run.data.metrics
+        )

@@ -31,8 +31,14 @@ def clip_tower(hidden=32, image_size=32, patch_size=16, layers=1, heads=2, seed=
     from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
 
     torch.manual_seed(seed)
-    config = CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                              image_size=image_size, patch_size=patch_size)
+    config = CLIPVisionConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
     processor = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
     return CLIPVisionModel(config).eval().requires_grad_(False), processor
 
@@ -50,7 +56,9 @@ def picture(seed: int, size=(40, 30)) -> Image.Image:
 
 
 def test_vit_b16_shape_gives_196_tokens_of_width_768_projected_to_hidden():
-    vlm = MiniMindVLM(random_model(vocab_size=64), *clip_tower(hidden=768, image_size=224, patch_size=16, heads=12), image_token_id=IMAGE_ID)
+    vlm = MiniMindVLM(
+        random_model(vocab_size=64), *clip_tower(hidden=768, image_size=224, patch_size=16, heads=12), image_token_id=IMAGE_ID
+    )
     assert vlm.image_tokens == 196
     assert vlm.projection.weight.shape == (vlm.config.hidden_size, 768) and vlm.projection.bias is None
     pixels = vlm.pixel_values([picture(0), picture(1, size=(300, 200))])
@@ -139,10 +147,14 @@ def test_checkpoints_reference_the_tower_and_the_final_model_holds_one_copy(tmp_
     training = stage.load(tmp_path / "init", "cpu")
     stage.save(training, tmp_path / "checkpoint", tokenizer)
     assert not (tmp_path / "checkpoint" / "vision").exists()
-    assert VisionConfig.load(tmp_path / "checkpoint" / VISION_CONFIG_NAME).vision_model == str((tmp_path / "init" / "vision").resolve())
+    assert VisionConfig.load(tmp_path / "checkpoint" / VISION_CONFIG_NAME).vision_model == str(
+        (tmp_path / "init" / "vision").resolve()
+    )
     resumed = stage.load(tmp_path / "checkpoint", "cpu")  # a checkpoint of a checkpoint still points at the one tower
     stage.save(resumed, tmp_path / "checkpoint2", tokenizer)
-    assert VisionConfig.load(tmp_path / "checkpoint2" / VISION_CONFIG_NAME).vision_model == str((tmp_path / "init" / "vision").resolve())
+    assert VisionConfig.load(tmp_path / "checkpoint2" / VISION_CONFIG_NAME).vision_model == str(
+        (tmp_path / "init" / "vision").resolve()
+    )
 
     copy_vision_tower(tmp_path / "checkpoint2")  # what the job does once, to the model it registers
     shutil.rmtree(tmp_path / "init")
@@ -227,14 +239,23 @@ def test_a_registered_vlm_answers_about_an_image_through_mlflow_pyfunc(tmp_path,
         version = tracking.register_model_dir(tmp_path / "vlm", "minimind-vlm-chat")
     buffer = io.BytesIO()
     picture(5).save(buffer, format="PNG")
-    chat = {"messages": [{"role": "user", "content": "<image>\n图中有什么？"}], "images": [base64.b64encode(buffer.getvalue()).decode()]}
+    chat = {
+        "messages": [{"role": "user", "content": "<image>\n图中有什么？"}],
+        "images": [base64.b64encode(buffer.getvalue()).decode()],
+    }
     model = mlflow.pyfunc.load_model(f"models:/minimind-vlm-chat/{version.version}")
     assert "images" in model.metadata.get_input_schema().input_names()
     replies = model.predict([chat, {**chat, "images": [base64.b64encode(buffer.getvalue()).decode()]}], params={"max_tokens": 5})
     reference = load_vlm(tmp_path / "vlm", dtype=torch.bfloat16)
     prompt = prompt_ids(reference, tokenizer, chat["messages"])
-    expected = generate(reference, [prompt], prompt_inputs={"pixel_values": reference.pixel_values([picture(5)])}, max_new_tokens=5,
-                        stop_token_ids=[tokenizer.eos_token_id], suppress_token_ids=[IMAGE_ID])[0]
+    expected = generate(
+        reference,
+        [prompt],
+        prompt_inputs={"pixel_values": reference.pixel_values([picture(5)])},
+        max_new_tokens=5,
+        stop_token_ids=[tokenizer.eos_token_id],
+        suppress_token_ids=[IMAGE_ID],
+    )[0]
     assert replies == [tokenizer.decode(expected, skip_special_tokens=True)] * 2
 
 

@@ -24,16 +24,33 @@ import argparse
 from minimind.driver.sweep import Sweep, finish, mark_keepers, run_sweep, trial_row, trial_runs
 from minimind.training.configs import DPOConfig
 
-COLUMNS = ["trial", "beta", "rewards_accuracy", "rewards_margin", "drift", "answer_exact_match", "answer_before", "status", "keeps_answers"]
+COLUMNS = [
+    "trial",
+    "beta",
+    "rewards_accuracy",
+    "rewards_margin",
+    "drift",
+    "answer_exact_match",
+    "answer_before",
+    "status",
+    "keeps_answers",
+]
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     Sweep.add_flags(parser, "dpo-beta")
-    parser.add_argument("--grid", type=float, nargs="+", default=None, help="betas to try (default: --num-samples draws log-uniform in [0.01, 1])")
+    parser.add_argument(
+        "--grid", type=float, nargs="+", default=None, help="betas to try (default: --num-samples draws log-uniform in [0.01, 1])"
+    )
     parser.add_argument("--init", default=None, help="SFT model to start from (default: models:/minimind-sft/latest)")
     parser.add_argument("--steps", type=int, default=60, help="training steps per trial (default: %(default)s)")
-    parser.add_argument("--answer-tolerance", type=float, default=0.02, help="answer accuracy a trial may lose and still be picked (default: %(default)s)")
+    parser.add_argument(
+        "--answer-tolerance",
+        type=float,
+        default=0.02,
+        help="answer accuracy a trial may lose and still be picked (default: %(default)s)",
+    )
     parser.add_argument("--data", default=None, help="DPO JSONL (default: the demo world's)")
     parser.add_argument("--eval-limit", type=int, default=100, help="held-out records per evaluation (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
@@ -45,21 +62,36 @@ def main(argv=None):
     if args.num_samples is None:
         args.num_samples = 1 if args.grid else 4
     sweep = Sweep.from_args(args)
-    base = DPOConfig(init=args.init, max_steps=args.steps, checkpoint_every=max(1, args.steps // 4), log_every=max(1, args.steps // 6),
-                     data=args.data, eval_limit=args.eval_limit, seed=args.seed)
+    base = DPOConfig(
+        init=args.init,
+        max_steps=args.steps,
+        checkpoint_every=max(1, args.steps // 4),
+        log_every=max(1, args.steps // 6),
+        data=args.data,
+        eval_limit=args.eval_limit,
+        seed=args.seed,
+    )
     space = {"beta": tune.grid_search(args.grid) if args.grid else tune.loguniform(0.01, 1.0)}
     parent = run_sweep(sweep, "dpo", base, space, {"metric": "rewards/accuracies", "mode": "max"})
 
     rows = []
     for run in trial_runs(parent):
         metrics = run.data.metrics
-        rows.append(trial_row(
-            run, beta=float(run.data.params["beta"]), rewards_accuracy=metrics.get("eval/rewards_accuracy"),
-            rewards_margin=metrics.get("eval/rewards_margin"), drift=metrics.get("eval/drift"),
-            answer_exact_match=metrics.get("eval/answer_exact_match"), answer_before=metrics.get("eval_before/answer_exact_match"),
-        ))
+        rows.append(
+            trial_row(
+                run,
+                beta=float(run.data.params["beta"]),
+                rewards_accuracy=metrics.get("eval/rewards_accuracy"),
+                rewards_margin=metrics.get("eval/rewards_margin"),
+                drift=metrics.get("eval/drift"),
+                answer_exact_match=metrics.get("eval/answer_exact_match"),
+                answer_before=metrics.get("eval_before/answer_exact_match"),
+            )
+        )
     mark_keepers(rows, args.answer_tolerance)
-    rows.sort(key=lambda r: (not r["keeps_answers"], -(r["rewards_accuracy"] or 0), -(r["answer_exact_match"] or 0), r["drift"] or 0))
+    rows.sort(
+        key=lambda r: (not r["keeps_answers"], -(r["rewards_accuracy"] or 0), -(r["answer_exact_match"] or 0), r["drift"] or 0)
+    )
     best = rows[0] if rows and rows[0]["keeps_answers"] else None
     return finish(parent, rows, COLUMNS, best, "minimind-dpo", plot), rows
 

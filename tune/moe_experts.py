@@ -26,12 +26,22 @@ COLUMNS = ["trial", "num_experts", "top_k", "shared", "total_params", "active_pa
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     Sweep.add_flags(parser, "moe-experts")
-    parser.add_argument("--experts", type=int, nargs="+", default=[1, 2, 4, 8], help="routed experts, a grid (default: %(default)s)")
-    parser.add_argument("--top-k", type=int, nargs="+", default=[1, 2], help="experts per token, sampled; capped at the expert count (default: %(default)s)")
+    parser.add_argument(
+        "--experts", type=int, nargs="+", default=[1, 2, 4, 8], help="routed experts, a grid (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--top-k",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        help="experts per token, sampled; capped at the expert count (default: %(default)s)",
+    )
     parser.add_argument("--shared", type=int, nargs="+", default=[0, 1], help="shared experts, sampled (default: %(default)s)")
     parser.add_argument("--preset", default="demo", help="model shape the layouts are applied to (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=60, help="training steps per trial (default: %(default)s)")
-    parser.add_argument("--reports", type=int, default=6, help="held-out evaluations per trial, ASHA's rungs (default: %(default)s)")
+    parser.add_argument(
+        "--reports", type=int, default=6, help="held-out evaluations per trial, ASHA's rungs (default: %(default)s)"
+    )
     parser.add_argument("--data", default=None, help="pretraining JSONL (default: the demo world's)")
     parser.add_argument("--eval-data", default=None, help="held-out JSONL (default: the demo world's)")
     parser.add_argument("--seed", type=int, default=0)
@@ -41,8 +51,18 @@ def main(argv=None):
 
     sweep = Sweep.from_args(args)
     every = max(1, args.steps // args.reports)
-    base = PretrainConfig(preset=args.preset, max_steps=args.steps, val_every=every, checkpoint_every=every, log_every=every,
-                          data=args.data, eval_data=args.eval_data, seed=args.seed, warmup_steps=min(20, args.steps // 5), eval_limit=64)
+    base = PretrainConfig(
+        preset=args.preset,
+        max_steps=args.steps,
+        val_every=every,
+        checkpoint_every=every,
+        log_every=every,
+        data=args.data,
+        eval_data=args.eval_data,
+        seed=args.seed,
+        warmup_steps=min(20, args.steps // 5),
+        eval_limit=64,
+    )
     space = {  # ModelConfig field names: the trial applies them as --config-overrides
         "num_experts": tune.grid_search(args.experts),
         "num_experts_per_tok": tune.choice(args.top_k),
@@ -53,14 +73,22 @@ def main(argv=None):
     rows = []
     for run in trial_runs(parent):
         params, metrics = run.data.params, run.data.metrics
-        rows.append(trial_row(
-            run, stopped="stopped early",
-            num_experts=int(params.get("num_experts", 0)), top_k=int(params.get("num_experts_per_tok", 0)),
-            shared=int(params.get("num_shared_experts", 0)),  # each swept value is a param of the trial's run
-            total_params=int(metrics.get("model/parameters", 0)), active_params=int(metrics.get("model/active_parameters", 0)),
-            tokens_per_s=metrics.get("train/tokens_per_s"), heldout_loss=metrics.get("eval/heldout_loss", metrics.get("val/loss")),
-        ))
-    rows.sort(key=lambda row: (row["status"] != "finished", row["heldout_loss"] if row["heldout_loss"] is not None else float("inf")))
+        rows.append(
+            trial_row(
+                run,
+                stopped="stopped early",
+                num_experts=int(params.get("num_experts", 0)),
+                top_k=int(params.get("num_experts_per_tok", 0)),
+                shared=int(params.get("num_shared_experts", 0)),  # each swept value is a param of the trial's run
+                total_params=int(metrics.get("model/parameters", 0)),
+                active_params=int(metrics.get("model/active_parameters", 0)),
+                tokens_per_s=metrics.get("train/tokens_per_s"),
+                heldout_loss=metrics.get("eval/heldout_loss", metrics.get("val/loss")),
+            )
+        )
+    rows.sort(
+        key=lambda row: (row["status"] != "finished", row["heldout_loss"] if row["heldout_loss"] is not None else float("inf"))
+    )
     best = rows[0] if rows and rows[0]["status"] == "finished" else None
     return finish(parent, rows, COLUMNS, best, "minimind-moe", plot), rows
 

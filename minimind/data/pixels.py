@@ -19,7 +19,9 @@ def _pixels(image_processor, images: list[list[str]], images_dir) -> torch.Tenso
     names = [name for row in images for name in row]
     if not names:
         return None
-    return image_processor(images=[load_image(Path(images_dir or ".") / name) for name in names], return_tensors="pt")["pixel_values"]
+    return image_processor(images=[load_image(Path(images_dir or ".") / name) for name in names], return_tensors="pt")[
+        "pixel_values"
+    ]
 
 
 class BatchWithPixels:

@@ -173,8 +173,18 @@ def prepared_location(source: str, tokenizer, stage: StageData, root: str, drop_
     return found.location, found.manifest
 
 
-def prepare(source: str, tokenizer, stage: StageData, root: str, skip_bad: bool = False, drop_duplicates: bool = False,
-            chunk_bytes: int = CHUNK_BYTES, read_from: str | None = None, copy_for_tasks=None, say=print) -> Prepared:
+def prepare(
+    source: str,
+    tokenizer,
+    stage: StageData,
+    root: str,
+    skip_bad: bool = False,
+    drop_duplicates: bool = False,
+    chunk_bytes: int = CHUNK_BYTES,
+    read_from: str | None = None,
+    copy_for_tasks=None,
+    say=print,
+) -> Prepared:
     """The prepared folder of `source` for `stage` under `root`: found, or made now with Ray tasks (Ray
     is started here if no one did). A malformed line stops it at once with `DataFormatError` naming
     file and line, unless `skip_bad` (then such lines are counted in the manifest). `read_from`: a copy
@@ -193,8 +203,10 @@ def prepare(source: str, tokenizer, stage: StageData, root: str, skip_bad: bool 
         say(f"[prepare] {source}: prepared already at {location} ({manifest['rows']:,} rows, {manifest['tokens']:,} tokens)")
         return Prepared(location, manifest, reused=True)
     if found.content_sha256:
-        say(f"[prepare] {source}: the folder for its size, time and first and last MiB holds other content (or a preparation "
-            "without a content digest): this content gets a folder of its own")
+        say(
+            f"[prepare] {source}: the folder for its size, time and first and last MiB holds other content (or a preparation "
+            "without a content digest): this content gets a folder of its own"
+        )
 
     if copy_for_tasks is not None:
         read_from = copy_for_tasks()
@@ -208,9 +220,19 @@ def prepare(source: str, tokenizer, stage: StageData, root: str, skip_bad: bool 
         hashed = _run(source, specs, {"mode": "hash", "skip_bad": skip_bad}, "finding duplicates")
         drops = _duplicates_to_drop(hashed)
     marker_ids = stage.marker_ids(tokenizer)
-    encoded = _run(source, [{**spec, "drop": drops.get(spec["index"], np.zeros(0, np.int64)).tolist()} for spec in specs], {
-        "mode": "encode", "skip_bad": skip_bad, "tokenizer": tokenizer, "stage": stage, "marker_ids": marker_ids, "output": location},
-        "preparing")
+    encoded = _run(
+        source,
+        [{**spec, "drop": drops.get(spec["index"], np.zeros(0, np.int64)).tolist()} for spec in specs],
+        {
+            "mode": "encode",
+            "skip_bad": skip_bad,
+            "tokenizer": tokenizer,
+            "stage": stage,
+            "marker_ids": marker_ids,
+            "output": location,
+        },
+        "preparing",
+    )
     first_bad = first_error(source, encoded)
     blocks = [digest for summary in encoded for digest in summary["blocks"]]
     content = combine_blocks(blocks)
@@ -224,16 +246,36 @@ def prepare(source: str, tokenizer, stage: StageData, root: str, skip_bad: bool 
     rows = math.ceil(tokens / stage.seq_len) if stage.kind == "pretrain" else sum(shard["rows"] for shard in shards)
     stats.rows = rows
     skipped = sum(s["skipped"] for s in encoded)
-    report = data_report.finish(stats, duplicates=duplicates, duplicates_dropped=duplicates if drop_duplicates else 0,
-                                skipped_lines=skipped, unlabelled_dropped=sum(s["unlabelled"] for s in encoded))
+    report = data_report.finish(
+        stats,
+        duplicates=duplicates,
+        duplicates_dropped=duplicates if drop_duplicates else 0,
+        skipped_lines=skipped,
+        unlabelled_dropped=sum(s["unlabelled"] for s in encoded),
+    )
     manifest = {
-        "format": FORMAT_VERSION, "kind": stage.kind, "seq_len": stage.seq_len, "source": source, "source_fingerprint": fingerprint,
-        "content_sha256": content, "tokenizer_sha256": tokenizer_sha, "settings": stage_settings,
+        "format": FORMAT_VERSION,
+        "kind": stage.kind,
+        "seq_len": stage.seq_len,
+        "source": source,
+        "source_fingerprint": fingerprint,
+        "content_sha256": content,
+        "tokenizer_sha256": tokenizer_sha,
+        "settings": stage_settings,
         "key": location.rstrip("/").rsplit("/", 1)[-1],
-        "dtype": np.dtype(token_dtype(len(tokenizer))).name, "pad_id": tokenizer.pad_token_id, "tag_sequences": marker_ids["tag_sequences"],
-        "rows": rows, "tokens": tokens, "records": stats.records, "lines": sum(s["lines"] for s in encoded),
-        "skipped_lines": skipped, "first_bad_line": first_bad, "duplicates_dropped": report["duplicates_dropped"],
-        "length_histogram": report["length_histogram"], "shards": shards, "report": report,
+        "dtype": np.dtype(token_dtype(len(tokenizer))).name,
+        "pad_id": tokenizer.pad_token_id,
+        "tag_sequences": marker_ids["tag_sequences"],
+        "rows": rows,
+        "tokens": tokens,
+        "records": stats.records,
+        "lines": sum(s["lines"] for s in encoded),
+        "skipped_lines": skipped,
+        "first_bad_line": first_bad,
+        "duplicates_dropped": report["duplicates_dropped"],
+        "length_histogram": report["length_histogram"],
+        "shards": shards,
+        "report": report,
         "prepared_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     filesystem, folder = storage.filesystem_of(location)
@@ -241,8 +283,10 @@ def prepare(source: str, tokenizer, stage: StageData, root: str, skip_bad: bool 
     _write_plot(filesystem, folder, report)
     _publish(filesystem, f"{folder}/{MANIFEST}", json.dumps(manifest, indent=1, ensure_ascii=False))  # last: marks it complete
     seconds = time.perf_counter() - started
-    say(f"[prepare] {rows:,} rows, {tokens:,} tokens from {stats.records:,} records in {seconds:.1f}s "
-        f"({size / 1e6 / max(seconds, 1e-9):.1f} MB/s)" + "".join(f"\n[prepare] flag: {flag}" for flag in report["flags"]))
+    say(
+        f"[prepare] {rows:,} rows, {tokens:,} tokens from {stats.records:,} records in {seconds:.1f}s "
+        f"({size / 1e6 / max(seconds, 1e-9):.1f} MB/s)" + "".join(f"\n[prepare] flag: {flag}" for flag in report["flags"])
+    )
     return Prepared(location, manifest, reused=False, seconds=seconds)
 
 
@@ -327,8 +371,16 @@ class Progress:
     in place at each chunk; in a log one line each `step` of the bytes. Work shorter than `quiet_s`
     seconds says nothing."""
 
-    def __init__(self, label: str, total_bytes: int, chunks: int, stream=None, clock=time.monotonic, step: float = 0.05,
-                 quiet_s: float = 5.0):
+    def __init__(
+        self,
+        label: str,
+        total_bytes: int,
+        chunks: int,
+        stream=None,
+        clock=time.monotonic,
+        step: float = 0.05,
+        quiet_s: float = 5.0,
+    ):
         self.label, self.total_bytes, self.chunks, self.step, self.quiet_s = label, total_bytes, chunks, step, quiet_s
         self.stream, self.clock = stream or sys.stdout, clock
         self.terminal = self.stream.isatty()
@@ -353,8 +405,10 @@ class Progress:
         rate = self.done_bytes / seconds
         left = (self.total_bytes - self.done_bytes) / rate if rate else float("inf")
         eta = "?" if left == float("inf") else f"{int(left) // 60}m{int(left) % 60:02d}s"
-        return (f"{self.label}: {self.done_chunks}/{self.chunks} chunks, {self.done_bytes / 1e6:,.0f}/{self.total_bytes / 1e6:,.0f} MB "
-                f"({self.done_bytes / max(1, self.total_bytes):.0%}), {rate / 1e6:.1f} MB/s, ETA {eta}")
+        return (
+            f"{self.label}: {self.done_chunks}/{self.chunks} chunks, {self.done_bytes / 1e6:,.0f}/{self.total_bytes / 1e6:,.0f} MB "
+            f"({self.done_bytes / max(1, self.total_bytes):.0%}), {rate / 1e6:.1f} MB/s, ETA {eta}"
+        )
 
     def close(self) -> None:
         if self.shown:
@@ -489,15 +543,33 @@ def _lines(raw: bytes, first_in_file: bool):
         position += len(line) + 1
 
 
-def process_chunk(spec: dict, mode: str, skip_bad: bool, tokenizer=None, stage: StageData | None = None, marker_ids=None,
-                  output: str | None = None) -> dict:
+def process_chunk(
+    spec: dict,
+    mode: str,
+    skip_bad: bool,
+    tokenizer=None,
+    stage: StageData | None = None,
+    marker_ids=None,
+    output: str | None = None,
+) -> dict:
     """Validate (and in "encode" mode, hash, tokenize and write) the lines of one byte range of the
     source. Records are encoded BATCH_RECORDS at a time and kept only as arrays: a task's memory is its
     chunk's bytes and tokens, whatever the file's size."""
     start, end, kind = spec["start"], spec["end"], spec["kind"]
     raw = _read_range(spec["source"], start, end)
-    summary = {"index": spec["index"], "start": start, "lines": 0, "error": None, "skipped": 0, "rows": 0, "tokens": 0,
-               "unlabelled": 0, "shard": f"shard-{spec['index']:05d}", "stats": data_report.ChunkStats(), "blocks": []}
+    summary = {
+        "index": spec["index"],
+        "start": start,
+        "lines": 0,
+        "error": None,
+        "skipped": 0,
+        "rows": 0,
+        "tokens": 0,
+        "unlabelled": 0,
+        "shard": f"shard-{spec['index']:05d}",
+        "stats": data_report.ChunkStats(),
+        "blocks": [],
+    }
     if mode == "encode":
         summary["blocks"] = block_digests(spec["source"], raw, start, end, spec["size"])
     stats, span, file_size = summary["stats"], (end - start) / max(1, spec["size"]), max(1, spec["size"])
@@ -506,7 +578,7 @@ def process_chunk(spec: dict, mode: str, skip_bad: bool, tokenizer=None, stage: 
     number = 0
     for number, (line, share) in enumerate(_lines(raw, start == 0), start=1):
         if isinstance(line, UnicodeDecodeError):
-            reason = f"not valid UTF-8 (byte {line.start + 1} of the line: {line.object[line.start:line.start + 4]!r})"
+            reason = f"not valid UTF-8 (byte {line.start + 1} of the line: {line.object[line.start : line.start + 4]!r})"
         elif not line.strip():
             continue
         else:
@@ -577,7 +649,9 @@ class _ChunkEncoder:
         if self.stage.kind == "pretrain":
             bos, eos = self.tokenizer.bos_token or "", self.tokenizer.eos_token or ""
             backend = self.tokenizer.backend_tokenizer
-            encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # the same ids, without offsets: a fifth less CPU
+            encode = getattr(
+                backend, "encode_batch_fast", backend.encode_batch
+            )  # the same ids, without offsets: a fifth less CPU
             encodings = encode([bos + r["text"] + eos for r in records], add_special_tokens=False)
             lengths = [len(encoding) for encoding in encodings]
             ids = np.fromiter(chain.from_iterable(encoding.ids for encoding in encodings), dtype=self.dtype, count=sum(lengths))
@@ -586,7 +660,9 @@ class _ChunkEncoder:
             self.stats.add_tokens("text", len(ids))
             return
         rows = stage_arrays(records, self.stage, self.tokenizer, self.marker_ids)
-        kept = [row for row in rows if all(row[side + "supervised"].any() for side in self.sides)]  # a cut can remove every supervised token
+        kept = [
+            row for row in rows if all(row[side + "supervised"].any() for side in self.sides)
+        ]  # a cut can remove every supervised token
         self.summary["unlabelled"] += len(rows) - len(kept)
         for side in self.sides:
             for name, array in pack_rows(kept, side, self.dtype).items():
@@ -619,8 +695,13 @@ class _ChunkEncoder:
         else:
             for side in self.sides:
                 if side + "offsets" not in columns:  # no row in this chunk
-                    columns.update({side + "input_ids": np.zeros(0, self.dtype), side + "offsets": np.zeros(1, np.int64),
-                                    side + "mask": np.zeros(0, np.uint8)})
+                    columns.update(
+                        {
+                            side + "input_ids": np.zeros(0, self.dtype),
+                            side + "offsets": np.zeros(1, np.int64),
+                            side + "mask": np.zeros(0, np.uint8),
+                        }
+                    )
             columns.setdefault("truncated", np.zeros(0, np.uint8))
             self.summary["tokens"] = int(sum(len(columns[side + "input_ids"]) for side in self.sides))
         self.stats.tokens += self.summary["tokens"]

@@ -96,37 +96,57 @@ def _rate(part: int, whole: int) -> float:
     return part / whole if whole else 0.0
 
 
-def finish(stats: ChunkStats, duplicates: int = 0, duplicates_dropped: int = 0, skipped_lines: int = 0,
-           unlabelled_dropped: int = 0) -> dict:
+def finish(
+    stats: ChunkStats, duplicates: int = 0, duplicates_dropped: int = 0, skipped_lines: int = 0, unlabelled_dropped: int = 0
+) -> dict:
     """The report: counts, rates, the length histogram, garbage by file position, and flags (one line each)."""
     records = stats.records
     tail_records, tail_garbage = sum(stats.position_records[-TAIL:]), sum(stats.position_garbage[-TAIL:])
     rest_records, rest_garbage = records - tail_records, stats.garbage - tail_garbage
     report = {
-        "records": records, "rows": stats.rows, "tokens": stats.tokens, "skipped_lines": skipped_lines,
-        "duplicates": duplicates, "duplicate_rate": _rate(duplicates, records), "duplicates_dropped": duplicates_dropped,
-        "empty": stats.empty, "empty_rate": _rate(stats.empty, records), "blank_skipped": stats.blank,
-        "garbage": stats.garbage, "garbage_rate": _rate(stats.garbage, records), "garbage_kinds": stats.garbage_kinds,
-        "truncated": stats.truncated, "truncated_rate": _rate(stats.truncated, stats.rows), "unlabelled_dropped": unlabelled_dropped,
+        "records": records,
+        "rows": stats.rows,
+        "tokens": stats.tokens,
+        "skipped_lines": skipped_lines,
+        "duplicates": duplicates,
+        "duplicate_rate": _rate(duplicates, records),
+        "duplicates_dropped": duplicates_dropped,
+        "empty": stats.empty,
+        "empty_rate": _rate(stats.empty, records),
+        "blank_skipped": stats.blank,
+        "garbage": stats.garbage,
+        "garbage_rate": _rate(stats.garbage, records),
+        "garbage_kinds": stats.garbage_kinds,
+        "truncated": stats.truncated,
+        "truncated_rate": _rate(stats.truncated, stats.rows),
+        "unlabelled_dropped": unlabelled_dropped,
         "tokens_per_field": stats.tokens_per_field,
         "length_histogram": {"bins": LENGTH_BINS[:-1], "counts": stats.lengths},
         "garbage_by_position": {"slices": POSITIONS, "records": stats.position_records, "garbage": stats.position_garbage},
-        "tail_garbage_rate": _rate(tail_garbage, tail_records), "rest_garbage_rate": _rate(rest_garbage, rest_records),
+        "tail_garbage_rate": _rate(tail_garbage, tail_records),
+        "rest_garbage_rate": _rate(rest_garbage, rest_records),
     }
     flags = []
     if tail_records and report["tail_garbage_rate"] >= max(0.05, 3 * report["rest_garbage_rate"]):
-        flags.append(f"noisy tail: {report['tail_garbage_rate']:.1%} of the records in the last {TAIL * 100 // POSITIONS}% of the file "
-                     f"are garbage, {report['rest_garbage_rate']:.1%} before it")
+        flags.append(
+            f"noisy tail: {report['tail_garbage_rate']:.1%} of the records in the last {TAIL * 100 // POSITIONS}% of the file "
+            f"are garbage, {report['rest_garbage_rate']:.1%} before it"
+        )
     if report["garbage_rate"] >= 0.01:
-        flags.append(f"garbage: {report['garbage_rate']:.1%} of the records ({', '.join(f'{k} {v}' for k, v in stats.garbage_kinds.items())})")
+        flags.append(
+            f"garbage: {report['garbage_rate']:.1%} of the records ({', '.join(f'{k} {v}' for k, v in stats.garbage_kinds.items())})"
+        )
     if report["duplicate_rate"] >= 0.01:
-        flags.append(f"duplicates: {report['duplicate_rate']:.1%} of the records are exact repeats"
-                     + ("" if duplicates_dropped else " (--drop-duplicates removes them)"))
+        flags.append(
+            f"duplicates: {report['duplicate_rate']:.1%} of the records are exact repeats"
+            + ("" if duplicates_dropped else " (--drop-duplicates removes them)")
+        )
     if report["empty_rate"] >= 0.01:
         flags.append(f"empty: {report['empty_rate']:.1%} of the records have a blank reply")
     if stats.blank:
-        flags.append(f"blank: {stats.blank} records ({_rate(stats.blank, records):.1%}) have an empty or whitespace-only text "
-                     "(left out)")
+        flags.append(
+            f"blank: {stats.blank} records ({_rate(stats.blank, records):.1%}) have an empty or whitespace-only text (left out)"
+        )
     if report["truncated_rate"] >= 0.05:
         flags.append(f"truncated: {report['truncated_rate']:.1%} of the rows are cut at seq_len")
     if skipped_lines:
@@ -137,8 +157,19 @@ def finish(stats: ChunkStats, duplicates: int = 0, duplicates_dropped: int = 0, 
 
 def metrics(report: dict) -> dict:
     """The report's numbers as MLflow metrics of the stage run."""
-    names = ("records", "rows", "tokens", "skipped_lines", "duplicate_rate", "duplicates_dropped", "empty_rate", "garbage_rate",
-             "truncated_rate", "unlabelled_dropped", "tail_garbage_rate")
+    names = (
+        "records",
+        "rows",
+        "tokens",
+        "skipped_lines",
+        "duplicate_rate",
+        "duplicates_dropped",
+        "empty_rate",
+        "garbage_rate",
+        "truncated_rate",
+        "unlabelled_dropped",
+        "tail_garbage_rate",
+    )
     return {f"data/{name}": float(report[name]) for name in names}
 
 
@@ -162,8 +193,11 @@ def write_plot(report: dict, path) -> None:
     positions.set_title("garbage rate by position in the file")
     positions.set_xlabel("% of the file")
     positions.set_ylim(0, max([0.05, *rates]) * 1.1)
-    figure.suptitle(f"{report['records']:,} records, {report['rows']:,} rows, {report['tokens']:,} tokens; "
-                    f"duplicates {report['duplicate_rate']:.1%}, garbage {report['garbage_rate']:.1%}", fontsize=10)
+    figure.suptitle(
+        f"{report['records']:,} records, {report['rows']:,} rows, {report['tokens']:,} tokens; "
+        f"duplicates {report['duplicate_rate']:.1%}, garbage {report['garbage_rate']:.1%}",
+        fontsize=10,
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=90)
     plt.close(figure)

@@ -116,7 +116,11 @@ def iter_jsonl(path: str | Path, kind: str, skip_bad: bool = False) -> Iterator[
 def count_records(path: str | Path) -> int:
     """Non-blank lines (a line holding only a byte-order mark counts as blank)."""
     with Path(path).open("rb") as lines:
-        return sum(1 for number, line in enumerate(lines, start=1) if (line.removeprefix(b"\xef\xbb\xbf") if number == 1 else line).strip())
+        return sum(
+            1
+            for number, line in enumerate(lines, start=1)
+            if (line.removeprefix(b"\xef\xbb\xbf") if number == 1 else line).strip()
+        )
 
 
 def _records(path: str, kind: str, skip_bad: bool, file_stamp: tuple):  # file_stamp: only for the cache key
@@ -137,8 +141,12 @@ def read_jsonl_dataset(path: str | Path, kind: str, skip_bad: bool = False, cach
         return Dataset.from_generator(
             _records,
             # the content digest too: `cp -p`, `rsync -a` and `tar x` keep the size and mtime of an edited file
-            gen_kwargs={"path": str(path), "kind": kind, "skip_bad": skip_bad,
-                        "file_stamp": (stat.st_size, stat.st_mtime_ns, storage.file_sha256(path))},
+            gen_kwargs={
+                "path": str(path),
+                "kind": kind,
+                "skip_bad": skip_bad,
+                "file_stamp": (stat.st_size, stat.st_mtime_ns, storage.file_sha256(path)),
+            },
             cache_dir=cache_dir,
         )
     except DatasetGenerationError as error:
@@ -174,7 +182,9 @@ def _render(messages: list[dict], tokenizer) -> str:
     )
 
     compiled = _compile_jinja_template(tokenizer.chat_template)
-    return compiled.render(messages=messages, tools=None, documents=None, add_generation_prompt=False, **tokenizer.special_tokens_map)
+    return compiled.render(
+        messages=messages, tools=None, documents=None, add_generation_prompt=False, **tokenizer.special_tokens_map
+    )
 
 
 def _spans_by_sentinels(tokenizer, messages: list[dict], only_last: bool):
@@ -230,20 +240,29 @@ def _supervised(encoding, spans: list[tuple[int, int]]) -> np.ndarray:
     return inside & (offsets[:, 1] > offsets[:, 0])
 
 
-def encode_conversations(tokenizer, conversations: list[list[dict]], only_last: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+def encode_conversations(
+    tokenizer, conversations: list[list[dict]], only_last: bool = False
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """(ids, supervised) arrays per conversation, one tokenizer call for all: supervised marks the
     tokens of assistant replies. (The fast tokenizer's own backend, as `tokenizer(...)` calls it.)"""
     rendered = [assistant_spans(tokenizer, messages, only_last) for messages in conversations]
     if not rendered:
         return []
     encodings = tokenizer.backend_tokenizer.encode_batch([text for text, _ in rendered], add_special_tokens=False)
-    return [(np.asarray(encoding.ids, dtype=np.int64), _supervised(encoding, spans)) for (_, spans), encoding in zip(rendered, encodings)]
+    return [
+        (np.asarray(encoding.ids, dtype=np.int64), _supervised(encoding, spans))
+        for (_, spans), encoding in zip(rendered, encodings)
+    ]
 
 
-def tokenize_conversations(tokenizer, conversations: list[list[dict]], only_last: bool = False) -> list[tuple[list[int], list[int]]]:
+def tokenize_conversations(
+    tokenizer, conversations: list[list[dict]], only_last: bool = False
+) -> list[tuple[list[int], list[int]]]:
     """(input_ids, labels) per conversation: labels copy the ids inside assistant replies and are -100 elsewhere."""
-    return [(ids.tolist(), np.where(supervised, ids, IGNORE_INDEX).tolist())
-            for ids, supervised in encode_conversations(tokenizer, conversations, only_last)]
+    return [
+        (ids.tolist(), np.where(supervised, ids, IGNORE_INDEX).tolist())
+        for ids, supervised in encode_conversations(tokenizer, conversations, only_last)
+    ]
 
 
 def tag_mask(ids: np.ndarray, sequences: list[list[int]]) -> np.ndarray:
@@ -298,7 +317,10 @@ def stage_arrays(records: list[dict], stage: StageData, tokenizer, marker_ids: d
     """Validated records -> training rows of `stage` as arrays (`input_ids`, `supervised`, per side for
     DPO), tokenized in one call: what prepared shards store."""
     if stage.kind == "dpo":
-        sides = {side: encode_conversations(tokenizer, [record[side] for record in records], only_last=True) for side in ("chosen", "rejected")}
+        sides = {
+            side: encode_conversations(tokenizer, [record[side] for record in records], only_last=True)
+            for side in ("chosen", "rejected")
+        }
         rows = []
         for index in range(len(records)):
             row, truncated = {}, False
@@ -310,10 +332,14 @@ def stage_arrays(records: list[dict], stage: StageData, tokenizer, marker_ids: d
         return rows
     conversations = [record["conversations"] for record in records]
     if stage.kind == "vlm" and marker_ids["image_marker"] != IMAGE_MARKER:
-        conversations = [[{**m, "content": m["content"].replace(IMAGE_MARKER, marker_ids["image_marker"])} for m in messages]
-                         for messages in conversations]
-    return [_chat_row(record, ids, supervised, stage, marker_ids)
-            for record, (ids, supervised) in zip(records, encode_conversations(tokenizer, conversations))]
+        conversations = [
+            [{**m, "content": m["content"].replace(IMAGE_MARKER, marker_ids["image_marker"])} for m in messages]
+            for messages in conversations
+        ]
+    return [
+        _chat_row(record, ids, supervised, stage, marker_ids)
+        for record, (ids, supervised) in zip(records, encode_conversations(tokenizer, conversations))
+    ]
 
 
 def _chat_row(record: dict, ids: np.ndarray, supervised: np.ndarray, stage: StageData, marker_ids: dict) -> dict:
@@ -348,7 +374,9 @@ def stage_rows(records: list[dict], stage: StageData, tokenizer, marker_ids: dic
             else:
                 row[key] = value
         if stage.kind == "reason":
-            row["loss_weights"] = tag_weights(arrays["input_ids"], arrays["supervised"], marker_ids["tag_sequences"], stage.tag_weight).tolist()
+            row["loss_weights"] = tag_weights(
+                arrays["input_ids"], arrays["supervised"], marker_ids["tag_sequences"], stage.tag_weight
+            ).tolist()
         rows.append(row)
     return rows
 
@@ -387,8 +415,14 @@ def _packed_rows(tokenized, seq_len: int, pad_id: int):
     yield from pack_documents((row["input_ids"] for row in tokenized), seq_len, pad_id)
 
 
-def load_stage_dataset(path: str | Path, tokenizer, stage: StageData, skip_bad: bool = False, num_proc: int | None = None,
-                       drop_unlabelled: bool = True):
+def load_stage_dataset(
+    path: str | Path,
+    tokenizer,
+    stage: StageData,
+    skip_bad: bool = False,
+    num_proc: int | None = None,
+    drop_unlabelled: bool = True,
+):
     """Read, validate, tokenize (and for pretraining, pack) a JSONL file into a `datasets.Dataset`. Chat
     rows say whether `seq_len` cut them (`truncated`); rows whose cut left nothing supervised are
     dropped unless `drop_unlabelled=False`."""
@@ -397,14 +431,20 @@ def load_stage_dataset(path: str | Path, tokenizer, stage: StageData, skip_bad: 
     records = read_jsonl_dataset(path, stage.kind, skip_bad)
     if stage.kind == "pretrain":
         tokenized = records.map(
-            encode_documents, batched=True, fn_kwargs={"tokenizer": tokenizer}, remove_columns=records.column_names, num_proc=num_proc
+            encode_documents,
+            batched=True,
+            fn_kwargs={"tokenizer": tokenizer},
+            remove_columns=records.column_names,
+            num_proc=num_proc,
         )
         return Dataset.from_generator(
             _packed_rows, gen_kwargs={"tokenized": tokenized, "seq_len": stage.seq_len, "pad_id": tokenizer.pad_token_id}
         )
     rows = records.map(
-        stage_row, fn_kwargs={"stage": stage, "tokenizer": tokenizer, "marker_ids": stage.marker_ids(tokenizer)},
-        remove_columns=records.column_names, num_proc=num_proc,
+        stage_row,
+        fn_kwargs={"stage": stage, "tokenizer": tokenizer, "marker_ids": stage.marker_ids(tokenizer)},
+        remove_columns=records.column_names,
+        num_proc=num_proc,
     )
     return rows.filter(has_labels, num_proc=num_proc) if drop_unlabelled else rows  # a cut can remove every supervised token
 
@@ -425,7 +465,16 @@ class LengthGroupedBatches:
     shrinks to the spread within a batch. Rank r of `num_replicas` takes every num_replicas-th batch;
     call `set_epoch` for a new order each epoch."""
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, group: int = 50, num_replicas: int = 1, rank: int = 0, drop_last: bool = False):
+    def __init__(
+        self,
+        lengths: list[int],
+        batch_size: int,
+        seed: int = 0,
+        group: int = 50,
+        num_replicas: int = 1,
+        rank: int = 0,
+        drop_last: bool = False,
+    ):
         self.lengths, self.batch_size, self.seed, self.group = lengths, batch_size, seed, group
         self.num_replicas, self.rank, self.drop_last, self.epoch = num_replicas, rank, drop_last, 0
 
@@ -433,7 +482,9 @@ class LengthGroupedBatches:
         self.epoch = epoch
 
     def _batches(self) -> list[list[int]]:
-        if getattr(self, "_cached", (None,))[0] != self.epoch:  # an epoch's order is computed once (millions of rows take seconds)
+        if (
+            getattr(self, "_cached", (None,))[0] != self.epoch
+        ):  # an epoch's order is computed once (millions of rows take seconds)
             self._cached = (self.epoch, self._order())
         return self._cached[1]
 
@@ -467,7 +518,9 @@ def collate(rows: list[dict], pad_id: int, pad_to_multiple_of: int = 8) -> dict:
     """Right-pad a list of dataset rows into tensors with attention masks. Packed pretraining rows
     (which have `length`) get labels equal to their ids, -100 on the padding of a short last row.
     `tokens` is the count of real tokens, a plain int."""
-    batch: dict = {"tokens": 0}  # real tokens of every prefix, counted here so the training loop never reads a device tensor for it
+    batch: dict = {
+        "tokens": 0
+    }  # real tokens of every prefix, counted here so the training loop never reads a device tensor for it
     prefixes = ("chosen_", "rejected_") if "chosen_input_ids" in rows[0] else ("",)
     for prefix in prefixes:
         ids = [row[prefix + "input_ids"] for row in rows]

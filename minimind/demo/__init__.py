@@ -96,7 +96,9 @@ def demo_vision_tower(seed: int = 0, root: str | Path | None = None) -> Path:
         torch.manual_seed(seed)
         config = CLIPVisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                                   image_size=IMAGE_SIZE, patch_size=16)
-        processor = CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+        processor = CLIPImageProcessorPil(
+            size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+        )
 
         def write(partial: Path) -> None:
             CLIPVisionModel(config).save_pretrained(str(partial))

@@ -29,7 +29,9 @@ def run(preset: str = "tiny", steps: int = 150, output: Path = Path("checkpoints
     for name, config in PRESETS.items():
         with torch.device("meta"):
             model = MiniMindForCausalLM(config)
-        print(f"  {name:16s} {model.num_parameters() / 1e6:8.2f}M parameters ({model.num_parameters(active=True) / 1e6:.2f}M active)")
+        print(
+            f"  {name:16s} {model.num_parameters() / 1e6:8.2f}M parameters ({model.num_parameters(active=True) / 1e6:.2f}M active)"
+        )
 
     torch.manual_seed(0)
     data = torch.Generator().manual_seed(0)
@@ -64,8 +66,10 @@ def run(preset: str = "tiny", steps: int = 150, output: Path = Path("checkpoints
     cached_seconds = time.perf_counter() - started
     started = time.perf_counter()
     recomputed = generate(reloaded, prompts, max_new_tokens=8, stop_token_ids=[], use_cache=False)
-    print(f"KV-cached decoding equals full recomputation: {cached == recomputed} "
-          f"({cached_seconds * 1000:.0f} ms vs {(time.perf_counter() - started) * 1000:.0f} ms)")
+    print(
+        f"KV-cached decoding equals full recomputation: {cached == recomputed} "
+        f"({cached_seconds * 1000:.0f} ms vs {(time.perf_counter() - started) * 1000:.0f} ms)"
+    )
 
     from transformers import AutoModelForCausalLM
 
@@ -74,5 +78,10 @@ def run(preset: str = "tiny", steps: int = 150, output: Path = Path("checkpoints
     with torch.no_grad():
         difference = (hf_model(held_out).logits - reloaded(held_out).logits).abs().max().item()
     print(f"exported {hf_dir} (LlamaForCausalLM): max |logit difference| = {difference:.2e}")
-    return {"final_loss": loss.item(), "held_out_accuracy": accuracy, "bit_identical": identical,
-            "cache_matches": cached == recomputed, "hf_max_difference": difference}
+    return {
+        "final_loss": loss.item(),
+        "held_out_accuracy": accuracy,
+        "bit_identical": identical,
+        "cache_matches": cached == recomputed,
+        "hf_max_difference": difference,
+    }

@@ -87,12 +87,19 @@ TARGETS = [  # issue 29: held-out figures, every seed
     Target("SFT unseen two-hop pairs (two_hop)", after("sft", f"{ANSWERS}/two_hop"), ">=", 0.7),
     Target("DPO preference accuracy (policy prefers chosen)", after("dpo", "eval/preference_accuracy"), ">=", 0.9),
     Target("DPO drop of SFT answers, overall", drop_in_stage("dpo", ANSWERS), "<=", 0.02),
-    *(Target(f"DPO drop of SFT answers, {family}", drop_in_stage("dpo", f"{ANSWERS}/{family}"), "<=", 0.02)
-      for family in ("held_out_phrasing", "never_asked", "two_hop", "persona")),
+    *(
+        Target(f"DPO drop of SFT answers, {family}", drop_in_stage("dpo", f"{ANSWERS}/{family}"), "<=", 0.02)
+        for family in ("held_out_phrasing", "never_asked", "two_hop", "persona")
+    ),
     Target("reasoning `<think>/<answer>` format", after("reason", "eval/reasoning_format"), ">=", 0.95),
     Target("reasoning accuracy on unseen additions", after("reason", "eval/reasoning_accuracy/addition"), ">=", 0.6),
     Target("reasoning drop of never_asked facts vs DPO", drop_since("dpo", "reason", f"{ANSWERS}/never_asked"), "<=", 0.05),
-    Target("reasoning drop of held_out_phrasing facts vs DPO", drop_since("dpo", "reason", f"{ANSWERS}/held_out_phrasing"), "<=", 0.05),
+    Target(
+        "reasoning drop of held_out_phrasing facts vs DPO",
+        drop_since("dpo", "reason", f"{ANSWERS}/held_out_phrasing"),
+        "<=",
+        0.05,
+    ),
     Target("VLM SFT image-question accuracy (unseen pictures)", after("vlm_sft", "eval/image_question_accuracy"), ">=", 0.7),
     Target("VLM SFT weakest question family", weakest_family("vlm_sft", "eval/image_question_accuracy"), ">=", 0.5),
     Target("VLM pretrain hallucination rate (unseen pictures)", picture("vlm_pretrain", "hallucination_rate"), "<=", 0.10),
@@ -131,9 +138,16 @@ def target_rows(runs: Sequence[dict], targets: Sequence[Target] = TARGETS) -> li
     for target in targets:
         values = [target.value(run) for run in runs]
         mean, low_high = spread(values, target.digits)
-        rows.append({"label": target.label, "values": [number(v, target.digits) for v in values], "mean": mean, "spread": low_high,
-                     "target": f"{SYMBOLS[target.comparison]} {number(target.threshold, target.digits)}" if target.comparison else "",
-                     "met": verdict(target, values)})
+        rows.append(
+            {
+                "label": target.label,
+                "values": [number(v, target.digits) for v in values],
+                "mean": mean,
+                "spread": low_high,
+                "target": f"{SYMBOLS[target.comparison]} {number(target.threshold, target.digits)}" if target.comparison else "",
+                "met": verdict(target, values),
+            }
+        )
     return rows
 
 
@@ -156,13 +170,25 @@ def stage_tables(runs: Sequence[dict]) -> str:
         keys = list(dict.fromkeys(key for f in found for key in f.get("after", {})))
         workers = sorted({f["workers"] for f in found if "workers" in f})
         timing = f"{seconds} s ({seconds_spread})" if len(found) > 1 else f"{seconds} s"
-        lines = [f"### {stage}: {timing}" + (f", trained by {' / '.join(workers)}" if workers else ""), "",
-                 _row(["held-out metric", "records", "before", "after"]), _row(["---"] * 4)]
+        lines = [
+            f"### {stage}: {timing}" + (f", trained by {' / '.join(workers)}" if workers else ""),
+            "",
+            _row(["held-out metric", "records", "before", "after"]),
+            _row(["---"] * 4),
+        ]
         for key in keys:
             counts = sorted({f["records"][key] for f in found if key in f.get("records", {})})
             records = MISSING if not counts else str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
-            lines.append(_row([key.removeprefix("eval/"), records, _mean_spread([f.get("before", {}).get(key) for f in found]),
-                               _mean_spread([f.get("after", {}).get(key) for f in found])]))
+            lines.append(
+                _row(
+                    [
+                        key.removeprefix("eval/"),
+                        records,
+                        _mean_spread([f.get("before", {}).get(key) for f in found]),
+                        _mean_spread([f.get("after", {}).get(key) for f in found]),
+                    ]
+                )
+            )
         sections.append("\n".join(lines))
     return "\n\n".join(sections)
 
@@ -178,12 +204,26 @@ def answers_block(rows: Sequence[dict]) -> str:
 
 
 def pictures_section(runs: Sequence[dict], samples: int = 3) -> str:
-    lines = [_row(["seed", "stage", "held-out pictures", "names a shape/colour/count", "hallucination rate", "mean reply (characters)"]),
-             _row(["---"] * 6)]
+    lines = [
+        _row(
+            ["seed", "stage", "held-out pictures", "names a shape/colour/count", "hallucination rate", "mean reply (characters)"]
+        ),
+        _row(["---"] * 6),
+    ]
     for run in runs:
         for stage, found in run.get("pictures", {}).items():
-            lines.append(_row([str(run["seed"]), stage, str(found.get("pictures", "–")), number(found.get("describing_rate")),
-                               number(found.get("hallucination_rate")), number(found.get("mean_reply_chars"), 0)]))
+            lines.append(
+                _row(
+                    [
+                        str(run["seed"]),
+                        stage,
+                        str(found.get("pictures", "–")),
+                        number(found.get("describing_rate")),
+                        number(found.get("hallucination_rate")),
+                        number(found.get("mean_reply_chars"), 0),
+                    ]
+                )
+            )
     if len(lines) == 2:
         return "No vision stages in this run."
     lines.append("")
@@ -194,7 +234,9 @@ def pictures_section(runs: Sequence[dict], samples: int = 3) -> str:
             lines.append(f"Seed {run['seed']}, {stage}:")
             for sample in found["samples"][:samples]:
                 wrong = f" — not in the picture: {sample['not_in_picture']}" if sample.get("not_in_picture") else ""
-                lines.append(f"- `{sample['image']}`: “{_flat(sample['reply'])}” (reference “{_flat(sample.get('reference', ''))}”){wrong}")
+                lines.append(
+                    f"- `{sample['image']}`: “{_flat(sample['reply'])}” (reference “{_flat(sample.get('reference', ''))}”){wrong}"
+                )
             lines.append("")
     return "\n".join(lines).rstrip()
 
@@ -202,35 +244,37 @@ def pictures_section(runs: Sequence[dict], samples: int = 3) -> str:
 def render(runs: Sequence[dict], command: str, date: str, machine: dict[str, str]) -> str:
     """The whole report; `machine` maps a label (CPU, torch, ...) to its value."""
     first = runs[0] if runs else {}
-    return "\n".join([
-        "# Demo pipeline results",
-        "",
-        f"Written by `{command}` on {date}.",
-        "",
-        *(f"- {label}: {value}" for label, value in machine.items()),
-        "",
-        "## Targets",
-        "",
-        "Each row is a held-out figure of every seed; a target is met (✓) when every seed that has the figure meets it. "
-        "\"Drop\" is the earlier value minus the later one; \"–\": the run does not have the figure.",
-        "",
-        targets_table(runs),
-        "",
-        "## Every stage, before → after",
-        "",
-        "Mean over the seeds (min–max). Records: how many held-out records the figure is measured on.",
-        "",
-        stage_tables(runs),
-        "",
-        f"## The same held-out prompts after each text stage (seed {first.get('seed', MISSING)})",
-        "",
-        answers_block(first.get("answers", [])) if first.get("answers") else "No text stages in this run.",
-        "",
-        "## The vision models describing unseen pictures",
-        "",
-        pictures_section(runs),
-        "",
-    ])
+    return "\n".join(
+        [
+            "# Demo pipeline results",
+            "",
+            f"Written by `{command}` on {date}.",
+            "",
+            *(f"- {label}: {value}" for label, value in machine.items()),
+            "",
+            "## Targets",
+            "",
+            "Each row is a held-out figure of every seed; a target is met (✓) when every seed that has the figure meets it. "
+            '"Drop" is the earlier value minus the later one; "–": the run does not have the figure.',
+            "",
+            targets_table(runs),
+            "",
+            "## Every stage, before → after",
+            "",
+            "Mean over the seeds (min–max). Records: how many held-out records the figure is measured on.",
+            "",
+            stage_tables(runs),
+            "",
+            f"## The same held-out prompts after each text stage (seed {first.get('seed', MISSING)})",
+            "",
+            answers_block(first.get("answers", [])) if first.get("answers") else "No text stages in this run.",
+            "",
+            "## The vision models describing unseen pictures",
+            "",
+            pictures_section(runs),
+            "",
+        ]
+    )
 
 
 def _mean_spread(values: Sequence[float | None]) -> str:

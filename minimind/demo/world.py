@@ -257,7 +257,11 @@ def sft_rows(world: World) -> tuple[list[dict], list[dict]]:
         for attribute in TWO_HOP:
             answer = entity.state("friend") + world[entity.friend].state(attribute)
             held_out.append(("two_hop", chat(TWO_HOP[attribute].format(n=entity.name), answer)))
-    held_out += [("persona", chat(question, PERSONA_REPLY, system=system)) for question in HELD_OUT_PERSONA_QUESTIONS for system in (None, SYSTEM_PROMPT)]
+    held_out += [
+        ("persona", chat(question, PERSONA_REPLY, system=system))
+        for question in HELD_OUT_PERSONA_QUESTIONS
+        for system in (None, SYSTEM_PROMPT)
+    ]
     rng.shuffle(held_out)  # any first N rows (--eval-limit) hold every family
     return [{"conversations": c} for c in rows], [{"conversations": c, "task": task} for task, c in held_out]
 
@@ -331,7 +335,9 @@ def addition_trace(a: int, b: int) -> str:
     return reasoned(column_addition(a, b), f"{a}+{b}={a + b}")
 
 
-def addition_problems(seed: int, additions: int = 1200, held_out: int = 200) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+def addition_problems(
+    seed: int, additions: int = 1200, held_out: int = 200
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """Distinct number pairs (either order) for training, then held-out pairs whose unordered pair no
     training problem uses, in pretraining or in reasoning."""
     rng = random.Random(f"{seed}/additions")
@@ -349,18 +355,24 @@ def two_hop_trace(world: World, entity: Entity, attribute: str) -> str:
     return reasoned(think, friend.state(attribute))
 
 
-def reason_rows(world: World, additions: int = 1200, held_out_additions: int = 200, chat_rows: int = 600) -> tuple[list[dict], list[dict]]:
+def reason_rows(
+    world: World, additions: int = 1200, held_out_additions: int = 200, chat_rows: int = 600
+) -> tuple[list[dict], list[dict]]:
     """Addition of three-digit numbers and two-hop lookups, traced by a rule-based teacher, and `chat_rows`
     ordinary fact questions and the persona questions answered plainly. Eval: unseen number pairs (either order) and the held-out
     two-hop pairs."""
     rng = random.Random(f"{world.seed}/reason")
     train_pairs, held_out_pairs = addition_problems(world.seed, additions, held_out_additions)
     rows = [chat(rng.choice(ADDITION_QUESTIONS).format(a=a, b=b), addition_trace(a, b)) for a, b in train_pairs]
-    held_out = [("addition", chat(rng.choice(ADDITION_QUESTIONS).format(a=a, b=b), addition_trace(a, b))) for a, b in held_out_pairs]
+    held_out = [
+        ("addition", chat(rng.choice(ADDITION_QUESTIONS).format(a=a, b=b), addition_trace(a, b))) for a, b in held_out_pairs
+    ]
     rows += [chat(TWO_HOP[a].format(n=e.name), two_hop_trace(world, e, a)) for e in world.group("two_hop_train") for a in TWO_HOP]
     # ordinary chat mixed in, as MiniMind's r1_mix does: traces alone make the model forget its facts
     facts = [(e, a) for e in world.asked() for a in ATTRIBUTES]
-    rows += [chat(rng.choice(QUESTIONS[a]).format(n=e.name), e.state(a)) for e, a in rng.sample(facts, min(chat_rows, len(facts)))]
+    rows += [
+        chat(rng.choice(QUESTIONS[a]).format(n=e.name), e.state(a)) for e, a in rng.sample(facts, min(chat_rows, len(facts)))
+    ]
     rows += [chat(question, PERSONA_REPLY) for question in PERSONA_QUESTIONS]
     for entity, attribute in [(e, a) for e in world.group("two_hop_held_out") for a in TWO_HOP]:
         held_out.append(("two_hop", chat(TWO_HOP[attribute].format(n=entity.name), two_hop_trace(world, entity, attribute))))
@@ -373,23 +385,40 @@ def showcase(world: World) -> list[dict]:
     """A few fixed held-out prompts to put to the model after every stage, side by side: each has its
     `task`, the chat `question`, the `continuation` a pretrained model is given instead (the start of the
     reference sentence: does it know the fact?) and the `reference` reply."""
-    asked, never_asked, two_hop = world.group("two_hop_train")[0], world.group("never_asked")[0], world.group("two_hop_held_out")[0]
+    asked, never_asked, two_hop = (
+        world.group("two_hop_train")[0],
+        world.group("never_asked")[0],
+        world.group("two_hop_held_out")[0],
+    )
     _, reason_eval = reason_rows(world)
     addition = next(row["conversations"] for row in reason_eval if row["task"] == "addition")
     a, b = re.search(r"<answer>\n(\d+)\+(\d+)=", addition[-1]["content"]).groups()
 
     def fact(task: str, entity: Entity, attribute: str, question: str) -> dict:
         reference = entity.state(attribute)
-        return {"task": task, "question": question.format(n=entity.name), "continuation": reference[: -len(entity.value(attribute)) - 1],
-                "reference": reference}
+        return {
+            "task": task,
+            "question": question.format(n=entity.name),
+            "continuation": reference[: -len(entity.value(attribute)) - 1],
+            "reference": reference,
+        }
 
     friend = world[two_hop.friend]
     return [
         fact("held_out_phrasing", asked, "animal", HELD_OUT_QUESTIONS["animal"][0]),
         fact("never_asked", never_asked, "fruit", QUESTIONS["fruit"][0]),
-        {"task": "two_hop", "question": TWO_HOP["city"].format(n=two_hop.name), "continuation": two_hop.state("friend"),
-         "reference": two_hop.state("friend") + friend.state("city")},
-        {"task": "addition", "question": addition[0]["content"], "continuation": f"{a}+{b}=", "reference": addition[-1]["content"]},
+        {
+            "task": "two_hop",
+            "question": TWO_HOP["city"].format(n=two_hop.name),
+            "continuation": two_hop.state("friend"),
+            "reference": two_hop.state("friend") + friend.state("city"),
+        },
+        {
+            "task": "addition",
+            "question": addition[0]["content"],
+            "continuation": f"{a}+{b}=",
+            "reference": addition[-1]["content"],
+        },
         {"task": "persona", "question": HELD_OUT_PERSONA_QUESTIONS[0], "continuation": "我是", "reference": PERSONA_REPLY},
     ]
 
@@ -399,14 +428,21 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
         f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
-def write_text_world(out_dir: Path, seed: int = 0, num_entities: int = 120, other_pretraining: tuple[str, ...] = ()) -> dict[str, Path]:
+def write_text_world(
+    out_dir: Path, seed: int = 0, num_entities: int = 120, other_pretraining: tuple[str, ...] = ()
+) -> dict[str, Path]:
     """Write pretrain, sft, dpo, reason and their `_eval` twins as JSONL under out_dir; returns name -> path.
     `other_pretraining`: more texts for the pretraining corpus."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     world = build_world(seed, num_entities)
     paths = {}
-    builders = {"pretrain": lambda w: pretrain_rows(w, other_texts=tuple(other_pretraining)), "sft": sft_rows, "dpo": dpo_rows, "reason": reason_rows}
+    builders = {
+        "pretrain": lambda w: pretrain_rows(w, other_texts=tuple(other_pretraining)),
+        "sft": sft_rows,
+        "dpo": dpo_rows,
+        "reason": reason_rows,
+    }
     for name, builder in builders.items():
         train, held_out = builder(world)
         for split, rows in ((name, train), (f"{name}_eval", held_out)):

@@ -31,16 +31,34 @@ from minimind.training.flags import option, parse_config
 
 TRAINING_RECORD = "training.json"  # beside the tower's weights: how it was trained and what it scored
 DECODED_PICTURES = 20_000  # pictures a worker keeps decoded between steps (64-px: 1 GB); more are decoded per batch
-CACHE_FREE = ("experiment", "storage_path", "register_as", "alias", "reuse", "log_every", "eval_limit")  # settings that leave the weights alone
+CACHE_FREE = (
+    "experiment",
+    "storage_path",
+    "register_as",
+    "alias",
+    "reuse",
+    "log_every",
+    "eval_limit",
+)  # settings that leave the weights alone
 
 
 @dataclass
 class ClipConfig:
-    data: str | None = option("MiniMind-V pretrain JSONL of image-caption records (default: the demo world's training pictures)", default=None)
-    images: str | None = option("folder the JSONL's image names are relative to (default: the demo images, or the data file's folder)", default=None)
-    eval_data: str | None = option("held-out JSONL for image->caption retrieval (default: the demo's; none with --data)", default=None)
-    vision_model: str | None = option("tower to start from: a folder, models:/ URI or hub id (default: the demo's random tower of --seed)", default=None)
-    tokenizer: str | None = option("tokenizer of the text encoder: a folder or models:/ URI (default: the demo tokenizer)", default=None)
+    data: str | None = option(
+        "MiniMind-V pretrain JSONL of image-caption records (default: the demo world's training pictures)", default=None
+    )
+    images: str | None = option(
+        "folder the JSONL's image names are relative to (default: the demo images, or the data file's folder)", default=None
+    )
+    eval_data: str | None = option(
+        "held-out JSONL for image->caption retrieval (default: the demo's; none with --data)", default=None
+    )
+    vision_model: str | None = option(
+        "tower to start from: a folder, models:/ URI or hub id (default: the demo's random tower of --seed)", default=None
+    )
+    tokenizer: str | None = option(
+        "tokenizer of the text encoder: a folder or models:/ URI (default: the demo tokenizer)", default=None
+    )
     max_text_len: int = option("caption tokens, eos included (longer captions are cut)", default=64)
     text_width: int = option("hidden size of the text encoder", default=128)
     text_layers: int = option("layers of the text encoder", default=2)
@@ -51,15 +69,21 @@ class ClipConfig:
     weight_decay: float = option("AdamW weight decay of the matrices (not of norms, biases or the temperature)", default=0.01)
     max_steps: int = option("optimiser steps", default=200)
     log_every: int = option("print and record the loss every N steps", default=25)
-    seed: int = option("the demo world, its tower and tokenizer, the text encoder's initialisation and the batch order", default=0)
+    seed: int = option(
+        "the demo world, its tower and tokenizer, the text encoder's initialisation and the batch order", default=0
+    )
     eval_limit: int = option("held-out pairs scored for retrieval", default=200)
     num_workers: int = option("Ray Train workers (DDP; each contrasts its own batch)", default=1)
-    use_gpu: bool | None = option("GPUs for the workers (default: when the cluster has or can launch GPU nodes)", off_flag="--cpu", default=None)
+    use_gpu: bool | None = option(
+        "GPUs for the workers (default: when the cluster has or can launch GPU nodes)", off_flag="--cpu", default=None
+    )
     gpus_per_worker: float = option("GPUs per worker", default=1.0)
     cpus_per_worker: float = option("CPUs per worker (torch threads); 0: as the stage jobs decide", default=0.0)
     storage_path: str | None = option("where Ray Train keeps the run's checkpoint and staged inputs", default=None)
     experiment: str = option("MLflow experiment", default="minimind")
-    register_as: str | None = option("registered model name (default: minimind-clip-demo on the demo world, minimind-clip with --data)", default=None)
+    register_as: str | None = option(
+        "registered model name (default: minimind-clip-demo on the demo world, minimind-clip with --data)", default=None
+    )
     alias: str | None = option("also point this alias of the registered model at the new version", default=None)
     reuse: bool = option("on the demo world, reuse the tower an earlier run trained with the same settings", default=True)
 
@@ -92,8 +116,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     processor = job.initial.processor
     model = prepare_model(job.initial.clip.train()) if world > 1 else job.initial.clip.train().to(device)
     decay = [p for p in model.parameters() if p.ndim >= 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}], lr=config.lr)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": config.weight_decay},
+            {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0},
+        ],
+        lr=config.lr,
+    )
     decoded: dict[str, torch.Tensor] = {}  # each picture decoded once per worker (the demo's 2,000 take 100 MB) ...
     keep_decoded = len(set(job.image_names)) <= DECODED_PICTURES  # ... unless there are too many to hold
     order = torch.Generator().manual_seed(config.seed)
@@ -101,7 +130,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     for step in range(1, config.max_steps + 1):
         for group in optimizer.param_groups:
             group["lr"] = _lr(step, config)
-        batch = torch.randint(0, len(job.image_names), (world, config.batch_size), generator=order)[rank]  # every rank its own pairs
+        batch = torch.randint(0, len(job.image_names), (world, config.batch_size), generator=order)[
+            rank
+        ]  # every rank its own pairs
         names = [job.image_names[i] for i in batch.tolist()]
         missing = [name for name in dict.fromkeys(names) if name not in decoded]
         if missing:
@@ -110,16 +141,32 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if not keep_decoded:
             decoded.clear()
         width = int(job.attention_mask[batch].sum(-1).max())
-        loss = clip.train_step(model, optimizer, pixel_values.to(device), job.input_ids[batch, :width].to(device),
-                               job.attention_mask[batch, :width].to(device), job.groups[batch].to(device))
+        loss = clip.train_step(
+            model,
+            optimizer,
+            pixel_values.to(device),
+            job.input_ids[batch, :width].to(device),
+            job.attention_mask[batch, :width].to(device),
+            job.groups[batch].to(device),
+        )
         if step % config.log_every == 0 or step == config.max_steps:
             seconds = time.perf_counter() - started
             scale = unwrap(model).logit_scale.exp().item()
-            history.append({"step": step, "train/loss": loss, "train/lr": _lr(step, config), "train/logit_scale": scale,
-                            "train/steps_per_s": step / seconds})
+            history.append(
+                {
+                    "step": step,
+                    "train/loss": loss,
+                    "train/lr": _lr(step, config),
+                    "train/logit_scale": scale,
+                    "train/steps_per_s": step / seconds,
+                }
+            )
             if rank == 0:
-                print(f"[clip] step {step:4d}/{config.max_steps} | loss {loss:.4f} | lr {_lr(step, config):.2e} | "
-                      f"scale {scale:.1f} | {step / seconds:.2f} steps/s | {seconds:.0f}s", flush=True)
+                print(
+                    f"[clip] step {step:4d}/{config.max_steps} | loss {loss:.4f} | lr {_lr(step, config):.2e} | "
+                    f"scale {scale:.1f} | {step / seconds:.2f} steps/s | {seconds:.0f}s",
+                    flush=True,
+                )
     import tempfile
 
     with tempfile.TemporaryDirectory() as directory:
@@ -158,11 +205,15 @@ def _resolve(config: ClipConfig, work: Path) -> _Inputs:
     if config.data is None:
         demo = demo_data(config.seed)
     elif not config.tokenizer:
-        raise SystemExit("--data without --tokenizer: name the tokenizer the text encoder reads captions with (a folder or models:/ URI)")
+        raise SystemExit(
+            "--data without --tokenizer: name the tokenizer the text encoder reads captions with (a folder or models:/ URI)"
+        )
     train_path = local_input(config.data) if config.data else demo["vlm_pretrain"]
     eval_path = local_input(config.eval_data) if config.eval_data else (demo["vlm_pretrain_eval"] if demo else None)
     images_dir = local_input(config.images) if config.images else (demo["images"] if demo else train_path.parent)
-    tokenizer_dir = tracking.resolve_model(config.tokenizer, work / "tokenizer") if config.tokenizer else demo_tokenizer(config.seed)
+    tokenizer_dir = (
+        tracking.resolve_model(config.tokenizer, work / "tokenizer") if config.tokenizer else demo_tokenizer(config.seed)
+    )
     tower = config.vision_model or str(demo_vision_tower(config.seed))
     if tower.startswith(("models:/", "runs:/")) or Path(tower).expanduser().is_dir():
         tower = str(tracking.resolve_model(tower, work / "vision-tower"))
@@ -190,7 +241,11 @@ def _cache_key(config: ClipConfig, inputs: _Inputs) -> str:
 
 def _retrieval_metrics(model, processor, images_dir: Path, names: list[str], ids, mask, groups) -> dict[str, float]:
     scores = clip.retrieval(model, clip.pixels(processor, images_dir, names), ids, mask, groups)
-    return {"eval/image_to_caption_top1": scores["top1"], "eval/image_to_caption_top5": scores["top5"], "eval/chance": scores["chance"]}
+    return {
+        "eval/image_to_caption_top1": scores["top1"],
+        "eval/image_to_caption_top5": scores["top5"],
+        "eval/chance": scores["chance"],
+    }
 
 
 def _publish_tower(trained, processor, folder: Path, record: dict) -> None:
@@ -225,23 +280,47 @@ def _fit(job: ClipJob, use_gpu: bool, storage_path: str, run_name: str):
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},
-        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu, resources_per_worker={
-            "CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if use_gpu else {})}),
+        scaling_config=ScalingConfig(
+            num_workers=config.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if use_gpu else {})},
+        ),
         run_config=RunConfig(name=run_name, storage_path=storage_path),
     )
     return trainer.fit()
 
 
-def _train_and_publish(config: ClipConfig, inputs: _Inputs, tokenizer, names, captions, eval_names, eval_captions,
-                       folder: Path, run_name: str, key: str) -> dict:
+def _train_and_publish(
+    config: ClipConfig,
+    inputs: _Inputs,
+    tokenizer,
+    names,
+    captions,
+    eval_names,
+    eval_captions,
+    folder: Path,
+    run_name: str,
+    key: str,
+) -> dict:
     """Score the starting model, train it in Ray Train workers, score the result and publish its tower.
     Returns the training record (settings, before, after, loss history, seconds) saved beside the tower."""
     import ray
 
     started = time.perf_counter()
-    initial, processor = clip.new_clip(inputs.tower, tokenizer, config.max_text_len, config.text_width, config.text_layers,
-                                       config.projection_dim, seed=config.seed)
-    scored = (eval_names, *clip.encode_captions(tokenizer, eval_captions, config.max_text_len), clip.caption_groups(eval_captions))
+    initial, processor = clip.new_clip(
+        inputs.tower,
+        tokenizer,
+        config.max_text_len,
+        config.text_width,
+        config.text_layers,
+        config.projection_dim,
+        seed=config.seed,
+    )
+    scored = (
+        eval_names,
+        *clip.encode_captions(tokenizer, eval_captions, config.max_text_len),
+        clip.caption_groups(eval_captions),
+    )
     before = _retrieval_metrics(initial, processor, inputs.images_dir, *scored) if eval_names else {}
     if not ray.is_initialized():
         ray.init()
@@ -252,8 +331,14 @@ def _train_and_publish(config: ClipConfig, inputs: _Inputs, tokenizer, names, ca
     images = str(inputs.images_dir)
     if not workers_see_driver_disk():  # the workers may run on nodes that never saw this machine's disk
         images = storage.stage_input(inputs.images_dir, storage.join(storage_path, run_name, "inputs", "images"))
-    job = ClipJob(replace(config, cpus_per_worker=cpus_per_worker), _Initial(initial, processor), names,
-                  *clip.encode_captions(tokenizer, captions, config.max_text_len), clip.caption_groups(captions), images)
+    job = ClipJob(
+        replace(config, cpus_per_worker=cpus_per_worker),
+        _Initial(initial, processor),
+        names,
+        *clip.encode_captions(tokenizer, captions, config.max_text_len),
+        clip.caption_groups(captions),
+        images,
+    )
     result = _fit(job, use_gpu, storage_path, run_name)
     with result.checkpoint.as_directory() as directory:
         from transformers import CLIPModel
@@ -261,8 +346,15 @@ def _train_and_publish(config: ClipConfig, inputs: _Inputs, tokenizer, names, ca
         trained = CLIPModel.from_pretrained(directory)
         history = json.loads((Path(directory) / "history.json").read_text())
     after = _retrieval_metrics(trained, processor, inputs.images_dir, *scored) if eval_names else {}
-    record = {"settings": asdict(config), "cache_key": key, "tower": inputs.tower, "before": before, "after": after,
-              "history": history, "seconds": time.perf_counter() - started}
+    record = {
+        "settings": asdict(config),
+        "cache_key": key,
+        "tower": inputs.tower,
+        "before": before,
+        "after": after,
+        "history": history,
+        "seconds": time.perf_counter() - started,
+    }
     _publish_tower(trained, processor, folder, record)
     return record
 
@@ -281,31 +373,51 @@ def train_clip(config: ClipConfig, parent_run_id: str | None = None) -> StageRes
     names, captions = _pairs(inputs.train_path, inputs.images_dir)
     eval_names, eval_captions = _pairs(inputs.eval_path, inputs.images_dir, config.eval_limit) if inputs.eval_path else ([], [])
     if shared := set(names) & set(eval_names):  # a held-out picture trained on would make its retrieval score meaningless
-        raise SystemExit(f"{len(shared)} held-out picture(s) of {inputs.eval_path} are in the training data, e.g. {sorted(shared)[0]}")
-    print(f"[clip] {len(names):,} training pairs from {inputs.train_path}; {len(eval_names)} held-out pairs; tower {inputs.tower}")
+        raise SystemExit(
+            f"{len(shared)} held-out picture(s) of {inputs.eval_path} are in the training data, e.g. {sorted(shared)[0]}"
+        )
+    print(
+        f"[clip] {len(names):,} training pairs from {inputs.train_path}; {len(eval_names)} held-out pairs; tower {inputs.tower}"
+    )
     key = _cache_key(config, inputs)
     folder = inputs.demo_folder / f"clip-demo-{key}" if inputs.demo_folder else work / "tower"
     reused = config.reuse and inputs.demo_folder is not None and (folder / TRAINING_RECORD).is_file()
     name = config.register_as or ("minimind-clip-demo" if inputs.demo_folder else "minimind-clip")
 
     with mlflow.start_run(run_name=run_name, parent_run_id=parent_run_id) as run:
-        mlflow.log_params({**{k: v for k, v in asdict(config).items() if v is not None}, "cache_key": key, "train_pairs": len(names)})
-        mlflow.set_tags({"stage": "clip", "source.tower": inputs.tower, "clip.reused": str(reused).lower(), "ray.run_name": run_name,
-                         "data.train": str(inputs.train_path), **({"data.eval": str(inputs.eval_path)} if inputs.eval_path else {}),
-                         **({"git.commit": commit} if (commit := tracking.git_commit()) else {})})
+        mlflow.log_params(
+            {**{k: v for k, v in asdict(config).items() if v is not None}, "cache_key": key, "train_pairs": len(names)}
+        )
+        mlflow.set_tags(
+            {
+                "stage": "clip",
+                "source.tower": inputs.tower,
+                "clip.reused": str(reused).lower(),
+                "ray.run_name": run_name,
+                "data.train": str(inputs.train_path),
+                **({"data.eval": str(inputs.eval_path)} if inputs.eval_path else {}),
+                **({"git.commit": commit} if (commit := tracking.git_commit()) else {}),
+            }
+        )
         if reused:
             record = json.loads((folder / TRAINING_RECORD).read_text())
             print(f"[clip] reusing the tower trained with these settings: {folder} (--no-reuse trains it again)")
         else:
-            record = _train_and_publish(config, inputs, tokenizer, names, captions, eval_names, eval_captions, folder, run_name, key)
+            record = _train_and_publish(
+                config, inputs, tokenizer, names, captions, eval_names, eval_captions, folder, run_name, key
+            )
         before, after = record["before"], record["after"]
         mlflow.log_metrics({k.replace("eval/", "eval_before/"): v for k, v in before.items()} | after)
         for row in record["history"]:
             mlflow.log_metrics({k: v for k, v in row.items() if k != "step"}, step=row["step"])
-        model_uri = _register_tower(folder, name, run.info.run_id, config.alias, {"source.tower": inputs.tower, "clip.cache_key": key})
+        model_uri = _register_tower(
+            folder, name, run.info.run_id, config.alias, {"source.tower": inputs.tower, "clip.cache_key": key}
+        )
     seconds = time.perf_counter() - started
-    print(f"[clip] registered {model_uri} ({'reused' if reused else 'trained'} {folder}) in {seconds:.0f}s; held-out "
-          + ", ".join(f"{k.split('/')[-1]} {before.get(k, float('nan')):.3f} -> {v:.3f}" for k, v in after.items()))
+    print(
+        f"[clip] registered {model_uri} ({'reused' if reused else 'trained'} {folder}) in {seconds:.0f}s; held-out "
+        + ", ".join(f"{k.split('/')[-1]} {before.get(k, float('nan')):.3f} -> {v:.3f}" for k, v in after.items())
+    )
     return StageResult("clip", model_uri, folder, before, after, seconds, run.info.run_id)
 
 

@@ -42,7 +42,9 @@ def stage_inputs(inputs: dict, destination: str, work: Path, given: dict, on_sto
         local = Path(local)
         if key == "init_dir" and is_vlm_dir(local):
             local = _vlm_with_staged_tower(local, destination, work)
-        staged[key] = storage.stage_input(local, storage.join(destination, key) if local.is_dir() else storage.join(destination, key, local.name))
+        staged[key] = storage.stage_input(
+            local, storage.join(destination, key) if local.is_dir() else storage.join(destination, key, local.name)
+        )
     print(f"inputs for the workers staged under {destination}")
     return staged
 
@@ -74,8 +76,11 @@ def launchable_gpu_node_types(config_path: Path | None = None) -> list[str]:
     if not path.is_file():
         return []
     node_types = (yaml.safe_load(path.read_text()) or {}).get("available_node_types", {})
-    return [name for name, spec in node_types.items()
-            if (spec.get("resources") or {}).get("GPU", 0) > 0 and spec.get("max_workers", 1) > 0]
+    return [
+        name
+        for name, spec in node_types.items()
+        if (spec.get("resources") or {}).get("GPU", 0) > 0 and spec.get("max_workers", 1) > 0
+    ]
 
 
 def placement(config) -> tuple[bool, float, str]:
@@ -85,7 +90,9 @@ def placement(config) -> tuple[bool, float, str]:
     deciding from the GPUs present now would train on the head's CPUs and never start a GPU node."""
     import ray
 
-    needed = config.num_workers * (config.gpus_per_worker + getattr(config, "rollout_gpus", 0.0))  # GRPO: each worker's rollout actor
+    needed = config.num_workers * (
+        config.gpus_per_worker + getattr(config, "rollout_gpus", 0.0)
+    )  # GRPO: each worker's rollout actor
     present = ray.cluster_resources().get("GPU", 0)
     if config.use_gpu is False:
         use_gpu, why = False, "--cpu"
@@ -96,7 +103,10 @@ def placement(config) -> tuple[bool, float, str]:
     elif gpu_types := launchable_gpu_node_types():
         use_gpu, why = True, f"the autoscaler can launch GPU nodes ({', '.join(gpu_types)})"
     else:
-        use_gpu, why = False, f"no GPU for each of {config.num_workers} worker(s) in the Ray cluster ({present:g}), nor any it can launch"
+        use_gpu, why = (
+            False,
+            f"no GPU for each of {config.num_workers} worker(s) in the Ray cluster ({present:g}), nor any it can launch",
+        )
     cpus = config.cpus_per_worker
     if not cpus:  # the torch threads of a CPU worker; a GPU worker needs few
         largest_node = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=1)

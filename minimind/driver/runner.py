@@ -67,10 +67,14 @@ def eval_coverage(stage_name: str, tokenizer, eval_path: Path | None, limit: int
     """How the stage's `seq_len` treats its held-out rows, as metrics: rows scored, cut short, dropped."""
     if eval_path is None:
         return {}
-    _, coverage = heldout_rows(eval_path, tokenizer, StageData(STAGES[stage_name].data_kind, seq_len=seq_len, image_tokens=image_tokens), limit)
+    _, coverage = heldout_rows(
+        eval_path, tokenizer, StageData(STAGES[stage_name].data_kind, seq_len=seq_len, image_tokens=image_tokens), limit
+    )
     if coverage["cut"] or coverage["dropped"]:
-        print(f"[{stage_name}] held-out rows at --seq-len {seq_len}: {coverage['rows']} scored, {coverage['cut']} cut short, "
-              f"{coverage['dropped']} dropped (nothing left to score)")
+        print(
+            f"[{stage_name}] held-out rows at --seq-len {seq_len}: {coverage['rows']} scored, {coverage['cut']} cut short, "
+            f"{coverage['dropped']} dropped (nothing left to score)"
+        )
     return {"eval/rows": coverage["rows"], "eval/rows_cut": coverage["cut"], "eval/rows_dropped": coverage["dropped"]}
 
 
@@ -104,7 +108,9 @@ def _earlier_runs(stage: str, storage_path: str) -> list[str]:
 
     filesystem, root = pyarrow.fs.FileSystem.from_uri(storage_path)
     infos = filesystem.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
-    names = [info.base_name for info in infos if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith(f"{stage}-")]
+    names = [
+        info.base_name for info in infos if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith(f"{stage}-")
+    ]
     return sorted(names)  # the names carry their start time
 
 
@@ -112,23 +118,36 @@ def _starting_model(config, stage, work: Path) -> tuple[Path, dict]:
     """The directory the stage starts from, and MLflow tags saying where it came from."""
     if stage.previous is None and config.init is None:
         if config.data and not config.tokenizer:  # the demo's 2,048-token vocabulary is no tokenizer for real text
-            raise SystemExit("--data without --tokenizer: train one with jobs/tokenizer.py (or bring MiniMind's) and pass "
-                             "--tokenizer DIR|models:/...; only the demo data falls back to the demo tokenizer")
-        tokenizer_dir = tracking.resolve_model(config.tokenizer, work / "tokenizer") if config.tokenizer else demo_tokenizer(config.seed)
+            raise SystemExit(
+                "--data without --tokenizer: train one with jobs/tokenizer.py (or bring MiniMind's) and pass "
+                "--tokenizer DIR|models:/...; only the demo data falls back to the demo tokenizer"
+            )
+        tokenizer_dir = (
+            tracking.resolve_model(config.tokenizer, work / "tokenizer") if config.tokenizer else demo_tokenizer(config.seed)
+        )
         tokenizer = load_tokenizer(tokenizer_dir)
         model_config = ModelConfig.from_name(
-            config.preset, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **parse_overrides(config.config_overrides),
+            config.preset,
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **parse_overrides(config.config_overrides),
         )
         torch.manual_seed(config.seed)
         save_model(MiniMindForCausalLM(model_config), work / "init", tokenizer=tokenizer)
         return work / "init", {"source.uri": f"scratch:{config.preset}", "tokenizer": str(config.tokenizer or tokenizer_dir)}
     reference = tracking.pin(config.init or f"models:/{stage.previous}/latest")  # resolved once, recorded as lineage.init
-    init_dir, tags = tracking.resolve_model(reference, work / "init"), {**tracking.model_source(reference), "lineage.init": reference}
+    init_dir, tags = (
+        tracking.resolve_model(reference, work / "init"),
+        {**tracking.model_source(reference), "lineage.init": reference},
+    )
     if stage.data_kind == "vlm" and not is_vlm_dir(init_dir):  # a language model: give it eyes
         if config.data and not config.vision_model:  # the demo tower is random: it sees nothing in real pictures
-            raise SystemExit("--data with a language model as --init needs --vision-model (a CLIP folder, models:/ URI or hub id such as "
-                             "openai/clip-vit-base-patch16); only the demo data falls back to the demo tower")
+            raise SystemExit(
+                "--data with a language model as --init needs --vision-model (a CLIP folder, models:/ URI or hub id such as "
+                "openai/clip-vit-base-patch16); only the demo data falls back to the demo tower"
+            )
         vision_model = config.vision_model or demo_vision_tower(config.seed)
         tags = {**tags, "vision_model": str(vision_model)}
         if str(vision_model).startswith(("models:/", "runs:/")):  # e.g. models:/minimind-clip-demo/1, jobs/clip.py's tower
@@ -156,12 +175,26 @@ class StageInputs:
     reward_model_dir: Path | None = None
 
     def for_workers(self) -> dict:
-        return {"init_dir": self.init_dir, "data_path": self.data_path, "eval_path": self.eval_path,
-                "teacher_dir": self.teacher_dir, "reward_model_dir": self.reward_model_dir, "images": self.images_dir}
+        return {
+            "init_dir": self.init_dir,
+            "data_path": self.data_path,
+            "eval_path": self.eval_path,
+            "teacher_dir": self.teacher_dir,
+            "reward_model_dir": self.reward_model_dir,
+            "images": self.images_dir,
+        }
 
 
-def run_stage(config, stage_name: str, callbacks: list | None = None, register: bool = True, parent_run_id: str | None = None,
-              run_name: str | None = None, tags: dict | None = None, params: dict | None = None) -> StageResult:
+def run_stage(
+    config,
+    stage_name: str,
+    callbacks: list | None = None,
+    register: bool = True,
+    parent_run_id: str | None = None,
+    run_name: str | None = None,
+    tags: dict | None = None,
+    params: dict | None = None,
+) -> StageResult:
     """One stage job: resolve inputs -> check the data -> evaluate the start -> train -> evaluate -> register.
 
     For a Tune trial: `callbacks` go to the Ray Train `RunConfig` (its `TuneReportCallback`),
@@ -190,25 +223,49 @@ def run_stage(config, stage_name: str, callbacks: list | None = None, register: 
     before, _ = _evaluate(stage, config, inputs, initial, initial)
 
     config, use_gpu, worker_inputs = _plan_workers(config, stage, inputs, prepared, storage_path, run_name, work)
-    with mlflow.start_run(run_name=run_name, parent_run_id=parent_run_id, log_system_metrics=True) as run:  # CPU/GPU/memory every 10 s
-        settings = {**asdict(config), "use_gpu": use_gpu, **({"images": str(inputs.images_dir)} if inputs.images_dir else {}), **(params or {})}
+    with mlflow.start_run(
+        run_name=run_name, parent_run_id=parent_run_id, log_system_metrics=True
+    ) as run:  # CPU/GPU/memory every 10 s
+        settings = {
+            **asdict(config),
+            "use_gpu": use_gpu,
+            **({"images": str(inputs.images_dir)} if inputs.images_dir else {}),
+            **(params or {}),
+        }
         mlflow.log_params({key: value for key, value in settings.items() if value is not None})
-        mlflow.set_tags({
-            **inputs.source_tags, **(tags or {}), "stage": stage.name, "ray.run_name": run_name,
-            "data.prepared": prepared.location, "data.key": prepared.manifest["key"], "data.skipped_lines": str(prepared.manifest["skipped_lines"]),
-            **({"git.commit": commit} if (commit := tracking.git_commit()) else {}),
-        })
+        mlflow.set_tags(
+            {
+                **inputs.source_tags,
+                **(tags or {}),
+                "stage": stage.name,
+                "ray.run_name": run_name,
+                "data.prepared": prepared.location,
+                "data.key": prepared.manifest["key"],
+                "data.skipped_lines": str(prepared.manifest["skipped_lines"]),
+                **({"git.commit": commit} if (commit := tracking.git_commit()) else {}),
+            }
+        )
         tracking.log_data_file(str(inputs.data_path), prepared.manifest["key"].rsplit("-", 1)[-1], "training")  # the content key
         if inputs.eval_path:
             tracking.log_data_file(str(inputs.eval_path), storage.file_sha256(inputs.eval_path), "evaluation")
         mlflow.log_metrics({key.replace("eval/", "eval_before/"): value for key, value in before.items()} | coverage)
         _log_data_report(prepared)
         language_model = getattr(initial, "language_model", initial)
-        mlflow.log_metrics({"model/parameters": language_model.num_parameters(), "model/active_parameters": language_model.num_parameters(active=True)})
+        mlflow.log_metrics(
+            {
+                "model/parameters": language_model.num_parameters(),
+                "model/active_parameters": language_model.num_parameters(active=True),
+            }
+        )
         if lora := lora_settings(config):
             mlflow.log_metric("model/trainable_parameters", trainable_count(initial, lora))
-        job = StageJob(stage, config, **{key: str(value) if value else None for key, value in worker_inputs.items()},
-                       mlflow_run_id=run.info.run_id, mlflow_tracking_uri=mlflow.get_tracking_uri())
+        job = StageJob(
+            stage,
+            config,
+            **{key: str(value) if value else None for key, value in worker_inputs.items()},
+            mlflow_run_id=run.info.run_id,
+            mlflow_tracking_uri=mlflow.get_tracking_uri(),
+        )
         result = _train(job, use_gpu, storage_path, run_name, callbacks)
         if not result.metrics.get("finished"):
             print(f"[{stage.name}] stopped at step {result.metrics.get('step')}; continue with --resume (Ray run {run_name})")
@@ -216,21 +273,34 @@ def run_stage(config, stage_name: str, callbacks: list | None = None, register: 
             return StageResult(stage.name, "", Path(), before, {}, time.perf_counter() - started, run.info.run_id)
         final_dir = _final_model(result.checkpoint, work / "model", link_vision=getattr(config, "link_vision", False))
 
-        trained = load_adapter(stage.load(inputs.init_dir, "cpu"), final_dir) if is_adapter_dir(final_dir) else stage.load(final_dir, "cpu")
+        trained = (
+            load_adapter(stage.load(inputs.init_dir, "cpu"), final_dir)
+            if is_adapter_dir(final_dir)
+            else stage.load(final_dir, "cpu")
+        )
         if config.merge:  # the adapters folded into their base: a plain model folder is registered
             final_dir = save_model(merge_lora(trained), work / "model-merged", tokenizer=inputs.tokenizer)
         after, samples = _evaluate(stage, config, inputs, trained, initial)
         _log_results(run.info.run_id, after, samples, pictures=inputs.images_dir is not None)
         version_tags = {**inputs.source_tags, **({"lora.base": config.init} if is_adapter_dir(final_dir) else {})}
         if is_adapter_dir(final_dir) and not config.init.startswith(("models:/", "runs:/")) and not storage.is_uri(config.init):
-            print(f"[{stage.name}] the adapters name {config.init}, a folder of this machine, as their base: other machines "
-                  "(Serve replicas, a later stage on another node) cannot apply them. Start from a registered model, or --merge")
-        model_uri = _log_and_register(final_dir, config.register_as or stage.registered_name, run.info.run_id,
-                                      alias=config.alias if register else None, register=register, tags=version_tags)
+            print(
+                f"[{stage.name}] the adapters name {config.init}, a folder of this machine, as their base: other machines "
+                "(Serve replicas, a later stage on another node) cannot apply them. Start from a registered model, or --merge"
+            )
+        model_uri = _log_and_register(
+            final_dir,
+            config.register_as or stage.registered_name,
+            run.info.run_id,
+            alias=config.alias if register else None,
+            register=register,
+            tags=version_tags,
+        )
     seconds = time.perf_counter() - started
-    print(f"[{stage.name}] {'registered' if register else 'logged'} {model_uri} in {seconds:.0f}s; held-out " + ", ".join(
-        f"{key.split('/')[-1]} {before.get(key, float('nan')):.3f} -> {value:.3f}" for key, value in after.items()
-    ))
+    print(
+        f"[{stage.name}] {'registered' if register else 'logged'} {model_uri} in {seconds:.0f}s; held-out "
+        + ", ".join(f"{key.split('/')[-1]} {before.get(key, float('nan')):.3f} -> {value:.3f}" for key, value in after.items())
+    )
     return StageResult(stage.name, model_uri, final_dir, before, after, seconds, run.info.run_id)
 
 
@@ -239,18 +309,26 @@ def check_lora_flags(config, stage) -> None:
     the data's preparation and the first evaluation, or train adapters that do nothing)."""
     if not config.lora_rank:
         defaults = {field.name: field.default for field in dataclasses.fields(config)}
-        given = [name for name in ("lora_alpha", "lora_dropout", "lora_targets", "merge") if getattr(config, name) != defaults[name]]
+        given = [
+            name for name in ("lora_alpha", "lora_dropout", "lora_targets", "merge") if getattr(config, name) != defaults[name]
+        ]
         if given:
             flags = ", ".join("--" + name.replace("_", "-") for name in given)
-            raise SystemExit(f"{flags}: LoRA settings, which need --lora-rank (without it the whole model trains and they do nothing)")
+            raise SystemExit(
+                f"{flags}: LoRA settings, which need --lora-rank (without it the whole model trains and they do nothing)"
+            )
         return
     if config.lora_rank < 0:
         raise SystemExit(f"--lora-rank must be positive, not {config.lora_rank}")
     if not 0 < config.lora_alpha < math.inf:
-        raise SystemExit(f"--lora-alpha must be positive, not {config.lora_alpha:g}: the adapters add alpha/rank * B A to each weight, "
-                         "so at 0 they neither act nor train, and below 0 they act reversed")
+        raise SystemExit(
+            f"--lora-alpha must be positive, not {config.lora_alpha:g}: the adapters add alpha/rank * B A to each weight, "
+            "so at 0 they neither act nor train, and below 0 they act reversed"
+        )
     if not 0 <= config.lora_dropout < 1:
-        raise SystemExit(f"--lora-dropout is the probability of dropping an input of the LoRA branch: in [0, 1), not {config.lora_dropout:g}")
+        raise SystemExit(
+            f"--lora-dropout is the probability of dropping an input of the LoRA branch: in [0, 1), not {config.lora_dropout:g}"
+        )
     if stage.data_kind == "vlm":
         raise SystemExit("--lora-rank is for the text stages (pretrain, sft, dpo, reason, kd, grpo), not the VLM's")
     if stage.previous is None and config.init is None:
@@ -266,9 +344,15 @@ def _with_recorded_lineage(config, stage, run_name: str):
     lineage = tracking.recorded_lineage(run_name)
     if not lineage:
         return config
-    print(f"[{stage.name}] --resume: the inputs of {run_name}: " + ", ".join(f"{k[len('lineage.'):]} {v}" for k, v in lineage.items()))
-    return replace(config, init=lineage.get("lineage.init", config.init),
-                   **{key: lineage[f"lineage.{key}"] for key in ("teacher", "reward_model") if f"lineage.{key}" in lineage})
+    print(
+        f"[{stage.name}] --resume: the inputs of {run_name}: "
+        + ", ".join(f"{k[len('lineage.') :]} {v}" for k, v in lineage.items())
+    )
+    return replace(
+        config,
+        init=lineage.get("lineage.init", config.init),
+        **{key: lineage[f"lineage.{key}"] for key in ("teacher", "reward_model") if f"lineage.{key}" in lineage},
+    )
 
 
 def resolve_inputs(config, stage, work: Path):
@@ -277,19 +361,31 @@ def resolve_inputs(config, stage, work: Path):
     demo = None
     if config.data is None:  # the demo world of the run's seed: written once, on first use
         demo = demo_data(config.seed)
-    data_path = (config.data if storage.is_uri(config.data) else str(Path(config.data).resolve())) if config.data else str(demo[stage.demo_file])
-    eval_path = local_input(config.eval_data) if config.eval_data else (demo[stage.demo_file + "_eval"] if config.data is None else None)
+    data_path = (
+        (config.data if storage.is_uri(config.data) else str(Path(config.data).resolve()))
+        if config.data
+        else str(demo[stage.demo_file])
+    )
+    eval_path = (
+        local_input(config.eval_data) if config.eval_data else (demo[stage.demo_file + "_eval"] if config.data is None else None)
+    )
     answer_path = None
     if stage.keeps_answers and (getattr(config, "answer_eval", None) or config.data is None):
         answer_path = local_input(config.answer_eval) if getattr(config, "answer_eval", None) else demo["sft_eval"]
     images_dir = None
     if stage.data_kind == "vlm":
-        images_dir = local_input(config.images) if config.images else (demo["images"] if config.data is None else local_input(data_path.rsplit("/", 1)[0]))
+        images_dir = (
+            local_input(config.images)
+            if config.images
+            else (demo["images"] if config.data is None else local_input(data_path.rsplit("/", 1)[0]))
+        )
 
     init_dir, source_tags = _starting_model(config, stage, work)
     if "lineage.init" in source_tags:  # the exact model, which LoRA adapters name as their base
         reference = source_tags["lineage.init"]
-        config = replace(config, init=str(Path(reference).expanduser().resolve()) if Path(reference).expanduser().is_dir() else reference)
+        config = replace(
+            config, init=str(Path(reference).expanduser().resolve()) if Path(reference).expanduser().is_dir() else reference
+        )
     tokenizer = load_tokenizer(init_dir)
     model_config = ModelConfig.load(init_dir / CONFIG_NAME)
     if len(tokenizer) > model_config.vocab_size:
@@ -306,7 +402,9 @@ def resolve_inputs(config, stage, work: Path):
         config = replace(config, reward_model=tracking.pin(config.reward_model))
         reward_model_dir = tracking.resolve_model(config.reward_model, work / "reward-model")
         source_tags["lineage.reward_model"] = config.reward_model
-    return config, StageInputs(init_dir, tokenizer, source_tags, data_path, eval_path, answer_path, images_dir, teacher_dir, reward_model_dir)
+    return config, StageInputs(
+        init_dir, tokenizer, source_tags, data_path, eval_path, answer_path, images_dir, teacher_dir, reward_model_dir
+    )
 
 
 def check_data(config, stage, inputs: StageInputs, storage_path: str, run_name: str) -> tuple[Prepared, int]:
@@ -318,18 +416,32 @@ def check_data(config, stage, inputs: StageInputs, storage_path: str, run_name: 
     copy_for_tasks = None
     if not storage.is_uri(inputs.data_path) and not workers_see_driver_disk():
         # the preparation's tasks run on other nodes: they read a copy on storage, made only when there is work for them
-        copy_for_tasks = partial(storage.stage_input, inputs.data_path,
-                                 storage.join(storage_path, run_name, "inputs", "source", Path(inputs.data_path).name))
-    prepared = prepare(inputs.data_path, inputs.tokenizer, data, root, skip_bad=config.skip_bad, drop_duplicates=config.drop_duplicates,
-                       copy_for_tasks=copy_for_tasks)
+        copy_for_tasks = partial(
+            storage.stage_input,
+            inputs.data_path,
+            storage.join(storage_path, run_name, "inputs", "source", Path(inputs.data_path).name),
+        )
+    prepared = prepare(
+        inputs.data_path,
+        inputs.tokenizer,
+        data,
+        root,
+        skip_bad=config.skip_bad,
+        drop_duplicates=config.drop_duplicates,
+        copy_for_tasks=copy_for_tasks,
+    )
     if inputs.images_dir:
         _check_images(PreparedRows(storage.fetch(prepared.location)).image_names(), inputs.images_dir, inputs.data_path)
     manifest = prepared.manifest
     if manifest["rows"] == 0:
-        raise SystemExit(f"{inputs.data_path}: no training rows from its {manifest['records']:,} records at --seq-len {config.seq_len} "
-                         "(a row whose reply is cut off entirely has nothing to learn and is left out: raise --seq-len)")
-    print(f"[{stage.name}] {manifest['rows']:,} training rows ({manifest['tokens']:,} tokens) from {inputs.data_path}"
-          + (f" ({manifest['skipped_lines']} malformed lines skipped)" if manifest["skipped_lines"] else ""))
+        raise SystemExit(
+            f"{inputs.data_path}: no training rows from its {manifest['records']:,} records at --seq-len {config.seq_len} "
+            "(a row whose reply is cut off entirely has nothing to learn and is left out: raise --seq-len)"
+        )
+    print(
+        f"[{stage.name}] {manifest['rows']:,} training rows ({manifest['tokens']:,} tokens) from {inputs.data_path}"
+        + (f" ({manifest['skipped_lines']} malformed lines skipped)" if manifest["skipped_lines"] else "")
+    )
     return prepared, image_tokens
 
 
@@ -368,8 +480,17 @@ def _log_data_report(prepared: Prepared) -> None:
 
 
 def _evaluate(stage, config, inputs: StageInputs, model, reference) -> tuple[dict, list[dict]]:
-    return evaluate(stage.name, model, inputs.tokenizer, inputs.eval_path, config.eval_limit, config.seq_len, reference=reference,
-                    images_dir=inputs.images_dir, answer_path=inputs.answer_path)
+    return evaluate(
+        stage.name,
+        model,
+        inputs.tokenizer,
+        inputs.eval_path,
+        config.eval_limit,
+        config.seq_len,
+        reference=reference,
+        images_dir=inputs.images_dir,
+        answer_path=inputs.answer_path,
+    )
 
 
 def _start_ray() -> None:
@@ -387,12 +508,18 @@ def _plan_workers(config, stage, inputs: StageInputs, prepared: Prepared, storag
     if not workers_see_driver_disk():
         if database := tracking.local_store_path():
             if tracking.in_ray_package(database):
-                raise SystemExit(f"the MLflow store {database} lies in Ray's unpacked job folder and would vanish with it: "
-                                 "set MLFLOW_TRACKING_URI to a tracking server or an absolute sqlite://// path")
-            print(f"[{stage.name}] MLflow runs go to {database} on {socket.gethostname()}; "
-                  "set MLFLOW_TRACKING_URI to a tracking server (mlflow/server.sh) to share them across the cluster")
+                raise SystemExit(
+                    f"the MLflow store {database} lies in Ray's unpacked job folder and would vanish with it: "
+                    "set MLFLOW_TRACKING_URI to a tracking server or an absolute sqlite://// path"
+                )
+            print(
+                f"[{stage.name}] MLflow runs go to {database} on {socket.gethostname()}; "
+                "set MLFLOW_TRACKING_URI to a tracking server (mlflow/server.sh) to share them across the cluster"
+            )
         given = {"data_path": prepared.location, "eval_path": config.eval_data, "images": getattr(config, "images", None)}
-        worker_inputs = stage_inputs(worker_inputs, storage.join(storage_path, run_name, "inputs"), work, given, on_storage={"data_path"})
+        worker_inputs = stage_inputs(
+            worker_inputs, storage.join(storage_path, run_name, "inputs"), work, given, on_storage={"data_path"}
+        )
     use_gpu, cpus_per_worker, where = placement(config)
     print(f"[{stage.name}] {where}")
     return replace(config, cpus_per_worker=cpus_per_worker), use_gpu, worker_inputs
@@ -407,11 +534,14 @@ def _train(job: StageJob, use_gpu: bool, storage_path: str, run_name: str, callb
         job.stage.loop,
         train_loop_config={"job": job},
         scaling_config=ScalingConfig(
-            num_workers=config.num_workers, use_gpu=use_gpu,
+            num_workers=config.num_workers,
+            use_gpu=use_gpu,
             resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if use_gpu else {})},
         ),
         run_config=RunConfig(
-            name=run_name, storage_path=storage_path, callbacks=callbacks,
+            name=run_name,
+            storage_path=storage_path,
+            callbacks=callbacks,
             failure_config=FailureConfig(max_failures=config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
@@ -438,7 +568,9 @@ def _log_results(run_id: str, after: dict, samples: list[dict], pictures: bool) 
         tracking.log_samples(samples)
     if pictures and (pictured := [row for row in samples if row.get("image")]):
         # the same samples with the pictures themselves, which the MLflow UI shows in the table
-        tracking.log_samples([{**row, "image": load_image(row["image"].split(", ")[0])} for row in pictured], "sample_images.json")
+        tracking.log_samples(
+            [{**row, "image": load_image(row["image"].split(", ")[0])} for row in pictured], "sample_images.json"
+        )
     _log_curve(run_id)
 
 
@@ -459,7 +591,9 @@ def _log_curve(run_id: str) -> None:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
-    history = {key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)] for key in ("train/loss", "reward/total/mean")}
+    history = {
+        key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)] for key in ("train/loss", "reward/total/mean")
+    }
     if any(history.values()):
         tracking.log_loss_curve(history)
 
@@ -467,4 +601,3 @@ def _log_curve(run_id: str) -> None:
 def main(config_class, stage_name: str, argv=None, description: str | None = None) -> StageResult:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     return run_stage(parse_config(config_class, argv, description), stage_name)
-

@@ -45,7 +45,9 @@ def stage_answers(model_dirs: dict[str, Path], seed: int = 0) -> list[dict]:
         if stage == "pretrain":
             replies = continue_text(model, tokenizer, [p["continuation"] for p in prompts])
         else:
-            replies = text_replier(model, tokenizer, max_new_tokens=160)([[{"role": "user", "content": p["question"]}] for p in prompts])
+            replies = text_replier(model, tokenizer, max_new_tokens=160)(
+                [[{"role": "user", "content": p["question"]}] for p in prompts]
+            )
         for row, reply in zip(rows, replies):
             row[stage] = reply
     for row, prompt in zip(rows, prompts):
@@ -70,7 +72,14 @@ def describe_pictures(model_dirs: dict[str, Path], limit: int = 200, seed: int =
             "hallucination_rate": sum(bool(w) for w in wrong) / max(len(wrong), 1),
             "describing_rate": sum(bool(named_things(reply)) for reply in replies) / max(len(replies), 1),
             "mean_reply_chars": sum(len(reply) for reply in replies) / max(len(replies), 1),
-            "samples": [{"image": record["images"][0], "reply": reply, "not_in_picture": "、".join(sorted(w)),
-                         "reference": record["conversations"][-1]["content"]} for record, reply, w in list(zip(records, replies, wrong))[:5]],
+            "samples": [
+                {
+                    "image": record["images"][0],
+                    "reply": reply,
+                    "not_in_picture": "、".join(sorted(w)),
+                    "reference": record["conversations"][-1]["content"],
+                }
+                for record, reply, w in list(zip(records, replies, wrong))[:5]
+            ],
         }
     return report

@@ -61,7 +61,9 @@ def evaluate_text(stage, model, tokenizer, eval_path, limit, seq_len, reference=
 def evaluate_answers(stage, model, tokenizer, eval_path, limit, seq_len, reference=None, images_dir=None, answer_path=None):
     """SFT: what the greedy replies get right."""
     result = answer_exact_match(text_replier(model, tokenizer), eval_path, limit)
-    metrics = _loss(stage, model, tokenizer, eval_path, limit, seq_len, images_dir) | with_tasks("eval/answer_exact_match", result)
+    metrics = _loss(stage, model, tokenizer, eval_path, limit, seq_len, images_dir) | with_tasks(
+        "eval/answer_exact_match", result
+    )
     return metrics, _text_samples(result)
 
 
@@ -85,17 +87,30 @@ def evaluate_preferences(stage, model, tokenizer, eval_path, limit, seq_len, ref
 def evaluate_reasoning(stage, model, tokenizer, eval_path, limit, seq_len, reference=None, images_dir=None, answer_path=None):
     """Reasoning (distilled, KD or GRPO): the <think>/<answer> form and the answers, and the SFT answers it must keep."""
     result = reasoning_scores(text_replier(model, tokenizer, max_new_tokens=160), eval_path, tokenizer, limit)
-    metrics = (_loss(stage, model, tokenizer, eval_path, limit, seq_len, images_dir) | {"eval/reasoning_format": result["format"]}
-               | with_tasks("eval/reasoning_accuracy", result) | _kept_answers(model, tokenizer, answer_path, limit))
+    metrics = (
+        _loss(stage, model, tokenizer, eval_path, limit, seq_len, images_dir)
+        | {"eval/reasoning_format": result["format"]}
+        | with_tasks("eval/reasoning_accuracy", result)
+        | _kept_answers(model, tokenizer, answer_path, limit)
+    )
     return metrics, _text_samples(result)
 
 
 def evaluate_pictures(stage, model, tokenizer, eval_path, limit, seq_len, reference=None, images_dir=None, answer_path=None):
     """MiniMind-V: what the replies about held-out pictures get right."""
     result = image_question_accuracy(vlm_replier(model, tokenizer), eval_path, images_dir, limit)
-    metrics = _loss(stage, model, tokenizer, eval_path, limit, seq_len, images_dir) | with_tasks("eval/image_question_accuracy", result)
-    samples = [{"image": ", ".join(str(p) for p in images), "prompt": conversation[-1]["content"], "reply": reply, "reference": reference}
-               for (conversation, images), reply, reference in result["samples"]]
+    metrics = _loss(stage, model, tokenizer, eval_path, limit, seq_len, images_dir) | with_tasks(
+        "eval/image_question_accuracy", result
+    )
+    samples = [
+        {
+            "image": ", ".join(str(p) for p in images),
+            "prompt": conversation[-1]["content"],
+            "reply": reply,
+            "reference": reference,
+        }
+        for (conversation, images), reply, reference in result["samples"]
+    ]
     return metrics, samples
 
 
@@ -106,38 +121,95 @@ def check_grpo_flags(config) -> None:
     except ValueError as error:
         raise SystemExit(f"--rewards: {error}") from None
     if (MODEL_REWARD in weights) != bool(config.reward_model):
-        raise SystemExit("the model reward and --reward-model go together: name the model whose score is the reward, and "
-                         f"give it a weight in --rewards (e.g. {config.rewards},model=1)")
+        raise SystemExit(
+            "the model reward and --reward-model go together: name the model whose score is the reward, and "
+            f"give it a weight in --rewards (e.g. {config.rewards},model=1)"
+        )
     if config.group_size < 2:
-        raise SystemExit(f"--group-size must be at least 2 (advantages compare the completions of a prompt), not {config.group_size}")
+        raise SystemExit(
+            f"--group-size must be at least 2 (advantages compare the completions of a prompt), not {config.group_size}"
+        )
     if config.loss_type not in ("grpo", "cispo"):
         raise SystemExit(f"--loss-type must be grpo or cispo, not {config.loss_type!r}")
     if config.updates_per_rollout < 1 or config.max_new_tokens < 1:
         raise SystemExit("--updates-per-rollout and --max-new-tokens must be at least 1")
     if not config.temperature > 0 or not 0 < config.top_p <= 1:  # written so that NaN fails too
-        raise SystemExit("--temperature must be above 0 (greedy completions of a prompt are all alike: no advantage) and --top-p in (0, 1]")
+        raise SystemExit(
+            "--temperature must be above 0 (greedy completions of a prompt are all alike: no advantage) and --top-p in (0, 1]"
+        )
     if not config.cispo_max_ratio > 1:
         raise SystemExit(f"--cispo-max-ratio caps CISPO's importance weights: it must be above 1, not {config.cispo_max_ratio:g}")
     if config.loader_workers != TrainConfig.loader_workers:
-        raise SystemExit("--loader-workers: GRPO has no data loader to run (its prompts are read once, its completions come from "
-                         "the rollout actor, see --rollout-cpus); leave it out")
+        raise SystemExit(
+            "--loader-workers: GRPO has no data loader to run (its prompts are read once, its completions come from "
+            "the rollout actor, see --rollout-cpus); leave it out"
+        )
 
 
 _TEXT = {"loop": train_loop_per_worker}
-STAGES = {stage.name: stage for stage in (
-    Stage("pretrain", "pretrain", "minimind-pretrain", None, PretrainConfig, "pretrain", evaluate=evaluate_text, **_TEXT),
-    Stage("sft", "sft", "minimind-sft", "minimind-pretrain", SFTConfig, "sft", evaluate=evaluate_answers, **_TEXT),
-    DPOStage("dpo", "dpo", "minimind-dpo", "minimind-sft", DPOConfig, "dpo", evaluate=evaluate_preferences, keeps_answers=True, **_TEXT),
-    # black-box distillation: SFT on the teacher's traces
-    Stage("reason", "reason", "minimind-reason", "minimind-dpo", DistillConfig, "reason", evaluate=evaluate_reasoning, keeps_answers=True,
-          **_TEXT),
-    # white-box distillation: the teacher's soft labels (registers as the reasoning model too)
-    KDStage("kd", "sft", "minimind-reason", "minimind-dpo", DistillConfig, "reason", evaluate=evaluate_reasoning, **_TEXT),
-    # rewards: prompts of the reasoning kind, rolled out, scored and learned from by its own loop
-    Stage("grpo", "reason", "minimind-grpo", "minimind-reason", GRPOConfig, "reason", evaluate=evaluate_reasoning, keeps_answers=True,
-          loop=grpo_loop_per_worker, check=check_grpo_flags),
-    VLMStage("vlm_pretrain", "vlm", "minimind-vlm-pretrain", "minimind-sft", VLMConfig, "vlm_pretrain", evaluate=evaluate_pictures,
-             **_TEXT),  # the projection only
-    VLMStage("vlm_sft", "vlm", "minimind-vlm-sft", "minimind-vlm-pretrain", VLMSFTConfig, "vlm_sft", evaluate=evaluate_pictures,
-             train_language_model=True, **_TEXT),
-)}
+STAGES = {
+    stage.name: stage
+    for stage in (
+        Stage("pretrain", "pretrain", "minimind-pretrain", None, PretrainConfig, "pretrain", evaluate=evaluate_text, **_TEXT),
+        Stage("sft", "sft", "minimind-sft", "minimind-pretrain", SFTConfig, "sft", evaluate=evaluate_answers, **_TEXT),
+        DPOStage(
+            "dpo",
+            "dpo",
+            "minimind-dpo",
+            "minimind-sft",
+            DPOConfig,
+            "dpo",
+            evaluate=evaluate_preferences,
+            keeps_answers=True,
+            **_TEXT,
+        ),
+        # black-box distillation: SFT on the teacher's traces
+        Stage(
+            "reason",
+            "reason",
+            "minimind-reason",
+            "minimind-dpo",
+            DistillConfig,
+            "reason",
+            evaluate=evaluate_reasoning,
+            keeps_answers=True,
+            **_TEXT,
+        ),
+        # white-box distillation: the teacher's soft labels (registers as the reasoning model too)
+        KDStage("kd", "sft", "minimind-reason", "minimind-dpo", DistillConfig, "reason", evaluate=evaluate_reasoning, **_TEXT),
+        # rewards: prompts of the reasoning kind, rolled out, scored and learned from by its own loop
+        Stage(
+            "grpo",
+            "reason",
+            "minimind-grpo",
+            "minimind-reason",
+            GRPOConfig,
+            "reason",
+            evaluate=evaluate_reasoning,
+            keeps_answers=True,
+            loop=grpo_loop_per_worker,
+            check=check_grpo_flags,
+        ),
+        VLMStage(
+            "vlm_pretrain",
+            "vlm",
+            "minimind-vlm-pretrain",
+            "minimind-sft",
+            VLMConfig,
+            "vlm_pretrain",
+            evaluate=evaluate_pictures,
+            **_TEXT,
+        ),  # the projection only
+        VLMStage(
+            "vlm_sft",
+            "vlm",
+            "minimind-vlm-sft",
+            "minimind-vlm-pretrain",
+            VLMSFTConfig,
+            "vlm_sft",
+            evaluate=evaluate_pictures,
+            train_language_model=True,
+            **_TEXT,
+        ),
+    )
+}

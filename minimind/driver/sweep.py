@@ -30,8 +30,11 @@ class Sweep:
     cpus_per_trial: float = option(f"CPUs per trial; its training worker gets all but {TRIAL_FUNCTION_CPUS}", default=1.0)
     gpus_per_trial: float = option("GPUs per trial's worker; 0.5 runs two trials on one GPU", default=0.0)
     resume: bool = option("continue an interrupted sweep of this --name instead of starting over", default=False)
-    storage_path: str | None = option("where Tune and the trials' Ray Train runs keep their state: a folder every node sees, or "
-                                     "s3://, gs://, ... (default: tune_results/ in the project folder, for one machine)", default=None)
+    storage_path: str | None = option(
+        "where Tune and the trials' Ray Train runs keep their state: a folder every node sees, or "
+        "s3://, gs://, ... (default: tune_results/ in the project folder, for one machine)",
+        default=None,
+    )
     experiment: str = option("MLflow experiment", default="minimind-sweeps")
 
     @classmethod
@@ -58,8 +61,16 @@ def trial(params: dict, stage: str, base_config, parent_run_id: str, environment
     if layout:
         settings["config_overrides"] = ",".join(f"{key}={value}" for key, value in layout.items())
     # every swept value is a param of its own, as MLflow's compare view, parallel coordinates and scatter plots need
-    run_stage(replace(base_config, **settings), stage, callbacks=[TuneReportCallback()], register=False,
-              parent_run_id=parent_run_id, run_name=f"{stage}-{trial_id}", tags={"tune.trial_id": trial_id}, params=layout)
+    run_stage(
+        replace(base_config, **settings),
+        stage,
+        callbacks=[TuneReportCallback()],
+        register=False,
+        parent_run_id=parent_run_id,
+        run_name=f"{stage}-{trial_id}",
+        tags={"tune.trial_id": trial_id},
+        params=layout,
+    )
 
 
 def run_sweep(sweep: Sweep, stage: str, base_config, param_space: dict, tune_config_kwargs: dict):
@@ -82,11 +93,22 @@ def run_sweep(sweep: Sweep, stage: str, base_config, param_space: dict, tune_con
         previous = STAGES[stage].previous
         if base_config.init or previous:  # every trial starts from one exact version, recorded on the parent run
             base_config = replace(base_config, init=tracking.pin(base_config.init or f"models:/{previous}/latest"))
-        parent = mlflow.start_run(run_name=sweep.name, tags={"sweep.name": sweep.name, "sweep.storage": sweep_dir,
-                                                               **({"sweep.init": base_config.init} if base_config.init else {})})
+        parent = mlflow.start_run(
+            run_name=sweep.name,
+            tags={
+                "sweep.name": sweep.name,
+                "sweep.storage": sweep_dir,
+                **({"sweep.init": base_config.init} if base_config.init else {}),
+            },
+        )
         parent_run_id = parent.info.run_id
-        mlflow.log_params({"sweep.stage": stage, **{f"sweep.{k}": str(v) for k, v in param_space.items()}, **{
-            f"sweep.{f.name}": getattr(sweep, f.name) for f in fields(sweep)}})
+        mlflow.log_params(
+            {
+                "sweep.stage": stage,
+                **{f"sweep.{k}": str(v) for k, v in param_space.items()},
+                **{f"sweep.{f.name}": getattr(sweep, f.name) for f in fields(sweep)},
+            }
+        )
         mlflow.end_run()
 
     environment = {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
@@ -96,8 +118,14 @@ def run_sweep(sweep: Sweep, stage: str, base_config, param_space: dict, tune_con
     gpus = {"gpus_per_worker": sweep.gpus_per_trial or 1.0}
     if hasattr(base_config, "rollout_gpus"):  # GRPO: the trial's GPU share is split between its trainer and its rollout actor
         gpus = {"gpus_per_worker": sweep.gpus_per_trial / 2 or 1.0, "rollout_gpus": sweep.gpus_per_trial / 2}
-    base_config = replace(base_config, cpus_per_worker=worker_cpus, experiment=sweep.experiment, storage_path=storage_path,
-                          use_gpu=sweep.gpus_per_trial > 0, **gpus)
+    base_config = replace(
+        base_config,
+        cpus_per_worker=worker_cpus,
+        experiment=sweep.experiment,
+        storage_path=storage_path,
+        use_gpu=sweep.gpus_per_trial > 0,
+        **gpus,
+    )
     prepare_data(base_config, stage)  # once, here: trials that hold every CPU would leave none for Ray Data's tasks
     trainable = tune.with_resources(
         tune.with_parameters(trial, stage=stage, base_config=base_config, parent_run_id=parent_run_id, environment=environment),
@@ -107,8 +135,11 @@ def run_sweep(sweep: Sweep, stage: str, base_config, param_space: dict, tune_con
         tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = tune.Tuner(
-            trainable, param_space=param_space,
-            tune_config=tune.TuneConfig(num_samples=sweep.num_samples, max_concurrent_trials=sweep.max_concurrent, **tune_config_kwargs),
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                num_samples=sweep.num_samples, max_concurrent_trials=sweep.max_concurrent, **tune_config_kwargs
+            ),
             run_config=tune.RunConfig(name=sweep.name, storage_path=storage_path),
         )
     tuner.fit()
@@ -119,7 +150,9 @@ def _parent_run(experiment_id: str, name: str) -> str:
     """The newest MLflow parent run of the sweep called `name` (the Tune state on storage has the trials)."""
     from mlflow.tracking import MlflowClient
 
-    runs = MlflowClient().search_runs([experiment_id], f"tags.`sweep.name` = '{name}'", order_by=["attributes.start_time DESC"], max_results=1)
+    runs = MlflowClient().search_runs(
+        [experiment_id], f"tags.`sweep.name` = '{name}'", order_by=["attributes.start_time DESC"], max_results=1
+    )
     if not runs:
         raise SystemExit(f"--resume: no MLflow run of the sweep {name!r} in this experiment")
     return runs[0].info.run_id
@@ -152,8 +185,13 @@ def trial_runs(parent_run_id: str) -> list:
 def trial_row(run, stopped: str = "stopped", **fields) -> dict:
     """A trial's row of the ranking: its ids, `fields`, and its status: finished (it logged a model) or not."""
     model_id = run.data.tags.get("model_id")
-    return {"trial": run.data.tags.get("tune.trial_id"), "run_id": run.info.run_id, "model_id": model_id, **fields,
-            "status": "finished" if model_id else stopped}
+    return {
+        "trial": run.data.tags.get("tune.trial_id"),
+        "run_id": run.info.run_id,
+        "model_id": model_id,
+        **fields,
+        "status": "finished" if model_id else stopped,
+    }
 
 
 def mark_keepers(rows: list[dict], tolerance: float) -> None:
@@ -176,8 +214,12 @@ def finish(parent_run_id: str, rows: list[dict], columns: list[str], best: dict 
         model_uri = None
         if best is not None:
             # from the trial's LoggedModel in MLflow, never from a folder on the node that ran the trial
-            version = tracking.register_logged_model(best["model_id"], register_as, alias="best",
-                                                     tags={"sweep.parent_run_id": parent_run_id, "sweep.trial_run_id": best["run_id"]})
+            version = tracking.register_logged_model(
+                best["model_id"],
+                register_as,
+                alias="best",
+                tags={"sweep.parent_run_id": parent_run_id, "sweep.trial_run_id": best["run_id"]},
+            )
             model_uri = f"models:/{register_as}/{version.version}"
             mlflow.set_tags({"best.run_id": best["run_id"], "best.model_uri": model_uri})
     widths = [max([len(column), *(len(_cell(row.get(column))) for row in rows)]) for column in columns]  # a list: no rows is fine

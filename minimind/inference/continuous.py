@@ -79,7 +79,9 @@ class ContinuousBatch:
         self.mask = torch.cat([self.mask, torch.ones_like(self.last)], dim=1)
         one_row = self.device.type == "cpu" and len(self) == 1
         with one_row_kernels() if one_row else nullcontext():
-            logits = self.model(self.last, self.mask if padded else None, kv_cache=self.cache, logits_to_keep=1).logits[:, -1].float()
+            logits = (
+                self.model(self.last, self.mask if padded else None, kv_cache=self.cache, logits_to_keep=1).logits[:, -1].float()
+            )
         return list(zip(self.keys, self._sample(logits, rows=slice(0, len(self)))))
 
     @torch.inference_mode()
@@ -93,14 +95,20 @@ class ContinuousBatch:
         """Tokens for the given rows from their last logits; updates what the next step feeds and who finished."""
         if self.suppress_ids:
             logits = suppress(logits, self.suppress_ids)
-        sampler = self.sampler if rows == slice(0, len(self)) else RowSampler(self.params[rows], self.generators[rows], device=self.device)
+        sampler = (
+            self.sampler
+            if rows == slice(0, len(self))
+            else RowSampler(self.params[rows], self.generators[rows], device=self.device)
+        )
         seen = self.seen[rows] if self.seen is not None else None
         tokens = sampler(logits, seen)
         stopped = torch.isin(tokens, self.stop_ids) | self.finished[rows]
         out = [None if done else token for token, done in zip(tokens.tolist(), stopped.tolist())]
         for row in range(rows.start, rows.stop):
             self.produced[row] += 1
-        out_of_tokens = torch.tensor([self.produced[r] >= self.limits[r] for r in range(rows.start, rows.stop)], device=self.device)
+        out_of_tokens = torch.tensor(
+            [self.produced[r] >= self.limits[r] for r in range(rows.start, rows.stop)], device=self.device
+        )
         self.finished[rows] = stopped | out_of_tokens
         self.done[rows] = self.finished[rows].tolist()
         self.last[rows] = tokens.masked_fill(self.finished[rows], self.config.pad_token_id)[:, None]
@@ -122,13 +130,13 @@ class ContinuousBatch:
                 buffer = new.new_zeros(old_rows + batch, heads, merged.max_length, head_dim)
                 if old_rows:
                     old = (self.cache.keys if buffers is merged.keys else self.cache.values)[layer]
-                    buffer[:old_rows, :, length - old_length:length] = old[:, :, :old_length]
-                buffer[old_rows:, :, length - cache.length:length] = new[:, :, :cache.length]
+                    buffer[:old_rows, :, length - old_length : length] = old[:, :, :old_length]
+                buffer[old_rows:, :, length - cache.length : length] = new[:, :, : cache.length]
                 buffers.append(buffer)
         self.cache = merged
         joined_mask = torch.zeros(old_rows + new_rows, length, dtype=torch.long, device=self.device)
-        joined_mask[:old_rows, length - old_length:] = self.mask
-        joined_mask[old_rows:, length - cache.length:] = mask
+        joined_mask[:old_rows, length - old_length :] = self.mask
+        joined_mask[old_rows:, length - cache.length :] = mask
         self.mask = joined_mask
         self.keys += list(keys)
         self.params += list(params)
@@ -139,8 +147,14 @@ class ContinuousBatch:
         self.last = torch.cat([self.last, torch.zeros(new_rows, 1, dtype=torch.long, device=self.device)])
         self.finished = torch.cat([self.finished, torch.zeros(new_rows, dtype=torch.bool, device=self.device)])
         if self.seen is not None or any(p.repetition_penalty != 1.0 for p in params):
-            seen = torch.zeros(new_rows, self.config.vocab_size, dtype=torch.bool, device=self.device).scatter_(1, ids, mask.bool())
-            old_seen = self.seen if self.seen is not None else torch.zeros(old_rows, self.config.vocab_size, dtype=torch.bool, device=self.device)
+            seen = torch.zeros(new_rows, self.config.vocab_size, dtype=torch.bool, device=self.device).scatter_(
+                1, ids, mask.bool()
+            )
+            old_seen = (
+                self.seen
+                if self.seen is not None
+                else torch.zeros(old_rows, self.config.vocab_size, dtype=torch.bool, device=self.device)
+            )
             self.seen = torch.cat([old_seen, seen])
         self.sampler = RowSampler(self.params, self.generators, device=self.device)
 

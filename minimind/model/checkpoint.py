@@ -38,7 +38,9 @@ def save_model(model: MiniMindForCausalLM, directory: str | Path, tokenizer=None
     return directory
 
 
-def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> MiniMindForCausalLM:
+def load_model(
+    directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> MiniMindForCausalLM:
     """Rebuild the model from a directory written by `save_model`; safetensors only, nothing unpickled."""
     directory = Path(directory)
     for name in (CONFIG_NAME, WEIGHTS_NAME):

@@ -89,20 +89,37 @@ class ModelConfig:
 
 PRESETS: dict[str, ModelConfig] = {
     # For tests and the CPU demo: trains in minutes on two cores.
-    "tiny": ModelConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
+    "tiny": ModelConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048
+    ),
     # The embedded demo's default: 2.2M parameters with the demo tokenizer's 747 tokens (2.5M at 2048); a narrow FFN
     # keeps it fast enough to learn the demo world's facts in a few CPU minutes.
     "demo": ModelConfig(
-        vocab_size=2048, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=384, max_position_embeddings=2048,
+        vocab_size=2048,
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=384,
+        max_position_embeddings=2048,
     ),
     "tiny-moe": ModelConfig(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-        num_experts=4, num_experts_per_tok=2, num_shared_experts=1,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        num_experts=4,
+        num_experts_per_tok=2,
+        num_shared_experts=1,
     ),
     "minimind2-small": ModelConfig(hidden_size=512, num_hidden_layers=8),  # 25.83M parameters
     "minimind2": ModelConfig(hidden_size=768, num_hidden_layers=16),  # 104.0M
     "minimind2-moe": ModelConfig(  # 145.0M total, 4 routed experts (top-2) + 1 shared
-        hidden_size=640, num_hidden_layers=8, num_experts=4, num_experts_per_tok=2, num_shared_experts=1,
+        hidden_size=640,
+        num_hidden_layers=8,
+        num_experts=4,
+        num_experts_per_tok=2,
+        num_shared_experts=1,
     ),
 }

@@ -149,8 +149,13 @@ def config_from_hf(fields: dict, state: dict[str, torch.Tensor], overrides: dict
     return ModelConfig(**{**values, **overrides})
 
 
-def import_model(source: str | Path, destination: str | Path, tokenizer_dir: str | Path | None = None,
-                 overrides: dict | None = None, markers: dict[str, str] | None = None) -> Path:
+def import_model(
+    source: str | Path,
+    destination: str | Path,
+    tokenizer_dir: str | Path | None = None,
+    overrides: dict | None = None,
+    markers: dict[str, str] | None = None,
+) -> Path:
     """Write `destination` as a model folder from a MiniMind `.pth`, a MiniMind `transformers` folder or a
     Llama folder; its logits equal the source model's. `markers` name the tokenizer's strings for the
     tags and the image placeholder (`minimind.model.tokenizer.Markers`), kept in the folder's tokenizer config.
@@ -160,8 +165,10 @@ def import_model(source: str | Path, destination: str | Path, tokenizer_dir: str
     state = {key: tensor for key, tensor in state.items() if not IGNORED_KEYS.search(key)}
     unmappable = sorted(key for key in state if re.search(r"\.(q_norm|k_norm)\.|\.bias$", key))
     if unmappable:
-        raise ValueError(f"{source}: {len(unmappable)} tensors have no place in this architecture (QK-norm or biases), "
-                         f"e.g. {', '.join(unmappable[:4])}")
+        raise ValueError(
+            f"{source}: {len(unmappable)} tensors have no place in this architecture (QK-norm or biases), "
+            f"e.g. {', '.join(unmappable[:4])}"
+        )
     hf_config = source / "config.json" if source.is_dir() else None
     if hf_config is not None and hf_config.is_file():
         config = config_from_hf(json.loads(hf_config.read_text()), state, overrides)
@@ -170,8 +177,10 @@ def import_model(source: str | Path, destination: str | Path, tokenizer_dir: str
 
     tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else (source if source.is_dir() else None)
     if tokenizer_dir is None or not (tokenizer_dir / "tokenizer.json").is_file():
-        raise ValueError(f"{source} comes without a tokenizer: pass --tokenizer (MiniMind's tokenizer folder, `model/` in its "
-                         "repository, or any folder with tokenizer.json)")
+        raise ValueError(
+            f"{source} comes without a tokenizer: pass --tokenizer (MiniMind's tokenizer folder, `model/` in its "
+            "repository, or any folder with tokenizer.json)"
+        )
     tokenizer = load_tokenizer(tokenizer_dir)
     if markers:
         Markers.configure(tokenizer, markers)
@@ -192,6 +201,8 @@ def import_model(source: str | Path, destination: str | Path, tokenizer_dir: str
         raise ValueError(f"{source} does not fit {config}: {error}") from error
     missing = [key for key in missing if key not in TIED_KEYS]
     if missing or unexpected:
-        raise ValueError(f"{source} does not map onto a {config.num_hidden_layers}-layer model of this architecture: "
-                         f"missing {missing[:6]}, unexpected {sorted(unexpected)[:6]}")
+        raise ValueError(
+            f"{source} does not map onto a {config.num_hidden_layers}-layer model of this architecture: "
+            f"missing {missing[:6]}, unexpected {sorted(unexpected)[:6]}"
+        )
     return save_model(model, destination, tokenizer=tokenizer)

@@ -68,7 +68,9 @@ def parse_targets(text: str) -> list[str]:
         group = TARGET_GROUPS.get(part, (part,))
         unknown = [name for name in group if name not in TARGET_GROUPS["all"]]
         if unknown:
-            raise ValueError(f"unknown LoRA target {part!r}: use attention, ffn, all or some of {', '.join(TARGET_GROUPS['all'])}")
+            raise ValueError(
+                f"unknown LoRA target {part!r}: use attention, ffn, all or some of {', '.join(TARGET_GROUPS['all'])}"
+            )
         names += [name for name in group if name not in names]
     if not names:
         raise ValueError("no LoRA targets given")
@@ -79,8 +81,9 @@ class LoRALinear(nn.Linear):
     """A frozen `nn.Linear` plus a trainable low-rank update."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
-        super().__init__(base.in_features, base.out_features, bias=base.bias is not None,
-                         device=base.weight.device, dtype=base.weight.dtype)
+        super().__init__(
+            base.in_features, base.out_features, bias=base.bias is not None, device=base.weight.device, dtype=base.weight.dtype
+        )
         self.weight = base.weight
         self.bias = base.bias
         self.weight.requires_grad_(False)
@@ -130,8 +133,13 @@ def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight: a plain model again (in place; returns the model)."""
     for parent, name, linear in _targets(model, TARGET_GROUPS["all"]):
         if isinstance(linear, LoRALinear):
-            plain = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                              device=linear.weight.device, dtype=linear.weight.dtype)
+            plain = nn.Linear(
+                linear.in_features,
+                linear.out_features,
+                bias=linear.bias is not None,
+                device=linear.weight.device,
+                dtype=linear.weight.dtype,
+            )
             with torch.no_grad():
                 plain.weight.copy_(linear.merged_weight())
                 if linear.bias is not None:
@@ -185,7 +193,9 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     state = load_file(str(directory / ADAPTER_WEIGHTS_NAME))
     expected = set(adapter_state(model))
     if set(state) != expected:
-        raise ValueError(f"{directory / ADAPTER_WEIGHTS_NAME} does not fit the model: missing {sorted(expected - set(state))[:4]}, "
-                         f"unexpected {sorted(set(state) - expected)[:4]}")
+        raise ValueError(
+            f"{directory / ADAPTER_WEIGHTS_NAME} does not fit the model: missing {sorted(expected - set(state))[:4]}, "
+            f"unexpected {sorted(set(state) - expected)[:4]}"
+        )
     model.load_state_dict(state, strict=False)
     return model

@@ -23,7 +23,9 @@ def token_cross_entropy(hidden_states: torch.Tensor, head_weight: torch.Tensor, 
     """
     flat_hidden, flat_targets = hidden_states.reshape(-1, hidden_states.shape[-1]), targets.reshape(-1)
     losses = [
-        F.cross_entropy(_tempered(F.linear(hidden, head_weight).float(), temperature), target, ignore_index=IGNORE_INDEX, reduction="none")
+        F.cross_entropy(
+            _tempered(F.linear(hidden, head_weight).float(), temperature), target, ignore_index=IGNORE_INDEX, reduction="none"
+        )
         for hidden, target in zip(flat_hidden.split(chunk_size), flat_targets.split(chunk_size))
     ]
     return torch.cat(losses).view(targets.shape)
@@ -35,7 +37,9 @@ def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return logits if temperature == 1.0 else logits / temperature
 
 
-def causal_lm_loss(hidden_states: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+def causal_lm_loss(
+    hidden_states: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean next-token cross-entropy: position t predicts labels[t + 1] (labels aligned with the input ids,
     IGNORE_INDEX where no loss is wanted).
 
@@ -52,15 +56,17 @@ def causal_lm_loss(hidden_states: torch.Tensor, head_weight: torch.Tensor, label
     return (losses * scale).sum() / counted.sum().clamp(min=1.0)
 
 
-def token_logprobs(hidden_states: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def token_logprobs(
+    hidden_states: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """Log-probability of each next token (batch, length - 1) that `labels` (aligned with the input,
     -100 to skip) name, under softmax(logits / temperature); 0 at the skipped ones."""
     return -token_cross_entropy(hidden_states[:, :-1], head_weight, labels[:, 1:], temperature=temperature)
 
 
-def sequence_logprobs(hidden_states: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor, average: bool = True) -> torch.Tensor:
+def sequence_logprobs(
+    hidden_states: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor, average: bool = True
+) -> torch.Tensor:
     """Log-probability of each row's labelled tokens (batch,): their mean (MiniMind's DPO) or sum."""
     total = token_logprobs(hidden_states, head_weight, labels).sum(dim=-1)
     return total / (labels[:, 1:] != IGNORE_INDEX).sum(dim=-1).clamp(min=1) if average else total
-
-

@@ -74,8 +74,10 @@ class Markers:
         return [self.sequence(tokenizer, name) for name in ("think_start", "think_end", "answer_start", "answer_end")]
 
 
-SET_MARKERS = ("name an existing special token for it in the tokenizer's tokenizer_config.json (e.g. \"image\": \"<|image_pad|>\"), "
-               "or import the model with `minimind import ... --markers image=<|image_pad|>`")
+SET_MARKERS = (
+    'name an existing special token for it in the tokenizer\'s tokenizer_config.json (e.g. "image": "<|image_pad|>"), '
+    "or import the model with `minimind import ... --markers image=<|image_pad|>`"
+)
 
 
 SPECIAL_TOKENS = [UNK, BOS, EOS, *(f.default for f in fields(Markers))]
@@ -93,8 +95,13 @@ CHAT_TEMPLATE = (
 )
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 6400, model_max_length: int = 32768, split_digits: bool = False,
-                    split_han: bool = False):
+def train_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int = 6400,
+    model_max_length: int = 32768,
+    split_digits: bool = False,
+    split_han: bool = False,
+):
     """Train byte-level BPE on `texts`; returns a transformers fast tokenizer with the chat template.
 
     `split_digits`: every digit is its own token, so a number's digits line up with its place values
@@ -122,7 +129,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 6400, model_max_leng
     markers = Markers()
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        bos_token=BOS, eos_token=EOS, unk_token=UNK, pad_token=UNK,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        pad_token=UNK,
         chat_template=CHAT_TEMPLATE,
         model_max_length=model_max_length,
         extra_special_tokens={f.name: getattr(markers, f.name) for f in fields(markers)},

@@ -95,7 +95,9 @@ class MiniMindVLM(nn.Module):
         """(images, 3, H, W) -> (images, image_tokens, hidden): frozen patch tokens, projected."""
         with torch.no_grad():
             tower_dtype = next(self.vision_tower.parameters()).dtype
-            patches = self.vision_tower(pixel_values=pixel_values.to(self.projection.weight.device, tower_dtype)).last_hidden_state[:, 1:]
+            patches = self.vision_tower(
+                pixel_values=pixel_values.to(self.projection.weight.device, tower_dtype)
+            ).last_hidden_state[:, 1:]
         return self.projection(patches.to(self.projection.weight.dtype))
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
@@ -105,8 +107,10 @@ class MiniMindVLM(nn.Module):
         is_placeholder = input_ids == self.image_token_id
         images = 0 if pixel_values is None else pixel_values.shape[0]
         if input_ids.is_cuda:  # checked on the device: reading the count would make the host wait for the GPU
-            torch._assert_async(is_placeholder.sum() == images * self.image_tokens,
-                                f"the image placeholder tokens are not {images} image(s) of {self.image_tokens} tokens each")
+            torch._assert_async(
+                is_placeholder.sum() == images * self.image_tokens,
+                f"the image placeholder tokens are not {images} image(s) of {self.image_tokens} tokens each",
+            )
         elif (count := int(is_placeholder.sum())) != images * self.image_tokens:
             raise ValueError(f"{count} image placeholder tokens for {images} image(s) of {self.image_tokens} tokens each")
         if images == 0:
@@ -118,11 +122,14 @@ class MiniMindVLM(nn.Module):
         features = self.image_features(pixel_values).reshape(-1, embeddings.shape[-1]).to(embeddings.dtype)
         return embeddings.masked_scatter(is_placeholder[..., None], features)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, pixel_values=None,
-                kv_cache=None, **kwargs) -> CausalLMOutput:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, pixel_values=None, kv_cache=None, **kwargs
+    ) -> CausalLMOutput:
         """The language model's forward; `pixel_values` (one entry per image, in placeholder order) are
         needed whenever `input_ids` contain placeholders, i.e. at prefill but not for cached decoding."""
-        return self.language_model(None, attention_mask, inputs_embeds=self.embed(input_ids, pixel_values), kv_cache=kv_cache, **kwargs)
+        return self.language_model(
+            None, attention_mask, inputs_embeds=self.embed(input_ids, pixel_values), kv_cache=kv_cache, **kwargs
+        )
 
     def num_parameters(self, active: bool = False) -> int:
         """Parameters the forward spends FLOPs on in the language model and projection (MFU's basis)."""
@@ -200,6 +207,8 @@ def load_vlm(directory: str | Path, device: str | torch.device = "cpu", dtype: t
     vlm = MiniMindVLM(load_model(directory), tower, processor, Markers.of(tokenizer).image_id(tokenizer))
     vlm.vision_source = vision_source
     if vlm.image_tokens != config.image_tokens:
-        raise ValueError(f"{directory}: the vision tower yields {vlm.image_tokens} tokens per image, {VISION_CONFIG_NAME} says {config.image_tokens}")
+        raise ValueError(
+            f"{directory}: the vision tower yields {vlm.image_tokens} tokens per image, {VISION_CONFIG_NAME} says {config.image_tokens}"
+        )
     vlm.projection.load_state_dict(load_file(str(directory / PROJECTION_NAME)))
     return vlm.to(device=device, dtype=dtype).eval()

@@ -186,10 +186,17 @@ def update(model, optimizer, params: list, ids: torch.Tensor, labels: torch.Tens
             with (model.no_sync() if not last and hasattr(model, "no_sync") else nullcontext()), autocast_to(ids.device, amp_dtype):
                 logps, aux_loss = completion_logprobs(model, ids[rows], labels[rows], config.temperature, with_aux=True)
                 loss, metrics = policy_loss(
-                    logps, old_logps[rows] if old_logps is not None else logps.detach(), advantages[rows], trained[rows],
-                    clip_eps=config.clip_eps, loss_type=config.loss_type, max_ratio=config.cispo_max_ratio,
-                    reference_logps=reference_logps[rows] if reference_logps is not None else None, kl_coef=config.kl_coef,
-                    completions=rows_total, tokens=tokens,
+                    logps,
+                    old_logps[rows] if old_logps is not None else logps.detach(),
+                    advantages[rows],
+                    trained[rows],
+                    clip_eps=config.clip_eps,
+                    loss_type=config.loss_type,
+                    max_ratio=config.cispo_max_ratio,
+                    reference_logps=reference_logps[rows] if reference_logps is not None else None,
+                    kl_coef=config.kl_coef,
+                    completions=rows_total,
+                    tokens=tokens,
                 )
                 if unwrap(model).config.is_moe:  # the router keeps its load balancing, as in every other stage
                     metrics["loss/aux"] = aux_loss.detach()
@@ -198,14 +205,24 @@ def update(model, optimizer, params: list, ids: torch.Tensor, labels: torch.Tens
             sums["train/loss"] = sums.get("train/loss", 0.0) + loss.detach() / len(lrs)
             for key, value in metrics.items():  # means over these rows, weighted by their share of the batch
                 sums[key] = sums.get(key, 0.0) + value.detach() * len(rows) / rows_total / len(lrs)
-        sums["train/grad_norm"] = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
+        sums["train/grad_norm"] = torch.nn.utils.clip_grad_norm_(
+            params, config.grad_clip if config.grad_clip > 0 else float("inf")
+        )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return sums
 
 
-def rollout_stats(totals: list[float], values: dict[str, list[float]], completions: list[list[int]], finished: list[bool],
-                  group_size: int, trained_tokens: int, device, world: int) -> tuple[dict[str, float], int]:
+def rollout_stats(
+    totals: list[float],
+    values: dict[str, list[float]],
+    completions: list[list[int]],
+    finished: list[bool],
+    group_size: int,
+    trained_tokens: int,
+    device,
+    world: int,
+) -> tuple[dict[str, float], int]:
     """The step's rollout metrics over every rank's completions: reward/<name>/mean and std (the total and
     each reward), completion/length, completion/cut_off, grpo/equal_reward_groups; and the tokens trained
     on, all ranks together. Every rank calls it (one all-reduce of the sums, in float64)."""
@@ -254,8 +271,10 @@ def grpo_loop_per_worker(loop_config: dict) -> None:
     checked = "answer" in weights and MODEL_REWARD not in weights
     prompts = training_prompts(PreparedRows(job.data_path), tokenizer, markers, keep_all=not checked)
     if not prompts:
-        raise ValueError(f"{job.data_path}: no record has a reference reply in <think>/<answer> form to reward answers against "
-                         "(add a model reward with --reward-model to train on plain chats)")
+        raise ValueError(
+            f"{job.data_path}: no record has a reference reply in <think>/<answer> form to reward answers against "
+            "(add a model reward with --reward-model to train on plain chats)"
+        )
     group = config.group_size
     total_steps = config.max_steps or config.epochs * max(1, len(prompts) // (config.batch_size * world))
     params, optimizer = adamw(model, config, device)
@@ -266,22 +285,32 @@ def grpo_loop_per_worker(loop_config: dict) -> None:
     amp_dtype = autocast_dtype(config, device)
     eos_id = tokenizer.eos_token_id  # the end of a chat turn: the one stop token, appended to finished completions
     rollout_gpus = config.rollout_gpus if device.type == "cuda" else 0
-    rollout = ray.remote(RolloutWorker).options(num_cpus=config.rollout_cpus, num_gpus=rollout_gpus).remote(
-        unwrap(model).config.to_dict(), lora, threads=threads, bf16=amp_dtype is not None)
+    rollout = (
+        ray.remote(RolloutWorker)
+        .options(num_cpus=config.rollout_cpus, num_gpus=rollout_gpus)
+        .remote(unwrap(model).config.to_dict(), lora, threads=threads, bf16=amp_dtype is not None)
+    )
     ready, _ = ray.wait([rollout.__ray_ready__.remote()], timeout=60)
     if not ready:  # outside Ray Train's placement group: it waits for free resources, maybe a node the autoscaler adds
-        say(f"[{job.stage.name}] rank {rank}: the rollout actor is still waiting for {config.rollout_cpus:g} CPU and {rollout_gpus:g} GPU; "
-            "on one GPU, trainer and actors must fit it together (--gpus-per-worker 0.5 --rollout-gpus 0.5 per worker)")
+        say(
+            f"[{job.stage.name}] rank {rank}: the rollout actor is still waiting for {config.rollout_cpus:g} CPU and {rollout_gpus:g} GPU; "
+            "on one GPU, trainer and actors must fit it together (--gpus-per-worker 0.5 --rollout-gpus 0.5 per worker)"
+        )
         ray.get(rollout.__ray_ready__.remote())
     logger = MetricLogger(job, total_steps) if rank == 0 else None
     peak = peak_flops(device, amp_dtype or torch.float32)[0] if rank == 0 else 0.0
     flops_per_token = 6 * unwrap(model).num_parameters(active=True)
     if rank == 0:
-        say(f"[{job.stage.name}] {len(prompts)} prompts, {config.batch_size} x {group} completions per step and worker, {total_steps} steps")
+        say(
+            f"[{job.stage.name}] {len(prompts)} prompts, {config.batch_size} x {group} completions per step and worker, {total_steps} steps"
+        )
         dropout = {"dropout": unwrap(model).config.dropout, "--lora-dropout": lora.dropout if lora else 0.0}
         if any(dropout.values()):
-            say(f"[{job.stage.name}] trained with dropout off (" + ", ".join(f"{k} {v:g}" for k, v in dropout.items() if v)
-                + "): the ratios and the rollouts need the one policy that samples")
+            say(
+                f"[{job.stage.name}] trained with dropout off ("
+                + ", ".join(f"{k} {v:g}" for k, v in dropout.items() if v)
+                + "): the ratios and the rollouts need the one policy that samples"
+            )
     started, handed_over = time.perf_counter(), 0
     try:
         while step < total_steps:
@@ -296,8 +325,13 @@ def grpo_loop_per_worker(loop_config: dict) -> None:
             handover_s = time.perf_counter() - clock
 
             # roll out
-            sampling = {"max_new_tokens": config.max_new_tokens, "temperature": config.temperature, "top_p": config.top_p,
-                        "stop_token_ids": [eos_id], "seed": (config.seed * 1_000_003 + step) * world + rank}
+            sampling = {
+                "max_new_tokens": config.max_new_tokens,
+                "temperature": config.temperature,
+                "top_p": config.top_p,
+                "stop_token_ids": [eos_id],
+                "seed": (config.seed * 1_000_003 + step) * world + rank,
+            }
             generated = ray.get(rollout.generate.remote([p.ids for p in batch], group, sampling))
             if generated["version"] != version:
                 raise RuntimeError(f"rollouts of weights version {generated['version']}, expected {version}")
@@ -309,11 +343,16 @@ def grpo_loop_per_worker(loop_config: dict) -> None:
             trained_tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
             ids, labels = ids.to(device), labels.to(device)
             texts = [tokenizer.decode(c, skip_special_tokens=False) for c in completions]
-            scored = [Completion(t, len(c), f, batch[i // group].reference) for i, (t, c, f) in enumerate(zip(texts, completions, finished))]
+            scored = [
+                Completion(t, len(c), f, batch[i // group].reference)
+                for i, (t, c, f) in enumerate(zip(texts, completions, finished))
+            ]
             model_scores = None
             if scorer is not None:
                 with torch.no_grad(), autocast_to(device, amp_dtype):
-                    model_scores = sequence_logprobs(scorer(ids, return_logits=False).hidden_states, scorer.lm_head.weight, labels).tolist()
+                    model_scores = sequence_logprobs(
+                        scorer(ids, return_logits=False).hidden_states, scorer.lm_head.weight, labels
+                    ).tolist()
             totals, values = score(scored, weights, markers, config.length_limit, model_scores)
             advantages = group_advantages(torch.tensor(totals, dtype=torch.float64), group).to(device)
             chunks = micro_batches(ids.shape[0], config.grad_accum)
@@ -321,11 +360,32 @@ def grpo_loop_per_worker(loop_config: dict) -> None:
 
             # update
             clock = time.perf_counter()
-            lrs = [cosine_lr(step * config.updates_per_rollout + u, total_steps * config.updates_per_rollout, config.lr,
-                             config.warmup_steps, config.min_lr_ratio) for u in range(config.updates_per_rollout)]
+            lrs = [
+                cosine_lr(
+                    step * config.updates_per_rollout + u,
+                    total_steps * config.updates_per_rollout,
+                    config.lr,
+                    config.warmup_steps,
+                    config.min_lr_ratio,
+                )
+                for u in range(config.updates_per_rollout)
+            ]
             tokens = active_tokens(labels[:, 1:] != IGNORE_INDEX, world) if config.loss_type == "cispo" else None
-            sums = update(model, optimizer, params, ids, labels, advantages, old_logps, reference_logps, chunks, config, lrs,
-                          tokens, amp_dtype)
+            sums = update(
+                model,
+                optimizer,
+                params,
+                ids,
+                labels,
+                advantages,
+                old_logps,
+                reference_logps,
+                chunks,
+                config,
+                lrs,
+                tokens,
+                amp_dtype,
+            )
             update_s = time.perf_counter() - clock
             step += 1
 
@@ -339,24 +399,43 @@ def grpo_loop_per_worker(loop_config: dict) -> None:
                 reported = {"train/loss": float(sums["train/loss"]), "reward/total/mean": stats["reward/total/mean"]}
             if logger and logging:
                 tokens_per_s = all_tokens * config.updates_per_rollout / max(update_s, 1e-9)
-                report = {key: float(value) for key, value in sums.items()} | stats | {
-                    "train/lr": lrs[-1], "train/tokens_per_s": tokens_per_s,
-                    "train/mfu": flops_per_token * tokens_per_s / world / peak,
-                    "time/handover_s": handover_s, "time/rollout_s": rollout_s, "time/update_s": update_s,
-                    "rollout/handover_mb": sum(v.numel() * v.element_size() for v in weights_now.values()) / 2**20,
-                }
+                report = (
+                    {key: float(value) for key, value in sums.items()}
+                    | stats
+                    | {
+                        "train/lr": lrs[-1],
+                        "train/tokens_per_s": tokens_per_s,
+                        "train/mfu": flops_per_token * tokens_per_s / world / peak,
+                        "time/handover_s": handover_s,
+                        "time/rollout_s": rollout_s,
+                        "time/update_s": update_s,
+                        "rollout/handover_mb": sum(v.numel() * v.element_size() for v in weights_now.values()) / 2**20,
+                    }
+                )
                 logger.log(step, report, time.perf_counter() - started)
-                say(f"[{job.stage.name}] step {step}: reward {report['reward/total/mean']:.3f} ± {report['reward/total/std']:.3f}"
-                    f" | " + " | ".join(f"{name} {report[f'reward/{name}/mean']:.3f}" for name in values)
-                    + f" | kl {report['grpo/kl']:.4f} | rollout {rollout_s:.1f}s, update {update_s:.1f}s, hand-over {handover_s * 1e3:.0f} ms")
+                say(
+                    f"[{job.stage.name}] step {step}: reward {report['reward/total/mean']:.3f} ± {report['reward/total/std']:.3f}"
+                    f" | "
+                    + " | ".join(f"{name} {report[f'reward/{name}/mean']:.3f}" for name in values)
+                    + f" | kl {report['grpo/kl']:.4f} | rollout {rollout_s:.1f}s, update {update_s:.1f}s, hand-over {handover_s * 1e3:.0f} ms"
+                )
             if validating:
                 # only rank 0's report counts
                 reported["val/loss"] = validation_loss(stage, model, tokenizer, job) if rank == 0 else 0.0
                 if logger:
                     logger.log_metrics(step, {"val/loss": reported["val/loss"]})
             if checkpointing:
-                report_checkpoint(stage, model, tokenizer, optimizer, step, {**reported, "finished": float(step == total_steps)},
-                                   rank, world, lora)
+                report_checkpoint(
+                    stage,
+                    model,
+                    tokenizer,
+                    optimizer,
+                    step,
+                    {**reported, "finished": float(step == total_steps)},
+                    rank,
+                    world,
+                    lora,
+                )
             elif validating:
                 ray.train.report({**reported, "step": step, "finished": 0.0})  # every rank reports, none with a checkpoint
             if stopping:

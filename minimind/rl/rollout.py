@@ -81,4 +81,9 @@ class RolloutWorker:
                         finished[row] = True  # from the step it sampled its stop token on
                     else:
                         completions[row].append(token)
-        return {"completions": completions, "finished": finished, "version": self.version, "seconds": time.perf_counter() - started}
+        return {
+            "completions": completions,
+            "finished": finished,
+            "version": self.version,
+            "seconds": time.perf_counter() - started,
+        }

@@ -327,14 +327,23 @@ class Gateway:
         identity = {"id": completion_id(), "object": "chat.completion.chunk", "created": now(), "model": chat.model}
 
         def chunk(delta: dict, finish=None, **extra) -> str:
-            return "data: " + json.dumps({**identity, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra},
-                                         ensure_ascii=False) + "\n\n"
+            return (
+                "data: "
+                + json.dumps(
+                    {**identity, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}, ensure_ascii=False
+                )
+                + "\n\n"
+            )
 
         yield chunk({"role": "assistant", "content": ""})
         try:
             while (event := await _next_event(events, deadline, chat.model, self.request_timeout_s)) is not None:
                 if event["type"] == "delta":
-                    delta = {key: value for key, value in (("reasoning_content", event["reasoning"]), ("content", event["content"])) if value}
+                    delta = {
+                        key: value
+                        for key, value in (("reasoning_content", event["reasoning"]), ("content", event["content"]))
+                        if value
+                    }
                     yield chunk(delta)
                 elif event["type"] == "end":
                     yield chunk({}, event["finish_reason"])
@@ -354,12 +363,19 @@ class Gateway:
 
 def _server(spec: ModelSpec, settings: ServeSettings):
     # Serve admits 5 requests per replica by default: too few to fill a batch; the rest wait in the replica.
-    options = {"ray_actor_options": {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus}, "name": spec.name,
-               "max_ongoing_requests": spec.max_ongoing_requests or 4 * spec.max_batch_size,
-               "max_queued_requests": spec.max_queued_requests,
-               "backpressure_config": {"status_code": 429, "retry_after_s": 1}}
+    options = {
+        "ray_actor_options": {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus},
+        "name": spec.name,
+        "max_ongoing_requests": spec.max_ongoing_requests or 4 * spec.max_batch_size,
+        "max_queued_requests": spec.max_queued_requests,
+        "backpressure_config": {"status_code": 429, "retry_after_s": 1},
+    }
     if spec.num_replicas == "auto":
-        options["autoscaling_config"] = {"min_replicas": 1, "max_replicas": spec.max_replicas, "target_ongoing_requests": spec.max_batch_size}
+        options["autoscaling_config"] = {
+            "min_replicas": 1,
+            "max_replicas": spec.max_replicas,
+            "target_ongoing_requests": spec.max_batch_size,
+        }
     else:
         options["num_replicas"] = int(spec.num_replicas)
     replica = {name: getattr(spec, name) for name in REPLICA_FIELDS}
@@ -372,9 +388,13 @@ def _server(spec: ModelSpec, settings: ServeSettings):
 def build(settings: ServeSettings):
     servers = {spec.name: _server(spec, settings) for spec in settings.models}
     # the proxy answers past this queue itself (503, plain text): a last line far behind the models' 429s
-    gateway = Gateway.options(num_replicas=settings.gateway_replicas, ray_actor_options={"num_cpus": GATEWAY_CPUS},
-                              max_ongoing_requests=1000, max_queued_requests=1000,
-                              backpressure_config={"status_code": 503, "retry_after_s": 1})
+    gateway = Gateway.options(
+        num_replicas=settings.gateway_replicas,
+        ray_actor_options={"num_cpus": GATEWAY_CPUS},
+        max_ongoing_requests=1000,
+        max_queued_requests=1000,
+        backpressure_config={"status_code": 503, "retry_after_s": 1},
+    )
     return gateway.bind(servers, asdict(settings.limits), settings.api_key_file, settings.api_key_env, settings.request_timeout_s)
 
 

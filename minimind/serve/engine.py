@@ -84,7 +84,9 @@ class BatchingEngine:
         every request joining with it)."""
         room = self.model.config.max_position_embeddings - len(prompt_ids)
         if room < 1 or not prompt_ids:
-            raise ValueError(f"a prompt of {len(prompt_ids)} tokens leaves no room in the {room + len(prompt_ids)}-position context")
+            raise ValueError(
+                f"a prompt of {len(prompt_ids)} tokens leaves no room in the {room + len(prompt_ids)}-position context"
+            )
         request = _Request(prompt_ids, pixel_values, replace(sampling, max_new_tokens=min(sampling.max_new_tokens, room)))
         if self.worker is None or self.worker.done():
             self.wakeup = asyncio.Event()
@@ -237,9 +239,14 @@ def releasable(text: str, stops: list[str], final: bool = False) -> tuple[str, b
     cut = min((text.find(stop) for stop in stops if stop in text), default=-1)
     if cut >= 0:
         return text[:cut].replace("\ufffd", ""), True
-    held = 0 if final else max((size for stop in stops for size in range(1, min(len(stop), len(text) + 1))
-                                if text.endswith(stop[:size])), default=0)
-    return text[:len(text) - held].replace("\ufffd", ""), False
+    held = (
+        0
+        if final
+        else max(
+            (size for stop in stops for size in range(1, min(len(stop), len(text) + 1)) if text.endswith(stop[:size])), default=0
+        )
+    )
+    return text[: len(text) - held].replace("\ufffd", ""), False
 
 
 class Released:
@@ -252,7 +259,7 @@ class Released:
 
     def extend(self, text: str, final: bool = False) -> dict | None:
         reasoning, content = split_reasoning(text, self.think, self.answer, final)
-        new_reasoning, new_content = reasoning[len(self.reasoning):], content[len(self.content):]
+        new_reasoning, new_content = reasoning[len(self.reasoning) :], content[len(self.content) :]
         if not (new_reasoning or new_content):
             return None
         self.reasoning, self.content = reasoning, content
@@ -264,8 +271,15 @@ class ChatModel:
     split, stop strings. `chat()` yields events: {"type": "start", "prompt_tokens"}, then
     {"type": "delta", "reasoning", "content"}..., then {"type": "end", "finish_reason", "completion_tokens"}."""
 
-    def __init__(self, model_dir: str | Path, limits: Limits | None = None, max_batch_size: int = 16,
-                 batch_wait_s: float = 0.01, dtype: str = "bf16", device: str | None = None):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        limits: Limits | None = None,
+        max_batch_size: int = 16,
+        batch_wait_s: float = 0.01,
+        dtype: str = "bf16",
+        device: str | None = None,
+    ):
         self.loaded = Chat.load(model_dir, device=device, dtype=dtype)
         self.model, self.tokenizer, self.takes_images = self.loaded.model, self.loaded.tokenizer, self.loaded.takes_images
         self.markers = Markers.of(self.tokenizer)
@@ -288,15 +302,26 @@ class ChatModel:
             placeholders = prompt.count(self.model.image_token_id) // self.model.image_tokens
             if placeholders != len(request.images):
                 spelled = IMAGE_MARKER if self.markers.image == IMAGE_MARKER else f"{IMAGE_MARKER} or {self.markers.image}"
-                raise APIError(400, f"{placeholders} image marker(s) ({spelled}) in the messages but {len(request.images)} image(s)",
-                               param="messages")
+                raise APIError(
+                    400,
+                    f"{placeholders} image marker(s) ({spelled}) in the messages but {len(request.images)} image(s)",
+                    param="messages",
+                )
         room = self.context - len(prompt)
         if room < 1:
-            raise APIError(400, f"the prompt has {len(prompt)} tokens; this model's context window is {self.context}",
-                           param="messages", code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"the prompt has {len(prompt)} tokens; this model's context window is {self.context}",
+                param="messages",
+                code="context_length_exceeded",
+            )
         sampling = SamplingParams(
-            max_new_tokens=min(request.max_tokens or self.limits.max_tokens, room), temperature=request.temperature,
-            top_p=request.top_p, top_k=request.top_k, repetition_penalty=request.repetition_penalty, seed=request.seed,
+            max_new_tokens=min(request.max_tokens or self.limits.max_tokens, room),
+            temperature=request.temperature,
+            top_p=request.top_p,
+            top_k=request.top_k,
+            repetition_penalty=request.repetition_penalty,
+            seed=request.seed,
         )
         pixel_values = None
         if request.images:  # an unreadable image fails this request only, with a 400

@@ -158,11 +158,13 @@ def open_image(data: bytes, max_pixels: int, param: str):
     except ImageOutOfShape as error:
         raise APIError(400, str(error), param=param, code="invalid_image") from None
     except UnknownImageFormat:
-        raise APIError(400, "the image is not a readable image: send a PNG, JPEG, WebP or GIF", param=param,
-                       code="invalid_image") from None
+        raise APIError(
+            400, "the image is not a readable image: send a PNG, JPEG, WebP or GIF", param=param, code="invalid_image"
+        ) from None
     except ImageError:  # its message may quote Pillow's: not for the client
-        raise APIError(400, "the image is not a readable image (corrupt or truncated)", param=param,
-                       code="invalid_image") from None
+        raise APIError(
+            400, "the image is not a readable image (corrupt or truncated)", param=param, code="invalid_image"
+        ) from None
 
 
 def check_image(data: bytes, max_pixels: int, param: str) -> None:
@@ -179,8 +181,12 @@ def parse_chat_request(body, models: dict[str, bool], limits: Limits, image_mark
     if not isinstance(model, str) or not model:
         raise APIError(400, "'model' is required", param="model")
     if model not in models:
-        raise APIError(404, f"the model {_show(model)} does not exist; served: {', '.join(sorted(models))}", param="model",
-                       code="model_not_found")
+        raise APIError(
+            404,
+            f"the model {_show(model)} does not exist; served: {', '.join(sorted(models))}",
+            param="model",
+            code="model_not_found",
+        )
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty array", param="messages")
@@ -209,7 +215,11 @@ def parse_chat_request(body, models: dict[str, bool], limits: Limits, image_mark
                         raise APIError(400, f"the model '{model}' does not take images", param=part_where)
                     if len(images) == limits.max_images:  # refused before the next one is decoded
                         raise APIError(400, f"at most {limits.max_images} images per request", param=part_where)
-                    url = (part.get("image_url") or {}).get("url") if isinstance(part.get("image_url"), dict) else part.get("image_url")
+                    url = (
+                        (part.get("image_url") or {}).get("url")
+                        if isinstance(part.get("image_url"), dict)
+                        else part.get("image_url")
+                    )
                     if not isinstance(url, str):
                         raise APIError(400, f"{part_where}.image_url.url is required", param=part_where)
                     images.append(decode_image(url, limits, part_where))
@@ -221,12 +231,17 @@ def parse_chat_request(body, models: dict[str, bool], limits: Limits, image_mark
         else:
             raise APIError(400, f"{where}.content must be a string or an array of parts", param=f"{where}.content")
         if len(text) > limits.max_message_chars:
-            raise APIError(413, f"{where} is longer than {limits.max_message_chars} characters", param=where,
-                           code="message_too_long")
+            raise APIError(
+                413, f"{where} is longer than {limits.max_message_chars} characters", param=where, code="message_too_long"
+            )
         total += len(text)
         if total > limits.max_total_chars:
-            raise APIError(413, f"the messages are longer than {limits.max_total_chars} characters in all", param="messages",
-                           code="messages_too_long")
+            raise APIError(
+                413,
+                f"the messages are longer than {limits.max_total_chars} characters in all",
+                param="messages",
+                code="messages_too_long",
+            )
         parsed.append({"role": role, "content": text})
     if parsed[-1]["role"] == "assistant":
         raise APIError(400, "the last message must not be the assistant's: there is nothing to reply to", param="messages")
@@ -247,17 +262,22 @@ def parse_chat_request(body, models: dict[str, bool], limits: Limits, image_mark
     if n is not None and (isinstance(n, bool) or n != 1):
         # n samples would take n batch rows (n prefills, n KV caches) for one queue slot and one request's
         # bounds; n requests cost the same, decode in the same batch, and are bounded and queued one by one
-        raise APIError(400, f"'n' must be 1: this server returns one choice per request (send several requests), got {_show(n)}",
-                       param="n")
+        raise APIError(
+            400, f"'n' must be 1: this server returns one choice per request (send several requests), got {_show(n)}", param="n"
+        )
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     return ChatRequest(
-        model=model, messages=parsed, images=images,
+        model=model,
+        messages=parsed,
+        images=images,
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
         top_k=_integer(body, "top_k", 0, 2**31 - 1) or 0,
         repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 2.0, low_open=True),
         max_tokens=_integer({"max_tokens": max_tokens}, "max_tokens", 1, limits.max_tokens),
-        stop=[_text(s, "stop") for s in stop or []], seed=_integer(body, "seed", 0, 2**63 - 1), stream=stream,
+        stop=[_text(s, "stop") for s in stop or []],
+        seed=_integer(body, "seed", 0, 2**63 - 1),
+        stream=stream,
         include_usage=bool((options or {}).get("include_usage")),
     )
 
@@ -276,7 +296,7 @@ def split_reasoning(text: str, think: tuple[str, str], answer: tuple[str, str], 
         return "", ""  # nothing yet, whitespace, or maybe the think tag arriving
     if not stripped.startswith(think[0]):
         return "", text
-    body = stripped[len(think[0]):]
+    body = stripped[len(think[0]) :]
     reasoning, closed, rest = body.partition(think[1])
     if not closed:
         return _hold_back(reasoning.lstrip("\n"), think[1], final), ""
@@ -284,7 +304,7 @@ def split_reasoning(text: str, think: tuple[str, str], answer: tuple[str, str], 
     if not final and answer[0].startswith(rest):
         return reasoning.strip("\n"), ""  # maybe the answer tag arriving
     if rest.startswith(answer[0]):
-        rest = rest[len(answer[0]):].lstrip("\n")
+        rest = rest[len(answer[0]) :].lstrip("\n")
     content = rest.split(answer[1])[0] if answer[1] in rest else _hold_back(rest, answer[1], final)
     return reasoning.strip("\n"), content.rstrip("\n") if answer[1] in rest else content
 

@@ -83,7 +83,11 @@ def _chats(model_input) -> list[dict]:
         model_input = model_input.to_dict(orient="records")
     chats = [model_input] if isinstance(model_input, dict) else list(model_input)
     for chat in chats:
-        if not isinstance(chat, dict) or not isinstance(chat.get("messages"), (list, tuple)) and not hasattr(chat.get("messages"), "tolist"):
+        if (
+            not isinstance(chat, dict)
+            or not isinstance(chat.get("messages"), (list, tuple))
+            and not hasattr(chat.get("messages"), "tolist")
+        ):
             raise ValueError('each input is {"messages": [{"role": ..., "content": ...}, ...]}')
         if hasattr(chat["messages"], "tolist"):  # numpy arrays out of a DataFrame
             chat["messages"] = chat["messages"].tolist()
@@ -115,8 +119,10 @@ def log_model_dir(directory: str | Path, name: str, run_id: str | None = None) -
     midway FAILED."""
     directory = Path(directory)
     if not any((directory / marker).is_file() for marker in MODEL_MARKERS):
-        raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}; log a directory written by minimind.model.checkpoint.save_model "
-                                "(or LoRA adapters written by minimind.model.lora.save_adapter)")
+        raise FileNotFoundError(
+            f"{directory} has no {CONFIG_NAME}; log a directory written by minimind.model.checkpoint.save_model "
+            "(or LoRA adapters written by minimind.model.lora.save_adapter)"
+        )
     mlflow_client()  # the store, set up
     active = mlflow.active_run()
     if run_id is not None and (active is None or active.info.run_id != run_id):

@@ -110,7 +110,10 @@ def _model_folder(root: Path, reference: str) -> Path:
     without any (a tokenizer directory) is returned as it is."""
     if any((root / marker).is_file() for marker in MODEL_MARKERS):
         return root
-    found = sorted({path.parent for marker in MODEL_MARKERS for path in root.rglob(marker)}, key=lambda folder: (len(folder.parts), str(folder)))
+    found = sorted(
+        {path.parent for marker in MODEL_MARKERS for path in root.rglob(marker)},
+        key=lambda folder: (len(folder.parts), str(folder)),
+    )
     if not found:
         return root
     shallowest = [folder for folder in found if len(folder.parts) == len(found[0].parts)]
@@ -144,10 +147,20 @@ def pin(reference: str) -> str:
 def recorded_lineage(run_name: str) -> dict[str, str]:
     """The exact inputs (`lineage.*` tags) an earlier MLflow run of this Ray run name resolved, for --resume."""
     client = mlflow_client()
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], f"tags.`ray.run_name` = '{run_name}'",
-                              order_by=["attributes.start_time ASC"], max_results=10)
-    return next(({k: v for k, v in run.data.tags.items() if k.startswith("lineage.")} for run in runs
-                 if any(k.startswith("lineage.") for k in run.data.tags)), {})
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        f"tags.`ray.run_name` = '{run_name}'",
+        order_by=["attributes.start_time ASC"],
+        max_results=10,
+    )
+    return next(
+        (
+            {k: v for k, v in run.data.tags.items() if k.startswith("lineage.")}
+            for run in runs
+            if any(k.startswith("lineage.") for k in run.data.tags)
+        ),
+        {},
+    )
 
 
 def resolve_model(reference: str, destination: str | Path | None = None, merge_adapters: bool = True) -> Path:
@@ -238,7 +251,9 @@ def register_logged_model(model_id: str, name: str, alias: str | None = None, ta
     client = mlflow_client()
     version = None
     try:
-        version = mlflow.register_model(f"models:/{model_id}", name, tags={key: str(value) for key, value in (tags or {}).items()})
+        version = mlflow.register_model(
+            f"models:/{model_id}", name, tags={key: str(value) for key, value in (tags or {}).items()}
+        )
         if alias is not None:
             client.set_registered_model_alias(name, alias, version.version)
         return client.get_model_version(name, str(version.version))  # re-read: this one carries the aliases
@@ -256,5 +271,3 @@ def mark_failed(model_id: str) -> None:
         mlflow.finalize_logged_model(model_id, LoggedModelStatus.FAILED)
     except Exception as cleanup_error:
         warnings.warn(f"could not mark the LoggedModel {model_id} FAILED: {cleanup_error}")
-
-

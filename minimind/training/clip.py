@@ -138,13 +138,20 @@ def retrieval(clip, pixel_values: torch.Tensor, input_ids: torch.Tensor, attenti
     was_training = clip.training
     clip.eval()
     images = torch.cat([image_embeddings(clip, pixel_values[i : i + batch_size]) for i in range(0, len(pixel_values), batch_size)])
-    texts = torch.cat([text_embeddings(clip, input_ids[i : i + batch_size], attention_mask[i : i + batch_size])
-                       for i in range(0, len(input_ids), batch_size)])
+    texts = torch.cat(
+        [
+            text_embeddings(clip, input_ids[i : i + batch_size], attention_mask[i : i + batch_size])
+            for i in range(0, len(input_ids), batch_size)
+        ]
+    )
     clip.train(was_training)
     ranked = (images @ texts.T).topk(min(5, len(texts)), dim=-1).indices
     hits = groups[ranked] == groups[:, None]
-    return {"top1": hits[:, 0].float().mean().item(), "top5": hits.any(-1).float().mean().item(),
-            "chance": 1 / len(groups.unique())}
+    return {
+        "top1": hits[:, 0].float().mean().item(),
+        "top5": hits.any(-1).float().mean().item(),
+        "chance": 1 / len(groups.unique()),
+    }
 
 
 def save_tower(clip, processor, folder: str | Path) -> Path:

@@ -14,9 +14,13 @@ class TrainConfig:
 
     data: str | None = option("training JSONL (default: the demo world's file for this stage)", default=None)
     eval_data: str | None = option("held-out JSONL for the stage's evaluation (default: the demo's)", default=None)
-    init: str | None = option("model to start from: models:/NAME/latest|VERSION, models:/NAME@ALIAS, runs:/..., or a directory", default=None)
+    init: str | None = option(
+        "model to start from: models:/NAME/latest|VERSION, models:/NAME@ALIAS, runs:/..., or a directory", default=None
+    )
     preset: str = option("model shape when training from scratch (pretrain)", default="demo")
-    tokenizer: str | None = option("tokenizer directory or models:/ URI when training from scratch (default: the demo tokenizer)", default=None)
+    tokenizer: str | None = option(
+        "tokenizer directory or models:/ URI when training from scratch (default: the demo tokenizer)", default=None
+    )
     seq_len: int = option("longest row in tokens", default=256)
     batch_size: int = option("rows per micro-batch per worker", default=16)
     grad_accum: int = option("micro-batches per optimiser step", default=1)
@@ -29,37 +33,61 @@ class TrainConfig:
     max_steps: int = option("stop after this many optimiser steps (0: --epochs decide)", default=0)
     dtype: str = option("bf16 (autocast) or fp32", default="bf16")
     num_workers: int = option("Ray Train workers (DDP when > 1)", default=1)
-    use_gpu: bool | None = option("GPUs for the workers, waiting for the autoscaler to provide them (default: when the cluster has or "
-                                 "can launch GPU nodes)", off_flag="--cpu", default=None)
+    use_gpu: bool | None = option(
+        "GPUs for the workers, waiting for the autoscaler to provide them (default: when the cluster has or "
+        "can launch GPU nodes)",
+        off_flag="--cpu",
+        default=None,
+    )
     gpus_per_worker: float = option("GPUs per worker; a fraction lets Tune trials share one GPU", default=1.0)
-    cpus_per_worker: float = option("CPUs per worker (torch threads: at least one); 0: 2 for a GPU worker, a CPU node's CPUs shared among the workers", default=0.0)
+    cpus_per_worker: float = option(
+        "CPUs per worker (torch threads: at least one); 0: 2 for a GPU worker, a CPU node's CPUs shared among the workers",
+        default=0.0,
+    )
     checkpoint_every: int = option("report a checkpoint every N optimiser steps (and at the end)", default=50)
     max_failures: int = option("worker failures Ray recovers from by restarting from the last checkpoint", default=2)
     resume: bool = option("continue the newest run of this stage from its last checkpoint", default=False)
-    stop_after: int = option("stop this invocation after N steps with a checkpoint, to continue later with --resume (0: run to the end)", default=0)
+    stop_after: int = option(
+        "stop this invocation after N steps with a checkpoint, to continue later with --resume (0: run to the end)", default=0
+    )
     storage_path: str | None = option("where Ray Train keeps checkpoints (shared storage for several nodes)", default=None)
     experiment: str = option("MLflow experiment", default="minimind")
     register_as: str | None = option("registered model name (default: the stage's own)", default=None)
     alias: str | None = option("also point this alias of the registered model at the new version", default=None)
     skip_bad: bool = option("skip malformed data lines (counted) instead of failing", default=False)
     drop_duplicates: bool = option("leave out records that exactly repeat an earlier one of the file", default=False)
-    prepared: str | None = option("where prepared data (token shards + manifest + data report) is kept: a folder or storage URI every "
-                                 "node reads (default: <storage-path>/prepared)", default=None)
-    compile: bool = option("torch.compile the model being trained (inductor): faster steps on a GPU after a one-off compile", default=False)
-    loader_workers: int = option("DataLoader processes per worker that collate batches (and decode images) off the training thread; "
-                                "0: on it; -1: one on GPU or for images, none for text on CPU (where torch's threads use every core)",
-                                default=-1)
+    prepared: str | None = option(
+        "where prepared data (token shards + manifest + data report) is kept: a folder or storage URI every "
+        "node reads (default: <storage-path>/prepared)",
+        default=None,
+    )
+    compile: bool = option(
+        "torch.compile the model being trained (inductor): faster steps on a GPU after a one-off compile", default=False
+    )
+    loader_workers: int = option(
+        "DataLoader processes per worker that collate batches (and decode images) off the training thread; "
+        "0: on it; -1: one on GPU or for images, none for text on CPU (where torch's threads use every core)",
+        default=-1,
+    )
     log_every: int = option("log a line and MLflow metrics every N steps", default=10)
     eval_limit: int = option("evaluate on at most this many held-out records", default=1000)
-    val_every: int = option("also compute the held-out loss every N steps in training, logged as val/loss and reported to Ray (0: off)", default=0)
-    config_overrides: str | None = option("model fields to override when training from scratch, e.g. num_experts=4,num_experts_per_tok=1", default=None)
+    val_every: int = option(
+        "also compute the held-out loss every N steps in training, logged as val/loss and reported to Ray (0: off)", default=0
+    )
+    config_overrides: str | None = option(
+        "model fields to override when training from scratch, e.g. num_experts=4,num_experts_per_tok=1", default=None
+    )
     seed: int = option("random seed", default=0)
-    lora_rank: int = option("train low-rank adapters of this rank on the --lora-targets projections, the model itself frozen; "
-                           "checkpoints and the registered version hold only the adapters and name their base (0: train the whole model)",
-                           default=0)
+    lora_rank: int = option(
+        "train low-rank adapters of this rank on the --lora-targets projections, the model itself frozen; "
+        "checkpoints and the registered version hold only the adapters and name their base (0: train the whole model)",
+        default=0,
+    )
     lora_alpha: float = option("LoRA's scale: the adapters add alpha/rank * B A to each weight", default=16.0)
     lora_dropout: float = option("dropout on the LoRA branch's input", default=0.0)
-    lora_targets: str = option("projections that get adapters: attention, ffn, all, or names such as q_proj,v_proj", default="all")
+    lora_targets: str = option(
+        "projections that get adapters: attention, ffn, all, or names such as q_proj,v_proj", default="all"
+    )
     merge: bool = option("with --lora-rank: register the base with the adapters merged in, a plain model folder", default=False)
 
 
@@ -80,8 +108,14 @@ class SFTConfig(TrainConfig):
 class DPOConfig(TrainConfig):
     beta: float = field(default=0.5, metadata={"help": "DPO temperature: how far the policy may move from the reference"})
     # 4.0: on the demo, plain DPO (0) cost 0.155 of SFT's answer exact match, 1.0 cost 0.065 and 4.0 cost 0.020
-    rpo_alpha: float = field(default=4.0, metadata={"help": "weight of the chosen replies' negative log-likelihood added to the DPO loss (RPO; 0: plain DPO)"})
-    answer_eval: str | None = field(default=None, metadata={"help": "held-out SFT JSONL whose answer accuracy DPO should keep (default: the demo's, with the demo data)"})
+    rpo_alpha: float = field(
+        default=4.0,
+        metadata={"help": "weight of the chosen replies' negative log-likelihood added to the DPO loss (RPO; 0: plain DPO)"},
+    )
+    answer_eval: str | None = field(
+        default=None,
+        metadata={"help": "held-out SFT JSONL whose answer accuracy DPO should keep (default: the demo's, with the demo data)"},
+    )
     lr: float = 1e-4
     batch_size: int = 8
 
@@ -89,7 +123,12 @@ class DPOConfig(TrainConfig):
 @dataclass
 class DistillConfig(TrainConfig):
     mode: str = field(default="reason", metadata={"help": "reason (black-box traces) or kd (white-box soft labels)"})
-    answer_eval: str | None = field(default=None, metadata={"help": "held-out SFT JSONL whose answer accuracy distillation should keep (default: the demo's, with the demo data)"})
+    answer_eval: str | None = field(
+        default=None,
+        metadata={
+            "help": "held-out SFT JSONL whose answer accuracy distillation should keep (default: the demo's, with the demo data)"
+        },
+    )
     tag_weight: float = field(default=10.0, metadata={"help": "reason: loss weight of <think>/</think>/<answer>/</answer>"})
     teacher: str | None = field(default=None, metadata={"help": "kd: teacher model URI or directory"})
     alpha: float = field(default=0.5, metadata={"help": "kd: weight of cross-entropy against the KL term"})
@@ -100,35 +139,83 @@ class DistillConfig(TrainConfig):
 
 @dataclass
 class GRPOConfig(TrainConfig):
-    rewards: str = field(default="answer=1,format=0.5", metadata={"help": "rewards and their weights: answer, format, length, model (minimind.rl.rewards)"})
-    reward_model: str | None = field(default=None, metadata={"help": "model (URI or folder) whose mean log-probability of a reply is the `model` reward"})
-    group_size: int = field(default=8, metadata={"help": "completions sampled per prompt: the group their advantages are relative to"})
+    rewards: str = field(
+        default="answer=1,format=0.5",
+        metadata={"help": "rewards and their weights: answer, format, length, model (minimind.rl.rewards)"},
+    )
+    reward_model: str | None = field(
+        default=None, metadata={"help": "model (URI or folder) whose mean log-probability of a reply is the `model` reward"}
+    )
+    group_size: int = field(
+        default=8, metadata={"help": "completions sampled per prompt: the group their advantages are relative to"}
+    )
     max_new_tokens: int = field(default=128, metadata={"help": "token budget of a completion"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the rollouts; the policy's, the old policy's and the "
-                                                              "reference's log-probabilities are scored at it too (logits / T, as TRL), so the "
-                                                              "policy gradient and the ratios are those of the policy that sampled"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling of the rollouts (1: off). The log-probabilities are scored on the whole "
-                                                        "tempered distribution, not the truncated one (as TRL): below 1, the ratios and the KL "
-                                                        "are of the untruncated policy"})
-    kl_coef: float = field(default=0.02, metadata={"help": "weight of the KL divergence to the starting model (0: no reference model)"})
+    temperature: float = field(
+        default=1.0,
+        metadata={
+            "help": "sampling temperature of the rollouts; the policy's, the old policy's and the "
+            "reference's log-probabilities are scored at it too (logits / T, as TRL), so the "
+            "policy gradient and the ratios are those of the policy that sampled"
+        },
+    )
+    top_p: float = field(
+        default=1.0,
+        metadata={
+            "help": "nucleus sampling of the rollouts (1: off). The log-probabilities are scored on the whole "
+            "tempered distribution, not the truncated one (as TRL): below 1, the ratios and the KL "
+            "are of the untruncated policy"
+        },
+    )
+    kl_coef: float = field(
+        default=0.02, metadata={"help": "weight of the KL divergence to the starting model (0: no reference model)"}
+    )
     clip_eps: float = field(default=0.2, metadata={"help": "grpo: clip range of the policy ratio, [1 - eps, 1 + eps]"})
-    loss_type: str = field(default="grpo", metadata={"help": "grpo (PPO's clipped surrogate, averaged per completion) or cispo (MiniMax-M1's "
-                                                             "capped, detached importance weights, averaged over all the step's tokens). CISPO's "
-                                                             "weights only act with --updates-per-rollout 2 or more: with 1 the ratio is 1 and "
-                                                             "cispo is the token-averaged policy gradient"})
-    cispo_max_ratio: float = field(default=5.0, metadata={"help": "cispo: cap on the importance weight, its own (MiniMax-M1, arXiv:2506.13585, "
-                                                                  "bounds the weight above only and tunes that bound; caps of 4 to 5 are the usual "
-                                                                  "setting, far above GRPO's 1 + clip-eps)"})
-    updates_per_rollout: int = field(default=1, metadata={"help": "optimiser steps on each batch of rollouts (more than 1: the ratio and its "
-                                                                  "clip or cap matter)"})
+    loss_type: str = field(
+        default="grpo",
+        metadata={
+            "help": "grpo (PPO's clipped surrogate, averaged per completion) or cispo (MiniMax-M1's "
+            "capped, detached importance weights, averaged over all the step's tokens). CISPO's "
+            "weights only act with --updates-per-rollout 2 or more: with 1 the ratio is 1 and "
+            "cispo is the token-averaged policy gradient"
+        },
+    )
+    cispo_max_ratio: float = field(
+        default=5.0,
+        metadata={
+            "help": "cispo: cap on the importance weight, its own (MiniMax-M1, arXiv:2506.13585, "
+            "bounds the weight above only and tunes that bound; caps of 4 to 5 are the usual "
+            "setting, far above GRPO's 1 + clip-eps)"
+        },
+    )
+    updates_per_rollout: int = field(
+        default=1,
+        metadata={"help": "optimiser steps on each batch of rollouts (more than 1: the ratio and its clip or cap matter)"},
+    )
     length_limit: int = field(default=110, metadata={"help": "the length reward's limit in tokens"})
-    rollout_cpus: float = field(default=0.0, metadata={"help": "CPUs reserved for the rollout actor (0: it shares the trainer's; they take turns)"})
-    rollout_gpus: float = field(default=0.5, metadata={"help": "GPUs of the rollout actor on a GPU cluster; with --gpus-per-worker 0.5 both share one GPU, "
-                                                                 "with 1 each they run on separate GPUs (or nodes)"})
-    answer_eval: str | None = field(default=None, metadata={"help": "held-out SFT JSONL whose answer accuracy GRPO should keep (default: the demo's, with the demo data)"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "kept in the adapters' config for later stages; GRPO trains with dropout off "
-                                                               "(as TRL's GRPO), so its ratios and rollouts are of the one policy that samples"})
-    loader_workers: int = field(default=-1, metadata={"help": "not for GRPO, which refuses it: it has no data loader (its prompts are read once)"})
+    rollout_cpus: float = field(
+        default=0.0, metadata={"help": "CPUs reserved for the rollout actor (0: it shares the trainer's; they take turns)"}
+    )
+    rollout_gpus: float = field(
+        default=0.5,
+        metadata={
+            "help": "GPUs of the rollout actor on a GPU cluster; with --gpus-per-worker 0.5 both share one GPU, "
+            "with 1 each they run on separate GPUs (or nodes)"
+        },
+    )
+    answer_eval: str | None = field(
+        default=None,
+        metadata={"help": "held-out SFT JSONL whose answer accuracy GRPO should keep (default: the demo's, with the demo data)"},
+    )
+    lora_dropout: float = field(
+        default=0.0,
+        metadata={
+            "help": "kept in the adapters' config for later stages; GRPO trains with dropout off "
+            "(as TRL's GRPO), so its ratios and rollouts are of the one policy that samples"
+        },
+    )
+    loader_workers: int = field(
+        default=-1, metadata={"help": "not for GRPO, which refuses it: it has no data loader (its prompts are read once)"}
+    )
     # on the demo, 200 steps at 1e-5 took held-out additions from 0.77 to 0.83 in 5 minutes (3e-5 for 100 steps: 0.76)
     lr: float = 1e-5
     batch_size: int = 8  # prompts per step and worker
@@ -140,11 +227,23 @@ class GRPOConfig(TrainConfig):
 
 @dataclass
 class VLMConfig(TrainConfig):
-    images: str | None = field(default=None, metadata={"help": "folder (or storage URI) the JSONL's image names are relative to (default: the demo images, or the data file's folder)"})
-    vision_model: str | None = field(default=None, metadata={"help": "CLIP vision tower: a local folder, hub id or models:/ URI (e.g. jobs/clip.py's "
-                                                                  "minimind-clip-demo), used when --init is a language model (default: the demo's "
-                                                                  "random tower, with the demo data)"})
-    link_vision: bool = field(default=False, metadata={"help": "reference the vision tower by its path instead of copying it into the registered model"})
+    images: str | None = field(
+        default=None,
+        metadata={
+            "help": "folder (or storage URI) the JSONL's image names are relative to (default: the demo images, or the data file's folder)"
+        },
+    )
+    vision_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "CLIP vision tower: a local folder, hub id or models:/ URI (e.g. jobs/clip.py's "
+            "minimind-clip-demo), used when --init is a language model (default: the demo's "
+            "random tower, with the demo data)"
+        },
+    )
+    link_vision: bool = field(
+        default=False, metadata={"help": "reference the vision tower by its path instead of copying it into the registered model"}
+    )
     lr: float = 1e-3
     epochs: int = 1
 

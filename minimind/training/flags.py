@@ -65,7 +65,9 @@ def parse_overrides(text: str | None) -> dict:
     for item in text.split(","):
         key, _, value = (part.strip() for part in item.partition("="))
         if key not in known or not value:
-            raise SystemExit(f"--config-overrides: {item!r} is not FIELD=VALUE with a field of ModelConfig ({', '.join(sorted(known))})")
+            raise SystemExit(
+                f"--config-overrides: {item!r} is not FIELD=VALUE with a field of ModelConfig ({', '.join(sorted(known))})"
+            )
         kind = types[key]
         overrides[key] = float(value) if kind is float else int(value) if kind is int else value
     return overrides

@@ -85,7 +85,9 @@ def lora_settings(config) -> LoRAConfig | None:
     """The adapters this job trains, naming its starting model as their base; None: the whole model trains."""
     if not config.lora_rank:
         return None
-    return LoRAConfig(config.lora_rank, config.lora_alpha, config.lora_dropout, parse_targets(config.lora_targets), base=config.init)
+    return LoRAConfig(
+        config.lora_rank, config.lora_alpha, config.lora_dropout, parse_targets(config.lora_targets), base=config.init
+    )
 
 
 def stage_data(stage, config, image_tokens: int = 1) -> StageData:
@@ -107,7 +109,11 @@ def ddp_options() -> dict:
     from torch.nn.parallel import DistributedDataParallel
 
     # torch 2.13 renamed broadcast_buffers (still syncing once at init, which is harmless here)
-    no_broadcast = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers"
+    no_broadcast = (
+        "forward_sync_buffers"
+        if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+        else "broadcast_buffers"
+    )
     return {no_broadcast: False, "find_unused_parameters": False}
 
 
@@ -172,7 +178,9 @@ def adamw(model, config, device) -> tuple[list, torch.optim.AdamW]:
     params = [p for p in model.parameters() if p.requires_grad]
     # fused on CUDA: one kernel per step, not several per tensor. (Fused on CPU too would save ~2% of a step,
     # but its rounding differs from foreach's, and the demo's reasoning format swung from 0.99 to 0.65 on it.)
-    return params, torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay, fused=device.type == "cuda")
+    return params, torch.optim.AdamW(
+        params, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay, fused=device.type == "cuda"
+    )
 
 
 def resume_from_checkpoint(job: StageJob, stage, model, optimizer, lora: LoRAConfig | None, device, rank: int) -> int:
@@ -244,8 +252,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         host_batches = [next(stream) for _ in range(config.grad_accum)]
         window_tokens += sum(batch_tokens(batch) for batch in host_batches)
         batches = [on_device(batch, device) for batch in host_batches]
-        sums = accumulate_gradients(model, stage, batches, companions, job, device, world, amp_dtype)  # tensors left on the device
-        sums["train/grad_norm"] = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
+        sums = accumulate_gradients(
+            model, stage, batches, companions, job, device, world, amp_dtype
+        )  # tensors left on the device
+        sums["train/grad_norm"] = torch.nn.utils.clip_grad_norm_(
+            params, config.grad_clip if config.grad_clip > 0 else float("inf")
+        )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -254,8 +266,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
             values = on_host(sums)  # waits for the device: the window's time then covers its work
             seconds = time.perf_counter() - window_start
             tokens_per_s = window_tokens * world / max(seconds, 1e-9)
-            logger.log(step, {**values, "train/lr": lr, "train/tokens_per_s": tokens_per_s,
-                              "train/mfu": flops_per_token * tokens_per_s / world / peak}, time.perf_counter() - started)
+            logger.log(
+                step,
+                {
+                    **values,
+                    "train/lr": lr,
+                    "train/tokens_per_s": tokens_per_s,
+                    "train/mfu": flops_per_token * tokens_per_s / world / peak,
+                },
+                time.perf_counter() - started,
+            )
             window_tokens, window_start = 0, time.perf_counter()
         stopping = bool(config.stop_after) and step >= config.stop_after and step < total_steps
         validating = bool(config.val_every) and (step % config.val_every == 0 or step == total_steps)
@@ -264,7 +284,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if logger:
                 logger.log_metrics(step, {"val/loss": sums["val/loss"]})
         if step % config.checkpoint_every == 0 or step == total_steps or stopping:
-            report_checkpoint(stage, model, tokenizer, optimizer, step, {**on_host(sums), "finished": float(step == total_steps)}, rank, world, lora)
+            report_checkpoint(
+                stage,
+                model,
+                tokenizer,
+                optimizer,
+                step,
+                {**on_host(sums), "finished": float(step == total_steps)},
+                rank,
+                world,
+                lora,
+            )
         elif validating:
             import ray.train
 
@@ -280,8 +310,9 @@ def on_device(batch: dict, device) -> dict:
     return {key: (value.to(device, non_blocking=True) if torch.is_tensor(value) else value) for key, value in batch.items()}
 
 
-def accumulate_gradients(model, stage, batches: list[dict], companions: dict, job, device, world: int = 1,
-                         amp_dtype: torch.dtype | None = None) -> dict:
+def accumulate_gradients(
+    model, stage, batches: list[dict], companions: dict, job, device, world: int = 1, amp_dtype: torch.dtype | None = None
+) -> dict:
     """Forward and backward over the micro-batches of one optimiser step (already on `device`), leaving
     the step's gradient in the parameters; returns the step's metrics as tensors on the device.
 
@@ -304,7 +335,7 @@ def accumulate_gradients(model, stage, batches: list[dict], companions: dict, jo
     sums: dict = {}
     for index, batch in enumerate(batches):
         sync = index == len(batches) - 1 or world == 1
-        with (model.no_sync() if not sync and hasattr(model, "no_sync") else nullcontext()), autocast_to(device, amp_dtype):
+        with model.no_sync() if not sync and hasattr(model, "no_sync") else nullcontext(), autocast_to(device, amp_dtype):
             loss, metrics = stage.loss(model, batch, companions, job)
             (loss * loss_scales[index]).backward()
         for key, value in {"train/loss": loss, **metrics}.items():
@@ -335,8 +366,12 @@ def _loader_settings(stage, model, tokenizer, job: StageJob, device) -> dict:
     collate_fn = partial(collate, pad_id=tokenizer.pad_token_id)
     if stage.data_kind == "vlm":
         collate_fn = BatchWithPixels(collate_fn, unwrap(model).image_processor, job.images)
-    return {"collate_fn": collate_fn, "num_workers": workers, "pin_memory": device.type == "cuda",
-            **({"prefetch_factor": 4, "multiprocessing_context": "fork"} if workers else {})}
+    return {
+        "collate_fn": collate_fn,
+        "num_workers": workers,
+        "pin_memory": device.type == "cuda",
+        **({"prefetch_factor": 4, "multiprocessing_context": "fork"} if workers else {}),
+    }
 
 
 def validation_loss(stage, model, tokenizer, job: StageJob) -> float:
@@ -346,8 +381,15 @@ def validation_loss(stage, model, tokenizer, job: StageJob) -> float:
         return float("nan")
     inner = unwrap(model)
     was_training = inner.training
-    loss = heldout_loss(inner, tokenizer, job.eval_path, kind=stage.data_kind, seq_len=job.config.seq_len,
-                        limit=job.config.eval_limit, images_dir=job.images)  # no_grad and eval mode inside
+    loss = heldout_loss(
+        inner,
+        tokenizer,
+        job.eval_path,
+        kind=stage.data_kind,
+        seq_len=job.config.seq_len,
+        limit=job.config.eval_limit,
+        images_dir=job.images,
+    )  # no_grad and eval mode inside
     inner.train(was_training)
     return loss
 
@@ -357,8 +399,9 @@ def autocast_to(device, amp_dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
 
 
-def report_checkpoint(stage, model, tokenizer, optimizer, step: int, metrics: dict, rank: int, world: int,
-                       lora: LoRAConfig | None = None) -> None:
+def report_checkpoint(
+    stage, model, tokenizer, optimizer, step: int, metrics: dict, rank: int, world: int, lora: LoRAConfig | None = None
+) -> None:
     import ray.train
 
     reported = {**metrics, "step": step}
@@ -388,10 +431,12 @@ class MetricLogger:
         self.sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-metrics")  # one thread keeps the order
         self.failures = 0
         uri = job.mlflow_tracking_uri or ""
-        local_store = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+        local_store = Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
         if job.mlflow_run_id and local_store is not None and not local_store.is_file():
-            say(f"[{job.stage.name}] the MLflow store {uri} is a file on the driver's machine, not this node's: step metrics go to "
-                "the driver's log only (set MLFLOW_TRACKING_URI to a tracking server to record them)")
+            say(
+                f"[{job.stage.name}] the MLflow store {uri} is a file on the driver's machine, not this node's: step metrics go to "
+                "the driver's log only (set MLFLOW_TRACKING_URI to a tracking server to record them)"
+            )
         elif job.mlflow_run_id:
             from mlflow.tracking import MlflowClient
 
@@ -416,7 +461,9 @@ class MetricLogger:
             self.client.log_batch(self.job.mlflow_run_id, metrics=batch)
         except Exception as error:  # report, never raise into training
             self.failures += 1
-            say(f"[{self.job.stage.name}] MLflow metrics of step {step} not logged ({type(error).__name__}: {error}); training goes on")
+            say(
+                f"[{self.job.stage.name}] MLflow metrics of step {step} not logged ({type(error).__name__}: {error}); training goes on"
+            )
 
     def log(self, step: int, metrics: dict, elapsed: float) -> None:
         say(

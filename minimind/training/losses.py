@@ -36,7 +36,11 @@ def dpo_loss(
 
 
 def kd_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, alpha: float = 0.5, temperature: float = 1.5,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    alpha: float = 0.5,
+    temperature: float = 1.5,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """White-box distillation (Hinton et al. 2015): alpha * CE(labels) + (1 - alpha) * T^2 * KL(teacher_T || student_T),
     both on the supervised next-token positions. The teacher's logits are cut to the student's vocabulary;
@@ -50,7 +54,10 @@ def kd_loss(
     teacher = teacher_logits[:, :-1, : student.shape[-1]].float()
     ce = (F.cross_entropy(student.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none") * counted).sum() / count
     kl_per_position = F.kl_div(
-        F.log_softmax(student / temperature, dim=-1), F.log_softmax(teacher / temperature, dim=-1), log_target=True, reduction="none"
+        F.log_softmax(student / temperature, dim=-1),
+        F.log_softmax(teacher / temperature, dim=-1),
+        log_target=True,
+        reduction="none",
     ).sum(dim=-1)
     kl = (kl_per_position * counted).sum() / count * temperature**2
     return alpha * ce + (1 - alpha) * kl, {"loss/ce": ce.detach(), "loss/kd": kl.detach()}

@@ -90,10 +90,13 @@ class DPOStage(Stage):
         policy = sequence_logprobs(output.hidden_states, unwrap(model).lm_head.weight, labels)
         with torch.no_grad():
             reference_model = companions["reference"]
-            reference = sequence_logprobs(reference_model(ids, return_logits=False).hidden_states, reference_model.lm_head.weight, labels)
+            reference = sequence_logprobs(
+                reference_model(ids, return_logits=False).hidden_states, reference_model.lm_head.weight, labels
+            )
         half = ids.shape[0] // 2
-        loss, metrics = dpo_loss(policy[:half], policy[half:], reference[:half], reference[half:], beta=job.config.beta,
-                                 rpo_alpha=job.config.rpo_alpha)
+        loss, metrics = dpo_loss(
+            policy[:half], policy[half:], reference[:half], reference[half:], beta=job.config.beta, rpo_alpha=job.config.rpo_alpha
+        )
         return loss + output.aux_loss, metrics
 
 
@@ -107,7 +110,9 @@ class KDStage(Stage):
         output = model(batch["input_ids"])
         with torch.no_grad():
             teacher_logits = companions["teacher"](batch["input_ids"]).logits
-        loss, metrics = kd_loss(output.logits, teacher_logits, batch["labels"], alpha=job.config.alpha, temperature=job.config.temperature)
+        loss, metrics = kd_loss(
+            output.logits, teacher_logits, batch["labels"], alpha=job.config.alpha, temperature=job.config.temperature
+        )
         return loss + output.aux_loss, metrics
 
 
@@ -131,7 +136,9 @@ class VLMStage(Stage):
         save_vlm(vlm, directory, tokenizer=tokenizer, vision_model=vlm.vision_source)
 
     def model_inputs(self, model, batch, job):
-        return {"pixel_values": batch.get("pixel_values")}  # decoded by the loader's collate (vision.BatchWithPixels); none: no image
+        return {
+            "pixel_values": batch.get("pixel_values")
+        }  # decoded by the loader's collate (vision.BatchWithPixels); none: no image
 
 
 def _pad_to(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:
