@@ -338,7 +338,9 @@ class PeakRSS:
             except psutil.Error:
                 continue
             command = " ".join(arguments)
-            entry = self.peaks.setdefault(process.pid, {"rss": 0, "worker": False, "name": _short_name(arguments), "cpu_start": 0.0})
+            entry = self.peaks.setdefault(
+                process.pid, {"rss": 0, "worker": False, "name": _short_name(arguments), "cpu_start": 0.0}
+            )
             entry["cpu"] = (
                 times.user + times.system + (times.children_user + times.children_system if process == self.root else 0)
             )

@@ -145,7 +145,8 @@ def main() -> None:
     )
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(
-        f"\nmemory: weights {weights_mb:.0f} MB fp32; KV cache at batch {largest} fp32 {kv_mb:.1f} MB; peak process RSS {peak_rss_mb:.0f} MB"
+        f"\nmemory: weights {weights_mb:.0f} MB fp32; KV cache at batch {largest} fp32 {kv_mb:.1f} MB; "
+        f"peak process RSS {peak_rss_mb:.0f} MB"
     )
     path = write_results(
         "generate",

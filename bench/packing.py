@@ -85,9 +85,10 @@ def main(argv=None):
         )
     results[0]["vs naive"] = f"{results[0]['useful tokens/s'] / results[1]['useful tokens/s']:.2f}x"
     print_table(results, ["batches", "useful tokens/s", "computed tokens/s", "padding", "vs naive"])
-    print(
-        f"wrote {write_results('packing', {'args': vars(args), 'lengths': {'quartiles': quartiles, 'max': max(lengths)}, 'rows': results})}"
+    path = write_results(
+        "packing", {"args": vars(args), "lengths": {"quartiles": quartiles, "max": max(lengths)}, "rows": results}
     )
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -99,9 +99,9 @@ def run_setting(base: str, clients: int, max_tokens: int, timeout: float) -> dic
     tokens = sum(r["tokens"] for r in done)
     ttft = [r["arrivals"][0] - r["started"] for r in done if r["arrivals"]]
     gaps = [b - a for r in done for a, b in zip(r["arrivals"], r["arrivals"][1:])]
-    quantile = lambda values, q: (
-        statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else (values[0] if values else float("nan"))
-    )  # noqa: E731
+    def quantile(values, q):
+        return statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else (values[0] if values else float("nan"))
+
     return {
         "clients": clients,
         "ok": len(done),
@@ -181,9 +181,17 @@ def main(argv=None):
         ],
     )
     print("(tokens from each reply's usage; latencies between streamed text deltas)")
-    print(
-        f"results: {write_results('serve', {'model': model, 'preset': args.preset if not args.model else None, 'num_gpus': num_gpus, 'max_tokens': args.max_tokens, 'rows': rows})}"
+    path = write_results(
+        "serve",
+        {
+            "model": model,
+            "preset": args.preset if not args.model else None,
+            "num_gpus": num_gpus,
+            "max_tokens": args.max_tokens,
+            "rows": rows,
+        },
     )
+    print(f"results: {path}")
 
 
 if __name__ == "__main__":

@@ -198,9 +198,18 @@ def main(argv=None):
     print()
     print_table(rows, COLUMNS)
     print("(TTFT: first text delta of the streaming requests; starvation: max/min per-setting p99 TTFT)")
-    print(
-        f"results: {write_results('serve_load', {'model': model, 'clients': args.clients, 'duration_s': args.duration, 'max_tokens': args.max_tokens, 'max_batch_size': args.max_batch_size, 'rows': rows})}"
+    path = write_results(
+        "serve_load",
+        {
+            "model": model,
+            "clients": args.clients,
+            "duration_s": args.duration,
+            "max_tokens": args.max_tokens,
+            "max_batch_size": args.max_batch_size,
+            "rows": rows,
+        },
     )
+    print(f"results: {path}")
 
 
 if __name__ == "__main__":

@@ -179,8 +179,9 @@ def main(argv=None):
             vlm.train()
             families = " ".join(f"{task} {value:.2f}" for task, value in result["by_task"].items())
             print(
-                f"step {step:5d} | {time.perf_counter() - started:4.0f}s | train loss {loss.item():.3f} | sample loss, own pictures "
-                f"{right:.3f}, shuffled {shuffled:.3f} | held-out accuracy {result['accuracy']:.3f} ({families})",
+                f"step {step:5d} | {time.perf_counter() - started:4.0f}s | train loss {loss.item():.3f} | "
+                f"sample loss, own pictures {right:.3f}, shuffled {shuffled:.3f} | "
+                f"held-out accuracy {result['accuracy']:.3f} ({families})",
                 flush=True,
             )
 

@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> list:
     seeds.add_argument(
         "--seeds",
         type=_seed_list,
-        help="comma-separated seeds (0,1,2): the whole pipeline once per seed, one after the other, each under its own MLflow parent run",
+        help="comma-separated seeds (0,1,2): the whole pipeline once per seed, one after the other, "
+        "each under its own MLflow parent run",
     )
     parser.add_argument(
         "--report",
@@ -147,7 +148,8 @@ def run_pipeline(args: argparse.Namespace, seed: int) -> tuple[list, dict, str]:
     for result in results:
         for key, value in result.after.items():
             print(
-                f"{result.stage:13s} {result.seconds:7.0f}  {key.removeprefix('eval/'):44s} {result.before.get(key, float('nan')):7.3f}  {value:7.3f}"
+                f"{result.stage:13s} {result.seconds:7.0f}  {key.removeprefix('eval/'):44s} "
+                f"{result.before.get(key, float('nan')):7.3f}  {value:7.3f}"
             )
     print(f"whole pipeline: {total:.0f}s")
     answers = _show_answers({stage: by_stage[stage].model_dir for stage in TEXT_STAGES if stage in by_stage}, seed)
@@ -204,7 +206,8 @@ def _seed_list(text: str) -> list[int]:
     return seeds
 
 
-ACCURACY_FILES = {  # metric -> the demo's held-out file the runner measures it on (DPO and reasoning keep measuring the SFT answers)
+ACCURACY_FILES = {  # metric -> the demo's held-out file the runner measures it on
+    # (DPO and reasoning keep measuring the SFT answers)
     "eval/answer_exact_match": "sft_eval",
     "eval/reasoning_format": "reason_eval",
     "eval/reasoning_accuracy": "reason_eval",
@@ -260,7 +263,8 @@ def _machine() -> dict[str, str]:
     )
     return {
         "CPU": f"{models[0] if models else platform.processor() or 'unknown'}, {os.cpu_count()} logical cores",
-        "torch": f"{torch.__version__}, {torch.get_num_threads()} threads in the driver (evaluation, reports); training workers as each stage says",
+        "torch": f"{torch.__version__}, {torch.get_num_threads()} threads in the driver (evaluation, reports); "
+        "training workers as each stage says",
         "load average when the report was written (1, 5, 15 min)": ", ".join(
             f"{load:.1f}" for load in os.getloadavg()
         ),  # other work on the CPU slows every stage
@@ -291,8 +295,9 @@ def _show_pictures(model_dirs: dict, seed: int) -> dict:
     print(f"\nthe vision models describing {next(iter(report.values()))['pictures']} held-out pictures:")
     for stage, found in report.items():
         print(
-            f"  {stage:13s} names a shape, colour or count in {found['describing_rate']:.0%} of replies, one not in the picture in "
-            f"{found['hallucination_rate']:.0%}; mean reply {found['mean_reply_chars']:.0f} characters"
+            f"  {stage:13s} names a shape, colour or count in {found['describing_rate']:.0%} of replies, "
+            f"one not in the picture in {found['hallucination_rate']:.0%}; "
+            f"mean reply {found['mean_reply_chars']:.0f} characters"
         )
         for sample in found["samples"][:2]:
             print(

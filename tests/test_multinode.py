@@ -48,7 +48,8 @@ DRIVER = textwrap.dedent("""
     quick = dict(max_steps=2, checkpoint_every=2, log_every=1, eval_limit=4, batch_size=4, seq_len=128, storage_path="{storage}")
     registered = {{}}
     # no DPO stage of its own: the sweep's trials below train DPO on the blind node, through the same run_stage
-    for name, config, starts_from in [("pretrain", PretrainConfig(preset="tiny", **quick), None), ("sft", SFTConfig(**quick), "pretrain"),
+    for name, config, starts_from in [("pretrain", PretrainConfig(preset="tiny", **quick), None),
+                                      ("sft", SFTConfig(**quick), "pretrain"),
                                       ("vlm_pretrain", VLMConfig(**quick), "sft")]:
         result = run_stage(replace(config, init=registered.get(starts_from)), name)
         registered[name] = result.model_uri

@@ -78,7 +78,8 @@ def test_gpu_placement_follows_the_flag_the_cluster_and_what_the_autoscaler_can_
     assert placement(replace(config, use_gpu=True))[:2] == (True, GPU_WORKER_CPUS)  # asked: the autoscaler must bring them
     assert placement(replace(config, use_gpu=True, cpus_per_worker=3))[:2] == (True, 3)
     (tmp_path / "ray_bootstrap_config.yaml").write_text(
-        "available_node_types:\n  head: {resources: {CPU: 0}}\n  gpu_worker: {min_workers: 0, max_workers: 4, resources: {CPU: 4, GPU: 1}}\n"
+        "available_node_types:\n  head: {resources: {CPU: 0}}\n"
+        "  gpu_worker: {min_workers: 0, max_workers: 4, resources: {CPU: 4, GPU: 1}}\n"
     )
     use_gpu, cpus, why = placement(config)  # none up yet, but the cluster can launch them: ask, so that it does
     assert (use_gpu, cpus) == (True, GPU_WORKER_CPUS) and "gpu_worker" in why

@@ -285,7 +285,9 @@ def test_a_request_the_model_cannot_prefill_fails_alone_not_with_those_joining_b
             except ValueError as error:
                 return str(error)
 
-        replies = await asyncio.gather(one(with_image, pixels), one(with_image, None), one([1, 11, 12], None), one(with_image, pixels))
+        replies = await asyncio.gather(
+            one(with_image, pixels), one(with_image, None), one([1, 11, 12], None), one(with_image, pixels)
+        )
         return replies, engine
 
     replies, engine = asyncio.run(run())

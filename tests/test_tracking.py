@@ -292,7 +292,9 @@ def test_a_registered_version_answers_through_mlflows_own_tools(tmp_path, byte_t
     chat = {"messages": [{"role": "user", "content": "从前有座山"}]}
     replies = mlflow.pyfunc.load_model(uri).predict(chat, params={"max_tokens": 6})
     prompt = byte_tokenizer.apply_chat_template(chat["messages"], add_generation_prompt=True, tokenize=True, return_dict=False)
-    expected = generate(model.to(torch.bfloat16), [list(prompt)], max_new_tokens=6, stop_token_ids=[byte_tokenizer.eos_token_id])[0]
+    expected = generate(
+        model.to(torch.bfloat16), [list(prompt)], max_new_tokens=6, stop_token_ids=[byte_tokenizer.eos_token_id]
+    )[0]
     assert replies == [byte_tokenizer.decode(expected, skip_special_tokens=True)]
     signature = mlflow.models.get_model_info(uri).signature
     assert signature.inputs.input_names() == ["messages"] and "max_tokens" in [param.name for param in signature.params.params]

@@ -165,7 +165,9 @@ def find_prepared(source: str, fingerprint: dict, tokenizer_sha: str, stage_sett
     return Found(location, manifest if manifest and manifest.get("content_sha256") == content else None, content)
 
 
-def prepared_location(source: str, tokenizer, stage: StageData, root: str, drop_duplicates: bool = False) -> tuple[str, dict | None]:
+def prepared_location(
+    source: str, tokenizer, stage: StageData, root: str, drop_duplicates: bool = False
+) -> tuple[str, dict | None]:
     """Where the prepared data of `source` lives under `root`, and its manifest if it is complete
     (for this very content: the file is hashed when a folder is worth checking)."""
     source = source if storage.is_uri(source) else os.path.abspath(source)
@@ -406,7 +408,8 @@ class Progress:
         left = (self.total_bytes - self.done_bytes) / rate if rate else float("inf")
         eta = "?" if left == float("inf") else f"{int(left) // 60}m{int(left) % 60:02d}s"
         return (
-            f"{self.label}: {self.done_chunks}/{self.chunks} chunks, {self.done_bytes / 1e6:,.0f}/{self.total_bytes / 1e6:,.0f} MB "
+            f"{self.label}: {self.done_chunks}/{self.chunks} chunks, "
+            f"{self.done_bytes / 1e6:,.0f}/{self.total_bytes / 1e6:,.0f} MB "
             f"({self.done_bytes / max(1, self.total_bytes):.0%}), {rate / 1e6:.1f} MB/s, ETA {eta}"
         )
 

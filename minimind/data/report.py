@@ -2,9 +2,10 @@
 
 The seed's text model saw its loss jump at the end of pretraining because the file's tail was noisy. So
 the preparation job counts, per chunk of the file and then for the whole: the row length distribution,
-exact duplicates, empty replies, blank pretraining texts (left out), garbage (U+FFFD replacement characters, control characters, no CJK or
-Latin letter at all), rows cut at seq_len, and tokens per field; and where in the file the garbage lies
-(20 slices by byte position), so a noisy tail is flagged before training instead of after.
+exact duplicates, empty replies, blank pretraining texts (left out), garbage (U+FFFD replacement
+characters, control characters, no CJK or Latin letter at all), rows cut at seq_len, and tokens per
+field; and where in the file the garbage lies (20 slices by byte position), so a noisy tail is flagged
+before training instead of after.
 
     stats = ChunkStats(); stats.add_record(texts, byte_position / file_size, empty=...) ...
     report = finish(merge([stats of every chunk]), duplicates=...)   -> dict, JSON-serialisable
@@ -134,7 +135,8 @@ def finish(
         )
     if report["garbage_rate"] >= 0.01:
         flags.append(
-            f"garbage: {report['garbage_rate']:.1%} of the records ({', '.join(f'{k} {v}' for k, v in stats.garbage_kinds.items())})"
+            f"garbage: {report['garbage_rate']:.1%} of the records "
+            f"({', '.join(f'{k} {v}' for k, v in stats.garbage_kinds.items())})"
         )
     if report["duplicate_rate"] >= 0.01:
         flags.append(

@@ -30,7 +30,8 @@ def run(preset: str = "tiny", steps: int = 150, output: Path = Path("checkpoints
         with torch.device("meta"):
             model = MiniMindForCausalLM(config)
         print(
-            f"  {name:16s} {model.num_parameters() / 1e6:8.2f}M parameters ({model.num_parameters(active=True) / 1e6:.2f}M active)"
+            f"  {name:16s} {model.num_parameters() / 1e6:8.2f}M parameters "
+            f"({model.num_parameters(active=True) / 1e6:.2f}M active)"
         )
 
     torch.manual_seed(0)

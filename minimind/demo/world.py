@@ -249,7 +249,9 @@ def sft_rows(world: World) -> tuple[list[dict], list[dict]]:
     # up to 200 records a family, so one record moves a family's figure by 0.5 points (persona: all 16 phrasings, twice)
     held_out = []
     for entity, attribute in rng.sample([(e, a) for e in asked for a in ATTRIBUTES], 200):
-        held_out.append(("held_out_phrasing", chat(rng.choice(HELD_OUT_QUESTIONS[attribute]).format(n=entity.name), entity.state(attribute))))
+        held_out.append(
+            ("held_out_phrasing", chat(rng.choice(HELD_OUT_QUESTIONS[attribute]).format(n=entity.name), entity.state(attribute)))
+        )
     never_asked = [(e, a, q) for e in world.group("never_asked") for a in ATTRIBUTES for q in QUESTIONS[a]]
     for entity, attribute, question in rng.sample(never_asked, min(200, len(never_asked))):
         held_out.append(("never_asked", chat(question.format(n=entity.name), entity.state(attribute))))
@@ -351,7 +353,11 @@ def addition_problems(
 
 def two_hop_trace(world: World, entity: Entity, attribute: str) -> str:
     friend = world[entity.friend]
-    think = f"要找{entity.name}的好朋友的{LABELS[attribute]}。\n先查好朋友：{entity.state('friend')}\n再查{friend.name}：{friend.state(attribute)}"
+    think = (
+        f"要找{entity.name}的好朋友的{LABELS[attribute]}。\n"
+        f"先查好朋友：{entity.state('friend')}\n"
+        f"再查{friend.name}：{friend.state(attribute)}"
+    )
     return reasoned(think, friend.state(attribute))
 
 

@@ -145,7 +145,9 @@ def config_from_hf(fields: dict, state: dict[str, torch.Tensor], overrides: dict
     if not values["num_experts"]:
         values.pop("num_shared_experts", None)
     if "intermediate_size" not in values or not values["intermediate_size"]:
-        values["intermediate_size"] = config_from_shapes(state, {"num_attention_heads": values.get("num_attention_heads", 8)}).intermediate_size
+        values["intermediate_size"] = config_from_shapes(
+            state, {"num_attention_heads": values.get("num_attention_heads", 8)}
+        ).intermediate_size
     return ModelConfig(**{**values, **overrides})
 
 

@@ -208,7 +208,8 @@ def load_vlm(directory: str | Path, device: str | torch.device = "cpu", dtype: t
     vlm.vision_source = vision_source
     if vlm.image_tokens != config.image_tokens:
         raise ValueError(
-            f"{directory}: the vision tower yields {vlm.image_tokens} tokens per image, {VISION_CONFIG_NAME} says {config.image_tokens}"
+            f"{directory}: the vision tower yields {vlm.image_tokens} tokens per image, "
+            f"{VISION_CONFIG_NAME} says {config.image_tokens}"
         )
     vlm.projection.load_state_dict(load_file(str(directory / PROJECTION_NAME)))
     return vlm.to(device=device, dtype=dtype).eval()

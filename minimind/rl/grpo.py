@@ -183,7 +183,10 @@ def update(model, optimizer, params: list, ids: torch.Tensor, labels: torch.Tens
             group_["lr"] = lr
         for number, rows in enumerate(chunks):
             last = number == len(chunks) - 1
-            with (model.no_sync() if not last and hasattr(model, "no_sync") else nullcontext()), autocast_to(ids.device, amp_dtype):
+            with (
+                model.no_sync() if not last and hasattr(model, "no_sync") else nullcontext(),
+                autocast_to(ids.device, amp_dtype),
+            ):
                 logps, aux_loss = completion_logprobs(model, ids[rows], labels[rows], config.temperature, with_aux=True)
                 loss, metrics = policy_loss(
                     logps,
@@ -293,7 +296,8 @@ def grpo_loop_per_worker(loop_config: dict) -> None:
     ready, _ = ray.wait([rollout.__ray_ready__.remote()], timeout=60)
     if not ready:  # outside Ray Train's placement group: it waits for free resources, maybe a node the autoscaler adds
         say(
-            f"[{job.stage.name}] rank {rank}: the rollout actor is still waiting for {config.rollout_cpus:g} CPU and {rollout_gpus:g} GPU; "
+            f"[{job.stage.name}] rank {rank}: the rollout actor is still waiting for "
+            f"{config.rollout_cpus:g} CPU and {rollout_gpus:g} GPU; "
             "on one GPU, trainer and actors must fit it together (--gpus-per-worker 0.5 --rollout-gpus 0.5 per worker)"
         )
         ray.get(rollout.__ray_ready__.remote())
@@ -302,7 +306,8 @@ def grpo_loop_per_worker(loop_config: dict) -> None:
     flops_per_token = 6 * unwrap(model).num_parameters(active=True)
     if rank == 0:
         say(
-            f"[{job.stage.name}] {len(prompts)} prompts, {config.batch_size} x {group} completions per step and worker, {total_steps} steps"
+            f"[{job.stage.name}] {len(prompts)} prompts, {config.batch_size} x {group} completions per step and worker, "
+            f"{total_steps} steps"
         )
         dropout = {"dropout": unwrap(model).config.dropout, "--lora-dropout": lora.dropout if lora else 0.0}
         if any(dropout.values()):
@@ -417,7 +422,8 @@ def grpo_loop_per_worker(loop_config: dict) -> None:
                     f"[{job.stage.name}] step {step}: reward {report['reward/total/mean']:.3f} ± {report['reward/total/std']:.3f}"
                     f" | "
                     + " | ".join(f"{name} {report[f'reward/{name}/mean']:.3f}" for name in values)
-                    + f" | kl {report['grpo/kl']:.4f} | rollout {rollout_s:.1f}s, update {update_s:.1f}s, hand-over {handover_s * 1e3:.0f} ms"
+                    + f" | kl {report['grpo/kl']:.4f} | rollout {rollout_s:.1f}s, update {update_s:.1f}s, "
+                    f"hand-over {handover_s * 1e3:.0f} ms"
                 )
             if validating:
                 # only rank 0's report counts

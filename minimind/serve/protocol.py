@@ -152,7 +152,9 @@ def open_image(data: bytes, max_pixels: int, param: str):
     (read from the header, before any pixel is decoded), or a long side more than MAX_IMAGE_ASPECT_RATIO
     times the short one (the processor would scale it up by as much)."""
     try:
-        return load_image(io.BytesIO(data), max_pixels, name="the image", formats=IMAGE_FORMATS, max_aspect_ratio=MAX_IMAGE_ASPECT_RATIO)
+        return load_image(
+            io.BytesIO(data), max_pixels, name="the image", formats=IMAGE_FORMATS, max_aspect_ratio=MAX_IMAGE_ASPECT_RATIO
+        )
     except ImageTooLarge:
         raise APIError(413, f"image over {max_pixels} pixels", param=param, code="image_too_large") from None
     except ImageOutOfShape as error:

@@ -1,5 +1,5 @@
 """MLflow for MiniMind: where the store lives, registering model directories, resolving `models:/` URIs,
-and the plots and tables a training run logs. The project's only MLflow module; jobs call it from rank 0.
+and the plots and tables a training run logs. The project's only MLflow code; jobs call it from rank 0.
 
 A model is a plain directory (`model.safetensors + config.json + tokenizer files`). It is registered as
 an MLflow 3 LoggedModel whose artifacts are that directory, so `models:/minimind-sft/latest` downloads

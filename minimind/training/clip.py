@@ -137,7 +137,9 @@ def retrieval(clip, pixel_values: torch.Tensor, input_ids: torch.Tensor, attenti
     clip = unwrap(clip)
     was_training = clip.training
     clip.eval()
-    images = torch.cat([image_embeddings(clip, pixel_values[i : i + batch_size]) for i in range(0, len(pixel_values), batch_size)])
+    images = torch.cat(
+        [image_embeddings(clip, pixel_values[i : i + batch_size]) for i in range(0, len(pixel_values), batch_size)]
+    )
     texts = torch.cat(
         [
             text_embeddings(clip, input_ids[i : i + batch_size], attention_mask[i : i + batch_size])

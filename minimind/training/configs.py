@@ -230,7 +230,8 @@ class VLMConfig(TrainConfig):
     images: str | None = field(
         default=None,
         metadata={
-            "help": "folder (or storage URI) the JSONL's image names are relative to (default: the demo images, or the data file's folder)"
+            "help": "folder (or storage URI) the JSONL's image names are relative to "
+            "(default: the demo images, or the data file's folder)"
         },
     )
     vision_model: str | None = field(

@@ -4,8 +4,9 @@ bf16 autocast where the device supports it, gradient accumulation that weighs ev
 a step alike (across micro-batches and DDP ranks), AdamW, warmup + cosine schedule to
 `min_lr_ratio * lr` (MiniMind's floor is 0.1), gradient clipping, DDP through `prepare_model`, one
 compact line per logged step on rank 0, and a checkpoint every `checkpoint_every` steps holding the
-model (safetensors; with --lora-rank the adapters only), optimiser, step and RNG state. The batch order depends only on (seed, epoch), so
-a resumed run skips exactly the micro-batches already consumed: no step is trained twice or skipped.
+model (safetensors; with --lora-rank the adapters only), optimiser, step and RNG state. The batch
+order depends only on (seed, epoch), so a resumed run skips exactly the micro-batches already
+consumed: no step is trained twice or skipped.
 """
 
 from __future__ import annotations
@@ -434,8 +435,8 @@ class MetricLogger:
         local_store = Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
         if job.mlflow_run_id and local_store is not None and not local_store.is_file():
             say(
-                f"[{job.stage.name}] the MLflow store {uri} is a file on the driver's machine, not this node's: step metrics go to "
-                "the driver's log only (set MLFLOW_TRACKING_URI to a tracking server to record them)"
+                f"[{job.stage.name}] the MLflow store {uri} is a file on the driver's machine, not this node's: "
+                "step metrics go to the driver's log only (set MLFLOW_TRACKING_URI to a tracking server to record them)"
             )
         elif job.mlflow_run_id:
             from mlflow.tracking import MlflowClient
@@ -462,12 +463,14 @@ class MetricLogger:
         except Exception as error:  # report, never raise into training
             self.failures += 1
             say(
-                f"[{self.job.stage.name}] MLflow metrics of step {step} not logged ({type(error).__name__}: {error}); training goes on"
+                f"[{self.job.stage.name}] MLflow metrics of step {step} not logged "
+                f"({type(error).__name__}: {error}); training goes on"
             )
 
     def log(self, step: int, metrics: dict, elapsed: float) -> None:
         say(
-            f"[{self.job.stage.name}] step {step:5d}/{self.total_steps} | loss {metrics['train/loss']:.4f} | lr {metrics['train/lr']:.2e}"
+            f"[{self.job.stage.name}] step {step:5d}/{self.total_steps} | loss {metrics['train/loss']:.4f}"
+            f" | lr {metrics['train/lr']:.2e}"
             f" | {metrics['train/tokens_per_s']:,.0f} tok/s | MFU {metrics['train/mfu']:.1%} | {elapsed:.0f}s"
         )
         if self.bar:
