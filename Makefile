@@ -23,6 +23,7 @@ demo: install
 	$(PY) jobs/pipeline.py
 
 test: install
+	$(PY) -m ruff check .
 	$(PY) -m pytest
 
 clean:
