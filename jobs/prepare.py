@@ -16,48 +16,34 @@ its progress (chunks done, MB/s, ETA): in place on a terminal, a line per 5% in 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from minimind.training.flags import parse_config
+from minimind.training.flags import option, parse_config
 
 
 @dataclass
 class PrepareConfig:
-    stage: str = field(
-        default="sft", metadata={"help": "the stage whose rows to prepare: pretrain, sft, dpo, reason, kd, vlm_pretrain, vlm_sft"}
+    stage: str = option("the stage whose rows to prepare: pretrain, sft, dpo, reason, kd, vlm_pretrain, vlm_sft", default="sft")
+    data: str | None = option("JSONL: a path or storage URI (default: the demo world's file for the stage)", default=None)
+    tokenizer: str | None = option(
+        "tokenizer or model directory, or a models:/ URI (default: the demo tokenizer, with the demo data only)", default=None
     )
-    data: str | None = field(
-        default=None, metadata={"help": "JSONL: a path or storage URI (default: the demo world's file for the stage)"}
+    seq_len: int = option("longest row in tokens (the stage job's --seq-len)", default=256)
+    image_tokens: int = option(
+        "vlm: placeholder tokens per image (default: the --tokenizer model's tower, else the demo tower's)", default=0
     )
-    tokenizer: str | None = field(
-        default=None,
-        metadata={
-            "help": "tokenizer or model directory, or a models:/ URI (default: the demo tokenizer, with the demo data only)"
-        },
-    )
-    seq_len: int = field(default=256, metadata={"help": "longest row in tokens (the stage job's --seq-len)"})
-    image_tokens: int = field(
-        default=0,
-        metadata={"help": "vlm: placeholder tokens per image (default: the --tokenizer model's tower, else the demo tower's)"},
-    )
-    skip_bad: bool = field(
+    skip_bad: bool = option(
+        "skip malformed lines (not JSON, wrong types, missing keys; counted) "
+        "instead of stopping at the first (a blank pretraining text is no "
+        "error: it is left out and counted in the data report)",
         default=False,
-        metadata={
-            "help": "skip malformed lines (not JSON, wrong types, missing keys; counted) "
-            "instead of stopping at the first (a blank pretraining text is no "
-            "error: it is left out and counted in the data report)"
-        },
     )
-    drop_duplicates: bool = field(default=False, metadata={"help": "leave out records that exactly repeat an earlier one"})
-    storage_path: str | None = field(
-        default=None, metadata={"help": "Ray storage of the stage jobs; prepared data goes to <it>/prepared"}
-    )
-    prepared: str | None = field(
-        default=None, metadata={"help": "where prepared data is kept (default: <storage-path>/prepared)"}
-    )
-    chunk_mb: int = field(default=32, metadata={"help": "MB of the file per Ray task (one shard each)"})
-    seed: int = field(default=0, metadata={"help": "without --data: the demo world of this seed (the stage job's --seed)"})
+    drop_duplicates: bool = option("leave out records that exactly repeat an earlier one", default=False)
+    storage_path: str | None = option("Ray storage of the stage jobs; prepared data goes to <it>/prepared", default=None)
+    prepared: str | None = option("where prepared data is kept (default: <storage-path>/prepared)", default=None)
+    chunk_mb: int = option("MB of the file per Ray task (one shard each)", default=32)
+    seed: int = option("without --data: the demo world of this seed (the stage job's --seed)", default=0)
 
 
 def main(argv: list[str] | None = None):

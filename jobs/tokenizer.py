@@ -9,28 +9,26 @@ MiniMind trained its 6400-token vocabulary on about 10k lines; --max-lines bound
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
 from minimind.data.rows import iter_jsonl
 from minimind.model.tokenizer import train_tokenizer
-from minimind.training.flags import parse_config
+from minimind.training.flags import option, parse_config
 
 
 @dataclass
 class TokenizerJobConfig:
-    data: str | None = field(default=None, metadata={"help": "pretraining JSONL; default: the demo world's pretrain.jsonl"})
-    vocab_size: int = field(default=6400, metadata={"help": "vocabulary size, special tokens included"})
-    max_lines: int = field(default=100_000, metadata={"help": "read at most this many lines"})
-    split_digits: bool = field(
-        default=False, metadata={"help": "every digit its own token (helps arithmetic; MiniMind's tokenizer merges digits)"}
+    data: str | None = option("pretraining JSONL; default: the demo world's pretrain.jsonl", default=None)
+    vocab_size: int = option("vocabulary size, special tokens included", default=6400)
+    max_lines: int = option("read at most this many lines", default=100_000)
+    split_digits: bool = option("every digit its own token (helps arithmetic; MiniMind's tokenizer merges digits)", default=False)
+    split_han: bool = option(
+        "every Chinese character its own token (no phrase tokens: what the demo tokenizer does)", default=False
     )
-    split_han: bool = field(
-        default=False, metadata={"help": "every Chinese character its own token (no phrase tokens: what the demo tokenizer does)"}
-    )
-    seed: int = field(default=0, metadata={"help": "without --data: the demo world of this seed"})
-    output: str = field(default="checkpoints/tokenizer", metadata={"help": "directory to save the tokenizer to"})
+    seed: int = option("without --data: the demo world of this seed", default=0)
+    output: str = option("directory to save the tokenizer to", default="checkpoints/tokenizer")
 
 
 def main(argv: list[str] | None = None) -> Path:

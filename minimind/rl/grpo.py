@@ -1,21 +1,22 @@
 """GRPO: reinforcement learning from rewards, the loop each Ray Train worker of `jobs/grpo.py` runs.
 
-Every step, on each worker, in named phases:
-    hand_over: the policy's weights (each tensor once) --Ray's object store--> rollout actor (minimind.rl.rollout)
-    roll out:  G sampled completions per prompt at --temperature / --top-p
-    score:     rewards (minimind.rl.rewards) -> advantages within each group; the old policy's and the
-               reference's log-probabilities (score_before_update)
-    update:    clipped policy-gradient loss (grpo) or capped importance weights (cispo) + KL to the
-               frozen starting model --> AdamW step(s)
-    report:    reward and completion statistics over every rank's rollouts (rollout_stats)
+Every step, on each worker, in named phases (the functions of this module):
+    hand_over:      the policy's weights (each tensor once) --Ray's object store--> rollout actor (minimind.rl.rollout)
+    roll_out:       G sampled completions per prompt at --temperature / --top-p
+    score_rollouts: rewards (minimind.rl.rewards) -> advantages within each group; the old policy's and the
+                    reference's log-probabilities (score_before_update)
+    update:         clipped policy-gradient loss (grpo) or capped importance weights (cispo) + KL to the
+                    frozen starting model --> AdamW step(s)
+    report:         reward and completion statistics over every rank's rollouts (rollout_stats)
 
 Two choices keep the ratio pi / pi_old and the policy gradient those of the policy that sampled, as
 TRL's GRPO does: every log-probability is scored at the sampling temperature, softmax(logits / T), on the
 whole vocabulary (not the top-p truncation: below top-p 1 the ratios are those of the untruncated
 policy); and the policy runs with dropout off (`policy_to_train`), the rollout actor's policy exactly.
 
-The rest is the one training loop's (minimind.training.loop): the schedule, DDP, checkpoints with optimiser,
-step and RNG state (a resumed run samples the same completions), --compile, --val-every, the step line and MLflow metrics.
+The rest is the one training loop's (minimind.training.loop): the worker's start, the optimiser step,
+the schedule, DDP, checkpoints with optimiser, step and RNG state (a resumed run samples the same
+completions), --compile, --val-every, the step line and MLflow metrics.
 Prompts are the prepared rows of a chat file (the reasoning kind): everything before the last reply,
 with that reply as the reference the answer reward compares to. With the answer reward and no model
 reward, only records whose reference is in <think>/<answer> form are used: the others have no answer to check.
@@ -35,13 +36,14 @@ from minimind.data.shards import PreparedRows
 from minimind.model.lora import LoRAConfig, adapter_state
 from minimind.model.losses import IGNORE_INDEX, sequence_logprobs, token_logprobs
 from minimind.model.model import unwrap
-from minimind.model.tokenizer import Markers, load_tokenizer
+from minimind.model.tokenizer import Markers
 from minimind.rl.losses import group_advantages, policy_loss
 from minimind.rl.rewards import MODEL_REWARD, Completion, parse_weights, reasoning_parts, score
 from minimind.rl.rollout import RolloutWorker, unique_tensors
 from minimind.training.flops import peak_flops
 from minimind.training.loop import (
     MetricLogger,
+    StepEvents,
     adamw,
     autocast_dtype,
     autocast_to,
@@ -49,9 +51,11 @@ from minimind.training.loop import (
     cosine_lr,
     ddp_options,
     model_to_train,
+    optimiser_step,
     report_checkpoint,
     resume_from_checkpoint,
     say,
+    start_worker,
     validation_loss,
 )
 from minimind.training.stages import load_frozen
@@ -208,11 +212,7 @@ def update(model, optimizer, params: list, ids: torch.Tensor, labels: torch.Tens
             sums["train/loss"] = sums.get("train/loss", 0.0) + loss.detach() / len(lrs)
             for key, value in metrics.items():  # means over these rows, weighted by their share of the batch
                 sums[key] = sums.get(key, 0.0) + value.detach() * len(rows) / rows_total / len(lrs)
-        sums["train/grad_norm"] = torch.nn.utils.clip_grad_norm_(
-            params, config.grad_clip if config.grad_clip > 0 else float("inf")
-        )
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        sums["train/grad_norm"] = optimiser_step(optimizer, params, config.grad_clip)
     return sums
 
 
@@ -247,25 +247,104 @@ def rollout_stats(
     return stats, int(tokens)
 
 
+def start_rollout_actor(job, model, lora, device, amp_dtype, rank: int):
+    """The Ray actor that samples this worker's completions (minimind.rl.rollout), once it has its resources."""
+    import ray
+
+    config = job.config
+    rollout_gpus = config.rollout_gpus if device.type == "cuda" else 0
+    rollout = (
+        ray.remote(RolloutWorker)
+        .options(num_cpus=config.rollout_cpus, num_gpus=rollout_gpus)
+        .remote(unwrap(model).config.to_dict(), lora, threads=max(1, int(config.cpus_per_worker)), bf16=amp_dtype is not None)
+    )
+    ready, _ = ray.wait([rollout.__ray_ready__.remote()], timeout=60)
+    if not ready:  # outside Ray Train's placement group: it waits for free resources, maybe a node the autoscaler adds
+        say(
+            f"[{job.stage.name}] rank {rank}: the rollout actor is still waiting for "
+            f"{config.rollout_cpus:g} CPU and {rollout_gpus:g} GPU; "
+            "on one GPU, trainer and actors must fit it together (--gpus-per-worker 0.5 --rollout-gpus 0.5 per worker)"
+        )
+        ray.get(rollout.__ray_ready__.remote())
+    return rollout
+
+
+def roll_out(rollout, prompts: list[Prompt], version: int, config, eos_id: int, seed: int) -> tuple[list[list[int]], list[bool]]:
+    """--group-size sampled completions of every prompt from the actor holding weights `version`, and
+    which of them ended with the stop token."""
+    import ray
+
+    sampling = {
+        "max_new_tokens": config.max_new_tokens,
+        "temperature": config.temperature,
+        "top_p": config.top_p,
+        "stop_token_ids": [eos_id],
+        "seed": seed,
+    }
+    generated = ray.get(rollout.generate.remote([p.ids for p in prompts], config.group_size, sampling))
+    if generated["version"] != version:
+        raise RuntimeError(f"rollouts of weights version {generated['version']}, expected {version}")
+    return generated["completions"], generated["finished"]
+
+
+@dataclass
+class Scored:
+    """One step's rollouts, scored and ready for the update."""
+
+    ids: torch.Tensor  # prompt + completion rows, on the device
+    labels: torch.Tensor  # the completion tokens the policy trains on; -100 elsewhere
+    trained_tokens: int
+    totals: list[float]  # each completion's total reward
+    values: dict[str, list[float]]  # each reward's values
+    advantages: torch.Tensor
+    chunks: list[torch.Tensor]  # the rows of each micro-batch
+    old_logps: torch.Tensor | None
+    reference_logps: torch.Tensor | None
+
+
+def score_rollouts(prompts: list[Prompt], completions: list[list[int]], finished: list[bool], model, reference, scorer,
+                   tokenizer, markers: Markers, weights: dict, config, device, amp_dtype) -> Scored:
+    """Rewards (and the reward model's score, if any), advantages within each group, and the old policy's
+    and the reference's log-probabilities (score_before_update)."""
+    group = config.group_size
+    ids, labels = sequences(prompts, completions, finished, group, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    trained_tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    ids, labels = ids.to(device), labels.to(device)
+    texts = [tokenizer.decode(c, skip_special_tokens=False) for c in completions]
+    scored = [
+        Completion(t, len(c), f, prompts[i // group].reference) for i, (t, c, f) in enumerate(zip(texts, completions, finished))
+    ]
+    model_scores = None
+    if scorer is not None:
+        with torch.no_grad(), autocast_to(device, amp_dtype):
+            hidden = scorer(ids, return_logits=False).hidden_states
+            model_scores = sequence_logprobs(hidden, scorer.lm_head.weight, labels).tolist()
+    totals, values = score(scored, weights, markers, config.length_limit, model_scores)
+    advantages = group_advantages(torch.tensor(totals, dtype=torch.float64), group).to(device)
+    chunks = micro_batches(ids.shape[0], config.grad_accum)
+    old_logps, reference_logps = score_before_update(model, reference, ids, labels, chunks, config, amp_dtype)
+    return Scored(ids, labels, trained_tokens, totals, values, advantages, chunks, old_logps, reference_logps)
+
+
+def update_lrs(step: int, total_steps: int, config) -> list[float]:
+    """The learning rate of each of a step's --updates-per-rollout optimiser steps, on one cosine schedule."""
+    updates = config.updates_per_rollout
+    return [
+        cosine_lr(step * updates + u, total_steps * updates, config.lr, config.warmup_steps, config.min_lr_ratio)
+        for u in range(updates)
+    ]
+
+
 def grpo_loop_per_worker(loop_config: dict) -> None:
     """`loop_config["job"]` is the driver's `StageJob` with a `GRPOConfig`."""
     import ray
     import ray.train
-    from ray.train.torch import get_device, prepare_model
+    from ray.train.torch import prepare_model
 
     job = loop_config["job"]
-    config = job.config
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = get_device()
-    stage = job.stage
-    threads = max(1, int(config.cpus_per_worker))
-    torch.set_num_threads(threads)
-    random.seed(config.seed + rank)
-    torch.manual_seed(config.seed + rank)
-
-    job.fetch_inputs()
-    tokenizer = load_tokenizer(job.init_dir)
+    config, stage = job.config, job.stage
+    worker = start_worker(job)
+    rank, world, device, tokenizer = worker.rank, worker.world, worker.device, worker.tokenizer
     markers = Markers.of(tokenizer)
     model, lora = policy_to_train(job, stage, device)
     reference = load_frozen(job.init_dir, device) if config.kl_coef > 0 else None
@@ -278,7 +357,6 @@ def grpo_loop_per_worker(loop_config: dict) -> None:
             f"{job.data_path}: no record has a reference reply in <think>/<answer> form to reward answers against "
             "(add a model reward with --reward-model to train on plain chats)"
         )
-    group = config.group_size
     total_steps = config.max_steps or config.epochs * max(1, len(prompts) // (config.batch_size * world))
     params, optimizer = adamw(model, config, device)
 
@@ -287,27 +365,14 @@ def grpo_loop_per_worker(loop_config: dict) -> None:
     model = prepare_model(model, parallel_strategy_kwargs=ddp_options())
     amp_dtype = autocast_dtype(config, device)
     eos_id = tokenizer.eos_token_id  # the end of a chat turn: the one stop token, appended to finished completions
-    rollout_gpus = config.rollout_gpus if device.type == "cuda" else 0
-    rollout = (
-        ray.remote(RolloutWorker)
-        .options(num_cpus=config.rollout_cpus, num_gpus=rollout_gpus)
-        .remote(unwrap(model).config.to_dict(), lora, threads=threads, bf16=amp_dtype is not None)
-    )
-    ready, _ = ray.wait([rollout.__ray_ready__.remote()], timeout=60)
-    if not ready:  # outside Ray Train's placement group: it waits for free resources, maybe a node the autoscaler adds
-        say(
-            f"[{job.stage.name}] rank {rank}: the rollout actor is still waiting for "
-            f"{config.rollout_cpus:g} CPU and {rollout_gpus:g} GPU; "
-            "on one GPU, trainer and actors must fit it together (--gpus-per-worker 0.5 --rollout-gpus 0.5 per worker)"
-        )
-        ray.get(rollout.__ray_ready__.remote())
+    rollout = start_rollout_actor(job, model, lora, device, amp_dtype, rank)
     logger = MetricLogger(job, total_steps) if rank == 0 else None
     peak = peak_flops(device, amp_dtype or torch.float32)[0] if rank == 0 else 0.0
     flops_per_token = 6 * unwrap(model).num_parameters(active=True)
     if rank == 0:
         say(
-            f"[{job.stage.name}] {len(prompts)} prompts, {config.batch_size} x {group} completions per step and worker, "
-            f"{total_steps} steps"
+            f"[{job.stage.name}] {len(prompts)} prompts, {config.batch_size} x {config.group_size} completions per step and "
+            f"worker, {total_steps} steps"
         )
         dropout = {"dropout": unwrap(model).config.dropout, "--lora-dropout": lora.dropout if lora else 0.0}
         if any(dropout.values()):
@@ -321,88 +386,34 @@ def grpo_loop_per_worker(loop_config: dict) -> None:
         while step < total_steps:
             batch = step_prompts(prompts, step, config.batch_size, rank, world, config.seed)
 
-            # hand_over: the policy's weights to the rollout actor, through the object store
-            clock = time.perf_counter()
-            # a LoRA policy's base goes over once, then only its adapters
+            clock = time.perf_counter()  # hand_over: a LoRA policy's base goes over once, then only its adapters
             weights_now = hand_over(model, whole=not lora or handed_over == 0)
             handed_over += 1
             version = ray.get(rollout.load_weights.remote(ray.put(weights_now), step))
             handover_s = time.perf_counter() - clock
 
-            # roll out
-            sampling = {
-                "max_new_tokens": config.max_new_tokens,
-                "temperature": config.temperature,
-                "top_p": config.top_p,
-                "stop_token_ids": [eos_id],
-                "seed": (config.seed * 1_000_003 + step) * world + rank,
-            }
-            generated = ray.get(rollout.generate.remote([p.ids for p in batch], group, sampling))
-            if generated["version"] != version:
-                raise RuntimeError(f"rollouts of weights version {generated['version']}, expected {version}")
+            seed = (config.seed * 1_000_003 + step) * world + rank
+            completions, finished = roll_out(rollout, batch, version, config, eos_id, seed)
             rollout_s = time.perf_counter() - clock - handover_s
-            completions, finished = generated["completions"], generated["finished"]
 
-            # score: rewards, advantages, the old policy's and the reference's log-probabilities
-            ids, labels = sequences(batch, completions, finished, group, eos_id, tokenizer.pad_token_id)
-            trained_tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
-            ids, labels = ids.to(device), labels.to(device)
-            texts = [tokenizer.decode(c, skip_special_tokens=False) for c in completions]
-            scored = [
-                Completion(t, len(c), f, batch[i // group].reference)
-                for i, (t, c, f) in enumerate(zip(texts, completions, finished))
-            ]
-            model_scores = None
-            if scorer is not None:
-                with torch.no_grad(), autocast_to(device, amp_dtype):
-                    model_scores = sequence_logprobs(
-                        scorer(ids, return_logits=False).hidden_states, scorer.lm_head.weight, labels
-                    ).tolist()
-            totals, values = score(scored, weights, markers, config.length_limit, model_scores)
-            advantages = group_advantages(torch.tensor(totals, dtype=torch.float64), group).to(device)
-            chunks = micro_batches(ids.shape[0], config.grad_accum)
-            old_logps, reference_logps = score_before_update(model, reference, ids, labels, chunks, config, amp_dtype)
+            scored = score_rollouts(batch, completions, finished, model, reference, scorer, tokenizer, markers, weights,
+                                    config, device, amp_dtype)
 
-            # update
             clock = time.perf_counter()
-            lrs = [
-                cosine_lr(
-                    step * config.updates_per_rollout + u,
-                    total_steps * config.updates_per_rollout,
-                    config.lr,
-                    config.warmup_steps,
-                    config.min_lr_ratio,
-                )
-                for u in range(config.updates_per_rollout)
-            ]
-            tokens = active_tokens(labels[:, 1:] != IGNORE_INDEX, world) if config.loss_type == "cispo" else None
-            sums = update(
-                model,
-                optimizer,
-                params,
-                ids,
-                labels,
-                advantages,
-                old_logps,
-                reference_logps,
-                chunks,
-                config,
-                lrs,
-                tokens,
-                amp_dtype,
-            )
+            lrs = update_lrs(step, total_steps, config)
+            tokens = active_tokens(scored.labels[:, 1:] != IGNORE_INDEX, world) if config.loss_type == "cispo" else None
+            sums = update(model, optimizer, params, scored.ids, scored.labels, scored.advantages, scored.old_logps,
+                          scored.reference_logps, scored.chunks, config, lrs, tokens, amp_dtype)
             update_s = time.perf_counter() - clock
             step += 1
 
             # report
-            logging = step % config.log_every == 0 or step == total_steps or step == 1
-            stopping = bool(config.stop_after) and config.stop_after <= step < total_steps
-            checkpointing = step % config.checkpoint_every == 0 or step == total_steps or stopping
-            validating = bool(config.val_every) and (step % config.val_every == 0 or step == total_steps)
-            if logging or checkpointing or validating:  # on every rank: the statistics cross the ranks
-                stats, all_tokens = rollout_stats(totals, values, completions, finished, group, trained_tokens, device, world)
+            events = StepEvents.after(step, total_steps, config)
+            if events.logging or events.checkpointing or events.validating:  # on every rank: the statistics cross the ranks
+                stats, all_tokens = rollout_stats(scored.totals, scored.values, completions, finished, config.group_size,
+                                                  scored.trained_tokens, device, world)
                 reported = {"train/loss": float(sums["train/loss"]), "reward/total/mean": stats["reward/total/mean"]}
-            if logger and logging:
+            if logger and events.logging:
                 tokens_per_s = all_tokens * config.updates_per_rollout / max(update_s, 1e-9)
                 report = (
                     {key: float(value) for key, value in sums.items()}
@@ -421,16 +432,16 @@ def grpo_loop_per_worker(loop_config: dict) -> None:
                 say(
                     f"[{job.stage.name}] step {step}: reward {report['reward/total/mean']:.3f} ± {report['reward/total/std']:.3f}"
                     f" | "
-                    + " | ".join(f"{name} {report[f'reward/{name}/mean']:.3f}" for name in values)
+                    + " | ".join(f"{name} {report[f'reward/{name}/mean']:.3f}" for name in scored.values)
                     + f" | kl {report['grpo/kl']:.4f} | rollout {rollout_s:.1f}s, update {update_s:.1f}s, "
                     f"hand-over {handover_s * 1e3:.0f} ms"
                 )
-            if validating:
+            if events.validating:
                 # only rank 0's report counts
                 reported["val/loss"] = validation_loss(stage, model, tokenizer, job) if rank == 0 else 0.0
                 if logger:
                     logger.log_metrics(step, {"val/loss": reported["val/loss"]})
-            if checkpointing:
+            if events.checkpointing:
                 report_checkpoint(
                     stage,
                     model,
@@ -442,9 +453,9 @@ def grpo_loop_per_worker(loop_config: dict) -> None:
                     world,
                     lora,
                 )
-            elif validating:
+            elif events.validating:
                 ray.train.report({**reported, "step": step, "finished": 0.0})  # every rank reports, none with a checkpoint
-            if stopping:
+            if events.stopping:
                 break
     finally:
         ray.kill(rollout)

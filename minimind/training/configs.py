@@ -3,7 +3,7 @@ The job scripts in jobs/ turn these into flags; tune/ and the pipeline build the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from minimind.training.flags import option
 
@@ -106,15 +106,13 @@ class SFTConfig(TrainConfig):
 
 @dataclass
 class DPOConfig(TrainConfig):
-    beta: float = field(default=0.5, metadata={"help": "DPO temperature: how far the policy may move from the reference"})
+    beta: float = option("DPO temperature: how far the policy may move from the reference", default=0.5)
     # 4.0: on the demo, plain DPO (0) cost 0.155 of SFT's answer exact match, 1.0 cost 0.065 and 4.0 cost 0.020
-    rpo_alpha: float = field(
-        default=4.0,
-        metadata={"help": "weight of the chosen replies' negative log-likelihood added to the DPO loss (RPO; 0: plain DPO)"},
+    rpo_alpha: float = option(
+        "weight of the chosen replies' negative log-likelihood added to the DPO loss (RPO; 0: plain DPO)", default=4.0
     )
-    answer_eval: str | None = field(
-        default=None,
-        metadata={"help": "held-out SFT JSONL whose answer accuracy DPO should keep (default: the demo's, with the demo data)"},
+    answer_eval: str | None = option(
+        "held-out SFT JSONL whose answer accuracy DPO should keep (default: the demo's, with the demo data)", default=None
     )
     lr: float = 1e-4
     batch_size: int = 8
@@ -122,100 +120,75 @@ class DPOConfig(TrainConfig):
 
 @dataclass
 class DistillConfig(TrainConfig):
-    mode: str = field(default="reason", metadata={"help": "reason (black-box traces) or kd (white-box soft labels)"})
-    answer_eval: str | None = field(
+    mode: str = option("reason (black-box traces) or kd (white-box soft labels)", default="reason")
+    answer_eval: str | None = option(
+        "held-out SFT JSONL whose answer accuracy distillation should keep (default: the demo's, with the demo data)",
         default=None,
-        metadata={
-            "help": "held-out SFT JSONL whose answer accuracy distillation should keep (default: the demo's, with the demo data)"
-        },
     )
-    tag_weight: float = field(default=10.0, metadata={"help": "reason: loss weight of <think>/</think>/<answer>/</answer>"})
-    teacher: str | None = field(default=None, metadata={"help": "kd: teacher model URI or directory"})
-    alpha: float = field(default=0.5, metadata={"help": "kd: weight of cross-entropy against the KL term"})
-    temperature: float = field(default=1.5, metadata={"help": "kd: softmax temperature of both models"})
+    tag_weight: float = option("reason: loss weight of <think>/</think>/<answer>/</answer>", default=10.0)
+    teacher: str | None = option("kd: teacher model URI or directory", default=None)
+    alpha: float = option("kd: weight of cross-entropy against the KL term", default=0.5)
+    temperature: float = option("kd: softmax temperature of both models", default=1.5)
     lr: float = 1e-3
     epochs: int = 2
 
 
 @dataclass
 class GRPOConfig(TrainConfig):
-    rewards: str = field(
-        default="answer=1,format=0.5",
-        metadata={"help": "rewards and their weights: answer, format, length, model (minimind.rl.rewards)"},
+    rewards: str = option(
+        "rewards and their weights: answer, format, length, model (minimind.rl.rewards)", default="answer=1,format=0.5"
     )
-    reward_model: str | None = field(
-        default=None, metadata={"help": "model (URI or folder) whose mean log-probability of a reply is the `model` reward"}
+    reward_model: str | None = option(
+        "model (URI or folder) whose mean log-probability of a reply is the `model` reward", default=None
     )
-    group_size: int = field(
-        default=8, metadata={"help": "completions sampled per prompt: the group their advantages are relative to"}
-    )
-    max_new_tokens: int = field(default=128, metadata={"help": "token budget of a completion"})
-    temperature: float = field(
+    group_size: int = option("completions sampled per prompt: the group their advantages are relative to", default=8)
+    max_new_tokens: int = option("token budget of a completion", default=128)
+    temperature: float = option(
+        "sampling temperature of the rollouts; the policy's, the old policy's and the "
+        "reference's log-probabilities are scored at it too (logits / T, as TRL), so the "
+        "policy gradient and the ratios are those of the policy that sampled",
         default=1.0,
-        metadata={
-            "help": "sampling temperature of the rollouts; the policy's, the old policy's and the "
-            "reference's log-probabilities are scored at it too (logits / T, as TRL), so the "
-            "policy gradient and the ratios are those of the policy that sampled"
-        },
     )
-    top_p: float = field(
+    top_p: float = option(
+        "nucleus sampling of the rollouts (1: off). The log-probabilities are scored on the whole "
+        "tempered distribution, not the truncated one (as TRL): below 1, the ratios and the KL "
+        "are of the untruncated policy",
         default=1.0,
-        metadata={
-            "help": "nucleus sampling of the rollouts (1: off). The log-probabilities are scored on the whole "
-            "tempered distribution, not the truncated one (as TRL): below 1, the ratios and the KL "
-            "are of the untruncated policy"
-        },
     )
-    kl_coef: float = field(
-        default=0.02, metadata={"help": "weight of the KL divergence to the starting model (0: no reference model)"}
-    )
-    clip_eps: float = field(default=0.2, metadata={"help": "grpo: clip range of the policy ratio, [1 - eps, 1 + eps]"})
-    loss_type: str = field(
+    kl_coef: float = option("weight of the KL divergence to the starting model (0: no reference model)", default=0.02)
+    clip_eps: float = option("grpo: clip range of the policy ratio, [1 - eps, 1 + eps]", default=0.2)
+    loss_type: str = option(
+        "grpo (PPO's clipped surrogate, averaged per completion) or cispo (MiniMax-M1's "
+        "capped, detached importance weights, averaged over all the step's tokens). CISPO's "
+        "weights only act with --updates-per-rollout 2 or more: with 1 the ratio is 1 and "
+        "cispo is the token-averaged policy gradient",
         default="grpo",
-        metadata={
-            "help": "grpo (PPO's clipped surrogate, averaged per completion) or cispo (MiniMax-M1's "
-            "capped, detached importance weights, averaged over all the step's tokens). CISPO's "
-            "weights only act with --updates-per-rollout 2 or more: with 1 the ratio is 1 and "
-            "cispo is the token-averaged policy gradient"
-        },
     )
-    cispo_max_ratio: float = field(
+    cispo_max_ratio: float = option(
+        "cispo: cap on the importance weight, its own (MiniMax-M1, arXiv:2506.13585, "
+        "bounds the weight above only and tunes that bound; caps of 4 to 5 are the usual "
+        "setting, far above GRPO's 1 + clip-eps)",
         default=5.0,
-        metadata={
-            "help": "cispo: cap on the importance weight, its own (MiniMax-M1, arXiv:2506.13585, "
-            "bounds the weight above only and tunes that bound; caps of 4 to 5 are the usual "
-            "setting, far above GRPO's 1 + clip-eps)"
-        },
     )
-    updates_per_rollout: int = field(
-        default=1,
-        metadata={"help": "optimiser steps on each batch of rollouts (more than 1: the ratio and its clip or cap matter)"},
+    updates_per_rollout: int = option(
+        "optimiser steps on each batch of rollouts (more than 1: the ratio and its clip or cap matter)", default=1
     )
-    length_limit: int = field(default=110, metadata={"help": "the length reward's limit in tokens"})
-    rollout_cpus: float = field(
-        default=0.0, metadata={"help": "CPUs reserved for the rollout actor (0: it shares the trainer's; they take turns)"}
-    )
-    rollout_gpus: float = field(
+    length_limit: int = option("the length reward's limit in tokens", default=110)
+    rollout_cpus: float = option("CPUs reserved for the rollout actor (0: it shares the trainer's; they take turns)", default=0.0)
+    rollout_gpus: float = option(
+        "GPUs of the rollout actor on a GPU cluster; with --gpus-per-worker 0.5 both share one GPU, "
+        "with 1 each they run on separate GPUs (or nodes)",
         default=0.5,
-        metadata={
-            "help": "GPUs of the rollout actor on a GPU cluster; with --gpus-per-worker 0.5 both share one GPU, "
-            "with 1 each they run on separate GPUs (or nodes)"
-        },
     )
-    answer_eval: str | None = field(
-        default=None,
-        metadata={"help": "held-out SFT JSONL whose answer accuracy GRPO should keep (default: the demo's, with the demo data)"},
+    answer_eval: str | None = option(
+        "held-out SFT JSONL whose answer accuracy GRPO should keep (default: the demo's, with the demo data)", default=None
     )
-    lora_dropout: float = field(
+    lora_dropout: float = option(
+        "kept in the adapters' config for later stages; GRPO trains with dropout off "
+        "(as TRL's GRPO), so its ratios and rollouts are of the one policy that samples",
         default=0.0,
-        metadata={
-            "help": "kept in the adapters' config for later stages; GRPO trains with dropout off "
-            "(as TRL's GRPO), so its ratios and rollouts are of the one policy that samples"
-        },
     )
-    loader_workers: int = field(
-        default=-1, metadata={"help": "not for GRPO, which refuses it: it has no data loader (its prompts are read once)"}
-    )
+    loader_workers: int = option("not for GRPO, which refuses it: it has no data loader (its prompts are read once)", default=-1)
     # on the demo, 200 steps at 1e-5 took held-out additions from 0.77 to 0.83 in 5 minutes (3e-5 for 100 steps: 0.76)
     lr: float = 1e-5
     batch_size: int = 8  # prompts per step and worker
@@ -227,23 +200,18 @@ class GRPOConfig(TrainConfig):
 
 @dataclass
 class VLMConfig(TrainConfig):
-    images: str | None = field(
+    images: str | None = option(
+        "folder (or storage URI) the JSONL's image names are relative to (default: the demo images, or the data file's folder)",
         default=None,
-        metadata={
-            "help": "folder (or storage URI) the JSONL's image names are relative to "
-            "(default: the demo images, or the data file's folder)"
-        },
     )
-    vision_model: str | None = field(
+    vision_model: str | None = option(
+        "CLIP vision tower: a local folder, hub id or models:/ URI (e.g. jobs/clip.py's "
+        "minimind-clip-demo), used when --init is a language model (default: the demo's "
+        "random tower, with the demo data)",
         default=None,
-        metadata={
-            "help": "CLIP vision tower: a local folder, hub id or models:/ URI (e.g. jobs/clip.py's "
-            "minimind-clip-demo), used when --init is a language model (default: the demo's "
-            "random tower, with the demo data)"
-        },
     )
-    link_vision: bool = field(
-        default=False, metadata={"help": "reference the vision tower by its path instead of copying it into the registered model"}
+    link_vision: bool = option(
+        "reference the vision tower by its path instead of copying it into the registered model", default=False
     )
     lr: float = 1e-3
     epochs: int = 1

@@ -205,23 +205,69 @@ def resume_from_checkpoint(job: StageJob, stage, model, optimizer, lora: LoRACon
     return state["step"]
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
-    """`loop_config["job"]` is the driver's `StageJob`."""
-    import ray.train
-    from ray.train.torch import get_device, prepare_model
+@dataclass
+class Worker:
+    """Where this Ray Train worker stands: its rank among `world`, its device, the job's tokenizer."""
 
-    job: StageJob = loop_config["job"]
-    config = job.config
+    rank: int
+    world: int
+    device: torch.device
+    tokenizer: object
+
+
+def start_worker(job: StageJob) -> Worker:
+    """What every loop does first: torch's threads, the seeds of this rank, the job's inputs fetched to
+    this node (now paths here), and the tokenizer."""
+    import ray.train
+    from ray.train.torch import get_device
+
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    device = get_device()
-    stage = job.stage
-    torch.set_num_threads(max(1, int(config.cpus_per_worker)))  # Ray pins workers to one thread unless told otherwise
-    random.seed(config.seed + rank)
-    torch.manual_seed(config.seed + rank)
+    torch.set_num_threads(max(1, int(job.config.cpus_per_worker)))  # Ray pins workers to one thread unless told otherwise
+    random.seed(job.config.seed + rank)
+    torch.manual_seed(job.config.seed + rank)
+    job.fetch_inputs()
+    return Worker(rank, world, get_device(), load_tokenizer(job.init_dir))
 
-    job.fetch_inputs()  # now paths on this node
-    tokenizer = load_tokenizer(job.init_dir)
+
+def optimiser_step(optimizer, params: list, grad_clip: float) -> torch.Tensor:
+    """Clip the gradient's global norm (0: no clipping), step, and clear the gradients; returns the norm
+    before clipping, on the device."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+@dataclass(frozen=True)
+class StepEvents:
+    """What happens after optimiser step `step`: a step line, a held-out loss, a checkpoint, a stop."""
+
+    logging: bool
+    validating: bool
+    checkpointing: bool
+    stopping: bool  # --stop-after: this invocation ends here with a checkpoint, to be resumed
+
+    @classmethod
+    def after(cls, step: int, total_steps: int, config) -> StepEvents:
+        last = step == total_steps
+        stopping = bool(config.stop_after) and config.stop_after <= step < total_steps
+        return cls(
+            logging=step % config.log_every == 0 or last or step == 1,
+            validating=bool(config.val_every) and (step % config.val_every == 0 or last),
+            checkpointing=step % config.checkpoint_every == 0 or last or stopping,
+            stopping=stopping,
+        )
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """`loop_config["job"]` is the driver's `StageJob`."""
+    from ray.train.torch import prepare_model
+
+    job: StageJob = loop_config["job"]
+    config, stage = job.config, job.stage
+    worker = start_worker(job)
+    rank, world, device, tokenizer = worker.rank, worker.world, worker.device, worker.tokenizer
     model, lora = model_to_train(job, stage, device)
     rows = PreparedRows(job.data_path, tag_weight=getattr(config, "tag_weight", StageData.tag_weight))  # nothing tokenized here
     batches = LengthGroupedBatches(rows.lengths().tolist(), config.batch_size, seed=config.seed, num_replicas=world, rank=rank)
@@ -256,14 +302,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         sums = accumulate_gradients(
             model, stage, batches, companions, job, device, world, amp_dtype
         )  # tensors left on the device
-        sums["train/grad_norm"] = torch.nn.utils.clip_grad_norm_(
-            params, config.grad_clip if config.grad_clip > 0 else float("inf")
-        )
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        sums["train/grad_norm"] = optimiser_step(optimizer, params, config.grad_clip)
         step += 1
+        events = StepEvents.after(step, total_steps, config)
 
-        if logger and (step % config.log_every == 0 or step == total_steps or step == 1):
+        if logger and events.logging:
             values = on_host(sums)  # waits for the device: the window's time then covers its work
             seconds = time.perf_counter() - window_start
             tokens_per_s = window_tokens * world / max(seconds, 1e-9)
@@ -278,13 +321,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 time.perf_counter() - started,
             )
             window_tokens, window_start = 0, time.perf_counter()
-        stopping = bool(config.stop_after) and step >= config.stop_after and step < total_steps
-        validating = bool(config.val_every) and (step % config.val_every == 0 or step == total_steps)
-        if validating:
+        if events.validating:
             sums["val/loss"] = validation_loss(stage, model, tokenizer, job) if rank == 0 else 0.0  # only rank 0's report counts
             if logger:
                 logger.log_metrics(step, {"val/loss": sums["val/loss"]})
-        if step % config.checkpoint_every == 0 or step == total_steps or stopping:
+        if events.checkpointing:
             report_checkpoint(
                 stage,
                 model,
@@ -296,11 +337,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 world,
                 lora,
             )
-        elif validating:
+        elif events.validating:
             import ray.train
 
             ray.train.report({**on_host(sums), "step": step, "finished": 0.0})  # every rank reports, none with a checkpoint
-        if stopping:
+        if events.stopping:
             break
     stream.close()  # ends the DataLoader's processes
     if logger:
