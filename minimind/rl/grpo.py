@@ -52,11 +52,10 @@ from minimind.training.loop import (
     ddp_options,
     model_to_train,
     optimiser_step,
-    report_checkpoint,
     resume_from_checkpoint,
     say,
     start_worker,
-    validation_loss,
+    validate_and_report,
 )
 from minimind.training.stages import load_frozen
 
@@ -436,25 +435,8 @@ def grpo_loop_per_worker(loop_config: dict) -> None:
                     + f" | kl {report['grpo/kl']:.4f} | rollout {rollout_s:.1f}s, update {update_s:.1f}s, "
                     f"hand-over {handover_s * 1e3:.0f} ms"
                 )
-            if events.validating:
-                # only rank 0's report counts
-                reported["val/loss"] = validation_loss(stage, model, tokenizer, job) if rank == 0 else 0.0
-                if logger:
-                    logger.log_metrics(step, {"val/loss": reported["val/loss"]})
-            if events.checkpointing:
-                report_checkpoint(
-                    stage,
-                    model,
-                    tokenizer,
-                    optimizer,
-                    step,
-                    {**reported, "finished": float(step == total_steps)},
-                    rank,
-                    world,
-                    lora,
-                )
-            elif events.validating:
-                ray.train.report({**reported, "step": step, "finished": 0.0})  # every rank reports, none with a checkpoint
+            if events.checkpointing or events.validating:
+                validate_and_report(events, step, total_steps, reported, job, worker, model, optimizer, lora, logger)
             if events.stopping:
                 break
     finally:

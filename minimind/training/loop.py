@@ -321,31 +321,29 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 time.perf_counter() - started,
             )
             window_tokens, window_start = 0, time.perf_counter()
-        if events.validating:
-            sums["val/loss"] = validation_loss(stage, model, tokenizer, job) if rank == 0 else 0.0  # only rank 0's report counts
-            if logger:
-                logger.log_metrics(step, {"val/loss": sums["val/loss"]})
-        if events.checkpointing:
-            report_checkpoint(
-                stage,
-                model,
-                tokenizer,
-                optimizer,
-                step,
-                {**on_host(sums), "finished": float(step == total_steps)},
-                rank,
-                world,
-                lora,
-            )
-        elif events.validating:
-            import ray.train
-
-            ray.train.report({**on_host(sums), "step": step, "finished": 0.0})  # every rank reports, none with a checkpoint
+        validate_and_report(events, step, total_steps, sums, job, worker, model, optimizer, lora, logger)
         if events.stopping:
             break
     stream.close()  # ends the DataLoader's processes
     if logger:
         logger.close()
+
+
+def validate_and_report(events: StepEvents, step: int, total_steps: int, metrics: dict, job: StageJob, worker: Worker, model,
+                        optimizer, lora: LoRAConfig | None, logger: MetricLogger | None) -> None:
+    """After optimiser step `step`: the held-out loss when validating (rank 0's is the one that counts), then
+    a checkpoint with the step's `metrics` when checkpointing, else a report without one when validating."""
+    import ray.train
+
+    if events.validating:
+        metrics["val/loss"] = validation_loss(job.stage, model, worker.tokenizer, job) if worker.rank == 0 else 0.0
+        if logger:
+            logger.log_metrics(step, {"val/loss": metrics["val/loss"]})
+    if events.checkpointing:
+        report_checkpoint(job.stage, model, worker.tokenizer, optimizer, step,
+                          {**on_host(metrics), "finished": float(step == total_steps)}, worker.rank, worker.world, lora)
+    elif events.validating:
+        ray.train.report({**on_host(metrics), "step": step, "finished": 0.0})  # every rank reports, none with a checkpoint
 
 
 def on_device(batch: dict, device) -> dict:
