@@ -49,7 +49,7 @@ class PrepareConfig:
 def main(argv: list[str] | None = None):
     from minimind import tracking
     from minimind.data.prepare import prepare
-    from minimind.driver.runner import prepared_root
+    from minimind.driver.inputs import prepared_root
     from minimind.driver.stages import STAGES
     from minimind.model.tokenizer import load_tokenizer
     from minimind.model.vision import VISION_CONFIG_NAME, VisionConfig, image_token_count, is_vlm_dir, load_vision_tower

@@ -268,7 +268,7 @@ def test_the_prepare_job_prepares_what_the_stage_job_then_finds(ray_cluster, dem
     from pathlib import Path
 
     from minimind.demo import demo_tokenizer
-    from minimind.driver.runner import prepare_data
+    from minimind.driver.inputs import prepare_data
     from minimind.training.configs import PretrainConfig
 
     spec = importlib.util.spec_from_file_location("prepare_job", Path(__file__).resolve().parents[1] / "jobs" / "prepare.py")

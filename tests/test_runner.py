@@ -159,7 +159,7 @@ def test_rank_zero_metric_logging_reports_a_failing_tracking_server_and_training
 def test_check_lora_flags_refuses_each_lora_flag_that_cannot_work(flags, message):
     """run_stage calls check_lora_flags first of all: a worker would meet --lora-dropout 1.5 only after the
     data's preparation and the first evaluation, and alpha 0 or flags without --lora-rank would "succeed"."""
-    from minimind.driver.runner import check_lora_flags
+    from minimind.driver.inputs import check_lora_flags
     from minimind.training.configs import SFTConfig
 
     with pytest.raises(SystemExit, match=message):

@@ -12,7 +12,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from minimind import storage, tracking
-from minimind.driver.runner import prepare_data, run_stage
+from minimind.driver.inputs import prepare_data
+from minimind.driver.runner import run_stage
 from minimind.driver.stages import STAGES
 from minimind.model.config import ModelConfig
 from minimind.training.flags import add_flags, option
