@@ -21,7 +21,7 @@ from contextlib import nullcontext
 import torch
 
 from minimind.inference.generate import left_pad, one_row_kernels
-from minimind.inference.sampling import RowSampler, SamplingParams, suppress
+from minimind.inference.sampling import RowSampler, SamplingParams, pick
 from minimind.model.model import KVCache
 
 
@@ -93,16 +93,13 @@ class ContinuousBatch:
 
     def _sample(self, logits: torch.Tensor, rows: slice) -> list[int | None]:
         """Tokens for the given rows from their last logits; updates what the next step feeds and who finished."""
-        if self.suppress_ids:
-            logits = suppress(logits, self.suppress_ids)
         sampler = (
             self.sampler
             if rows == slice(0, len(self))
             else RowSampler(self.params[rows], self.generators[rows], device=self.device)
         )
         seen = self.seen[rows] if self.seen is not None else None
-        tokens = sampler(logits, seen)
-        stopped = torch.isin(tokens, self.stop_ids) | self.finished[rows]
+        tokens, stopped = pick(sampler, logits, seen, self.stop_ids, self.finished[rows], self.suppress_ids)
         out = [None if done else token for token, done in zip(tokens.tolist(), stopped.tolist())]
         for row in range(rows.start, rows.stop):
             self.produced[row] += 1
@@ -112,8 +109,6 @@ class ContinuousBatch:
         self.finished[rows] = stopped | out_of_tokens
         self.done[rows] = self.finished[rows].tolist()
         self.last[rows] = tokens.masked_fill(self.finished[rows], self.config.pad_token_id)[:, None]
-        if self.seen is not None:
-            self.seen[rows] |= torch.zeros_like(self.seen[rows]).scatter_(1, tokens[:, None], ~self.finished[rows, None])
         return out
 
     def _join(self, cache: KVCache, mask: torch.Tensor, ids: torch.Tensor, keys, params, generators, limits) -> None:

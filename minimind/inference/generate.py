@@ -12,7 +12,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-from minimind.inference.sampling import RowSampler, SamplingParams, suppress
+from minimind.inference.sampling import RowSampler, SamplingParams, pick
 from minimind.model.model import KVCache, MiniMindForCausalLM
 
 
@@ -76,16 +76,11 @@ def stream_batch(model: MiniMindForCausalLM, prompts: Sequence[Sequence[int]], p
             forward = decode_step if decode_step is not None and step > 0 else model
             with one_row_kernels() if device.type == "cpu" and step_input.shape == (1, 1) else nullcontext():
                 logits = forward(step_input, mask, kv_cache=kv_cache, logits_to_keep=1, **extra).logits[:, -1].float()
-            if params.suppress_token_ids:
-                logits = suppress(logits, params.suppress_token_ids)
-            token = sampler(logits, seen)
-            finished |= torch.isin(token, stop_ids_tensor)
+            token, finished = pick(sampler, logits, seen, stop_ids_tensor, finished, params.suppress_token_ids)
             yield [None if done else t for t, done in zip(token.tolist(), finished.tolist())]
             if bool(finished.all()):
                 return
             token = token.masked_fill(finished, config.pad_token_id)[:, None]
-            if seen is not None:
-                seen.scatter_(1, token, ~finished[:, None])
             if decode_step is not None:
                 mask[:, longest + step] = 1
                 kv_cache.positions = kv_cache.positions[-1:] + 1

@@ -125,3 +125,18 @@ CANDIDATES = 64  # tokens looked at first for top-k/top-p sampling
 
 def suppress(logits: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
     return logits.index_fill(-1, torch.as_tensor(token_ids, device=logits.device), float("-inf"))
+
+
+def pick(sampler: RowSampler, logits: torch.Tensor, seen: torch.Tensor | None, stop_ids: torch.Tensor,
+         finished: torch.Tensor, suppress_ids: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoding step after the forward, one for `generate` and the continuous batch alike: a token for
+    every row from its last fp32 logits (never a suppressed id; the repetition penalty over `seen`), which
+    rows are finished after it (a stop token now, or finished before), and `seen` updated in place with
+    the tokens of the rows still going."""
+    if suppress_ids:
+        logits = suppress(logits, suppress_ids)
+    tokens = sampler(logits, seen)
+    finished = finished | torch.isin(tokens, stop_ids)
+    if seen is not None:
+        seen |= torch.zeros_like(seen).scatter_(1, tokens[:, None], ~finished[:, None])
+    return tokens, finished
