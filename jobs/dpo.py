@@ -7,7 +7,6 @@ Logs TRL's rewards/* and logps/* metrics. Registers `minimind-dpo`.
 """
 
 from minimind.driver.runner import main
-from minimind.training.configs import DPOConfig
 
 if __name__ == "__main__":
-    main(DPOConfig, "dpo", description=__doc__)
+    main("dpo", description=__doc__)

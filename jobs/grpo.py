@@ -14,7 +14,6 @@ Registers `minimind-grpo`.
 """
 
 from minimind.driver.runner import main
-from minimind.training.configs import GRPOConfig
 
 if __name__ == "__main__":
-    main(GRPOConfig, "grpo", description=__doc__)
+    main("grpo", description=__doc__)

@@ -26,6 +26,7 @@ from minimind.demo import report
 from minimind.driver.clip_runner import ClipConfig, train_clip
 from minimind.driver.runner import run_stage
 from minimind.driver.showcase import TEXT_STAGES, describe_pictures, stage_answers
+from minimind.driver.stages import STAGES as STAGE_TABLE
 from minimind.training.configs import DistillConfig, DPOConfig, PretrainConfig, SFTConfig, VLMConfig, VLMSFTConfig
 
 STAGES = [  # (stage, its settings, the stage whose registered version it starts from)
@@ -126,9 +127,7 @@ def run_pipeline(args: argparse.Namespace, seed: int) -> tuple[list, dict, str]:
             if name == "vlm_pretrain":
                 config = replace(config, vision_model=registered.get("clip"))
             if args.scale != 1.0:
-                steps_per_epoch = {"pretrain": 71, "sft": 113, "dpo": 110, "reason": 130, "vlm_pretrain": 138, "vlm_sft": 138}[
-                    name
-                ]  # the demo world's
+                steps_per_epoch = STAGE_TABLE[name].demo_steps_per_epoch  # the demo world's
                 config = replace(config, max_steps=max(2, int(config.epochs * steps_per_epoch * args.scale)))
             results.append(run_stage(config, name, parent_run_id=parent))
         registered[name] = results[-1].model_uri

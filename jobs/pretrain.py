@@ -9,7 +9,6 @@ Registers `minimind-pretrain`.
 """
 
 from minimind.driver.runner import main
-from minimind.training.configs import PretrainConfig
 
 if __name__ == "__main__":
-    main(PretrainConfig, "pretrain", description=__doc__)
+    main("pretrain", description=__doc__)

@@ -10,7 +10,6 @@ name a hub id such as openai/clip-vit-base-patch16). Registers `minimind-vlm-pre
 """
 
 from minimind.driver.runner import main
-from minimind.training.configs import VLMConfig
 
 if __name__ == "__main__":
-    main(VLMConfig, "vlm_pretrain", description=__doc__)
+    main("vlm_pretrain", description=__doc__)

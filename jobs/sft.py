@@ -8,7 +8,6 @@ Registers `minimind-sft`.
 """
 
 from minimind.driver.runner import main
-from minimind.training.configs import SFTConfig
 
 if __name__ == "__main__":
-    main(SFTConfig, "sft", description=__doc__)
+    main("sft", description=__doc__)

@@ -8,7 +8,6 @@ Registers `minimind-vlm-sft`.
 """
 
 from minimind.driver.runner import main
-from minimind.training.configs import VLMSFTConfig
 
 if __name__ == "__main__":
-    main(VLMSFTConfig, "vlm_sft", description=__doc__)
+    main("vlm_sft", description=__doc__)

@@ -343,6 +343,7 @@ def _log_curve(run_id: str) -> None:
         tracking.log_loss_curve(history)
 
 
-def main(config_class, stage_name: str, argv=None, description: str | None = None) -> StageResult:
+def main(stage_name: str, argv=None, description: str | None = None) -> StageResult:
+    """A stage job from the command line: its settings class's flags, then `run_stage`."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    return run_stage(parse_config(config_class, argv, description), stage_name)
+    return run_stage(parse_config(STAGES[stage_name].config_class, argv, description), stage_name)

@@ -146,70 +146,34 @@ def check_grpo_flags(config) -> None:
         )
 
 
-_TEXT = {"loop": train_loop_per_worker}
-STAGES = {
-    stage.name: stage
-    for stage in (
-        Stage("pretrain", "pretrain", "minimind-pretrain", None, PretrainConfig, "pretrain", evaluate=evaluate_text, **_TEXT),
-        Stage("sft", "sft", "minimind-sft", "minimind-pretrain", SFTConfig, "sft", evaluate=evaluate_answers, **_TEXT),
-        DPOStage(
-            "dpo",
-            "dpo",
-            "minimind-dpo",
-            "minimind-sft",
-            DPOConfig,
-            "dpo",
-            evaluate=evaluate_preferences,
-            keeps_answers=True,
-            **_TEXT,
-        ),
-        # black-box distillation: SFT on the teacher's traces
-        Stage(
-            "reason",
-            "reason",
-            "minimind-reason",
-            "minimind-dpo",
-            DistillConfig,
-            "reason",
-            evaluate=evaluate_reasoning,
-            keeps_answers=True,
-            **_TEXT,
-        ),
-        # white-box distillation: the teacher's soft labels (registers as the reasoning model too)
-        KDStage("kd", "sft", "minimind-reason", "minimind-dpo", DistillConfig, "reason", evaluate=evaluate_reasoning, **_TEXT),
-        # rewards: prompts of the reasoning kind, rolled out, scored and learned from by its own loop
-        Stage(
-            "grpo",
-            "reason",
-            "minimind-grpo",
-            "minimind-reason",
-            GRPOConfig,
-            "reason",
-            evaluate=evaluate_reasoning,
-            keeps_answers=True,
-            loop=grpo_loop_per_worker,
-            check=check_grpo_flags,
-        ),
-        VLMStage(
-            "vlm_pretrain",
-            "vlm",
-            "minimind-vlm-pretrain",
-            "minimind-sft",
-            VLMConfig,
-            "vlm_pretrain",
-            evaluate=evaluate_pictures,
-            **_TEXT,
-        ),  # the projection only
-        VLMStage(
-            "vlm_sft",
-            "vlm",
-            "minimind-vlm-sft",
-            "minimind-vlm-pretrain",
-            VLMSFTConfig,
-            "vlm_sft",
-            evaluate=evaluate_pictures,
-            train_language_model=True,
-            **_TEXT,
-        ),
-    )
-}
+def _table(*stages: Stage) -> dict[str, Stage]:
+    return {stage.name: stage for stage in stages}
+
+
+# demo_steps_per_epoch: what `jobs/pipeline.py --scale` counts from
+STAGES = _table(
+    Stage("pretrain", "pretrain", registered_name="minimind-pretrain", previous=None, config_class=PretrainConfig,
+          demo_file="pretrain", demo_steps_per_epoch=71, loop=train_loop_per_worker, evaluate=evaluate_text),
+    Stage("sft", "sft", registered_name="minimind-sft", previous="minimind-pretrain", config_class=SFTConfig,
+          demo_file="sft", demo_steps_per_epoch=113, loop=train_loop_per_worker, evaluate=evaluate_answers),
+    DPOStage("dpo", "dpo", registered_name="minimind-dpo", previous="minimind-sft", config_class=DPOConfig,
+             demo_file="dpo", demo_steps_per_epoch=110, loop=train_loop_per_worker, evaluate=evaluate_preferences,
+             keeps_answers=True),
+    # black-box distillation: SFT on the teacher's traces
+    Stage("reason", "reason", registered_name="minimind-reason", previous="minimind-dpo", config_class=DistillConfig,
+          demo_file="reason", demo_steps_per_epoch=130, loop=train_loop_per_worker, evaluate=evaluate_reasoning,
+          keeps_answers=True),
+    # white-box distillation: the teacher's soft labels (registers as the reasoning model too)
+    KDStage("kd", "sft", registered_name="minimind-reason", previous="minimind-dpo", config_class=DistillConfig,
+            demo_file="reason", loop=train_loop_per_worker, evaluate=evaluate_reasoning),
+    # rewards: prompts of the reasoning kind, rolled out, scored and learned from by its own loop
+    Stage("grpo", "reason", registered_name="minimind-grpo", previous="minimind-reason", config_class=GRPOConfig,
+          demo_file="reason", loop=grpo_loop_per_worker, evaluate=evaluate_reasoning, check=check_grpo_flags,
+          keeps_answers=True),
+    # MiniMind-V: the projection alone trains, then the projection and the language model
+    VLMStage("vlm_pretrain", "vlm", registered_name="minimind-vlm-pretrain", previous="minimind-sft", config_class=VLMConfig,
+             demo_file="vlm_pretrain", demo_steps_per_epoch=138, loop=train_loop_per_worker, evaluate=evaluate_pictures),
+    VLMStage("vlm_sft", "vlm", registered_name="minimind-vlm-sft", previous="minimind-vlm-pretrain", config_class=VLMSFTConfig,
+             demo_file="vlm_sft", demo_steps_per_epoch=138, loop=train_loop_per_worker, evaluate=evaluate_pictures,
+             train_language_model=True),
+)
