@@ -141,6 +141,39 @@ def test_the_checks_see_a_cycle_hidden_in_a_function_and_an_upward_import(tmp_pa
     assert upward_imports(graph) == ["minimind.model.model imports minimind.inference.generate"]
 
 
+STAGE_NAMES = {"pretrain", "sft", "dpo", "reason", "kd", "grpo", "vlm_pretrain", "vlm_sft"}
+
+
+def stage_name_switches(path: Path, package: Path = PACKAGE) -> list[str]:
+    """Comparisons of a stage (`stage`, `stage_name`, `x.stage`, `x.name`) with a stage's name: what the
+    table of stages (minimind.driver.stages) should say instead."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if not isinstance(node, ast.Compare):
+            continue
+        sides = [node.left, *node.comparators]
+        names = {c.value for side in sides for c in ([side] + list(getattr(side, "elts", []))) if isinstance(c, ast.Constant)}
+        subjects = [side for side in sides if (isinstance(side, ast.Name) and side.id in ("stage", "stage_name"))
+                    or (isinstance(side, ast.Attribute) and side.attr in ("stage", "name"))]
+        if names & STAGE_NAMES and subjects:
+            found.append(f"{module_name(path, package)}:{node.lineno} {ast.unparse(node)}")
+    return found
+
+
+def test_no_module_switches_on_a_stage_name_the_stage_table_holds_every_fact():
+    modules = [path for path in sorted(PACKAGE.rglob("*.py")) if path.parent.name != "demo"]  # the demo world names its files
+    assert [switch for path in modules for switch in stage_name_switches(path)] == []
+
+
+def test_the_check_sees_a_switch_on_a_stage_name(tmp_path):
+    (tmp_path / "minimind").mkdir()
+    path = tmp_path / "minimind" / "runner.py"
+    path.write_text('if stage.name == "kd":\n    pass\nif stage_name in ("dpo", "reason"):\n    pass\n'
+                    'if kind == "sft":\n    pass\n')  # a data kind is no stage
+    assert stage_name_switches(path, tmp_path / "minimind") == [
+        "minimind.runner:1 stage.name == 'kd'", "minimind.runner:3 stage_name in ('dpo', 'reason')"]
+
+
 def test_no_module_uses_another_modules_private_names():
     modules = sorted(PACKAGE.rglob("*.py"))
     assert len(modules) > 40  # the walk found the package

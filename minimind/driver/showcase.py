@@ -13,6 +13,7 @@ from minimind.demo import demo_data
 from minimind.demo.images import eval_scenes, hallucinations, named_things
 from minimind.demo.world import build_world, showcase
 from minimind.driver.evaluate import text_replier, vlm_replier
+from minimind.driver.stages import STAGES
 from minimind.inference.generate import generate
 from minimind.model.checkpoint import load_model
 from minimind.model.tokenizer import load_tokenizer
@@ -42,7 +43,7 @@ def stage_answers(model_dirs: dict[str, Path], seed: int = 0) -> list[dict]:
     rows = [{"task": p["task"], "prompt": p["question"]} for p in prompts]
     for stage, directory in model_dirs.items():
         model, tokenizer = load_model(directory).eval(), load_tokenizer(directory)
-        if stage == "pretrain":
+        if STAGES[stage].data_kind == "pretrain":  # a model of plain text continues it; the chat models answer
             replies = continue_text(model, tokenizer, [p["continuation"] for p in prompts])
         else:
             replies = text_replier(model, tokenizer, max_new_tokens=160)(
