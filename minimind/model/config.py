@@ -1,4 +1,4 @@
-"""Model configuration: one dataclass and the named presets of MiniMind2.
+"""Model configuration: one dataclass and the named presets of MiniMind2 and minimind-3.
 
 `ModelConfig.from_name("minimind2-small")` gives the 25.8M model; any field can be overridden:
 `ModelConfig.from_name("tiny", vocab_size=512)`.
@@ -17,6 +17,11 @@ def minimind_ffn_size(hidden_size: int) -> int:
     return 64 * math.ceil(int(hidden_size * 8 / 3) / 64)
 
 
+def minimind3_ffn_size(hidden_size: int) -> int:
+    """minimind-3's SwiGLU width: pi times the hidden size rounded up to a multiple of 64 (2432 at 768)."""
+    return 64 * math.ceil(hidden_size * math.pi / 64)
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 6400
@@ -24,6 +29,8 @@ class ModelConfig:
     num_hidden_layers: int = 8
     num_attention_heads: int = 8
     num_key_value_heads: int = 2
+    attention_head_dim: int = 0  # 0: hidden_size / num_attention_heads (MiniMind2); minimind-3 may set its own
+    qk_norm: bool = False  # minimind-3 / Qwen3: RMSNorm over each head's q and k, before RoPE
     intermediate_size: int = 0  # 0: derived from hidden_size with minimind_ffn_size()
     max_position_embeddings: int = 32768
     rope_theta: float = 1e6
@@ -36,6 +43,9 @@ class ModelConfig:
     num_experts: int = 0
     num_experts_per_tok: int = 2
     num_shared_experts: int = 0
+    # Renormalise the chosen experts' router weights to sum to 1: None is MiniMind2's rule (only when top-k > 1),
+    # True always (Qwen3-MoE, minimind-3-moe: a top-1 expert gets weight 1), False never.
+    norm_topk_prob: bool | None = None
     aux_loss_alpha: float = 0.01
     # Special token ids the model and generation need (the tokenizer is the source of truth).
     pad_token_id: int = 0
@@ -46,7 +56,7 @@ class ModelConfig:
     def __post_init__(self):
         if self.intermediate_size == 0:
             self.intermediate_size = minimind_ffn_size(self.hidden_size)
-        if self.hidden_size % self.num_attention_heads:
+        if not self.attention_head_dim and self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
@@ -58,7 +68,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.attention_head_dim or self.hidden_size // self.num_attention_heads
 
     @property
     def is_moe(self) -> bool:
@@ -122,5 +132,12 @@ PRESETS: dict[str, ModelConfig] = {
         num_experts=4,
         num_experts_per_tok=2,
         num_shared_experts=1,
+    ),
+    # minimind-3 (upstream since 2026-04, aligned with Qwen3): QK-norm, 4 KV heads, a pi-wide FFN, eps 1e-6
+    "minimind-3": ModelConfig(hidden_size=768, num_hidden_layers=8, num_key_value_heads=4, qk_norm=True,
+                              intermediate_size=minimind3_ffn_size(768), rms_norm_eps=1e-6),  # 63.9M
+    "minimind-3-moe": ModelConfig(  # 198M total, 64M active: 4 routed experts, top-1, no shared one (Qwen3-MoE)
+        hidden_size=768, num_hidden_layers=8, num_key_value_heads=4, qk_norm=True, intermediate_size=minimind3_ffn_size(768),
+        rms_norm_eps=1e-6, num_experts=4, num_experts_per_tok=1, norm_topk_prob=True, aux_loss_alpha=5e-4,
     ),
 }

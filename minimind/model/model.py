@@ -227,6 +227,10 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        if config.qk_norm:  # minimind-3 / Qwen3: each head's q and k normalised before RoPE
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
         self.dropout = config.dropout
 
     def forward(self, x, cos, sin, mask, is_causal, kv_cache: KVCache | None, layer: int):
@@ -234,6 +238,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
@@ -261,6 +267,8 @@ class MoEFeedForward(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.top_k, self.num_experts, self.aux_loss_alpha = config.num_experts_per_tok, config.num_experts, config.aux_loss_alpha
+        # renormalise the chosen experts' weights (ModelConfig.norm_topk_prob; None: MiniMind2's rule)
+        self.normalise = self.top_k > 1 if config.norm_topk_prob is None else config.norm_topk_prob
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)  # the router
         self.experts = nn.ModuleList(FeedForward(config) for _ in range(config.num_experts))
         self.shared_experts = nn.ModuleList(FeedForward(config) for _ in range(config.num_shared_experts))
@@ -269,7 +277,7 @@ class MoEFeedForward(nn.Module):
         tokens = x.reshape(-1, x.shape[-1])
         probs = self.gate(tokens).float().softmax(dim=-1)  # (tokens, experts)
         weights, chosen = probs.topk(self.top_k, dim=-1)  # (tokens, k)
-        if self.top_k > 1:
+        if self.normalise:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         # Sort the tokens x k assignments by expert so every expert runs one matmul on a contiguous slice.
         flat_expert = chosen.reshape(-1)

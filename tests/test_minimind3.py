@@ -1,0 +1,96 @@
+"""minimind-3's architecture (QK-norm, a head size of its own, Qwen3-MoE's routing) against an implementation
+that is not ours: transformers' Qwen3 and Qwen3-MoE, with our weights copied in. MiniMind2 stays as it was."""
+
+import pytest
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+from minimind.model.config import PRESETS, ModelConfig
+from minimind.model.model import MiniMindForCausalLM, MoEFeedForward
+
+
+def tiny3(**overrides) -> ModelConfig:
+    """A tiny minimind-3: 4 query heads of 32 (so heads x head size is not the hidden size), 2 KV heads."""
+    return ModelConfig(**{"vocab_size": 128, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                          "num_key_value_heads": 2, "attention_head_dim": 32, "qk_norm": True, "intermediate_size": 96,
+                          "rms_norm_eps": 1e-6, "max_position_embeddings": 256, **overrides})
+
+
+def qwen3(config: ModelConfig):
+    """transformers' Qwen3 (or Qwen3-MoE) of the same shape, holding our model's weights."""
+    shape = dict(vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
+                 num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
+                 head_dim=config.head_dim, intermediate_size=config.intermediate_size, rms_norm_eps=config.rms_norm_eps,
+                 max_position_embeddings=config.max_position_embeddings, rope_parameters={"rope_type": "default",
+                 "rope_theta": config.rope_theta}, tie_word_embeddings=True, attention_bias=False)
+    if config.is_moe:
+        routing = dict(num_experts=config.num_experts, num_experts_per_tok=config.num_experts_per_tok,
+                       norm_topk_prob=bool(config.norm_topk_prob))
+        theirs = Qwen3MoeForCausalLM(Qwen3MoeConfig(**shape, moe_intermediate_size=config.intermediate_size, **routing))
+    else:
+        theirs = Qwen3ForCausalLM(Qwen3Config(**shape))
+    return theirs.eval()
+
+
+def copy_weights(ours: MiniMindForCausalLM, theirs) -> None:
+    state = dict(ours.state_dict())
+    for layer in range(ours.config.num_hidden_layers):
+        prefix = f"model.layers.{layer}.mlp."
+        if ours.config.is_moe:  # transformers keeps the experts fused: gate and up stacked, then down
+            expert = [f"{prefix}experts.{e}." for e in range(ours.config.num_experts)]
+            state[prefix + "experts.gate_up_proj"] = torch.stack(
+                [torch.cat([state.pop(e + "gate_proj.weight"), state.pop(e + "up_proj.weight")]) for e in expert])
+            state[prefix + "experts.down_proj"] = torch.stack([state.pop(e + "down_proj.weight") for e in expert])
+    state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    missing, unexpected = theirs.load_state_dict(state, strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
+
+
+@pytest.mark.parametrize("config", [
+    tiny3(),
+    tiny3(num_experts=4, num_experts_per_tok=1, norm_topk_prob=True),  # minimind-3-moe's routing
+    tiny3(num_experts=4, num_experts_per_tok=2, norm_topk_prob=True),
+], ids=["dense", "moe-top1", "moe-top2"])
+def test_minimind3_logits_equal_transformers_qwen3(config):
+    torch.manual_seed(0)
+    ours = MiniMindForCausalLM(config).eval()
+    for name, parameter in ours.named_parameters():  # norms away from 1, so QK-norm's weights count
+        if name.endswith("norm.weight"):
+            parameter.data.uniform_(0.5, 1.5)
+    theirs = qwen3(config)
+    copy_weights(ours, theirs)
+    ids = torch.randint(3, config.vocab_size, (2, 24))
+    with torch.no_grad():
+        expected = theirs(ids).logits
+        got = ours(ids).logits
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_presets_have_minimind3s_shapes():
+    dense, moe = PRESETS["minimind-3"], PRESETS["minimind-3-moe"]
+    assert (dense.hidden_size, dense.num_hidden_layers, dense.num_attention_heads, dense.num_key_value_heads) == (768, 8, 8, 4)
+    assert dense.intermediate_size == 2432 and dense.qk_norm and dense.rms_norm_eps == 1e-6 and dense.vocab_size == 6400
+    assert round(MiniMindForCausalLM(dense).num_parameters() / 1e6) == 64
+    model = MiniMindForCausalLM(moe)
+    assert (moe.num_experts, moe.num_experts_per_tok, moe.num_shared_experts, moe.norm_topk_prob) == (4, 1, 0, True)
+    assert round(model.num_parameters() / 1e6) == 198 and round(model.num_parameters(active=True) / 1e6) == 64
+
+
+def test_minimind2_keeps_its_layout_and_its_top1_router_weights():
+    """No QK-norm weights, the head size from hidden / heads, and a top-1 expert weighted by its router
+    probability (MiniMind2's rule: only top-k > 1 is renormalised), as a config.json of before says."""
+    for name in ("minimind2-small", "minimind2", "minimind2-moe"):
+        config = PRESETS[name]
+        assert not config.qk_norm and config.head_dim == config.hidden_size // config.num_attention_heads
+        assert not any("q_norm" in key or "k_norm" in key for key in MiniMindForCausalLM(config).state_dict())
+    saved_before = {key: value for key, value in PRESETS["tiny-moe"].to_dict().items()
+                    if key not in ("attention_head_dim", "qk_norm", "norm_topk_prob")}
+    config = ModelConfig.from_dict({**saved_before, "num_experts_per_tok": 1, "num_shared_experts": 0})
+    torch.manual_seed(0)
+    moe = MoEFeedForward(config)
+    tokens = torch.randn(5, config.hidden_size)
+    probs = moe.gate(tokens).softmax(dim=-1)
+    expert = probs.argmax(dim=-1)
+    expected = torch.stack([probs[i, e] * moe.experts[e](tokens[i]) for i, e in enumerate(expert.tolist())])
+    torch.testing.assert_close(moe(tokens[None])[0][0], expected)
