@@ -71,7 +71,7 @@ def hf_llama_twin(config):
     """transformers' LlamaForCausalLM with exactly our shape (and, once weights are copied, our math)."""
     from transformers import LlamaForCausalLM
 
-    from minimind.model.checkpoint import llama_config
+    from minimind.model.hf import llama_config
 
     return LlamaForCausalLM(llama_config(config))
 

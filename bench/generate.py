@@ -28,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import autocast, device_name, median, memory_bandwidth, print_table, time_calls, write_results  # noqa: E402
 from minimind.inference.generate import compile_for_decoding, generate  # noqa: E402
 from minimind.inference.sampling import SamplingParams
-from minimind.model.checkpoint import export_hf, save_model  # noqa: E402
+from minimind.model.checkpoint import save_model  # noqa: E402
 from minimind.model.config import ModelConfig  # noqa: E402
+from minimind.model.hf import export_hf
 from minimind.model.model import MiniMindForCausalLM  # noqa: E402
 
 PRECISIONS = {"fp32": (torch.float32, "fp32"), "bf16-autocast": (torch.float32, "bf16"), "bf16": (torch.bfloat16, "fp32")}

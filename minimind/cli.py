@@ -3,7 +3,7 @@
     minimind generate --model DIR --prompt "从前有座山"
     minimind chat --model DIR                       # interactive, with the tokenizer's chat template
     minimind chat --model VLM_DIR --image cat.png --prompt "图中有什么？"   # MiniMind-V
-    minimind export-hf SRC_DIR OUT_DIR              # Hugging Face LlamaForCausalLM directory
+    minimind export-hf SRC_DIR OUT_DIR              # Hugging Face Llama (or Qwen3, for minimind-3) directory
     minimind merge-lora ADAPTER OUT_DIR             # LoRA adapters (folder or models:/ URI) merged into their base
     minimind import full_sft_512.pth OUT_DIR --tokenizer MINIMIND_TOKENIZER_DIR [--register-as NAME]
     minimind demo                                   # a tour of the model on synthetic data
@@ -22,9 +22,8 @@ from minimind.data.rows import IMAGE_MARKER
 from minimind.demo import model_tour
 from minimind.inference.chat import Chat
 from minimind.inference.generate import compile_for_decoding, stream_generate
-from minimind.model.checkpoint import export_hf
 from minimind.model.config import PRESETS
-from minimind.model.hf import import_model
+from minimind.model.hf import export_hf, import_model
 from minimind.model.lora import ADAPTER_CONFIG_NAME, LoRAConfig, is_adapter_dir, merge_adapter_dir
 from minimind.model.vision import is_vlm_dir
 from minimind.training.flags import parse_overrides
@@ -64,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--image", action="append", default=[], help="an image for a MiniMind-V model (repeatable); "
                       "placed where the first turn says <image>, else before it")
 
-    export = commands.add_parser("export-hf", help="write a Hugging Face LlamaForCausalLM directory")
+    export = commands.add_parser(
+        "export-hf", help="write a Hugging Face LlamaForCausalLM directory (Qwen3ForCausalLM for a minimind-3 model)"
+    )
     export.add_argument("source", help="MiniMind model directory")
     export.add_argument("destination", help="output directory")
 

@@ -5,7 +5,8 @@ import torch
 from conftest import random_model
 
 from minimind.inference.generate import generate
-from minimind.model.checkpoint import export_hf, load_model, save_model
+from minimind.model.checkpoint import load_model, save_model
+from minimind.model.hf import export_hf
 
 YARN = {"factor": 4.0, "original_max_position_embeddings": 256, "beta_fast": 32, "beta_slow": 1}
 

@@ -11,8 +11,8 @@ from conftest import random_model
 from safetensors.torch import save_file
 
 from minimind.cli import main
-from minimind.model.checkpoint import export_hf, load_model
-from minimind.model.hf import LEGACY_NAMES, import_model
+from minimind.model.checkpoint import load_model
+from minimind.model.hf import LEGACY_NAMES, export_hf, import_model
 
 IDS = torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(0))
 

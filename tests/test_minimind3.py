@@ -5,7 +5,10 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
+from minimind.inference.generate import generate
+from minimind.model.checkpoint import save_model
 from minimind.model.config import PRESETS, ModelConfig
+from minimind.model.hf import export_hf
 from minimind.model.model import MiniMindForCausalLM, MoEFeedForward
 
 
@@ -94,3 +97,23 @@ def test_minimind2_keeps_its_layout_and_its_top1_router_weights():
     expert = probs.argmax(dim=-1)
     expected = torch.stack([probs[i, e] * moe.experts[e](tokens[i]) for i, e in enumerate(expert.tolist())])
     torch.testing.assert_close(moe(tokens[None])[0][0], expected)
+
+
+MOE = {"num_experts": 4, "num_experts_per_tok": 1, "norm_topk_prob": True}  # minimind-3-moe's routing
+
+
+@pytest.mark.parametrize("config", [tiny3(), tiny3(**MOE)], ids=["dense", "moe"])
+def test_minimind3_exports_as_a_qwen3_folder_that_transformers_loads_and_decodes_as_we_do(tmp_path, config):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    ours = MiniMindForCausalLM(config).eval()
+    save_model(ours, tmp_path / "ours")
+    theirs = AutoModelForCausalLM.from_pretrained(export_hf(tmp_path / "ours", tmp_path / "hf")).eval()
+    assert type(theirs) is (Qwen3MoeForCausalLM if config.is_moe else Qwen3ForCausalLM)
+    ids = torch.randint(3, config.vocab_size, (2, 40))
+    with torch.no_grad():
+        assert (theirs(ids).logits - ours(ids).logits).abs().max() <= 1e-4
+        prompt = [5, 17, 99, 100, 7]
+        greedy = theirs.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert greedy[0, len(prompt):].tolist() == generate(ours, [prompt], max_new_tokens=8, stop_token_ids=[])[0]

@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 
 from minimind.inference.generate import generate
-from minimind.model.checkpoint import export_hf, load_model, save_model
+from minimind.model.checkpoint import load_model, save_model
 from minimind.model.config import PRESETS, ModelConfig
+from minimind.model.hf import export_hf
 from minimind.model.model import MiniMindForCausalLM
 
 FIRST_ID, ALPHABET = 3, 64  # sequence tokens are ids 3..66; 0-2 stay pad / <s> / </s>

@@ -4,7 +4,6 @@ Face `LlamaForCausalLM` directory that vLLM, llama.cpp and `transformers` load a
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -59,60 +58,3 @@ def load_model(
 # --------------------------------------------------------------------------- Hugging Face export
 
 
-def llama_config(config: ModelConfig):
-    from transformers import LlamaConfig
-
-    rope = {"rope_type": "default", "rope_theta": config.rope_theta}
-    if config.rope_scaling:
-        rope = {**config.rope_scaling, "rope_type": "yarn", "rope_theta": config.rope_theta}
-    return LlamaConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads,
-        head_dim=config.head_dim,
-        max_position_embeddings=config.max_position_embeddings,
-        rms_norm_eps=config.rms_norm_eps,
-        rope_parameters=rope,
-        hidden_act="silu",
-        attention_bias=False,
-        mlp_bias=False,
-        tie_word_embeddings=True,
-        pad_token_id=config.pad_token_id,
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-    )
-
-
-def export_hf(source: str | Path, destination: str | Path) -> Path:
-    """Write `destination` as a Hugging Face LlamaForCausalLM directory with the same weights.
-
-    The MiniMind architecture is Llama's (RMSNorm, rotate-half RoPE, GQA, SwiGLU, tied head) and our
-    parameter names are Llama's, so the export copies tensors one to one. MoE models have no Llama
-    equivalent and are refused.
-    """
-    from transformers import GenerationConfig, LlamaForCausalLM
-
-    source, destination = Path(source), Path(destination)
-    model = load_model(source)
-    config = model.config
-    if config.is_moe:
-        raise ValueError(
-            f"{source} is a Mixture-of-Experts model ({config.num_experts} experts, {config.num_shared_experts} shared); "
-            "Llama has no MoE layers, so only dense MiniMind models can be exported to Hugging Face format"
-        )
-    hf_model = LlamaForCausalLM(llama_config(config))
-    missing, unexpected = hf_model.load_state_dict(model.state_dict(), strict=False)
-    if [name for name in missing if name not in TIED_KEYS] or unexpected:
-        raise RuntimeError(f"parameter names differ from Llama's: missing {missing}, unexpected {unexpected}")
-    hf_model.tie_weights()
-    hf_model.generation_config = GenerationConfig(
-        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
-    )
-    hf_model.save_pretrained(str(destination))
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copy2(source / name, destination / name)
-    return destination

@@ -1,4 +1,6 @@
-"""`minimind import`: the checkpoints people bring from MiniMind itself, as a model folder that every
+"""Hugging Face formats in and out. `export_hf`: a model folder as a `transformers` folder (Llama for
+MiniMind2, Qwen3 or Qwen3-MoE for minimind-3), which vLLM, llama.cpp and Ollama take. `import_model`
+(`minimind import`): the checkpoints people bring from MiniMind itself, as a model folder that every
 stage, `chat`, `export-hf` and Serve take (model.safetensors + config.json + tokenizer files).
 
 Sources:
@@ -20,11 +22,12 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import torch
 
-from minimind.model.checkpoint import TIED_KEYS, save_model
+from minimind.model.checkpoint import TIED_KEYS, TOKENIZER_FILES, load_model, save_model
 from minimind.model.config import ModelConfig
 from minimind.model.model import MiniMindForCausalLM
 from minimind.model.tokenizer import Markers, load_tokenizer
@@ -208,3 +211,107 @@ def import_model(
             f"missing {missing[:6]}, unexpected {sorted(unexpected)[:6]}"
         )
     return save_model(model, destination, tokenizer=tokenizer)
+
+
+def llama_config(config: ModelConfig):
+    from transformers import LlamaConfig
+
+    rope = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if config.rope_scaling:
+        rope = {**config.rope_scaling, "rope_type": "yarn", "rope_theta": config.rope_theta}
+    return LlamaConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        head_dim=config.head_dim,
+        max_position_embeddings=config.max_position_embeddings,
+        rms_norm_eps=config.rms_norm_eps,
+        rope_parameters=rope,
+        hidden_act="silu",
+        attention_bias=False,
+        mlp_bias=False,
+        tie_word_embeddings=True,
+        pad_token_id=config.pad_token_id,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+    )
+
+
+def qwen3_config(config: ModelConfig):
+    """transformers' Qwen3Config (Qwen3MoeConfig for an MoE) of a minimind-3 model's shape."""
+    from transformers import Qwen3Config, Qwen3MoeConfig
+
+    if config.num_shared_experts:
+        raise ValueError("Qwen3-MoE has no shared experts: a model with them has no Qwen3 equivalent")
+    rope = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if config.rope_scaling:
+        rope = {**config.rope_scaling, "rope_type": "yarn", "rope_theta": config.rope_theta}
+    shape = dict(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim,
+        max_position_embeddings=config.max_position_embeddings,
+        rms_norm_eps=config.rms_norm_eps, rope_parameters=rope, hidden_act="silu", attention_bias=False, tie_word_embeddings=True,
+        pad_token_id=config.pad_token_id, bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+    )
+    if not config.is_moe:
+        return Qwen3Config(**shape)
+    # MiniMind2's rule (None) renormalises top-k > 1 only; Qwen3-MoE's flag is all or nothing
+    normalised = config.num_experts_per_tok > 1 if config.norm_topk_prob is None else config.norm_topk_prob
+    return Qwen3MoeConfig(**shape, moe_intermediate_size=config.intermediate_size, num_experts=config.num_experts,
+                          num_experts_per_tok=config.num_experts_per_tok, norm_topk_prob=normalised,
+                          router_aux_loss_coef=config.aux_loss_alpha)
+
+
+def qwen3_state(model: MiniMindForCausalLM) -> dict[str, torch.Tensor]:
+    """Our parameters under Qwen3's names: the same ones, except that Qwen3-MoE keeps each layer's experts
+    fused (gate and up stacked into `experts.gate_up_proj`, then `experts.down_proj`)."""
+    state = dict(model.state_dict())
+    for layer in range(model.config.num_hidden_layers if model.config.is_moe else 0):
+        prefix = f"model.layers.{layer}.mlp."
+        experts = [f"{prefix}experts.{e}." for e in range(model.config.num_experts)]
+        state[prefix + "experts.gate_up_proj"] = torch.stack(
+            [torch.cat([state.pop(e + "gate_proj.weight"), state.pop(e + "up_proj.weight")]) for e in experts])
+        state[prefix + "experts.down_proj"] = torch.stack([state.pop(e + "down_proj.weight") for e in experts])
+    return state
+
+
+def export_hf(source: str | Path, destination: str | Path) -> Path:
+    """Write `destination` as a Hugging Face folder with the same weights: LlamaForCausalLM for MiniMind2,
+    Qwen3ForCausalLM (Qwen3MoeForCausalLM for its MoE) for minimind-3, whose QK-norm Llama lacks.
+
+    Our architecture is theirs (RMSNorm, rotate-half RoPE, GQA, SwiGLU, tied head) and our parameter
+    names are theirs, so the export copies tensors one to one. MiniMind2's MoE (shared experts, no QK-norm)
+    has no equivalent in either and is refused.
+    """
+    from transformers import GenerationConfig, LlamaForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM
+
+    source, destination = Path(source), Path(destination)
+    model = load_model(source)
+    config = model.config
+    if config.qk_norm:
+        hf_model = (Qwen3MoeForCausalLM if config.is_moe else Qwen3ForCausalLM)(qwen3_config(config))
+        state, family = qwen3_state(model), "Qwen3"
+    elif config.is_moe:
+        raise ValueError(
+            f"{source} is a MiniMind2 Mixture-of-Experts model ({config.num_experts} experts, "
+            f"{config.num_shared_experts} shared); Llama has no MoE layers, so only dense MiniMind models can be exported "
+            "to Hugging Face format (minimind-3 ones, MoE included, export as Qwen3)"
+        )
+    else:
+        hf_model, state, family = LlamaForCausalLM(llama_config(config)), model.state_dict(), "Llama"
+    missing, unexpected = hf_model.load_state_dict(state, strict=False)
+    if [name for name in missing if name not in TIED_KEYS] or unexpected:
+        raise RuntimeError(f"parameter names differ from {family}'s: missing {missing}, unexpected {unexpected}")
+    hf_model.tie_weights()
+    hf_model.generation_config = GenerationConfig(
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
+    )
+    hf_model.save_pretrained(str(destination))
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, destination / name)
+    return destination
