@@ -128,10 +128,10 @@ def test_a_llama_folder_imports_and_what_cannot_map_is_refused_by_name(tmp_path,
     torch.testing.assert_close(logits(imported), logits(model), rtol=0, atol=1e-5)
 
     state = dict(model.state_dict())
-    state["model.layers.0.self_attn.q_norm.weight"] = torch.ones(16)  # minimind-3's QK-norm
-    torch.save(state, tmp_path / "minimind3.pth")
-    with pytest.raises(ValueError, match=re.escape("model.layers.0.self_attn.q_norm.weight")):
-        import_model(tmp_path / "minimind3.pth", tmp_path / "refused", tokenizer_dir)
+    state["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(64)  # our linears have no bias
+    torch.save(state, tmp_path / "biased.pth")
+    with pytest.raises(ValueError, match=re.escape("model.layers.0.self_attn.q_proj.bias")):
+        import_model(tmp_path / "biased.pth", tmp_path / "refused", tokenizer_dir)
     torch.save(model.state_dict(), tmp_path / "no_tokenizer.pth")
     with pytest.raises(ValueError, match="--tokenizer"):
         import_model(tmp_path / "no_tokenizer.pth", tmp_path / "refused")

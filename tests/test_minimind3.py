@@ -1,14 +1,17 @@
 """minimind-3's architecture (QK-norm, a head size of its own, Qwen3-MoE's routing) against an implementation
 that is not ours: transformers' Qwen3 and Qwen3-MoE, with our weights copied in. MiniMind2 stays as it was."""
 
+import json
+
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from minimind.inference.generate import generate
-from minimind.model.checkpoint import save_model
+from minimind.model.checkpoint import load_model, save_model
 from minimind.model.config import PRESETS, ModelConfig
-from minimind.model.hf import export_hf
+from minimind.model.hf import export_hf, import_model
 from minimind.model.model import MiniMindForCausalLM, MoEFeedForward
 
 
@@ -117,3 +120,76 @@ def test_minimind3_exports_as_a_qwen3_folder_that_transformers_loads_and_decodes
         prompt = [5, 17, 99, 100, 7]
         greedy = theirs.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
     assert greedy[0, len(prompt):].tolist() == generate(ours, [prompt], max_new_tokens=8, stop_token_ids=[])[0]
+
+
+def reference_qwen3(config: ModelConfig):
+    """A random transformers Qwen3 (Qwen3-MoE) of `config`'s shape, its weights rounded to half precision
+    as MiniMind's trainers save them, and its state dict under MiniMind's names (experts one by one)."""
+    torch.manual_seed(1)
+    theirs = qwen3(config)
+    with torch.no_grad():
+        for parameter in theirs.parameters():
+            parameter.copy_(torch.randn_like(parameter) * 0.2 if parameter.dim() > 1 else 1 + 0.3 * torch.randn_like(parameter))
+            parameter.copy_(parameter.half().float())
+    state = {key: tensor.half() for key, tensor in theirs.state_dict().items() if key != "lm_head.weight"}
+    for layer in range(config.num_hidden_layers if config.is_moe else 0):
+        prefix = f"model.layers.{layer}.mlp.experts."
+        gate_up, down = state.pop(prefix + "gate_up_proj"), state.pop(prefix + "down_proj")
+        for e in range(config.num_experts):
+            gate, up = gate_up[e].chunk(2)
+            names = (f"{prefix}{e}.{name}_proj.weight" for name in ("gate", "up", "down"))
+            state |= dict(zip(names, (gate, up, down[e])))
+    return theirs, state
+
+
+@pytest.mark.parametrize("config", [tiny3(vocab_size=512), tiny3(vocab_size=512, **MOE)], ids=["dense", "moe"])
+def test_a_minimind3_pth_imports_with_the_logits_of_the_reference(tmp_path, byte_tokenizer, config, capsys):
+    """The head size comes from the QK-norm weights (32 here, not hidden / heads = 16), so nothing is assumed
+    about heads; an MoE's top-k the weights cannot tell, and the import says what it took (minimind-3-moe's 1)."""
+    byte_tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
+    theirs, state = reference_qwen3(config)
+    torch.save(state, tmp_path / "full_sft_768.pth")
+    imported = load_model(import_model(tmp_path / "full_sft_768.pth", tmp_path / "imported", tmp_path / "tokenizer"))
+    assert (imported.config.num_attention_heads, imported.config.head_dim, imported.config.qk_norm) == (4, 32, True)
+    said = capsys.readouterr().out
+    assert "query heads" not in said and ("assuming each token goes to its top 1 experts" in said) == config.is_moe
+    ids = torch.randint(3, config.vocab_size, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(imported(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_minimind3_transformers_folder_imports_with_its_head_size(tmp_path, byte_tokenizer):
+    config = tiny3(vocab_size=512, **MOE)
+    theirs, state = reference_qwen3(config)
+    folder = tmp_path / "minimind-3-moe"
+    byte_tokenizer.save_pretrained(str(folder))
+    save_file({key: tensor.contiguous() for key, tensor in state.items()}, str(folder / "model.safetensors"))
+    fields = {"model_type": "minimind", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "head_dim": 32,
+              "num_key_value_heads": 2, "vocab_size": 512, "rope_theta": 1e6, "rms_norm_eps": 1e-6, "intermediate_size": 96,
+              "max_position_embeddings": 256, "use_moe": True, "n_routed_experts": 4, "num_experts_per_tok": 1,
+              "n_shared_experts": 0, "norm_topk_prob": True, "scoring_func": "softmax"}
+    (folder / "config.json").write_text(json.dumps(fields))
+    imported = load_model(import_model(folder, tmp_path / "imported"))
+    assert (imported.config.head_dim, imported.config.num_experts, imported.config.norm_topk_prob) == (32, 4, True)
+    ids = torch.randint(3, 512, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(imported(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_pth_without_qk_norm_says_what_it_assumes_about_heads(tmp_path, byte_tokenizer, capsys):
+    """A MiniMind2 .pth cannot tell 4 heads of 16 from 8 of 8: the import says what it assumed and how to
+    change it, and with the override the logits are the model's."""
+    byte_tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(ModelConfig(**{**PRESETS["tiny"].to_dict(), "vocab_size": 512})).eval()  # 4 heads of 16
+    torch.save(model.state_dict(), tmp_path / "four_heads.pth")
+    assumed = load_model(import_model(tmp_path / "four_heads.pth", tmp_path / "assumed", tmp_path / "tokenizer"))
+    said = capsys.readouterr().out
+    assert "assuming 8 query heads of size 8" in said and "--config-overrides num_attention_heads=N" in said
+    told = load_model(
+        import_model(tmp_path / "four_heads.pth", tmp_path / "told", tmp_path / "tokenizer", {"num_attention_heads": 4}))
+    assert "assuming" not in capsys.readouterr().out
+    ids = torch.randint(3, 512, (2, 12))
+    with torch.no_grad():
+        assert not torch.allclose(assumed(ids).logits, model(ids).logits, atol=1e-3)
+        torch.testing.assert_close(told(ids).logits, model(ids).logits, rtol=0, atol=1e-5)

@@ -13,9 +13,9 @@ Sources:
   `num_experts_per_tok`, `n_shared_experts`, `rope_theta`, ...) mapped to ours;
 - a Llama-format folder (`LlamaForCausalLM`: the same parameter names as ours).
 
-Weights are read without unpickling code (`torch.load(weights_only=True)` or safetensors). Whatever has
-no place in this architecture (minimind-3's QK-norm, biases, an untied output head, another router) is
-refused with the keys or fields named, never dropped.
+Weights are read without unpickling code (`torch.load(weights_only=True)` or safetensors). minimind-3's
+QK-norm weights map onto `qk_norm` and give the head size. Whatever has no place in this architecture
+(biases, an untied output head, another router) is refused with the keys or fields named, never dropped.
 """
 
 from __future__ import annotations
@@ -88,22 +88,54 @@ def rename_legacy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return renamed
 
 
+def query_heads(state: dict[str, torch.Tensor], overrides: dict) -> tuple[int, int]:
+    """(query heads, head size). Shapes alone cannot tell one from the other: minimind-3's QK-norm weights
+    give the head size; without them 8 heads are assumed, as in every MiniMind preset, and the
+    assumption is printed with the way to change it (--config-overrides num_attention_heads=N)."""
+    rows = state["model.layers.0.self_attn.q_proj.weight"].shape[0]
+    q_norm = state.get("model.layers.0.self_attn.q_norm.weight")
+    if q_norm is not None:
+        head_dim = q_norm.shape[0]
+        heads = overrides.get("num_attention_heads", rows // head_dim)
+    else:
+        heads = overrides.get("num_attention_heads", 8)
+        head_dim = rows // heads
+        if "num_attention_heads" not in overrides:
+            print(f"minimind import: assuming {heads} query heads of size {head_dim} (every MiniMind preset has 8; the "
+                  "weights cannot tell): if yours differ, pass --config-overrides num_attention_heads=N")
+    if rows != heads * head_dim:
+        raise ValueError(f"q_proj has {rows} rows: not {heads} query heads of size {head_dim}")
+    return heads, head_dim
+
+
 def config_from_shapes(state: dict[str, torch.Tensor], overrides: dict) -> ModelConfig:
-    """The model's shape read off its tensors; `overrides` (e.g. num_attention_heads) win."""
+    """The model's shape read off its tensors; `overrides` (e.g. num_attention_heads) win. QK-norm
+    weights mark the minimind-3 generation: its RMSNorm eps (1e-6) and its router (top-k renormalised,
+    as Qwen3-MoE's) come with it."""
     vocab_size, hidden_size = state["model.embed_tokens.weight"].shape
     layers = {int(m.group(1)) for key in state if (m := re.match(r"model\.layers\.(\d+)\.", key))}
-    heads = overrides.get("num_attention_heads", 8)  # MiniMind's choice at every size
-    head_dim = hidden_size // heads
+    heads, head_dim = query_heads(state, overrides)
     first = "model.layers.0."
     experts = {int(m.group(1)) for key in state if (m := re.match(r"model\.layers\.0\.mlp\.experts\.(\d+)\.", key))}
     shared = {int(m.group(1)) for key in state if (m := re.match(r"model\.layers\.0\.mlp\.shared_experts\.(\d+)\.", key))}
     ffn = f"{first}mlp.experts.0." if experts else f"{first}mlp."
+    kv_rows = state[f"{first}self_attn.k_proj.weight"].shape[0]
+    if kv_rows % head_dim:
+        raise ValueError(f"k_proj has {kv_rows} rows: no whole number of key heads of size {head_dim}")
+    qk_norm = f"{first}self_attn.q_norm.weight" in state
     values = dict(
         vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=len(layers), num_attention_heads=heads,
-        num_key_value_heads=state[f"{first}self_attn.k_proj.weight"].shape[0] // head_dim,
-        intermediate_size=state[f"{ffn}gate_proj.weight"].shape[0],
+        num_key_value_heads=kv_rows // head_dim, attention_head_dim=0 if heads * head_dim == hidden_size else head_dim,
+        intermediate_size=state[f"{ffn}gate_proj.weight"].shape[0], qk_norm=qk_norm,
         num_experts=len(experts), num_shared_experts=len(shared),
     )
+    if qk_norm:
+        values |= {"rms_norm_eps": 1e-6, "norm_topk_prob": True if experts else None}
+    if experts and "num_experts_per_tok" not in overrides:  # the router's weights cannot tell how many it picks
+        values["num_experts_per_tok"] = 1 if qk_norm else 2
+        generation = "minimind-3-moe" if qk_norm else "MiniMind2-MoE"
+        print(f"minimind import: assuming each token goes to its top {values['num_experts_per_tok']} experts, as {generation}'s "
+              "(the weights cannot tell): if yours differ, pass --config-overrides num_experts_per_tok=K")
     return ModelConfig(**{**values, **overrides})
 
 
@@ -127,11 +159,6 @@ def config_from_hf(fields: dict, state: dict[str, torch.Tensor], overrides: dict
         refused.append(f"hidden_act={fields['hidden_act']!r} (SwiGLU uses silu)")
     if fields.get("scoring_func", "softmax") != "softmax":
         refused.append(f"scoring_func={fields['scoring_func']!r} (the router is a softmax)")
-    if fields.get("use_moe") and fields.get("num_experts_per_tok", 2) > 1 and fields.get("norm_topk_prob") is False:
-        refused.append("norm_topk_prob=false (top-k weights are normalised)")
-    head_dim = fields.get("head_dim")
-    if head_dim and head_dim != fields["hidden_size"] // fields["num_attention_heads"]:
-        refused.append(f"head_dim={head_dim} (ours is hidden_size / num_attention_heads)")
     rope = fields.get("rope_scaling") or fields.get("rope_parameters") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "yarn"):
@@ -147,6 +174,14 @@ def config_from_hf(fields: dict, state: dict[str, torch.Tensor], overrides: dict
     values["num_experts"] = fields.get("n_routed_experts", 0) if fields.get("use_moe") else 0
     if not values["num_experts"]:
         values.pop("num_shared_experts", None)
+    qk_norm = "model.layers.0.self_attn.q_norm.weight" in state  # minimind-3: QK-norm, a head size of its own
+    head_dim = fields.get("head_dim") or values.get("hidden_size", 0) // values.get("num_attention_heads", 8)
+    if head_dim * values.get("num_attention_heads", 8) != values.get("hidden_size"):
+        values["attention_head_dim"] = head_dim
+    values["qk_norm"] = qk_norm
+    if values["num_experts"]:  # MiniMind2 renormalises only top-k > 1 (None); minimind-3 always, as Qwen3-MoE
+        values["norm_topk_prob"] = (fields.get("norm_topk_prob", True) if qk_norm
+                                    else None if fields.get("norm_topk_prob", True) else False)
     if "intermediate_size" not in values or not values["intermediate_size"]:
         values["intermediate_size"] = config_from_shapes(
             state, {"num_attention_heads": values.get("num_attention_heads", 8)}
@@ -168,10 +203,10 @@ def import_model(
     source, overrides = Path(source), dict(overrides or {})
     state = rename_legacy(read_weights(source))
     state = {key: tensor for key, tensor in state.items() if not IGNORED_KEYS.search(key)}
-    unmappable = sorted(key for key in state if re.search(r"\.(q_norm|k_norm)\.|\.bias$", key))
+    unmappable = sorted(key for key in state if re.search(r"\.bias$", key))
     if unmappable:
         raise ValueError(
-            f"{source}: {len(unmappable)} tensors have no place in this architecture (QK-norm or biases), "
+            f"{source}: {len(unmappable)} tensors have no place in this architecture (biases), "
             f"e.g. {', '.join(unmappable[:4])}"
         )
     hf_config = source / "config.json" if source.is_dir() else None
