@@ -74,6 +74,11 @@ class ModelConfig:
     def is_moe(self) -> bool:
         return self.num_experts > 0
 
+    @property
+    def renormalises_top_k(self) -> bool:
+        """Whether the chosen experts' router weights are rescaled to sum to 1 (see norm_topk_prob)."""
+        return self.num_experts_per_tok > 1 if self.norm_topk_prob is None else self.norm_topk_prob
+
     @classmethod
     def from_name(cls, name: str, **overrides) -> "ModelConfig":
         if name not in PRESETS:

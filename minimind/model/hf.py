@@ -248,31 +248,25 @@ def import_model(
     return save_model(model, destination, tokenizer=tokenizer)
 
 
-def llama_config(config: ModelConfig):
-    from transformers import LlamaConfig
-
+def transformers_fields(config: ModelConfig) -> dict:
+    """The config fields a transformers Llama or Qwen3 shares with ours: shape, norms, RoPE, tied head."""
     rope = {"rope_type": "default", "rope_theta": config.rope_theta}
     if config.rope_scaling:
         rope = {**config.rope_scaling, "rope_type": "yarn", "rope_theta": config.rope_theta}
-    return LlamaConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads,
-        head_dim=config.head_dim,
-        max_position_embeddings=config.max_position_embeddings,
-        rms_norm_eps=config.rms_norm_eps,
-        rope_parameters=rope,
-        hidden_act="silu",
-        attention_bias=False,
-        mlp_bias=False,
-        tie_word_embeddings=True,
-        pad_token_id=config.pad_token_id,
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
+    return dict(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim,
+        max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps, rope_parameters=rope,
+        hidden_act="silu", attention_bias=False, tie_word_embeddings=True,
+        pad_token_id=config.pad_token_id, bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
     )
+
+
+def llama_config(config: ModelConfig):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**transformers_fields(config), mlp_bias=False)
 
 
 def qwen3_config(config: ModelConfig):
@@ -281,24 +275,11 @@ def qwen3_config(config: ModelConfig):
 
     if config.num_shared_experts:
         raise ValueError("Qwen3-MoE has no shared experts: a model with them has no Qwen3 equivalent")
-    rope = {"rope_type": "default", "rope_theta": config.rope_theta}
-    if config.rope_scaling:
-        rope = {**config.rope_scaling, "rope_type": "yarn", "rope_theta": config.rope_theta}
-    shape = dict(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim,
-        max_position_embeddings=config.max_position_embeddings,
-        rms_norm_eps=config.rms_norm_eps, rope_parameters=rope, hidden_act="silu", attention_bias=False, tie_word_embeddings=True,
-        pad_token_id=config.pad_token_id, bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
-    )
     if not config.is_moe:
-        return Qwen3Config(**shape)
-    # MiniMind2's rule (None) renormalises top-k > 1 only; Qwen3-MoE's flag is all or nothing
-    normalised = config.num_experts_per_tok > 1 if config.norm_topk_prob is None else config.norm_topk_prob
-    return Qwen3MoeConfig(**shape, moe_intermediate_size=config.intermediate_size, num_experts=config.num_experts,
-                          num_experts_per_tok=config.num_experts_per_tok, norm_topk_prob=normalised,
-                          router_aux_loss_coef=config.aux_loss_alpha)
+        return Qwen3Config(**transformers_fields(config))
+    return Qwen3MoeConfig(**transformers_fields(config), moe_intermediate_size=config.intermediate_size,
+                          num_experts=config.num_experts, num_experts_per_tok=config.num_experts_per_tok,
+                          norm_topk_prob=config.renormalises_top_k, router_aux_loss_coef=config.aux_loss_alpha)
 
 
 def qwen3_state(model: MiniMindForCausalLM) -> dict[str, torch.Tensor]:

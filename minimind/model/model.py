@@ -267,8 +267,7 @@ class MoEFeedForward(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.top_k, self.num_experts, self.aux_loss_alpha = config.num_experts_per_tok, config.num_experts, config.aux_loss_alpha
-        # renormalise the chosen experts' weights (ModelConfig.norm_topk_prob; None: MiniMind2's rule)
-        self.normalise = self.top_k > 1 if config.norm_topk_prob is None else config.norm_topk_prob
+        self.normalise = config.renormalises_top_k  # MiniMind2: only top-k > 1; minimind-3 (Qwen3-MoE): always
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)  # the router
         self.experts = nn.ModuleList(FeedForward(config) for _ in range(config.num_experts))
         self.shared_experts = nn.ModuleList(FeedForward(config) for _ in range(config.num_shared_experts))
