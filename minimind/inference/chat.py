@@ -56,6 +56,11 @@ class Chat:
         """The end of a reply: the model's and the tokenizer's end-of-text ids (one and the same for ours)."""
         return sorted({self.model.config.eos_token_id, self.tokenizer.eos_token_id} - {None})
 
+    @property
+    def suppressed_ids(self) -> list[int]:
+        """Ids never sampled: a VLM's image placeholder (a text model has none)."""
+        return [self.model.image_token_id] if self.takes_images else []
+
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         """Messages (ending with the user's turn) through the tokenizer's chat template, ready for the reply."""
         if self.takes_images:
@@ -68,5 +73,4 @@ class Chat:
 
     def sampling(self, **fields) -> SamplingParams:
         """SamplingParams that stop at the end of the reply and never sample a VLM's image placeholder."""
-        suppressed = [self.model.image_token_id] if self.takes_images else None
-        return SamplingParams(stop_token_ids=self.stop_ids, suppress_token_ids=suppressed, **fields)
+        return SamplingParams(stop_token_ids=self.stop_ids, suppress_token_ids=self.suppressed_ids or None, **fields)

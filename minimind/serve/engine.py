@@ -285,9 +285,7 @@ class ChatModel:
         self.markers = Markers.of(self.tokenizer)
         self.limits = limits or Limits()
         self.context = self.model.config.max_position_embeddings
-        # a VLM never samples its placeholder; a text model needs no image token at all
-        image_id = [self.model.image_token_id] if self.takes_images else []
-        self.engine = BatchingEngine(self.model, self.loaded.stop_ids, image_id, max_batch_size, batch_wait_s)
+        self.engine = BatchingEngine(self.model, self.loaded.stop_ids, self.loaded.suppressed_ids, max_batch_size, batch_wait_s)
         # decoding and resizing images happens here, before a request joins the batch; two threads bound
         # the memory that images being decoded take
         self.image_decoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode-images")
