@@ -3,6 +3,7 @@
     python jobs/tokenizer.py                                  # the demo world's corpus
     python jobs/tokenizer.py --data pretrain_hq.jsonl --vocab-size 6400 --output checkpoints/tokenizer
     python jobs/tokenizer.py --split-digits --split-han       # one token per digit and per Chinese character
+    python jobs/tokenizer.py --style minimind-3               # minimind-3's special tokens and chat template
 
 MiniMind trained its 6400-token vocabulary on about 10k lines; --max-lines bounds how much is read.
 """
@@ -27,6 +28,7 @@ class TokenizerJobConfig:
     split_han: bool = option(
         "every Chinese character its own token (no phrase tokens: what the demo tokenizer does)", default=False
     )
+    style: str = option("special tokens and chat template: minimind2 or minimind-3", default="minimind2")
     seed: int = option("without --data: the demo world of this seed", default=0)
     output: str = option("directory to save the tokenizer to", default="checkpoints/tokenizer")
 
@@ -40,7 +42,9 @@ def main(argv: list[str] | None = None) -> Path:
     else:
         data = Path(config.data)
     texts = (record["text"] for _, record in islice(iter_jsonl(data, "pretrain"), config.max_lines))
-    tokenizer = train_tokenizer(texts, vocab_size=config.vocab_size, split_digits=config.split_digits, split_han=config.split_han)
+    tokenizer = train_tokenizer(
+        texts, vocab_size=config.vocab_size, split_digits=config.split_digits, split_han=config.split_han, style=config.style
+    )
     output = Path(config.output)
     tokenizer.save_pretrained(str(output))
     print(f"trained a {len(tokenizer)}-token tokenizer on {data}; saved to {output}")

@@ -34,16 +34,19 @@ def tiny_model():
     return random_model()
 
 
-def memorized_model(tokenizer, messages: list[dict], reply: str, max_steps: int = 400) -> MiniMindForCausalLM:
+def memorized_model(tokenizer, messages: list[dict], reply: str, max_steps: int = 400, **overrides) -> MiniMindForCausalLM:
     """A tiny model trained (about 2 s) until it answers `messages` with `reply` and its end-of-turn token:
-    a model that really emits, say, a reasoning reply, for tests of what consumes one."""
-    prompt = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+    a model that really emits, say, a reasoning reply, for tests of what consumes one. The prompt is the one
+    every user of a model builds (its tokenizer's template, opening a think block if the tokenizer says so)."""
+    from minimind.inference.chat import chat_prompt_ids
+
+    prompt = chat_prompt_ids(tokenizer, messages)
     answer = tokenizer.encode(reply, add_special_tokens=False) + [tokenizer.eos_token_id]
     ids = torch.tensor([prompt + answer])
     labels = ids.clone()
     labels[0, : len(prompt)] = -100
     torch.manual_seed(0)
-    model = MiniMindForCausalLM(ModelConfig.from_name("tiny", vocab_size=len(tokenizer)))
+    model = MiniMindForCausalLM(ModelConfig.from_name("tiny", vocab_size=len(tokenizer), **overrides))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(max_steps):
         loss = model(ids, labels=labels).loss

@@ -49,9 +49,16 @@ def _check_messages(messages, name: str) -> list[dict]:
             raise ValueError(f'"{name}"[{index}] needs a string "content"')
         if message.get("role") not in ROLES:
             raise ValueError(f'"{name}"[{index}] has role {message.get("role")!r}; expected one of {", ".join(ROLES)}')
+        if message.get("reasoning_content") is not None and not isinstance(message["reasoning_content"], str):
+            raise ValueError(f'"{name}"[{index}] has a "reasoning_content" that is not a string')
     if not any(message["role"] == "assistant" for message in messages):
         raise ValueError(f'"{name}" has no assistant reply to learn from')
-    return [{"role": message["role"], "content": message["content"]} for message in messages]
+    kept = []
+    for message in messages:  # the fields a stage uses; others (a tool list, a name, ...) are left out
+        kept.append({"role": message["role"], "content": message["content"]})
+        if message.get("reasoning_content"):
+            kept[-1]["reasoning_content"] = message["reasoning_content"]
+    return kept
 
 
 def validate_record(record, kind: str) -> dict:
@@ -164,8 +171,11 @@ def _spans_by_prefixes(tokenizer, messages: list[dict], only_last: bool) -> tupl
     for index, message in enumerate(messages):
         if message["role"] != "assistant" or (only_last and index != len(messages) - 1):
             continue
-        prompt = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True)
         through_reply = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
+        prompt = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True)
+        if not through_reply.startswith(prompt):  # a reply with reasoning: the prompt that opens a think block
+            prompt = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True,
+                                                   open_thinking=True)
         if not (text.startswith(through_reply) and through_reply.startswith(prompt)):
             raise ValueError("the chat template does not render conversations prefix by prefix")
         end_of_turn = through_reply.rfind(tokenizer.eos_token, len(prompt)) if tokenizer.eos_token else -1
@@ -189,7 +199,10 @@ def _render(messages: list[dict], tokenizer) -> str:
 
 def _spans_by_sentinels(tokenizer, messages: list[dict], only_last: bool):
     """The same in one render: each message's content replaced by a sentinel, found, then put back.
-    None when the template does not place every content exactly once (it transforms them)."""
+    None when the template does not place every content exactly once (it transforms them), or a reply
+    carries `reasoning_content` (its supervised span starts at the reasoning, not at the content)."""
+    if any("reasoning_content" in message for message in messages):
+        return None
     sentinels = [f"\ue000{index}\ue001" for index in range(len(messages))]
     rendered = _render([{**m, "content": s} for m, s in zip(messages, sentinels)], tokenizer)
     places = [rendered.find(s) for s in sentinels]
@@ -240,12 +253,31 @@ def _supervised(encoding, spans: list[tuple[int, int]]) -> np.ndarray:
     return inside & (offsets[:, 1] > offsets[:, 0])
 
 
+def in_style(messages: list[dict], markers: Markers) -> list[dict]:
+    """Replies with reasoning written the way the tokenizer's style writes them: `reasoning_content` (or
+    an inline think block) as minimind-3's template takes it, or folded into MiniMind2's <think>/<answer>
+    content. Messages without reasoning are left as they are."""
+    styled = []
+    for message in messages:
+        reasoning, answer = message.get("reasoning_content"), message["content"]
+        if message["role"] == "assistant" and reasoning is None and not markers.has_answer_tags:
+            reasoning, answer = markers.split_reply(answer)  # e.g. a MiniMind2 reasoning reply, for minimind-3
+        if message["role"] != "assistant" or reasoning is None:
+            styled.append({"role": message["role"], "content": message["content"]})
+        elif markers.has_answer_tags:
+            styled.append({"role": "assistant", "content": markers.reply_text(reasoning, answer)})
+        else:
+            styled.append({"role": "assistant", "content": answer, "reasoning_content": reasoning})
+    return styled
+
+
 def encode_conversations(
     tokenizer, conversations: list[list[dict]], only_last: bool = False
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """(ids, supervised) arrays per conversation, one tokenizer call for all: supervised marks the
     tokens of assistant replies. (The fast tokenizer's own backend, as `tokenizer(...)` calls it.)"""
-    rendered = [assistant_spans(tokenizer, messages, only_last) for messages in conversations]
+    markers = Markers.of(tokenizer)
+    rendered = [assistant_spans(tokenizer, in_style(messages, markers), only_last) for messages in conversations]
     if not rendered:
         return []
     encodings = tokenizer.backend_tokenizer.encode_batch([text for text, _ in rendered], add_special_tokens=False)

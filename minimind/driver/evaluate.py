@@ -22,24 +22,26 @@ from minimind.inference.chat import Chat
 from minimind.inference.generate import generate
 from minimind.model.losses import sequence_logprobs
 from minimind.model.tokenizer import Markers
-from minimind.rl.rewards import reasoning_parts
+from minimind.rl.rewards import reasoning_parts, reference_answer
 from minimind.training.heldout import batches_of, device_of, heldout_rows
 
 Replier = Callable[[Sequence[list[dict]]], list[str]]
 
 
-def text_replier(model, tokenizer, max_new_tokens: int = 64, batch_size: int = 128) -> Replier:
+def text_replier(model, tokenizer, max_new_tokens: int = 64, batch_size: int = 128, whole_reply: bool = False) -> Replier:
     """Greedy replies of a text model to conversations (each ending with a user turn). Batches of 128: a small
-    model's decoding step costs about the same for 32 rows as for 128 (the demo's 200 held-out SFT questions: 2.6x faster)."""
+    model's decoding step costs about the same for 32 rows as for 128 (the demo's 200 held-out SFT questions: 2.6x faster).
+    `whole_reply`: each reply starts with what its prompt wrote of it (minimind-3's think block)."""
 
     chat = Chat(model, tokenizer)
+    opening = chat.reply_opening if whole_reply else ""
 
     def reply(conversations: Sequence[list[dict]]) -> list[str]:
         replies = []
         for start in range(0, len(conversations), batch_size):
             prompts = [chat.prompt_ids(conversation) for conversation in conversations[start : start + batch_size]]
             outputs = generate(model, prompts, chat.sampling(max_new_tokens=max_new_tokens))
-            replies += [tokenizer.decode(tokens, skip_special_tokens=False) for tokens in outputs]
+            replies += [opening + tokenizer.decode(tokens, skip_special_tokens=False) for tokens in outputs]
         return replies
 
     return reply
@@ -101,11 +103,12 @@ def reasoning_scores(replier: Replier, path: str | Path, tokenizer, limit: int |
     """Format adherence (the whole reply is <think>…</think><answer>…</answer>, each tag exactly once) and
     answer accuracy, overall and, in `by_task`, within each family of records that name their "task"."""
     markers = Markers.of(tokenizer)
-    prompts, references = _prompts_and_references(path, "reason", limit)
-    replies = replier(prompts)
+    records = [record for _, record in iter_jsonl(path, "reason")][:limit]
+    prompts = [r["conversations"][:-1] for r in records]
+    replies = replier(prompts)  # whole replies (text_replier's whole_reply)
     well_formed = [reasoning_parts(reply, markers) for reply in replies]
-    expected = [reasoning_parts(reference, markers) for reference in references]
-    correct = [bool(got and want and got[1] == want[1]) for got, want in zip(well_formed, expected)]
+    expected = [reference_answer(r["conversations"][-1], markers) for r in records]
+    correct = [bool(got and want is not None and got[1] == want) for got, want in zip(well_formed, expected)]
     count = max(len(replies), 1)
     return {"format": sum(bool(m) for m in well_formed) / count, "accuracy": sum(correct) / count,
             "by_task": by_task(correct, record_tasks(path, limit)), "samples": list(zip(prompts[:5], replies[:5]))}

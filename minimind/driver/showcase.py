@@ -46,7 +46,7 @@ def stage_answers(model_dirs: dict[str, Path], seed: int = 0) -> list[dict]:
         if STAGES[stage].data_kind == "pretrain":  # a model of plain text continues it; the chat models answer
             replies = continue_text(model, tokenizer, [p["continuation"] for p in prompts])
         else:
-            replies = text_replier(model, tokenizer, max_new_tokens=160)(
+            replies = text_replier(model, tokenizer, max_new_tokens=160, whole_reply=True)(
                 [[{"role": "user", "content": p["question"]}] for p in prompts]
             )
         for row, reply in zip(rows, replies):

@@ -12,6 +12,7 @@ A `models:/` URI or a LoRA adapter folder is resolved to a model folder by minim
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -21,8 +22,14 @@ from minimind.data.rows import IMAGE_MARKER, expand_image_placeholders
 from minimind.inference.generate import inference_dtype
 from minimind.inference.sampling import SamplingParams
 from minimind.model.checkpoint import load_model
-from minimind.model.tokenizer import Markers, load_tokenizer
+from minimind.model.tokenizer import Markers, load_tokenizer, opens_thinking
 from minimind.model.vision import MiniMindVLM, is_vlm_dir, load_vlm
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Messages (ending with the user's turn) through the tokenizer's chat template, ready for the reply."""
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False,
+                                              open_thinking=opens_thinking(tokenizer)))
 
 
 def prompt_ids(vlm: MiniMindVLM, tokenizer, messages: list[dict]) -> list[int]:
@@ -30,8 +37,16 @@ def prompt_ids(vlm: MiniMindVLM, tokenizer, messages: list[dict]) -> list[int]:
     marker = Markers.of(tokenizer).image
     if marker != IMAGE_MARKER:
         messages = [{**m, "content": m["content"].replace(IMAGE_MARKER, marker)} for m in messages]
-    ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+    ids = chat_prompt_ids(tokenizer, messages)
     return expand_image_placeholders(ids, ids, vlm.image_token_id, vlm.image_tokens)[0]
+
+
+def reply_opening(tokenizer) -> str:
+    """What the generation prompt already wrote of the reply (an opened or an empty think block), which
+    belongs in front of the generated text when a reply is parsed."""
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": ""}], add_generation_prompt=True, tokenize=False,
+                                           open_thinking=opens_thinking(tokenizer))
+    return Markers.of(tokenizer).reply_opening(prompt)
 
 
 @dataclass
@@ -65,7 +80,12 @@ class Chat:
         """Messages (ending with the user's turn) through the tokenizer's chat template, ready for the reply."""
         if self.takes_images:
             return prompt_ids(self.model, self.tokenizer, messages)
-        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+        return chat_prompt_ids(self.tokenizer, messages)
+
+    @cached_property
+    def reply_opening(self) -> str:
+        """The part of every reply its prompt writes (see `reply_opening`)."""
+        return reply_opening(self.tokenizer)
 
     def pixel_values(self, images: list[Image.Image]) -> torch.Tensor | None:
         """The tower's input for a prompt's pictures, in the order of its image markers (None: no picture)."""

@@ -1,8 +1,11 @@
-"""The MiniMind tokenizer: byte-level BPE trained from scratch, carrying MiniMind2's chat template.
+"""The MiniMind tokenizer: byte-level BPE trained from scratch, in one of two styles (`STYLES`).
 
-Every marker is one token with a fixed id: 0 `<unk>` (also padding), 1 `<s>`, 2 `</s>`, then `<think>`,
-`</think>`, `<answer>`, `</answer>` and the image placeholder `<image>`. (MiniMind2's own tags split into
-sub-tokens, so its x10 tag weight also hit pieces like `th` everywhere.)
+    minimind2   0 `<unk>` (also padding), 1 `<s>`, 2 `</s>`, then `<think>`, `</think>`, `<answer>`,
+                `</answer>` and the image placeholder `<image>`; MiniMind2's chat template. (MiniMind2's own
+                tags split into sub-tokens, so its x10 tag weight also hit pieces like `th` everywhere.)
+    minimind-3  minimind-3's 36 special tokens (0 `<|endoftext|>`, 1 `<|im_start|>`, 2 `<|im_end|>`, 12
+                `<|image_pad|>`, 21-24 tool calls and responses, 25 `<think>`, 26 `</think>`) and its
+                Qwen3-style template: every assistant turn is `<think>\n{reasoning}\n</think>\n\n{reply}`.
 
 Other code never spells a marker: it asks `Markers.of(tokenizer)`, which reads the names stored in the
 tokenizer's config, so a user's own tokenizer (say, with `<|im_start|>` markers) works unchanged. Its
@@ -27,15 +30,56 @@ class Markers:
 
     think_start: str = "<think>"
     think_end: str = "</think>"
-    answer_start: str = "<answer>"
+    answer_start: str = "<answer>"  # "" (minimind-3): the answer is whatever follows </think>
     answer_end: str = "</answer>"
     image: str = "<image>"
 
     @classmethod
     def of(cls, tokenizer) -> "Markers":
-        """The markers a tokenizer declares in its config (`think_start`, ...), else the defaults."""
+        """The markers a tokenizer declares in its config (`think_start`, ...), else the defaults of its
+        style: minimind-3's when its vocabulary has `<|im_start|>` and `<think>` but no `<answer>` token."""
         stored = getattr(tokenizer, "init_kwargs", {}) or {}
-        return cls(**{f.name: stored.get(f.name) or f.default for f in fields(cls)})
+        vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+        minimind3 = {"<|im_start|>", "<think>"} <= vocab.keys() and "<answer>" not in vocab
+        defaults = MINIMIND3_MARKERS if minimind3 else cls()
+        return cls(**{f.name: stored[f.name] if stored.get(f.name) is not None else getattr(defaults, f.name)
+                      for f in fields(cls)})
+
+    @property
+    def has_answer_tags(self) -> bool:
+        return bool(self.answer_start and self.answer_end)
+
+    def reply_opening(self, generation_prompt: str) -> str:
+        """The part of a rendered generation prompt that belongs to the reply: a think block the template
+        opened ("<think>\n") or wrote empty ("<think>\n\n</think>\n\n"), which the parsers of replies
+        need in front of the generated text. "" when the prompt ends without one."""
+        start = generation_prompt.rfind(self.think_start)
+        if start < 0:
+            return ""
+        opened = generation_prompt[start:]
+        return opened if not opened[len(self.think_start) :].replace(self.think_end, "", 1).strip() else ""
+
+    def reply_text(self, reasoning: str | None, answer: str) -> str:
+        """A reply as this style's model writes it: MiniMind2's <think>/<answer> blocks, minimind-3's think
+        block followed by the answer."""
+        if reasoning is None:
+            return answer
+        if self.has_answer_tags:
+            return f"{self.think_start}\n{reasoning}\n{self.think_end}\n{self.answer_start}\n{answer}\n{self.answer_end}"
+        return f"{self.think_start}\n{reasoning}\n{self.think_end}\n\n{answer}"
+
+    def split_reply(self, text: str) -> tuple[str | None, str]:
+        """(reasoning, answer) of a reply in either style, leniently: text before a think block or after an
+        answer block is dropped; no think block: (None, text)."""
+        before, opened, rest = text.partition(self.think_start)
+        reasoning, closed, after = rest.partition(self.think_end)
+        if not (opened and closed):
+            return None, text
+        for start, end in ((self.answer_start, self.answer_end), (Markers.answer_start, Markers.answer_end)):
+            if start and start in after:
+                after = after.partition(start)[2].partition(end)[0]
+                break
+        return reasoning.strip("\n"), after.strip("\n")
 
     @classmethod
     def configure(cls, tokenizer, strings: dict[str, str]) -> "Markers":
@@ -82,6 +126,18 @@ SET_MARKERS = (
 
 SPECIAL_TOKENS = [UNK, BOS, EOS, *(f.default for f in fields(Markers))]
 
+MINIMIND3_MARKERS = Markers(answer_start="", answer_end="", image="<|image_pad|>")
+# minimind-3's ids 0-35, in Qwen's order: what the code relies on is looked up by name (Markers, bos/eos/pad)
+MINIMIND3_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
+    "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>",
+    "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+    "<|audio_start|>", "<|audio_end|>", "<|audio_pad|>", "<tts_pad>", "<tts_text_bos>", "<tts_text_eod>",
+    "<tts_text_bos_single>",
+    "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>",
+    *(f"<|buffer{n}|>" for n in range(1, 10)),
+]
+
 # MiniMind2's ChatML variant: every turn is "<s>{role}\n{content}</s>\n"; a conversation without a
 # system turn gets the default persona.
 CHAT_TEMPLATE = (
@@ -95,14 +151,56 @@ CHAT_TEMPLATE = (
 )
 
 
+# minimind-3's Qwen3-style ChatML: no default system turn; every assistant turn carries a think block, its
+# reasoning from `reasoning_content` or split off an inline </think>; the generation prompt writes an empty
+# think block (a direct reply) or, with `open_thinking`, opens one.
+MINIMIND3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{%- set content = message['content'] %}"
+    "{%- set reasoning = message['reasoning_content'] if message['reasoning_content'] is string else '' %}"
+    "{%- if not reasoning and '</think>' in content %}"
+    "{%- set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\n') %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\n') %}"
+    "{%- endif %}"
+    "{{ '<|im_start|>assistant\n<think>\n' + reasoning + '\n</think>\n\n' + content + '<|im_end|>\n' }}"
+    "{%- else %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' + ('<think>\n' if open_thinking else '<think>\n\n</think>\n\n') }}"
+    "{%- endif %}"
+)
+
+
+@dataclass(frozen=True)
+class Style:
+    special_tokens: list[str]
+    bos: str
+    eos: str
+    pad: str  # also the unknown token
+    chat_template: str
+    markers: Markers
+
+
+STYLES = {
+    "minimind2": Style(SPECIAL_TOKENS, BOS, EOS, UNK, CHAT_TEMPLATE, Markers()),
+    "minimind-3": Style(MINIMIND3_SPECIAL_TOKENS, "<|im_start|>", "<|im_end|>", "<|endoftext|>", MINIMIND3_CHAT_TEMPLATE,
+                        MINIMIND3_MARKERS),
+}
+
+
 def train_tokenizer(
     texts: Iterable[str],
     vocab_size: int = 6400,
     model_max_length: int = 32768,
     split_digits: bool = False,
     split_han: bool = False,
+    style: str = "minimind2",
 ):
-    """Train byte-level BPE on `texts`; returns a transformers fast tokenizer with the chat template.
+    """Train byte-level BPE on `texts`; returns a transformers fast tokenizer with the special tokens and
+    chat template of `style` (a key of `STYLES`).
 
     `split_digits`: every digit is its own token, so a number's digits line up with its place values
     (arithmetic then learns one rule per digit instead of one per digit group the merges happened to make).
@@ -113,7 +211,10 @@ def train_tokenizer(
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    backend = Tokenizer(models.BPE(unk_token=UNK))
+    if style not in STYLES:
+        raise ValueError(f"unknown tokenizer style {style!r}; choose one of {sorted(STYLES)}")
+    chosen = STYLES[style]
+    backend = Tokenizer(models.BPE(unk_token=chosen.pad))
     splits = [pre_tokenizers.Split(Regex(r"[\p{Han}\p{P}]"), "isolated")] if split_han else []
     splits += [pre_tokenizers.Digits(individual_digits=True)] if split_digits else []
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -121,22 +222,32 @@ def train_tokenizer(
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=chosen.special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte is a token: nothing is ever <unk>
         show_progress=False,
     )
     backend.train_from_iterator(texts, trainer)
-    markers = Markers()
+    markers = chosen.markers
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        bos_token=BOS,
-        eos_token=EOS,
-        unk_token=UNK,
-        pad_token=UNK,
-        chat_template=CHAT_TEMPLATE,
+        bos_token=chosen.bos,
+        eos_token=chosen.eos,
+        unk_token=chosen.pad,
+        pad_token=chosen.pad,
+        chat_template=chosen.chat_template,
         model_max_length=model_max_length,
-        extra_special_tokens={f.name: getattr(markers, f.name) for f in fields(markers)},
+        extra_special_tokens={f.name: getattr(markers, f.name) for f in fields(markers) if getattr(markers, f.name)},
     )
+
+
+def open_thinking(tokenizer) -> None:
+    """Make prompts open a think block (in templates that have one: minimind-3's `open_thinking`; MiniMind2's
+    ignores it). Stored in the tokenizer's config, so the model folder of a reasoning stage carries it."""
+    tokenizer.init_kwargs["open_thinking"] = True
+
+
+def opens_thinking(tokenizer) -> bool:
+    return bool((getattr(tokenizer, "init_kwargs", None) or {}).get("open_thinking"))
 
 
 def load_tokenizer(directory: str | Path):

@@ -63,7 +63,8 @@ from minimind.training.stages import load_frozen
 @dataclass(frozen=True)
 class Prompt:
     ids: list[int]
-    reference: str | None  # the record's last reply, decoded
+    reference: str | None  # the record's last reply, decoded, with its opening
+    opening: str = ""  # what the prompt wrote of the reply (minimind-3's opened think block), for the rewards
 
 
 def training_prompts(rows, tokenizer, markers: Markers, keep_all: bool) -> list[Prompt]:
@@ -81,9 +82,10 @@ def training_prompts(rows, tokenizer, markers: Markers, keep_all: bool) -> list[
         reply = list(row["input_ids"][start : labelled[-1] + 1])
         while reply and reply[-1] == tokenizer.eos_token_id:
             reply.pop()
-        reference = tokenizer.decode(reply, skip_special_tokens=False)
+        opening = markers.reply_opening(tokenizer.decode(row["input_ids"][:start], skip_special_tokens=False))
+        reference = opening + tokenizer.decode(reply, skip_special_tokens=False)
         if keep_all or reasoning_parts(reference, markers):
-            prompts.append(Prompt(list(row["input_ids"][:start]), reference))
+            prompts.append(Prompt(list(row["input_ids"][:start]), reference, opening))
     return prompts
 
 
@@ -311,7 +313,8 @@ def score_rollouts(prompts: list[Prompt], completions: list[list[int]], finished
     ids, labels = ids.to(device), labels.to(device)
     texts = [tokenizer.decode(c, skip_special_tokens=False) for c in completions]
     scored = [
-        Completion(t, len(c), f, prompts[i // group].reference) for i, (t, c, f) in enumerate(zip(texts, completions, finished))
+        Completion(prompts[i // group].opening + t, len(c), f, prompts[i // group].reference)
+        for i, (t, c, f) in enumerate(zip(texts, completions, finished))
     ]
     model_scores = None
     if scorer is not None:

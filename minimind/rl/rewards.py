@@ -31,17 +31,24 @@ class Completion:
 
 def reasoning_parts(text: str, markers: Markers = Markers()) -> tuple[str, str] | None:
     """(think, answer) of a reply that is exactly <think>\\n…\\n</think>\\n<answer>\\n…\\n</answer> with each
-    tag once; None for anything else (a missing, doubled or misplaced tag)."""
-    tags = (markers.think_start, markers.think_end, markers.answer_start, markers.answer_end)
+    tag once (minimind-3's style: <think>\\n…\\n</think>\\n\\n… with a non-empty answer); None for anything
+    else (a missing, doubled or misplaced tag)."""
+    tags = [tag for tag in (markers.think_start, markers.think_end, markers.answer_start, markers.answer_end) if tag]
     if any(text.count(tag) != 1 for tag in tags):
         return None
-    form = re.compile(
-        rf"{re.escape(markers.think_start)}\n(.*?)\n{re.escape(markers.think_end)}\n"
-        rf"{re.escape(markers.answer_start)}\n(.*?)\n{re.escape(markers.answer_end)}",
-        re.DOTALL,
-    )
-    match = form.fullmatch(text.strip())
+    think = rf"{re.escape(markers.think_start)}\n(.*?)\n{re.escape(markers.think_end)}\n"
+    answer = rf"{re.escape(markers.answer_start)}\n(.*?)\n{re.escape(markers.answer_end)}"
+    if not markers.has_answer_tags:  # minimind-3: a blank line, then a non-empty answer
+        answer = r"\n(.*\S.*)"
+    match = re.compile(think + answer, re.DOTALL).fullmatch(text.strip())
     return (match.group(1), match.group(2).strip()) if match else None
+
+
+def reference_answer(message: dict, markers: Markers) -> str:
+    """The answer of a reference reply in either style (its `reasoning_content`, if any, set apart)."""
+    if message.get("reasoning_content"):
+        return message["content"].strip()
+    return markers.split_reply(message["content"])[1].strip()
 
 
 def format_reward(completion: Completion, markers: Markers, length_limit: int) -> float:

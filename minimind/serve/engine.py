@@ -253,12 +253,13 @@ class Released:
     """What of one reply has been streamed: each longer releasable text becomes a delta event of its new
     reasoning and content (the reasoning model's <think>/<answer> parts split as they arrive)."""
 
-    def __init__(self, markers):
+    def __init__(self, markers, opening: str = ""):
         self.think, self.answer = (markers.think_start, markers.think_end), (markers.answer_start, markers.answer_end)
+        self.opening = opening  # what the prompt wrote of the reply: minimind-3's opened or empty think block
         self.reasoning, self.content = "", ""
 
     def extend(self, text: str, final: bool = False) -> dict | None:
-        reasoning, content = split_reasoning(text, self.think, self.answer, final)
+        reasoning, content = split_reasoning(self.opening + text, self.think, self.answer, final)
         new_reasoning, new_content = reasoning[len(self.reasoning) :], content[len(self.content) :]
         if not (new_reasoning or new_content):
             return None
@@ -325,7 +326,7 @@ class ChatModel:
         if request.images:  # an unreadable image fails this request only, with a 400
             pixel_values = await asyncio.get_running_loop().run_in_executor(self.image_decoder, self.pixel_values, request.images)
         yield {"type": "start", "prompt_tokens": len(prompt)}
-        tokens, released, finish = [], Released(self.markers), "length"
+        tokens, released, finish = [], Released(self.markers, self.loaded.reply_opening), "length"
         stream = self.engine.stream(prompt, sampling, pixel_values)
         try:
             async for chunk in stream:

@@ -290,7 +290,8 @@ def parse_chat_body(raw: bytes, models: dict[str, bool], limits: Limits) -> Chat
 
 
 def split_reasoning(text: str, think: tuple[str, str], answer: tuple[str, str], final: bool = False) -> tuple[str, str]:
-    """A reply "<think>\\nR\\n</think>\\n<answer>\\nA\\n</answer>" -> (R, A); works on a partial reply
+    """A reply "<think>\\nR\\n</think>\\n<answer>\\nA\\n</answer>" -> (R, A), or with no answer tags
+    (minimind-3: `answer` is ("", "")) "<think>\\nR\\n</think>\\n\\nA" -> (R, A); works on a partial reply
     too (the part so far), holding back what may be a tag arriving (`final`: the reply is over, nothing is
     arriving). A reply without the think tag is all content; whitespace before the think tag is neither."""
     stripped = text.lstrip()
@@ -303,6 +304,8 @@ def split_reasoning(text: str, think: tuple[str, str], answer: tuple[str, str], 
     if not closed:
         return _hold_back(reasoning.lstrip("\n"), think[1], final), ""
     rest = rest.lstrip("\n")
+    if not (answer[0] and answer[1]):
+        return reasoning.strip("\n"), rest.rstrip("\n")  # trailing newlines held back: maybe the reply's end
     if not final and answer[0].startswith(rest):
         return reasoning.strip("\n"), ""  # maybe the answer tag arriving
     if rest.startswith(answer[0]):

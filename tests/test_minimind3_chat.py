@@ -1,0 +1,158 @@
+"""minimind-3's tokenizer and chat template through the stack: its special tokens, rows of every reply
+shape, rewards, evaluation, Serve's reasoning_content, and a reasoning stage trained on it."""
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+from conftest import memorized_model
+from conftest import mlflow_client as client
+
+from minimind.data.rows import StageData, encode_conversations, stage_rows, validate_record
+from minimind.driver.evaluate import reasoning_scores, text_replier
+from minimind.inference.chat import Chat, reply_opening
+from minimind.model.checkpoint import load_model, save_model
+from minimind.model.tokenizer import MINIMIND3_MARKERS, Markers, load_tokenizer, train_tokenizer
+from minimind.rl.rewards import reasoning_parts, reference_answer
+from minimind.serve.engine import ChatModel, Released
+from minimind.serve.protocol import ChatRequest
+
+TEXTS = ["从前有座山，山里有座庙。", "先算个位：3 加 4 等于 7。", "答案是 17。", "hello minimind 2026"]
+QUESTION = [{"role": "user", "content": "13 加 4 等于几？"}]
+REASONING, ANSWER = "先算个位：3 加 4 等于 7。", "答案是 17。"
+SHAPES = {  # one reasoning reply, as each kind of data writes it
+    "reasoning_content": {"role": "assistant", "content": ANSWER, "reasoning_content": REASONING},
+    "minimind-3 inline": {"role": "assistant", "content": f"<think>\n{REASONING}\n</think>\n\n{ANSWER}"},
+    "MiniMind2 tags": {"role": "assistant", "content": f"<think>\n{REASONING}\n</think>\n<answer>\n{ANSWER}\n</answer>"},
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer3():
+    return train_tokenizer(TEXTS * 20, vocab_size=400, split_han=True, style="minimind-3")
+
+
+def reason_record(reply: dict) -> dict:
+    return validate_record({"conversations": [*QUESTION, reply]}, "reason")
+
+
+def test_the_minimind3_tokenizer_has_its_special_tokens_at_their_ids(tokenizer3, tmp_path):
+    tokenizer3.save_pretrained(str(tmp_path))
+    reloaded = load_tokenizer(tmp_path)
+    for tokenizer in (tokenizer3, reloaded):
+        named = {0: "<|endoftext|>", 1: "<|im_start|>", 2: "<|im_end|>", 12: "<|image_pad|>", 21: "<tool_call>",
+                 22: "</tool_call>", 23: "<tool_response>", 24: "</tool_response>", 25: "<think>", 26: "</think>"}
+        assert {i: tokenizer.convert_ids_to_tokens(i) for i in named} == named
+        assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2)
+        ids = tokenizer("<tool_call>{}</tool_call>", add_special_tokens=False)["input_ids"]
+        assert (ids[0], ids[-1]) == (21, 22) and 21 not in ids[1:-1]  # each marker one token
+        assert Markers.of(tokenizer) == MINIMIND3_MARKERS  # no <answer> tags; <|image_pad|> holds images
+    assert Markers.of(train_tokenizer(TEXTS, vocab_size=300)) == Markers()  # MiniMind2's style keeps its own
+
+
+def test_reasoning_rows_in_every_shape_render_as_minimind3_writes_them(tokenizer3):
+    stage = StageData("reason", seq_len=256)
+    marker_ids = stage.marker_ids(tokenizer3)
+    rows = [stage_rows([reason_record(reply)], stage, tokenizer3, marker_ids)[0] for reply in SHAPES.values()]
+    assert rows[0] == rows[1] == rows[2]
+    row = rows[0]
+    assert tokenizer3.decode(row["input_ids"]) == (
+        f"<|im_start|>user\n{QUESTION[0]['content']}<|im_end|>\n<|im_start|>assistant\n<think>\n{REASONING}\n</think>\n\n"
+        f"{ANSWER}<|im_end|>\n"
+    )
+    labelled = [token for token in row["labels"] if token != -100]
+    assert tokenizer3.decode(labelled) == f"{REASONING}\n</think>\n\n{ANSWER}<|im_end|>"  # the opened <think> is the prompt's
+    weights = np.asarray(row["loss_weights"])
+    assert set(np.asarray(row["input_ids"])[weights == 10.0]) == {26}  # </think>, the tag the reply writes
+
+    plain = validate_record({"conversations": [*QUESTION, {"role": "assistant", "content": ANSWER}]}, "sft")
+    ((ids, supervised),) = encode_conversations(tokenizer3, [plain["conversations"]])
+    assert "<|im_start|>assistant\n<think>\n\n</think>\n\n" + ANSWER in tokenizer3.decode(ids)  # the empty think block
+    assert tokenizer3.decode(ids[supervised]) == ANSWER + "<|im_end|>"
+
+
+def test_reasoning_given_apart_is_written_in_minimind2s_tags_for_a_minimind2_tokenizer():
+    tokenizer2 = train_tokenizer(TEXTS * 20, vocab_size=400)
+    encoded = [encode_conversations(tokenizer2, [reason_record(reply)["conversations"]])[0] for reply in SHAPES.values()]
+    (ids, supervised), (inline_ids, _), (tagged_ids, _) = encoded
+    assert ids.tolist() == tagged_ids.tolist()  # reasoning_content folded into <think>/<answer>, as the data writes it
+    assert tokenizer2.decode(ids[supervised]) == f"<think>\n{REASONING}\n</think>\n<answer>\n{ANSWER}\n</answer></s>"
+    assert tokenizer2.decode(inline_ids).count("<answer>") == 0  # a MiniMind2 template renders minimind-3's text as given
+
+
+def test_minimind3_replies_are_parsed_for_rewards_and_streamed_as_reasoning_content():
+    m3 = MINIMIND3_MARKERS
+    reply = f"<think>\n{REASONING}\n</think>\n\n{ANSWER}"
+    assert reasoning_parts(reply, m3) == (REASONING, ANSWER)
+    assert reasoning_parts(f"<think>\n{REASONING}\n</think>\n\n", m3) is None  # no answer
+    assert reasoning_parts(reply + "<think>", m3) is None  # a doubled tag
+    assert reasoning_parts(reply, Markers()) is None  # MiniMind2's form needs its <answer> tags
+    assert {reference_answer(message, m3) for message in SHAPES.values()} == {ANSWER}
+
+    def streamed(opening: str, text: str) -> tuple[str, str]:
+        released, reasoning, content = Released(m3, opening), "", ""
+        for end in range(1, len(text) + 1):
+            if delta := released.extend(text[:end], final=end == len(text)):
+                reasoning, content = reasoning + delta["reasoning"], content + delta["content"]
+        return reasoning, content
+
+    assert streamed("<think>\n", f"{REASONING}\n</think>\n\n{ANSWER}") == (REASONING, ANSWER)
+    assert streamed("<think>\n\n</think>\n\n", "你好\n") == ("", "你好")
+
+
+def test_a_minimind3_reasoning_model_is_prompted_to_think_scored_and_served_with_reasoning_content(tokenizer3, tmp_path):
+    tokenizer3 = load_tokenizer(_saved(tokenizer3, tmp_path / "tokenizer"))
+    assert reply_opening(tokenizer3) == "<think>\n\n</think>\n\n"  # a direct reply: the template writes an empty block
+    tokenizer3.init_kwargs["open_thinking"] = True  # what the reasoning stages write
+    assert reply_opening(tokenizer3) == "<think>\n"
+    model = memorized_model(tokenizer3, QUESTION, f"{REASONING}\n</think>\n\n{ANSWER}", qk_norm=True, attention_head_dim=8)
+    save_model(model, tmp_path / "model", tokenizer=tokenizer3)
+
+    eval_file = tmp_path / "reason_eval.jsonl"
+    eval_file.write_text(json.dumps({"conversations": [*QUESTION, SHAPES["MiniMind2 tags"]]}, ensure_ascii=False) + "\n")
+    chat = Chat.load(tmp_path / "model", device="cpu", dtype="fp32")
+    scores = reasoning_scores(text_replier(chat.model, chat.tokenizer, max_new_tokens=40, whole_reply=True), eval_file,
+                              chat.tokenizer)
+    assert (scores["format"], scores["accuracy"]) == (1.0, 1.0)
+
+    served = ChatModel(tmp_path / "model", device="cpu", dtype="fp32")
+
+    async def events():
+        return [event async for event in served.chat(ChatRequest("m", QUESTION, temperature=0.0, max_tokens=40))]
+
+    deltas = [event for event in asyncio.run(events()) if event["type"] == "delta"]
+    assert ("".join(d["reasoning"] for d in deltas), "".join(d["content"] for d in deltas)) == (REASONING, ANSWER)
+
+
+def _saved(tokenizer, folder):
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def test_a_reasoning_stage_trains_a_minimind3_model_from_its_preset(mlflow_store, tmp_path):
+    """`--preset minimind-3` with a minimind-3 tokenizer builds the model (narrowed here), and the reasoning
+    stage trains it on the demo's MiniMind2-format traces, written in minimind-3's template."""
+    from minimind.demo import demo_data, demo_texts
+    from minimind.driver.inputs import starting_model
+    from minimind.driver.runner import run_stage
+    from minimind.driver.stages import STAGES
+    from minimind.training.configs import DistillConfig, PretrainConfig
+
+    tokenizer_dir = _saved(train_tokenizer(demo_texts(demo_data(0)), vocab_size=2048, split_han=True, split_digits=True,
+                                           style="minimind-3"), tmp_path / "tokenizer")
+    narrow = "hidden_size=64,intermediate_size=192,num_hidden_layers=2,attention_head_dim=16"
+    pretrain = PretrainConfig(preset="minimind-3", tokenizer=str(tokenizer_dir), config_overrides=narrow)
+    init_dir, tags = starting_model(pretrain, STAGES["pretrain"], tmp_path / "work")
+    config = load_model(init_dir).config
+    assert tags["source.uri"] == "scratch:minimind-3"
+    assert (config.qk_norm, config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (True, 8, 4, 16)
+    assert (config.rope_theta, config.bos_token_id, config.eos_token_id, config.pad_token_id) == (1e6, 1, 2, 0)
+
+    result = run_stage(DistillConfig(init=str(init_dir), max_steps=4, checkpoint_every=4, log_every=2, eval_limit=4,
+                                     batch_size=4, seq_len=256), "reason")
+    trained = load_tokenizer(result.model_dir)
+    assert trained.init_kwargs.get("open_thinking") is True and Markers.of(trained) == MINIMIND3_MARKERS
+    assert load_model(result.model_dir).config.qk_norm
+    run = client().get_run(client().get_model_version("minimind-reason", result.model_uri.rsplit("/", 1)[1]).run_id)
+    assert {"eval/reasoning_format", "eval/reasoning_accuracy"} <= run.data.metrics.keys()
