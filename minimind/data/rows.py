@@ -41,10 +41,18 @@ class DataFormatError(ValueError):
 # --------------------------------------------------------------------------- reading and validation
 
 
+TOOLS_REFUSED = (
+    "tool calling is not supported by this version: a record that defines, calls or answers tools would train "
+    "without them (--skip-bad leaves such records out and counts them)"
+)
+
+
 def _check_messages(messages, name: str) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise ValueError(f'"{name}" must be a non-empty list of messages')
     for index, message in enumerate(messages):
+        if isinstance(message, dict) and (message.get("tool_calls") or message.get("tools") or message.get("role") == "tool"):
+            raise ValueError(f'"{name}"[{index}]: {TOOLS_REFUSED}')
         if not isinstance(message, dict) or not isinstance(message.get("content"), str):
             raise ValueError(f'"{name}"[{index}] needs a string "content"')
         if message.get("role") not in ROLES:
@@ -69,6 +77,8 @@ def validate_record(record, kind: str) -> dict:
         if not isinstance(record.get("text"), str):
             raise ValueError('needs a string "text"')
         return {"text": record["text"]}
+    if record.get("tools"):
+        raise ValueError(f'"tools": {TOOLS_REFUSED}')
     if kind == "dpo":
         chosen, rejected = _check_messages(record.get("chosen"), "chosen"), _check_messages(record.get("rejected"), "rejected")
         if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
