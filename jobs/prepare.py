@@ -25,7 +25,10 @@ from minimind.training.flags import option, parse_config
 @dataclass
 class PrepareConfig:
     stage: str = option("the stage whose rows to prepare: pretrain, sft, dpo, reason, kd, vlm_pretrain, vlm_sft", default="sft")
-    data: str | None = option("JSONL: a path or storage URI (default: the demo world's file for the stage)", default=None)
+    data: str | None = option(
+        "JSONL, or Parquet (a .parquet file or folder): a path or storage URI (default: the demo world's file for the stage)",
+        default=None,
+    )
     tokenizer: str | None = option(
         "tokenizer or model directory, or a models:/ URI (default: the demo tokenizer, with the demo data only)", default=None
     )
@@ -48,7 +51,7 @@ class PrepareConfig:
 
 def main(argv: list[str] | None = None):
     from minimind import tracking
-    from minimind.data.prepare import prepare
+    from minimind.data.parquet import prepare_any
     from minimind.driver.inputs import prepared_root
     from minimind.driver.stages import STAGES
     from minimind.model.tokenizer import load_tokenizer
@@ -81,7 +84,7 @@ def main(argv: list[str] | None = None):
             else image_token_count(load_vision_tower(demo_vision_tower(config.seed))[0])
         )
     rows_spec = stage_data(stage, config, image_tokens or 1)
-    prepared = prepare(
+    prepared = prepare_any(
         data,
         load_tokenizer(source),
         rows_spec,

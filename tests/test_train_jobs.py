@@ -263,9 +263,20 @@ def test_vlm_stages_train_what_each_should_and_never_the_vision_tower(mlflow_sto
     assert not same(aligned.projection, fresh.projection)
     assert same(aligned.vision_tower, fresh.vision_tower)
 
-    sft = run_stage(VLMSFTConfig(**QUICK), "vlm_sft")  # default --init: the VLM registered just above
+    # MiniMind-V's Parquet (images as bytes, prepared by Ray Data); evaluation on the demo's JSONL and image files
+    from test_parquet import parquet_of
+
+    from minimind.demo import demo_data
+
+    demo = demo_data(0)
+    parquet = parquet_of(demo["vlm_sft"], demo["images"], tmp_path / "vlm_sft.parquet")
+    sft = run_stage(  # default --init: the VLM registered just above
+        VLMSFTConfig(**QUICK, data=str(parquet), eval_data=str(demo["vlm_sft_eval"]), images=str(demo["images"])), "vlm_sft"
+    )
     run = client().get_run(client().get_model_version("minimind-vlm-sft", "1").run_id)
     assert run.data.tags["source.name"] == "minimind-vlm-pretrain"
+    assert run.data.params["data"] == str(parquet)
+    assert (Path(run.data.tags["data.prepared"]) / "shard-00000" / "image_bytes.npy").is_file()
     tuned = load_vlm(sft.model_dir)
     assert not same(tuned.language_model, aligned.language_model) and not same(tuned.projection, aligned.projection)
     assert same(tuned.vision_tower, fresh.vision_tower)

@@ -1,7 +1,9 @@
-"""A VLM batch's pictures: decoded from the images folder and turned into the vision tower's pixels."""
+"""A VLM batch's pictures: decoded from the images folder (or the bytes prepared Parquet data holds) and turned
+into the vision tower's pixels."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import torch
@@ -15,13 +17,17 @@ def batch_pixel_values(vlm: MiniMindVLM, images: list[list[str]], images_dir: st
     return _pixels(vlm.image_processor, images, images_dir)
 
 
-def _pixels(image_processor, images: list[list[str]], images_dir) -> torch.Tensor | None:
+def _pixels(image_processor, images: list[list[str | bytes]], images_dir) -> torch.Tensor | None:
+    """Each image a file name under `images_dir`, or its bytes (prepared Parquet data)."""
     names = [name for row in images for name in row]
     if not names:
         return None
-    return image_processor(images=[load_image(Path(images_dir or ".") / name) for name in names], return_tensors="pt")[
-        "pixel_values"
+    pictures = [
+        load_image(io.BytesIO(name), name="an image of the prepared data") if isinstance(name, bytes)
+        else load_image(Path(images_dir or ".") / name)
+        for name in names
     ]
+    return image_processor(images=pictures, return_tensors="pt")["pixel_values"]
 
 
 class BatchWithPixels:

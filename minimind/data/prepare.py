@@ -240,8 +240,17 @@ def prepare(
     content = combine_blocks(blocks)
     if len(blocks) != block_count(size) or found.content_sha256 not in (None, content):
         raise RuntimeError(f"{source} changed while it was being prepared: prepare it again")
+    duplicates = count_duplicates(encoded) if not drop_duplicates else sum(len(d) for d in drops.values())
+    identity = {"source": source, "source_fingerprint": fingerprint, "content_sha256": content, "tokenizer_sha256": tokenizer_sha,
+                "settings": stage_settings}
+    return publish(location, identity, encoded, stage, tokenizer, marker_ids, first_bad, duplicates, drop_duplicates,
+                   started, size, say)
 
-    duplicates = _count_duplicates(encoded) if not drop_duplicates else sum(len(d) for d in drops.values())
+
+def publish(location: str, identity: dict, encoded: list[dict], stage: StageData, tokenizer, marker_ids: dict,
+            first_bad: str | None, duplicates: int, drop_duplicates: bool, started: float, size: int, say=print) -> Prepared:
+    """The manifest and data report of shards written by tasks (their summaries `encoded`, in order),
+    the manifest last: from then on the folder counts as complete. `identity`: what the source was."""
     stats = data_report.merge([summary["stats"] for summary in encoded])
     shards = [{"name": s["shard"], "rows": s["rows"], "tokens": s["tokens"]} for s in encoded]
     tokens = sum(shard["tokens"] for shard in shards)
@@ -259,11 +268,7 @@ def prepare(
         "format": FORMAT_VERSION,
         "kind": stage.kind,
         "seq_len": stage.seq_len,
-        "source": source,
-        "source_fingerprint": fingerprint,
-        "content_sha256": content,
-        "tokenizer_sha256": tokenizer_sha,
-        "settings": stage_settings,
+        **identity,
         "key": location.rstrip("/").rsplit("/", 1)[-1],
         "dtype": np.dtype(token_dtype(len(tokenizer))).name,
         "pad_id": tokenizer.pad_token_id,
@@ -433,7 +438,7 @@ def _duplicates_to_drop(summaries: list[dict]) -> dict[int, np.ndarray]:
     return drops
 
 
-def _count_duplicates(summaries: list[dict]) -> int:
+def count_duplicates(summaries: list[dict]) -> int:
     hashes = np.concatenate([s["hashes"] for s in summaries]) if summaries else np.zeros(0, np.uint64)
     return int(len(hashes) - len(np.unique(hashes)))
 
@@ -489,7 +494,7 @@ def _read_range(source: str, start: int, end: int) -> bytes:
         return file.read_at(end - start, start)
 
 
-def _record_text(record: dict, kind: str) -> tuple[str, bool]:
+def record_text(record: dict, kind: str) -> tuple[str, bool]:
     """All the text of a record (for the garbage checks) and whether a reply in it is blank."""
     if kind == "pretrain":
         return record["text"], False
@@ -497,7 +502,7 @@ def _record_text(record: dict, kind: str) -> tuple[str, bool]:
     return "\n".join(m["content"] for m in messages), any(m["role"] == "assistant" and not m["content"].strip() for m in messages)
 
 
-def _record_hash(record: dict, kind: str) -> int:
+def record_hash(record: dict, kind: str) -> int:
     """Of the fields the stage uses, as parsed: the same record counts as a duplicate whatever its spacing or key order."""
     if kind == "pretrain":  # its one field: the text alone says the same, without a JSON round trip
         data = record["text"].encode("utf-8", "surrogatepass")
@@ -577,7 +582,7 @@ def process_chunk(
         summary["blocks"] = block_digests(spec["source"], raw, start, end, spec["size"])
     stats, span, file_size = summary["stats"], (end - start) / max(1, spec["size"]), max(1, spec["size"])
     hashes, batch, dropped = [], [], set(spec.get("drop", []))
-    encoder = _ChunkEncoder(tokenizer, stage, marker_ids, summary) if mode == "encode" else None
+    encoder = ChunkEncoder(tokenizer, stage, marker_ids, summary) if mode == "encode" else None
     number = 0
     for number, (line, share) in enumerate(_lines(raw, start == 0), start=1):
         if isinstance(line, UnicodeDecodeError):
@@ -590,10 +595,10 @@ def process_chunk(
             except ValueError as error:  # json.JSONDecodeError is a ValueError
                 reason = str(error)
             else:
-                hashes.append(_record_hash(record, kind))
+                hashes.append(record_hash(record, kind))
                 if encoder is None or len(hashes) - 1 in dropped:
                     continue
-                recorded_text, empty = _record_text(record, kind)
+                recorded_text, empty = record_text(record, kind)
                 blank = is_blank(record, kind)
                 stats.add_record(recorded_text, start / file_size + share * span, empty=empty, blank=blank)
                 if not blank:
@@ -613,15 +618,20 @@ def process_chunk(
         return summary
     if batch:
         encoder.add(batch)
-    filesystem, folder = storage.filesystem_of(storage.join(output, summary["shard"]))
+    write_shard(storage.join(output, summary["shard"]), encoder.columns())
+    _release_freed_memory()
+    return summary
+
+
+def write_shard(location: str, columns: dict) -> None:
+    """One shard's columns: arrays as .npy, a VLM's image names per row as images.json."""
+    filesystem, folder = storage.filesystem_of(location)
     filesystem.create_dir(folder, recursive=True)
-    for name, array in encoder.columns().items():
+    for name, array in columns.items():
         if name == "images":
             write_text(filesystem, f"{folder}/images.json", json.dumps(array, ensure_ascii=False))
         else:
             write_array(filesystem, f"{folder}/{name}.npy", array)
-    _release_freed_memory()
-    return summary
 
 
 def _release_freed_memory() -> None:
@@ -638,7 +648,7 @@ def _release_freed_memory() -> None:
         pass
 
 
-class _ChunkEncoder:
+class ChunkEncoder:
     """Batches of validated records -> a shard's columns, counting rows, tokens and the report's figures."""
 
     def __init__(self, tokenizer, stage: StageData, marker_ids: dict, summary: dict):

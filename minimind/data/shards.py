@@ -8,7 +8,9 @@
         offsets.npy        where each row starts in input_ids (rows + 1 entries)
         mask.npy           one bit per token: supervised or not (labels are the ids there, -100 elsewhere)
         truncated.npy      one byte per row: seq_len cut it
-        images.json        vlm: each row's image file names
+        images.json        vlm: each row's image file names (Parquet data: indices into image_bytes)
+        image_bytes.npy    Parquet vlm data: the shard's images' bytes end to end (decoded by the loader)
+        image_offsets.npy  where each image starts in image_bytes (images + 1 entries)
     DPO keeps two of each, `chosen_*` and `rejected_*`. Pretraining keeps only `input_ids`: its rows are
     the windows of seq_len tokens over the documents laid end to end (`pack_documents`), so row r is
     tokens [r * seq_len, (r + 1) * seq_len) of the whole stream, wherever the shards split it.
@@ -128,6 +130,9 @@ class PreparedRows:
             row["loss_weights"] = tag_weights(ids, supervised, self.tag_sequences, self.tag_weight).tolist()
         if "images" in arrays:
             row["images"] = arrays["images"][local]
+            if "image_offsets" in arrays:  # the images themselves, as bytes
+                offsets, blob = arrays["image_offsets"], arrays["image_bytes"]
+                row["images"] = [blob[offsets[int(i)] : offsets[int(i) + 1]].tobytes() for i in row["images"]]
         return row
 
     def _window(self, index: int) -> dict:
@@ -143,7 +148,9 @@ class PreparedRows:
         return {"input_ids": ids + [self.manifest["pad_id"]] * (self.seq_len - len(ids)), "length": len(ids)}
 
     def image_names(self) -> set[str]:
-        return {name for arrays in self._shards() for row in arrays.get("images", []) for name in row}
+        """The image files the rows name (none when the shards hold the images' bytes)."""
+        named = [arrays.get("images", []) for arrays in self._shards() if "image_offsets" not in arrays]
+        return {name for rows in named for row in rows for name in row}
 
 
 def _bits(packed: np.ndarray, start: int, end: int) -> np.ndarray:

@@ -16,7 +16,8 @@ import torch
 
 from minimind import storage, tracking
 from minimind.data.images import load_image
-from minimind.data.prepare import Prepared, prepare
+from minimind.data.parquet import is_parquet, prepare_any
+from minimind.data.prepare import Prepared
 from minimind.data.shards import PreparedRows
 from minimind.demo import demo_data, demo_tokenizer, demo_vision_tower
 from minimind.driver.cluster import local_input, workers_see_driver_disk
@@ -75,11 +76,14 @@ def resolve_inputs(config, stage, work: Path):
         answer_path = local_input(config.answer_eval) if getattr(config, "answer_eval", None) else demo["sft_eval"]
     images_dir = None
     if stage.data_kind == "vlm":
-        images_dir = (
-            local_input(config.images)
-            if config.images
-            else (demo["images"] if config.data is None else local_input(data_path.rsplit("/", 1)[0]))
-        )
+        if config.images:
+            images_dir = local_input(config.images)
+        elif config.data is None:
+            images_dir = demo["images"]
+        else:  # the data file's folder; Parquet data holds its images
+            images_dir = None if is_parquet(data_path) else local_input(data_path.rsplit("/", 1)[0])
+        if images_dir is None and eval_path:  # Parquet data holds its images; a JSONL eval file names files
+            raise SystemExit("--eval-data with Parquet training data: pass --images, the folder its image files are in")
 
     init_dir, source_tags = starting_model(config, stage, work)
     if "lineage.init" in source_tags:  # the exact model, which LoRA adapters name as their base
@@ -220,7 +224,7 @@ def check_data(config, stage, inputs: StageInputs, storage_path: str, run_name: 
             inputs.data_path,
             storage.join(storage_path, run_name, "inputs", "source", Path(inputs.data_path).name),
         )
-    prepared = prepare(
+    prepared = prepare_any(
         inputs.data_path,
         inputs.tokenizer,
         data,

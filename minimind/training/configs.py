@@ -12,7 +12,7 @@ from minimind.training.flags import option
 class TrainConfig:
     """Flags shared by every stage job; each job subclasses it with its own defaults."""
 
-    data: str | None = option("training JSONL (default: the demo world's file for this stage)", default=None)
+    data: str | None = option("training JSONL or Parquet (a .parquet file or folder); default: the demo world's", default=None)
     eval_data: str | None = option("held-out JSONL for the stage's evaluation (default: the demo's)", default=None)
     init: str | None = option(
         "model to start from: models:/NAME/latest|VERSION, models:/NAME@ALIAS, runs:/..., or a directory", default=None
