@@ -153,9 +153,19 @@ def starting_model(config, stage, work: Path) -> tuple[Path, dict]:
         if str(vision_model).startswith(("models:/", "runs:/")):  # e.g. models:/minimind-clip-demo/1, jobs/clip.py's tower
             tags["vision_model"] = tracking.pin(vision_model)  # the exact version, recorded
             vision_model = tracking.resolve_model(tags["vision_model"], work / "vision-tower")
-        vlm, tokenizer = build_vlm(init_dir, vision_model, seed=config.seed)
+        try:
+            vlm, tokenizer = build_vlm(init_dir, vision_model, config.seed, config.projector, config.image_tokens or None)
+        except ValueError as error:  # an image token count the tower's patch grid cannot pool to
+            raise SystemExit(f"--image-tokens: {error}") from None
         save_vlm(vlm, work / "vlm-init", tokenizer, vision_model=vision_model)  # the tower referenced, not copied
         init_dir = work / "vlm-init"
+    elif stage.data_kind == "vlm" and (config.projector != "linear" or config.image_tokens):
+        shape = VisionConfig.load(init_dir / VISION_CONFIG_NAME)
+        if (config.projector, config.image_tokens or shape.image_tokens) != (shape.projector, shape.image_tokens):
+            raise SystemExit(
+                f"--projector and --image-tokens shape a new VLM; the --init VLM {reference} has its own "
+                f"({shape.projector}, {shape.image_tokens} tokens per image): leave them out"
+            )
     return init_dir, tags
 
 

@@ -15,6 +15,7 @@ from minimind.driver.evaluate import (
     text_replier,
     vlm_replier,
 )
+from minimind.model.vision import PROJECTORS
 from minimind.rl.grpo import grpo_loop_per_worker
 from minimind.rl.rewards import MODEL_REWARD, parse_weights
 from minimind.training.configs import (
@@ -146,6 +147,16 @@ def check_grpo_flags(config) -> None:
         )
 
 
+def check_vlm_flags(config) -> None:
+    """VLM settings that cannot work, refused before anything runs."""
+    if config.projector not in PROJECTORS:
+        raise SystemExit(f"--projector must be one of {', '.join(PROJECTORS)}, not {config.projector!r}")
+    if config.train_llm not in ("none", "all", "first-last"):
+        raise SystemExit(f"--train-llm must be none, all or first-last, not {config.train_llm!r}")
+    if config.image_tokens < 0:
+        raise SystemExit(f"--image-tokens must be 0 (one per patch) or a square number such as 64, not {config.image_tokens}")
+
+
 def _table(*stages: Stage) -> dict[str, Stage]:
     return {stage.name: stage for stage in stages}
 
@@ -170,10 +181,11 @@ STAGES = _table(
     Stage("grpo", "reason", registered_name="minimind-grpo", previous="minimind-reason", config_class=GRPOConfig,
           demo_file="reason", loop=grpo_loop_per_worker, evaluate=evaluate_reasoning, check=check_grpo_flags,
           keeps_answers=True, reasons=True),
-    # MiniMind-V: the projection alone trains, then the projection and the language model
+    # MiniMind-V: the projection alone trains, then the projection and the language model (--train-llm)
     VLMStage("vlm_pretrain", "vlm", registered_name="minimind-vlm-pretrain", previous="minimind-sft", config_class=VLMConfig,
-             demo_file="vlm_pretrain", demo_steps_per_epoch=138, loop=train_loop_per_worker, evaluate=evaluate_pictures),
+             demo_file="vlm_pretrain", demo_steps_per_epoch=138, loop=train_loop_per_worker, evaluate=evaluate_pictures,
+             check=check_vlm_flags),
     VLMStage("vlm_sft", "vlm", registered_name="minimind-vlm-sft", previous="minimind-vlm-pretrain", config_class=VLMSFTConfig,
              demo_file="vlm_sft", demo_steps_per_epoch=138, loop=train_loop_per_worker, evaluate=evaluate_pictures,
-             train_language_model=True),
+             check=check_vlm_flags),
 )

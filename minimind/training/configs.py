@@ -213,11 +213,26 @@ class VLMConfig(TrainConfig):
     link_vision: bool = option(
         "reference the vision tower by its path instead of copying it into the registered model", default=False
     )
+    projector: str = option(
+        "a new VLM's projection: linear (MiniMind-V's one bias-free Linear) or mlp (minimind-3v's LayerNorm + 2-layer MLP)",
+        default="linear",
+    )
+    image_tokens: int = option(
+        "a new VLM's tokens per image: the tower's patches average-pooled to this square number (minimind-3v: 64); "
+        "0: one per patch",
+        default=0,
+    )
+    train_llm: str = option(
+        "what of the language model trains besides the projection: none, all, or first-last (its first and last "
+        "blocks, minimind-3v's rule)",
+        default="none",
+    )
     lr: float = 1e-3
     epochs: int = 1
 
 
 @dataclass
 class VLMSFTConfig(VLMConfig):
+    train_llm: str = "all"
     lr: float = 5e-4
     epochs: int = 2

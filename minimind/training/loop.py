@@ -167,7 +167,7 @@ def _restore_rng(saved, rank: int) -> None:
 def model_to_train(job: StageJob, stage, device) -> tuple[torch.nn.Module, LoRAConfig | None]:
     """The stage's starting model on `device` in train mode, with fresh adapters when the job trains LoRA
     (their settings are returned too; None: the whole model trains)."""
-    model = stage.load(job.init_dir, device).train()
+    model = stage.load(job.init_dir, device, job.config).train()
     lora = lora_settings(job.config)
     if lora:
         add_lora(model, lora)
@@ -196,7 +196,7 @@ def resume_from_checkpoint(job: StageJob, stage, model, optimizer, lora: LoRACon
         if lora:
             load_adapter(model, directory)
         else:
-            model.load_state_dict(stage.load(directory, device).state_dict())
+            model.load_state_dict(stage.load(directory, device, job.config).state_dict())
         state = torch.load(Path(directory) / TRAINING_STATE, weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         _restore_rng(state["rng"], rank)

@@ -38,8 +38,9 @@ class Stage:
     normalised_over = "supervised tokens"  # what `loss` is a mean over (`loss_count` counts them in a batch)
     needs_teacher = False  # a frozen teacher model (--teacher) besides the one being trained
 
-    def load(self, directory, device):
-        """The model to train, its trainable parameters marked with requires_grad."""
+    def load(self, directory, device, config=None):
+        """The model to train, its trainable parameters marked with requires_grad (by the job's settings
+        `config`, where a stage has a choice)."""
         return load_model(directory, device=device)
 
     def save(self, model, directory, tokenizer) -> None:
@@ -120,15 +121,14 @@ class KDStage(Stage):
 
 @dataclass(frozen=True)
 class VLMStage(Stage):
-    """MiniMind-V: the SFT loss, over text whose image placeholders carry projected CLIP features.
-    The two VLM stages differ only in what trains: the projection alone, or the projection and the LLM."""
+    """MiniMind-V: the SFT loss, over text whose image placeholders carry projected image features.
+    The VLM stages differ only in what trains (`--train-llm`): the projection alone, the projection and the
+    LLM, or the projection and the LLM's first and last blocks (minimind-3v)."""
 
-    train_language_model: bool = False
-
-    def load(self, directory, device):
+    def load(self, directory, device, config=None):
         vlm = load_vlm(directory, device=device).requires_grad_(False)
         vlm.projection.requires_grad_(True)
-        vlm.language_model.requires_grad_(self.train_language_model)
+        vlm.train_language_model(getattr(config, "train_llm", "none"))
         return vlm.train()
 
     def save(self, model, directory, tokenizer) -> None:
