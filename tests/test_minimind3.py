@@ -2,6 +2,7 @@
 that is not ours: transformers' Qwen3 and Qwen3-MoE, with our weights copied in. MiniMind2 stays as it was."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3Moe
 from minimind.inference.generate import generate
 from minimind.model.checkpoint import load_model, save_model
 from minimind.model.config import PRESETS, ModelConfig
-from minimind.model.hf import export_hf, import_model
+from minimind.model.hf import export_hf, import_model, qwen3_state
 from minimind.model.model import MiniMindForCausalLM, MoEFeedForward
 
 
@@ -193,3 +194,32 @@ def test_a_pth_without_qk_norm_says_what_it_assumes_about_heads(tmp_path, byte_t
     with torch.no_grad():
         assert not torch.allclose(assumed(ids).logits, model(ids).logits, atol=1e-3)
         torch.testing.assert_close(told(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", [tiny3(vocab_size=320), tiny3(vocab_size=320, **MOE)], ids=["dense", "moe"])
+def test_a_qwen3_folder_imports_back_with_its_minimind3_tokenizer(tmp_path, config):
+    """What export_hf (or MiniMind's own export) writes comes back through `minimind import`: Qwen3-MoE's fused
+    experts unfused, the routing and head size from its config.json, minimind-3's tokenizer and markers."""
+    from minimind.model.tokenizer import MINIMIND3_MARKERS, Markers, load_tokenizer, train_tokenizer
+
+    tokenizer = train_tokenizer(["从前有座山，山里有座庙。", "hello minimind"] * 20, vocab_size=300, style="minimind-3")
+    torch.manual_seed(0)
+    ours = MiniMindForCausalLM(config).eval()
+    save_model(ours, tmp_path / "ours", tokenizer=tokenizer)
+    folder = export_hf(tmp_path / "ours", tmp_path / "hf")
+    fused = tmp_path / "fused"  # the experts as transformers holds them in memory (its files list them one by one)
+    shutil.copytree(folder, fused)
+    save_file({k: v.clone() for k, v in qwen3_state(ours).items() if k != "lm_head.weight"}, str(fused / "model.safetensors"))
+    ids = torch.randint(3, 300, (2, 24))
+    for source in (folder, fused):
+        back = import_model(source, tmp_path / f"back-{source.name}")
+        imported = load_model(back).eval()
+        assert imported.config.head_dim == 32 and imported.config.qk_norm
+        routing = (imported.config.num_experts, imported.config.num_experts_per_tok)
+        assert routing == (config.num_experts, config.num_experts_per_tok)
+        with torch.no_grad():
+            torch.testing.assert_close(imported(ids).logits, ours(ids).logits, rtol=0, atol=1e-6)
+    reloaded = load_tokenizer(back)
+    assert Markers.of(reloaded) == MINIMIND3_MARKERS
+    assert (reloaded.bos_token, reloaded.eos_token) == ("<|im_start|>", "<|im_end|>")
+    assert (imported.config.bos_token_id, imported.config.eos_token_id, imported.config.pad_token_id) == (1, 2, 0)

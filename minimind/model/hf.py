@@ -11,7 +11,9 @@ Sources:
   always uses 8 query heads, so that is the default);
 - a MiniMind `transformers` folder: its own `config.json` fields (`use_moe`, `n_routed_experts`,
   `num_experts_per_tok`, `n_shared_experts`, `rope_theta`, ...) mapped to ours;
-- a Llama-format folder (`LlamaForCausalLM`: the same parameter names as ours).
+- a Llama-format folder (`LlamaForCausalLM`: the same parameter names as ours);
+- a Qwen3 or Qwen3-MoE folder (minimind-3 as `export_hf` and MiniMind's own export write it): the same
+  names, except that each layer's experts are fused (`experts.gate_up_proj`, `experts.down_proj`).
 
 Weights are read without unpickling code (`torch.load(weights_only=True)` or safetensors). minimind-3's
 QK-norm weights map onto `qk_norm` and give the head size. Whatever has no place in this architecture
@@ -74,6 +76,19 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(loaded, dict) or not all(torch.is_tensor(v) for v in loaded.values()):
         raise ValueError(f"{path} is not a state dict of tensors")
     return loaded
+
+
+def unfuse_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Qwen3-MoE's fused experts as one gate/up/down projection per expert (`qwen3_state` in reverse)."""
+    state = dict(state)
+    for key in [key for key in state if key.endswith("mlp.experts.gate_up_proj")]:
+        prefix = key[: -len("gate_up_proj")]
+        gate_up, down = state.pop(key), state.pop(prefix + "down_proj")
+        for expert, (pair, projection) in enumerate(zip(gate_up, down)):
+            gate, up = pair.chunk(2)
+            state |= {f"{prefix}{expert}.gate_proj.weight": gate, f"{prefix}{expert}.up_proj.weight": up,
+                      f"{prefix}{expert}.down_proj.weight": projection}
+    return state
 
 
 def rename_legacy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -139,19 +154,19 @@ def config_from_shapes(state: dict[str, torch.Tensor], overrides: dict) -> Model
     return ModelConfig(**{**values, **overrides})
 
 
-# MiniMind's and Llama's config.json fields -> ours; anything else that changes the computation is refused
+# MiniMind's, Llama's and Qwen3's config.json fields -> ours; anything else that changes the computation is refused
 HF_FIELDS = {
     "vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_hidden_layers": "num_hidden_layers",
     "num_attention_heads": "num_attention_heads", "num_key_value_heads": "num_key_value_heads",
     "intermediate_size": "intermediate_size", "max_position_embeddings": "max_position_embeddings",
     "rope_theta": "rope_theta", "rms_norm_eps": "rms_norm_eps", "num_experts_per_tok": "num_experts_per_tok",
-    "n_shared_experts": "num_shared_experts", "aux_loss_alpha": "aux_loss_alpha",
+    "n_shared_experts": "num_shared_experts", "aux_loss_alpha": "aux_loss_alpha", "router_aux_loss_coef": "aux_loss_alpha",
     "bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id", "pad_token_id": "pad_token_id",
 }
 
 
 def config_from_hf(fields: dict, state: dict[str, torch.Tensor], overrides: dict) -> ModelConfig:
-    """Our config from a MiniMind or Llama `config.json`, checked against what this architecture computes."""
+    """Our config from a MiniMind, Llama or Qwen3 `config.json`, checked against what this architecture computes."""
     refused = []
     if fields.get("attention_bias") or fields.get("mlp_bias"):
         refused.append("attention_bias/mlp_bias (our linears have no bias)")
@@ -159,6 +174,10 @@ def config_from_hf(fields: dict, state: dict[str, torch.Tensor], overrides: dict
         refused.append(f"hidden_act={fields['hidden_act']!r} (SwiGLU uses silu)")
     if fields.get("scoring_func", "softmax") != "softmax":
         refused.append(f"scoring_func={fields['scoring_func']!r} (the router is a softmax)")
+    if fields.get("use_sliding_window"):
+        refused.append("use_sliding_window (attention here sees the whole context)")
+    if fields.get("decoder_sparse_step", 1) != 1 or fields.get("mlp_only_layers"):
+        refused.append("decoder_sparse_step/mlp_only_layers (here every layer's FFN is the MoE)")
     rope = fields.get("rope_scaling") or fields.get("rope_parameters") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "yarn"):
@@ -171,7 +190,12 @@ def config_from_hf(fields: dict, state: dict[str, torch.Tensor], overrides: dict
     values.setdefault("rope_theta", rope.get("rope_theta", 1e6))
     if rope_type == "yarn":
         values["rope_scaling"] = {k: v for k, v in rope.items() if k not in ("rope_type", "type", "rope_theta")}
-    values["num_experts"] = fields.get("n_routed_experts", 0) if fields.get("use_moe") else 0
+    # MiniMind's config names its experts `n_routed_experts` behind `use_moe`; Qwen3-MoE's, `num_experts`
+    # (transformers 5 writes `num_local_experts`)
+    values["num_experts"] = (fields.get("n_routed_experts", 0) if fields.get("use_moe")
+                             else fields.get("num_experts") or fields.get("num_local_experts") or 0)
+    if values["num_experts"] and fields.get("moe_intermediate_size"):
+        values["intermediate_size"] = fields["moe_intermediate_size"]
     if not values["num_experts"]:
         values.pop("num_shared_experts", None)
     qk_norm = "model.layers.0.self_attn.q_norm.weight" in state  # minimind-3: QK-norm, a head size of its own
@@ -196,12 +220,12 @@ def import_model(
     overrides: dict | None = None,
     markers: dict[str, str] | None = None,
 ) -> Path:
-    """Write `destination` as a model folder from a MiniMind `.pth`, a MiniMind `transformers` folder or a
-    Llama folder; its logits equal the source model's. `markers` name the tokenizer's strings for the
+    """Write `destination` as a model folder from a MiniMind `.pth`, a MiniMind `transformers` folder, a
+    Llama folder or a Qwen3(-MoE) folder; its logits equal the source model's. `markers` name the tokenizer's strings for the
     tags and the image placeholder (`minimind.model.tokenizer.Markers`), kept in the folder's tokenizer config.
     Returns the folder."""
     source, overrides = Path(source), dict(overrides or {})
-    state = rename_legacy(read_weights(source))
+    state = unfuse_experts(rename_legacy(read_weights(source)))
     state = {key: tensor for key, tensor in state.items() if not IGNORED_KEYS.search(key)}
     unmappable = sorted(key for key in state if re.search(r"\.bias$", key))
     if unmappable:
