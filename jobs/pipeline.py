@@ -9,6 +9,8 @@ held-out prompts answered after each text stage, and how the vision models descr
     python jobs/pipeline.py --scale 0.2         # a quick smoke run: a fifth of the steps
     python jobs/pipeline.py --seeds 0,1,2 --report docs/demo_results.md   # once per seed, one after the
                                                 # other, then the issue's targets checked on every seed
+    python jobs/pipeline.py --generation minimind-3   # minimind-3's: its tokenizer style and chat template (a
+                                                # think block in every reply), QK-norm, minimind-3v's projector and rule
 """
 
 from __future__ import annotations
@@ -42,6 +44,14 @@ STAGES = [  # (stage, its settings, the stage whose registered version it starts
     ("vlm_sft", VLMSFTConfig(epochs=2), "vlm_pretrain"),
 ]
 VISION_STAGES = ("clip", "vlm_pretrain", "vlm_sft")
+GENERATIONS = {  # the settings that make the pipeline train minimind-3's generation instead of MiniMind2's
+    "minimind2": {},
+    "minimind-3": {
+        "pretrain": {"preset": "minimind-3-demo"},  # and the demo tokenizer in minimind-3's style
+        "vlm_pretrain": {"projector": "mlp", "train_llm": "first-last"},
+        "vlm_sft": {"train_llm": "first-last"},
+    },
+}
 
 
 def main(argv: list[str] | None = None) -> list:
@@ -74,6 +84,12 @@ def main(argv: list[str] | None = None) -> list:
         help="write the results of every seed as Markdown here (docs/demo_results.md) and log it to each seed's parent run",
     )
     parser.add_argument("--text-only", action="store_true", help="stop after the text stages")
+    parser.add_argument(
+        "--generation",
+        choices=sorted(GENERATIONS),
+        default="minimind2",
+        help="MiniMind2's tokenizer, template and architecture, or minimind-3's (with minimind-3v's VLM settings)",
+    )
     args = parser.parse_args(argv)
 
     from mlflow import MlflowClient
@@ -105,18 +121,22 @@ def run_pipeline(args: argparse.Namespace, seed: int) -> tuple[list, dict, str]:
     from minimind.demo import demo_tokenizer
 
     started = time.perf_counter()
-    print(f"tokenizer: {demo_tokenizer(seed)}")
+    tokenizer = demo_tokenizer(seed, style=args.generation)
+    print(f"tokenizer: {tokenizer}")
+    generation = GENERATIONS[args.generation]
+    if generation:
+        generation = {**generation, "pretrain": {**generation["pretrain"], "tokenizer": str(tokenizer)}}
     parent = tracking.start_parent_run(
         tracking.configure(args.experiment),
         f"pipeline-seed{seed}-{time.strftime('%Y%m%d-%H%M%S')}",
-        {"scale": args.scale, "eval_limit": args.eval_limit, "seed": seed},
+        {"scale": args.scale, "eval_limit": args.eval_limit, "seed": seed, "generation": args.generation},
     )
     MlflowClient().set_tag(parent, "seed", str(seed))
     results = []
     registered: dict[str, str] = {}
 
     def run(name, config, starts_from):
-        config = replace(config, experiment=args.experiment, eval_limit=args.eval_limit, seed=seed)
+        config = replace(config, experiment=args.experiment, eval_limit=args.eval_limit, seed=seed, **generation.get(name, {}))
         if name == "clip":
             if args.scale != 1.0:
                 config = replace(config, max_steps=max(2, int(config.max_steps * args.scale)))

@@ -70,15 +70,18 @@ def demo_texts(paths: dict[str, Path]):
                 yield from (message["content"] for message in record.get(key, ()))
 
 
-def demo_tokenizer(seed: int = 0, root: str | Path | None = None) -> Path:
+def demo_tokenizer(seed: int = 0, root: str | Path | None = None, style: str = "minimind2") -> Path:
     """The demo's tokenizer directory, trained on first use (seconds) on every training text of the demo
     world, so the questions and traces of the later stages are words of the vocabulary too. One token per
     Chinese character and per digit: the demo's templated sentences would otherwise merge into phrase
-    tokens that hide the facts from a small model (see `train_tokenizer`)."""
+    tokens that hide the facts from a small model (see `train_tokenizer`). `style`: MiniMind2's special
+    tokens and chat template, or minimind-3's."""
     paths = demo_data(seed, root)
-    folder = paths["pretrain"].parent / f"tokenizer-{DEMO_VOCAB_SIZE}-han-digits"
+    suffix = "" if style == "minimind2" else f"-{style}"
+    folder = paths["pretrain"].parent / f"tokenizer-{DEMO_VOCAB_SIZE}-han-digits{suffix}"
     if not (folder / "tokenizer.json").is_file():
-        tokenizer = train_tokenizer(demo_texts(paths), vocab_size=DEMO_VOCAB_SIZE, split_digits=True, split_han=True)
+        tokenizer = train_tokenizer(demo_texts(paths), vocab_size=DEMO_VOCAB_SIZE, split_digits=True, split_han=True,
+                                    style=style)
         _publish(folder, lambda partial: tokenizer.save_pretrained(str(partial)))
     return folder
 

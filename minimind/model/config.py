@@ -146,3 +146,5 @@ PRESETS: dict[str, ModelConfig] = {
         rms_norm_eps=1e-6, num_experts=4, num_experts_per_tok=1, norm_topk_prob=True, aux_loss_alpha=5e-4,
     ),
 }
+# The demo's shape with minimind-3's architecture (`jobs/pipeline.py --generation minimind-3`)
+PRESETS["minimind-3-demo"] = replace(PRESETS["demo"], qk_norm=True, rms_norm_eps=1e-6)

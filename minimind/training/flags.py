@@ -69,5 +69,10 @@ def parse_overrides(text: str | None) -> dict:
                 f"--config-overrides: {item!r} is not FIELD=VALUE with a field of ModelConfig ({', '.join(sorted(known))})"
             )
         kind = types[key]
-        overrides[key] = float(value) if kind is float else int(value) if kind is int else value
+        if kind in (bool, bool | None):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise SystemExit(f"--config-overrides: {key} is true or false, not {value!r}")
+            overrides[key] = value.lower() in ("true", "1")
+        else:
+            overrides[key] = float(value) if kind is float else int(value) if kind is int else value
     return overrides
