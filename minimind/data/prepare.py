@@ -499,7 +499,8 @@ def record_text(record: dict, kind: str) -> tuple[str, bool]:
     if kind == "pretrain":
         return record["text"], False
     messages = record["chosen"] + record["rejected"] if kind == "dpo" else record["conversations"]
-    return "\n".join(m["content"] for m in messages), any(m["role"] == "assistant" and not m["content"].strip() for m in messages)
+    blank = any(m["role"] == "assistant" and not m["content"].strip() and not m.get("tool_calls") for m in messages)
+    return "\n".join(m["content"] for m in messages), blank
 
 
 def record_hash(record: dict, kind: str) -> int:

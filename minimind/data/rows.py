@@ -26,11 +26,12 @@ import numpy as np
 import torch
 
 from minimind import storage
+from minimind.data.tools import check_calls, check_tools, tool_names
 from minimind.model.losses import IGNORE_INDEX
 from minimind.model.tokenizer import Markers
 
 KINDS = ("pretrain", "sft", "reason", "dpo", "vlm")
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 IMAGE_MARKER = "<image>"  # how MiniMind-V's JSONL marks an image's place in the text
 
 
@@ -41,32 +42,54 @@ class DataFormatError(ValueError):
 # --------------------------------------------------------------------------- reading and validation
 
 
-TOOLS_REFUSED = (
-    "tool calling is not supported by this version: a record that defines, calls or answers tools would train "
-    "without them (--skip-bad leaves such records out and counts them)"
-)
+def _check_message(message, index: int, name: str, names: set[str] | None, calls_before: list[dict]) -> dict:
+    """One message, checked; returns the fields a stage uses (others, such as a name, are left out)."""
+    where = f'"{name}"[{index}]'
+    if not isinstance(message, dict):
+        raise ValueError(f"{where} is not a message object")
+    if message.get("role") not in ROLES:
+        raise ValueError(f"{where} has role {message.get('role')!r}; expected one of {', '.join(ROLES)}")
+    calls = message.get("tool_calls") if message["role"] == "assistant" else None
+    content = "" if calls and message.get("content") is None else message.get("content")
+    if not isinstance(content, str):
+        raise ValueError(f'{where} needs a string "content"')
+    kept = {"role": message["role"], "content": content}
+    if message.get("reasoning_content") is not None and not isinstance(message["reasoning_content"], str):
+        raise ValueError(f'{where} has a "reasoning_content" that is not a string')
+    if message.get("reasoning_content"):
+        kept["reasoning_content"] = message["reasoning_content"]
+    if calls:
+        kept["tool_calls"] = check_calls(calls, where, names)
+    if message["role"] == "tool":
+        if not calls_before:
+            raise ValueError(f"{where} is a tool result with no tool call before it")
+        call_id = message.get("tool_call_id")
+        if call_id is not None and call_id not in {call["id"] for call in calls_before}:
+            raise ValueError(f"{where} answers the tool call {call_id!r}, which the call before it does not make")
+    return kept
 
 
-def _check_messages(messages, name: str) -> list[dict]:
+def _check_messages(messages, name: str, tools: list[dict] | None = None) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise ValueError(f'"{name}" must be a non-empty list of messages')
+    kept, calls_before, names = [], [], tool_names(tools)
     for index, message in enumerate(messages):
-        if isinstance(message, dict) and (message.get("tool_calls") or message.get("tools") or message.get("role") == "tool"):
-            raise ValueError(f'"{name}"[{index}]: {TOOLS_REFUSED}')
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-            raise ValueError(f'"{name}"[{index}] needs a string "content"')
-        if message.get("role") not in ROLES:
-            raise ValueError(f'"{name}"[{index}] has role {message.get("role")!r}; expected one of {", ".join(ROLES)}')
-        if message.get("reasoning_content") is not None and not isinstance(message["reasoning_content"], str):
-            raise ValueError(f'"{name}"[{index}] has a "reasoning_content" that is not a string')
-    if not any(message["role"] == "assistant" for message in messages):
+        kept.append(_check_message(message, index, name, names, calls_before))
+        if kept[-1]["role"] == "assistant":
+            calls_before = kept[-1].get("tool_calls", [])
+        elif kept[-1]["role"] != "tool":
+            calls_before = []
+    if not any(message["role"] == "assistant" for message in kept):
         raise ValueError(f'"{name}" has no assistant reply to learn from')
-    kept = []
-    for message in messages:  # the fields a stage uses; others (a tool list, a name, ...) are left out
-        kept.append({"role": message["role"], "content": message["content"]})
-        if message.get("reasoning_content"):
-            kept[-1]["reasoning_content"] = message["reasoning_content"]
     return kept
+
+
+def _record_tools(record: dict) -> list[dict] | None:
+    """A record's tools: its own "tools" (OpenAI's request shape), or its system message's."""
+    messages = record.get("conversations") or record.get("chosen") or []
+    first = messages[0] if isinstance(messages, list) and messages and isinstance(messages[0], dict) else {}
+    tools = record.get("tools") or (first.get("tools") if first.get("role") == "system" else None)
+    return check_tools(tools) if tools else None
 
 
 def validate_record(record, kind: str) -> dict:
@@ -77,15 +100,16 @@ def validate_record(record, kind: str) -> dict:
         if not isinstance(record.get("text"), str):
             raise ValueError('needs a string "text"')
         return {"text": record["text"]}
-    if record.get("tools"):
-        raise ValueError(f'"tools": {TOOLS_REFUSED}')
+    tools = _record_tools(record)
+    with_tools = {"tools": tools} if tools else {}
     if kind == "dpo":
-        chosen, rejected = _check_messages(record.get("chosen"), "chosen"), _check_messages(record.get("rejected"), "rejected")
+        chosen = _check_messages(record.get("chosen"), "chosen", tools)
+        rejected = _check_messages(record.get("rejected"), "rejected", tools)
         if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
             raise ValueError('"chosen" and "rejected" must each end with an assistant reply')
-        return {"chosen": chosen, "rejected": rejected}
+        return {"chosen": chosen, "rejected": rejected, **with_tools}
     if kind in ("sft", "reason", "vlm"):  # reason: the SFT format, replies in <think>/<answer> form
-        validated = {"conversations": _check_messages(record.get("conversations"), "conversations")}
+        validated = {"conversations": _check_messages(record.get("conversations"), "conversations", tools), **with_tools}
         if kind == "vlm":
             images = record.get("image") or ""
             if not isinstance(images, str):
@@ -175,16 +199,16 @@ def read_jsonl_dataset(path: str | Path, kind: str, skip_bad: bool = False, cach
 # --------------------------------------------------------------------------- conversations -> tokens
 
 
-def _spans_by_prefixes(tokenizer, messages: list[dict], only_last: bool) -> tuple[str, list[tuple[int, int]]]:
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+def _spans_by_prefixes(tokenizer, messages: list[dict], only_last: bool, tools=None) -> tuple[str, list[tuple[int, int]]]:
+    text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
     spans = []
     for index, message in enumerate(messages):
         if message["role"] != "assistant" or (only_last and index != len(messages) - 1):
             continue
-        through_reply = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
-        prompt = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True)
+        through_reply = tokenizer.apply_chat_template(messages[: index + 1], tools=tools, tokenize=False)
+        prompt = tokenizer.apply_chat_template(messages[:index], tools=tools, tokenize=False, add_generation_prompt=True)
         if not through_reply.startswith(prompt):  # a reply with reasoning: the prompt that opens a think block
-            prompt = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True,
+            prompt = tokenizer.apply_chat_template(messages[:index], tools=tools, tokenize=False, add_generation_prompt=True,
                                                    open_thinking=True)
         if not (text.startswith(through_reply) and through_reply.startswith(prompt)):
             raise ValueError("the chat template does not render conversations prefix by prefix")
@@ -210,8 +234,8 @@ def _render(messages: list[dict], tokenizer) -> str:
 def _spans_by_sentinels(tokenizer, messages: list[dict], only_last: bool):
     """The same in one render: each message's content replaced by a sentinel, found, then put back.
     None when the template does not place every content exactly once (it transforms them), or a reply
-    carries `reasoning_content` (its supervised span starts at the reasoning, not at the content)."""
-    if any("reasoning_content" in message for message in messages):
+    carries `reasoning_content` or tool calls (its supervised span is more than its content)."""
+    if any("reasoning_content" in message or "tool_calls" in message for message in messages):
         return None
     sentinels = [f"\ue000{index}\ue001" for index in range(len(messages))]
     rendered = _render([{**m, "content": s} for m, s in zip(messages, sentinels)], tokenizer)
@@ -238,17 +262,18 @@ def _spans_by_sentinels(tokenizer, messages: list[dict], only_last: bool):
 _TEMPLATE_CHECKS = 32  # conversations per tokenizer rendered both ways before the one-render path is trusted
 
 
-def assistant_spans(tokenizer, messages: list[dict], only_last: bool = False) -> tuple[str, list[tuple[int, int]]]:
+def assistant_spans(tokenizer, messages: list[dict], only_last: bool = False, tools: list[dict] | None = None
+                    ) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of assistant replies, each covering the reply
     and its end-of-turn token. Defined by rendering prefixes with the tokenizer's own chat template (so
     no template or marker is spelled out here), which costs 1 + 2 renders per reply; the same spans come
     from one render with sentinels in place of the contents, used once the first conversations of this
     tokenizer gave identical results both ways (any difference: prefixes from then on)."""
     checks = getattr(tokenizer, "_minimind_template_checks", 0)
-    fast = _spans_by_sentinels(tokenizer, messages, only_last) if checks >= 0 else None
+    fast = _spans_by_sentinels(tokenizer, messages, only_last) if checks >= 0 and not tools else None
     if fast is not None and checks >= _TEMPLATE_CHECKS:
         return fast
-    slow = _spans_by_prefixes(tokenizer, messages, only_last)
+    slow = _spans_by_prefixes(tokenizer, messages, only_last, tools)
     if fast is not None:
         tokenizer._minimind_template_checks = checks + 1 if fast == slow else -1
     return slow
@@ -272,22 +297,28 @@ def in_style(messages: list[dict], markers: Markers) -> list[dict]:
         reasoning, answer = message.get("reasoning_content"), message["content"]
         if message["role"] == "assistant" and reasoning is None and not markers.has_answer_tags:
             reasoning, answer = markers.split_reply(answer)  # e.g. a MiniMind2 reasoning reply, for minimind-3
+        calls = {"tool_calls": message["tool_calls"]} if message.get("tool_calls") else {}
         if message["role"] != "assistant" or reasoning is None:
-            styled.append({"role": message["role"], "content": message["content"]})
+            styled.append({"role": message["role"], "content": message["content"], **calls})
         elif markers.has_answer_tags:
-            styled.append({"role": "assistant", "content": markers.reply_text(reasoning, answer)})
+            styled.append({"role": "assistant", "content": markers.reply_text(reasoning, answer), **calls})
         else:
-            styled.append({"role": "assistant", "content": answer, "reasoning_content": reasoning})
+            styled.append({"role": "assistant", "content": answer, "reasoning_content": reasoning, **calls})
     return styled
 
 
 def encode_conversations(
-    tokenizer, conversations: list[list[dict]], only_last: bool = False
+    tokenizer, conversations: list[list[dict]], only_last: bool = False, tools: list[list[dict] | None] | None = None
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """(ids, supervised) arrays per conversation, one tokenizer call for all: supervised marks the
-    tokens of assistant replies. (The fast tokenizer's own backend, as `tokenizer(...)` calls it.)"""
+    tokens of assistant replies, tool calls included (tool results are not). `tools`: each conversation's
+    tool definitions, if any. (The fast tokenizer's own backend, as `tokenizer(...)` calls it.)"""
     markers = Markers.of(tokenizer)
-    rendered = [assistant_spans(tokenizer, in_style(messages, markers), only_last) for messages in conversations]
+    tools = tools or [None] * len(conversations)
+    rendered = [
+        assistant_spans(tokenizer, in_style(messages, markers), only_last, conversation_tools)
+        for messages, conversation_tools in zip(conversations, tools)
+    ]
     if not rendered:
         return []
     encodings = tokenizer.backend_tokenizer.encode_batch([text for text, _ in rendered], add_special_tokens=False)
@@ -360,7 +391,7 @@ def stage_arrays(records: list[dict], stage: StageData, tokenizer, marker_ids: d
     DPO), tokenized in one call: what prepared shards store."""
     if stage.kind == "dpo":
         sides = {
-            side: encode_conversations(tokenizer, [record[side] for record in records], only_last=True)
+            side: encode_conversations(tokenizer, [record[side] for record in records], True, [r.get("tools") for r in records])
             for side in ("chosen", "rejected")
         }
         rows = []
@@ -373,6 +404,7 @@ def stage_arrays(records: list[dict], stage: StageData, tokenizer, marker_ids: d
             rows.append({**row, "truncated": truncated})
         return rows
     conversations = [record["conversations"] for record in records]
+    tools = [record.get("tools") for record in records]
     if stage.kind == "vlm" and marker_ids["image_marker"] != IMAGE_MARKER:
         conversations = [
             [{**m, "content": m["content"].replace(IMAGE_MARKER, marker_ids["image_marker"])} for m in messages]
@@ -380,7 +412,7 @@ def stage_arrays(records: list[dict], stage: StageData, tokenizer, marker_ids: d
         ]
     return [
         _chat_row(record, ids, supervised, stage, marker_ids)
-        for record, (ids, supervised) in zip(records, encode_conversations(tokenizer, conversations))
+        for record, (ids, supervised) in zip(records, encode_conversations(tokenizer, conversations, False, tools))
     ]
 
 

@@ -138,40 +138,88 @@ MINIMIND3_SPECIAL_TOKENS = [
     *(f"<|buffer{n}|>" for n in range(1, 10)),
 ]
 
+# What a system turn says when a request lists tools: the tools as JSON lines inside <tools></tools>, and the
+# form of a call (minimind-3's format, Qwen3's).
+TOOLS_PREAMBLE = (
+    "# Tools\n\nYou may call one or more of these functions to answer. Their signatures, within <tools></tools>:\n<tools>"
+)
+TOOLS_CALL_FORM = (
+    "\n</tools>\n\nTo call one, reply with a JSON object of its name and arguments within <tool_call></tool_call>:\n"
+    '<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
+)
+
+
+def _chat_template(start: str, end: str, default_system: str | None, think: bool) -> str:
+    """A ChatML template in one style: turns `{start}{role}\n{content}{end}\n`; `tools` listed in the system
+    turn; an assistant turn's `tool_calls` written after its content, each as `<tool_call>\n{json}\n</tool_call>`;
+    consecutive `tool` results in one user turn, each inside <tool_response></tool_response>. MiniMind2's
+    (`default_system`: a conversation without a system turn gets the persona) writes replies as they are;
+    minimind-3's (`think`) writes every reply after a think block, its reasoning from `reasoning_content` or
+    split off an inline </think>, and its generation prompt writes an empty think block (a direct reply) or,
+    with `open_thinking`, opens one."""
+    def turn(role: str, content: str) -> str:  # a Jinja expression of one whole turn
+        return f"'{start}' + {role} + '\\n' + {content} + '{end}\\n'"
+
+    tools = (
+        "(('' if not system else system + '\\n\\n') + '" + TOOLS_PREAMBLE.replace("\n", "\\n") + "'"
+        " + tools_json + '" + TOOLS_CALL_FORM.replace("\n", "\\n").replace("'", "\\'") + "')"
+    )
+    parts = [
+        "{%- set tools_json = namespace(text='') %}",
+        "{%- for tool in tools or [] %}{%- set tools_json.text = tools_json.text + '\\n' + (tool | tojson) %}{%- endfor %}",
+        "{%- set tools_json = tools_json.text %}",
+        "{%- set first_is_system = messages and messages[0]['role'] == 'system' %}",
+    ]
+    if default_system is not None:
+        parts.append("{%- if not first_is_system %}{%- set system = '" + default_system + "' %}"
+                     "{{ " + turn("'system'", f"({tools} if tools else system)") + " }}{%- endif %}")
+    else:
+        parts.append("{%- if tools and not first_is_system %}{%- set system = '' %}"
+                     "{{ " + turn("'system'", tools) + " }}{%- endif %}")
+    parts += [
+        "{%- for message in messages %}",
+        "{%- set content = message['content'] if message['content'] is string else '' %}",
+        "{%- if message['role'] == 'system' and loop.first and tools %}{%- set system = content %}",
+        "{{ " + turn("'system'", tools) + " }}",
+        "{%- elif message['role'] == 'assistant' %}",
+    ]
+    if think:
+        parts += [
+            "{%- set reasoning = message['reasoning_content'] if message['reasoning_content'] is string else '' %}",
+            "{%- if not reasoning and '</think>' in content %}",
+            "{%- set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\\n') %}",
+            "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}",
+            "{%- endif %}",
+            "{%- set content = '<think>\\n' + reasoning + '\\n</think>\\n\\n' + content %}",
+        ]
+    parts += [
+        "{%- set reply = namespace(text=content) %}",  # a namespace: what a loop sets must outlive it
+        "{%- for call in message['tool_calls'] or [] %}",
+        "{%- set function = call['function'] if call['function'] is defined else call %}",
+        "{%- set arguments = function['arguments'] if function['arguments'] is string else function['arguments'] | tojson %}",
+        "{%- set reply.text = reply.text + ('\\n' if reply.text and not reply.text.endswith('\\n') else '')"
+        " + '<tool_call>\\n{\"name\": ' + (function['name'] | tojson) + ', \"arguments\": ' + arguments + '}\\n</tool_call>' %}",
+        "{%- endfor %}",
+        "{{ " + turn("'assistant'", "reply.text") + " }}",
+        "{%- elif message['role'] == 'tool' %}",
+        "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}{{ '" + start + "user' }}{%- endif %}",
+        "{{ '\\n<tool_response>\\n' + content + '\\n</tool_response>' }}",
+        "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{ '" + end + "\\n' }}{%- endif %}",
+        "{%- else %}",
+        "{{ " + turn("message['role']", "content") + " }}",
+        "{%- endif %}",
+        "{%- endfor %}",
+    ]
+    opening = "('<think>\\n' if open_thinking else '<think>\\n\\n</think>\\n\\n')" if think else "''"
+    parts.append("{%- if add_generation_prompt %}{{ '" + start + "assistant\\n' + " + opening + " }}{%- endif %}")
+    return "".join(parts)
+
+
 # MiniMind2's ChatML variant: every turn is "<s>{role}\n{content}</s>\n"; a conversation without a
 # system turn gets the default persona.
-CHAT_TEMPLATE = (
-    "{%- if not messages or messages[0]['role'] != 'system' %}"
-    "{{ '<s>system\\n" + DEFAULT_SYSTEM_PROMPT + "</s>\\n' }}"
-    "{%- endif %}"
-    "{%- for message in messages %}"
-    "{{ '<s>' + message['role'] + '\\n' + message['content'] + '</s>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{ '<s>assistant\\n' }}{%- endif %}"
-)
-
-
-# minimind-3's Qwen3-style ChatML: no default system turn; every assistant turn carries a think block, its
-# reasoning from `reasoning_content` or split off an inline </think>; the generation prompt writes an empty
-# think block (a direct reply) or, with `open_thinking`, opens one.
-MINIMIND3_CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{%- if message['role'] == 'assistant' %}"
-    "{%- set content = message['content'] %}"
-    "{%- set reasoning = message['reasoning_content'] if message['reasoning_content'] is string else '' %}"
-    "{%- if not reasoning and '</think>' in content %}"
-    "{%- set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\n') %}"
-    "{%- set content = content.split('</think>')[-1].lstrip('\n') %}"
-    "{%- endif %}"
-    "{{ '<|im_start|>assistant\n<think>\n' + reasoning + '\n</think>\n\n' + content + '<|im_end|>\n' }}"
-    "{%- else %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}"
-    "{{ '<|im_start|>assistant\n' + ('<think>\n' if open_thinking else '<think>\n\n</think>\n\n') }}"
-    "{%- endif %}"
-)
+CHAT_TEMPLATE = _chat_template("<s>", "</s>", DEFAULT_SYSTEM_PROMPT, think=False)
+# minimind-3's Qwen3-style ChatML: no default system turn, a think block in every reply.
+MINIMIND3_CHAT_TEMPLATE = _chat_template("<|im_start|>", "<|im_end|>", None, think=True)
 
 
 @dataclass(frozen=True)
