@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch
 
 from minimind.data.images import load_image
 from minimind.data.rows import IMAGE_MARKER
+from minimind.data.tools import CallNotParsed, check_calls, check_tools, parse_calls
 from minimind.demo import model_tour
 from minimind.inference.chat import Chat
 from minimind.inference.generate import compile_for_decoding, stream_generate
@@ -62,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="system prompt (default: the template's own)")
     chat.add_argument("--image", action="append", default=[], help="an image for a MiniMind-V model (repeatable); "
                       "placed where the first turn says <image>, else before it")
+    chat.add_argument("--tools", default=None, help="a JSON file of tools (OpenAI's function shape) the model may call; "
+                      "each call is shown and its result asked for (one turn with --prompt: the call is the end)")
 
     export = commands.add_parser(
         "export-hf", help="write a Hugging Face LlamaForCausalLM directory (Qwen3ForCausalLM for a minimind-3 model)"
@@ -143,7 +147,7 @@ class _Session:
         out.write(text[len(printed) :] + "\n")
         return text
 
-    def chat_ids(self, messages: list[dict]) -> list[int]:
+    def chat_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise SystemExit("this model's tokenizer has no chat template; use `minimind generate` for raw text")
         if self.chat.takes_images:
@@ -155,7 +159,7 @@ class _Session:
                     **messages[first_user],
                     "content": IMAGE_MARKER * missing + "\n" + messages[first_user]["content"],
                 }
-        return self.chat.prompt_ids(messages)
+        return self.chat.prompt_ids(messages, tools)
 
 
 def run_generate(args) -> None:
@@ -171,12 +175,38 @@ def run_generate(args) -> None:
 
 def run_chat(args) -> None:
     session = _Session(args)
+    tools = _read_tools(args.tools) if args.tools else None
     messages = [{"role": "system", "content": args.system}] if args.system else []
-    turns = [args.prompt] if args.prompt is not None else _read_turns()
+    interactive = args.prompt is None
+    turns = _read_turns() if interactive else [args.prompt]
     for user_text in turns:
         messages.append({"role": "user", "content": user_text})
-        reply = session.reply(session.chat_ids(messages))
-        messages.append({"role": "assistant", "content": reply})
+        while True:  # a reply that calls tools gets their results, then replies again
+            reply = session.reply(session.chat_ids(messages, tools))
+            content, calls = _calls_of(reply) if tools else (reply, [])
+            messages.append({"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})})
+            if not calls or not interactive:
+                break
+            for call in calls:
+                arguments = json.dumps(call["function"]["arguments"], ensure_ascii=False)
+                result = input(f"result of {call['function']['name']}({arguments})> ")
+                messages.append({"role": "tool", "tool_call_id": call["id"], "content": result})
+
+
+def _read_tools(path: str) -> list[dict]:
+    try:
+        return check_tools(json.loads(Path(path).read_text(encoding="utf-8")))
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"--tools {path}: {error}") from None
+
+
+def _calls_of(reply: str) -> tuple[str, list[dict]]:
+    """A reply's content and calls (ids given); a call that does not parse leaves it all content."""
+    try:
+        content, calls = parse_calls(reply)
+    except CallNotParsed:
+        return reply, []
+    return (content, check_calls(calls, "the reply", None)) if calls else (reply, [])
 
 
 def _read_turns():

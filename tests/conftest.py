@@ -34,28 +34,36 @@ def tiny_model():
     return random_model()
 
 
-def memorized_model(tokenizer, messages: list[dict], reply: str, max_steps: int = 400, **overrides) -> MiniMindForCausalLM:
-    """A tiny model trained (about 2 s) until it answers `messages` with `reply` and its end-of-turn token:
-    a model that really emits, say, a reasoning reply, for tests of what consumes one. The prompt is the one
-    every user of a model builds (its tokenizer's template, opening a think block if the tokenizer says so)."""
+def memorized_model(tokenizer, messages: list[dict], reply: str, max_steps: int = 400, tools: list[dict] | None = None,
+                    also: tuple = (), **overrides) -> MiniMindForCausalLM:
+    """A tiny model trained (seconds) until it answers `messages` with `reply` and its end-of-turn token (and
+    each (messages, reply, tools) of `also`): a model that really emits, say, a reasoning reply or a tool call,
+    for tests of what consumes one. The prompt is the one every user of a model builds (its tokenizer's
+    template, `tools` listed, opening a think block if the tokenizer says so)."""
     from minimind.inference.chat import chat_prompt_ids
 
-    prompt = chat_prompt_ids(tokenizer, messages)
-    answer = tokenizer.encode(reply, add_special_tokens=False) + [tokenizer.eos_token_id]
-    ids = torch.tensor([prompt + answer])
+    rows = []
+    for example_messages, example_reply, example_tools in ((messages, reply, tools), *also):
+        prompt = chat_prompt_ids(tokenizer, example_messages, example_tools)
+        answer = tokenizer.encode(example_reply, add_special_tokens=False) + [tokenizer.eos_token_id]
+        rows.append((prompt + answer, len(prompt)))
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row, _ in rows])
     labels = ids.clone()
-    labels[0, : len(prompt)] = -100
+    for index, (row, prompt_length) in enumerate(rows):
+        labels[index, :prompt_length] = -100
+        labels[index, len(row):] = -100
     torch.manual_seed(0)
     model = MiniMindForCausalLM(ModelConfig.from_name("tiny", vocab_size=len(tokenizer), **overrides))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(max_steps):
+    for _ in range(max_steps * len(rows)):
         loss = model(ids, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         if loss.item() < 0.01:
             break
-    assert loss.item() < 0.01, f"did not memorise the reply: loss {loss.item():.3f}"
+    assert loss.item() < 0.01, f"did not memorise the replies: loss {loss.item():.3f}"
     return model.eval()
 
 

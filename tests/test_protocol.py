@@ -104,8 +104,7 @@ def test_bad_sampling_fields_are_refused(field, value):
         ("logprobs", True),
         ("top_logprobs", 3),
         ("logit_bias", {"42": 100}),
-        ("tools", [{"type": "function", "function": {"name": "f"}}]),
-        ("tool_choice", "required"),
+        ("functions", [{"name": "f"}]),  # OpenAI's old name for tools
         ("response_format", {"type": "json_object"}),
         ("presence_penalty", 0.5),
         ("frequency_penalty", -1),

@@ -19,6 +19,13 @@ from PIL import Image
 
 API_KEY = "test-key"
 REASONED_REPLY = "<think>\n先想一想。\n</think>\n<answer>\n你好！很高兴见到你。\n</answer>"
+TOOLS = [{"type": "function", "function": {"name": "add", "description": "两个整数相加",
+                                           "parameters": {"type": "object", "properties": {"a": {"type": "integer"},
+                                                                                           "b": {"type": "integer"}}}}}]
+TOOL_QUESTION = [{"role": "user", "content": "1234 加 4321 等于几？"}]
+CALL_REPLY = '<tool_call>\n{"name": "add", "arguments": {"a": 1234, "b": 4321}}\n</tool_call>'
+AFTER_CALL = [*TOOL_QUESTION, {"role": "assistant", "content": "", "tool_calls": [
+    {"function": {"name": "add", "arguments": {"a": 1234, "b": 4321}}}]}, {"role": "tool", "content": "5555"}]
 MAX_BODY = 256 * 1024
 
 
@@ -74,12 +81,13 @@ def server(ray_cluster, tmp_path_factory, monkeypatch_module):
         brought.model.embed_tokens.weight[:3] = 0  # its special tokens never win: the reply runs to max_tokens
     torch.save({k: v.half() for k, v in brought.state_dict().items()}, home / "full_sft_512.pth")
     import_model(home / "full_sft_512.pth", home / "imported", home / "chatml", {"num_attention_heads": 4})
-    # a model that really reasons aloud: trained to answer 你好 with a <think> part, for the chat page's fold
+    # a model that really reasons aloud (trained to answer 你好 with a <think> part, for the chat page's fold) and
+    # calls a tool: the call for the sum, then the answer once the tool's result is in
     from conftest import memorized_model
 
-    save_model(
-        memorized_model(tokenizer, [{"role": "user", "content": "你好"}], REASONED_REPLY), home / "reasoner", tokenizer=tokenizer
-    )
+    reasoner = memorized_model(tokenizer, [{"role": "user", "content": "你好"}], REASONED_REPLY,
+                               also=((TOOL_QUESTION, CALL_REPLY, TOOLS), (AFTER_CALL, "等于 5555。", TOOLS)))
+    save_model(reasoner, home / "reasoner", tokenizer=tokenizer)
 
     port = free_port()
     models = [
@@ -198,6 +206,57 @@ def test_openai_client_streaming_and_seeded_sampling(server):
         model="minimind", messages=[{"role": "user", "content": "讲个故事"}], max_tokens=8, temperature=0.9, top_p=0.9, seed=7
     )
     assert again.choices[0].message.content == text  # the same seed samples the same reply
+
+
+def ask_with_tools(client, messages, stream: bool, **extra) -> tuple[str, list[dict], str]:
+    """(content, calls as {"id", "name", "arguments"}, finish reason) of one request, streamed or not."""
+    request = {"model": "minimind-reasoner", "messages": messages, "tools": TOOLS, "temperature": 0, "max_tokens": 120, **extra}
+    if not stream:
+        choice = client.chat.completions.create(**request).choices[0]
+        calls = [{"id": call.id, "name": call.function.name, "arguments": call.function.arguments}
+                 for call in choice.message.tool_calls or []]
+        return choice.message.content or "", calls, choice.finish_reason
+    content, calls, finish = "", {}, None
+    for chunk in client.chat.completions.create(**request, stream=True):
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        for part in delta.tool_calls or []:  # id and name first, then the arguments in pieces
+            call = calls.setdefault(part.index, {"id": None, "name": "", "arguments": ""})
+            call["id"] = part.id or call["id"]
+            call["name"] += part.function.name or "" if part.function else ""
+            call["arguments"] += part.function.arguments or "" if part.function else ""
+        finish = chunk.choices[0].finish_reason or finish
+    return content, [calls[index] for index in sorted(calls)], finish
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_tool_call_round_trip_with_the_openai_client(server, stream):
+    """The model calls the tool, the client runs it and sends the result back, the model answers with it."""
+    client = openai_client(server)
+    messages = [*TOOL_QUESTION]
+    content, calls, finish = ask_with_tools(client, messages, stream)
+    assert (content, [call["name"] for call in calls], finish) == ("", ["add"], "tool_calls")
+    assert calls[0]["id"].startswith("call_")
+    arguments = json.loads(calls[0]["arguments"])  # the client runs its tool
+    messages += [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": calls[0]["id"], "type": "function", "function": {"name": "add", "arguments": calls[0]["arguments"]}}]},
+        {"role": "tool", "tool_call_id": calls[0]["id"], "content": str(arguments["a"] + arguments["b"])},
+    ]
+    assert ask_with_tools(client, messages, stream) == ("等于 5555。", [], "stop")
+
+
+def test_a_named_tool_choice_forces_its_call_and_a_call_that_does_not_parse_is_content(server):
+    client = openai_client(server)
+    named = {"type": "function", "function": {"name": "add"}}
+    _, calls, finish = ask_with_tools(client, [*TOOL_QUESTION], True, tool_choice=named)  # the call's start is the prompt's
+    assert finish == "tool_calls" and [(call["name"], json.loads(call["arguments"])) for call in calls] == [
+        ("add", {"a": 1234, "b": 4321})]
+    content, calls, finish = ask_with_tools(client, [*TOOL_QUESTION], False, max_tokens=20)  # cut off inside the call
+    assert (calls, finish) == ([], "length") and content.startswith("<tool_call>")
+    status, body = post(server, {"model": "minimind-reasoner", "messages": TOOL_QUESTION, "tools": TOOLS,
+                                 "tool_choice": {"type": "function", "function": {"name": "sub"}}})
+    assert status == 400 and body["error"]["param"] == "tool_choice"
 
 
 def test_a_stop_string_ends_the_reply_before_it(server):
@@ -387,7 +446,7 @@ def _hostile():
         "list-message": (dict(data=body(messages=[["user", "hi"]])), 400, "must be an object"),
         "null-content": (dict(data=body(messages=[{"role": "user", "content": None}])), 400, "content"),
         "string-part": (dict(data=body(messages=[{"role": "user", "content": ["hi"]}])), 400, "text or image_url part"),
-        "tool-role": (dict(data=body(messages=[{"role": "tool", "content": "hi"}])), 400, "role"),
+        "tool-without-call": (dict(data=body(messages=[{"role": "tool", "content": "hi"}])), 400, "no assistant tool call"),
         "number-image-url": (
             dict(data=body("minimind-v", messages=[{"role": "user", "content": [{"type": "image_url", "image_url": 5}]}])),
             400,

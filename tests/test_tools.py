@@ -83,3 +83,53 @@ def test_a_reply_is_read_back_into_its_calls_or_refused_as_a_call():
                    CALL_TEXT + " 然后", "<tool_call>\n[1, 2]\n</tool_call>"):
         with pytest.raises(CallNotParsed):
             parse_calls(broken)
+
+
+@pytest.fixture(scope="module")
+def tool_model(tmp_path_factory):
+    """A tiny model that calls `add` for QUESTION, and answers once the result is in."""
+    from conftest import memorized_model
+
+    from minimind.model.checkpoint import save_model
+
+    tokenizer = train_tokenizer(TEXTS * 20, vocab_size=400, split_han=True, split_digits=True)
+    call = {**CALL, "content": "", "tool_calls": [{"function": {"name": "add", "arguments": {"a": 1234, "b": 4321}}}]}
+    model = memorized_model(tokenizer, [QUESTION], CALL_TEXT, tools=TOOLS,
+                            also=(([QUESTION, call, {"role": "tool", "content": "5555"}], ANSWER["content"], TOOLS),))
+    return save_model(model, tmp_path_factory.mktemp("tools") / "model", tokenizer=tokenizer)
+
+
+def test_the_pyfunc_model_takes_tools_and_their_results(tool_model):
+    from mlflow.models.utils import _enforce_schema
+
+    from minimind.tracking.pyfunc import ChatPredictor, chat_signature
+
+    tools = json.dumps(TOOLS, ensure_ascii=False)
+    signature = chat_signature(takes_images=False)
+    assert _enforce_schema({"messages": [QUESTION], "tools": tools}, signature.inputs) is not None  # tools: optional
+    assert _enforce_schema({"messages": [QUESTION]}, signature.inputs) is not None
+    predictor = ChatPredictor(tool_model)
+    (reply,) = predictor.predict({"messages": [QUESTION], "tools": tools}, {"max_tokens": 120})
+    assert parse_calls(reply) == ("", [{"name": "add", "arguments": {"a": 1234, "b": 4321}}])
+    followed = [QUESTION, {"role": "assistant", "content": reply}, {"role": "tool", "content": "5555"}]
+    assert predictor.predict({"messages": followed, "tools": tools}, {"max_tokens": 120}) == [ANSWER["content"]]
+
+
+def test_minimind_chat_shows_a_call_asks_for_its_result_and_answers_with_it(tool_model, monkeypatch, capsys):
+    from minimind.cli import main
+
+    (tool_model.parent / "tools.json").write_text(json.dumps(TOOLS, ensure_ascii=False), encoding="utf-8")
+    typed, asked = [QUESTION["content"], "5555"], []
+
+    def type_in(prompt=""):  # the question, the tool's result, then the end of input
+        asked.append(prompt)
+        if len(asked) > len(typed):
+            raise EOFError
+        return typed[len(asked) - 1]
+
+    monkeypatch.setattr("builtins.input", type_in)
+    main(["chat", "--model", str(tool_model), "--tools", str(tool_model.parent / "tools.json"), "--temperature", "0",
+          "--max-new-tokens", "120"])
+    printed = capsys.readouterr().out
+    assert asked[1] == 'result of add({"a": 1234, "b": 4321})> '
+    assert CALL_TEXT in printed and printed.rstrip().endswith(ANSWER["content"])

@@ -26,26 +26,32 @@ from minimind.model.tokenizer import Markers, load_tokenizer, opens_thinking
 from minimind.model.vision import MiniMindVLM, is_vlm_dir, load_vlm
 
 
-def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """Messages (ending with the user's turn) through the tokenizer's chat template, ready for the reply."""
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False,
-                                              open_thinking=opens_thinking(tokenizer)))
+def chat_prompt_ids(tokenizer, messages: list[dict], tools: list[dict] | None = None, thinking: bool | None = None
+                    ) -> list[int]:
+    """Messages (ending with the user's or a tool's turn) through the tokenizer's chat template, ready for the
+    reply; `tools` listed in the system turn; `thinking` (default: the tokenizer's `open_thinking`) opens a
+    think block in templates that have one."""
+    thinking = opens_thinking(tokenizer) if thinking is None else thinking
+    return list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True,
+                                              return_dict=False, open_thinking=thinking))
 
 
-def prompt_ids(vlm: MiniMindVLM, tokenizer, messages: list[dict]) -> list[int]:
+def prompt_ids(vlm: MiniMindVLM, tokenizer, messages: list[dict], tools: list[dict] | None = None,
+               thinking: bool | None = None) -> list[int]:
     """A chat prompt (ending with the user's turn) as ids, each <image> expanded to the tower's token count."""
     marker = Markers.of(tokenizer).image
     if marker != IMAGE_MARKER:
         messages = [{**m, "content": m["content"].replace(IMAGE_MARKER, marker)} for m in messages]
-    ids = chat_prompt_ids(tokenizer, messages)
+    ids = chat_prompt_ids(tokenizer, messages, tools, thinking)
     return expand_image_placeholders(ids, ids, vlm.image_token_id, vlm.image_tokens)[0]
 
 
-def reply_opening(tokenizer) -> str:
+def reply_opening(tokenizer, thinking: bool | None = None) -> str:
     """What the generation prompt already wrote of the reply (an opened or an empty think block), which
     belongs in front of the generated text when a reply is parsed."""
+    thinking = opens_thinking(tokenizer) if thinking is None else thinking
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": ""}], add_generation_prompt=True, tokenize=False,
-                                           open_thinking=opens_thinking(tokenizer))
+                                           open_thinking=thinking)
     return Markers.of(tokenizer).reply_opening(prompt)
 
 
@@ -76,11 +82,12 @@ class Chat:
         """Ids never sampled: a VLM's image placeholder (a text model has none)."""
         return [self.model.image_token_id] if self.takes_images else []
 
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
-        """Messages (ending with the user's turn) through the tokenizer's chat template, ready for the reply."""
+    def prompt_ids(self, messages: list[dict], tools: list[dict] | None = None, thinking: bool | None = None) -> list[int]:
+        """Messages (ending with the user's or a tool's turn) through the tokenizer's chat template, ready for
+        the reply (see `chat_prompt_ids`)."""
         if self.takes_images:
-            return prompt_ids(self.model, self.tokenizer, messages)
-        return chat_prompt_ids(self.tokenizer, messages)
+            return prompt_ids(self.model, self.tokenizer, messages, tools, thinking)
+        return chat_prompt_ids(self.tokenizer, messages, tools, thinking)
 
     @cached_property
     def reply_opening(self) -> str:

@@ -139,6 +139,11 @@ api = FastAPI(title="MiniMind", docs_url=None, redoc_url=None, openapi_url=None)
 # Note: serve.ingress captures the gateway class when it is defined, so what its methods use is defined above it.
 
 
+def _tool_call(call: dict) -> dict:
+    """A call the model made, as OpenAI returns it (arguments as JSON text)."""
+    return {"id": call["id"], "type": "function", "function": {"name": call["name"], "arguments": call["arguments"]}}
+
+
 def _usage(start: dict, end: dict) -> dict:
     prompt, completion = start.get("prompt_tokens", 0), end.get("completion_tokens", 0)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
@@ -305,18 +310,21 @@ class Gateway:
                 APIError(503, f"the model '{chat.model}' sent no reply", kind="server_error"))
         if chat.stream:
             return StreamingResponse(self._sse(chat, first, events, deadline), media_type="text/event-stream")
-        reasoning, content, end = "", "", {}
+        reasoning, content, calls, end = "", "", [], {}
         try:
             while (event := await _next_event(events, deadline, chat.model, self.request_timeout_s)) is not None:
                 if event["type"] == "delta":
                     reasoning, content = reasoning + event["reasoning"], content + event["content"]
+                elif event["type"] == "tool_calls":
+                    calls = [_tool_call(call) for call in event["calls"]]
                 elif event["type"] == "end":
                     end = event
                 elif event["type"] == "error":
                     return JSONResponse(event["body"], status_code=event["status"])
         except APIError as error:
             return _error(error)
-        message = {"role": "assistant", "content": content, **({"reasoning_content": reasoning} if reasoning else {})}
+        message = {"role": "assistant", "content": content or (None if calls else ""),
+                   **({"reasoning_content": reasoning} if reasoning else {}), **({"tool_calls": calls} if calls else {})}
         return {
             "id": completion_id(), "object": "chat.completion", "created": now(), "model": chat.model,
             "choices": [{"index": 0, "message": message, "finish_reason": end.get("finish_reason", "stop")}],
@@ -345,6 +353,11 @@ class Gateway:
                         if value
                     }
                     yield chunk(delta)
+                elif event["type"] == "tool_calls":  # as OpenAI streams them: id and name, then the arguments
+                    for index, call in enumerate(event["calls"]):
+                        named = {**_tool_call(call), "function": {"name": call["name"], "arguments": ""}}
+                        yield chunk({"tool_calls": [{"index": index, **named}]})
+                        yield chunk({"tool_calls": [{"index": index, "function": {"arguments": call["arguments"]}}]})
                 elif event["type"] == "end":
                     yield chunk({}, event["finish_reason"])
                     if chat.include_usage:

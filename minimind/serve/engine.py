@@ -13,8 +13,10 @@ samples the same tokens alone or in any company (see `BatchingEngine._decode`).
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -23,12 +25,12 @@ from pathlib import Path
 import torch
 
 from minimind.data.rows import IMAGE_MARKER
-from minimind.inference.chat import Chat
+from minimind.inference.chat import Chat, reply_opening
 from minimind.inference.continuous import ContinuousBatch
 from minimind.inference.sampling import SamplingParams
 from minimind.model.tokenizer import Markers
 from minimind.serve.errors import APIError
-from minimind.serve.protocol import ChatRequest, Limits, open_image, split_reasoning
+from minimind.serve.protocol import ChatRequest, Limits, open_image, split_calls, split_reasoning
 
 
 @dataclass(eq=False)
@@ -253,13 +255,17 @@ class Released:
     """What of one reply has been streamed: each longer releasable text becomes a delta event of its new
     reasoning and content (the reasoning model's <think>/<answer> parts split as they arrive)."""
 
-    def __init__(self, markers, opening: str = ""):
+    def __init__(self, markers, opening: str = "", tools: bool = False):
         self.think, self.answer = (markers.think_start, markers.think_end), (markers.answer_start, markers.answer_end)
-        self.opening = opening  # what the prompt wrote of the reply: minimind-3's opened or empty think block
+        self.opening = opening  # what the prompt wrote of the reply: minimind-3's opened or empty think block, a forced call
+        self.tools = tools  # the reply may call tools: its calls are held back, and read when it is over
         self.reasoning, self.content = "", ""
+        self.calls: list[dict] | None = None
 
     def extend(self, text: str, final: bool = False) -> dict | None:
         reasoning, content = split_reasoning(self.opening + text, self.think, self.answer, final)
+        if self.tools:
+            content, self.calls = split_calls(content, final)
         new_reasoning, new_content = reasoning[len(self.reasoning) :], content[len(self.content) :]
         if not (new_reasoning or new_content):
             return None
@@ -296,7 +302,11 @@ class ChatModel:
         return self.model.pixel_values([open_image(data, self.limits.max_image_pixels, "messages") for data in images])
 
     async def chat(self, request: ChatRequest) -> AsyncIterator[dict]:
-        prompt = self.loaded.prompt_ids(request.messages)
+        forced = request.forced_call()  # a call the client requires: written into the prompt, after no reasoning
+        thinking = False if forced else None
+        prompt = self.loaded.prompt_ids(request.messages, request.prompt_tools(), thinking)
+        if forced:
+            prompt += self.tokenizer.encode(forced, add_special_tokens=False)
         if self.takes_images:  # counted in the prompt's ids: the text may also spell the tokenizer's own image marker
             placeholders = prompt.count(self.model.image_token_id) // self.model.image_tokens
             if placeholders != len(request.images):
@@ -326,7 +336,8 @@ class ChatModel:
         if request.images:  # an unreadable image fails this request only, with a 400
             pixel_values = await asyncio.get_running_loop().run_in_executor(self.image_decoder, self.pixel_values, request.images)
         yield {"type": "start", "prompt_tokens": len(prompt)}
-        tokens, released, finish = [], Released(self.markers, self.loaded.reply_opening), "length"
+        opening = (reply_opening(self.tokenizer, thinking=False) if forced else self.loaded.reply_opening) + forced
+        tokens, released, finish = [], Released(self.markers, opening, tools=request.prompt_tools() is not None), "length"
         stream = self.engine.stream(prompt, sampling, pixel_values)
         try:
             async for chunk in stream:
@@ -344,4 +355,9 @@ class ChatModel:
                     yield delta
         finally:
             await stream.aclose()
+        if released.calls:
+            calls = [{"id": f"call_{uuid.uuid4().hex[:24]}", "name": call["name"],
+                      "arguments": json.dumps(call["arguments"], ensure_ascii=False)} for call in released.calls]
+            yield {"type": "tool_calls", "calls": calls}
+            finish = "tool_calls"
         yield {"type": "end", "finish_reason": finish, "completion_tokens": len(tokens)}

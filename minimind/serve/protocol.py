@@ -6,8 +6,12 @@ bytes, its JSON (nesting, encoding), the characters per message and in all, the 
 and images, each image's bytes, format (PNG, JPEG, WebP, GIF only: Pillow's other parsers never see
 client bytes), pixels and aspect ratio (checked from the header, before anything is decoded) and whole
 decoding (`open_image`: the model replica decodes it with the same code, so an image passed here does not
-fail there). What the server does not implement (`n` other than 1, logprobs, tools, a JSON response
-format, presence and frequency penalties, ...) is refused, never silently ignored.
+fail there). What the server does not implement (`n` other than 1, logprobs, a JSON response format,
+presence and frequency penalties, ...) is refused, never silently ignored.
+
+Tools as OpenAI has them: `tools` (functions), `tool_choice` ("auto", "none", "required", or one function),
+assistant messages with `tool_calls`, `tool` messages with the results. A reply's calls are read back by
+`split_calls`; a call that does not parse leaves the whole reply as content.
 """
 
 from __future__ import annotations
@@ -23,14 +27,15 @@ import uuid
 from dataclasses import dataclass, field
 
 from minimind.data.images import ImageError, ImageOutOfShape, ImageTooLarge, UnknownImageFormat, load_image
+from minimind.data.tools import CALL_START, CallNotParsed, check_calls, check_tools, parse_calls, tool_names
 from minimind.serve.errors import APIError
 from minimind.serve.fetch import fetch_image
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 # OpenAI fields this server does not implement, with the values that ask for nothing (clients send some of
 # them by default): any other value is refused, since a 200 that ignored it would be a wrong answer
-NOT_IMPLEMENTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}), "tools": (None, []),
-                   "tool_choice": (None, "none", "auto"), "functions": (None, []), "function_call": (None, "none", "auto"),
+NOT_IMPLEMENTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}),
+                   "functions": (None, []), "function_call": (None, "none", "auto"),
                    "response_format": (None, {"type": "text"}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
                    "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,)}
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")  # an animated GIF or WebP counts by its first frame
@@ -65,6 +70,20 @@ class ChatRequest:
     seed: int | None = None
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
+    tools: list[dict] | None = None  # functions, in OpenAI's shape
+    tool_choice: str = "auto"  # "auto", "none", "required", or the name of the one function to call
+
+    def prompt_tools(self) -> list[dict] | None:
+        """The tools the prompt lists: none when the client asked for no call."""
+        return self.tools if self.tool_choice != "none" else None
+
+    def forced_call(self) -> str:
+        """What the reply must start with: a call ("required"), a call of one function, or nothing."""
+        if self.tools is None or self.tool_choice in ("auto", "none"):
+            return ""
+        if self.tool_choice == "required":
+            return CALL_START + "\n"
+        return CALL_START + '\n{"name": ' + json.dumps(self.tool_choice, ensure_ascii=False) + ', "arguments": '
 
     def sampling(self) -> dict:
         return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
@@ -194,6 +213,7 @@ def parse_chat_request(body, models: dict[str, bool], limits: Limits, image_mark
         raise APIError(400, "'messages' must be a non-empty array", param="messages")
     if len(messages) > limits.max_messages:
         raise APIError(413, f"at most {limits.max_messages} messages per request", param="messages", code="too_many_messages")
+    tools, tool_choice = _tools(body)
     parsed, images, total = [], [], 0
     for index, message in enumerate(messages):
         where = f"messages[{index}]"
@@ -203,7 +223,9 @@ def parse_chat_request(body, models: dict[str, bool], limits: Limits, image_mark
         if role not in ROLES:
             raise APIError(400, f"{where}.role must be one of {', '.join(ROLES)}, got {_show(role)}", param=f"{where}.role")
         content = message.get("content")
-        if isinstance(content, str):
+        if content is None and role == "assistant" and message.get("tool_calls"):
+            text = ""
+        elif isinstance(content, str):
             text = _text(content, f"{where}.content")
         elif isinstance(content, list):
             text = ""
@@ -244,7 +266,7 @@ def parse_chat_request(body, models: dict[str, bool], limits: Limits, image_mark
                 param="messages",
                 code="messages_too_long",
             )
-        parsed.append({"role": role, "content": text})
+        parsed.append({"role": role, "content": text, **_tool_fields(message, where, tools, parsed)})
     if parsed[-1]["role"] == "assistant":
         raise APIError(400, "the last message must not be the assistant's: there is nothing to reply to", param="messages")
     stop = body.get("stop")
@@ -281,7 +303,46 @@ def parse_chat_request(body, models: dict[str, bool], limits: Limits, image_mark
         seed=_integer(body, "seed", 0, 2**63 - 1),
         stream=stream,
         include_usage=bool((options or {}).get("include_usage")),
+        tools=tools,
+        tool_choice=tool_choice,
     )
+
+
+def _tools(body: dict) -> tuple[list[dict] | None, str]:
+    """The request's `tools` and `tool_choice`, checked."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise APIError(400, "'tools' must be an array of functions", param="tools")
+        try:
+            tools = check_tools(tools) or None
+        except ValueError as error:
+            raise APIError(400, str(error), param="tools") from None
+    if choice is None or choice in ("auto", "none"):
+        return tools, choice or "auto"
+    if tools is None:
+        raise APIError(400, f"'tool_choice' {_show(choice)} needs 'tools'", param="tool_choice")
+    if choice == "required":
+        return tools, choice
+    name = (choice.get("function") or {}).get("name") if isinstance(choice, dict) and choice.get("type") == "function" else None
+    if name not in tool_names(tools):
+        raise APIError(400, "'tool_choice' must be auto, none, required or {\"type\": \"function\", \"function\": "
+                       f"{{\"name\": ...}}}} naming one of the tools, got {_show(choice)}", param="tool_choice")
+    return tools, name
+
+
+def _tool_fields(message: dict, where: str, tools: list[dict] | None, before: list[dict]) -> dict:
+    """An assistant message's calls (their arguments as objects) or a tool message's answer, checked."""
+    try:
+        if message["role"] == "assistant" and message.get("tool_calls") is not None:
+            return {"tool_calls": check_calls(message["tool_calls"], where, tool_names(tools))}
+        if message["role"] == "tool":
+            previous = next((m for m in reversed(before) if m["role"] != "tool"), None)
+            if not (previous and previous.get("tool_calls")):
+                raise ValueError(f"{where} is a tool result with no assistant tool call before it")
+    except ValueError as error:
+        raise APIError(400, str(error), param=where) from None
+    return {}
 
 
 def parse_chat_body(raw: bytes, models: dict[str, bool], limits: Limits) -> ChatRequest:
@@ -312,6 +373,22 @@ def split_reasoning(text: str, think: tuple[str, str], answer: tuple[str, str], 
         rest = rest[len(answer[0]) :].lstrip("\n")
     content = rest.split(answer[1])[0] if answer[1] in rest else _hold_back(rest, answer[1], final)
     return reasoning.strip("\n"), content.rstrip("\n") if answer[1] in rest else content
+
+
+def split_calls(content: str, final: bool = False) -> tuple[str, list[dict] | None]:
+    """The content of a reply that may call tools, as far as it can be released, and its calls once it is
+    over (`final`): the text before the first <tool_call> (a tag arriving held back), then at the end the
+    calls, or, when they do not parse, the whole reply as content (None: no calls)."""
+    start = content.find(CALL_START)
+    if not final:
+        return (_hold_back(content, CALL_START) if start < 0 else content[:start].rstrip("\n")), None
+    if start < 0:
+        return content, None
+    try:
+        before, calls = parse_calls(content)
+    except CallNotParsed:
+        return content, None
+    return before, calls
 
 
 def _hold_back(text: str, marker: str, final: bool = False) -> str:

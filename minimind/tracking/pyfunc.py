@@ -21,6 +21,7 @@ import mlflow
 
 import minimind
 from minimind.data.images import load_image
+from minimind.data.tools import check_tools
 from minimind.inference.chat import Chat
 from minimind.inference.generate import generate
 from minimind.model.lora import is_adapter_dir
@@ -35,11 +36,15 @@ PARAMS = {"max_tokens": 256, "temperature": 0.0, "top_p": 1.0, "seed": -1}  # se
 
 
 def chat_signature(takes_images: bool):
-    """The signature the registry shows: messages (and images for a VLM) in, one reply out, sampling as params."""
-    from mlflow.models import infer_signature
+    """The signature the registry shows: messages (and images for a VLM) in, one reply out, sampling as params;
+    optionally `tools`, the JSON text of OpenAI-shaped functions the reply may call."""
+    from mlflow.models import ModelSignature, infer_signature
+    from mlflow.types.schema import ColSpec, Schema
 
     example = {"messages": [{"role": "user", "content": "你好"}], **({"images": ["aW1hZ2U="]} if takes_images else {})}
-    return infer_signature(example, ["reply"], params=PARAMS)
+    inferred = infer_signature(example, ["reply"], params=PARAMS)
+    inputs = Schema([*inferred.inputs.inputs, ColSpec("string", "tools", required=False)])
+    return ModelSignature(inputs, inferred.outputs, inferred.params)
 
 
 def log_chat_model(directory: str | Path, name: str) -> str:
@@ -55,7 +60,10 @@ def log_chat_model(directory: str | Path, name: str) -> str:
 
 
 class ChatPredictor:
-    """A model folder answering chats greedily or sampled, with its tokenizer's template and stop token."""
+    """A model folder answering chats greedily or sampled, with its tokenizer's template and stop token. With
+    `tools`, the reply keeps the calls it writes (`<tool_call>{...}</tool_call>`, read by
+    minimind.data.tools.parse_calls); sent back as the assistant's content, with the results as `tool` messages,
+    they make the next turn."""
 
     def __init__(self, model_dir: str | Path):
         self.chat = Chat.load(model_dir)
@@ -72,8 +80,9 @@ class ChatPredictor:
                 seed=None if int(params["seed"]) < 0 else int(params["seed"]),
             )
             inputs = {"pixel_values": self.chat.pixel_values(images)} if images else None
-            tokens = generate(self.chat.model, [self.chat.prompt_ids(messages)], sampling, prompt_inputs=inputs)[0]
-            replies.append(self.chat.tokenizer.decode(tokens, skip_special_tokens=True))
+            tools = check_tools(chat["tools"]) if isinstance(chat.get("tools"), str) and chat["tools"] else None
+            tokens = generate(self.chat.model, [self.chat.prompt_ids(messages, tools)], sampling, prompt_inputs=inputs)[0]
+            replies.append(self.chat.tokenizer.decode(tokens, skip_special_tokens=tools is None))
         return replies
 
 
