@@ -17,11 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
+from minimind.demo.tools import demo_tools
+
 API_KEY = "test-key"
 REASONED_REPLY = "<think>\n先想一想。\n</think>\n<answer>\n你好！很高兴见到你。\n</answer>"
-TOOLS = [{"type": "function", "function": {"name": "add", "description": "两个整数相加",
-                                           "parameters": {"type": "object", "properties": {"a": {"type": "integer"},
-                                                                                           "b": {"type": "integer"}}}}}]
+TOOLS = demo_tools()  # what the chat page offers
 TOOL_QUESTION = [{"role": "user", "content": "1234 加 4321 等于几？"}]
 CALL_REPLY = '<tool_call>\n{"name": "add", "arguments": {"a": 1234, "b": 4321}}\n</tool_call>'
 AFTER_CALL = [*TOOL_QUESTION, {"role": "assistant", "content": "", "tool_calls": [
@@ -706,6 +706,22 @@ def test_the_chat_page_in_a_headless_browser(server, tmp_path):
             assert page.locator(".assistant details div").text_content() == "先想一想。"
             fold.locator("summary").click()
             assert page.locator(".assistant details div").is_visible()
+
+            page.select_option("#model", "minimind")  # a new conversation: changing the model clears it
+            page.select_option("#model", "minimind-reasoner")
+            page.check("#tools")  # the demo's tools: the page runs the call, folds it away, and the model answers
+            page.fill("#prompt", TOOL_QUESTION[0]["content"])
+            page.click("#send")
+            page.wait_for_function(
+                "!document.querySelector('#send').disabled && document.querySelectorAll('.assistant').length === 2",
+                timeout=60_000,
+            )
+            call = page.locator(".assistant details.tool")
+            assert call.count() == 1 and call.get_attribute("open") is None
+            assert call.locator("summary").text_content() == "tool: add"
+            assert call.locator("div").text_content() == 'add({"a": 1234, "b": 4321}) → 5555'
+            assert page.evaluate("[...document.querySelectorAll('.assistant span')].at(-1).textContent") == "等于 5555。"
+            page.uncheck("#tools")
 
             page.select_option("#model", "minimind-v")
             assert page.is_visible("#image-label")

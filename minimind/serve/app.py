@@ -34,6 +34,7 @@ from minimind.serve.errors import APIError
 from minimind.serve.protocol import ChatRequest, Limits, completion_id, now, parse_chat_body
 
 PAGE = Path(__file__).with_name("chat.html")
+DEMO_TOOLS = Path(__file__).parents[1] / "demo" / "tools.json"  # read as a file: the demo package would load torch
 logger = logging.getLogger("ray.serve")
 GATEWAY_CPUS = 0.1  # per gateway replica: it parses and forwards, the model replicas compute
 # A request's headers, names and values together (uvicorn's h11 parser stops at 16 KiB, nginx at 4 x 8 KiB;
@@ -240,7 +241,8 @@ class Gateway:
         self.expected_authorization = f"Bearer {key}".encode() if key else None
         self.takes_images: dict[str, bool] | None = None
         self.created = now()
-        self.page_html = PAGE.read_text(encoding="utf-8")
+        # the page offers the demo world's tools, whose definitions it runs in the browser
+        self.page_html = PAGE.read_text(encoding="utf-8").replace("/*DEMO_TOOLS*/[]", DEMO_TOOLS.read_text(encoding="utf-8"))
         # JSON, base64 and Pillow work off the event loop; a few threads bound the memory decoded images take
         self.parsers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="parse-request")
 
