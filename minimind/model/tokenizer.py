@@ -139,13 +139,14 @@ MINIMIND3_SPECIAL_TOKENS = [
 ]
 
 # What a system turn says when a request lists tools: the tools as JSON lines inside <tools></tools>, and the
-# form of a call (minimind-3's format, Qwen3's).
+# form of a call. The wording of Qwen3's template, which minimind-3's models learned their tool calls with.
 TOOLS_PREAMBLE = (
-    "# Tools\n\nYou may call one or more of these functions to answer. Their signatures, within <tools></tools>:\n<tools>"
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
 )
 TOOLS_CALL_FORM = (
-    "\n</tools>\n\nTo call one, reply with a JSON object of its name and arguments within <tool_call></tool_call>:\n"
-    '<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
 )
 
 
