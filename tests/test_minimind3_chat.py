@@ -16,7 +16,7 @@ from minimind.model.checkpoint import load_model, save_model
 from minimind.model.tokenizer import MINIMIND3_MARKERS, Markers, load_tokenizer, train_tokenizer
 from minimind.rl.rewards import reasoning_parts, reference_answer
 from minimind.serve.engine import ChatModel, Released
-from minimind.serve.protocol import ChatRequest
+from minimind.serve.protocol import ChatRequest, Limits, parse_chat_request
 
 TEXTS = ["从前有座山，山里有座庙。", "先算个位：3 加 4 等于 7。", "答案是 17。", "hello minimind 2026"]
 QUESTION = [{"role": "user", "content": "13 加 4 等于几？"}]
@@ -101,28 +101,32 @@ def test_minimind3_replies_are_parsed_for_rewards_and_streamed_as_reasoning_cont
     assert streamed("<think>\n\n</think>\n\n", "你好\n") == ("", "你好")
 
 
-def test_a_minimind3_reasoning_model_is_prompted_to_think_scored_and_served_with_reasoning_content(tokenizer3, tmp_path):
+def test_a_minimind3_reasoning_model_thinks_when_asked_is_scored_and_served_with_reasoning_content(tokenizer3, tmp_path):
     tokenizer3 = load_tokenizer(_saved(tokenizer3, tmp_path / "tokenizer"))
-    assert reply_opening(tokenizer3) == "<think>\n\n</think>\n\n"  # a direct reply: the template writes an empty block
-    tokenizer3.init_kwargs["open_thinking"] = True  # what the reasoning stages write
-    assert reply_opening(tokenizer3) == "<think>\n"
-    model = memorized_model(tokenizer3, QUESTION, f"{REASONING}\n</think>\n\n{ANSWER}", qk_norm=True, attention_head_dim=8)
-    save_model(model, tmp_path / "model", tokenizer=tokenizer3)
+    assert reply_opening(tokenizer3) == "<think>\n\n</think>\n\n"  # minimind-3's default: a direct reply
+    assert reply_opening(tokenizer3, thinking=True) == "<think>\n"  # thinking, asked for per prompt
+    thinking = load_tokenizer(tmp_path / "tokenizer")
+    thinking.init_kwargs["open_thinking"] = True  # a tokenizer config can make it the default
+    assert reply_opening(thinking) == "<think>\n"
+    model = memorized_model(thinking, QUESTION, f"{REASONING}\n</think>\n\n{ANSWER}", qk_norm=True, attention_head_dim=8)
+    save_model(model, tmp_path / "model", tokenizer=tokenizer3)  # saved without the default: asked for below
 
     eval_file = tmp_path / "reason_eval.jsonl"
     eval_file.write_text(json.dumps({"conversations": [*QUESTION, SHAPES["MiniMind2 tags"]]}, ensure_ascii=False) + "\n")
     chat = Chat.load(tmp_path / "model", device="cpu", dtype="fp32")
-    scores = reasoning_scores(text_replier(chat.model, chat.tokenizer, max_new_tokens=40, whole_reply=True), eval_file,
-                              chat.tokenizer)
+    replier = text_replier(chat.model, chat.tokenizer, max_new_tokens=40, whole_reply=True, thinking=True)
+    scores = reasoning_scores(replier, eval_file, chat.tokenizer)
     assert (scores["format"], scores["accuracy"]) == (1.0, 1.0)
 
     served = ChatModel(tmp_path / "model", device="cpu", dtype="fp32")
 
-    async def events():
-        return [event async for event in served.chat(ChatRequest("m", QUESTION, temperature=0.0, max_tokens=40))]
+    async def events(**request):
+        return [event async for event in served.chat(ChatRequest("m", QUESTION, temperature=0.0, max_tokens=40, **request))]
 
-    deltas = [event for event in asyncio.run(events()) if event["type"] == "delta"]
+    deltas = [event for event in asyncio.run(events(thinking=True)) if event["type"] == "delta"]
     assert ("".join(d["reasoning"] for d in deltas), "".join(d["content"] for d in deltas)) == (REASONING, ANSWER)
+    assert parse_chat_request({"model": "m", "messages": QUESTION, "chat_template_kwargs": {"enable_thinking": True}},
+                              {"m": False}, Limits()).thinking is True
 
 
 def _saved(tokenizer, folder):
@@ -151,8 +155,7 @@ def test_a_reasoning_stage_trains_a_minimind3_model_from_its_preset(mlflow_store
 
     result = run_stage(DistillConfig(init=str(init_dir), max_steps=4, checkpoint_every=4, log_every=2, eval_limit=4,
                                      batch_size=4, seq_len=256), "reason")
-    trained = load_tokenizer(result.model_dir)
-    assert trained.init_kwargs.get("open_thinking") is True and Markers.of(trained) == MINIMIND3_MARKERS
+    assert Markers.of(load_tokenizer(result.model_dir)) == MINIMIND3_MARKERS
     assert load_model(result.model_dir).config.qk_norm
     run = client().get_run(client().get_model_version("minimind-reason", result.model_uri.rsplit("/", 1)[1]).run_id)
     assert {"eval/reasoning_format", "eval/reasoning_accuracy"} <= run.data.metrics.keys()

@@ -18,7 +18,7 @@ import torch
 
 from minimind.data.images import load_image
 from minimind.data.rows import StageData, collate, iter_jsonl
-from minimind.inference.chat import Chat
+from minimind.inference.chat import Chat, reply_opening
 from minimind.inference.generate import generate
 from minimind.model.losses import sequence_logprobs
 from minimind.model.tokenizer import Markers
@@ -28,18 +28,21 @@ from minimind.training.heldout import batches_of, device_of, heldout_rows
 Replier = Callable[[Sequence[list[dict]]], list[str]]
 
 
-def text_replier(model, tokenizer, max_new_tokens: int = 64, batch_size: int = 128, whole_reply: bool = False) -> Replier:
+def text_replier(model, tokenizer, max_new_tokens: int = 64, batch_size: int = 128, whole_reply: bool = False,
+                 thinking: bool | None = None) -> Replier:
     """Greedy replies of a text model to conversations (each ending with a user turn). Batches of 128: a small
     model's decoding step costs about the same for 32 rows as for 128 (the demo's 200 held-out SFT questions: 2.6x faster).
-    `whole_reply`: each reply starts with what its prompt wrote of it (minimind-3's think block)."""
+    `whole_reply`: each reply starts with what its prompt wrote of it (minimind-3's think block). `thinking`: the
+    prompts open a think block (templates that have one; default: the tokenizer's `open_thinking`)."""
 
     chat = Chat(model, tokenizer)
-    opening = chat.reply_opening if whole_reply else ""
+    opening = reply_opening(tokenizer, thinking) if whole_reply else ""
 
     def reply(conversations: Sequence[list[dict]]) -> list[str]:
         replies = []
         for start in range(0, len(conversations), batch_size):
-            prompts = [chat.prompt_ids(conversation) for conversation in conversations[start : start + batch_size]]
+            chunk = conversations[start : start + batch_size]
+            prompts = [chat.prompt_ids(conversation, thinking=thinking) for conversation in chunk]
             outputs = generate(model, prompts, chat.sampling(max_new_tokens=max_new_tokens))
             replies += [opening + tokenizer.decode(tokens, skip_special_tokens=False) for tokens in outputs]
         return replies

@@ -25,7 +25,7 @@ from minimind.driver.stages import STAGES
 from minimind.model.checkpoint import CONFIG_NAME, save_model
 from minimind.model.config import ModelConfig
 from minimind.model.model import MiniMindForCausalLM
-from minimind.model.tokenizer import load_tokenizer, open_thinking
+from minimind.model.tokenizer import load_tokenizer
 from minimind.model.vision import VISION_CONFIG_NAME, VisionConfig, build_vlm, is_vlm_dir, save_vlm
 from minimind.training.flags import parse_overrides
 from minimind.training.loop import lora_settings, stage_data
@@ -92,8 +92,6 @@ def resolve_inputs(config, stage, work: Path):
             config, init=str(Path(reference).expanduser().resolve()) if Path(reference).expanduser().is_dir() else reference
         )
     tokenizer = load_tokenizer(init_dir)
-    if stage.reasons:
-        open_thinking(tokenizer)
     model_config = ModelConfig.load(init_dir / CONFIG_NAME)
     if len(tokenizer) > model_config.vocab_size:
         raise SystemExit(f"the tokenizer in {init_dir} has {len(tokenizer)} tokens but the model only {model_config.vocab_size}")

@@ -87,7 +87,8 @@ def evaluate_preferences(stage, model, tokenizer, eval_path, limit, seq_len, ref
 
 def evaluate_reasoning(stage, model, tokenizer, eval_path, limit, seq_len, reference=None, images_dir=None, answer_path=None):
     """Reasoning (distilled, KD or GRPO): the <think>/<answer> form and the answers, and the SFT answers it must keep."""
-    result = reasoning_scores(text_replier(model, tokenizer, max_new_tokens=160, whole_reply=True), eval_path, tokenizer, limit)
+    replier = text_replier(model, tokenizer, max_new_tokens=160, whole_reply=True, thinking=True)  # reasoning asked for
+    result = reasoning_scores(replier, eval_path, tokenizer, limit)
     metrics = (
         _loss(stage, model, tokenizer, eval_path, limit, seq_len, images_dir)
         | {"eval/reasoning_format": result["format"]}
@@ -173,14 +174,14 @@ STAGES = _table(
     # black-box distillation: SFT on the teacher's traces
     Stage("reason", "reason", registered_name="minimind-reason", previous="minimind-dpo", config_class=DistillConfig,
           demo_file="reason", demo_steps_per_epoch=130, loop=train_loop_per_worker, evaluate=evaluate_reasoning,
-          keeps_answers=True, reasons=True),
+          keeps_answers=True),
     # white-box distillation: the teacher's soft labels (registers as the reasoning model too)
     KDStage("kd", "sft", registered_name="minimind-reason", previous="minimind-dpo", config_class=DistillConfig,
-            demo_file="reason", loop=train_loop_per_worker, evaluate=evaluate_reasoning, reasons=True),
+            demo_file="reason", loop=train_loop_per_worker, evaluate=evaluate_reasoning),
     # rewards: prompts of the reasoning kind, rolled out, scored and learned from by its own loop
     Stage("grpo", "reason", registered_name="minimind-grpo", previous="minimind-reason", config_class=GRPOConfig,
           demo_file="reason", loop=grpo_loop_per_worker, evaluate=evaluate_reasoning, check=check_grpo_flags,
-          keeps_answers=True, reasons=True),
+          keeps_answers=True),
     # MiniMind-V: the projection alone trains, then the projection and the language model (--train-llm)
     VLMStage("vlm_pretrain", "vlm", registered_name="minimind-vlm-pretrain", previous="minimind-sft", config_class=VLMConfig,
              demo_file="vlm_pretrain", demo_steps_per_epoch=138, loop=train_loop_per_worker, evaluate=evaluate_pictures,

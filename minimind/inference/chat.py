@@ -12,7 +12,6 @@ A `models:/` URI or a LoRA adapter folder is resolved to a model folder by minim
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -88,11 +87,6 @@ class Chat:
         if self.takes_images:
             return prompt_ids(self.model, self.tokenizer, messages, tools, thinking)
         return chat_prompt_ids(self.tokenizer, messages, tools, thinking)
-
-    @cached_property
-    def reply_opening(self) -> str:
-        """The part of every reply its prompt writes (see `reply_opening`)."""
-        return reply_opening(self.tokenizer)
 
     def pixel_values(self, images: list[Image.Image]) -> torch.Tensor | None:
         """The tower's input for a prompt's pictures, in the order of its image markers (None: no picture)."""

@@ -289,13 +289,10 @@ def train_tokenizer(
     )
 
 
-def open_thinking(tokenizer) -> None:
-    """Make prompts open a think block (in templates that have one: minimind-3's `open_thinking`; MiniMind2's
-    ignores it). Stored in the tokenizer's config, so the model folder of a reasoning stage carries it."""
-    tokenizer.init_kwargs["open_thinking"] = True
-
-
 def opens_thinking(tokenizer) -> bool:
+    """Whether prompts open a think block by default: `"open_thinking": true` in a tokenizer's config. Without
+    it they write an empty one (minimind-3's default: thinking is asked for, per prompt); MiniMind2's template
+    ignores it."""
     return bool((getattr(tokenizer, "init_kwargs", None) or {}).get("open_thinking"))
 
 

@@ -303,7 +303,7 @@ class ChatModel:
 
     async def chat(self, request: ChatRequest) -> AsyncIterator[dict]:
         forced = request.forced_call()  # a call the client requires: written into the prompt, after no reasoning
-        thinking = False if forced else None
+        thinking = False if forced else request.thinking
         prompt = self.loaded.prompt_ids(request.messages, request.prompt_tools(), thinking)
         if forced:
             prompt += self.tokenizer.encode(forced, add_special_tokens=False)
@@ -336,7 +336,7 @@ class ChatModel:
         if request.images:  # an unreadable image fails this request only, with a 400
             pixel_values = await asyncio.get_running_loop().run_in_executor(self.image_decoder, self.pixel_values, request.images)
         yield {"type": "start", "prompt_tokens": len(prompt)}
-        opening = (reply_opening(self.tokenizer, thinking=False) if forced else self.loaded.reply_opening) + forced
+        opening = reply_opening(self.tokenizer, thinking) + forced
         tokens, released, finish = [], Released(self.markers, opening, tools=request.prompt_tools() is not None), "length"
         stream = self.engine.stream(prompt, sampling, pixel_values)
         try:

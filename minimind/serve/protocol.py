@@ -71,6 +71,7 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
     tools: list[dict] | None = None  # functions, in OpenAI's shape
+    thinking: bool | None = None  # chat_template_kwargs' enable_thinking/open_thinking; None: the model's default
     tool_choice: str = "auto"  # "auto", "none", "required", or the name of the one function to call
 
     def prompt_tools(self) -> list[dict] | None:
@@ -305,7 +306,23 @@ def parse_chat_request(body, models: dict[str, bool], limits: Limits, image_mark
         include_usage=bool((options or {}).get("include_usage")),
         tools=tools,
         tool_choice=tool_choice,
+        thinking=_thinking(body),
     )
+
+
+def _thinking(body: dict) -> bool | None:
+    """`chat_template_kwargs: {"enable_thinking": true}` (vLLM's and Qwen3's name; minimind-3's `open_thinking`
+    too): whether the prompt opens a think block, in templates that have one."""
+    options = body.get("chat_template_kwargs")
+    if options is None:
+        return None
+    if not isinstance(options, dict) or set(options) - {"enable_thinking", "open_thinking"}:
+        raise APIError(400, "'chat_template_kwargs' takes only enable_thinking (or open_thinking), a boolean",
+                       param="chat_template_kwargs")
+    values = set(options.values())
+    if not values <= {True, False} or len(values) > 1 or any(not isinstance(v, bool) for v in options.values()):
+        raise APIError(400, "'chat_template_kwargs' enable_thinking must be one boolean", param="chat_template_kwargs")
+    return values.pop() if values else None
 
 
 def _tools(body: dict) -> tuple[list[dict] | None, str]:

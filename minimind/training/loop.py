@@ -29,7 +29,7 @@ from minimind.data.rows import LengthGroupedBatches, StageData, collate
 from minimind.data.shards import PreparedRows
 from minimind.model.lora import LoRAConfig, add_lora, load_adapter, parse_targets, save_adapter
 from minimind.model.model import unwrap
-from minimind.model.tokenizer import load_tokenizer, open_thinking
+from minimind.model.tokenizer import load_tokenizer
 from minimind.storage import fetch
 from minimind.training.configs import TrainConfig
 from minimind.training.flops import peak_flops
@@ -227,10 +227,7 @@ def start_worker(job: StageJob) -> Worker:
     random.seed(job.config.seed + rank)
     torch.manual_seed(job.config.seed + rank)
     job.fetch_inputs()
-    tokenizer = load_tokenizer(job.init_dir)
-    if job.stage.reasons:  # the model writes a think block first: the prompts its folder builds open one
-        open_thinking(tokenizer)
-    return Worker(rank, world, get_device(), tokenizer)
+    return Worker(rank, world, get_device(), load_tokenizer(job.init_dir))
 
 
 def optimiser_step(optimizer, params: list, grad_clip: float) -> torch.Tensor:

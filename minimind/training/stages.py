@@ -32,7 +32,6 @@ class Stage:
     evaluate: Callable  # (stage, model, tokenizer, eval_path, limit, seq_len, ...) -> (metrics, samples)
     check: Callable | None = None  # refuses settings that cannot work, before anything runs
     keeps_answers: bool = False  # also scored on the SFT answers it must not forget
-    reasons: bool = False  # its model writes a think block first: its prompts open one (minimind-3's template)
     demo_steps_per_epoch: int = 0  # optimiser steps in an epoch of the demo file at the settings' default batch size
 
     normalised_over = "supervised tokens"  # what `loss` is a mean over (`loss_count` counts them in a batch)
