@@ -7,7 +7,7 @@ import pytest
 
 from minimind.data.rows import DataFormatError, StageData, encode_conversations, iter_jsonl, stage_rows, validate_record
 from minimind.data.tools import CallNotParsed, parse_calls
-from minimind.model.tokenizer import train_tokenizer
+from minimind.model.tokenizer import TOOLS_CALL_FORM, TOOLS_PREAMBLE, train_tokenizer
 
 TOOLS = [{"type": "function", "function": {"name": "add", "description": "两个整数相加",
                                            "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}}}}]
@@ -17,7 +17,8 @@ CALL = {"role": "assistant", "content": None,
 RESULT = {"role": "tool", "tool_call_id": "call_7", "content": "5555"}
 ANSWER = {"role": "assistant", "content": "等于 5555。"}
 CALL_TEXT = '<tool_call>\n{"name": "add", "arguments": {"a": 1234, "b": 4321}}\n</tool_call>'
-TEXTS = ["1234 加 4321 等于几？等于 5555。", "两个整数相加", "hello tools"]
+# the tools' prompt among the texts the tokenizer learns from, so it takes few tokens (and the memorising, seconds)
+TEXTS = ["1234 加 4321 等于几？等于 5555。", "两个整数相加", "hello tools", TOOLS_PREAMBLE + json.dumps(TOOLS) + TOOLS_CALL_FORM]
 
 
 @pytest.fixture(scope="module", params=["minimind2", "minimind-3"])
