@@ -297,7 +297,8 @@ def test_a_registered_version_answers_through_mlflows_own_tools(tmp_path, byte_t
     )[0]
     assert replies == [byte_tokenizer.decode(expected, skip_special_tokens=True)]
     signature = mlflow.models.get_model_info(uri).signature
-    assert signature.inputs.input_names() == ["messages"] and "max_tokens" in [param.name for param in signature.params.params]
+    assert signature.inputs.input_names() == ["messages", "tools"] and not signature.inputs.inputs[1].required  # tools: optional
+    assert "max_tokens" in [param.name for param in signature.params.params]
     assert (tracking.resolve_model(uri, tmp_path / "resolved") / "model.safetensors").is_file()  # the stages' own view
 
     port = _free_port()
