@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 from conftest import memorized_model
-from conftest import mlflow_client as client
 
 from minimind.data.rows import StageData, encode_conversations, stage_rows, validate_record
 from minimind.driver.evaluate import reasoning_scores, text_replier
@@ -134,16 +133,22 @@ def _saved(tokenizer, folder):
     return folder
 
 
-def test_a_reasoning_stage_trains_a_minimind3_model_from_its_preset(mlflow_store, tmp_path):
-    """`--preset minimind-3` with a minimind-3 tokenizer builds the model (narrowed here), and the reasoning
-    stage trains it on the demo's MiniMind2-format traces, written in minimind-3's template."""
+def test_a_reasoning_stage_trains_a_minimind3_model_from_its_preset(ray_cluster, tmp_path):
+    """`--preset minimind-3` with a minimind-3 tokenizer builds the model (narrowed here); the reasoning stage's
+    rows, loop and evaluation take it, on the demo's MiniMind2-format traces written in minimind-3's template.
+    (In-process Ray Train: the stage jobs' registration is the pipeline test's.)"""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from minimind.data.prepare import prepare
     from minimind.demo import demo_data, demo_texts
     from minimind.driver.inputs import starting_model
-    from minimind.driver.runner import run_stage
-    from minimind.driver.stages import STAGES
+    from minimind.driver.stages import STAGES, evaluate_reasoning
     from minimind.training.configs import DistillConfig, PretrainConfig
+    from minimind.training.loop import StageJob, train_loop_per_worker
 
-    tokenizer_dir = _saved(train_tokenizer(demo_texts(demo_data(0)), vocab_size=2048, split_han=True, split_digits=True,
+    paths = demo_data(0)
+    tokenizer_dir = _saved(train_tokenizer(demo_texts(paths), vocab_size=2048, split_han=True, split_digits=True,
                                            style="minimind-3"), tmp_path / "tokenizer")
     narrow = "hidden_size=64,intermediate_size=192,num_hidden_layers=2,attention_head_dim=16"
     pretrain = PretrainConfig(preset="minimind-3", tokenizer=str(tokenizer_dir), config_overrides=narrow)
@@ -153,12 +158,20 @@ def test_a_reasoning_stage_trains_a_minimind3_model_from_its_preset(mlflow_store
     assert (config.qk_norm, config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (True, 8, 4, 16)
     assert (config.rope_theta, config.bos_token_id, config.eos_token_id, config.pad_token_id) == (1e6, 1, 2, 0)
 
-    result = run_stage(DistillConfig(init=str(init_dir), max_steps=4, checkpoint_every=4, log_every=2, eval_limit=4,
-                                     batch_size=4, seq_len=256), "reason")
-    assert Markers.of(load_tokenizer(result.model_dir)) == MINIMIND3_MARKERS
-    assert load_model(result.model_dir).config.qk_norm
-    run = client().get_run(client().get_model_version("minimind-reason", result.model_uri.rsplit("/", 1)[1]).run_id)
-    assert {"eval/reasoning_format", "eval/reasoning_accuracy"} <= run.data.metrics.keys()
+    tokenizer = load_tokenizer(init_dir)
+    source = tmp_path / "reason.jsonl"
+    source.write_text("".join(paths["reason"].read_text(encoding="utf-8").splitlines(keepends=True)[:40]), encoding="utf-8")
+    prepared = prepare(str(source), tokenizer, StageData("reason", seq_len=256), str(tmp_path / "prepared"))
+    assert prepared.manifest["tag_sequences"] == [[25], [26]]  # <think>, </think>: one token each, no answer tags
+    stage_config = DistillConfig(max_steps=2, batch_size=2, seq_len=256)
+    stage_config.cpus_per_worker, stage_config.checkpoint_every = 1, 100
+    job = StageJob(STAGES["reason"], stage_config, init_dir=str(init_dir), data_path=prepared.location)
+    in_process = ScalingConfig(num_workers=0)
+    result = TorchTrainer(train_loop_per_worker, train_loop_config={"job": job}, scaling_config=in_process).fit()
+    assert result.metrics["step"] == 2 and 0 < result.metrics["train/loss"] < 20
+    metrics, samples = evaluate_reasoning(STAGES["reason"], load_model(init_dir), tokenizer, paths["reason_eval"], 4, 256)
+    assert {"eval/reasoning_format", "eval/reasoning_accuracy", "eval/heldout_loss"} <= metrics.keys()
+    assert samples[0]["reply"].startswith("<think>\n")  # the reply, with the think block its prompt opened
 
 
 def test_minimind3s_t2t_files_load_ignoring_fields_no_stage_uses_and_name_the_line_of_a_bad_one(tokenizer3, tmp_path):

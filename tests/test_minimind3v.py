@@ -93,29 +93,15 @@ def test_the_first_last_rule_trains_only_the_first_and_last_blocks_of_the_langua
         vlm.train_language_model("last")
 
 
-def test_a_minimind3v_vlm_stage_trains_the_projector_and_the_end_blocks_only(mlflow_store, tmp_path):
-    """The VLM stage with minimind-3v's options: a minimind-3 language model (its <|image_pad|> placeholder),
-    a SigLIP tower, 4 pooled tokens per image, the MLP projector, the first-last rule."""
-    from minimind.demo import demo_data, demo_texts
+def test_an_image_token_count_the_patch_grid_cannot_pool_to_is_refused_before_training(mlflow_store, tmp_path):
+    """The stage with minimind-3v's options trains in tests/test_train_jobs.py (VLM stages)."""
     from minimind.driver.runner import run_stage
-    from minimind.model.checkpoint import load_model, save_model
-    from minimind.model.tokenizer import MINIMIND3_MARKERS, Markers, train_tokenizer
+    from minimind.model.checkpoint import save_model
+    from minimind.model.tokenizer import train_tokenizer
     from minimind.training.configs import VLMConfig
 
-    tokenizer = train_tokenizer(demo_texts(demo_data(0)), vocab_size=2048, split_han=True, split_digits=True, style="minimind-3")
-    assert Markers.of(tokenizer) == MINIMIND3_MARKERS
-    language_model = random_model(vocab_size=len(tokenizer), std=0.02, num_hidden_layers=3, qk_norm=True, attention_head_dim=16)
-    save_model(language_model, tmp_path / "llm", tokenizer=tokenizer)
-    siglip = siglip_folder(tmp_path / "siglip", image_size=64, patch_size=16)
-    config = VLMConfig(init=str(tmp_path / "llm"), vision_model=str(siglip),
-                       projector="mlp", image_tokens=4, train_llm="first-last", max_steps=3, checkpoint_every=3, log_every=1,
-                       eval_limit=4, batch_size=4, seq_len=256)
-    result = run_stage(config, "vlm_pretrain")
-    trained = load_vlm(result.model_dir)
-    assert (trained.projector, trained.image_tokens, type(trained.vision_tower).__name__) == ("mlp", 4, "SiglipVisionModel")
-    before, after = load_model(tmp_path / "llm").state_dict(), trained.language_model.state_dict()
-    changed = {name for name in before if not torch.equal(before[name], after[name])}
-    assert changed and {name.split(".")[2] for name in changed} == {"0", "2"}  # model.layers.<i>.: the end blocks only
-
+    tokenizer = train_tokenizer(["看图"] * 10, vocab_size=280)
+    save_model(random_model(vocab_size=len(tokenizer)), tmp_path / "llm", tokenizer=tokenizer)
+    config = VLMConfig(init=str(tmp_path / "llm"), vision_model=str(siglip_folder(tmp_path / "siglip")), image_tokens=5)
     with pytest.raises(SystemExit, match="--image-tokens: 5 image tokens"):
-        run_stage(VLMConfig(**{**config.__dict__, "image_tokens": 5}), "vlm_pretrain")
+        run_stage(config, "vlm_pretrain")

@@ -236,6 +236,8 @@ def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(mlflow_store, t
 
 
 def test_vlm_stages_train_what_each_should_and_never_the_vision_tower(mlflow_store, tmp_path):
+    """With minimind-3v's options (MiniMind-V's defaults run in the pipeline test): the MLP projector, the patch
+    grid pooled to 4 tokens, and in VLM SFT the language model's first and last blocks only."""
     from conftest import random_model
 
     from minimind.demo import demo_tokenizer, demo_vision_tower
@@ -244,15 +246,16 @@ def test_vlm_stages_train_what_each_should_and_never_the_vision_tower(mlflow_sto
     from minimind.model.vision import build_vlm, load_vlm
 
     tokenizer = load_tokenizer(demo_tokenizer())
-    save_model(random_model(vocab_size=len(tokenizer), std=0.02), tmp_path / "llm", tokenizer=tokenizer)
-    fresh, _ = build_vlm(tmp_path / "llm", demo_vision_tower(), seed=0)  # what the stage starts from
+    save_model(random_model(vocab_size=len(tokenizer), std=0.02, num_hidden_layers=3), tmp_path / "llm", tokenizer=tokenizer)
+    m3v = {"projector": "mlp", "image_tokens": 4}
+    fresh, _ = build_vlm(tmp_path / "llm", demo_vision_tower(), seed=0, **m3v)  # what the stage starts from
 
     def same(a, b):
         a, b = a.state_dict(), b.state_dict()
         return all(torch.equal(a[k], b[k]) for k in a)
 
     pretrain = run_stage(
-        VLMConfig(**{**QUICK, "init": str(tmp_path / "llm"), "storage_path": str(tmp_path / "ray")}), "vlm_pretrain"
+        VLMConfig(**{**QUICK, "init": str(tmp_path / "llm"), "storage_path": str(tmp_path / "ray"), **m3v}), "vlm_pretrain"
     )
     assert pretrain.model_uri == "models:/minimind-vlm-pretrain/1"
     checkpoints = list((tmp_path / "ray").glob("vlm_pretrain-*/checkpoint_*"))
@@ -271,14 +274,19 @@ def test_vlm_stages_train_what_each_should_and_never_the_vision_tower(mlflow_sto
     demo = demo_data(0)
     parquet = parquet_of(demo["vlm_sft"], demo["images"], tmp_path / "vlm_sft.parquet")
     sft = run_stage(  # default --init: the VLM registered just above
-        VLMSFTConfig(**QUICK, data=str(parquet), eval_data=str(demo["vlm_sft_eval"]), images=str(demo["images"])), "vlm_sft"
+        VLMSFTConfig(**QUICK, data=str(parquet), eval_data=str(demo["vlm_sft_eval"]), images=str(demo["images"]),
+                     train_llm="first-last"),
+        "vlm_sft",
     )
     run = client().get_run(client().get_model_version("minimind-vlm-sft", "1").run_id)
     assert run.data.tags["source.name"] == "minimind-vlm-pretrain"
     assert run.data.params["data"] == str(parquet)
     assert (Path(run.data.tags["data.prepared"]) / "shard-00000" / "image_bytes.npy").is_file()
     tuned = load_vlm(sft.model_dir)
-    assert not same(tuned.language_model, aligned.language_model) and not same(tuned.projection, aligned.projection)
+    assert (tuned.projector, tuned.image_tokens) == ("mlp", 4) and not same(tuned.projection, aligned.projection)
+    before, after = aligned.language_model.state_dict(), tuned.language_model.state_dict()
+    changed = {name.split(".")[2] for name in before if not torch.equal(before[name], after[name])}
+    assert changed == {"0", "2"}  # model.layers.<i>.: the first and last of 3 blocks, nothing else
     assert same(tuned.vision_tower, fresh.vision_tower)
     assert sft.after["eval/heldout_loss"] < sft.before["eval/heldout_loss"]
     assert "eval/image_question_accuracy" in sft.after and "eval_before/image_question_accuracy" in run.data.metrics

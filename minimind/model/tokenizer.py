@@ -114,8 +114,10 @@ class Markers:
         return [token_id] if token_id is not None else list(tokenizer(marker, add_special_tokens=False)["input_ids"])
 
     def tag_sequences(self, tokenizer) -> list[list[int]]:
-        """The token ids of <think>, </think>, <answer>, </answer> (one or more tokens each)."""
-        return [self.sequence(tokenizer, name) for name in ("think_start", "think_end", "answer_start", "answer_end")]
+        """The token ids of <think>, </think>, <answer>, </answer> (one or more tokens each; minimind-3 has no
+        answer tags)."""
+        names = ("think_start", "think_end", "answer_start", "answer_end")
+        return [self.sequence(tokenizer, name) for name in names if getattr(self, name)]
 
 
 SET_MARKERS = (
