@@ -17,7 +17,9 @@ from minimind.demo.images import IMAGE_SIZE, picture_descriptions, write_image_w
 from minimind.demo.world import write_text_world
 from minimind.model.tokenizer import train_tokenizer
 
-GENERATORS = ("world.py", "images.py")
+# what writes the demo folder's files: a change to any of them is a new folder (the tokenizer's module holds
+# the chat templates and special tokens the cached demo tokenizer is saved with)
+GENERATORS = ("world.py", "images.py", "../model/tokenizer.py")
 
 
 def _publish(folder: Path, write) -> None:
