@@ -538,9 +538,9 @@ def test_a_bad_image_fails_its_own_request_only_and_the_replica_applies_the_gate
         (413, "image_too_large"),
     ]
     assert "struct" not in events[0][0]["body"]["error"]["message"]  # Pillow's own words stay in the replica
-    assert all(e[0]["type"] == "start" and e[-1]["type"] == "end" and e[-1]["completion_tokens"] == 3 for e in events[2:]), (
-        events[2:]
-    )
+    # each good request is answered whole: sampled from a random model, a reply may end at its stop token early
+    assert all(e[0]["type"] == "start" and e[-1]["type"] == "end" and e[-1]["finish_reason"] in ("length", "stop")
+               and not any(event["type"] == "error" for event in e) for e in events[2:]), events[2:]
 
 
 def test_after_the_hostile_requests_a_normal_one_is_answered(server):
