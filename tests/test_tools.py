@@ -134,3 +134,18 @@ def test_minimind_chat_shows_a_call_asks_for_its_result_and_answers_with_it(tool
     printed = capsys.readouterr().out
     assert asked[1] == 'result of add({"a": 1234, "b": 4321})> '
     assert CALL_TEXT in printed and printed.rstrip().endswith(ANSWER["content"])
+
+
+@pytest.mark.parametrize("messages, error", [
+    ([QUESTION, RESULT], "is a tool result with no tool call before it"),
+    ([QUESTION, CALL, {**RESULT, "tool_call_id": "call_9"}],
+     "answers the tool call 'call_9', which the call before it does not make"),
+], ids=["result-without-call", "wrong-call-id"])
+def test_a_request_is_refused_the_stray_tool_results_a_record_is(messages, error):
+    from minimind.serve.protocol import APIError, Limits, parse_chat_request
+
+    with pytest.raises(APIError, match=error) as refused:
+        parse_chat_request({"model": "m", "messages": messages, "tools": TOOLS}, {"m": False}, Limits())
+    assert refused.value.status == 400
+    with pytest.raises(ValueError, match=error):
+        validate_record({"tools": TOOLS, "conversations": [*messages, ANSWER]}, "sft")

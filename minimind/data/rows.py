@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from minimind import storage
-from minimind.data.tools import check_calls, check_tools, tool_names
+from minimind.data.tools import check_calls, check_result, check_tools, tool_names
 from minimind.model.losses import IGNORE_INDEX
 from minimind.model.tokenizer import Markers
 
@@ -42,7 +42,7 @@ class DataFormatError(ValueError):
 # --------------------------------------------------------------------------- reading and validation
 
 
-def _check_message(message, index: int, name: str, names: set[str] | None, calls_before: list[dict]) -> dict:
+def _check_message(message, index: int, name: str, names: set[str] | None, before: list[dict]) -> dict:
     """One message, checked; returns the fields a stage uses (others, such as a name, are left out)."""
     where = f'"{name}"[{index}]'
     if not isinstance(message, dict):
@@ -61,24 +61,16 @@ def _check_message(message, index: int, name: str, names: set[str] | None, calls
     if calls:
         kept["tool_calls"] = check_calls(calls, where, names)
     if message["role"] == "tool":
-        if not calls_before:
-            raise ValueError(f"{where} is a tool result with no tool call before it")
-        call_id = message.get("tool_call_id")
-        if call_id is not None and call_id not in {call["id"] for call in calls_before}:
-            raise ValueError(f"{where} answers the tool call {call_id!r}, which the call before it does not make")
+        check_result(message, where, before)
     return kept
 
 
 def _check_messages(messages, name: str, tools: list[dict] | None = None) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise ValueError(f'"{name}" must be a non-empty list of messages')
-    kept, calls_before, names = [], [], tool_names(tools)
+    kept, names = [], tool_names(tools)
     for index, message in enumerate(messages):
-        kept.append(_check_message(message, index, name, names, calls_before))
-        if kept[-1]["role"] == "assistant":
-            calls_before = kept[-1].get("tool_calls", [])
-        elif kept[-1]["role"] != "tool":
-            calls_before = []
+        kept.append(_check_message(message, index, name, names, kept))
     if not any(message["role"] == "assistant" for message in kept):
         raise ValueError(f'"{name}" has no assistant reply to learn from')
     return kept

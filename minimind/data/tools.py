@@ -74,6 +74,18 @@ def check_calls(calls, where: str, names: set[str] | None) -> list[dict]:
     return checked
 
 
+def check_result(message: dict, where: str, before: list[dict]) -> None:
+    """A `tool` message after the (checked) messages `before`: it answers a call of the last assistant message,
+    with only tool results between them, and names one of its calls when it names one (`tool_call_id`)."""
+    previous = next((m for m in reversed(before) if m["role"] != "tool"), None)
+    calls = previous.get("tool_calls") if previous and previous["role"] == "assistant" else None
+    if not calls:
+        raise ValueError(f"{where} is a tool result with no tool call before it")
+    call_id = message.get("tool_call_id")
+    if call_id is not None and call_id not in {call["id"] for call in calls}:
+        raise ValueError(f"{where} answers the tool call {call_id!r}, which the call before it does not make")
+
+
 def parse_calls(text: str) -> tuple[str, list[dict]]:
     """(the reply's text before its first call, the calls it writes: {"name", "arguments": dict}). Raises
     CallNotParsed for a call block that is not a JSON object with a string name and object arguments, or

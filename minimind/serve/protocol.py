@@ -27,7 +27,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from minimind.data.images import ImageError, ImageOutOfShape, ImageTooLarge, UnknownImageFormat, load_image
-from minimind.data.tools import CALL_START, CallNotParsed, check_calls, check_tools, parse_calls, tool_names
+from minimind.data.tools import CALL_START, CallNotParsed, check_calls, check_result, check_tools, parse_calls, tool_names
 from minimind.serve.errors import APIError
 from minimind.serve.fetch import fetch_image
 
@@ -354,9 +354,7 @@ def _tool_fields(message: dict, where: str, tools: list[dict] | None, before: li
         if message["role"] == "assistant" and message.get("tool_calls") is not None:
             return {"tool_calls": check_calls(message["tool_calls"], where, tool_names(tools))}
         if message["role"] == "tool":
-            previous = next((m for m in reversed(before) if m["role"] != "tool"), None)
-            if not (previous and previous.get("tool_calls")):
-                raise ValueError(f"{where} is a tool result with no assistant tool call before it")
+            check_result(message, where, before)
     except ValueError as error:
         raise APIError(400, str(error), param=where) from None
     return {}
