@@ -446,7 +446,7 @@ def _hostile():
         "list-message": (dict(data=body(messages=[["user", "hi"]])), 400, "must be an object"),
         "null-content": (dict(data=body(messages=[{"role": "user", "content": None}])), 400, "content"),
         "string-part": (dict(data=body(messages=[{"role": "user", "content": ["hi"]}])), 400, "text or image_url part"),
-        "tool-without-call": (dict(data=body(messages=[{"role": "tool", "content": "hi"}])), 400, "no assistant tool call"),
+        "tool-without-call": (dict(data=body(messages=[{"role": "tool", "content": "hi"}])), 400, "no tool call before it"),
         "number-image-url": (
             dict(data=body("minimind-v", messages=[{"role": "user", "content": [{"type": "image_url", "image_url": 5}]}])),
             400,
