@@ -1,7 +1,7 @@
 """The whole pipeline on the embedded demo world: tokenizer -> pretrain -> SFT -> DPO -> reasoning
-distillation, then MiniMind-V's VLM pretrain -> VLM SFT (from the SFT model, as MiniMind-V does), each
-stage its own Ray Train run that registers its model for the next one, all grouped under one MLflow
-parent run. Ends with a table of every stage's held-out metrics before and after the stage, the same
+distillation -> tool calling, then MiniMind-V's VLM pretrain -> VLM SFT (from the SFT model, as MiniMind-V
+does), each stage its own Ray Train run that registers its model for the next one, all grouped under one
+MLflow parent run. Ends with a table of every stage's held-out metrics before and after the stage, the same
 held-out prompts answered after each text stage, and how the vision models describe unseen pictures
 (also logged to the parent run as tables and metrics).
 
@@ -29,7 +29,15 @@ from minimind.driver.clip_runner import ClipConfig, train_clip
 from minimind.driver.runner import run_stage
 from minimind.driver.showcase import TEXT_STAGES, describe_pictures, stage_answers
 from minimind.driver.stages import STAGES as STAGE_TABLE
-from minimind.training.configs import DistillConfig, DPOConfig, PretrainConfig, SFTConfig, VLMConfig, VLMSFTConfig
+from minimind.training.configs import (
+    DistillConfig,
+    DPOConfig,
+    PretrainConfig,
+    SFTConfig,
+    ToolsConfig,
+    VLMConfig,
+    VLMSFTConfig,
+)
 
 STAGES = [  # (stage, its settings, the stage whose registered version it starts from)
     ("pretrain", PretrainConfig(epochs=10, lr=3e-3), None),
@@ -39,6 +47,8 @@ STAGES = [  # (stage, its settings, the stage whose registered version it starts
     # column addition appears suddenly, between steps 600 and 800 of a 6-epoch run (bench/stage_curve.py), and later on
     # another machine's rounding: 9 epochs leave a margin; a lower lr keeps the facts (1e-3 lost a third of the never-asked)
     ("reason", DistillConfig(epochs=9, lr=5e-4), "dpo"),
+    # tool calling, from the reasoning model: 3 epochs left half the sums' calls wrong, 8 got every forecast right (seed 0)
+    ("tools", ToolsConfig(epochs=8), "reason"),
     ("clip", ClipConfig(), None),  # the frozen vision tower, pretrained contrastively on the training pictures (cached per seed)
     ("vlm_pretrain", VLMConfig(epochs=4), "sft"),  # from the SFT model, with the clip stage's tower
     ("vlm_sft", VLMSFTConfig(epochs=2), "vlm_pretrain"),

@@ -36,3 +36,12 @@ def test_demo_tokenizer_knows_every_word_of_the_demo_and_pretraining_describes_p
     pretraining = {json.loads(line)["text"] for line in paths["pretrain"].read_text(encoding="utf-8").splitlines()}
     assert set(descriptions) <= pretraining
     assert not set(descriptions) & {caption(scene) for scene in eval_scenes().values()}  # no held-out picture is described
+
+    # the template's tool text is in the vocabulary too: every tool conversation fits the tools stage's rows, whole
+    from minimind.data.rows import iter_jsonl
+    from minimind.training.configs import ToolsConfig
+
+    lengths = [len(tokenizer.apply_chat_template(record["conversations"], tools=record.get("tools"), tokenize=True,
+                                                 return_dict=False))
+               for split in ("tools", "tools_eval") for _, record in iter_jsonl(paths[split], "sft")]
+    assert len(lengths) == 2124 and max(lengths) <= ToolsConfig.seq_len, max(lengths)

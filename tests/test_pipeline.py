@@ -26,13 +26,16 @@ def test_pipeline_runs_every_stage_and_each_improves_its_heldout_metric(home, ca
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
     results = pipeline.main(["--scale", "0.03", "--eval-limit", "8", "--report", str(home / "docs" / "results.md")])
     by_stage = {result.stage: result for result in results}
-    assert list(by_stage) == ["pretrain", "sft", "dpo", "reason", "clip", "vlm_pretrain", "vlm_sft"]
+    assert list(by_stage) == ["pretrain", "sft", "dpo", "reason", "tools", "clip", "vlm_pretrain", "vlm_sft"]
     assert [result.model_uri for result in results] == [
         "models:/minimind-pretrain/1", "models:/minimind-sft/1", "models:/minimind-dpo/1", "models:/minimind-reason/1",
-        "models:/minimind-clip-demo/1", "models:/minimind-vlm-pretrain/1", "models:/minimind-vlm-sft/1",
+        "models:/minimind-tools/1", "models:/minimind-clip-demo/1", "models:/minimind-vlm-pretrain/1",
+        "models:/minimind-vlm-sft/1",
     ]
-    for stage in ("pretrain", "sft", "reason", "vlm_pretrain", "vlm_sft"):
+    for stage in ("pretrain", "sft", "reason", "tools", "vlm_pretrain", "vlm_sft"):
         assert by_stage[stage].after["eval/heldout_loss"] < by_stage[stage].before["eval/heldout_loss"], stage
+    tools = by_stage["tools"].after  # every figure of the tool-use table is measured (a few steps teach no calls yet)
+    assert all(0.0 <= tools[f"eval/{key}"] <= 1.0 for key in ("tool_call_accuracy", "no_call_accuracy", "tool_answer_accuracy"))
     dpo = by_stage["dpo"]
     assert dpo.before["eval/rewards_margin"] == 0.0  # the policy starts as its own reference
     assert dpo.after["eval/rewards_margin"] > 0.0  # the chosen replies gained on the rejected ones (6 steps at lr 3e-5: no more)
@@ -42,6 +45,7 @@ def test_pipeline_runs_every_stage_and_each_improves_its_heldout_metric(home, ca
     for stage in by_stage:
         assert f"\n{stage} " in printed  # rows of the summary table per stage
     assert "answer_exact_match/held_out_phrasing" in printed and "reasoning_accuracy/addition" in printed
+    assert "tool_call_accuracy" in printed
     assert "the issue's targets, every seed (0):\n| held-out, every seed | seed 0 | mean |" in printed
 
     # The report, written from this run: the targets with seed 0's figures, every stage, the machine, the command.

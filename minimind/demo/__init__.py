@@ -8,18 +8,21 @@ and a hash of the generator's source, so a changed generator never serves stale 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
 
 from minimind.data.rows import iter_jsonl
+from minimind.data.tools import CALL_END, CALL_START
 from minimind.demo.images import IMAGE_SIZE, picture_descriptions, write_image_world
-from minimind.demo.world import write_text_world
-from minimind.model.tokenizer import train_tokenizer
+from minimind.demo.tool_world import tool_rows
+from minimind.demo.world import build_world, write_jsonl, write_text_world
+from minimind.model.tokenizer import TOOLS_CALL_FORM, TOOLS_PREAMBLE, train_tokenizer
 
 # what writes the demo folder's files: a change to any of them is a new folder (the tokenizer's module holds
 # the chat templates and special tokens the cached demo tokenizer is saved with)
-GENERATORS = ("world.py", "images.py", "../model/tokenizer.py")
+GENERATORS = ("world.py", "images.py", "tool_world.py", "tools.py", "tools.json", "../model/tokenizer.py")
 
 
 def _publish(folder: Path, write) -> None:
@@ -42,18 +45,20 @@ def _generator_hash() -> str:
 
 
 def demo_data(seed: int = 0, root: str | Path | None = None) -> dict[str, Path]:
-    """Absolute paths of the demo files: pretrain, sft, dpo, reason, vlm_pretrain, vlm_sft (each with
-    an `_eval` twin) and `images`."""
+    """Absolute paths of the demo files: pretrain, sft, dpo, reason, tools, vlm_pretrain, vlm_sft (each
+    with an `_eval` twin) and `images`."""
     root = Path(root or os.environ.get("MINIMIND_DEMO_DIR", Path.home() / ".cache" / "minimind" / "demo"))
     folder = (root / f"seed{seed}-{_generator_hash()}").resolve()
     if not (folder / ".complete").exists():
         def write(partial: Path) -> None:
             write_text_world(partial, seed=seed, other_pretraining=picture_descriptions(seed))
+            for split, rows in zip(("tools", "tools_eval"), tool_rows(build_world(seed))):
+                write_jsonl(partial / f"{split}.jsonl", rows)
             write_image_world(partial, seed=seed)
             (partial / ".complete").touch()
 
         _publish(folder, write)
-    names = ["pretrain", "sft", "dpo", "reason", "vlm_pretrain", "vlm_sft"]
+    names = ["pretrain", "sft", "dpo", "reason", "tools", "vlm_pretrain", "vlm_sft"]
     paths = {name: folder / f"{name}.jsonl" for name in names}
     paths.update({f"{name}_eval": folder / f"{name}_eval.jsonl" for name in names})
     paths["images"] = folder / "images"
@@ -64,12 +69,23 @@ DEMO_VOCAB_SIZE = 2048
 
 
 def demo_texts(paths: dict[str, Path]):
-    """Every text of the demo's training files: the pretraining corpus and each message of the chat files."""
+    """Every text of the demo's training files: the pretraining corpus and each message of the chat files,
+    with what the chat template writes of tools (their list and its instructions, each call), so that a
+    prompt listing the demo's tools takes a few hundred tokens, not a thousand characters."""
     yield from (record["text"] for _, record in iter_jsonl(paths["pretrain"], "pretrain"))
-    for name, kind in (("sft", "sft"), ("dpo", "dpo"), ("reason", "reason"), ("vlm_pretrain", "vlm"), ("vlm_sft", "vlm")):
+    chat_files = (("sft", "sft"), ("dpo", "dpo"), ("reason", "reason"), ("tools", "sft"), ("vlm_pretrain", "vlm"),
+                  ("vlm_sft", "vlm"))
+    for name, kind in chat_files:
         for _, record in iter_jsonl(paths[name], kind):
+            if record.get("tools"):
+                yield TOOLS_PREAMBLE + "".join("\n" + json.dumps(tool, ensure_ascii=False) for tool in record["tools"])
+                yield TOOLS_CALL_FORM
             for key in ("conversations", "chosen", "rejected"):
-                yield from (message["content"] for message in record.get(key, ()))
+                for message in record.get(key, ()):
+                    content = message["content"]
+                    yield f"<tool_response>\n{content}\n</tool_response>" if message["role"] == "tool" else content
+                    for call in message.get("tool_calls", ()):
+                        yield f"{CALL_START}\n{json.dumps(call['function'], ensure_ascii=False)}\n{CALL_END}"
 
 
 def demo_tokenizer(seed: int = 0, root: str | Path | None = None, style: str = "minimind2") -> Path:

@@ -5,6 +5,7 @@
     sft       answer_exact_match    greedy reply == reference reply
     dpo       preference_accuracy   chosen reply more likely than rejected (reward = policy - reference)
     reason    reasoning_scores      reply has the <think>/<answer> form; answer == reference answer
+    tools     tool_use_scores       the right call when a tool is needed, none when not; the answer from its result
     vlm       image_question_accuracy  reply about the image(s) == reference reply
 """
 
@@ -18,6 +19,7 @@ import torch
 
 from minimind.data.images import load_image
 from minimind.data.rows import StageData, collate, iter_jsonl
+from minimind.data.tools import CALL_START, CallNotParsed, parse_calls
 from minimind.inference.chat import Chat, reply_opening
 from minimind.inference.generate import generate
 from minimind.model.losses import sequence_logprobs
@@ -29,11 +31,12 @@ Replier = Callable[[Sequence[list[dict]]], list[str]]
 
 
 def text_replier(model, tokenizer, max_new_tokens: int = 64, batch_size: int = 128, whole_reply: bool = False,
-                 thinking: bool | None = None) -> Replier:
+                 thinking: bool | None = None, tools: list[dict] | None = None) -> Replier:
     """Greedy replies of a text model to conversations (each ending with a user turn). Batches of 128: a small
     model's decoding step costs about the same for 32 rows as for 128 (the demo's 200 held-out SFT questions: 2.6x faster).
     `whole_reply`: each reply starts with what its prompt wrote of it (minimind-3's think block). `thinking`: the
-    prompts open a think block (templates that have one; default: the tokenizer's `open_thinking`)."""
+    prompts open a think block (templates that have one; default: the tokenizer's `open_thinking`). `tools`: listed
+    in every prompt."""
 
     chat = Chat(model, tokenizer)
     opening = reply_opening(tokenizer, thinking) if whole_reply else ""
@@ -42,7 +45,7 @@ def text_replier(model, tokenizer, max_new_tokens: int = 64, batch_size: int = 1
         replies = []
         for start in range(0, len(conversations), batch_size):
             chunk = conversations[start : start + batch_size]
-            prompts = [chat.prompt_ids(conversation, thinking=thinking) for conversation in chunk]
+            prompts = [chat.prompt_ids(conversation, tools, thinking) for conversation in chunk]
             outputs = generate(model, prompts, chat.sampling(max_new_tokens=max_new_tokens))
             replies += [opening + tokenizer.decode(tokens, skip_special_tokens=False) for tokens in outputs]
         return replies
@@ -115,6 +118,52 @@ def reasoning_scores(replier: Replier, path: str | Path, tokenizer, limit: int |
     count = max(len(replies), 1)
     return {"format": sum(bool(m) for m in well_formed) / count, "accuracy": sum(correct) / count,
             "by_task": by_task(correct, record_tasks(path, limit)), "samples": list(zip(prompts[:5], replies[:5]))}
+
+
+def tool_use_scores(model, tokenizer, path: str | Path, limit: int | None = None) -> dict:
+    """Tool use on held-out records in OpenAI's message shape, each listing its tools and naming its "task":
+    "call" records (a question, the assistant's call, the tool's result, the answer) score `call` (the reply to
+    the question makes exactly the call of the record: the right tool, arguments that parse and are right) and
+    `answer` (given the result, the reply is the record's answer); "no_call" records score `no_call` (the reply
+    to the question calls no tool)."""
+    records = [record for _, record in iter_jsonl(path, "sft")][:limit]
+    tasks = record_tasks(path, limit)
+    queries = []  # (family, conversation to reply to, its tools, reference: calls or text)
+    for record, task in zip(records, tasks):
+        conversation, tools = record["conversations"], record.get("tools")
+        if task == "call":
+            at = next(i for i, message in enumerate(conversation) if message.get("tool_calls"))
+            calls = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+                     for c in conversation[at]["tool_calls"]]
+            queries.append(("call", conversation[:at], tools, calls))
+            queries.append(("answer", conversation[:-1], tools, conversation[-1]["content"]))
+        elif task == "no_call":
+            queries.append(("no_call", conversation[:-1], tools, None))
+    by_tools: dict[str, list[int]] = {}  # one replier per list of tools (as written: the prompt lists them so)
+    for index, (_, _, tools, _) in enumerate(queries):
+        by_tools.setdefault(json.dumps(tools), []).append(index)
+    replies: list[str] = [""] * len(queries)
+    for indices in by_tools.values():
+        replier = text_replier(model, tokenizer, tools=queries[indices[0]][2])
+        for index, reply in zip(indices, replier([queries[i][1] for i in indices])):
+            replies[index] = reply
+
+    def hit(family: str, reply: str, reference) -> bool:
+        if family == "no_call":
+            return CALL_START not in reply
+        if family == "answer":
+            return reply.strip() == reference.strip()
+        try:
+            return parse_calls(reply)[1] == reference
+        except CallNotParsed:
+            return False
+
+    scores = {}
+    for family in ("call", "answer", "no_call"):
+        hits = [hit(f, reply, reference) for (f, _, _, reference), reply in zip(queries, replies) if f == family]
+        scores[family] = sum(hits) / len(hits) if hits else float("nan")
+    scores["samples"] = [(conversation, reply) for (_, conversation, _, _), reply in zip(queries[:6], replies)]
+    return scores
 
 
 def image_question_accuracy(replier: Callable[[Sequence[tuple[list[dict], list[Path]]]], list[str]], path: str | Path,

@@ -13,6 +13,7 @@ from minimind.driver.evaluate import (
     preference_wins,
     reasoning_scores,
     text_replier,
+    tool_use_scores,
     vlm_replier,
 )
 from minimind.model.vision import PROJECTORS
@@ -24,6 +25,7 @@ from minimind.training.configs import (
     GRPOConfig,
     PretrainConfig,
     SFTConfig,
+    ToolsConfig,
     TrainConfig,
     VLMConfig,
     VLMSFTConfig,
@@ -96,6 +98,19 @@ def evaluate_reasoning(stage, model, tokenizer, eval_path, limit, seq_len, refer
         | _kept_answers(model, tokenizer, answer_path, limit)
     )
     return metrics, _text_samples(result)
+
+
+def evaluate_tool_use(stage, model, tokenizer, eval_path, limit, seq_len, reference=None, images_dir=None, answer_path=None):
+    """Tool calling: the call when a tool is needed, none when not, the answer from a tool's result, and the SFT
+    answers it must keep."""
+    result = tool_use_scores(model, tokenizer, eval_path, limit)
+    metrics = _loss(stage, model, tokenizer, eval_path, limit, seq_len, images_dir) | {
+        "eval/tool_call_accuracy": result["call"],
+        "eval/no_call_accuracy": result["no_call"],
+        "eval/tool_answer_accuracy": result["answer"],
+    }
+    samples = [{"prompt": conversation[-1]["content"], "reply": reply} for conversation, reply in result["samples"]]
+    return metrics | _kept_answers(model, tokenizer, answer_path, limit), samples
 
 
 def evaluate_pictures(stage, model, tokenizer, eval_path, limit, seq_len, reference=None, images_dir=None, answer_path=None):
@@ -174,6 +189,10 @@ STAGES = _table(
     # black-box distillation: SFT on the teacher's traces
     Stage("reason", "reason", registered_name="minimind-reason", previous="minimind-dpo", config_class=DistillConfig,
           demo_file="reason", demo_steps_per_epoch=130, loop=train_loop_per_worker, evaluate=evaluate_reasoning,
+          keeps_answers=True),
+    # tool calling: SFT on chats that call the demo's tools (and questions that need none), from the reasoning model
+    Stage("tools", "sft", registered_name="minimind-tools", previous="minimind-reason", config_class=ToolsConfig,
+          demo_file="tools", demo_steps_per_epoch=108, loop=train_loop_per_worker, evaluate=evaluate_tool_use,
           keeps_answers=True),
     # white-box distillation: the teacher's soft labels (registers as the reasoning model too)
     KDStage("kd", "sft", registered_name="minimind-reason", previous="minimind-dpo", config_class=DistillConfig,
