@@ -101,7 +101,8 @@ TARGETS = [  # issue 29: held-out figures, every seed
         0.05,
     ),
     # issue 32: tool use, from the reasoning model
-    Target("tools: the right call when a tool is needed (unseen numbers, days)", after("tools", "eval/tool_call_accuracy"), ">=", 0.9),
+    Target("tools: the right call when a tool is needed (unseen numbers, days)", after("tools", "eval/tool_call_accuracy"),
+           ">=", 0.9),
     Target("tools: no call when none is needed", after("tools", "eval/no_call_accuracy"), ">=", 0.9),
     Target("tools: the answer from the tool's result", after("tools", "eval/tool_answer_accuracy")),
     Target("tools drop of SFT answers", drop_since("sft", "tools", ANSWERS)),
