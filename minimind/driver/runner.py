@@ -346,4 +346,7 @@ def _log_curve(run_id: str) -> None:
 def main(stage_name: str, argv=None, description: str | None = None) -> StageResult:
     """A stage job from the command line: its settings class's flags, then `run_stage`."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    return run_stage(parse_config(STAGES[stage_name].config_class, argv, description), stage_name)
+    config = parse_config(STAGES[stage_name].config_class, argv, description)
+    if getattr(config, "tools", None) and f"{stage_name}_tools" in STAGES:  # GRPO with tools: its data, scores and model
+        stage_name = f"{stage_name}_tools"
+    return run_stage(config, stage_name)

@@ -142,6 +142,9 @@ def check_grpo_flags(config) -> None:
             "the model reward and --reward-model go together: name the model whose score is the reward, and "
             f"give it a weight in --rewards (e.g. {config.rewards},model=1)"
         )
+    if config.tools not in (None, "demo"):
+        raise SystemExit(f"--tools: only `demo` (the demo world's add and weather, minimind/demo/tools.py) runs in "
+                         f"rollouts, not {config.tools!r}")
     if config.group_size < 2:
         raise SystemExit(
             f"--group-size must be at least 2 (advantages compare the completions of a prompt), not {config.group_size}"
@@ -200,6 +203,10 @@ STAGES = _table(
     # rewards: prompts of the reasoning kind, rolled out, scored and learned from by its own loop
     Stage("grpo", "reason", registered_name="minimind-grpo", previous="minimind-reason", config_class=GRPOConfig,
           demo_file="reason", loop=grpo_loop_per_worker, evaluate=evaluate_reasoning, check=check_grpo_flags,
+          keeps_answers=True),
+    # agentic RL (`jobs/grpo.py --tools demo`): the tools run between a rollout's turns; the call and the reply rewarded
+    Stage("grpo_tools", "sft", registered_name="minimind-grpo-tools", previous="minimind-tools", config_class=GRPOConfig,
+          demo_file="tools", loop=grpo_loop_per_worker, evaluate=evaluate_tool_use, check=check_grpo_flags,
           keeps_answers=True),
     # MiniMind-V: the projection alone trains, then the projection and the language model (--train-llm)
     VLMStage("vlm_pretrain", "vlm", registered_name="minimind-vlm-pretrain", previous="minimind-sft", config_class=VLMConfig,

@@ -40,6 +40,7 @@ from minimind.model.tokenizer import Markers
 from minimind.rl.losses import group_advantages, policy_loss
 from minimind.rl.rewards import MODEL_REWARD, Completion, parse_weights, reasoning_parts, score
 from minimind.rl.rollout import RolloutWorker, unique_tensors
+from minimind.rl.tool_turns import ToolTurns, tool_results
 from minimind.training.flops import peak_flops
 from minimind.training.loop import (
     MetricLogger,
@@ -65,6 +66,7 @@ class Prompt:
     ids: list[int]
     reference: str | None  # the record's last reply, decoded, with its opening
     opening: str = ""  # what the prompt wrote of the reply (minimind-3's opened think block), for the rewards
+    turns: tuple[str, ...] = ()  # tool use: the reference's turns after the prompt (the call, the answer from its result)
 
 
 def training_prompts(rows, tokenizer, markers: Markers, keep_all: bool) -> list[Prompt]:
@@ -89,6 +91,38 @@ def training_prompts(rows, tokenizer, markers: Markers, keep_all: bool) -> list[
     return prompts
 
 
+def labelled_runs(labels) -> list[tuple[int, int]]:
+    """(start, end) of each run of labelled tokens in a row: the replies a chat row trains on."""
+    runs, start = [], None
+    for i, label in enumerate(list(labels) + [IGNORE_INDEX]):
+        if label != IGNORE_INDEX and start is None:
+            start = i
+        elif label == IGNORE_INDEX and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+def tool_prompts(rows, tokenizer) -> list[Prompt]:
+    """Tool use (`--tools`): every chat row's first user turn (with the tools its record lists) as the prompt,
+    and the assistant turns after it as the reference, each without its end-of-turn token: the call and the
+    answer from the tool's result, or the one answer of a question that needs no tool."""
+    prompts = []
+    for index in range(len(rows)):
+        row = rows[index]
+        runs = labelled_runs(row["labels"])
+        if not runs:
+            continue
+        turns = []
+        for start, end in runs:
+            reply = list(row["input_ids"][start:end])
+            while reply and reply[-1] == tokenizer.eos_token_id:
+                reply.pop()
+            turns.append(tokenizer.decode(reply, skip_special_tokens=False))
+        prompts.append(Prompt(list(row["input_ids"][: runs[0][0]]), turns[-1], turns=tuple(turns)))
+    return prompts
+
+
 def step_prompts(prompts: list[Prompt], step: int, per_worker: int, rank: int, world: int, seed: int) -> list[Prompt]:
     """This worker's prompts of `step`: epoch after epoch a fresh shuffle of all, split among the workers."""
     per_epoch = max(1, len(prompts) // (per_worker * world))
@@ -100,15 +134,20 @@ def step_prompts(prompts: list[Prompt], step: int, per_worker: int, rank: int, w
 
 
 def sequences(prompts: list[Prompt], completions: list[list[int]], finished: list[bool], group_size: int,
-              eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+              eos_id: int, pad_id: int, inserted: list[list[tuple[int, int]]] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt + completion rows, right-padded, and their labels: the completion tokens (with the stop
-    token of a completion that ended), the tokens the policy is trained on; -100 elsewhere."""
+    token of a completion that ended), the tokens the policy is trained on; -100 elsewhere, and on the
+    `inserted` spans of each completion (the tools' results between its turns)."""
     rows, labels = [], []
     for i, completion in enumerate(completions):
         prompt = prompts[i // group_size].ids
         reply = completion + ([eos_id] if finished[i] else [])
+        trained = list(reply)
+        for start, end in inserted[i] if inserted else ():
+            trained[start:end] = [IGNORE_INDEX] * (end - start)
         rows.append(prompt + reply)
-        labels.append([IGNORE_INDEX] * len(prompt) + reply)
+        labels.append([IGNORE_INDEX] * len(prompt) + trained)
     width = max(len(row) for row in rows)
     return right_pad(rows, pad_id, width), right_pad(labels, IGNORE_INDEX, width)
 
@@ -119,6 +158,13 @@ def completion_logprobs(model, ids: torch.Tensor, labels: torch.Tensor, temperat
     output = model(ids, return_logits=False)
     logps = token_logprobs(output.hidden_states, unwrap(model).lm_head.weight, labels, temperature=temperature)
     return (logps, output.aux_loss) if with_aux else logps
+
+
+def demo_tool_turns(tokenizer) -> ToolTurns:
+    """The demo world's tools (add, weather: minimind.demo.tools), run between a rollout's turns."""
+    from minimind.demo.tools import demo_tools, run_tool
+
+    return ToolTurns(tokenizer, demo_tools(), run_tool)
 
 
 def policy_to_train(job, stage, device) -> tuple[torch.nn.Module, LoRAConfig | None]:
@@ -270,9 +316,10 @@ def start_rollout_actor(job, model, lora, device, amp_dtype, rank: int):
     return rollout
 
 
-def roll_out(rollout, prompts: list[Prompt], version: int, config, eos_id: int, seed: int) -> tuple[list[list[int]], list[bool]]:
-    """--group-size sampled completions of every prompt from the actor holding weights `version`, and
-    which of them ended with the stop token."""
+def roll_out(rollout, prompts: list[Prompt], version: int, config, eos_id: int, seed: int, tool_turns=None
+             ) -> tuple[list[list[int]], list[bool], list[list[tuple[int, int]]]]:
+    """--group-size sampled completions of every prompt from the actor holding weights `version`, which of
+    them ended with the stop token, and the spans the tools wrote into each (with `tool_turns`)."""
     import ray
 
     sampling = {
@@ -282,10 +329,10 @@ def roll_out(rollout, prompts: list[Prompt], version: int, config, eos_id: int, 
         "stop_token_ids": [eos_id],
         "seed": seed,
     }
-    generated = ray.get(rollout.generate.remote([p.ids for p in prompts], config.group_size, sampling))
+    generated = ray.get(rollout.generate.remote([p.ids for p in prompts], config.group_size, sampling, tool_turns))
     if generated["version"] != version:
         raise RuntimeError(f"rollouts of weights version {generated['version']}, expected {version}")
-    return generated["completions"], generated["finished"]
+    return generated["completions"], generated["finished"], generated["inserted"]
 
 
 @dataclass
@@ -303,17 +350,34 @@ class Scored:
     reference_logps: torch.Tensor | None
 
 
+def policy_turns(completion: list[int], inserted: list[tuple[int, int]]) -> list[list[int]]:
+    """A multi-turn completion cut into the policy's turns, each without the end-of-turn token that closes it
+    (the one just before each span the tools wrote)."""
+    turns, start = [], 0
+    for span_start, span_end in inserted:
+        turns.append(completion[start : span_start - 1])
+        start = span_end
+    return turns + [completion[start:]]
+
+
 def score_rollouts(prompts: list[Prompt], completions: list[list[int]], finished: list[bool], model, reference, scorer,
-                   tokenizer, markers: Markers, weights: dict, config, device, amp_dtype) -> Scored:
+                   tokenizer, markers: Markers, weights: dict, config, device, amp_dtype,
+                   inserted: list[list[tuple[int, int]]] | None = None) -> Scored:
     """Rewards (and the reward model's score, if any), advantages within each group, and the old policy's
     and the reference's log-probabilities (score_before_update)."""
     group = config.group_size
-    ids, labels = sequences(prompts, completions, finished, group, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    ids, labels = sequences(prompts, completions, finished, group, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                            inserted)
     trained_tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
     ids, labels = ids.to(device), labels.to(device)
     texts = [tokenizer.decode(c, skip_special_tokens=False) for c in completions]
+    turns = [tuple(tokenizer.decode(turn, skip_special_tokens=False) for turn in policy_turns(c, inserted[i]))
+             if inserted else () for i, c in enumerate(completions)]
+    results = [tuple(r for start, end in inserted[i] for r in tool_results(tokenizer.decode(c[start:end])))
+               if inserted else () for i, c in enumerate(completions)]
     scored = [
-        Completion(prompts[i // group].opening + t, len(c), f, prompts[i // group].reference)
+        Completion(prompts[i // group].opening + t, len(c), f, prompts[i // group].reference, turns[i],
+                   prompts[i // group].turns, results[i])
         for i, (t, c, f) in enumerate(zip(texts, completions, finished))
     ]
     model_scores = None
@@ -353,7 +417,11 @@ def grpo_loop_per_worker(loop_config: dict) -> None:
     scorer = load_frozen(job.reward_model_dir, device) if job.reward_model_dir else None
     weights = parse_weights(config.rewards)
     checked = "answer" in weights and MODEL_REWARD not in weights
-    prompts = training_prompts(PreparedRows(job.data_path), tokenizer, markers, keep_all=not checked)
+    tool_turns = demo_tool_turns(tokenizer) if config.tools else None
+    if tool_turns:
+        prompts = tool_prompts(PreparedRows(job.data_path), tokenizer)
+    else:
+        prompts = training_prompts(PreparedRows(job.data_path), tokenizer, markers, keep_all=not checked)
     if not prompts:
         raise ValueError(
             f"{job.data_path}: no record has a reference reply in <think>/<answer> form to reward answers against "
@@ -368,6 +436,7 @@ def grpo_loop_per_worker(loop_config: dict) -> None:
     amp_dtype = autocast_dtype(config, device)
     eos_id = tokenizer.eos_token_id  # the end of a chat turn: the one stop token, appended to finished completions
     rollout = start_rollout_actor(job, model, lora, device, amp_dtype, rank)
+    tools_for_rollouts = ray.put(tool_turns) if tool_turns else None  # sent once: the tokenizer and the tools
     logger = MetricLogger(job, total_steps) if rank == 0 else None
     peak = peak_flops(device, amp_dtype or torch.float32)[0] if rank == 0 else 0.0
     flops_per_token = 6 * unwrap(model).num_parameters(active=True)
@@ -395,11 +464,11 @@ def grpo_loop_per_worker(loop_config: dict) -> None:
             handover_s = time.perf_counter() - clock
 
             seed = (config.seed * 1_000_003 + step) * world + rank
-            completions, finished = roll_out(rollout, batch, version, config, eos_id, seed)
+            completions, finished, inserted = roll_out(rollout, batch, version, config, eos_id, seed, tools_for_rollouts)
             rollout_s = time.perf_counter() - clock - handover_s
 
             scored = score_rollouts(batch, completions, finished, model, reference, scorer, tokenizer, markers, weights,
-                                    config, device, amp_dtype)
+                                    config, device, amp_dtype, inserted if tool_turns else None)
 
             clock = time.perf_counter()
             lrs = update_lrs(step, total_steps, config)

@@ -9,6 +9,10 @@
   at the token budget (no end of turn) gets -1.
 - model: a registered model's score of the reply (mean log-probability of its tokens given the prompt),
   computed by the training loop (minimind.rl.grpo), which holds that model.
+- call (tool use, `--tools`): 1 when the first turn makes exactly the reference's calls (the same tools, the
+  same arguments, parsed), or, where the reference makes none, no call; else 0.
+- reply (tool use): 1 when the completion has as many turns as the reference and its last states every tool
+  result (or, with no call, is the reference's answer); else 0.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from minimind.data.tools import CallNotParsed, parse_calls
 from minimind.model.tokenizer import Markers
 
 MODEL_REWARD = "model"
@@ -27,6 +32,9 @@ class Completion:
     tokens: int  # its length in tokens
     finished: bool  # ended with a stop token (not cut off at the token budget)
     reference: str | None = None  # the record's reference reply, if it has one
+    turns: tuple[str, ...] = ()  # a multi-turn completion's turns (tool use): each the policy's, results left out
+    reference_turns: tuple[str, ...] = ()  # the reference's turns: the call, then the answer from its result
+    tool_results: tuple[str, ...] = ()  # what the tools answered the completion's calls
 
 
 def reasoning_parts(text: str, markers: Markers = Markers()) -> tuple[str, str] | None:
@@ -69,7 +77,31 @@ def length_reward(completion: Completion, markers: Markers, length_limit: int) -
     return -min(1.0, max(0, completion.tokens - length_limit) / max(length_limit, 1))
 
 
-REWARDS = {"answer": answer_reward, "format": format_reward, "length": length_reward}
+def _calls(turn: str) -> list[dict] | None:
+    """A turn's calls ([] for none); None when they do not parse."""
+    try:
+        return parse_calls(turn)[1]
+    except CallNotParsed:
+        return None
+
+
+def call_reward(completion: Completion, markers: Markers, length_limit: int) -> float:
+    if not completion.turns or not completion.reference_turns:
+        return 0.0
+    wanted = _calls(completion.reference_turns[0]) or []
+    return 1.0 if _calls(completion.turns[0]) == wanted else 0.0
+
+
+def reply_reward(completion: Completion, markers: Markers, length_limit: int) -> float:
+    if not completion.finished or len(completion.turns) != len(completion.reference_turns) or not completion.turns:
+        return 0.0  # a right answer without the call the reference makes is a guess
+    if completion.tool_results:  # the answer states what the tools said (a forecast is today's, not the record's)
+        return 1.0 if all(result.strip() in completion.turns[-1] for result in completion.tool_results) else 0.0
+    return 1.0 if completion.turns[-1].strip() == completion.reference_turns[-1].strip() else 0.0
+
+
+REWARDS = {"answer": answer_reward, "format": format_reward, "length": length_reward, "call": call_reward,
+           "reply": reply_reward}
 
 
 def parse_weights(text: str) -> dict[str, float]:

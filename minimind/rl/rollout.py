@@ -19,6 +19,7 @@ from minimind.inference.sampling import SamplingParams
 from minimind.model.config import ModelConfig
 from minimind.model.lora import LoRAConfig, add_lora
 from minimind.model.model import MiniMindForCausalLM
+from minimind.rl.tool_turns import ToolTurns
 
 
 def unique_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -66,24 +67,50 @@ class RolloutWorker:
         self.version = version
         return version
 
-    def generate(self, prompts: list[list[int]], group_size: int, sampling: dict) -> dict:
-        """`group_size` sampled completions of every prompt, prompt by prompt (stop token excluded), whether
-        each ended with a stop token (not cut off by the token budget or the context), the version of the
-        weights that wrote them, and the seconds it took."""
-        started = time.perf_counter()
-        repeated = [prompt for prompt in prompts for _ in range(group_size)]
-        completions, finished = [[] for _ in repeated], [False] * len(repeated)
+    def _sample(self, prompts: list[list[int]], sampling: dict) -> tuple[list[list[int]], list[bool]]:
+        """One sampled continuation of every prompt (stop token excluded), and whether each ended with one."""
+        completions, finished = [[] for _ in prompts], [False] * len(prompts)
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
         with torch.no_grad(), autocast:
-            for tokens in stream_batch(self.model, repeated, SamplingParams(**sampling)):
+            for tokens in stream_batch(self.model, prompts, SamplingParams(**sampling)):
                 for row, token in enumerate(tokens):
                     if token is None:
                         finished[row] = True  # from the step it sampled its stop token on
                     else:
                         completions[row].append(token)
+        return completions, finished
+
+    def generate(self, prompts: list[list[int]], group_size: int, sampling: dict, tool_turns: ToolTurns | None = None,
+                 max_turns: int = 2) -> dict:
+        """`group_size` sampled completions of every prompt, prompt by prompt (stop token excluded), whether
+        each ended with a stop token (not cut off by the token budget or the context), the version of the
+        weights that wrote them, and the seconds it took.
+
+        With `tool_turns`, a completion whose turn ends with tool calls goes on: the tools' results turn
+        (`ToolTurns.results_turn`), then the policy's next turn, up to `max_turns` turns. `inserted` lists each
+        completion's (start, end) spans of tokens the tools wrote, which are not the policy's to train on."""
+        started = time.perf_counter()
+        repeated = [prompt for prompt in prompts for _ in range(group_size)]
+        completions, finished = self._sample(repeated, sampling)
+        inserted: list[list[tuple[int, int]]] = [[] for _ in repeated]
+        for turn in range(1, max_turns if tool_turns else 1):
+            glue = {row: tool_turns.results_turn(completions[row][inserted[row][-1][1] if inserted[row] else 0:])
+                    for row in range(len(repeated)) if finished[row]}
+            rows = [row for row, tokens in glue.items() if tokens]
+            if not rows:
+                break
+            seed = sampling.get("seed")
+            more, more_finished = self._sample([repeated[row] + completions[row] + glue[row] for row in rows],
+                                               {**sampling, "seed": None if seed is None else seed + turn})
+            for row, tokens, done in zip(rows, more, more_finished):
+                start = len(completions[row]) + 1  # the end-of-turn token the policy sampled is its own
+                completions[row] += glue[row] + tokens
+                inserted[row].append((start, start + len(glue[row]) - 1))
+                finished[row] = done
         return {
             "completions": completions,
             "finished": finished,
+            "inserted": inserted,
             "version": self.version,
             "seconds": time.perf_counter() - started,
         }

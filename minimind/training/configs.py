@@ -145,8 +145,16 @@ class DistillConfig(TrainConfig):
 
 @dataclass
 class GRPOConfig(TrainConfig):
-    rewards: str = option(
-        "rewards and their weights: answer, format, length, model (minimind.rl.rewards)", default="answer=1,format=0.5"
+    rewards: str | None = option(
+        "rewards and their weights: answer, format, length, model, call, reply (minimind.rl.rewards); by default "
+        "answer=1,format=0.5, with --tools call=1,reply=1",
+        default=None,
+    )
+    tools: str | None = option(
+        "tool use (agentic RL): `demo` runs the demo world's tools (add, weather) between a rollout's turns and "
+        "trains on its tools.jsonl, from models:/minimind-tools/latest, scored on the held-out tool use "
+        "(the job registers minimind-grpo-tools)",
+        default=None,
     )
     reward_model: str | None = option(
         "model (URI or folder) whose mean log-probability of a reply is the `model` reward", default=None
@@ -206,6 +214,14 @@ class GRPOConfig(TrainConfig):
     max_steps: int = 200
     checkpoint_every: int = 50
     log_every: int = 5
+
+    seq_len: int | None = option("longest row in tokens (default 256; with --tools the tools stage's 512)", default=None)
+
+    def __post_init__(self):
+        if self.rewards is None:
+            self.rewards = "call=1,reply=1" if self.tools else "answer=1,format=0.5"
+        if self.seq_len is None:
+            self.seq_len = ToolsConfig.seq_len if self.tools else TrainConfig.seq_len
 
 
 @dataclass
