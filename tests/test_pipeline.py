@@ -131,3 +131,15 @@ def test_pipeline_runs_every_stage_and_each_improves_its_heldout_metric(home, ca
     kd = run_stage(DistillConfig(**quick, mode="kd", init="models:/minimind-dpo/1", teacher="models:/minimind-sft/1"), "kd")
     assert kd.model_uri == "models:/minimind-reason/2"
     assert client.get_metric_history(kd.run_id, "loss/kd") and client.get_metric_history(kd.run_id, "loss/ce")
+
+    # GRPO with tools (`jobs/grpo.py --tools demo`), from the pipeline's tool-calling model: its rollouts run the
+    # demo's tools between turns, both rewards are logged, and it is scored on the held-out tool use.
+    from minimind.driver.runner import main
+
+    grpo = main("grpo", ["--tools", "demo", "--max-steps", "2", "--batch-size", "2", "--group-size", "2",
+                         "--max-new-tokens", "24", "--eval-limit", "4", "--log-every", "1", "--checkpoint-every", "2"])
+    assert grpo.model_uri == "models:/minimind-grpo-tools/1"
+    grpo_run = client.get_run(grpo.run_id)
+    assert grpo_run.data.tags["source.name"] == "minimind-tools" and grpo_run.data.params["seq_len"] == "512"
+    assert {"reward/call/mean", "reward/reply/mean"} <= set(grpo_run.data.metrics)
+    assert {"eval/tool_call_accuracy", "eval/no_call_accuracy", "eval/tool_answer_accuracy"} <= set(grpo.after)
