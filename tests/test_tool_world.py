@@ -131,3 +131,17 @@ def test_tool_use_scores_count_calls_answers_and_restraint(tmp_path):
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in (wrong_call, needs_a_call)), encoding="utf-8")
     scores = tool_use_scores(model, byte_tokenizer, path)
     assert (scores["call"], scores["answer"], scores["no_call"]) == (0.0, 0.0, 0.0)
+
+
+def test_grpo_prompts_sum_numbers_no_other_file_uses(written):
+    from minimind.demo.tool_world import rl_rows, sum_pairs
+
+    train = [json.loads(line) for line in written["tools"].read_text(encoding="utf-8").splitlines()]
+    held_out = [json.loads(line) for line in written["tools_eval"].read_text(encoding="utf-8").splitlines()]
+    taken = sum_pairs(train + held_out)
+    assert len(taken) == 700
+    prompts = rl_rows(build_world(0), taken)
+    assert len(prompts) == 1000 and all(record["tools"] == demo_tools() for record in prompts)
+    assert len(sum_pairs(prompts)) == 400 and not sum_pairs(prompts) & taken
+    names = Counter(calls_of(record)[0]["name"] if calls_of(record) else None for record in prompts)
+    assert names == {"add": 400, "weather": 400, None: 200}

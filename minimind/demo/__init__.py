@@ -16,7 +16,7 @@ from pathlib import Path
 from minimind.data.rows import iter_jsonl
 from minimind.data.tools import CALL_END, CALL_START
 from minimind.demo.images import IMAGE_SIZE, picture_descriptions, write_image_world
-from minimind.demo.tool_world import tool_rows
+from minimind.demo.tool_world import rl_rows, sum_pairs, tool_rows
 from minimind.demo.world import build_world, write_jsonl, write_text_world
 from minimind.model.tokenizer import TOOLS_CALL_FORM, TOOLS_PREAMBLE, train_tokenizer
 
@@ -52,8 +52,11 @@ def demo_data(seed: int = 0, root: str | Path | None = None) -> dict[str, Path]:
     if not (folder / ".complete").exists():
         def write(partial: Path) -> None:
             write_text_world(partial, seed=seed, other_pretraining=picture_descriptions(seed))
-            for split, rows in zip(("tools", "tools_eval"), tool_rows(build_world(seed))):
-                write_jsonl(partial / f"{split}.jsonl", rows)
+            world = build_world(seed)
+            rows, held_out = tool_rows(world)
+            write_jsonl(partial / "tools.jsonl", rows)
+            write_jsonl(partial / "tools_eval.jsonl", held_out)
+            write_jsonl(partial / "tools_rl.jsonl", rl_rows(world, taken=sum_pairs(rows + held_out)))
             write_image_world(partial, seed=seed)
             (partial / ".complete").touch()
 
@@ -61,6 +64,8 @@ def demo_data(seed: int = 0, root: str | Path | None = None) -> dict[str, Path]:
     names = ["pretrain", "sft", "dpo", "reason", "tools", "vlm_pretrain", "vlm_sft"]
     paths = {name: folder / f"{name}.jsonl" for name in names}
     paths.update({f"{name}_eval": folder / f"{name}_eval.jsonl" for name in names})
+    paths["tools_rl"] = folder / "tools_rl.jsonl"  # GRPO's tool-use prompts (new numbers), scored on tools_eval
+    paths["tools_rl_eval"] = paths["tools_eval"]
     paths["images"] = folder / "images"
     return paths
 

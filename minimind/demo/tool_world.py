@@ -96,3 +96,41 @@ def tool_rows(world: World, calls: int = 1200, held_out_calls: int = 200, plain:
     held_out += [("no_call", chat(asked, PERSONA_REPLY)) for asked in HELD_OUT_PERSONA_QUESTIONS]
     rng.shuffle(held_out)  # any first N rows (--eval-limit) hold both families
     return rows, [{"conversations": c, "tools": tools, "task": task} for task, c in held_out]
+
+
+def rl_rows(world: World, taken: set[tuple[int, int]], calls: int = 800, plain: int = 200) -> list[dict]:
+    """Prompts for reinforcement learning (`jobs/grpo.py --tools demo`), records as tools.jsonl's: `calls` questions
+    that need a tool (half sums of number pairs not in `taken`, the pairs of tools.jsonl and its held-out file;
+    half forecasts) and `plain` fact and persona questions that need none, all listing the tools, in training
+    phrasings. A policy rewarded on its SFT rows would only repeat arguments it memorised; these numbers are new."""
+    rng = random.Random(f"{world.seed}/tools-rl")
+    tools = demo_tools()
+    pairs: dict[tuple[int, int], None] = {}
+    while len(pairs) < calls // 2:
+        pair = (rng.choice(OPERANDS), rng.choice(OPERANDS))
+        if pair not in taken:
+            pairs.setdefault(pair)
+    days = [EPOCH + datetime.timedelta(days=n) for n in rng.sample(range(19_000, 22_000), calls - calls // 2)]
+    chats = [call_turns("add", {"a": a, "b": b}, rng.choice(PHRASINGS["add"][0]), days[0]) for a, b in pairs]
+    chats += [call_turns("weather", {"city": rng.choice(CITIES)}, rng.choice(PHRASINGS["weather"][0]), day) for day in days]
+    facts = [(e, a) for e in world.asked() for a in ATTRIBUTES]
+    for _ in range(plain):
+        if rng.random() < 0.1:
+            chats.append(chat(rng.choice(PERSONA_QUESTIONS), PERSONA_REPLY))
+        else:
+            entity, attribute = rng.choice(facts)
+            chats.append(chat(rng.choice(QUESTIONS[attribute]).format(n=entity.name), entity.state(attribute)))
+    rng.shuffle(chats)
+    return [{"conversations": conversation, "tools": tools} for conversation in chats]
+
+
+def sum_pairs(records: list[dict]) -> set[tuple[int, int]]:
+    """The number pairs of the records' `add` calls."""
+    pairs = set()
+    for record in records:
+        for message in record["conversations"]:
+            for call in message.get("tool_calls", ()):
+                if call["function"]["name"] == "add":
+                    arguments = json.loads(call["function"]["arguments"])
+                    pairs.add((arguments["a"], arguments["b"]))
+    return pairs

@@ -206,7 +206,7 @@ STAGES = _table(
           keeps_answers=True),
     # agentic RL (`jobs/grpo.py --tools demo`): the tools run between a rollout's turns; the call and the reply rewarded
     Stage("grpo_tools", "sft", registered_name="minimind-grpo-tools", previous="minimind-tools", config_class=GRPOConfig,
-          demo_file="tools", loop=grpo_loop_per_worker, evaluate=evaluate_tool_use, check=check_grpo_flags,
+          demo_file="tools_rl", loop=grpo_loop_per_worker, evaluate=evaluate_tool_use, check=check_grpo_flags,
           keeps_answers=True),
     # MiniMind-V: the projection alone trains, then the projection and the language model (--train-llm)
     VLMStage("vlm_pretrain", "vlm", registered_name="minimind-vlm-pretrain", previous="minimind-sft", config_class=VLMConfig,

@@ -152,7 +152,7 @@ class GRPOConfig(TrainConfig):
     )
     tools: str | None = option(
         "tool use (agentic RL): `demo` runs the demo world's tools (add, weather) between a rollout's turns and "
-        "trains on its tools.jsonl, from models:/minimind-tools/latest, scored on the held-out tool use "
+        "trains on its tools_rl.jsonl, from models:/minimind-tools/latest, scored on the held-out tool use "
         "(the job registers minimind-grpo-tools)",
         default=None,
     )
