@@ -43,5 +43,5 @@ def test_demo_tokenizer_knows_every_word_of_the_demo_and_pretraining_describes_p
 
     lengths = [len(tokenizer.apply_chat_template(record["conversations"], tools=record.get("tools"), tokenize=True,
                                                  return_dict=False))
-               for split in ("tools", "tools_eval") for _, record in iter_jsonl(paths[split], "sft")]
-    assert len(lengths) == 2124 and max(lengths) <= ToolsConfig.seq_len, max(lengths)
+               for split in ("tools", "tools_eval", "tools_rl") for _, record in iter_jsonl(paths[split], "sft")]
+    assert len(lengths) == 3124 and max(lengths) <= ToolsConfig.seq_len, max(lengths)

@@ -46,7 +46,7 @@ def _generator_hash() -> str:
 
 def demo_data(seed: int = 0, root: str | Path | None = None) -> dict[str, Path]:
     """Absolute paths of the demo files: pretrain, sft, dpo, reason, tools, vlm_pretrain, vlm_sft (each
-    with an `_eval` twin) and `images`."""
+    with an `_eval` twin), tools_rl (GRPO's tool-use prompts; its `_eval` is tools_eval) and `images`."""
     root = Path(root or os.environ.get("MINIMIND_DEMO_DIR", Path.home() / ".cache" / "minimind" / "demo"))
     folder = (root / f"seed{seed}-{_generator_hash()}").resolve()
     if not (folder / ".complete").exists():
