@@ -197,12 +197,13 @@ def test_file_sha256_matches_hashlib(tmp_path):
 
 
 def test_git_commit(tmp_path, monkeypatch):
-    monkeypatch.delenv("MINIMIND_HOME")
+    from minimind.tracking.runs import CODE_CHECKOUT
+
+    monkeypatch.setenv("MINIMIND_HOME", str(tmp_path))  # a home elsewhere moves the store, not the code
     commit = tracking.git_commit()
-    if (tracking.PROJECT_ROOT / ".git").exists():
+    if (CODE_CHECKOUT / ".git").exists():
         assert commit is not None and len(commit) == 40
-    monkeypatch.setenv("MINIMIND_HOME", str(tmp_path))
-    assert tracking.git_commit() is None
+    assert tracking.git_commit(tmp_path) is None  # not a checkout
 
 
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import subprocess
 import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import mlflow
 from mlflow import MlflowClient
-
-from minimind.tracking.store import project_root
 
 if TYPE_CHECKING:
     pass
@@ -66,9 +65,12 @@ def log_samples(rows: list[dict], artifact_file: str = "samples.json") -> None:
     mlflow.log_table(data=columns, artifact_file=artifact_file)
 
 
-def git_commit() -> str | None:
-    """HEAD of the checkout, or None outside one (installed package, no git binary)."""
-    root = project_root()
+CODE_CHECKOUT = Path(__file__).resolve().parents[2]  # the folder above the package: a checkout, or site-packages
+
+
+def git_commit(root: Path = CODE_CHECKOUT) -> str | None:
+    """HEAD of the checkout the code runs from, or None outside one (installed package, no git binary). Not the
+    project home's: $MINIMIND_HOME moves the store, not the code (a three-seed report said "unknown")."""
     if not (root / ".git").exists():  # don't report an enclosing repository, such as a dotfiles repo in $HOME
         return None
     try:
