@@ -67,7 +67,8 @@ def test_a_few_steps_lower_the_loss_and_retrieve_above_chance(demo_pairs):
     before = clip.retrieval(model, pixel_values, ids, mask, groups)
     losses = []
     for step in range(1, 41):
-        optimizer.param_groups[0]["lr"] = clip.warmup_cosine(step, 40, 1e-3, warmup=20)
+        # 3e-4: at 1e-3 a spike at step 12 undid the training with the demo tokenizer that merges ASCII punctuation
+        optimizer.param_groups[0]["lr"] = clip.warmup_cosine(step, 40, 3e-4, warmup=20)
         losses.append(clip.train_step(model.train(), optimizer, pixel_values, ids, mask, groups))
     after = clip.retrieval(model, pixel_values, ids, mask, groups)
     assert losses[-1] < 0.5 * losses[0]

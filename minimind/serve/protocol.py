@@ -84,7 +84,8 @@ class ChatRequest:
             return ""
         if self.tool_choice == "required":
             return CALL_START + "\n"
-        return CALL_START + '\n{"name": ' + json.dumps(self.tool_choice, ensure_ascii=False) + ', "arguments": '
+        # up to the colon: the space after it starts the next pre-token (` {"`), which the model writes itself
+        return CALL_START + '\n{"name": ' + json.dumps(self.tool_choice, ensure_ascii=False) + ', "arguments":'
 
     def sampling(self) -> dict:
         return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
