@@ -1,6 +1,6 @@
 """Where a tool-calling model's held-out calls go wrong, tool by tool: right, the wrong tool, which arguments are
-wrong, a call that does not parse, or no call at all. The replies are the tools stage's own (tool_use_scores' replier: greedy, the
-record's tools listed); a few of each kind of miss are printed.
+wrong, a call that does not parse, or no call at all. The replies are the tools stage's own
+(`replies_with_tools`, as tool_use_scores: greedy, the record's tools listed); a few misses of each kind are printed.
 
     python bench/tool_calls.py --model models:/minimind-tools/1             # the demo's held-out file, seed 0
     python bench/tool_calls.py --model models:/minimind-tools/2 --seed 1
@@ -10,7 +10,6 @@ record's tools listed); a few of each kind of miss are printed.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -33,7 +32,7 @@ def main(argv=None) -> Counter:
     from minimind.data.rows import iter_jsonl
     from minimind.data.tools import CALL_START, CallNotParsed, parse_calls
     from minimind.demo import demo_data
-    from minimind.driver.evaluate import record_tasks, text_replier
+    from minimind.driver.evaluate import record_tasks, replies_with_tools
     from minimind.model.checkpoint import load_model
     from minimind.model.tokenizer import load_tokenizer
     from minimind.tracking import resolve_model
@@ -55,14 +54,7 @@ def main(argv=None) -> Counter:
         questions.append((record["conversations"][:at], record.get("tools")))
         wanted.append([{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
                        for c in record["conversations"][at]["tool_calls"]])
-    replies: list[str] = [""] * len(records)
-    by_tools: dict[str, list[int]] = {}  # one replier per list of tools, as tool_use_scores does
-    for index, (_, tools) in enumerate(questions):
-        by_tools.setdefault(json.dumps(tools), []).append(index)
-    for indices in by_tools.values():
-        replier = text_replier(model, tokenizer, tools=questions[indices[0]][1])
-        for index, reply in zip(indices, replier([questions[i][0] for i in indices])):
-            replies[index] = reply
+    replies = replies_with_tools(model, tokenizer, questions)
 
     counts: Counter = Counter()
     for (conversation, _), calls, reply in zip(questions, wanted, replies):

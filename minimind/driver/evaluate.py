@@ -120,6 +120,20 @@ def reasoning_scores(replier: Replier, path: str | Path, tokenizer, limit: int |
             "by_task": by_task(correct, record_tasks(path, limit)), "samples": list(zip(prompts[:5], replies[:5]))}
 
 
+def replies_with_tools(model, tokenizer, queries: Sequence[tuple[list[dict], list[dict] | None]]) -> list[str]:
+    """Greedy replies to (conversation, the tools its prompt lists), in order: one replier per list of tools,
+    as written (the prompt lists them in that order)."""
+    by_tools: dict[str, list[int]] = {}
+    for index, (_, tools) in enumerate(queries):
+        by_tools.setdefault(json.dumps(tools), []).append(index)
+    replies: list[str] = [""] * len(queries)
+    for indices in by_tools.values():
+        replier = text_replier(model, tokenizer, tools=queries[indices[0]][1])
+        for index, reply in zip(indices, replier([queries[i][0] for i in indices])):
+            replies[index] = reply
+    return replies
+
+
 def tool_use_scores(model, tokenizer, path: str | Path, limit: int | None = None) -> dict:
     """Tool use on held-out records in OpenAI's message shape, each listing its tools and naming its "task":
     "call" records (a question, the assistant's call, the tool's result, the answer) score `call` (the reply to
@@ -139,14 +153,7 @@ def tool_use_scores(model, tokenizer, path: str | Path, limit: int | None = None
             queries.append(("answer", conversation[:-1], tools, conversation[-1]["content"]))
         elif task == "no_call":
             queries.append(("no_call", conversation[:-1], tools, None))
-    by_tools: dict[str, list[int]] = {}  # one replier per list of tools (as written: the prompt lists them so)
-    for index, (_, _, tools, _) in enumerate(queries):
-        by_tools.setdefault(json.dumps(tools), []).append(index)
-    replies: list[str] = [""] * len(queries)
-    for indices in by_tools.values():
-        replier = text_replier(model, tokenizer, tools=queries[indices[0]][2])
-        for index, reply in zip(indices, replier([queries[i][1] for i in indices])):
-            replies[index] = reply
+    replies = replies_with_tools(model, tokenizer, [(conversation, tools) for _, conversation, tools, _ in queries])
 
     def hit(family: str, reply: str, reference) -> bool:
         if family == "no_call":

@@ -69,28 +69,6 @@ class Prompt:
     turns: tuple[str, ...] = ()  # tool use: the reference's turns after the prompt (the call, the answer from its result)
 
 
-def training_prompts(rows, tokenizer, markers: Markers, keep_all: bool) -> list[Prompt]:
-    """The prompt and reference reply of every prepared chat row: the reply is the row's last run of
-    labelled tokens (its end-of-turn token dropped), the prompt everything before it."""
-    prompts = []
-    for index in range(len(rows)):
-        row = rows[index]
-        labelled = [i for i, label in enumerate(row["labels"]) if label != IGNORE_INDEX]
-        if not labelled:
-            continue
-        start = labelled[-1]
-        while start > 0 and row["labels"][start - 1] != IGNORE_INDEX:
-            start -= 1
-        reply = list(row["input_ids"][start : labelled[-1] + 1])
-        while reply and reply[-1] == tokenizer.eos_token_id:
-            reply.pop()
-        opening = markers.reply_opening(tokenizer.decode(row["input_ids"][:start], skip_special_tokens=False))
-        reference = opening + tokenizer.decode(reply, skip_special_tokens=False)
-        if keep_all or reasoning_parts(reference, markers):
-            prompts.append(Prompt(list(row["input_ids"][:start]), reference, opening))
-    return prompts
-
-
 def labelled_runs(labels) -> list[tuple[int, int]]:
     """(start, end) of each run of labelled tokens in a row: the replies a chat row trains on."""
     runs, start = [], None
@@ -103,6 +81,31 @@ def labelled_runs(labels) -> list[tuple[int, int]]:
     return runs
 
 
+def reply_text(row, run: tuple[int, int], tokenizer) -> str:
+    """One labelled run of a row, decoded, its end-of-turn token dropped."""
+    reply = list(row["input_ids"][run[0] : run[1]])
+    while reply and reply[-1] == tokenizer.eos_token_id:
+        reply.pop()
+    return tokenizer.decode(reply, skip_special_tokens=False)
+
+
+def training_prompts(rows, tokenizer, markers: Markers, keep_all: bool) -> list[Prompt]:
+    """The prompt and reference reply of every prepared chat row: the reply is the row's last run of
+    labelled tokens (its end-of-turn token dropped), the prompt everything before it."""
+    prompts = []
+    for index in range(len(rows)):
+        row = rows[index]
+        runs = labelled_runs(row["labels"])
+        if not runs:
+            continue
+        start = runs[-1][0]
+        opening = markers.reply_opening(tokenizer.decode(row["input_ids"][:start], skip_special_tokens=False))
+        reference = opening + reply_text(row, runs[-1], tokenizer)
+        if keep_all or reasoning_parts(reference, markers):
+            prompts.append(Prompt(list(row["input_ids"][:start]), reference, opening))
+    return prompts
+
+
 def tool_prompts(rows, tokenizer) -> list[Prompt]:
     """Tool use (`--tools`): every chat row's first user turn (with the tools its record lists) as the prompt,
     and the assistant turns after it as the reference, each without its end-of-turn token: the call and the
@@ -111,15 +114,9 @@ def tool_prompts(rows, tokenizer) -> list[Prompt]:
     for index in range(len(rows)):
         row = rows[index]
         runs = labelled_runs(row["labels"])
-        if not runs:
-            continue
-        turns = []
-        for start, end in runs:
-            reply = list(row["input_ids"][start:end])
-            while reply and reply[-1] == tokenizer.eos_token_id:
-                reply.pop()
-            turns.append(tokenizer.decode(reply, skip_special_tokens=False))
-        prompts.append(Prompt(list(row["input_ids"][: runs[0][0]]), turns[-1], turns=tuple(turns)))
+        if runs:
+            turns = tuple(reply_text(row, run, tokenizer) for run in runs)
+            prompts.append(Prompt(list(row["input_ids"][: runs[0][0]]), turns[-1], turns=turns))
     return prompts
 
 
