@@ -3,6 +3,7 @@ the tool's, the held-out numbers and days are unseen, and the scorer of the held
 
 import datetime
 import json
+import re
 from collections import Counter
 
 import pytest
@@ -133,7 +134,7 @@ def test_tool_use_scores_count_calls_answers_and_restraint(tmp_path):
     assert (scores["call"], scores["answer"], scores["no_call"]) == (0.0, 0.0, 0.0)
 
 
-def test_grpo_prompts_sum_numbers_no_other_file_uses(written):
+def test_grpo_prompts_ask_new_numbers_in_phrasings_no_other_file_uses(written):
     from minimind.demo.tool_world import rl_rows, sum_pairs
 
     train = [json.loads(line) for line in written["tools"].read_text(encoding="utf-8").splitlines()]
@@ -145,3 +146,10 @@ def test_grpo_prompts_sum_numbers_no_other_file_uses(written):
     assert len(sum_pairs(prompts)) == 400 and not sum_pairs(prompts) & taken
     names = Counter(calls_of(record)[0]["name"] if calls_of(record) else None for record in prompts)
     assert names == {"add": 400, "weather": 400, None: 200}
+
+    def phrasings(records):  # each question that needs a call, its numbers and city put back as placeholders
+        asked = {r["conversations"][0]["content"] for r in records if calls_of(r)}
+        return {re.sub("|".join(CITIES), "{city}", re.sub(r"\d+", "{n}", question)) for question in asked}
+
+    rl_phrasings = {re.sub(r"\{[ab]\}", "{n}", p) for tool in PHRASINGS.values() for p in tool[2]}
+    assert phrasings(prompts) == rl_phrasings and not phrasings(train + held_out) & rl_phrasings

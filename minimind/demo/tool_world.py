@@ -32,9 +32,12 @@ from minimind.demo.world import (
     chat,
 )
 
-PHRASINGS = {  # tool -> (training phrasings, the held-out phrasing)
-    "add": (("{a}加{b}等于几？", "请帮我算一下{a}加{b}。", "{a}和{b}相加是多少？"), "{a}加{b}的结果是多少？"),
-    "weather": (("{city}今天天气怎么样？", "请帮我查一下{city}的天气。", "{city}今天是什么天气？"), "{city}今天的天气如何？"),
+# tool -> (training phrasings, the held-out phrasing, phrasings only reinforcement learning's prompts use)
+PHRASINGS = {
+    "add": (("{a}加{b}等于几？", "请帮我算一下{a}加{b}。", "{a}和{b}相加是多少？"), "{a}加{b}的结果是多少？",
+            ("{a}加上{b}是多少？", "计算{a}加{b}。", "{a}加{b}等于多少？", "请问{a}加{b}的和是多少？")),
+    "weather": (("{city}今天天气怎么样？", "请帮我查一下{city}的天气。", "{city}今天是什么天气？"), "{city}今天的天气如何？",
+                ("{city}的天气怎么样？", "查一下{city}今天的天气。")),
 }
 OPERANDS = range(1000, 10000)
 
@@ -70,7 +73,7 @@ def tool_rows(world: World, calls: int = 1200, held_out_calls: int = 200, plain:
     def question(index: int, pair: tuple[int, int], day: datetime.date, held_out: bool) -> list[dict]:
         tool = "add" if index % 2 == 0 else "weather"
         arguments = {"a": pair[0], "b": pair[1]} if tool == "add" else {"city": CITIES[index // 2 % len(CITIES)]}
-        phrasings, held_out_phrasing = PHRASINGS[tool]
+        phrasings, held_out_phrasing, _ = PHRASINGS[tool]
         phrasing = held_out_phrasing if held_out and index % 4 >= 2 else rng.choice(phrasings)
         return call_turns(tool, arguments, phrasing, day)
 
@@ -101,8 +104,9 @@ def tool_rows(world: World, calls: int = 1200, held_out_calls: int = 200, plain:
 def rl_rows(world: World, taken: set[tuple[int, int]], calls: int = 800, plain: int = 200) -> list[dict]:
     """Prompts for reinforcement learning (`jobs/grpo.py --tools demo`), records as tools.jsonl's: `calls` questions
     that need a tool (half sums of number pairs not in `taken`, the pairs of tools.jsonl and its held-out file;
-    half forecasts) and `plain` fact and persona questions that need none, all listing the tools, in training
-    phrasings. A policy rewarded on its SFT rows would only repeat arguments it memorised; these numbers are new."""
+    half forecasts) and `plain` fact and persona questions that need none, all listing the tools. A policy rewarded
+    on its SFT rows would only repeat what it memorised: these numbers are new, and the calls are asked in phrasings
+    neither SFT nor the held-out file uses."""
     rng = random.Random(f"{world.seed}/tools-rl")
     tools = demo_tools()
     pairs: dict[tuple[int, int], None] = {}
@@ -111,8 +115,8 @@ def rl_rows(world: World, taken: set[tuple[int, int]], calls: int = 800, plain: 
         if pair not in taken:
             pairs.setdefault(pair)
     days = [EPOCH + datetime.timedelta(days=n) for n in rng.sample(range(19_000, 22_000), calls - calls // 2)]
-    chats = [call_turns("add", {"a": a, "b": b}, rng.choice(PHRASINGS["add"][0]), days[0]) for a, b in pairs]
-    chats += [call_turns("weather", {"city": rng.choice(CITIES)}, rng.choice(PHRASINGS["weather"][0]), day) for day in days]
+    chats = [call_turns("add", {"a": a, "b": b}, rng.choice(PHRASINGS["add"][2]), days[0]) for a, b in pairs]
+    chats += [call_turns("weather", {"city": rng.choice(CITIES)}, rng.choice(PHRASINGS["weather"][2]), day) for day in days]
     facts = [(e, a) for e in world.asked() for a in ATTRIBUTES]
     for _ in range(plain):
         if rng.random() < 0.1:
