@@ -6,6 +6,7 @@
     minimind export-hf SRC_DIR OUT_DIR              # Hugging Face Llama (or Qwen3, for minimind-3) directory
     minimind merge-lora ADAPTER OUT_DIR             # LoRA adapters (folder or models:/ URI) merged into their base
     minimind import full_sft_512.pth OUT_DIR --tokenizer MINIMIND_TOKENIZER_DIR [--register-as NAME]
+    minimind eval MODEL --tasks minimind_demo       # lm-evaluation-harness tasks (any task it knows; --include-path DIR)
     minimind demo                                   # a tour of the model on synthetic data
 """
 
@@ -95,6 +96,21 @@ def build_parser() -> argparse.ArgumentParser:
         "image=<|image_pad|>,think_start=<think> (default: its config's, else <think> </think> <answer> </answer> <image>)",
     )
     imported.add_argument("--register-as", default=None, help="also register the folder as the next version of this MLflow model")
+
+    evaluate = commands.add_parser(
+        "eval", help="lm-evaluation-harness tasks on a model folder or models:/ URI, the scores logged on its MLflow run"
+    )
+    evaluate.add_argument("model", help="model folder, or models:/NAME/VERSION|latest|@alias (adapters merged)")
+    evaluate.add_argument("--tasks", required=True, help="harness task or tag names, comma-separated "
+                          "(minimind_demo: the demo world's facts and additions, offline)")
+    evaluate.add_argument("--include-path", action="append", default=[], help="a folder of task YAML in the harness's format")
+    evaluate.add_argument("--limit", type=float, default=None, help="examples per task (a fraction when < 1)")
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--no-chat-template", action="store_true",
+                          help="score the raw prompt (default: the question as a chat turn, as the chat models were trained)")
+    evaluate.add_argument("--no-log", action="store_true", help="print the table only; log nothing to MLflow")
+    evaluate.add_argument("--output", default=None, help="also write the harness's results as JSON here")
+    evaluate.add_argument("--device", default=None)
 
     demo = commands.add_parser("demo", help="build, train briefly, save, reload, generate and export a tiny model")
     demo.add_argument("--preset", default="tiny")
@@ -263,6 +279,24 @@ def run_import(args) -> None:
         print(f"registered models:/{args.register_as}/{version.version}")
 
 
+def run_eval(args) -> None:
+    from lm_eval.utils import make_table
+
+    from minimind.driver.harness import log_results, run_harness
+
+    tasks = [task for task in args.tasks.split(",") if task]
+    results = run_harness(args.model, tasks, args.include_path, args.limit, args.batch_size, not args.no_chat_template,
+                          args.device)
+    print(make_table(results))
+    if results.get("groups"):
+        print(make_table(results, "groups"))
+    if args.output:
+        Path(args.output).write_text(json.dumps(results, ensure_ascii=False, indent=2, default=str), encoding="utf-8")
+    if not args.no_log:
+        run_id = log_results(args.model, results, {"harness.tasks": ",".join(tasks), "harness.limit": str(args.limit)})
+        print(f"logged to MLflow run {run_id}")
+
+
 def run_demo(args) -> None:
     model_tour.run(preset=args.preset, steps=args.steps, output=Path(args.output))
 
@@ -276,6 +310,7 @@ def main(argv: list[str] | None = None) -> None:
             "export-hf": run_export,
             "merge-lora": run_merge_lora,
             "import": run_import,
+            "eval": run_eval,
             "demo": run_demo,
         }[args.command](args)
     except (FileNotFoundError, ValueError) as error:

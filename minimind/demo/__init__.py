@@ -15,6 +15,7 @@ from pathlib import Path
 
 from minimind.data.rows import iter_jsonl
 from minimind.data.tools import CALL_END, CALL_START
+from minimind.demo.benchmark import write_benchmark
 from minimind.demo.images import IMAGE_SIZE, picture_descriptions, write_image_world
 from minimind.demo.tool_world import rl_rows, sum_pairs, tool_rows
 from minimind.demo.world import build_world, write_jsonl, write_text_world
@@ -22,7 +23,7 @@ from minimind.model.tokenizer import TOOLS_CALL_FORM, TOOLS_PREAMBLE, train_toke
 
 # what writes the demo folder's files: a change to any of them is a new folder (the tokenizer's module holds
 # the chat templates and special tokens the cached demo tokenizer is saved with)
-GENERATORS = ("world.py", "images.py", "tool_world.py", "tools.py", "tools.json", "../model/tokenizer.py")
+GENERATORS = ("world.py", "images.py", "tool_world.py", "benchmark.py", "tools.py", "tools.json", "../model/tokenizer.py")
 
 
 def _publish(folder: Path, write) -> None:
@@ -46,7 +47,8 @@ def _generator_hash() -> str:
 
 def demo_data(seed: int = 0, root: str | Path | None = None) -> dict[str, Path]:
     """Absolute paths of the demo files: pretrain, sft, dpo, reason, tools, vlm_pretrain, vlm_sft (each
-    with an `_eval` twin), tools_rl (GRPO's tool-use prompts; its `_eval` is tools_eval) and `images`."""
+    with an `_eval` twin), tools_rl (GRPO's tool-use prompts; its `_eval` is tools_eval), `images` and `harness`
+    (the folder of the demo's lm-evaluation-harness tasks)."""
     root = Path(root or os.environ.get("MINIMIND_DEMO_DIR", Path.home() / ".cache" / "minimind" / "demo"))
     folder = (root / f"seed{seed}-{_generator_hash()}").resolve()
     if not (folder / ".complete").exists():
@@ -58,6 +60,7 @@ def demo_data(seed: int = 0, root: str | Path | None = None) -> dict[str, Path]:
             write_jsonl(partial / "tools_eval.jsonl", held_out)
             write_jsonl(partial / "tools_rl.jsonl", rl_rows(world, taken=sum_pairs(rows + held_out)))
             write_image_world(partial, seed=seed)
+            write_benchmark(world, partial / "harness", folder / "harness")
             (partial / ".complete").touch()
 
         _publish(folder, write)
@@ -67,6 +70,7 @@ def demo_data(seed: int = 0, root: str | Path | None = None) -> dict[str, Path]:
     paths["tools_rl"] = folder / "tools_rl.jsonl"  # GRPO's tool-use prompts (new numbers), scored on tools_eval
     paths["tools_rl_eval"] = paths["tools_eval"]
     paths["images"] = folder / "images"
+    paths["harness"] = folder / "harness"  # lm-evaluation-harness tasks (minimind/demo/benchmark.py)
     return paths
 
 
