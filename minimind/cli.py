@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-log", action="store_true", help="print the table only; log nothing to MLflow")
     evaluate.add_argument("--output", default=None, help="also write the harness's results as JSON here")
     evaluate.add_argument("--device", default=None)
+    evaluate.add_argument("--promote", default=None, metavar="ALIAS",
+                          help="move this alias (e.g. champion) here when the version passes --gate and beats its holder")
+    evaluate.add_argument("--gate", default=None, help='thresholds for --promote, e.g. "minimind_demo_facts/acc>=0.9,'
+                          'minimind_demo_addition>=0.5" (task/metric as logged, or task alone when it has one metric)')
 
     demo = commands.add_parser("demo", help="build, train briefly, save, reload, generate and export a tiny model")
     demo.add_argument("--preset", default="tiny")
@@ -282,11 +286,18 @@ def run_import(args) -> None:
 def run_eval(args) -> None:
     from lm_eval.utils import make_table
 
-    from minimind.driver.harness import log_results, run_harness
+    from minimind.driver.gate import parse_gate
+    from minimind.driver.harness import log_results, promote, run_harness, scores
 
+    if bool(args.promote) != bool(args.gate) or (args.promote and args.no_log):
+        raise SystemExit("minimind eval: --promote and --gate go together, and the comparison is logged (no --no-log)")
+    gate = parse_gate(args.gate) if args.gate else None
     tasks = [task for task in args.tasks.split(",") if task]
-    results = run_harness(args.model, tasks, args.include_path, args.limit, args.batch_size, not args.no_chat_template,
-                          args.device)
+
+    def evaluate(model: str) -> dict:
+        return run_harness(model, tasks, args.include_path, args.limit, args.batch_size, not args.no_chat_template, args.device)
+
+    results = evaluate(args.model)
     print(make_table(results))
     if results.get("groups"):
         print(make_table(results, "groups"))
@@ -295,6 +306,9 @@ def run_eval(args) -> None:
     if not args.no_log:
         run_id = log_results(args.model, results, {"harness.tasks": ",".join(tasks), "harness.limit": str(args.limit)})
         print(f"logged to MLflow run {run_id}")
+    if gate:
+        verdict = promote(args.model, args.promote, gate, scores(results), args.limit, evaluate)
+        print(f"@{args.promote}: {'promoted' if verdict.promoted else 'refused'} ({verdict.reason})")
 
 
 def run_demo(args) -> None:

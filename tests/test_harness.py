@@ -147,3 +147,58 @@ def test_the_demo_tasks_ask_every_fact_in_a_held_out_phrasing_and_the_held_out_a
     reason_eval = [json.loads(line) for line in demo_data(0)["reason_eval"].read_text(encoding="utf-8").splitlines()]
     asked = {r["conversations"][0]["content"] for r in reason_eval}
     assert len(additions) == 200 and sum(a["question"] in asked for a in additions) > 50  # the same pairs, phrasings drawn anew
+
+
+def test_the_gate_promotes_only_past_every_threshold_and_never_below_the_holder():
+    from minimind.driver.gate import judge, parse_gate
+
+    gate = parse_gate("local_mc>=0.5, local_gen/exact_match >= 0.25")
+    assert gate == {"local_mc": 0.5, "local_gen/exact_match": 0.25}
+    champion = {"harness/local_mc/acc": 0.75, "harness/local_gen/exact_match": 0.5}
+    better = {"harness/local_mc/acc": 1.0, "harness/local_gen/exact_match": 0.5}
+    assert judge(gate, better, None).promoted and judge(gate, better, champion).promoted
+    assert not judge(gate, champion, champion).promoted  # a tie does not move the alias
+    worse = {"harness/local_mc/acc": 1.0, "harness/local_gen/exact_match": 0.25}
+    refused = judge(gate, worse, champion)
+    assert not refused.promoted and "worse than the current holder: local_gen/exact_match" in refused.reason
+    below = judge(gate, {"harness/local_mc/acc": 0.25, "harness/local_gen/exact_match": 1.0}, None)
+    assert not below.promoted and below.reason.startswith("below the gate: local_mc 0.2500 < 0.5")
+    with pytest.raises(ValueError, match="several metrics; name one: facts/acc, facts/acc_norm"):
+        judge({"facts": 0.5}, {"harness/facts/acc": 1.0, "harness/facts/acc_norm": 1.0}, None)
+    with pytest.raises(ValueError, match="cannot read 'local_mc>0.5'"):
+        parse_gate("local_mc>0.5")
+
+
+def test_promote_moves_the_alias_only_for_a_version_that_passes_and_records_why_on_both(answering, tasks, mlflow_store,
+                                                                                       tmp_path, capsys):
+    """Version 1 knows the answers, version 2 guesses, version 3 knows them as well as version 1 does."""
+    import mlflow
+
+    from minimind import cli, tracking
+    from minimind.model.checkpoint import save_model
+
+    tracking.configure()
+    guessing = random_model(vocab_size=len(answering.tokenizer))
+    for index, model in enumerate((answering.model, guessing, answering.model)):
+        with mlflow.start_run(run_name=f"gated-{index}") as run:
+            folder = save_model(model, tmp_path / f"v{index}", answering.tokenizer)
+            tracking.register_model_dir(folder, "gated", run_id=run.info.run_id)
+    client = mlflow_client()
+
+    def gated(version: int, gate: str) -> str:
+        cli.main(["eval", f"models:/gated/{version}", "--tasks", "local_mc,local_gen", "--include-path", str(tasks),
+                  "--promote", "champion", "--gate", gate])
+        return capsys.readouterr().out.strip().splitlines()[-1]
+
+    assert gated(1, "local_mc>=0.9") == "@champion: promoted (passes the gate; no current holder)"
+    assert client.get_registered_model("gated").aliases == {"champion": 1}
+    assert gated(2, "local_mc>=0.9").startswith("@champion: refused (below the gate: local_mc 0.")
+    assert gated(2, "local_mc>=0").startswith("@champion: refused (worse than the current holder: local_mc 0.")
+    assert gated(3, "local_mc>=0.9") == ("@champion: refused (passes the gate but does not beat the current holder on any "
+                                         "gated figure)")
+    assert client.get_registered_model("gated").aliases == {"champion": 1}
+    second, holder = client.get_model_version("gated", "2"), client.get_model_version("gated", "1")
+    assert second.tags["gate.champion"] == "refused" and second.tags["gate.champion.holder"] == "v1"
+    assert json.loads(second.tags["gate.champion.scores"])["local_mc"]["holder"] == 1.0
+    assert holder.tags["gate.champion"] == "promoted" and holder.tags["gate.champion.challenged_by.v3"].startswith("refused: ")
+    assert tracking.model_source("models:/gated@champion")["source.version"] == "1"  # what the next stage starts from

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from minimind import tracking
 from minimind.demo import demo_data
+from minimind.driver.gate import Verdict, figure, judge
 from minimind.inference.chat import Chat
 from minimind.inference.harness import HarnessLM
 
@@ -78,3 +79,40 @@ def log_results(model: str, results: dict, tags: dict[str, str]) -> str:
         mlflow.log_text(json.dumps(results, ensure_ascii=False, indent=2, default=str), "harness/results.json")
         mlflow.set_tags({**({"harness.model": model} if not run_id else {}), **tags})
         return run.info.run_id
+
+
+def promote(model: str, alias: str, gate: dict[str, float], candidate: dict[str, float], limit: float | None,
+            evaluate) -> Verdict:
+    """Move `alias` to `model`'s version if `judge` says so; the comparison as tags on both versions. `evaluate(uri)`
+    scores the current holder when its run holds no scores of the same tasks and --limit."""
+    import mlflow
+
+    tracking.check_alias(alias)
+    source = tracking.model_source(model)
+    if "source.version" not in source:
+        raise ValueError(f"--promote needs a registered version (models:/NAME/VERSION, latest or @alias), not {model}")
+    name, version = source["source.name"], source["source.version"]
+    client = mlflow.MlflowClient()
+    holder = client.get_registered_model(name).aliases.get(alias)
+    champion = None
+    if holder is not None and str(holder) != version:
+        run = client.get_run(client.get_model_version(name, str(holder)).run_id)
+        recorded = {key: value for key, value in run.data.metrics.items() if key.startswith("harness/")}
+        try:
+            [figure(recorded, gated) for gated in gate]
+            same_settings = run.data.tags.get("harness.limit") == str(limit)
+        except ValueError:  # not scored on these tasks
+            same_settings = False
+        champion = recorded if same_settings else scores(evaluate(f"models:/{name}/{holder}"))
+    verdict = judge(gate, candidate, champion)
+    if verdict.promoted:
+        client.set_registered_model_alias(name, alias, version)
+    compared = json.dumps({key: {"candidate": mine, "holder": theirs} for key, (mine, theirs) in verdict.compared.items()})
+    client.set_model_version_tag(name, version, f"gate.{alias}", "promoted" if verdict.promoted else "refused")
+    client.set_model_version_tag(name, version, f"gate.{alias}.reason", verdict.reason)
+    client.set_model_version_tag(name, version, f"gate.{alias}.holder", f"v{holder}" if holder is not None else "none")
+    client.set_model_version_tag(name, version, f"gate.{alias}.scores", compared)
+    if champion is not None:
+        client.set_model_version_tag(name, str(holder), f"gate.{alias}.challenged_by.v{version}",
+                                      ("promoted: " if verdict.promoted else "refused: ") + verdict.reason)
+    return verdict

@@ -17,6 +17,7 @@ from minimind.tracking.registry import (
     ADAPTER_CONFIG_NAME,
     CONFIG_NAME,
     MODEL_MARKERS,
+    check_alias,
     first_line,
     model_source,
     pin,
@@ -29,10 +30,10 @@ from minimind.tracking.runs import end_parent_run, git_commit, log_data_file, lo
 from minimind.tracking.store import configure, default_tracking_uri, in_ray_package, local_store_path, project_root
 
 __all__ = [
-    "ADAPTER_CONFIG_NAME", "CONFIG_NAME", "MODEL_MARKERS", "configure", "default_tracking_uri", "end_parent_run", "first_line",
+    "ADAPTER_CONFIG_NAME", "check_alias", "CONFIG_NAME", "configure", "default_tracking_uri", "end_parent_run", "first_line",
     "git_commit", "in_ray_package", "local_store_path", "log_data_file", "log_loss_curve", "log_model_dir", "log_samples",
-    "model_source", "pin", "project_root", "recorded_lineage", "register_logged_model", "register_model_dir", "resolve_model",
-    "resolved_model", "start_parent_run",
+    "MODEL_MARKERS", "model_source", "pin", "project_root", "recorded_lineage", "register_logged_model",
+    "register_model_dir", "resolve_model", "resolved_model", "start_parent_run",
 ]
 
 
