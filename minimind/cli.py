@@ -23,6 +23,7 @@ from minimind.data.images import load_image
 from minimind.data.rows import IMAGE_MARKER
 from minimind.data.tools import CallNotParsed, check_calls, check_tools, parse_calls
 from minimind.demo import model_tour
+from minimind.driver.eval_flags import add_eval_flags
 from minimind.inference.chat import Chat
 from minimind.inference.generate import compile_for_decoding, stream_generate
 from minimind.model.config import PRESETS
@@ -100,21 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser(
         "eval", help="lm-evaluation-harness tasks on a model folder or models:/ URI, the scores logged on its MLflow run"
     )
-    evaluate.add_argument("model", help="model folder, or models:/NAME/VERSION|latest|@alias (adapters merged)")
-    evaluate.add_argument("--tasks", required=True, help="harness task or tag names, comma-separated "
-                          "(minimind_demo: the demo world's facts and additions, offline)")
-    evaluate.add_argument("--include-path", action="append", default=[], help="a folder of task YAML in the harness's format")
-    evaluate.add_argument("--limit", type=float, default=None, help="examples per task (a fraction when < 1)")
-    evaluate.add_argument("--batch-size", type=int, default=16)
-    evaluate.add_argument("--no-chat-template", action="store_true",
-                          help="score the raw prompt (default: the question as a chat turn, as the chat models were trained)")
-    evaluate.add_argument("--no-log", action="store_true", help="print the table only; log nothing to MLflow")
-    evaluate.add_argument("--output", default=None, help="also write the harness's results as JSON here")
-    evaluate.add_argument("--device", default=None)
-    evaluate.add_argument("--promote", default=None, metavar="ALIAS",
-                          help="move this alias (e.g. champion) here when the version passes --gate and beats its holder")
-    evaluate.add_argument("--gate", default=None, help='thresholds for --promote, e.g. "minimind_demo_facts/acc>=0.9,'
-                          'minimind_demo_addition>=0.5" (task/metric as logged, or task alone when it has one metric)')
+    add_eval_flags(evaluate)
 
     demo = commands.add_parser("demo", help="build, train briefly, save, reload, generate and export a tiny model")
     demo.add_argument("--preset", default="tiny")
@@ -284,31 +271,10 @@ def run_import(args) -> None:
 
 
 def run_eval(args) -> None:
-    from lm_eval.utils import make_table
+    from minimind.driver.eval_flags import evaluate_and_record
+    from minimind.driver.harness import run_harness
 
-    from minimind.driver.gate import parse_gate
-    from minimind.driver.harness import log_results, promote, run_harness, scores
-
-    if bool(args.promote) != bool(args.gate) or (args.promote and args.no_log):
-        raise SystemExit("minimind eval: --promote and --gate go together, and the comparison is logged (no --no-log)")
-    gate = parse_gate(args.gate) if args.gate else None
-    tasks = [task for task in args.tasks.split(",") if task]
-
-    def evaluate(model: str) -> dict:
-        return run_harness(model, tasks, args.include_path, args.limit, args.batch_size, not args.no_chat_template, args.device)
-
-    results = evaluate(args.model)
-    print(make_table(results))
-    if results.get("groups"):
-        print(make_table(results, "groups"))
-    if args.output:
-        Path(args.output).write_text(json.dumps(results, ensure_ascii=False, indent=2, default=str), encoding="utf-8")
-    if not args.no_log:
-        run_id = log_results(args.model, results, {"harness.tasks": ",".join(tasks), "harness.limit": str(args.limit)})
-        print(f"logged to MLflow run {run_id}")
-    if gate:
-        verdict = promote(args.model, args.promote, gate, scores(results), args.limit, evaluate)
-        print(f"@{args.promote}: {'promoted' if verdict.promoted else 'refused'} ({verdict.reason})")
+    evaluate_and_record(args, lambda model, tasks, settings: run_harness(model, tasks, args.include_path, **settings))
 
 
 def run_demo(args) -> None:

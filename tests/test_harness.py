@@ -202,3 +202,44 @@ def test_promote_moves_the_alias_only_for_a_version_that_passes_and_records_why_
     assert json.loads(second.tags["gate.champion.scores"])["local_mc"]["holder"] == 1.0
     assert holder.tags["gate.champion"] == "promoted" and holder.tags["gate.champion.challenged_by.v3"].startswith("refused: ")
     assert tracking.model_source("models:/gated@champion")["source.version"] == "1"  # what the next stage starts from
+
+
+def test_the_evaluation_job_spreads_tasks_over_ray_and_its_workers_read_only_staged_copies(answering, tasks, mlflow_store,
+                                                                                         tmp_path):
+    import shutil
+    import sys
+    from pathlib import Path
+
+    import mlflow
+
+    from minimind import storage, tracking
+    from minimind.driver.harness import evaluate_on_worker
+    from minimind.model.checkpoint import save_model
+
+    # The worker's side alone: the driver's folders are gone once staged, and the tasks still find their data.
+    driver_tasks = tmp_path / "driver-tasks"
+    driver_model = save_model(answering.model, tmp_path / "driver-model", answering.tokenizer)
+    shutil.copytree(tasks, driver_tasks)
+    for yaml in driver_tasks.glob("*.yaml"):
+        yaml.write_text(yaml.read_text(encoding="utf-8").replace(str(tasks), str(driver_tasks)), encoding="utf-8")
+    staged = [(str(driver_tasks), storage.stage_input(driver_tasks, str(tmp_path / "storage" / "tasks")))]
+    model_uri = storage.stage_input(driver_model, str(tmp_path / "storage" / "model"))
+    shutil.rmtree(driver_tasks)
+    shutil.rmtree(driver_model)
+    settings = {"limit": None, "batch_size": 16, "chat_template": True, "device": None, "seed": 0}
+    alone = evaluate_on_worker(model_uri, "answering", "local_mc", staged, settings)
+    assert alone["results"]["local_mc"]["acc,none"] == 1.0
+
+    # The job: one Ray task per named task, the results merged and logged on the version's run.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+    import evaluate as evaluate_job
+
+    tracking.configure()
+    with mlflow.start_run(run_name="job") as run:
+        version = tracking.register_model_dir(save_model(answering.model, tmp_path / "m", answering.tokenizer), "job-eval",
+                                              run_id=run.info.run_id)
+    results = evaluate_job.main(["--model", f"models:/job-eval/{version.version}", "--tasks", "local_mc,local_gen",
+                                 "--include-path", str(tasks), "--storage-path", str(tmp_path / "ray-storage")])
+    assert set(results["results"]) == {"local_mc", "local_gen"}
+    logged = mlflow_client().get_run(run.info.run_id).data.metrics
+    assert logged["harness/local_mc/acc"] == 1.0 and logged["harness/local_gen/exact_match"] == 1.0

@@ -13,10 +13,14 @@ Where the scores go: a registered version's run (`models:/NAME/VERSION`, `@alias
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
+import time
 from functools import lru_cache
 from pathlib import Path
 
-from minimind import tracking
+from minimind import storage, tracking
 from minimind.demo import demo_data
 from minimind.driver.gate import Verdict, figure, judge
 from minimind.inference.chat import Chat
@@ -46,22 +50,84 @@ def task_manager(include_paths: tuple[str, ...]):
     return TaskManager(include_path=list(include_paths))
 
 
-def run_harness(model: str, tasks: list[str], include_paths: list[str] = (), limit: float | None = None,
-                batch_size: int = 16, chat_template: bool = True, device: str | None = None, seed: int = 0) -> dict:
-    """The harness's results for `model` on `tasks` (its full results dict, samples left out)."""
-    from lm_eval import simple_evaluate
+def task_folders(include_paths, seed: int = 0) -> list[str]:
+    """The folders of task YAML a run looks in: the demo's (written with the demo data), then the user's."""
+    return [str(demo_data(seed)["harness"]), *(str(Path(path).resolve()) for path in include_paths)]
 
-    tasks_known = task_manager((str(demo_data(seed)["harness"]), *map(str, include_paths)))
-    unknown = [task for task in tasks if task not in tasks_known.all_tasks]
+
+def check_tasks(tasks: list[str], folders: list[str]) -> None:
+    unknown = [task for task in tasks if task not in task_manager(tuple(folders)).all_tasks]
     if unknown:
         raise SystemExit(f"unknown harness task(s): {', '.join(unknown)} (local tasks: --include-path DIR holding their YAML)")
-    with tracking.resolved_model(model) as folder:
-        harness_model = HarnessLM(Chat.load(folder, device=device), name=Path(model).name or model, batch_size=batch_size)
-        results = simple_evaluate(model=harness_model, tasks=tasks, task_manager=tasks_known, limit=limit,
-                                  apply_chat_template=chat_template, log_samples=False, bootstrap_iters=1000,
-                                  random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+
+
+def evaluate_folder(folder: Path, name: str, tasks: list[str], folders: list[str], settings: dict) -> dict:
+    """The harness's results (samples left out) for the model in `folder`. `settings`: limit, batch_size,
+    chat_template, device, seed."""
+    from lm_eval import simple_evaluate
+
+    seed = settings["seed"]
+    harness_model = HarnessLM(Chat.load(folder, device=settings["device"]), name=name, batch_size=settings["batch_size"])
+    results = simple_evaluate(model=harness_model, tasks=tasks, task_manager=task_manager(tuple(folders)),
+                              limit=settings["limit"], apply_chat_template=settings["chat_template"], log_samples=False,
+                              bootstrap_iters=1000,
+                              random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
     results.pop("samples", None)
     return results
+
+
+def run_harness(model: str, tasks: list[str], include_paths=(), **settings) -> dict:
+    """`tasks` on `model` (a folder or models:/ URI) in this process."""
+    folders = task_folders(include_paths, settings["seed"])
+    check_tasks(tasks, folders)
+    with tracking.resolved_model(model) as folder:
+        return evaluate_folder(folder, Path(model).name or model, tasks, folders, settings)
+
+
+def run_harness_on_cluster(model: str, tasks: list[str], include_paths=(), storage_path: str | None = None,
+                           cpus_per_task: int = 1, **settings) -> dict:
+    """`tasks` on `model`, one Ray task per named task (a group or tag stays whole, so its aggregate is the
+    harness's own), spread over the cluster; their results merged. The model and the task folders are staged on
+    the run's storage first: a worker reads nothing from the driver's disk."""
+    import ray
+
+    from minimind.driver.inputs import start_ray, storage_path_of
+
+    folders = task_folders(include_paths, settings["seed"])
+    check_tasks(tasks, folders)
+    start_ray()
+    inputs = storage.join(storage_path_of(storage_path), f"eval-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}", "inputs")
+    with tracking.resolved_model(model) as folder:
+        model_uri = storage.stage_input(folder, storage.join(inputs, "model"))
+    staged = [(path, storage.stage_input(path, storage.join(inputs, f"tasks-{index}"))) for index, path in enumerate(folders)]
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    on_worker = ray.remote(num_cpus=cpus_per_task, num_gpus=1 if use_gpu else 0)(evaluate_on_worker)
+    name = Path(model).name or model
+    parts = ray.get([on_worker.remote(model_uri, name, task, staged, settings, cpus_per_task) for task in tasks])
+    merged = parts[0]
+    for part in parts[1:]:
+        for key, value in part.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key].update(value)
+    return merged
+
+
+def evaluate_on_worker(model_uri: str, name: str, task: str, staged: list[tuple[str, str]], settings: dict,
+                       threads: int | None = None) -> dict:
+    """One task on a worker (`threads`: its CPUs): the model and task folders fetched from storage; the folders'
+    YAML, which name their data files by the driver's paths, rewritten to this node's copies."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    folders = []
+    for driver_path, uri in staged:
+        local = Path(tempfile.mkdtemp(prefix="minimind-tasks-")) / "tasks"
+        shutil.copytree(storage.fetch(uri), local)
+        for yaml in local.rglob("*.yaml"):
+            yaml.write_text(yaml.read_text(encoding="utf-8").replace(driver_path, str(local)), encoding="utf-8")
+        folders.append(str(local))
+    return evaluate_folder(storage.fetch(model_uri), name, [task], folders, settings)
 
 
 def log_results(model: str, results: dict, tags: dict[str, str]) -> str:
