@@ -20,7 +20,7 @@ LORA = dict(QUICK, lora_rank=4, lora_alpha=8.0, lora_targets="q_proj,v_proj,ffn"
 IDS = torch.arange(3, 40).reshape(1, -1)
 
 
-def test_a_lora_job_trains_adapters_that_name_their_base_resumes_exactly_and_merges(mlflow_store, tmp_path):
+def test_a_lora_job_trains_adapters_that_name_their_base_resumes_exactly_and_merges(mlflow_store, tmp_path, fast_train_polls):
     base = run_stage(PretrainConfig(**QUICK), "pretrain")
     straight = run_stage(SFTConfig(**LORA), "sft")
 

@@ -22,7 +22,7 @@ def home(ray_cluster, tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_pipeline_runs_every_stage_and_each_improves_its_heldout_metric(home, capsys, monkeypatch):
+def test_pipeline_runs_every_stage_and_each_improves_its_heldout_metric(home, capsys, monkeypatch, fast_train_polls):
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
     results = pipeline.main(["--scale", "0.03", "--eval-limit", "8", "--report", str(home / "docs" / "results.md")])
     by_stage = {result.stage: result for result in results}
