@@ -17,17 +17,23 @@ from pathlib import Path
 
 from minimind.demo.world import ADDITION_QUESTIONS, ATTRIBUTES, HELD_OUT_QUESTIONS, STATEMENTS, World, addition_problems
 
-FACTS_YAML = """task: minimind_demo_facts
+# Both tasks read a JSONL file through the harness's `json` dataset; {data} is its path, quoted.
+HEADER = """task: {task}
 tag: minimind_demo
 dataset_path: json
 dataset_kwargs:
   data_files:
     test: {data}
 test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
+"""
+FOOTER = """metadata:
+  version: 1.0
+"""
+
+FACTS = """output_type: multiple_choice
+doc_to_text: "{{question}}"
+doc_to_choice: "{{choices}}"
+doc_to_target: "{{answer}}"
 target_delimiter: ""
 metric_list:
   - metric: acc
@@ -36,20 +42,11 @@ metric_list:
   - metric: acc_norm
     aggregation: mean
     higher_is_better: true
-metadata:
-  version: 1.0
 """
 
-ADDITION_YAML = """task: minimind_demo_addition
-tag: minimind_demo
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: generate_until
-doc_to_text: "{{{{question}}}}"
-doc_to_target: "{{{{answer}}}}"
+ADDITION = """output_type: generate_until
+doc_to_text: "{{question}}"
+doc_to_target: "{{answer}}"
 generation_kwargs:
   until: ["</answer>"]
   max_gen_toks: 256
@@ -65,8 +62,6 @@ metric_list:
   - metric: exact_match
     aggregation: mean
     higher_is_better: true
-metadata:
-  version: 1.0
 """
 
 
@@ -96,7 +91,7 @@ def write_benchmark(world: World, folder: Path, final_folder: Path) -> None:
     """The two tasks' YAML and JSONL into `folder`, their YAML naming the JSONL where `folder` will be published
     (`final_folder`)."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name, yaml, docs in (("facts", FACTS_YAML, fact_choices(world)), ("addition", ADDITION_YAML, held_out_additions(world))):
+    for name, body, docs in (("facts", FACTS, fact_choices(world)), ("addition", ADDITION, held_out_additions(world))):
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
-        (folder / f"minimind_demo_{name}.yaml").write_text(yaml.format(data=json.dumps(str(final_folder / f"{name}.jsonl"))),
-                                                          encoding="utf-8")
+        header = HEADER.format(task=f"minimind_demo_{name}", data=json.dumps(str(final_folder / f"{name}.jsonl")))
+        (folder / f"minimind_demo_{name}.yaml").write_text(header + body + FOOTER, encoding="utf-8")
