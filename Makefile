@@ -8,7 +8,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: demo test install clean
+.PHONY: demo test test-export install clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ demo: install
 test: install
 	$(PY) -m ruff check .
 	$(PY) -m pytest
+
+# GGUF files checked in llama.cpp itself: llama-cpp-python builds llama.cpp from source (about 6 minutes
+# on 2 cores, once; pip caches the wheel), so it is a target of its own, which .ci/run also runs.
+test-export: install
+	$(PY) -m pip install --quiet -e ".[llama-cpp]"
+	$(PY) -m pytest -m llama_cpp tests/test_gguf.py
 
 clean:
 	rm -rf $(VENV) checkpoints mlruns ray_results bench/results

@@ -3,7 +3,8 @@
     minimind generate --model DIR --prompt "从前有座山"
     minimind chat --model DIR                       # interactive, with the tokenizer's chat template
     minimind chat --model VLM_DIR --image cat.png --prompt "图中有什么？"   # MiniMind-V
-    minimind export-hf SRC_DIR OUT_DIR              # Hugging Face Llama (or Qwen3, for minimind-3) directory
+    minimind export MODEL out.gguf --quant q8_0     # one GGUF file for llama.cpp / Ollama (MODEL: folder or models:/ URI)
+    minimind export MODEL OUT_DIR                   # Hugging Face Llama (or Qwen3, for minimind-3) directory (also export-hf)
     minimind merge-lora ADAPTER OUT_DIR             # LoRA adapters (folder or models:/ URI) merged into their base
     minimind import full_sft_512.pth OUT_DIR --tokenizer MINIMIND_TOKENIZER_DIR [--register-as NAME]
     minimind eval MODEL --tasks minimind_demo       # lm-evaluation-harness tasks (any task it knows; --include-path DIR)
@@ -27,6 +28,7 @@ from minimind.driver.eval_flags import add_eval_flags
 from minimind.inference.chat import Chat
 from minimind.inference.generate import compile_for_decoding, stream_generate
 from minimind.model.config import PRESETS
+from minimind.model.gguf_export import QUANTS, export_gguf
 from minimind.model.hf import export_hf, import_model
 from minimind.model.lora import ADAPTER_CONFIG_NAME, LoRAConfig, is_adapter_dir, merge_adapter_dir
 from minimind.model.vision import is_vlm_dir
@@ -70,10 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
                       "each call is shown and its result asked for (one turn with --prompt: the call is the end)")
 
     export = commands.add_parser(
+        "export", help="a GGUF file (llama.cpp, Ollama) or a Hugging Face Llama/Qwen3 folder (transformers, vLLM)"
+    )
+    export.add_argument("source", help="model folder, or its models:/ or runs:/ URI (LoRA adapters are merged first)")
+    export.add_argument("destination", help="output .gguf file or folder")
+    export.add_argument("--format", choices=["gguf", "hf"], default=None,
+                        help="default: gguf when DESTINATION ends in .gguf, else hf")
+    export.add_argument("--quant", choices=QUANTS, default="f16",
+                        help="GGUF weights: f16, q8_0 (8-bit blocks, about half of f16's bytes) or f32")
+    export_hf_command = commands.add_parser(
         "export-hf", help="write a Hugging Face LlamaForCausalLM directory (Qwen3ForCausalLM for a minimind-3 model)"
     )
-    export.add_argument("source", help="MiniMind model directory")
-    export.add_argument("destination", help="output directory")
+    export_hf_command.add_argument("source", help="model folder, or its models:/ or runs:/ URI")
+    export_hf_command.add_argument("destination", help="output directory")
 
     merge = commands.add_parser("merge-lora", help="fold LoRA adapters into their base model: a plain model folder")
     merge.add_argument("adapter", help="a LoRA adapter folder (a --lora-rank job's result) or its models:/ or runs:/ URI")
@@ -229,8 +240,22 @@ def _read_turns():
 
 
 def run_export(args) -> None:
-    destination = export_hf(args.source, args.destination)
-    print(f"wrote {destination}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(destination)!r})")
+    from contextlib import ExitStack
+
+    chosen = "hf" if args.command == "export-hf" else args.format or ("gguf" if args.destination.endswith(".gguf") else "hf")
+    with ExitStack() as loading:
+        source = args.source
+        if not Path(source).is_dir() or is_adapter_dir(source):
+            from minimind import tracking  # MLflow, imported only when a command needs it (seconds)
+
+            source = loading.enter_context(tracking.resolved_model(source))
+        if chosen == "gguf":
+            destination = export_gguf(source, args.destination, quant=args.quant)
+            print(f"wrote {destination} ({destination.stat().st_size / 2**20:.1f} MiB, {args.quant}): "
+                  f"llama-cli -m {destination} -cnv, or llama_cpp.Llama(model_path={str(destination)!r})")
+        else:
+            destination = export_hf(source, args.destination)
+            print(f"wrote {destination}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(destination)!r})")
 
 
 def run_merge_lora(args) -> None:
@@ -287,6 +312,7 @@ def main(argv: list[str] | None = None) -> None:
         {
             "generate": run_generate,
             "chat": run_chat,
+            "export": run_export,
             "export-hf": run_export,
             "merge-lora": run_merge_lora,
             "import": run_import,

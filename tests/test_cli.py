@@ -48,7 +48,7 @@ def test_export_hf_command(model_dir, tmp_path, capsys):
 
     assert AutoTokenizer.from_pretrained(tmp_path / "hf")("hello").input_ids  # the tokenizer travels with the export
     assert "AutoModelForCausalLM" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="is not a MiniMind model directory"):
+    with pytest.raises(SystemExit, match="nowhere is neither a directory nor a models:/ or runs:/ URI"):
         main(["export-hf", str(tmp_path / "nowhere"), str(tmp_path / "out")])
 
 
