@@ -3,6 +3,7 @@ loopback, with in-replica batching and without it (max batch size 1).
 
     python bench/serve.py                                  # demo-sized model, 1 and 16 clients, 64 tokens each
     python bench/serve.py --model models:/minimind-reason/latest --clients 1 4 16 --max-tokens 128
+    python bench/serve.py --engine vllm --preset minimind2-small     # the same clients against vLLM (GPU, ray[llm])
 
 Reports total tokens/s, p50/p99 time to first token and inter-token latency per setting. The default
 model is a random demo-preset model whose special tokens never win, so every reply is exactly
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import statistics
 import sys
@@ -63,6 +65,9 @@ def start_local_serve(num_cpus: float) -> str:
     return f"http://127.0.0.1:{port}"
 
 
+NON_EMPTY_CONTENT = re.compile(rb'"content": ?"[^"]')  # ours writes ": ", vLLM ":"
+
+
 def one_client(url: str, max_tokens: int, prompt: str, timeout: float) -> dict:
     body = json.dumps({"model": "minimind", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
                        "stream": True, "stream_options": {"include_usage": True}, "temperature": 0}).encode()
@@ -71,9 +76,11 @@ def one_client(url: str, max_tokens: int, prompt: str, timeout: float) -> dict:
     arrivals, tokens = [], 0
     with urllib.request.urlopen(request, timeout=timeout) as response:
         for line in response:
-            if line.startswith(b"data: {") and b'"content": "' in line and b'"content": ""' not in line:
+            if not line.startswith(b"data: {"):
+                continue
+            if NON_EMPTY_CONTENT.search(line):
                 arrivals.append(time.perf_counter())
-            elif line.startswith(b"data: {") and b'"usage"' in line:
+            if b'"completion_tokens"' in line:  # the usage chunk (vLLM also sends "usage": null before it)
                 tokens = json.loads(line[6:])["usage"]["completion_tokens"]
     return {"started": started, "arrivals": arrivals, "tokens": tokens, "ended": time.perf_counter()}
 
@@ -116,6 +123,40 @@ def run_setting(base: str, clients: int, max_tokens: int, timeout: float) -> dic
     }
 
 
+def bench_vllm(args) -> None:
+    """The same clients against vLLM replicas; where there is no GPU or no vLLM, says so and records why."""
+    import importlib.util
+
+    import torch
+
+    missing = ("no CUDA GPU" if not torch.cuda.is_available() else
+               "vLLM is not installed (pip install 'ray[llm]')" if importlib.util.find_spec("vllm") is None else None)
+    if missing:
+        print(f"bench/serve.py --engine vllm: skipped: {missing}")
+        write_results("serve_vllm", {"skipped": missing})
+        return
+    import ray
+    from ray import serve
+
+    from minimind.serve.vllm_app import build_vllm_app, llm_config, stage_hf_folder
+
+    work = Path(tempfile.mkdtemp(prefix="bench-serve-vllm-"))
+    model = args.model or random_demo_model(work / "model", args.preset)
+    base = start_local_serve(args.num_cpus)
+    rows = []
+    try:
+        serve.run(build_vllm_app([llm_config("minimind", stage_hf_folder(model, str(work / "storage")))]), name="bench",
+                  route_prefix="/")
+        run_setting(base, 1, 8, args.timeout)  # warm-up
+        for clients in args.clients:
+            rows.append({"engine": "vllm", **run_setting(base, clients, args.max_tokens, args.timeout)})
+            print_table(rows[-1:], list(rows[-1]))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    print(f"results: {write_results('serve_vllm', {'model': model, 'preset': args.preset, 'max_tokens': args.max_tokens, 'rows': rows})}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model URI or directory (default: a random model of --preset)")
@@ -126,7 +167,11 @@ def main(argv=None):
     parser.add_argument("--num-cpus", type=float, default=float(os.cpu_count()), help="CPUs (torch threads) of the replica")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 1], help="max batch sizes to compare (1: no batching)")
     parser.add_argument("--timeout", type=float, default=300)
+    parser.add_argument("--engine", choices=["minimind", "vllm"], default="minimind",
+                        help="vllm: the model exported to Hugging Face format in vLLM through Ray Serve LLM (needs a GPU)")
     args = parser.parse_args(argv)
+    if args.engine == "vllm":
+        return bench_vllm(args)
 
     import ray
     import torch

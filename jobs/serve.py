@@ -6,6 +6,7 @@
     python jobs/serve.py --host 0.0.0.0 --api-key-file /run/secrets/minimind-key   # the key from a file
     python jobs/serve.py --num-gpus 1 --wait-for-nodes --placement-timeout-s 900  # GPU nodes the autoscaler starts
     serve run serve_config.yaml                   # the same app from a Serve config file
+    python jobs/serve.py --engine vllm --text models:/minimind-sft/3   # vLLM replicas (Ray Serve LLM), GPU only
 
 Then: curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
         -d '{"model": "minimind", "messages": [{"role": "user", "content": "你好"}]}'
@@ -52,6 +53,14 @@ def parse(argv=None):
         "--vision", default="models:/minimind-vlm-sft/latest", help="the vision model `minimind-v` (default: %(default)s)"
     )
     parser.add_argument("--no-vision", action="store_true", help="serve the text model only")
+    parser.add_argument(
+        "--engine", choices=["minimind", "vllm"], default="minimind",
+        help="minimind: our continuous-batching engine (CPU or GPU, text and vision); vllm: the text model as a "
+        "Hugging Face folder in vLLM through Ray Serve LLM (needs a GPU and `pip install 'ray[llm]'`)",
+    )
+    parser.add_argument("--accelerator-type", default=None, help="--engine vllm: the GPU type to place on, e.g. H100")
+    parser.add_argument("--storage-path", default=None,
+                        help="--engine vllm: where the exported folder is staged for the replicas (default: ray_results/)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s; 0.0.0.0 exposes it)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(
@@ -248,6 +257,31 @@ def deploy(app, settings, timeout_s: float, name: str = "minimind", route_prefix
         time.sleep(0.5)
 
 
+def serve_with_vllm(args) -> None:
+    from ray import serve
+
+    from minimind.driver.inputs import storage_path_of
+    from minimind.serve.vllm_app import build_vllm_app, import_serve_llm, llm_config, refuse_without_gpu, stage_hf_folder
+
+    if not args.wait_for_nodes:
+        refuse_without_gpu(cluster_now()[0])
+    import_serve_llm()  # before exporting anything
+    if not args.no_vision:
+        print("--engine vllm serves the text model only (MiniMind-V has no vLLM architecture)", file=sys.stderr)
+    from minimind import tracking
+
+    tracking.configure()
+    staged = stage_hf_folder(args.text, storage_path_of(args.storage_path))
+    config = llm_config("minimind", staged, args.replicas, args.max_replicas, args.accelerator_type)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"WARNING: serving on {args.host}: Ray Serve LLM's app checks no API key", file=sys.stderr)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(build_vllm_app([config]), name="minimind", route_prefix="/")
+    print(f"serving {args.text} in vLLM on http://{args.host}:{args.port}/v1 (model name: minimind)")
+    while not args.detach:  # until Ctrl-C
+        time.sleep(10)
+
+
 def main(argv=None):
     import ray
     from ray import serve
@@ -258,6 +292,8 @@ def main(argv=None):
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not ray.is_initialized():
         ray.init()
+    if args.engine == "vllm":
+        return serve_with_vllm(args)
     settings = settings_from(args)
     if not args.wait_for_nodes and (missing := shortfall(settings, *cluster_now())):
         raise SystemExit(f"this cluster cannot place the app: {missing} (for nodes an autoscaler starts, pass --wait-for-nodes)")
