@@ -154,7 +154,8 @@ def bench_vllm(args) -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
-    print(f"results: {write_results('serve_vllm', {'model': model, 'preset': args.preset, 'max_tokens': args.max_tokens, 'rows': rows})}")
+    path = write_results("serve_vllm", {"model": model, "preset": args.preset, "max_tokens": args.max_tokens, "rows": rows})
+    print(f"results: {path}")
 
 
 def main(argv=None):
