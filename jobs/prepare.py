@@ -7,6 +7,7 @@ before training.
     python jobs/prepare.py --stage sft --data s3://bucket/sft_mini_512.jsonl --tokenizer models:/minimind-pretrain/3 \
         --seq-len 512 --storage-path s3://bucket/minimind/ray_results
     ray job submit --working-dir . -- python jobs/prepare.py --stage pretrain --data s3://bucket/pretrain_hq.jsonl ...
+    python jobs/prepare.py --stage pretrain --eval-tasks minimind_demo     # and the 13-gram contamination check
 
 The same file, tokenizer and settings are never prepared twice: the output folder is named after them,
 and it is reused only when the file's whole content has the digest its manifest recorded. Long work shows
@@ -47,6 +48,12 @@ class PrepareConfig:
     prepared: str | None = option("where prepared data is kept (default: <storage-path>/prepared)", default=None)
     chunk_mb: int = option("MB of the file per Ray task (one shard each)", default=32)
     seed: int = option("without --data: the demo world of this seed (the stage job's --seed)", default=0)
+    eval_tasks: str | None = option(
+        "lm-evaluation-harness tasks, comma-separated (e.g. ceval-valid,cmmlu; minimind_demo offline): report which of "
+        "their documents share a 13-gram with the data (contamination.json in the prepared folder)",
+        default=None,
+    )
+    eval_include_path: str | None = option("a folder of harness task YAML for --eval-tasks", default=None)
 
 
 def main(argv: list[str] | None = None):
@@ -97,7 +104,25 @@ def main(argv: list[str] | None = None):
         f"prepared data: {prepared.location}"
         + ("" if prepared.reused else f" (report: {prepared.location}/report.json, report.png)")
     )
+    if config.eval_tasks:
+        check_eval_tasks(config, data, rows_spec.kind, prepared.location)
     return prepared
+
+
+def check_eval_tasks(config: PrepareConfig, data: str, kind: str, location: str) -> dict:
+    from minimind.data.contamination import EvalSet
+    from minimind.data.parquet import is_parquet
+    from minimind.data.prepare import check_contamination
+    from minimind.driver.harness import task_documents
+
+    if is_parquet(data):
+        raise SystemExit("--eval-tasks checks JSONL data; Parquet data is not checked for contamination yet")
+    tasks = [task.strip() for task in config.eval_tasks.split(",") if task.strip()]
+    include = [config.eval_include_path] if config.eval_include_path else []
+    report = check_contamination(data, kind, EvalSet(task_documents(tasks, include, config.seed)), location,
+                                 chunk_bytes=config.chunk_mb << 20)
+    print(f"contamination report: {location}/contamination.json")
+    return report
 
 
 if __name__ == "__main__":

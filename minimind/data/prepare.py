@@ -43,6 +43,7 @@ import numpy as np
 
 from minimind import storage
 from minimind.data import report as data_report
+from minimind.data.contamination import EvalSet, N, Overlap, contamination_report
 from minimind.data.rows import DataFormatError, StageData, is_blank, stage_arrays, validate_record
 from minimind.data.shards import FORMAT_VERSION, MANIFEST, pack_rows, token_dtype, write_array, write_text
 from minimind.model.tokenizer import Markers
@@ -295,6 +296,33 @@ def publish(location: str, identity: dict, encoded: list[dict], stage: StageData
         f"({size / 1e6 / max(seconds, 1e-9):.1f} MB/s)" + "".join(f"\n[prepare] flag: {flag}" for flag in report["flags"])
     )
     return Prepared(location, manifest, reused=False, seconds=seconds)
+
+
+def check_contamination(source: str, kind: str, evaluation: EvalSet, location: str, chunk_bytes: int = CHUNK_BYTES,
+                        read_from: str | None = None, say=print) -> dict:
+    """Which documents of `evaluation` share a 13-gram with `source`'s records (`minimind.data.contamination`),
+    over the Ray cluster: one task per chunk, as preparation's, `evaluation` sent to each once. The report goes to
+    `location`/contamination.json (the prepared folder) and is returned; each worst example names its file line."""
+    source = source if storage.is_uri(source) else os.path.abspath(source)
+    size = source_fingerprint(source)["size"]
+    chunks = chunk_bounds(read_from or source, size, chunk_bytes)
+    specs = [{"index": i, "start": start, "end": end, "source": read_from or source, "kind": kind, "size": size}
+             for i, (start, end) in enumerate(chunks)]
+    # bad lines were stopped or counted when the data was prepared: here they are only passed over
+    parts = _run(source, specs, {"mode": "contamination", "skip_bad": True, "evaluation": evaluation},
+                 f"checking {len(evaluation.doc_text):,} evaluation documents for {N}-grams of the data")
+    lines_before = np.cumsum([0] + [part["lines"] for part in parts])
+    name = source.rstrip("/").rsplit("/", 1)[-1]
+    report = contamination_report(evaluation, Overlap.merge([part["overlap"] for part in parts]),
+                                  where=lambda found: f"{name}:{lines_before[found[0]] + found[1]}")
+    filesystem, folder = storage.filesystem_of(location)
+    write_text(filesystem, f"{folder}/contamination.json", json.dumps(report, indent=1, ensure_ascii=False))
+    for task, figures in report["tasks"].items():
+        say(f"[prepare] {task}: {figures['dirty']} of {figures['checked']} checked documents share a {N}-gram with "
+            f"{name} ({figures['dirty_rate']:.1%}; {figures['too_short']} too short to check)")
+    for flag in report["flags"]:
+        say(f"[prepare] flag: {flag}")
+    return report
 
 
 def _run(source: str, specs: list[dict], task_settings: dict, doing: str) -> list[dict]:
@@ -560,10 +588,11 @@ def process_chunk(
     stage: StageData | None = None,
     marker_ids=None,
     output: str | None = None,
+    evaluation: EvalSet | None = None,
 ) -> dict:
-    """Validate (and in "encode" mode, hash, tokenize and write) the lines of one byte range of the
-    source. Records are encoded BATCH_RECORDS at a time and kept only as arrays: a task's memory is its
-    chunk's bytes and tokens, whatever the file's size."""
+    """Validate (and in "encode" mode, hash, tokenize and write; in "contamination" mode, look up in
+    `evaluation`) the lines of one byte range of the source. Records are encoded BATCH_RECORDS at a time and
+    kept only as arrays: a task's memory is its chunk's bytes and tokens, whatever the file's size."""
     start, end, kind = spec["start"], spec["end"], spec["kind"]
     raw = _read_range(spec["source"], start, end)
     summary = {
@@ -584,6 +613,7 @@ def process_chunk(
     stats, span, file_size = summary["stats"], (end - start) / max(1, spec["size"]), max(1, spec["size"])
     hashes, batch, dropped = [], [], set(spec.get("drop", []))
     encoder = ChunkEncoder(tokenizer, stage, marker_ids, summary) if mode == "encode" else None
+    overlap = summary["overlap"] = Overlap() if mode == "contamination" else None
     number = 0
     for number, (line, share) in enumerate(_lines(raw, start == 0), start=1):
         if isinstance(line, UnicodeDecodeError):
@@ -597,6 +627,8 @@ def process_chunk(
                 reason = str(error)
             else:
                 hashes.append(record_hash(record, kind))
+                if overlap is not None:
+                    overlap.add(evaluation, record_text(record, kind)[0], (spec["index"], number))
                 if encoder is None or len(hashes) - 1 in dropped:
                     continue
                 recorded_text, empty = record_text(record, kind)

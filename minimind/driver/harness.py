@@ -61,6 +61,34 @@ def check_tasks(tasks: list[str], folders: list[str]) -> None:
         raise SystemExit(f"unknown harness task(s): {', '.join(unknown)} (local tasks: --include-path DIR holding their YAML)")
 
 
+def document_text(task, doc) -> str:
+    """One evaluation document as text: the task's prompt, then its right answer (a choice's text, not its index)."""
+    target = task.doc_to_target(doc)
+    if task.OUTPUT_TYPE == "multiple_choice" and isinstance(target, int):
+        target = task.doc_to_choice(doc)[target]
+    return f"{task.doc_to_text(doc)} {target}"
+
+
+def task_documents(tasks: list[str], include_paths=(), seed: int = 0) -> dict[str, list[str]]:
+    """Each named task's evaluation documents as text, groups and tags expanded to their tasks: what the data
+    report's contamination check looks for in training data."""
+    from lm_eval.tasks import get_task_dict
+
+    folders = task_folders(include_paths, seed)
+    check_tasks(tasks, folders)
+    documents: dict[str, list[str]] = {}
+
+    def collect(tree: dict) -> None:
+        for name, task in tree.items():
+            if isinstance(task, dict):
+                collect(task)
+            else:
+                documents[name] = [document_text(task, doc) for doc in task.eval_docs]
+
+    collect(get_task_dict(tasks, task_manager(tuple(folders))))
+    return documents
+
+
 def evaluate_folder(folder: Path, name: str, tasks: list[str], folders: list[str], settings: dict) -> dict:
     """The harness's results (samples left out) for the model in `folder`. `settings`: limit, batch_size,
     chat_template, device, seed."""
