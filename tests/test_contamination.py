@@ -39,7 +39,8 @@ def test_each_dirty_document_is_traced_to_its_file_line_across_chunks(ray_cluste
     records[52] = sft_record("请问海边的灯塔每天晚上几点亮起来？", "晚上七点。")
     source = tmp_path / "sft.jsonl"
     source.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    evaluation = EvalSet({"quiz": [QUESTION, HALF, "一个与训练数据毫无关系的问题，它的答案也完全不同，所以是干净的。"], "tiny": ["是吗 是的"]})
+    clean = "一个与训练数据毫无关系的问题，它的答案也完全不同，所以是干净的。"
+    evaluation = EvalSet({"quiz": [QUESTION, HALF, clean], "tiny": ["是吗 是的"]})
     said = []
     report = check_contamination(str(source), "sft", evaluation, str(tmp_path), chunk_bytes=2_000, say=said.append)
     quiz, tiny = report["tasks"]["quiz"], report["tasks"]["tiny"]
