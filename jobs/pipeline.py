@@ -95,6 +95,12 @@ def main(argv: list[str] | None = None) -> list:
     )
     parser.add_argument("--text-only", action="store_true", help="stop after the text stages")
     parser.add_argument(
+        "--harness-tasks",
+        default="minimind_demo",
+        help="lm-evaluation-harness tasks run on every text stage's model, scores logged on its registered version "
+        "('' for none; at most --eval-limit documents per task)",
+    )
+    parser.add_argument(
         "--generation",
         choices=sorted(GENERATIONS),
         default="minimind2",
@@ -181,12 +187,14 @@ def run_pipeline(args: argparse.Namespace, seed: int) -> tuple[list, dict, str]:
                 f"{result.before.get(key, float('nan')):7.3f}  {value:7.3f}"
             )
     print(f"whole pipeline: {total:.0f}s")
+    harness = _harness_scores(args, results, seed)
     answers = _show_answers({stage: by_stage[stage].model_dir for stage in TEXT_STAGES if stage in by_stage}, seed)
     pictures = _show_pictures(
         {stage: by_stage[stage].model_dir for stage in ("vlm_pretrain", "vlm_sft") if stage in by_stage}, seed
     )
     metrics = {"pipeline/seconds": total} | {f"{r.stage}/seconds": r.seconds for r in results}
     metrics |= {f"{r.stage}/{key.removeprefix('eval/')}": value for r in results for key, value in r.after.items()}
+    metrics |= {f"{stage}/{key}": value for stage, found in harness.items() for key, value in found.items()}
     metrics |= {
         f"{stage}/{key}": found[key]
         for stage, found in pictures.items()
@@ -221,8 +229,33 @@ def run_pipeline(args: argparse.Namespace, seed: int) -> tuple[list, dict, str]:
         "stages": stages,
         "answers": answers,
         "pictures": pictures,
+        "harness": harness,
     }
     return results, run_results, parent
+
+
+def _harness_scores(args: argparse.Namespace, results: list, seed: int) -> dict[str, dict[str, float]]:
+    """`--harness-tasks` on every text stage's registered model (`minimind eval`'s path): per stage, the scores as
+    logged on the version's run (`harness/<task>/<metric>`), and a table of them."""
+    from minimind.driver.harness import log_results, run_harness, scores
+
+    tasks = [task for task in args.harness_tasks.split(",") if task]
+    text_models = [(r.stage, r.model_uri) for r in results if r.stage not in VISION_STAGES]
+    if not tasks or not text_models:
+        return {}
+    limit = args.eval_limit if args.eval_limit < 1000 else None
+    settings = {"limit": limit, "batch_size": 16, "chat_template": True, "device": None, "seed": seed}
+    found = {}
+    for stage, model in text_models:
+        outcome = run_harness(model, tasks, **settings)
+        log_results(model, outcome, {"harness.tasks": ",".join(tasks), "harness.limit": str(limit)})
+        found[stage] = scores(outcome)
+    keys = list(dict.fromkeys(key for figures in found.values() for key in figures))
+    print(f"\nlm-evaluation-harness ({', '.join(tasks)}), on each text stage's model:")
+    print("stage         " + "  ".join(f"{key.removeprefix('harness/'):>34s}" for key in keys))
+    for stage, figures in found.items():
+        print(f"{stage:13s} " + "  ".join(f"{figures.get(key, float('nan')):34.3f}" for key in keys))
+    return found
 
 
 def _seed_list(text: str) -> list[int]:

@@ -46,6 +46,7 @@ def test_pipeline_runs_every_stage_and_each_improves_its_heldout_metric(home, ca
         assert f"\n{stage} " in printed  # rows of the summary table per stage
     assert "answer_exact_match/held_out_phrasing" in printed and "reasoning_accuracy/addition" in printed
     assert "tool_call_accuracy" in printed
+    assert "lm-evaluation-harness (minimind_demo), on each text stage's model:" in printed
     assert "the issue's targets, every seed (0):\n| held-out, every seed | seed 0 | mean |" in printed
 
     # The report, written from this run: the targets with seed 0's figures, every stage, the machine, the command.
@@ -57,6 +58,8 @@ def test_pipeline_runs_every_stage_and_each_improves_its_heldout_metric(home, ca
     for stage in by_stage:
         assert f"\n### {stage}: " in written
     assert "- CPU: " in written and "- torch: " in written and "| 0 | vlm_pretrain |" in written
+    harness_row = next(line for line in written.splitlines() if line.startswith("| reason |") and "." in line)
+    assert len(harness_row.split("|")) == 2 + 4  # the stage, then facts acc and acc_norm and the sums' exact match
 
     # One MLflow parent run groups the stage runs and holds the side-by-side answers and the pictures' report.
     import mlflow
@@ -91,6 +94,8 @@ def test_pipeline_runs_every_stage_and_each_improves_its_heldout_metric(home, ca
     steps = [m.step for m in client.get_metric_history(sft_run.info.run_id, "train/loss")]
     assert steps == sorted(set(steps)) and steps[0] == 1 and steps[-1] == int(sft_run.data.params["max_steps"])
     assert "eval/answer_exact_match" in sft_run.data.metrics and "eval_before/answer_exact_match" in sft_run.data.metrics
+    assert 0.0 <= sft_run.data.metrics["harness/minimind_demo_facts/acc"] <= 1.0  # the pipeline's harness step, on the version
+    assert parent.data.metrics["sft/harness/minimind_demo_facts/acc"] == sft_run.data.metrics["harness/minimind_demo_facts/acc"]
     assert {"loss_curve.png", "samples.json"} <= {a.path for a in client.list_artifacts(sft_run.info.run_id)}
     assert {"data/report.json", "data/report.png"} <= {a.path for a in client.list_artifacts(sft_run.info.run_id, "data")}
     assert sft_run.data.metrics["data/rows"] > 0 and "data/duplicate_rate" in sft_run.data.metrics

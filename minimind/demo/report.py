@@ -199,6 +199,19 @@ def stage_tables(runs: Sequence[dict]) -> str:
     return "\n\n".join(sections)
 
 
+def harness_table(runs: Sequence[dict]) -> str:
+    """Per text stage, each lm-evaluation-harness score as mean (min–max) over the seeds."""
+    stages = list(dict.fromkeys(stage for run in runs for stage in run.get("harness", {})))
+    keys = list(dict.fromkeys(key for run in runs for figures in run.get("harness", {}).values() for key in figures))
+    if not keys:
+        return "No harness tasks in this run."
+    lines = [_row(["stage", *(key.removeprefix("harness/") for key in keys)]), _row(["---"] * (len(keys) + 1))]
+    for stage in stages:
+        lines.append(_row([stage, *(_mean_spread([run.get("harness", {}).get(stage, {}).get(key) for run in runs])
+                                    for key in keys)]))
+    return "\n".join(lines)
+
+
 def answers_block(rows: Sequence[dict]) -> str:
     """The side-by-side answers (one seed's) as preformatted text, newlines shown as ⏎."""
     stages = [key for key in (rows[0] if rows else {}) if key not in ("task", "prompt", "reference")]
@@ -270,6 +283,13 @@ def render(runs: Sequence[dict], command: str, date: str, machine: dict[str, str
             "Mean over the seeds (min–max). Records: how many held-out records the figure is measured on.",
             "",
             stage_tables(runs),
+            "",
+            "## lm-evaluation-harness on each text stage's model",
+            "",
+            "The demo's harness tasks (`minimind eval MODEL --tasks minimind_demo`): multiple-choice facts, scored by "
+            "log-likelihood, and generated sums. Mean over the seeds (min–max).",
+            "",
+            harness_table(runs),
             "",
             f"## The same held-out prompts after each text stage (seed {first.get('seed', MISSING)})",
             "",
