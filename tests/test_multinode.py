@@ -116,6 +116,7 @@ def test_every_input_reaches_a_worker_node_that_cannot_see_the_driver_disk(tmp_p
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "MINIMIND_HOME": str(home),
         "MINIMIND_DEMO_DIR": str(demo),
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",  # as `fast_train_polls`, on this cluster's every node and its driver
     }
     env.pop("MLFLOW_TRACKING_URI", None)
     gcs, mlflow_port = _free_port(), _free_port()
