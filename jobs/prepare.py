@@ -111,16 +111,17 @@ def main(argv: list[str] | None = None):
 
 def check_eval_tasks(config: PrepareConfig, data: str, kind: str, location: str) -> dict:
     from minimind.data.contamination import EvalSet
-    from minimind.data.parquet import is_parquet
+    from minimind.data.parquet import check_contamination_parquet, is_parquet
     from minimind.data.prepare import check_contamination
     from minimind.driver.harness import task_documents
 
-    if is_parquet(data):
-        raise SystemExit("--eval-tasks checks JSONL data; Parquet data is not checked for contamination yet")
     tasks = [task.strip() for task in config.eval_tasks.split(",") if task.strip()]
     include = [config.eval_include_path] if config.eval_include_path else []
-    report = check_contamination(data, kind, EvalSet(task_documents(tasks, include, config.seed)), location,
-                                 chunk_bytes=config.chunk_mb << 20)
+    evaluation = EvalSet(task_documents(tasks, include, config.seed))
+    if is_parquet(data):
+        report = check_contamination_parquet(data, kind, evaluation, location)
+    else:
+        report = check_contamination(data, kind, evaluation, location, chunk_bytes=config.chunk_mb << 20)
     print(f"contamination report: {location}/contamination.json")
     return report
 

@@ -72,3 +72,23 @@ def test_the_prepare_job_checks_harness_tasks_named_by_eval_tasks(ray_cluster, t
     with pytest.raises(SystemExit, match="unknown harness task"):
         job.main(["--stage", "sft", "--data", str(tmp_path / "sft.jsonl"), "--tokenizer", str(demo_tokenizer()),
                   "--storage-path", str(tmp_path / "ray"), "--eval-tasks", "no_such_task"])
+
+
+def test_parquet_data_is_checked_through_ray_data(ray_cluster, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from minimind.data.parquet import check_contamination_parquet
+
+    question, answer = QUESTION.split(" ")
+    conversations = [json.dumps(sft_record(f"第{i}个问题：今天天气怎么样？", "晴天。")["conversations"], ensure_ascii=False)
+                     for i in range(30)]
+    conversations[17] = json.dumps(sft_record(question, answer)["conversations"], ensure_ascii=False)
+    conversations[20] = "not json"  # passed over: preparation stops at it or counts it
+    pq.write_table(pa.table({"conversations": conversations}), tmp_path / "sft.parquet", row_group_size=8)
+    report = check_contamination_parquet(str(tmp_path / "sft.parquet"), "sft", EvalSet({"quiz": [QUESTION, HALF]}),
+                                         str(tmp_path))
+    quiz = report["tasks"]["quiz"]
+    assert (quiz["checked"], quiz["dirty"]) == (2, 1) and quiz["worst"][0]["overlap"] == 1.0
+    assert "sft.parquet: the row beginning" in quiz["worst"][0]["found_at"] and "小明今年几岁了" in quiz["worst"][0]["found_at"]
+    assert json.loads((tmp_path / "contamination.json").read_text()) == report

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import time
 
 import numpy as np
@@ -25,6 +26,7 @@ from PIL import Image
 from ray.data import Datasink
 
 from minimind import storage
+from minimind.data.contamination import EvalSet, Overlap
 from minimind.data.prepare import (
     BATCH_RECORDS,
     CHUNK_BYTES,
@@ -38,6 +40,7 @@ from minimind.data.prepare import (
     prepared_key,
     publish,
     read_manifest,
+    record_contamination,
     record_hash,
     record_text,
     settings,
@@ -214,6 +217,30 @@ def prepare_parquet(source: str, tokenizer, stage: StageData, root: str, skip_ba
     identity = {"source": source, "content_sha256": content, "tokenizer_sha256": tokenizer_sha, "settings": stage_settings}
     return publish(location, identity, encoded, stage, tokenizer, marker_ids, first_bad, count_duplicates(encoded), False,
                    started, size, say)
+
+
+def batch_overlap(batch, evaluation: EvalSet, kind: str) -> dict:
+    """One Ray Data batch's records looked up in `evaluation`: its Overlap, pickled, as a one-row batch. A record
+    is located by its file and the start of its text (Ray Data does not number rows); malformed rows are passed over."""
+    found = Overlap()
+    for row in batch.to_pylist():
+        try:
+            record = validate_record(record_of(row)[0], kind)
+        except ValueError:
+            continue
+        found.add(evaluation, record_text(record, kind)[0], _where(row, ""))
+    return {"overlap": [pickle.dumps(found)]}
+
+
+def check_contamination_parquet(source: str, kind: str, evaluation: EvalSet, location: str, say=print) -> dict:
+    """`minimind.data.prepare.check_contamination` for Parquet data: Ray Data reads the files over the cluster and
+    each batch's records are looked up in `evaluation`; the batches' findings are merged here."""
+    import ray
+
+    parts = ray.data.read_parquet(source, include_paths=True).map_batches(
+        batch_overlap, batch_format="pyarrow", fn_kwargs={"evaluation": evaluation, "kind": kind}).take_all()
+    overlap = Overlap.merge([pickle.loads(part["overlap"]) for part in parts])
+    return record_contamination(evaluation, overlap, source.rstrip("/").rsplit("/", 1)[-1], location, say)
 
 
 def prepare_any(source: str, tokenizer, stage: StageData, root: str, chunk_bytes: int = CHUNK_BYTES, **options) -> Prepared:

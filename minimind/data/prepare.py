@@ -313,8 +313,13 @@ def check_contamination(source: str, kind: str, evaluation: EvalSet, location: s
                  f"checking {len(evaluation.doc_text):,} evaluation documents for {N}-grams of the data")
     lines_before = np.cumsum([0] + [part["lines"] for part in parts])
     name = source.rstrip("/").rsplit("/", 1)[-1]
-    report = contamination_report(evaluation, Overlap.merge([part["overlap"] for part in parts]),
-                                  where=lambda found: f"{name}:{lines_before[found[0]] + found[1]}")
+    return record_contamination(evaluation, Overlap.merge([part["overlap"] for part in parts]), name, location, say,
+                                where=lambda found: f"{name}:{lines_before[found[0]] + found[1]}")
+
+
+def record_contamination(evaluation: EvalSet, overlap: Overlap, name: str, location: str, say=print, where=str) -> dict:
+    """The contamination report of `overlap`, written to `location`/contamination.json and said task by task."""
+    report = contamination_report(evaluation, overlap, where=where)
     filesystem, folder = storage.filesystem_of(location)
     write_text(filesystem, f"{folder}/contamination.json", json.dumps(report, indent=1, ensure_ascii=False))
     for task, figures in report["tasks"].items():
