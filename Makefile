@@ -26,7 +26,7 @@ test: install
 	$(PY) -m ruff check .
 	$(PY) -m pytest
 
-# GGUF files checked in llama.cpp itself: llama-cpp-python builds llama.cpp from source (about 6 minutes
+# GGUF files checked in llama.cpp itself: llama-cpp-python builds llama.cpp from source (about 5 minutes
 # on 2 cores, once; pip caches the wheel), so it is a target of its own, which .ci/run also runs.
 test-export: install
 	$(PY) -m pip install --quiet -e ".[llama-cpp]"
