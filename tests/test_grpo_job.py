@@ -16,7 +16,7 @@ from minimind.model.tokenizer import load_tokenizer
 from minimind.training.configs import GRPOConfig
 
 
-def test_grpo_raises_the_reward_it_is_given(mlflow_store, tmp_path):
+def test_grpo_raises_the_reward_it_is_given(mlflow_store, tmp_path, fast_train_polls):
     from minimind.demo import demo_tokenizer
 
     tokenizer = load_tokenizer(demo_tokenizer())

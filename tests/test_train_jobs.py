@@ -25,7 +25,7 @@ def versions(name):
     return sorted(int(v.version) for v in client().search_model_versions(f"name='{name}'"))
 
 
-def test_resume_continues_exactly_where_it_stopped_never_from_a_torn_checkpoint(mlflow_store, tmp_path):
+def test_resume_continues_exactly_where_it_stopped_never_from_a_torn_checkpoint(mlflow_store, tmp_path, fast_train_polls):
     storage = str(tmp_path / "ray")
     straight = run_stage(PretrainConfig(**{**QUICK, "max_steps": 6, "checkpoint_every": 3}), "pretrain")
     stopped = run_stage(
@@ -235,7 +235,7 @@ def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(mlflow_store, t
         run_stage(SFTConfig(**{**QUICK, "init": str(tmp_path / "small")}), "sft")
 
 
-def test_vlm_stages_train_what_each_should_and_never_the_vision_tower(mlflow_store, tmp_path):
+def test_vlm_stages_train_what_each_should_and_never_the_vision_tower(mlflow_store, tmp_path, fast_train_polls):
     """With minimind-3v's options (MiniMind-V's defaults run in the pipeline test): the MLP projector, the patch
     grid pooled to 4 tokens, and in VLM SFT the language model's first and last blocks only."""
     from conftest import random_model
@@ -326,7 +326,7 @@ def test_vlm_data_naming_a_missing_image_fails_before_training(mlflow_store, tmp
         )
 
 
-def test_vlm_sft_on_text_only_batches_with_two_ddp_workers_and_a_linked_tower(mlflow_store, tmp_path):
+def test_vlm_sft_on_text_only_batches_with_two_ddp_workers_and_a_linked_tower(mlflow_store, tmp_path, fast_train_polls):
     """MiniMind-V mixes text-only samples into VLM SFT: a micro-batch without images must not leave the
     projection out of DDP's step. With --link-vision no checkpoint and no registered version copies the tower."""
     from conftest import random_model
