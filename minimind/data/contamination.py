@@ -74,11 +74,14 @@ class EvalSet:
         grams = np.unique(gram_hashes(text))
         if not len(grams) or not len(self.hashes):
             return {}
-        grams = grams[np.isin(grams, self.hashes, assume_unique=False)]
+        # binary search in the sorted index: O(grams x log index) per record (np.isin sorts the whole index each call)
+        low = np.searchsorted(self.hashes, grams, "left")
+        present = self.hashes[np.minimum(low, len(self.hashes) - 1)] == grams
+        grams, low = grams[present], low[present]
+        high = np.searchsorted(self.hashes, grams, "right")
         found: dict[int, list[int]] = {}
-        for gram in grams:
-            low, high = np.searchsorted(self.hashes, gram, "left"), np.searchsorted(self.hashes, gram, "right")
-            for doc in self.docs[low:high]:
+        for gram, start, end in zip(grams, low, high):
+            for doc in self.docs[start:end]:
                 found.setdefault(int(doc), []).append(gram)
         return {doc: np.asarray(matched, dtype=np.uint64) for doc, matched in found.items()}
 
