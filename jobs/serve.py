@@ -100,6 +100,10 @@ def parse(argv=None):
         "--batch-wait-ms", type=float, default=10.0, help="how long a batch waits for more requests (default: %(default)s)"
     )
     scale.add_argument(
+        "--compile", choices=["auto", "on", "off"], default="auto",
+        help="compile the decoding step in each replica (auto: on a CPU, one-row steps; see `minimind chat --help`)",
+    )
+    scale.add_argument(
         "--max-queued-requests",
         type=int,
         default=spec.max_queued_requests,
@@ -162,6 +166,7 @@ def settings_from(args):
         num_gpus=gpus,
         max_batch_size=args.max_batch_size,
         batch_wait_ms=args.batch_wait_ms,
+        compile=args.compile,
         max_queued_requests=args.max_queued_requests,
     )
     models = [ModelSpec("minimind", args.text, **common)]

@@ -26,7 +26,7 @@ from minimind.data.tools import CallNotParsed, check_calls, check_tools, parse_c
 from minimind.demo import model_tour
 from minimind.driver.eval_flags import add_eval_flags
 from minimind.inference.chat import Chat
-from minimind.inference.generate import compile_for_decoding, stream_generate
+from minimind.inference.generate import compile_for_decoding, stream_generate, wants_compile
 from minimind.model.config import PRESETS
 from minimind.model.gguf_export import QUANTS, export_gguf
 from minimind.model.hf import export_hf, import_model
@@ -46,9 +46,9 @@ def _sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
                         help="weights in bf16 (half the bytes read per token; fp32 where the GPU has no bf16) or fp32")
     parser.add_argument(
-        "--compile", action="store_true",
-        help="torch.compile for decoding: CUDA graphs over a static KV cache on a GPU; inductor with frozen weights "
-        "on CPU (a one-off compile of about a minute on 2 cores)",
+        "--compile", choices=["auto", "on", "off"], default="auto",
+        help="torch.compile the decoding step (auto: on a CPU, where one-row steps compile with inductor, about 30 s "
+        "the first time on 2 cores, then read from inductor's cache; on a GPU: CUDA graphs over a static KV cache)",
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
@@ -140,7 +140,7 @@ class _Session:
         images = [load_image(path) for path in getattr(args, "image", None) or []]
         self.prompt_inputs = {"pixel_values": self.chat.pixel_values(images)} if images else None
         self.image_count = len(images)
-        if args.compile:
+        if wants_compile(args.compile, next(self.model.parameters()).device):
             compile_for_decoding(self.model)
         self.params = self.chat.sampling(
             max_new_tokens=args.max_new_tokens,

@@ -16,7 +16,10 @@ PROMPTS = {
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
-def test_rows_that_join_and_leave_a_running_batch_get_the_tokens_they_get_alone(preset):
+@pytest.mark.parametrize("one_row_step", ["eager", "whole cache"])
+def test_rows_that_join_and_leave_a_running_batch_get_the_tokens_they_get_alone(preset, one_row_step):
+    """'whole cache': the batch's one-row steps go through the step a compiled model has (`WholeCacheSteps`,
+    here uncompiled), before rows join and after they leave."""
     model = random_model(preset)
     limits = {"short": 12, "long": 5, "mid": 9, "late": 7}
     penalised = {"mid": 1.3}
@@ -27,6 +30,8 @@ def test_rows_that_join_and_leave_a_running_batch_get_the_tokens_they_get_alone(
         )[0]
         for name in PROMPTS
     }
+    if one_row_step == "whole cache":
+        model.compiled_decode_step = model.forward
     batch = ContinuousBatch(model, stop_token_ids=[])
     got = {name: [] for name in PROMPTS}
 
@@ -46,6 +51,7 @@ def test_rows_that_join_and_leave_a_running_batch_get_the_tokens_they_get_alone(
         record(batch.step())
     assert got == alone
     assert len(set(map(tuple, alone.values()))) == 4
+    assert (batch.compiled_steps is not None) == (one_row_step == "whole cache")
 
 
 def test_a_row_ends_at_its_stop_token_its_limit_or_when_finished_by_the_caller(tiny_model):

@@ -2,6 +2,7 @@ import pytest
 import torch
 from conftest import random_model
 
+import minimind.inference.generate as decoding
 from minimind.inference.generate import generate, generate_tensors, stream_batch, stream_generate
 from minimind.inference.sampling import RowSampler, SamplingParams
 
@@ -164,22 +165,24 @@ def test_generate_takes_and_returns_tensors_as_transformers_does(tiny_model):
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
-def test_the_static_cache_of_compiled_decoding_gives_the_same_tokens(preset):
-    """`compile_for_decoding` on CUDA decodes over a static KV cache; run eagerly here, that path must
-    give exactly the tokens of the ordinary cache, left padding included."""
+def test_the_static_cache_of_cuda_graph_decoding_gives_the_same_tokens(preset, monkeypatch):
+    """`compile_for_decoding` on CUDA decodes every batch over a static KV cache; run eagerly here, that path
+    must give exactly the tokens of the ordinary cache, left padding included."""
     model = random_model(preset)
     prompts = [[5, 9, 33, 7, 2001, 12], [44, 3], [8, 8, 8, 8]]
     ordinary = generate(model, prompts, max_new_tokens=10, stop_token_ids=[])
+    monkeypatch.setattr(decoding, "uses_cuda_graphs", lambda device: True)
     model.compiled_decode_step = model.forward  # what torch.compile wraps, uncompiled
     assert generate(model, prompts, max_new_tokens=10, stop_token_ids=[]) == ordinary
 
 
-def test_compiled_decoding_traces_one_graph_for_every_position():
+def test_cuda_graph_decoding_traces_one_graph_for_every_position(monkeypatch):
     """Fixed shapes: the compiled step is traced once and reused at every position (a recompilation per
     token would make CUDA graphs useless). Dynamo traces for real; the graph runs eagerly."""
     from torch._dynamo.testing import CompileCounter
 
     torch._dynamo.reset()
+    monkeypatch.setattr(decoding, "uses_cuda_graphs", lambda device: True)
     model = random_model("tiny")
     counter = CompileCounter()
     model.compiled_decode_step = torch.compile(model.forward, backend=counter, dynamic=False)
@@ -188,3 +191,74 @@ def test_compiled_decoding_traces_one_graph_for_every_position():
     assert counter.frame_count == 1
     generate(model, [[5, 9, 33, 4, 4], [7, 1]], max_new_tokens=12, stop_token_ids=[])  # another prompt length, same cache bucket
     assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+def test_one_row_steps_over_the_whole_cache_give_the_same_tokens(preset):
+    """On CPU a compiled step decodes one row over a static view of the ordinary cache (`WholeCacheSteps`);
+    run eagerly here, it gives exactly the ordinary tokens, at batch 1 only (batches stay eager)."""
+    model = random_model(preset)
+    ordinary = [generate(model, [prompt], max_new_tokens=10, stop_token_ids=[]) for prompt in PROMPTS]
+    calls = []
+
+    def step(*args, **kwargs):
+        calls.append(kwargs["kv_cache"].static)
+        return model.forward(*args, **kwargs)
+
+    model.compiled_decode_step = step
+    assert [generate(model, [prompt], max_new_tokens=10, stop_token_ids=[]) for prompt in PROMPTS] == ordinary
+    assert calls == [True] * 9 * len(PROMPTS)  # every step after the prefill
+    generate(model, PROMPTS, max_new_tokens=10, stop_token_ids=[])
+    assert len(calls) == 9 * len(PROMPTS)
+
+
+def test_one_row_decoding_traces_one_graph_for_every_position_and_cache_size():
+    """The cache's length is a dynamic dimension of the compiled one-row step: one trace serves every position,
+    prompt length and cache size, in `generate` and in a continuous batch alike."""
+    from torch._dynamo.testing import CompileCounter
+
+    from minimind.inference.continuous import ContinuousBatch
+
+    torch._dynamo.reset()
+    model = random_model("tiny")
+    counter = CompileCounter()
+    model.compiled_decode_step = torch.compile(model.forward, backend=counter)
+    for prompt in ([5, 9, 33], [7, 1, 4, 4, 4, 4, 4, 8], [2] * 30):
+        expected = generate(random_model("tiny"), [prompt], max_new_tokens=12, stop_token_ids=[])
+        assert generate(model, [prompt], max_new_tokens=12, stop_token_ids=[]) == expected
+    batch = ContinuousBatch(model, stop_token_ids=[])
+    batch.add(["a"], [[9, 9, 9, 9, 9]], [SamplingParams(40)])
+    while len(batch):
+        batch.step()
+    assert counter.frame_count == 1
+
+
+def test_compile_for_decoding_on_cpu_gives_the_eager_tokens_with_one_compiled_graph():
+    """The default path of `minimind chat` and Serve on a CPU, compiled for real by inductor: greedy tokens are
+    the eager ones, in `generate` and in a continuous batch, and one graph serves every prompt. (fp32: a random
+    model's top logits lie close enough for bf16's different summation order to swap them.)"""
+    from minimind.inference.continuous import ContinuousBatch
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = random_model("tiny")
+    eager = [generate(model, [prompt], max_new_tokens=16, stop_token_ids=[])[0] for prompt in PROMPTS]
+    assert decoding.compile_for_decoding(model)
+    assert [generate(model, [prompt], max_new_tokens=16, stop_token_ids=[])[0] for prompt in PROMPTS] == eager
+    batch = ContinuousBatch(model, stop_token_ids=[])
+    tokens = batch.add(["a"], [PROMPTS[0]], [SamplingParams(16)])
+    while len(batch):
+        tokens += [token for _, token in batch.step() if token is not None]
+    assert tokens == eager[0]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_moe_models_and_batches_stay_eager_on_cpu():
+    model = random_model("tiny-moe")
+    assert not decoding.compile_for_decoding(model)  # routing reads expert counts on the host: a graph break per layer
+    assert not hasattr(model, "compiled_decode_step")
+    dense = random_model("tiny")
+    dense.compiled_decode_step = dense.forward
+    assert decoding.compiled_step_for(dense, rows=1) is not None and decoding.compiled_step_for(dense, rows=2) is None
+    assert decoding.wants_compile("auto", "cpu") and not decoding.wants_compile("auto", "cuda")
+    assert decoding.wants_compile("on", "cuda") and not decoding.wants_compile("off", "cpu")

@@ -91,10 +91,12 @@ def server(ray_cluster, tmp_path_factory, monkeypatch_module):
 
     port = free_port()
     models = [
+        # "minimind" decodes as a CPU replica does by default, its one-row steps compiled; the others stay eager (CI time)
         ModelSpec("minimind", "models:/minimind-reason/latest", num_cpus=0.5, batch_wait_ms=20),
-        ModelSpec("minimind-v", "models:/minimind-vlm-sft/latest", num_cpus=0.5),
-        ModelSpec("minimind-imported", str(home / "imported"), num_cpus=0.25, max_ongoing_requests=1, max_queued_requests=1),
-        ModelSpec("minimind-reasoner", str(home / "reasoner"), num_cpus=0.05),
+        ModelSpec("minimind-v", "models:/minimind-vlm-sft/latest", num_cpus=0.5, compile="off"),
+        ModelSpec("minimind-imported", str(home / "imported"), num_cpus=0.25, max_ongoing_requests=1, max_queued_requests=1,
+                  compile="off"),
+        ModelSpec("minimind-reasoner", str(home / "reasoner"), num_cpus=0.05, compile="off"),
     ]
     limits = Limits(
         max_tokens=600,
@@ -585,6 +587,7 @@ def test_a_cancelled_model_request_frees_its_row(server):
         time.sleep(0.2)
     sent, asked = stats["last_batch"][0]
     assert asked == 600 and sent < 600
+    assert stats["compiled"]  # the default on a CPU: this one-row reply decoded through the compiled step
 
 
 def test_healthz_reports_every_models_state_now(server):
@@ -1016,5 +1019,5 @@ def test_a_replica_keeps_no_downloaded_model_on_disk(server, tmp_path):
         return replica.info(), os.listdir(scratch)
 
     info, left = ray.get(start_replica.remote(str(tmp_path), os.environ["MLFLOW_TRACKING_URI"]), timeout=120)
-    assert left == []
+    assert [name for name in left if not name.startswith("torchinductor_")] == []  # inductor's compile cache stays, by design
     assert info == {"takes_images": False, "context": 1024, "source": "models:/minimind-reason/latest"}

@@ -20,7 +20,7 @@ from contextlib import nullcontext
 
 import torch
 
-from minimind.inference.generate import left_pad, one_row_kernels
+from minimind.inference.generate import WholeCacheSteps, compiled_step_for, left_pad, one_row_kernels, uses_cuda_graphs
 from minimind.inference.sampling import RowSampler, SamplingParams, pick
 from minimind.model.model import KVCache
 
@@ -43,6 +43,7 @@ class ContinuousBatch:
         self.done: list[bool] = []  # `finished` on the host
         self.seen: torch.Tensor | None = None  # (rows, vocab) tokens in each row, for repetition penalties
         self.sampler = RowSampler([])
+        self.compiled_steps: WholeCacheSteps | None = None  # one-row steps through the model's compiled step, if any
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -78,10 +79,16 @@ class ContinuousBatch:
         padded = not bool(self.mask.all())
         self.mask = torch.cat([self.mask, torch.ones_like(self.last)], dim=1)
         one_row = self.device.type == "cpu" and len(self) == 1
+        mask = self.mask if padded else None
+        # a compiled step for CUDA graphs needs stream_batch's static cache; here it stays eager
+        decode_step = compiled_step_for(self.model, rows=len(self)) if not uses_cuda_graphs(self.device) else None
         with one_row_kernels() if one_row else nullcontext():
-            logits = (
-                self.model(self.last, self.mask if padded else None, kv_cache=self.cache, logits_to_keep=1).logits[:, -1].float()
-            )
+            if decode_step is not None:
+                self.compiled_steps = self.compiled_steps or WholeCacheSteps(decode_step)
+                logits = self.compiled_steps(self.last, self.cache, mask)
+            else:
+                logits = self.model(self.last, mask, kv_cache=self.cache, logits_to_keep=1).logits
+        logits = logits[:, -1].float()
         return list(zip(self.keys, self._sample(logits, rows=slice(0, len(self)))))
 
     @torch.inference_mode()

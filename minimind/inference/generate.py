@@ -7,6 +7,9 @@ picks each token).
 
 from __future__ import annotations
 
+import os
+import shutil
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 
@@ -61,8 +64,10 @@ def stream_batch(model: MiniMindForCausalLM, prompts: Sequence[Sequence[int]], p
         seen.scatter_(1, ids, mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool))
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     kv_cache = KVCache(longest + max_new_tokens) if params.use_cache else None
-    decode_step = getattr(model, "compiled_decode_step", None) if params.use_cache else None
-    if decode_step is not None:  # fixed shapes for CUDA graphs: a static cache, and a mask of its full width
+    decode_step = compiled_step_for(model, rows=len(prompts)) if params.use_cache else None
+    cuda_graphs = decode_step is not None and uses_cuda_graphs(device)
+    whole_cache_steps = WholeCacheSteps(decode_step)
+    if cuda_graphs:  # fixed shapes for CUDA graphs: a static cache, and a mask of its full width
         kv_cache = KVCache(_cache_bucket(longest + max_new_tokens, config.max_position_embeddings), static=True)
         kv_cache.positions = torch.arange(longest, device=device)
         full_mask = torch.zeros(len(prompts), kv_cache.max_length, dtype=torch.long, device=device)
@@ -73,37 +78,122 @@ def stream_batch(model: MiniMindForCausalLM, prompts: Sequence[Sequence[int]], p
     try:
         for step in range(max_new_tokens):
             extra = (prompt_inputs or {}) if step == 0 or kv_cache is None else {}
-            forward = decode_step if decode_step is not None and step > 0 else model
             with one_row_kernels() if device.type == "cpu" and step_input.shape == (1, 1) else nullcontext():
-                logits = forward(step_input, mask, kv_cache=kv_cache, logits_to_keep=1, **extra).logits[:, -1].float()
+                if step > 0 and decode_step is not None and not cuda_graphs:
+                    logits = whole_cache_steps(step_input, kv_cache, mask)
+                else:
+                    forward = decode_step if cuda_graphs and step > 0 else model
+                    logits = forward(step_input, mask, kv_cache=kv_cache, logits_to_keep=1, **extra).logits
+            logits = logits[:, -1].float()
             token, finished = pick(sampler, logits, seen, stop_ids_tensor, finished, params.suppress_token_ids)
             yield [None if done else t for t, done in zip(token.tolist(), finished.tolist())]
             if bool(finished.all()):
                 return
             token = token.masked_fill(finished, config.pad_token_id)[:, None]
-            if decode_step is not None:
+            if cuda_graphs:
                 mask[:, longest + step] = 1
                 kv_cache.positions = kv_cache.positions[-1:] + 1
             elif mask is not None:
                 mask = torch.cat([mask, torch.ones_like(token)], dim=1)
-            sequence = torch.cat([sequence, token], dim=1)
+            if kv_cache is None:  # without a cache every step recomputes the whole sequence
+                sequence = torch.cat([sequence, token], dim=1)
             step_input = token if kv_cache is not None else sequence
     finally:
         model.train(was_training)
 
 
-def compile_for_decoding(model) -> None:
-    """`--compile`. On CUDA the one-token decoding step is compiled for CUDA graphs (mode="reduce-overhead")
-    over a static KV cache: one graph replay per token instead of a few hundred kernel launches; the
-    prefill stays eager. On CPU inductor compiles the whole forward with the weights frozen (constant-
-    folded and pre-packed for its matmuls)."""
+def compile_for_decoding(model) -> bool:
+    """Compile the model's one-token decoding step (`minimind chat` and Serve do by default on a CPU, see
+    `wants_compile`); returns whether it did. The prefill stays eager.
+
+    On CPU the step of one row is compiled by inductor, its one-row products rewritten as multiply-and-sum
+    reductions (inductor's `decompose_mm_pass`, here extended to the output head): aten's one-row product
+    runs on one core, which cannot draw the machine's memory bandwidth alone, while inductor's reductions
+    spread over every core, fused with the norms, RoPE and residual adds around them. Steps run over the
+    whole cache (`WholeCacheSteps`) with its length a dynamic dimension: one graph for every position
+    and prompt length, compiled once per process (and read back from inductor's on-disk cache later). Batched
+    steps stay eager on CPU (oneDNN's products are fast from a few rows on), and so do MoE models.
+
+    On CUDA the step of any batch is compiled for CUDA graphs (mode="reduce-overhead") over a static KV
+    cache: one graph replay per token instead of a few hundred kernel launches.
+    """
     if next(model.parameters()).is_cuda:
         model.compiled_decode_step = torch.compile(model.forward, mode="reduce-overhead", dynamic=False)
-    else:
-        from torch._inductor import config as inductor_config
+        return True
+    if model.config.is_moe:  # routing reads each expert's token count on the host: a graph break per layer
+        return False
+    if not any(shutil.which(name) for name in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")):
+        warnings.warn("no C++ compiler found (inductor needs one on CPU): decoding stays eager", stacklevel=2)
+        return False
+    from torch._inductor.fx_passes import decompose_mem_bound_mm
 
-        inductor_config.freezing = True
-        model.forward = torch.compile(model.forward, dynamic=True)
+    # the pass reads its size limits when imported; by default it leaves products wider than 2048 (the head) alone
+    decompose_mem_bound_mm.cpu_max_other_dimension_decomposition = 1 << 30
+    options = {"post_grad_fusion_options": {"decompose_mm_pass": {}}, "size_asserts": False}  # ~100 asserts a step
+    model.compiled_decode_step = torch.compile(model.forward, options=options)
+    return True
+
+
+def uses_cuda_graphs(device: torch.device) -> bool:
+    """Whether `compile_for_decoding` compiled for CUDA graphs on this device (tests run that path on CPU)."""
+    return device.type == "cuda"
+
+
+def wants_compile(choice: str, device) -> bool:
+    """`--compile auto|on|off`: auto compiles the decoding step on a CPU (faster from the first reply on, after
+    a one-off compile) and leaves a GPU eager."""
+    if choice not in ("auto", "on", "off"):
+        raise ValueError(f"compile must be auto, on or off, not {choice!r}")
+    return choice == "on" or (choice == "auto" and torch.device(device).type == "cpu")
+
+
+def compiled_step_for(model, rows: int):
+    """The model's compiled decoding step if it has one for batches of `rows` (on CPU: one row only)."""
+    decode_step = getattr(model, "compiled_decode_step", None)
+    if decode_step is None or (rows > 1 and not uses_cuda_graphs(next(model.parameters()).device)):
+        return None
+    return decode_step
+
+
+class WholeCacheSteps:
+    """Decoding steps of a compiled forward (`decode_step`) over a growing KV cache, each returning its logits.
+
+    Each step attends over the cache's buffers whole, under a mask of their width (1 up to the new position),
+    and writes the new position in place through a static view of the cache (see KVCache). The buffers' length
+    is marked dynamic, so no cache size or position recompiles. The view and the full-width mask are kept from
+    step to step and rebuilt only when the cache's buffers change (a continuous batch's rows came or went).
+    """
+
+    def __init__(self, decode_step):
+        self.decode_step = decode_step
+        self.buffers: torch.Tensor | None = None  # the first key buffer the view and mask were made for
+        self.view: KVCache | None = None
+        self.full_mask: torch.Tensor | None = None
+
+    def __call__(self, tokens: torch.Tensor, cache: KVCache, mask: torch.Tensor | None) -> torch.Tensor:
+        """`mask` is None (no padding) or (rows, cached + 1) with 1 for real tokens."""
+        if self.buffers is not cache.keys[0]:
+            self._rebuild(cache, mask)
+        elif mask is None:
+            self.full_mask[:, cache.length] = 1
+        else:
+            self.full_mask[:, : mask.shape[1]] = mask
+        self.view.positions.fill_(cache.length)
+        logits = self.decode_step(tokens, self.full_mask, kv_cache=self.view, logits_to_keep=1).logits
+        cache.length += 1
+        return logits
+
+    def _rebuild(self, cache: KVCache, mask: torch.Tensor | None) -> None:
+        self.buffers = cache.keys[0]
+        device = cache.keys[0].device
+        self.full_mask = torch.zeros(cache.keys[0].shape[0], cache.max_length, dtype=torch.long, device=device)
+        self.full_mask[:, : cache.length + 1] = 1 if mask is None else mask
+        self.view = KVCache(cache.max_length, static=True)
+        self.view.keys, self.view.values = cache.keys, cache.values
+        self.view.positions = torch.tensor([cache.length], device=device)
+        for buffer in cache.keys + cache.values:
+            torch._dynamo.maybe_mark_dynamic(buffer, 2)
+        torch._dynamo.maybe_mark_dynamic(self.full_mask, 1)
 
 
 def _cache_bucket(length: int, context: int) -> int:

@@ -101,10 +101,10 @@ class KVCache:
     Decoding writes each new position in place; nothing is re-concatenated. Buffers are allocated on
     the first write, with the batch size, dtype and device of the keys the model produces.
 
-    `static=True` keeps every shape fixed, for CUDA graphs (`torch.compile(mode="reduce-overhead")`):
-    each forward attends over all `max_length` positions under an attention mask of that width (0 where
-    nothing is written yet) and writes at `positions`, a tensor the caller sets, so one compiled
-    decoding step serves every position.
+    `static=True` keeps every shape fixed, for compiled decoding steps (and CUDA graphs): each forward
+    attends over all `max_length` positions under an attention mask of that width (0 where nothing is
+    written yet) and writes at `positions`, a tensor the caller sets, so one compiled step serves every
+    position.
     """
 
     def __init__(self, max_length: int, static: bool = False):
@@ -386,8 +386,8 @@ class MiniMindForCausalLM(nn.Module):
         `return_logits=False` skips the head for callers that only need the hidden states."""
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         length = x.shape[1]
-        if kv_cache is not None and kv_cache.static:  # shapes fixed for CUDA graphs (see KVCache)
-            query_positions, key_len = kv_cache.positions, kv_cache.max_length
+        if kv_cache is not None and kv_cache.static:  # shapes fixed for compiled steps (see KVCache)
+            query_positions, key_len = kv_cache.positions, attention_mask.shape[1]  # the mask spans the whole cache
         else:
             past_len = kv_cache.length if kv_cache is not None else 0
             query_positions, key_len = torch.arange(past_len, past_len + length, device=x.device), past_len + length

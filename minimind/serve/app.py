@@ -54,6 +54,7 @@ class ModelSpec:
     max_batch_size: int = 16
     batch_wait_ms: float = 10.0
     dtype: str = "bf16"
+    compile: str = "auto"  # the decoding step: auto compiles one-row steps on a CPU (minimind.inference.generate)
     stuck_after_s: float = 120.0  # a decode loop without a finished step for this long fails the health check
     max_ongoing_requests: int | None = None  # per replica; None: 4 x max_batch_size (the rest wait in the replica)
     max_queued_requests: int = 256  # waiting for a replica, per gateway replica; more are refused with 429
@@ -61,7 +62,7 @@ class ModelSpec:
 
 # What a model replica is built from; the rest (replicas, resources, queue sizes) are deployment options
 # that a Serve config's `deployments:` section may change without restarting the replicas.
-REPLICA_FIELDS = ("name", "uri", "max_batch_size", "batch_wait_ms", "dtype", "stuck_after_s")
+REPLICA_FIELDS = ("name", "uri", "max_batch_size", "batch_wait_ms", "dtype", "compile", "stuck_after_s")
 
 
 @dataclass
@@ -96,7 +97,9 @@ class ModelServer:
         tracking.configure()
         self.source = spec.uri
         with tracking.resolved_model(spec.uri) as model_dir:  # everything is in memory once loaded: nothing left on disk
-            self.chat_model = ChatModel(model_dir, Limits(**limits), spec.max_batch_size, spec.batch_wait_ms / 1000, spec.dtype)
+            self.chat_model = ChatModel(
+                model_dir, Limits(**limits), spec.max_batch_size, spec.batch_wait_ms / 1000, spec.dtype, compile=spec.compile
+            )
         self.stuck_after_s = spec.stuck_after_s
 
     def check_health(self) -> None:
@@ -116,7 +119,8 @@ class ModelServer:
     def stats(self) -> dict:
         engine = self.chat_model.engine
         return {"batches": engine.batches_run, "batch_sizes": engine.batch_sizes[-50:], "waiting": len(engine.pending),
-                "last_batch": engine.last_batch, "running": engine.running}
+                "last_batch": engine.last_batch, "running": engine.running,
+                "compiled": hasattr(self.chat_model.model, "compiled_decode_step")}
 
     async def chat(self, request: ChatRequest):
         try:

@@ -27,6 +27,7 @@ import torch
 from minimind.data.rows import IMAGE_MARKER
 from minimind.inference.chat import Chat, reply_opening
 from minimind.inference.continuous import ContinuousBatch
+from minimind.inference.generate import compile_for_decoding, wants_compile
 from minimind.inference.sampling import SamplingParams
 from minimind.model.tokenizer import Markers
 from minimind.serve.errors import APIError
@@ -286,9 +287,12 @@ class ChatModel:
         batch_wait_s: float = 0.01,
         dtype: str = "bf16",
         device: str | None = None,
+        compile: str = "auto",
     ):
         self.loaded = Chat.load(model_dir, device=device, dtype=dtype)
         self.model, self.tokenizer, self.takes_images = self.loaded.model, self.loaded.tokenizer, self.loaded.takes_images
+        if wants_compile(compile, next(self.model.parameters()).device):
+            compile_for_decoding(self.model)  # one-row steps; the first compiles (see minimind.inference.generate)
         self.markers = Markers.of(self.tokenizer)
         self.limits = limits or Limits()
         self.context = self.model.config.max_position_embeddings
