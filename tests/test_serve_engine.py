@@ -326,3 +326,45 @@ def test_a_vlm_counts_image_markers_in_the_prompt_ids_whatever_spells_them(tmp_p
     with pytest.raises(APIError, match=r"1 image marker\(s\) \(<image> or <answer>\) in the messages but 0 image"):
         asyncio.run(events("<answer> 看", []))
     assert asyncio.run(events("<image>\n看", [image_bytes(size=(16, 16))]))[-1]["completion_tokens"] == 2
+
+
+def test_paced_events_merge_text_deltas_between_sends_and_lose_nothing():
+    """What a Serve replica sends the gateway: the first delta at once, then merged deltas no closer than the
+    spacing; a held delta goes before a tool call or the end; with no spacing every delta goes as it came."""
+    from minimind.serve.engine import paced
+
+    def delta(reasoning="", content=""):
+        return {"type": "delta", "reasoning": reasoning, "content": content}
+
+    reply = [{"type": "start", "prompt_tokens": 3}, delta("想"), delta("一想"), delta("", "好"), delta("", "的"),
+             {"type": "tool_calls", "calls": []}, delta("", "。"), {"type": "end", "finish_reason": "stop", "completion_tokens": 6}]
+
+    async def events():
+        for event in reply:
+            yield event
+
+    async def collect(spacing):
+        return [event async for event in paced(events(), lambda: spacing)]
+
+    assert asyncio.run(collect(0.0)) == reply
+    assert asyncio.run(collect(3600.0)) == [reply[0], delta("想"), delta("一想", "好的"), reply[5], delta("", "。"), reply[7]]
+
+
+def test_the_engine_wakes_the_event_loop_once_per_step_for_all_its_rows(monkeypatch):
+    """Tokens reach the requests' queues from the decode thread in one hand-over per step, not one per token."""
+    import minimind.serve.engine as serving
+
+    handed = []
+    send = serving._send
+    monkeypatch.setattr(serving, "_send", lambda messages, loop: (handed.append(len(messages)), send(messages, loop)))
+    engine = BatchingEngine(random_model(), stop_token_ids=[], max_batch_size=8, batch_wait_s=0.05)
+
+    async def consume(stream):
+        return [token async for chunk in stream for token in chunk]
+
+    async def run_all():
+        return await asyncio.gather(*(consume(engine.stream([5, 9, row], SamplingParams(6))) for row in range(4)))
+
+    assert [len(out) for out in asyncio.run(run_all())] == [6] * 4
+    assert engine.batch_sizes == [4]
+    assert handed == [4] * 5 + [4 + 4]  # the prefill's tokens, 4 steps, then the last step's tokens with the 4 ends

@@ -17,7 +17,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -77,6 +77,7 @@ class BatchingEngine:
         self.last_batch: list[tuple[int, int]] = []
         self.running = False
         self.last_step = time.monotonic()  # when the decode loop last finished a step (or started a session)
+        self.rows_decoding = 0  # requests in the running decode session
 
     async def stream(self, prompt_ids: list[int], sampling: SamplingParams,
                      pixel_values: torch.Tensor | None = None) -> AsyncIterator[list[int]]:
@@ -170,7 +171,8 @@ class BatchingEngine:
                     self._add(shared, unseeded, loop)
                 self.batch_sizes.append(live + len(joined))
             seeded = [batch for batch in seeded if batch.open_rows]
-            if not shared.open_rows and not seeded:
+            self.rows_decoding = shared.open_rows + len(seeded)
+            if not self.rows_decoding:
                 break
             for batch in [shared, *seeded]:
                 batch.finish([r for r in batch.keys if r.over])
@@ -205,27 +207,42 @@ class BatchingEngine:
         self._deliver(list(zip(requests, first)), loop)
 
     def _deliver(self, results: list[tuple[_Request, int | None]], loop) -> None:
+        messages = []  # (queue, item) of every request: handed to the event loop in one call per step, not one per token
         for request, token in results:
             if token is None:
                 request.stopped = request.stopped or not request.over  # its stop token
             elif not request.over:
                 request.generated.append(token)
-                loop.call_soon_threadsafe(request.queue.put_nowait, token)
+                messages.append((request.queue, token))
             if request.over:
-                self._end(request, None, loop)
+                messages += self._end(request, None)
+        _send(messages, loop)
 
     def _fail(self, requests: list[_Request], error: BaseException, loop) -> None:
+        messages = []
         for request in requests:
             request.stopped = True
-            self._end(request, error, loop)
+            messages += self._end(request, error)
+        _send(messages, loop)
 
     @staticmethod
-    def _end(request: _Request, error: BaseException | None, loop) -> None:
-        if not request.ended:
-            request.ended = True
-            if error is not None:
-                loop.call_soon_threadsafe(request.queue.put_nowait, error)
-            loop.call_soon_threadsafe(request.queue.put_nowait, None)
+    def _end(request: _Request, error: BaseException | None) -> list[tuple[asyncio.Queue, object]]:
+        """The messages that end a request's stream (its error first, if any); none if it has ended already."""
+        if request.ended:
+            return []
+        request.ended = True
+        return ([(request.queue, error)] if error is not None else []) + [(request.queue, None)]
+
+
+def _send(messages: list[tuple[asyncio.Queue, object]], loop: asyncio.AbstractEventLoop) -> None:
+    """Put each item in its queue, from the decode thread: one wake-up of the event loop for them all."""
+    if messages:
+        loop.call_soon_threadsafe(_put_all, messages)
+
+
+def _put_all(messages: list[tuple[asyncio.Queue, object]]) -> None:
+    for queue, item in messages:
+        queue.put_nowait(item)
 
 
 def releasable(text: str, stops: list[str], final: bool = False) -> tuple[str, bool]:
@@ -250,6 +267,37 @@ def releasable(text: str, stops: list[str], final: bool = False) -> tuple[str, b
         )
     )
     return text[: len(text) - held].replace("\ufffd", ""), False
+
+
+# What a streamed event costs beyond the engine, on a 2-core machine (bench/serve_overhead.py): a Ray item from the
+# model replica to the gateway, an SSE chunk through the proxy. Each reply sends one event at most every
+# EVENT_COST_S x (rows decoding) seconds, so a replica sends about 1 / EVENT_COST_S events a second in all.
+EVENT_COST_S = 0.004
+
+
+async def paced(events: AsyncIterator[dict], spacing: Callable[[], float]) -> AsyncIterator[dict]:
+    """A reply's events with consecutive text deltas merged: its first delta goes at once (time to first token
+    is unchanged), then one at most every `spacing()` seconds. A held delta goes with the next one due, or
+    before any other event (a tool call, the end): it waits at most one decoding step beyond the spacing.
+    Alone in the batch a reply still streams token by token (one row: steps are slower than the spacing)."""
+    held, sent_at = None, None
+    async for event in events:
+        if event["type"] != "delta":
+            if held is not None:
+                yield held
+                held = None
+            yield event
+            continue
+        if held is not None:
+            event = {**event, "reasoning": held["reasoning"] + event["reasoning"], "content": held["content"] + event["content"]}
+        now = time.monotonic()
+        if sent_at is None or now - sent_at >= spacing():
+            yield event
+            held, sent_at = None, now
+        else:
+            held = event
+    if held is not None:
+        yield held
 
 
 class Released:
@@ -304,6 +352,10 @@ class ChatModel:
     def pixel_values(self, images: list[bytes]) -> torch.Tensor:
         """The model's input for a request's images, decoded the way the gateway checked them."""
         return self.model.pixel_values([open_image(data, self.limits.max_image_pixels, "messages") for data in images])
+
+    def paced_chat(self, request: ChatRequest) -> AsyncIterator[dict]:
+        """`chat` for a consumer each event costs something to reach (Serve's gateway): see `paced`."""
+        return paced(self.chat(request), lambda: EVENT_COST_S * max(1, self.engine.rows_decoding))
 
     async def chat(self, request: ChatRequest) -> AsyncIterator[dict]:
         forced = request.forced_call()  # a call the client requires: written into the prompt, after no reasoning
