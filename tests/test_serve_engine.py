@@ -337,7 +337,8 @@ def test_paced_events_merge_text_deltas_between_sends_and_lose_nothing():
         return {"type": "delta", "reasoning": reasoning, "content": content}
 
     reply = [{"type": "start", "prompt_tokens": 3}, delta("想"), delta("一想"), delta("", "好"), delta("", "的"),
-             {"type": "tool_calls", "calls": []}, delta("", "。"), {"type": "end", "finish_reason": "stop", "completion_tokens": 6}]
+             {"type": "tool_calls", "calls": []}, delta("", "。"),
+             {"type": "end", "finish_reason": "stop", "completion_tokens": 6}]
 
     async def events():
         for event in reply:
