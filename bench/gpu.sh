@@ -9,7 +9,7 @@
 # them with the device and versions. A step that fails or runs out of its time is reported and the next
 # one still runs; the exit status says whether all of them finished.
 #   1. training tokens/s and MFU, minimind2-small and minimind2, bf16, eager and compiled, vs transformers' Llama
-#   2. greedy decoding tokens/s at batch 1 and 16 (fp32 and bf16 weights, eager and --compile) vs HF generate
+#   2. greedy decoding tokens/s at batch 1 and 16 (fp32 and bf16 weights, eager and --compile on: CUDA graphs) vs HF generate
 #   3. Ray Serve throughput at 1 and 16 streaming clients
 #   4. the same clients against vLLM through Ray Serve LLM (jobs/serve.py --engine vllm); skipped, and said so,
 #      where vLLM is not installed
@@ -28,7 +28,7 @@ if [ -n "${GPU_BENCH_SMOKE:-}" ]; then
   LIMITS=(300 300 300 300)
 else
   TRAIN=(--presets minimind2-small minimind2 --dtypes bf16 --compile --batch-size 32 --seq-len 512 --steps 5 --rounds 3)
-  GENERATE=(--preset minimind2-small --precisions fp32 bf16 --batch-sizes 1 16 --compile --new-tokens 128 --rounds 3 --no-cache-max-batch 0)
+  GENERATE=(--preset minimind2-small --precisions fp32 bf16 --batch-sizes 1 16 --compile on --new-tokens 128 --rounds 3 --no-cache-max-batch 0)
   SERVE=(--preset minimind2-small --clients 1 16 --max-tokens 128 --batch-sizes 16 --num-cpus 4 --timeout 60)
   VLLM=(--engine vllm --preset minimind2-small --clients 1 16 --max-tokens 128 --num-cpus 4 --timeout 60)
   LIMITS=(210 170 80 120)  # seconds per step: 580 in all, the rest of the 10 minutes for start-up
