@@ -248,7 +248,7 @@ def test_an_imported_model_with_minimind_tokenizer_trains_sft_and_reasoning_and_
         ).fit()
         assert result.metrics["step"] == 2 and 0 < result.metrics["train/loss"] < 20
 
-    chat = ChatModel(folder)
+    chat = ChatModel(folder, compile="off")  # the compiled default is test_cli's and test_serve's (CI time)
     assert chat.engine.stop_token_ids == [tokenizer.eos_token_id]
 
     async def reply():

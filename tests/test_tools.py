@@ -130,7 +130,7 @@ def test_minimind_chat_shows_a_call_asks_for_its_result_and_answers_with_it(tool
 
     monkeypatch.setattr("builtins.input", type_in)
     main(["chat", "--model", str(tool_model), "--tools", str(tool_model.parent / "tools.json"), "--temperature", "0",
-          "--max-new-tokens", "120"])
+          "--max-new-tokens", "120", "--compile", "off"])  # the compiled default is test_cli's (CI time)
     printed = capsys.readouterr().out
     assert asked[1] == 'result of add({"a": 1234, "b": 4321})> '
     assert CALL_TEXT in printed and printed.rstrip().endswith(ANSWER["content"])
