@@ -85,6 +85,11 @@ def one_client(url: str, max_tokens: int, prompt: str, timeout: float) -> dict:
     return {"started": started, "arrivals": arrivals, "tokens": tokens, "ended": time.perf_counter()}
 
 
+def quantile(values: list[float], q: int) -> float:
+    """The q-th percentile (the only value when there is one, nan when there is none)."""
+    return statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else (values[0] if values else float("nan"))
+
+
 def run_setting(base: str, clients: int, max_tokens: int, timeout: float) -> dict:
     url = base + "/v1/chat/completions"
     results, errors = [None] * clients, []
@@ -106,9 +111,6 @@ def run_setting(base: str, clients: int, max_tokens: int, timeout: float) -> dic
     tokens = sum(r["tokens"] for r in done)
     ttft = [r["arrivals"][0] - r["started"] for r in done if r["arrivals"]]
     gaps = [b - a for r in done for a, b in zip(r["arrivals"], r["arrivals"][1:])]
-    def quantile(values, q):
-        return statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else (values[0] if values else float("nan"))
-
     return {
         "clients": clients,
         "ok": len(done),

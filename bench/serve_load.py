@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import print_table, write_results  # noqa: E402
-from bench.serve import random_demo_model, start_local_serve  # noqa: E402
+from bench.serve import quantile, random_demo_model, start_local_serve  # noqa: E402
 
 SETTINGS = {  # name -> sampling fields of the request; the seeded one's seed is the client's number
     "greedy": {"temperature": 0},
@@ -96,10 +96,6 @@ def run_load(
     for thread in threads:
         thread.join(duration + timeout + 30)
     return results, time.perf_counter() - started
-
-
-def quantile(values: list[float], q: int) -> float:
-    return statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else (values[0] if values else float("nan"))
 
 
 def summarise(results: list[dict], wall: float, phase: str) -> list[dict]:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import print_table, write_results  # noqa: E402
-from bench.serve import random_demo_model, run_setting, start_local_serve  # noqa: E402
+from bench.serve import quantile, random_demo_model, run_setting, start_local_serve  # noqa: E402
 
 
 def body(index: int, max_tokens: int) -> bytes:
@@ -61,7 +61,7 @@ def in_process(chat_model, clients: int, max_tokens: int) -> dict:
     tokens = sum(count for _, count in results)
     return {"clients": clients, "ok": len(results), "wall_s": round(wall, 2), "tokens": tokens,
             "tokens_per_s": round(tokens / wall, 1), "ttft_p50_ms": round(1000 * statistics.median(ttft), 1),
-            "ttft_p99_ms": round(1000 * (statistics.quantiles(ttft, n=100)[98] if len(ttft) > 1 else ttft[0]), 1)}
+            "ttft_p99_ms": round(1000 * quantile(ttft, 99), 1)}
 
 
 def main(argv=None) -> None:

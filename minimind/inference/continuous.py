@@ -43,7 +43,10 @@ class ContinuousBatch:
         self.done: list[bool] = []  # `finished` on the host
         self.seen: torch.Tensor | None = None  # (rows, vocab) tokens in each row, for repetition penalties
         self.sampler = RowSampler([])
-        self.compiled_steps: WholeCacheSteps | None = None  # one-row steps through the model's compiled step, if any
+        # one-row steps through the model's compiled step, if it has one (one made for CUDA graphs needs
+        # stream_batch's static cache: here it stays eager)
+        decode_step = compiled_step_for(model, rows=1) if not uses_cuda_graphs(self.device) else None
+        self.compiled_steps = WholeCacheSteps(decode_step) if decode_step is not None else None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -80,11 +83,8 @@ class ContinuousBatch:
         self.mask = torch.cat([self.mask, torch.ones_like(self.last)], dim=1)
         one_row = self.device.type == "cpu" and len(self) == 1
         mask = self.mask if padded else None
-        # a compiled step for CUDA graphs needs stream_batch's static cache; here it stays eager
-        decode_step = compiled_step_for(self.model, rows=len(self)) if not uses_cuda_graphs(self.device) else None
         with one_row_kernels() if one_row else nullcontext():
-            if decode_step is not None:
-                self.compiled_steps = self.compiled_steps or WholeCacheSteps(decode_step)
+            if len(self) == 1 and self.compiled_steps is not None:
                 logits = self.compiled_steps(self.last, self.cache, mask)
             else:
                 logits = self.model(self.last, mask, kv_cache=self.cache, logits_to_keep=1).logits

@@ -66,7 +66,7 @@ def stream_batch(model: MiniMindForCausalLM, prompts: Sequence[Sequence[int]], p
     kv_cache = KVCache(longest + max_new_tokens) if params.use_cache else None
     decode_step = compiled_step_for(model, rows=len(prompts)) if params.use_cache else None
     cuda_graphs = decode_step is not None and uses_cuda_graphs(device)
-    whole_cache_steps = WholeCacheSteps(decode_step)
+    whole_cache_steps = WholeCacheSteps(decode_step) if decode_step is not None and not cuda_graphs else None
     if cuda_graphs:  # fixed shapes for CUDA graphs: a static cache, and a mask of its full width
         kv_cache = KVCache(_cache_bucket(longest + max_new_tokens, config.max_position_embeddings), static=True)
         kv_cache.positions = torch.arange(longest, device=device)
@@ -79,7 +79,7 @@ def stream_batch(model: MiniMindForCausalLM, prompts: Sequence[Sequence[int]], p
         for step in range(max_new_tokens):
             extra = (prompt_inputs or {}) if step == 0 or kv_cache is None else {}
             with one_row_kernels() if device.type == "cpu" and step_input.shape == (1, 1) else nullcontext():
-                if step > 0 and decode_step is not None and not cuda_graphs:
+                if step > 0 and whole_cache_steps is not None:
                     logits = whole_cache_steps(step_input, kv_cache, mask)
                 else:
                     forward = decode_step if cuda_graphs and step > 0 else model
@@ -166,13 +166,12 @@ class WholeCacheSteps:
 
     def __init__(self, decode_step):
         self.decode_step = decode_step
-        self.buffers: torch.Tensor | None = None  # the first key buffer the view and mask were made for
-        self.view: KVCache | None = None
+        self.view: KVCache | None = None  # shares the cache's lists of buffers (a new list: new buffers)
         self.full_mask: torch.Tensor | None = None
 
     def __call__(self, tokens: torch.Tensor, cache: KVCache, mask: torch.Tensor | None) -> torch.Tensor:
         """`mask` is None (no padding) or (rows, cached + 1) with 1 for real tokens."""
-        if self.buffers is not cache.keys[0]:
+        if self.view is None or self.view.keys is not cache.keys:
             self._rebuild(cache, mask)
         elif mask is None:
             self.full_mask[:, cache.length] = 1
@@ -184,7 +183,6 @@ class WholeCacheSteps:
         return logits
 
     def _rebuild(self, cache: KVCache, mask: torch.Tensor | None) -> None:
-        self.buffers = cache.keys[0]
         device = cache.keys[0].device
         self.full_mask = torch.zeros(cache.keys[0].shape[0], cache.max_length, dtype=torch.long, device=device)
         self.full_mask[:, : cache.length + 1] = 1 if mask is None else mask
